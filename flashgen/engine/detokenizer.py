@@ -1,0 +1,60 @@
+"""Incremental detokenization and stop checks.
+
+Byte-level BPE splits a character across tokens; decoding a window of ids and emitting only text that does
+not end in U+FFFD keeps every emitted piece whole UTF-8. The window starts a few tokens back (prompt tokens
+at first) so tokenizers that drop a leading space at the start of a decode still produce the right spacing.
+"""
+from __future__ import annotations
+
+from flashgen.engine.sequence import Sequence
+from flashgen.tokenizer import Tokenizer
+
+
+def detokenize_step(tok: Tokenizer, seq: Sequence, token: int) -> str:
+    """Append `token` to the window and return the newly complete text (maybe empty)."""
+    seq.detok_ids.append(token)
+    skip = seq.params.skip_special_tokens
+    prefix = tok.decode(seq.detok_ids[seq.prefix_offset:seq.read_offset], skip)
+    full = tok.decode(seq.detok_ids[seq.prefix_offset:], skip)
+    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        delta = full[len(prefix):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.detok_ids)
+        # keep the window short: drop what no later decode needs
+        if seq.prefix_offset > 64:
+            del seq.detok_ids[:seq.prefix_offset]
+            seq.read_offset -= seq.prefix_offset
+            seq.prefix_offset = 0
+        return delta
+    return ""
+
+
+def flush(tok: Tokenizer, seq: Sequence) -> str:
+    """Text still held back at the end (an incomplete character decodes to U+FFFD, as HF does)."""
+    skip = seq.params.skip_special_tokens
+    prefix = tok.decode(seq.detok_ids[seq.prefix_offset:seq.read_offset], skip)
+    full = tok.decode(seq.detok_ids[seq.prefix_offset:], skip)
+    return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+def check_stop(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, delta: str) -> None:
+    """Set seq.finish_reason (and stop_reason) if `token` / the new text `delta` ends the request."""
+    p = seq.params
+    n_out = seq.num_output_tokens
+    if n_out >= p.min_tokens:
+        if token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            return
+        if token in eos_ids and not p.ignore_eos:
+            seq.finish_reason = "stop"
+            return
+        if p.stop_list and delta:
+            longest = max(map(len, p.stop_list))
+            start = max(0, len(seq.output_text) - len(delta) - longest + 1)
+            hits = [(i, s) for s in p.stop_list if (i := seq.output_text.find(s, start)) != -1]
+            if hits:
+                i, s = min(hits)
+                seq.output_text = seq.output_text[:i]
+                seq.finish_reason, seq.stop_reason = "stop", s
+                return
+    if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= max_model_len:
+        seq.finish_reason = "length"

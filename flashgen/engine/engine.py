@@ -1,0 +1,126 @@
+"""Engine.step(): schedule -> run -> postprocess, the whole data path in a few lines."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashgen.config import EngineConfig
+from flashgen.engine import detokenizer
+from flashgen.engine.model_runner import ModelRunner
+from flashgen.engine.scheduler import Scheduler
+from flashgen.engine.sequence import Sequence
+from flashgen.models.spec import load_spec
+from flashgen.outputs import RequestOutput
+from flashgen.sampling_params import SamplingParams
+from flashgen.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0        # prompt tokens computed (prefix-cache hits excluded)
+    cached_tokens: int = 0        # prompt tokens served from the prefix cache
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    preemptions: int = 0
+
+
+def _eos_ids(model_dir: Path, tok: Tokenizer) -> set[int]:
+    ids = set()
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        e = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(e) if isinstance(e, list) else ({e} if e is not None else set())
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return ids
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        model_dir = Path(config.model)
+        self.spec = load_spec(model_dir)
+        self.tokenizer = Tokenizer(model_dir)
+        self.eos_ids = _eos_ids(model_dir, self.tokenizer)
+        self.runner = ModelRunner(config, str(model_dir), self.spec, self.eos_ids)
+        self.max_model_len = self.runner.max_model_len
+        self.scheduler = Scheduler(config, self.runner.num_blocks, self.max_model_len)
+        self.stats = EngineStats()
+        self._seed_rng = random.Random(config.seed)
+        self._ids: set[str] = set()
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self._ids:
+            raise ValueError(f"request id {request_id!r} is already in the engine; ids must be unique")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt has no tokens; give a non-empty prompt")
+        bad = next((t for t in ids if not 0 <= t < self.spec.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens "
+                             "and at least one must be left to generate: shorten the prompt")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        self._ids.add(request_id)
+        self.scheduler.add(Sequence(request_id, text, ids, params, self.config.block_size, seed))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        seqs, is_prefill = self.scheduler.schedule()
+        assert seqs, "scheduler found no work although requests are pending"
+        tokens = self.runner.run(seqs, is_prefill)
+        finished = self._postprocess(seqs, is_prefill, tokens)
+        dt = time.perf_counter() - t0
+        st = self.stats
+        st.steps += 1
+        st.preemptions = self.scheduler.num_preemptions
+        if is_prefill:
+            st.prefill_seconds += dt
+            st.prompt_tokens += sum(s.num_scheduled_tokens for s in seqs)
+        else:
+            st.decode_seconds += dt
+        st.generated_tokens += len(tokens)
+        return finished
+
+    def _postprocess(self, seqs: list[Sequence], is_prefill: bool, tokens: list[int]) -> list[RequestOutput]:
+        done, it = [], iter(tokens)
+        for seq in seqs:
+            if is_prefill:
+                if seq.num_computed_tokens == seq.num_cached_tokens:
+                    self.stats.cached_tokens += seq.num_cached_tokens
+                if not self.scheduler.complete_prefill_chunk(seq):
+                    continue
+            else:
+                seq.num_computed_tokens += 1
+            token = next(it)
+            seq.append_token(token)
+            delta = detokenizer.detokenize_step(self.tokenizer, seq, token)
+            seq.output_text += delta
+            detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta)
+            if seq.finish_reason:
+                if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+                    seq.output_text += detokenizer.flush(self.tokenizer, seq)
+                self.scheduler.finish(seq)
+                self._ids.discard(seq.request_id)
+                done.append(RequestOutput(
+                    request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+                    text=seq.output_text, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason, num_cached_tokens=seq.num_cached_tokens))
+        return done

@@ -1,0 +1,95 @@
+"""Sampling on the logits' device with no host round trip until the tokens are read.
+
+Randomness is a counter-based hash of (request seed, output position, token id) turned into Gumbel noise, so a
+request's samples depend on its seed alone, never on its batch neighbours or on a generator's state, and the
+whole step stays a fixed sequence of tensor ops (CUDA-graph friendly).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 for x < 2^32 without int64 overflow: split c into 16-bit halves
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B,) seeds, (B,) output positions -> (B, vocab) float32 Gumbel(0, 1) noise."""
+    base = _mix32((_mix32(seeds & M32) ^ _mix32((seeds >> 32) & M32)) + steps & M32)
+    idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    x = _mix32((_mix32(base[:, None] ^ idx[None, :]) + 0x9E3779B9) & M32)
+    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings as tensors on the logits' device (filled by the ModelRunner)."""
+    temperature: torch.Tensor            # (B,) float32; rows with 0 are greedy
+    top_k: torch.Tensor | None           # (B,) int64, vocab for "off"
+    top_p: torch.Tensor | None           # (B,) float32
+    min_p: torch.Tensor | None           # (B,) float32
+    seeds: torch.Tensor                  # (B,) int64
+    steps: torch.Tensor                  # (B,) int64, output tokens so far
+    all_greedy: bool
+    rep_penalty: torch.Tensor | None = None     # (B,) float32
+    presence: torch.Tensor | None = None        # (B,) float32
+    frequency: torch.Tensor | None = None       # (B,) float32
+    seen_prompt: torch.Tensor | None = None     # (B, V) bool: token occurs in prompt or output
+    out_counts: torch.Tensor | None = None      # (B, V) float32: occurrences in the output
+    banned: torch.Tensor | None = None          # (B, V) bool: stop tokens masked until min_tokens
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """vLLM's meanings: repetition over prompt + output (divide positive, multiply negative logits);
+    presence and frequency over the output only."""
+    if b.rep_penalty is not None:
+        p = b.rep_penalty[:, None].expand_as(logits)
+        penalized = torch.where(logits > 0, logits / p, logits * p)
+        logits = torch.where(b.seen_prompt, penalized, logits)
+    if b.frequency is not None:
+        logits = logits - b.frequency[:, None] * b.out_counts - b.presence[:, None] * (b.out_counts > 0)
+    return logits
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """logits (B, V) float32 -> (B,) int64 tokens."""
+    logits = apply_penalties(logits, b)
+    if b.banned is not None:
+        logits = logits.masked_fill(b.banned, float("-inf"))
+    greedy = logits.argmax(-1)
+    if b.all_greedy:
+        return greedy
+    t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+    x = logits / t[:, None]
+    if b.top_k is not None or b.top_p is not None:
+        sx, order = x.sort(dim=-1, descending=True)
+        if b.top_k is not None:
+            kth = sx.gather(1, (b.top_k - 1).clamp(min=0)[:, None])
+            sx = sx.masked_fill(sx < kth, float("-inf"))
+        if b.top_p is not None:
+            probs = sx.softmax(-1)
+            before = probs.cumsum(-1) - probs  # mass strictly above each token
+            drop = before > b.top_p[:, None]
+            drop[:, 0] = False
+            sx = sx.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(1, order, sx)
+    if b.min_p is not None:
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < b.min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
+    sampled = (x + gumbel_noise(b.seeds, b.steps, x.shape[-1])).argmax(-1)
+    return torch.where(b.temperature > 0, sampled, greedy)

@@ -1,0 +1,71 @@
+"""A request as the engine sees it: its tokens, its KV blocks, its progress, its detokenization state."""
+from __future__ import annotations
+
+import enum
+import itertools
+
+from flashgen.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = 1
+    RUNNING = 2
+    FINISHED = 3
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
+                 block_size: int, seed: int):
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.prompt = prompt
+        self.token_ids = list(token_ids)       # prompt + generated
+        self.num_prompt_tokens = len(token_ids)
+        self.params = params
+        self.block_size = block_size
+        self.seed = seed
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0             # prompt tokens served by the prefix cache (last allocation)
+        self.num_computed_tokens = 0           # tokens whose K/V are in the cache
+        self.num_scheduled_tokens = 0          # tokens this step computes (prefill chunk or 1)
+        self.output_counts: dict[int, int] = {}  # generated token -> occurrences, for penalties
+        # incremental detokenization (see flashgen.engine.detokenizer)
+        ctx = token_ids[-5:]
+        self.detok_ids: list[int] = list(ctx)
+        self.prefix_offset, self.read_offset = 0, len(ctx)
+        self.output_text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    def block_tokens(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def append_token(self, token: int) -> None:
+        self.token_ids.append(token)
+        self.output_counts[token] = self.output_counts.get(token, 0) + 1

@@ -1,0 +1,101 @@
+"""The public Python API, after vLLM: LLM(model=...).generate(prompts, SamplingParams(...))."""
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+import torch
+
+from flashgen.config import EngineConfig
+from flashgen.engine.engine import Engine, EngineStats
+from flashgen.outputs import RequestOutput
+from flashgen.sampling_params import SamplingParams
+from flashgen.tokenizer import Tokenizer
+
+
+def _resolve(model: str | None) -> str:
+    try:
+        from flashgen.models.default_model import resolve_model
+    except ImportError:  # the default-model module is optional for plain directories
+        if model is None:
+            raise ValueError("no model given; pass model=DIR (a HuggingFace model directory)") from None
+        return model
+    return resolve_model(model)
+
+
+class LLM:
+    """An offline generator over one model.
+
+    >>> llm = LLM(model="path/to/hf-model", dtype="bfloat16")
+    >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+    >>> outs[0].text
+    """
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **engine_kwargs):
+        if config is None:
+            config = EngineConfig(model=_resolve(model), **engine_kwargs)
+        self.config = config
+        self.engine = Engine(config)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    # -- incremental API (the CLI's) ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Queue a request; raises ValueError (saying what to fix) for an empty or too long prompt."""
+        self.engine.add_request(str(request_id), prompt, params or SamplingParams())
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that finished in it."""
+        return self.engine.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def num_unfinished_requests(self) -> int:
+        return self.engine.num_unfinished()
+
+    # -- batch API ---------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Seq[str] | Seq[list[int]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts; give one or one each")
+        if self.has_unfinished_requests():
+            raise RuntimeError("generate() needs an idle engine; finish the requests added with add_request first")
+        keys = [f"_gen{i}" for i in range(len(prompts))]
+        for k, p, sp in zip(keys, prompts, sampling_params):
+            self.add_request(k, p, sp)
+        results: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                results[out.request_id] = out
+        outs = [results[k] for k in keys]
+        for i, o in enumerate(outs):
+            o.request_id = str(i)
+        return outs
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """(len, vocab) float32 logits at every prompt position (prefill through the paged path)."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("prompt_logits() needs an idle engine")
+        return self.engine.runner.prompt_logits(list(token_ids))

@@ -1,0 +1,79 @@
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3.
+
+The four families differ only in flags of ModelSpec (q/k/v bias, per-head q/k RMSNorm, rope scaling), so one
+model class runs them all. Attention and the fused elementwise steps go through `ops` (torch reference or CUDA
+kernels); GEMMs stay in torch (cuBLAS / MKL).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from flashgen.models.loader import fuse_layer_weights, load_weights
+from flashgen.models.spec import ModelSpec, rope_cos_sin
+
+
+@dataclass
+class StepContext:
+    """Per-step attention metadata, filled by the ModelRunner (shapes on each field)."""
+    is_prefill: bool
+    positions: torch.Tensor          # (T,) int32, position of each token in its sequence
+    slot_mapping: torch.Tensor       # (T,) int32, cache slot of each token (block * block_size + offset)
+    context_lens: torch.Tensor       # (B,) int32, tokens in the cache after this step, per sequence
+    block_tables: torch.Tensor       # (B, max_blocks) int32
+    cu_seqlens_q: torch.Tensor | None = None   # (B + 1,) int32, prefill only
+    max_seqlen_q: int = 1
+
+
+class DecoderLM:
+    def __init__(self, model_dir: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                 ops: ModuleType, max_positions: int):
+        self.spec, self.dtype, self.device, self.ops = spec, dtype, device, ops
+        w = load_weights(model_dir, spec, dtype, device)
+        self.embed = w.pop("model.embed_tokens.weight")
+        self.final_norm = w.pop("model.norm.weight")
+        self.lm_head = self.embed if spec.tie_word_embeddings else w.pop("lm_head.weight")
+        self.layers = [fuse_layer_weights(w, spec, i) for i in range(spec.num_layers)]
+        self.cos_sin = rope_cos_sin(spec, max_positions, device)
+        self.scale = spec.head_dim ** -0.5
+        self.k_caches: list[torch.Tensor] = []
+        self.v_caches: list[torch.Tensor] = []
+
+    def bind_kv_cache(self, kv: torch.Tensor) -> None:
+        """kv: (2, num_layers, num_blocks, block_size, kv_heads, head_dim), allocated once by the runner."""
+        self.k_caches, self.v_caches = list(kv[0]), list(kv[1])
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids (T,) -> (hidden, residual), each (T, hidden_size), final norm not yet applied."""
+        ops, spec = self.ops, self.spec
+        T = input_ids.shape[0]
+        h = F.embedding(input_ids, self.embed)
+        residual = None
+        for i, L in enumerate(self.layers):
+            if residual is None:
+                x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps), h
+            else:
+                x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps, residual)
+            qkv = F.linear(x, L["qkv"], L["qkv_bias"])  # (T, (Hq + 2 Hkv) * D)
+            q = ops.rope_kv_append(qkv, ctx.positions, self.cos_sin, ctx.slot_mapping, self.k_caches[i],
+                                   self.v_caches[i], L["q_norm"], L["k_norm"], spec.rms_norm_eps)
+            if ctx.is_prefill:
+                o = ops.prefill_attention(q, self.k_caches[i], self.v_caches[i], ctx.cu_seqlens_q,
+                                          ctx.context_lens, ctx.block_tables, ctx.max_seqlen_q, self.scale)
+            else:
+                o = ops.decode_attention(q, self.k_caches[i], self.v_caches[i], ctx.context_lens,
+                                         ctx.block_tables, self.scale)
+            h = F.linear(o.reshape(T, spec.q_size), L["o"])
+            x, residual = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps, residual)
+            h = F.linear(ops.silu_mul(F.linear(x, L["gate_up"])), L["down"])
+        return h, residual
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Rows of (hidden, residual) -> (rows, vocab) float32 logits, final norm fused with the last add."""
+        x, _ = self.ops.rms_norm(hidden, self.final_norm, self.spec.rms_norm_eps, residual)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,152 @@
+"""Reference ops in plain PyTorch: the CPU backend and the oracle of the CUDA kernels.
+
+Shapes follow DESIGN.md (flash-attn conventions):
+  k_cache, v_cache : (num_blocks, block_size, num_kv_heads, head_dim)
+  block_tables     : (batch, max_blocks_per_seq) int32, block ids of each sequence in order
+  slot_mapping     : (num_tokens,) int, block_id * block_size + offset; -1 = do not write
+  cos_sin          : (max_positions, head_dim) float32, [:, :head_dim/2] = cos, [:, head_dim/2:] = sin
+Arithmetic mirrors HF transformers' modelling code (same op order, same dtypes) so float32 runs agree to
+rounding; slow but obviously right.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of `x` (tokens, hidden). With `residual`: returns (norm(x + residual), x + residual)."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    out = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """(tokens, 2 * inter) -> (tokens, inter): silu(gate) * up, gate first as in the fused gate_up weight."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    # x: (T, H, D); cos/sin: (T, 1, D/2) already in x's dtype, as HF casts them
+    if interleaved:  # GPT-J: pairs (2i, 2i+1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    x1, x2 = x.chunk(2, dim=-1)  # NeoX / HF rotate_half
+    return x * cos2 + torch.cat((-x2, x1), -1) * sin2
+
+
+def rope_kv_append(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    interleaved: bool = False,
+) -> torch.Tensor:
+    """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D), rotated; rotated k and v written to their cache slots.
+
+    Qwen3's per-head RMSNorm (`q_norm`, `k_norm`: (D,)) runs before the rotation, as in HF.
+    """
+    _, _, hkv, d = k_cache.shape
+    T = qkv.shape[0]
+    hq = qkv.shape[1] // d - 2 * hkv
+    q, k, v = qkv.view(T, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)  # (T, H*, D)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, norm_eps)
+        k = rms_norm(k, k_norm, norm_eps)
+    cs = cos_sin[positions.long()].to(qkv.dtype)  # (T, D)
+    cos, sin = cs[:, None, : d // 2], cs[:, None, d // 2 :]
+    q, k = _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    flat_k = k_cache.view(-1, hkv, d)
+    flat_v = v_cache.view(-1, hkv, d)
+    flat_k[slots[keep]] = k[keep].to(k_cache.dtype)
+    flat_v[slots[keep]] = v[keep].to(v_cache.dtype)
+    return q.contiguous()
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` cached tokens: (length, Hkv, D)."""
+    bs = cache.shape[1]
+    nblk = (length + bs - 1) // bs
+    return cache[block_table[:nblk].long()].flatten(0, 1)[:length]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None):
+    # q (Lq, Hq, D), k/v (Lk, Hkv, D); GQA by repeating kv heads, as HF's repeat_kv
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    mask = None
+    if causal_offset is not None:  # bottom-right aligned: query i sits at position causal_offset + i
+        qi = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
+        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= qi
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return out.transpose(0, 1)  # (Lq, Hq, D)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """Varlen causal attention. q (total_q, Hq, D); sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+    and attends to its first context_lens[b] cached tokens (its new tokens included, already appended), the
+    mask aligned bottom-right. Returns (total_q, Hq, D)."""
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    for b in range(len(lens)):
+        s, e, n = cu[b], cu[b + 1], lens[b]
+        if e == s:
+            continue
+        k = gather_kv(k_cache, block_tables[b], n)
+        v = gather_kv(v_cache, block_tables[b], n)
+        out[s:e] = _attend(q[s:e], k.to(q.dtype), v.to(q.dtype), softmax_scale, n - (e - s))
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of
+    sequence b (the new token's own k/v included). Returns (B, Hq, D)."""
+    B, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    max_len = int(context_lens.max()) if B else 0
+    nblk = (max_len + bs - 1) // bs
+    tables = block_tables[:, :nblk].long().clamp(min=0)
+    k = k_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)  # (B, L, Hkv, D)
+    v = v_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)
+    group = hq // hkv
+    qg = q.view(B, hkv, group, d)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), k.float()) * softmax_scale
+    valid = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None].to(q.device)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = scores.softmax(-1)
+    out = torch.einsum("bhgl,blhd->bhgd", p, v.float())
+    return out.reshape(B, hq, d).to(q.dtype)

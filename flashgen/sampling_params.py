@@ -1,0 +1,60 @@
+"""Per-request sampling parameters, with vLLM's names and meanings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0          # 0: greedy
+    top_p: float = 1.0                # nucleus: smallest set of tokens whose probability reaches top_p
+    top_k: int = -1                   # -1 or 0: all tokens
+    min_p: float = 0.0                # drop tokens with p < min_p * p_max
+    max_tokens: int | None = 16       # None: up to the model's context length
+    min_tokens: int = 0               # EOS and stop_token_ids are masked until this many tokens exist
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None           # makes this request's samples independent of its batch
+    repetition_penalty: float = 1.0   # >1 discourages tokens already in the prompt or the output
+    presence_penalty: float = 0.0     # subtracted once from tokens already in the output
+    frequency_penalty: float = 0.0    # subtracted per occurrence in the output
+    skip_special_tokens: bool = True
+    stop_list: list[str] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value, fix: str) -> ValueError:
+            return ValueError(f"sampling parameter {name}={value!r} is invalid; {fix}")
+
+        if self.stop is None:
+            self.stop_list = []
+        elif isinstance(self.stop, str):
+            self.stop_list = [self.stop]
+        else:
+            self.stop_list = list(self.stop)
+        if any(not isinstance(s, str) or s == "" for s in self.stop_list):
+            raise bad("stop", self.stop, "use a non-empty string or a list of them")
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise bad("temperature", self.temperature, "use a number >= 0 (0 is greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", self.top_p, "use a number in (0, 1]")
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.top_k < -1:
+            raise bad("top_k", self.top_k, "use -1 (off) or a positive integer")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", self.min_p, "use a number in [0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "use a positive integer")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise bad("min_tokens", self.min_tokens, "use 0 <= min_tokens <= max_tokens")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "use a number > 0 (1 is off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, getattr(self, name), "use a number in [-2, 2]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,73 @@
+"""Tokenizer: tokenizer.json through `tokenizers`, special tokens and chat template from tokenizer_config.json."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+def _token_str(v) -> str | None:
+    # tokenizer_config stores special tokens as plain strings or as AddedToken dicts
+    return v.get("content") if isinstance(v, dict) else v
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; flashgen needs a fast tokenizer (tokenizer.json)")
+        self._tok = HFTokenizer.from_file(str(path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.chat_template = cfg.get("chat_template")
+        tpl_file = model_dir / "chat_template.jinja"  # transformers >= 4.47 writes the template here
+        if self.chat_template is None and tpl_file.is_file():
+            self.chat_template = tpl_file.read_text()
+        if isinstance(self.chat_template, list):  # named templates: take "default"
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default", next(iter(named.values())))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        # Add BOS ourselves only when the config asks for it and tokenizer.json's post-processor does not.
+        self._prepend_bos = bool(cfg.get("add_bos_token")) and self.bos_token_id is not None and (
+            self._tok.encode("a").ids[:1] != [self.bos_token_id])
+        self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._template = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self._prepend_bos and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return [self._tok.id_to_token(i) for i in ids]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("the model has no chat template (tokenizer_config.json 'chat_template' or "
+                             "chat_template.jinja); give a plain 'prompt' instead of 'messages'")
+        if self._template is None:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg):
+                raise jinja2.TemplateError(msg)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
