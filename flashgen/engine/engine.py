@@ -117,10 +117,11 @@ class Engine:
             if seq.finish_reason:
                 if seq.stop_reason is None or isinstance(seq.stop_reason, int):
                     seq.output_text += detokenizer.flush(self.tokenizer, seq)
+                cached = seq.num_cached_tokens
                 self.scheduler.finish(seq)
                 self._ids.discard(seq.request_id)
                 done.append(RequestOutput(
                     request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                     text=seq.output_text, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason, num_cached_tokens=seq.num_cached_tokens))
+                    stop_reason=seq.stop_reason, num_cached_tokens=cached))
         return done

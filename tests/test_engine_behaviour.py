@@ -1,0 +1,172 @@
+"""Scheduler, cache and sampling behaviour of the engine on a tiny random checkpoint (CPU)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from checkpoints import make_checkpoint
+from flashgen import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_checkpoint(tmp_path_factory.mktemp("llama"), "llama", num_heads=4, num_kv_heads=1, head_dim=32))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(model=model_dir, device="cpu", dtype="float32")
+
+
+def rand_prompts(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def test_greedy_batch_invariance(llm):
+    rng = random.Random(7)
+    batch = rand_prompts([rng.choice([1, 2, 15, 16, 17, 33, 97, 200]) for _ in range(37)], seed=8)
+    together = llm.generate(batch, GREEDY)
+    for i in (0, 5, 36):
+        alone = llm.generate([batch[i]], GREEDY)[0]
+        assert alone.token_ids == together[i].token_ids
+
+
+def test_seeded_sampling_batch_invariance(llm):
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=20, ignore_eos=True, seed=1234)
+    target = rand_prompts([40], seed=9)[0]
+    others = rand_prompts([5, 77, 130, 3], seed=10)
+    alone = llm.generate([target], sp)[0].token_ids
+    mixed = llm.generate(others[:2] + [target] + others[2:],
+                         [SamplingParams(temperature=0.7, max_tokens=30, ignore_eos=True)] * 2 + [sp]
+                         + [SamplingParams(temperature=0, max_tokens=5)] * 2)[2].token_ids
+    assert alone == mixed
+    other_seed = llm.generate([target], SamplingParams(**{**_kw(sp), "seed": 4321}))[0].token_ids
+    assert other_seed != alone  # the seed matters: 20 tokens from a ~50-way choice never all agree by chance
+
+
+def _kw(sp: SamplingParams) -> dict:
+    return {k: getattr(sp, k) for k in ("temperature", "top_p", "top_k", "max_tokens", "ignore_eos", "seed")}
+
+
+def test_preemption_with_tiny_cache_loses_nothing(model_dir, llm):
+    prompts = rand_prompts([50, 60, 45, 70, 33, 52, 64, 40], seed=11)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = llm.generate(prompts, sp)
+    block_bytes = 2 * 2 * 1 * 32 * 4 * 16  # k+v, 2 layers, 1 kv head, d=32, fp32, 16 tokens
+    small = LLM(model=model_dir, device="cpu", dtype="float32", kv_cache_gb=12 * block_bytes / 2**30)
+    assert small.engine.runner.num_blocks == 12
+    outs = small.generate(prompts, sp)
+    assert small.stats.preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+
+
+def test_chunked_prefill_matches_whole_prefill(model_dir, llm):
+    prompts = rand_prompts([300, 5, 129], seed=12)
+    chunked = LLM(model=model_dir, device="cpu", dtype="float32", max_num_batched_tokens=64)
+    a = chunked.generate(prompts, GREEDY)
+    b = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_prefix_cache_hits_and_same_tokens(model_dir):
+    shared = rand_prompts([100], seed=13)[0]
+    prompts = [shared + p for p in rand_prompts([10, 20, 30], seed=14)]
+    on = LLM(model=model_dir, device="cpu", dtype="float32", enable_prefix_caching=True)
+    off = LLM(model=model_dir, device="cpu", dtype="float32", enable_prefix_caching=False)
+    first = on.generate(prompts[:1], GREEDY)
+    later = on.generate(prompts[1:], GREEDY)
+    assert all(o.num_cached_tokens == 96 for o in later)  # 6 full blocks of 16 of the shared 100
+    ref = off.generate(prompts, GREEDY)
+    assert [o.token_ids for o in first + later] == [o.token_ids for o in ref]
+    again = on.generate(prompts[:1], GREEDY)[0]  # whole prompt cached: its last token is still recomputed
+    assert again.token_ids == first[0].token_ids and again.num_cached_tokens > 0
+
+
+def test_max_tokens_and_min_tokens_and_eos(llm):
+    ids = rand_prompts([12], seed=15)[0]
+    free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+    assert len(free.token_ids) == 40 and free.finish_reason == "length"
+    # make the 5th greedy token a stop token: generation ends there, token included, reason "stop"
+    stop_tok = free.token_ids[4]
+    first_hit = free.token_ids.index(stop_tok)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_tok]))[0]
+    assert out.token_ids == free.token_ids[:first_hit + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    # min_tokens masks stop tokens until reached
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=40, min_tokens=first_hit + 3,
+                                             stop_token_ids=[stop_tok]))[0]
+    assert len(out.token_ids) >= first_hit + 3
+    assert stop_tok not in out.token_ids[:first_hit + 2]
+
+
+def test_eos_stops_unless_ignored(llm):
+    ids = rand_prompts([20], seed=16)[0]
+    eos = sorted(llm.engine.eos_ids)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))[0]
+    assert len(out.token_ids) == 200
+    # sample at high temperature until some seed meets an EOS; with ignore_eos it never stops early
+    for seed in range(40):
+        o = llm.generate([ids], SamplingParams(temperature=3.0, max_tokens=300, seed=seed))[0]
+        if o.finish_reason == "stop":
+            assert o.token_ids[-1] in eos and not any(t in eos for t in o.token_ids[:-1])
+            ign = llm.generate([ids], SamplingParams(temperature=3.0, max_tokens=300, seed=seed, ignore_eos=True))[0]
+            assert ign.token_ids[:len(o.token_ids)] == o.token_ids and len(ign.token_ids) == 300
+            return
+    pytest.fail("no EOS in 40 samples of 300 tokens at temperature 3")
+
+
+def test_stop_strings_cross_token_boundaries_and_are_left_out(llm):
+    ids = rand_prompts([8], seed=17)[0]
+    free = llm.generate([ids], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+    text = free.text
+    assert len(text) > 12
+    stop = text[5:9]  # 4 characters that may span tokens
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop, "\x00never"]))[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.find(stop)]
+
+
+def test_text_is_whole_utf8_and_equals_decode(llm):
+    tok = llm.tokenizer
+    prompts = rand_prompts([3, 9, 27], seed=18)
+    for seed in range(6):
+        for o in llm.generate(prompts, SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=seed)):
+            assert o.text == tok.decode(o.token_ids)
+            o.text.encode("utf-8")  # raises on lone surrogates
+
+
+def test_penalties_change_greedy_choice(llm):
+    ids = rand_prompts([16], seed=19)[0]
+    base = llm.generate([ids], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].token_ids
+    rep = llm.generate([ids], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                             repetition_penalty=5.0))[0].token_ids
+    freq = llm.generate([ids], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                              frequency_penalty=2.0, presence_penalty=2.0))[0].token_ids
+    assert rep != base and freq != base
+    assert len(set(rep)) >= len(set(base)) and len(set(freq)) >= len(set(base))
+
+
+def test_bad_requests_say_what_to_fix(llm):
+    with pytest.raises(ValueError, match="empty"):
+        llm.add_request("a", "", SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.add_request("b", [1, 10**6], SamplingParams())
+    with pytest.raises(ValueError, match="context"):
+        llm.add_request("c", [5] * llm.max_model_len, SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_incremental_api_returns_each_request_once(llm):
+    prompts = rand_prompts([4, 50, 9], seed=20)
+    for i, p in enumerate(prompts):
+        llm.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=5 + 10 * i, ignore_eos=True))
+    got = []
+    while llm.has_unfinished_requests():
+        got += [o.request_id for o in llm.step()]
+    assert sorted(got) == ["r0", "r1", "r2"] and got[0] == "r0"
