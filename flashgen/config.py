@@ -28,6 +28,7 @@ class EngineConfig:
     enforce_eager: bool = False            # True: no CUDA graphs
     seed: int = 0                          # seeds requests that carry no seed of their own
     tensor_parallel_size: int = 1
+    load_format: str = "auto"              # auto: the checkpoint's safetensors; dummy: random weights (benchmarks)
 
     def __post_init__(self) -> None:
         def bad(field: str, value, fix: str) -> ValueError:
@@ -54,6 +55,8 @@ class EngineConfig:
             raise bad("gpu_memory_utilization", self.gpu_memory_utilization, "use a fraction in [0.05, 1]")
         if self.kv_cache_gb < 0:
             raise bad("kv_cache_gb", self.kv_cache_gb, "use 0 (auto) or a positive size in GiB")
+        if self.load_format not in ("auto", "dummy"):
+            raise bad("load_format", self.load_format, "use auto (read the weights) or dummy (random weights)")
         if self.tensor_parallel_size < 1:
             raise bad("tensor_parallel_size", self.tensor_parallel_size, "use a positive integer")
 

@@ -20,6 +20,7 @@ class SamplingParams:
     presence_penalty: float = 0.0     # subtracted once from tokens already in the output
     frequency_penalty: float = 0.0    # subtracted per occurrence in the output
     skip_special_tokens: bool = True
+    detokenize: bool = True   # False: token ids only (benchmarks); stop strings need text
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -35,6 +36,8 @@ class SamplingParams:
         if any(not isinstance(s, str) or s == "" for s in self.stop_list):
             raise bad("stop", self.stop, "use a non-empty string or a list of them")
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if self.stop_list and not self.detokenize:
+            raise bad("stop", self.stop, "stop strings need detokenize=True")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             raise bad("temperature", self.temperature, "use a number >= 0 (0 is greedy)")
         if not 0.0 < self.top_p <= 1.0:

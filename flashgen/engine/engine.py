@@ -111,11 +111,11 @@ class Engine:
                 seq.num_computed_tokens += 1
             token = next(it)
             seq.append_token(token)
-            delta = detokenizer.detokenize_step(self.tokenizer, seq, token)
+            delta = detokenizer.detokenize_step(self.tokenizer, seq, token) if seq.params.detokenize else ""
             seq.output_text += delta
             detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta)
             if seq.finish_reason:
-                if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+                if seq.params.detokenize and not isinstance(seq.stop_reason, str):
                     seq.output_text += detokenizer.flush(self.tokenizer, seq)
                 cached = seq.num_cached_tokens
                 self.scheduler.finish(seq)

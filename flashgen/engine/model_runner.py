@@ -57,7 +57,8 @@ class ModelRunner:
         if spec.sliding_window and spec.sliding_window < max_len:
             log.warning("model uses a sliding window of %d tokens; max_model_len capped to it", spec.sliding_window)
             max_len = spec.sliding_window
-        self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len)
+        self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
+                               config.load_format)
         self.num_blocks = self._plan_kv_blocks(max_len)
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
         if self.max_model_len < max_len:
@@ -66,6 +67,13 @@ class ModelRunner:
         self.kv_cache = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self.model.bind_kv_cache(self.kv_cache)
         self.on_logits = None  # tests hook: called with (seqs, logits) before sampling
+        self.graphs = None
+        # NOTE: the torch reference reads context lengths on the host, so only the CUDA kernels are capturable.
+        if self.device.type == "cuda" and self.backend == "cuda" and not config.enforce_eager:
+            from flashgen.engine.cuda_graphs import DecodeGraphs
+
+            max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
+            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks)
 
     def _plan_kv_blocks(self, max_len: int) -> int:
         per_block = self.spec.kv_bytes_per_token(self.dtype) * self.block_size
@@ -73,8 +81,10 @@ class ModelRunner:
         if self.config.kv_cache_gb:
             budget = self.config.kv_cache_gb * 2**30
         elif self.device.type == "cuda":
+            peak = self._profile_activations(max_len)
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1 - self.config.gpu_memory_utilization) - self._activation_bytes()
+            budget = free - total * (1 - self.config.gpu_memory_utilization) - peak
+            log.info("activation peak %.2f GiB; KV cache gets %.2f GiB", peak / 2**30, max(budget, 0) / 2**30)
         else:
             budget = min(2 * 2**30, need)
         blocks = int(max(budget, 0) // per_block)
@@ -83,12 +93,37 @@ class ModelRunner:
                                "max_num_batched_tokens, raise gpu_memory_utilization or set kv_cache_gb")
         return blocks
 
-    def _activation_bytes(self) -> int:
-        """Peak activation memory of a full prefill step, estimated from its largest tensors."""
-        s, t = self.spec, self.config.max_num_batched_tokens
-        elt = torch.tensor([], dtype=self.dtype).element_size()
-        widest = max(2 * s.intermediate_size, s.q_size + 2 * s.kv_size, s.hidden_size * 4)
-        return t * widest * elt * 3 + self.config.max_num_seqs * s.vocab_size * 4 * 6
+    def _profile_activations(self, max_len: int) -> int:
+        """Peak activation bytes of the largest prefill step plus a full decode batch's logits and sampling,
+        measured by running them on a scratch cache (freed afterwards)."""
+        bs, spec = self.block_size, self.spec
+        T = self.config.max_num_batched_tokens
+        seq_len = min(T, max_len)
+        nseq = (T + seq_len - 1) // seq_len
+        blocks_per_seq = (seq_len + bs - 1) // bs
+        scratch = torch.zeros((2, spec.num_layers, nseq * blocks_per_seq, bs, spec.num_kv_heads, spec.head_dim),
+                              dtype=self.dtype, device=self.device)
+        self.model.bind_kv_cache(scratch)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        seqs = []
+        for i in range(nseq):
+            n = min(seq_len, T - i * seq_len)
+            s = Sequence(f"_profile{i}", None, [0] * n, None, bs, 0)  # type: ignore[arg-type]
+            s.block_table, s.num_scheduled_tokens = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), n
+            seqs.append(s)
+        input_ids, ctx, last = self._prepare(seqs, True)
+        hidden, residual = self.model.forward(input_ids, ctx)
+        del hidden, residual
+        probe = torch.randn(self.config.max_num_seqs, spec.vocab_size, device=self.device)
+        probe.softmax(-1).sort(-1)  # sampling's widest temporaries: a sort of (max_num_seqs, vocab)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del probe, scratch
+        self.model.k_caches, self.model.v_caches = [], []
+        torch.cuda.empty_cache()
+        return int(peak * 1.1) + (256 << 20)  # headroom for allocator fragmentation and graph pools
 
     # -- step metadata ---------------------------------------------------------------------------------------
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -162,11 +197,14 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One step; returns the sampled token of each sequence whose context is complete, in order."""
         input_ids, ctx, last = self._prepare(seqs, is_prefill)
-        hidden, residual = self.model.forward(input_ids, ctx)
-        if not last:
-            return []
-        idx = torch.tensor(last, device=self.device)
-        logits = self.model.logits(hidden[idx], residual[idx])
+        if not is_prefill and self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
+            logits = self.graphs.run(input_ids, ctx)
+        else:
+            hidden, residual = self.model.forward(input_ids, ctx)
+            if not last:
+                return []
+            idx = torch.tensor(last, device=self.device)
+            logits = self.model.logits(hidden[idx], residual[idx])
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         if self.on_logits is not None:
             self.on_logits(done, logits)

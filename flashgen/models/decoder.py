@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from flashgen.models.loader import fuse_layer_weights, load_weights
+from flashgen.models.loader import dummy_weights, expected_shapes, fuse_layer_weights, load_weights
 from flashgen.models.spec import ModelSpec, rope_cos_sin
 
 
@@ -30,9 +30,12 @@ class StepContext:
 
 class DecoderLM:
     def __init__(self, model_dir: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 ops: ModuleType, max_positions: int):
+                 ops: ModuleType, max_positions: int, load_format: str = "auto"):
         self.spec, self.dtype, self.device, self.ops = spec, dtype, device, ops
-        w = load_weights(model_dir, spec, dtype, device)
+        if load_format == "dummy":
+            w = dummy_weights(spec, dtype, device)
+        else:
+            w = load_weights(model_dir, spec, dtype, device)
         self.embed = w.pop("model.embed_tokens.weight")
         self.final_norm = w.pop("model.norm.weight")
         self.lm_head = self.embed if spec.tie_word_embeddings else w.pop("lm_head.weight")
@@ -41,6 +44,18 @@ class DecoderLM:
         self.scale = spec.head_dim ** -0.5
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
+
+    @torch.inference_mode()
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Replace the weights with a HF model's state dict (same names), e.g. to compare on equal weights."""
+        w = {k: sd[k].to(self.device, self.dtype) for k in expected_shapes(self.spec)}
+        self.embed = w.pop("model.embed_tokens.weight")
+        self.final_norm = w.pop("model.norm.weight")
+        self.lm_head = self.embed if self.spec.tie_word_embeddings else w.pop("lm_head.weight")
+        for i, L in enumerate(self.layers):
+            for k, v in fuse_layer_weights(w, self.spec, i).items():
+                if v is not None:
+                    L[k].copy_(v)
 
     def bind_kv_cache(self, kv: torch.Tensor) -> None:
         """kv: (2, num_layers, num_blocks, block_size, kv_heads, head_dim), allocated once by the runner."""

@@ -90,6 +90,21 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
     return out
 
 
+def dummy_weights(spec: ModelSpec, dtype: torch.dtype, device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of the right shapes, made on `device` (load_format="dummy", for benchmarks): norms near
+    1, matrices N(0, 0.02) as HF initialises them, so activations keep realistic magnitudes."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, shape in expected_shapes(spec).items():
+        t = torch.empty(shape, dtype=torch.float32 if len(shape) == 1 else dtype, device=device)
+        if name.endswith("norm.weight") or "layernorm" in name:
+            t.normal_(1.0, 0.05, generator=gen)
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        out[name] = t.to(dtype)
+    return out
+
+
 def fuse_layer_weights(w: dict[str, torch.Tensor], spec: ModelSpec, layer: int) -> dict[str, torch.Tensor | None]:
     """One decoder layer's weights in the fused layout the model runs: qkv (q|k|v rows), gate_up (gate|up)."""
     p = f"model.layers.{layer}."

@@ -1,0 +1,172 @@
+"""`flashgen bench throughput`: the field's offline workloads, next to their physical floor measured in the
+same run (HBM bandwidth and matmul rate of this GPU) and, with --compare hf, HF transformers' figure.
+
+Workloads (BENCH.md): nanovllm (256 random prompts of 100-1024 tokens, 100-1024 new tokens each),
+fixed512 (same prompts, 512 new tokens), sharedprefix (512 requests sharing a 2000-token prefix),
+latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens).
+"""
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Workload:
+    name: str
+    shape: str
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    temperature: float = 0.6
+
+
+def make_workload(name: str) -> Workload:
+    random.seed(0)
+    if name in ("nanovllm", "fixed512"):
+        prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)]
+        outs = [random.randint(100, 1024) for _ in range(256)]
+        return Workload(name, "qwen3-0.6b", prompts, outs if name == "nanovllm" else [512] * 256)
+    if name == "sharedprefix":
+        prefix = [random.randint(0, 10000) for _ in range(2000)]
+        prompts = [prefix + [random.randint(0, 10000) for _ in range(100)] for _ in range(512)]
+        return Workload(name, "qwen3-0.6b", prompts, [128] * 512)
+    if name == "latency8b":
+        return Workload(name, "llama-3.1-8b", [[random.randint(0, 10000) for _ in range(512)]], [128], 0.0)
+    raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix or latency8b")
+
+
+def measure_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate of this GPU, measured now."""
+    def timed(fn, reps=20):
+        for _ in range(3):
+            fn()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for a, b in ev:
+            a.record(); fn(); b.record()
+        torch.cuda.synchronize()
+        return sorted(a.elapsed_time(b) for a, b in ev)[reps // 2] / 1e3
+
+    src = torch.randn(512 << 20, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 2 / timed(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192**3 / timed(lambda: a @ b, reps=10)
+    return {"copy_bytes_per_s": bw, "matmul_flop_per_s": flops}
+
+
+def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict) -> float:
+    """Everything resident, every step at the ceiling: per decode step all weights plus each live sequence's
+    KV once over the copy bandwidth; prefill as 2 * params FLOPs per prompt token over the matmul rate."""
+    kv_tok = spec.kv_bytes_per_token(torch.bfloat16)
+    order = sorted(zip(w.max_tokens, map(len, w.prompts)))
+    total_bytes, live_prompt, live, j = 0.0, sum(len(p) for p in w.prompts), len(order), 0
+    for t in range(max(w.max_tokens)):
+        while j < len(order) and order[j][0] <= t:
+            live_prompt -= order[j][1]; live -= 1; j += 1
+        total_bytes += weight_bytes + kv_tok * (live_prompt + live * (t + 1))
+    prefill_flops = 2 * (weight_bytes / 2) * sum(len(p) for p in w.prompts)
+    return total_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
+
+
+def run_flashgen(w: Workload, model_dir: str, **engine_kw) -> dict:
+    from flashgen import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", **engine_kw)
+    startup = time.perf_counter() - t0
+    sps = [SamplingParams(temperature=w.temperature, max_tokens=m, ignore_eos=True, detokenize=False)
+           for m in w.max_tokens]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(w.prompts, sps)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    ntok = sum(len(o.token_ids) for o in outs)
+    assert ntok == sum(w.max_tokens), "every request must produce exactly max_tokens (ignore_eos)"
+    weight_bytes = sum(t.numel() * t.element_size() for L in llm.engine.runner.model.layers for t in L.values()
+                       if t is not None) + llm.engine.runner.model.embed.numel() * 2 * (
+                           1 if llm.engine.spec.tie_word_embeddings else 2)
+    return {"output_tokens": ntok, "seconds": wall, "tok_per_s": ntok / wall, "startup_s": startup,
+            "weight_bytes": weight_bytes, "spec": llm.engine.spec, "kv_tokens": llm.engine.runner.num_blocks *
+            llm.engine.runner.block_size, "preemptions": llm.stats.preemptions, "backend": llm.engine.runner.backend}
+
+
+def run_hf(w: Workload, model_dir: str, max_new: int) -> dict:
+    """HF transformers generate, static batch, left padding, SDPA, same shapes with random weights."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    L = max(map(len, w.prompts))
+    ids = torch.zeros(len(w.prompts), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(w.prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    model.generate(ids[:2, -8:], attention_mask=mask[:2, -8:], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                         do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    ntok = (out.shape[1] - L) * len(w.prompts)
+    del model
+    torch.cuda.empty_cache()
+    return {"output_tokens": ntok, "seconds": wall, "tok_per_s": ntok / wall}
+
+
+def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: int = 512,
+         out_dir: str | None = None, **engine_kw) -> dict:
+    from flashgen.bench.synthetic import write_model_dir
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("flashgen bench throughput needs a CUDA GPU")
+    w = make_workload(workload)
+    ceil = measure_ceilings()
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = str(write_model_dir(w.shape, d))
+        ours = run_flashgen(w, model_dir, **engine_kw)
+        floor = floor_seconds(w, ours.pop("spec"), ours["weight_bytes"], ceil)
+        res = {"workload": workload, "device": torch.cuda.get_device_name(), **ceil, **ours,
+               "floor_s": floor, "floor_tok_per_s": ours["output_tokens"] / floor,
+               "pct_of_floor": 100 * floor / ours["seconds"]}
+        if compare == "hf":
+            hw = Workload(w.name, w.shape, w.prompts, [hf_max_tokens] * len(w.prompts))
+            res["hf"] = run_hf(hw, model_dir, hf_max_tokens)
+            res["speedup_vs_hf"] = ours["tok_per_s"] / res["hf"]["tok_per_s"]
+    lines = [f"workload {workload} on {res['device']} ({ours['backend']} backend)",
+             f"  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
+             f"  flashgen {ours['tok_per_s']:,.0f} output tok/s ({ours['output_tokens']} tokens in {ours['seconds']:.2f} s;"
+             f" start-up {ours['startup_s']:.1f} s; KV {ours['kv_tokens']} tokens; preemptions {ours['preemptions']})",
+             f"  floor {res['floor_tok_per_s']:,.0f} tok/s -> {res['pct_of_floor']:.0f}% of floor"]
+    if "hf" in res:
+        lines.append(f"  HF transformers {res['hf']['tok_per_s']:,.0f} tok/s ({hf_max_tokens} new tokens) ->"
+                     f" flashgen {res['speedup_vs_hf']:.1f}x")
+    print("\n".join(lines), flush=True)
+    if out_dir:
+        with open(f"{out_dir}/throughput_{workload}.json", "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return res
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", default="nanovllm")
+    ap.add_argument("--compare", default=None)
+    ap.add_argument("--hf-max-tokens", type=int, default=512)
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    a = ap.parse_args()
+    main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, enforce_eager=a.enforce_eager)

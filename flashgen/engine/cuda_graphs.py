@@ -1,0 +1,69 @@
+"""Decode steps as captured CUDA graphs, one per batch-size bucket.
+
+A decode step of a small model is hundreds of short kernels; launching them from Python costs more than they
+run. Each bucket's graph reads its inputs from static buffers that `run` fills, and writes logits to a static
+output. Rows past the real batch are padding: they write no KV (slot -1) and attend to one token.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashgen.models.decoder import DecoderLM, StepContext
+
+
+def buckets(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_bs + 1, 16))
+    return sorted({b for b in sizes if b <= max_bs} | {max_bs})
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderLM, max_bs: int, max_blocks_per_seq: int):
+        dev = model.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.model = model
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_bs, **i32)
+        self.slot_mapping = torch.full((max_bs,), -1, **i32)
+        self.context_lens = torch.ones(max_bs, **i32)
+        self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, **i32)
+        self.logits = torch.empty(max_bs, model.spec.vocab_size, dtype=torch.float32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.sizes = buckets(max_bs)
+        pool = None
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            ctx = self._ctx(bs)
+            self._forward(bs, ctx)  # warm-up outside capture: compiles kernels, sets up cuBLAS handles
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool):
+                self._forward(bs, ctx)
+            pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize()
+
+    def _ctx(self, bs: int) -> StepContext:
+        return StepContext(is_prefill=False, positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
+                           context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs])
+
+    def _forward(self, bs: int, ctx: StepContext) -> None:
+        hidden, residual = self.model.forward(self.input_ids[:bs], ctx)
+        self.logits[:bs] = self.model.logits(hidden, residual)
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.sizes if b >= n), None)
+
+    def run(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Inputs of n sequences (already on the device) -> (n, vocab) float32 logits."""
+        n = input_ids.shape[0]
+        bs = self.bucket(n)
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = ctx.positions
+        self.slot_mapping[:n] = ctx.slot_mapping
+        self.slot_mapping[n:bs] = -1
+        self.context_lens[:n] = ctx.context_lens
+        self.context_lens[n:bs] = 1
+        w = ctx.block_tables.shape[1]
+        self.block_tables[:n, :w] = ctx.block_tables
+        self.block_tables[n:bs, 0] = 0
+        self.graphs[bs].replay()
+        return self.logits[:n]
