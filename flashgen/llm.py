@@ -94,6 +94,10 @@ class LLM:
             o.request_id = str(i)
         return outs
 
+    def close(self) -> None:
+        """Stop tensor-parallel workers (if any); the object is unusable afterwards."""
+        self.engine.runner.shutdown()
+
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """(len, vocab) float32 logits at every prompt position (prefill through the paged path)."""
         if self.has_unfinished_requests():

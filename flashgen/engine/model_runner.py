@@ -7,21 +7,28 @@ import logging
 import torch
 
 from flashgen.config import EngineConfig
-from flashgen.engine.sampler import SamplingBatch, sample
+from flashgen.engine.sampler import build_sampling_batch, sample
 from flashgen.engine.sequence import Sequence
 from flashgen.models.decoder import DecoderLM, StepContext
 from flashgen.models.spec import DTYPES, ModelSpec
+from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import cuda_backend_available, get_ops
 
 log = logging.getLogger("flashgen")
 
 
-def pick_device(config: EngineConfig) -> torch.device:
+def pick_device(config: EngineConfig, rank: int = 0) -> torch.device:
     if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(config.device)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(config.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device; use --device cpu")
+    if dev.type == "cuda" and config.tensor_parallel_size > 1:
+        if torch.cuda.device_count() < config.tensor_parallel_size:
+            raise RuntimeError(f"tensor_parallel_size={config.tensor_parallel_size} needs as many GPUs; "
+                               f"{torch.cuda.device_count()} are visible")
+        dev = torch.device("cuda", rank)
     return dev
 
 
@@ -47,23 +54,36 @@ def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: str, spec: ModelSpec, eos_ids: set[int]):
-        self.config, self.spec, self.eos_ids = config, spec, eos_ids
-        self.device = pick_device(config)
+    """Rank 0 runs in the engine's process; with tensor parallelism, ranks 1..N-1 run `worker_loop` in their
+    own processes and replay every step rank 0 broadcasts (flashgen.engine.tp_worker)."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, spec: ModelSpec, eos_ids: set[int], rank: int = 0):
+        self.config, self.spec, self.eos_ids, self.rank = config, spec, eos_ids, rank
+        self.world = config.tensor_parallel_size
+        self.device = pick_device(config, rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.dtype = pick_dtype(config, spec, self.device)
         self.backend = pick_backend(config, self.device, self.dtype)
         self.block_size = config.block_size
+        self.workers = []
+        if self.world > 1 and rank == 0:
+            from flashgen.engine.tp_worker import start_workers
+
+            self.workers = start_workers(config, model_dir, spec, eos_ids)
         max_len = config.max_model_len or spec.max_position_embeddings
         if spec.sliding_window and spec.sliding_window < max_len:
             log.warning("model uses a sliding window of %d tokens; max_model_len capped to it", spec.sliding_window)
             max_len = spec.sliding_window
+        tp = TPInfo(rank, self.world) if self.world > 1 else None
         self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
-                               config.load_format)
+                               config.load_format, tp)
+        self.num_kv_heads = self.model.num_kv_heads_local
         self.num_blocks = self._plan_kv_blocks(max_len)
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
-        if self.max_model_len < max_len:
+        if self.max_model_len < max_len and rank == 0:
             log.warning("KV cache holds %d tokens; max_model_len capped from %d", self.max_model_len, max_len)
-        kv_shape = (2, spec.num_layers, self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        kv_shape = (2, spec.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, spec.head_dim)
         self.kv_cache = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self.model.bind_kv_cache(self.kv_cache)
         self.on_logits = None  # tests hook: called with (seqs, logits) before sampling
@@ -75,9 +95,13 @@ class ModelRunner:
             max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks)
 
+    def _kv_bytes_per_token(self) -> int:
+        elt = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.spec.num_layers * self.num_kv_heads * self.spec.head_dim * elt
+
     def _plan_kv_blocks(self, max_len: int) -> int:
-        per_block = self.spec.kv_bytes_per_token(self.dtype) * self.block_size
-        need = self.config.max_num_seqs * max_len * self.spec.kv_bytes_per_token(self.dtype)
+        per_block = self._kv_bytes_per_token() * self.block_size
+        need = self.config.max_num_seqs * max_len * self._kv_bytes_per_token()
         if self.config.kv_cache_gb:
             budget = self.config.kv_cache_gb * 2**30
         elif self.device.type == "cuda":
@@ -88,6 +112,12 @@ class ModelRunner:
         else:
             budget = min(2 * 2**30, need)
         blocks = int(max(budget, 0) // per_block)
+        if self.world > 1:  # every rank must hold the same blocks: take the smallest
+            import torch.distributed as dist
+
+            t = torch.tensor([blocks], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            blocks = int(t.item())
         if blocks < 1:
             raise RuntimeError(f"no memory is left for the KV cache ({per_block} bytes per block); lower "
                                "max_num_batched_tokens, raise gpu_memory_utilization or set kv_cache_gb")
@@ -101,7 +131,7 @@ class ModelRunner:
         seq_len = min(T, max_len)
         nseq = (T + seq_len - 1) // seq_len
         blocks_per_seq = (seq_len + bs - 1) // bs
-        scratch = torch.zeros((2, spec.num_layers, nseq * blocks_per_seq, bs, spec.num_kv_heads, spec.head_dim),
+        scratch = torch.zeros((2, spec.num_layers, nseq * blocks_per_seq, bs, self.num_kv_heads, spec.head_dim),
                               dtype=self.dtype, device=self.device)
         self.model.bind_kv_cache(scratch)
         torch.cuda.synchronize()
@@ -113,9 +143,8 @@ class ModelRunner:
             s = Sequence(f"_profile{i}", None, [0] * n, None, bs, 0)  # type: ignore[arg-type]
             s.block_table, s.num_scheduled_tokens = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), n
             seqs.append(s)
-        input_ids, ctx, last = self._prepare(seqs, True)
-        hidden, residual = self.model.forward(input_ids, ctx)
-        del hidden, residual
+        # NOTE: no broadcast here: every rank profiles its own copy of the same step
+        self._execute(self._pack(seqs, True, []))
         probe = torch.randn(self.config.max_num_seqs, spec.vocab_size, device=self.device)
         probe.softmax(-1).sort(-1)  # sampling's widest temporaries: a sort of (max_num_seqs, vocab)
         torch.cuda.synchronize()
@@ -125,15 +154,12 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(peak * 1.1) + (256 << 20)  # headroom for allocator fragmentation and graph pools
 
-    # -- step metadata ---------------------------------------------------------------------------------------
-    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32)
+    # -- step metadata: packed into one int64 tensor, so tensor-parallel ranks get it in one broadcast --------
+    HEADER = 7  # is_prefill, T, B, width, max_seqlen_q, n_last, all_rows
 
-    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
+    def _pack(self, seqs: list[Sequence], is_prefill: bool, last: list[int] | None = None) -> torch.Tensor:
         bs = self.block_size
-        ids, pos, slots, cu, ctx_lens, last = [], [], [], [0], [], []
+        ids, pos, slots, cu, ctx_lens, rows = [], [], [], [0], [], []
         for s in seqs:
             start, n = s.num_computed_tokens, s.num_scheduled_tokens
             ids += s.token_ids[start:start + n]
@@ -142,81 +168,63 @@ class ModelRunner:
             cu.append(cu[-1] + n)
             ctx_lens.append(start + n)
             if start + n == s.num_tokens:
-                last.append(cu[-1] - 1)
-        i32 = dict(dtype=torch.int32)
-        ctx = StepContext(
-            is_prefill=is_prefill, positions=torch.tensor(pos, **i32), slot_mapping=torch.tensor(slots, **i32),
-            context_lens=torch.tensor(ctx_lens, **i32), block_tables=self._tables(seqs),
-            cu_seqlens_q=torch.tensor(cu, **i32), max_seqlen_q=max(s.num_scheduled_tokens for s in seqs),
-        )
-        dev = self.device
-        for f in ("positions", "slot_mapping", "context_lens", "block_tables", "cu_seqlens_q"):
-            setattr(ctx, f, getattr(ctx, f).to(dev, non_blocking=True))
-        return torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True), ctx, last
+                rows.append(cu[-1] - 1)
+        if last is not None:
+            rows = last
+        width = max(len(s.block_table) for s in seqs)
+        tables = [t for s in seqs for t in s.block_table + [0] * (width - len(s.block_table))]
+        header = [int(is_prefill), len(ids), len(seqs), width, max(s.num_scheduled_tokens for s in seqs),
+                  len(rows), 0]
+        return torch.tensor(header + ids + pos + slots + ctx_lens + cu + tables + rows, dtype=torch.int64)
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        dev, V = self.device, self.spec.vocab_size
-        ps = [s.params for s in seqs]
-        f32 = dict(dtype=torch.float32)
-        b = SamplingBatch(
-            temperature=torch.tensor([p.temperature for p in ps], **f32),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else V for p in ps]) if any(p.top_k > 0 for p in ps) else None,
-            top_p=torch.tensor([p.top_p for p in ps], **f32) if any(p.top_p < 1 for p in ps) else None,
-            min_p=torch.tensor([p.min_p for p in ps], **f32) if any(p.min_p > 0 for p in ps) else None,
-            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
-            steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
-            all_greedy=all(p.temperature == 0 for p in ps),
-        )
-        if any(p.repetition_penalty != 1 for p in ps):
-            b.rep_penalty = torch.tensor([p.repetition_penalty for p in ps], **f32)
-            b.seen_prompt = torch.zeros(len(seqs), V, dtype=torch.bool)
-            for i, s in enumerate(seqs):
-                b.seen_prompt[i, torch.tensor(s.token_ids, dtype=torch.int64)] = True
-        if any(p.presence_penalty or p.frequency_penalty for p in ps):
-            b.presence = torch.tensor([p.presence_penalty for p in ps], **f32)
-            b.frequency = torch.tensor([p.frequency_penalty for p in ps], **f32)
-            b.out_counts = torch.zeros(len(seqs), V, **f32)
-            for i, s in enumerate(seqs):
-                if s.output_counts:
-                    b.out_counts[i, torch.tensor(list(s.output_counts))] = torch.tensor(
-                        list(s.output_counts.values()), **f32)
-        banned = [(i, s) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
-        if banned:
-            b.banned = torch.zeros(len(seqs), V, dtype=torch.bool)
-            for i, s in banned:
-                stop = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
-                b.banned[i, [t for t in stop if t < V]] = True
-        for f in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps", "rep_penalty", "presence",
-                  "frequency", "seen_prompt", "out_counts", "banned"):
-            v = getattr(b, f)
-            if v is not None:
-                setattr(b, f, v.to(dev, non_blocking=True))
-        return b
+    def _unpack(self, buf: torch.Tensor) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
+        is_prefill, T, B, W, max_q, n_last, _ = buf[:self.HEADER].tolist()
+        buf = buf.to(self.device, non_blocking=True)
+        parts = buf[self.HEADER:].split([T, T, T, B, B + 1, B * W, n_last])
+        i32 = [p.to(torch.int32) for p in parts[1:6]]
+        ctx = StepContext(is_prefill=bool(is_prefill), positions=i32[0], slot_mapping=i32[1], context_lens=i32[2],
+                          cu_seqlens_q=i32[3], block_tables=i32[4].view(B, W), max_seqlen_q=max_q)
+        return parts[0], ctx, parts[6]
+
+    def _execute(self, buf: torch.Tensor) -> torch.Tensor | None:
+        """Run one packed step on this rank; (rows, vocab) float32 logits of the rows to sample, or None."""
+        input_ids, ctx, rows = self._unpack(buf)
+        if not ctx.is_prefill and self.graphs is not None and self.graphs.bucket(input_ids.shape[0]) is not None:
+            return self.graphs.run(input_ids, ctx)
+        hidden, residual = self.model.forward(input_ids, ctx)
+        if rows.numel() == 0:
+            return None
+        return self.model.logits(hidden[rows], residual[rows])
+
+    def _step(self, buf: torch.Tensor) -> torch.Tensor | None:
+        if self.workers:
+            from flashgen.engine.tp_worker import broadcast_step
+
+            broadcast_step(buf, self.device)
+        return self._execute(buf)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """One step; returns the sampled token of each sequence whose context is complete, in order."""
-        input_ids, ctx, last = self._prepare(seqs, is_prefill)
-        if not is_prefill and self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
-            logits = self.graphs.run(input_ids, ctx)
-        else:
-            hidden, residual = self.model.forward(input_ids, ctx)
-            if not last:
-                return []
-            idx = torch.tensor(last, device=self.device)
-            logits = self.model.logits(hidden[idx], residual[idx])
+        logits = self._step(self._pack(seqs, is_prefill))
+        if logits is None:
+            return []
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         if self.on_logits is not None:
             self.on_logits(done, logits)
-        return sample(logits, self._sampling_batch(done)).tolist()
+        return sample(logits, build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)).tolist()
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """(len, vocab) float32 logits of every position of one prompt, through the paged path (uses block 0..)."""
         n = len(token_ids)
-        blocks = list(range((n + self.block_size - 1) // self.block_size))
         seq = Sequence("_score", None, token_ids, None, self.block_size, 0)  # type: ignore[arg-type]
-        seq.block_table, seq.num_scheduled_tokens = blocks, n
-        input_ids, ctx, _ = self._prepare([seq], True)
-        hidden, residual = self.model.forward(input_ids, ctx)
-        return self.model.logits(hidden, residual)
+        seq.block_table, seq.num_scheduled_tokens = list(range((n + self.block_size - 1) // self.block_size)), n
+        return self._step(self._pack([seq], True, list(range(n))))
+
+    def shutdown(self) -> None:
+        if self.workers:
+            from flashgen.engine.tp_worker import stop_workers
+
+            stop_workers(self.workers, self.device)
+            self.workers = []

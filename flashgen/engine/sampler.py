@@ -93,3 +93,44 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         x = x.masked_fill(probs < b.min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
     sampled = (x + gumbel_noise(b.seeds, b.steps, x.shape[-1])).argmax(-1)
     return torch.where(b.temperature > 0, sampled, greedy)
+
+
+def build_sampling_batch(seqs: list, vocab: int, eos_ids: set[int], dev) -> SamplingBatch:
+    """Per-row settings of the sequences about to sample, as tensors on `dev`."""
+    V = vocab
+    ps = [s.params for s in seqs]
+    f32 = dict(dtype=torch.float32)
+    b = SamplingBatch(
+        temperature=torch.tensor([p.temperature for p in ps], **f32),
+        top_k=torch.tensor([p.top_k if p.top_k > 0 else V for p in ps]) if any(p.top_k > 0 for p in ps) else None,
+        top_p=torch.tensor([p.top_p for p in ps], **f32) if any(p.top_p < 1 for p in ps) else None,
+        min_p=torch.tensor([p.min_p for p in ps], **f32) if any(p.min_p > 0 for p in ps) else None,
+        seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
+        steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
+        all_greedy=all(p.temperature == 0 for p in ps),
+    )
+    if any(p.repetition_penalty != 1 for p in ps):
+        b.rep_penalty = torch.tensor([p.repetition_penalty for p in ps], **f32)
+        b.seen_prompt = torch.zeros(len(seqs), V, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            b.seen_prompt[i, torch.tensor(s.token_ids, dtype=torch.int64)] = True
+    if any(p.presence_penalty or p.frequency_penalty for p in ps):
+        b.presence = torch.tensor([p.presence_penalty for p in ps], **f32)
+        b.frequency = torch.tensor([p.frequency_penalty for p in ps], **f32)
+        b.out_counts = torch.zeros(len(seqs), V, **f32)
+        for i, s in enumerate(seqs):
+            if s.output_counts:
+                b.out_counts[i, torch.tensor(list(s.output_counts))] = torch.tensor(
+                    list(s.output_counts.values()), **f32)
+    banned = [(i, s) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+    if banned:
+        b.banned = torch.zeros(len(seqs), V, dtype=torch.bool)
+        for i, s in banned:
+            stop = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else eos_ids)
+            b.banned[i, [t for t in stop if t < V]] = True
+    for f in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps", "rep_penalty", "presence",
+              "frequency", "seen_prompt", "out_counts", "banned"):
+        v = getattr(b, f)
+        if v is not None:
+            setattr(b, f, v.to(dev, non_blocking=True))
+    return b

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from flashgen.models.loader import dummy_weights, expected_shapes, fuse_layer_weights, load_weights
 from flashgen.models.spec import ModelSpec, rope_cos_sin
+from flashgen.models.tensor_parallel import TPInfo, all_reduce, gather_logits, shard_layer, shard_vocab
 
 
 @dataclass
@@ -30,32 +31,54 @@ class StepContext:
 
 class DecoderLM:
     def __init__(self, model_dir: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 ops: ModuleType, max_positions: int, load_format: str = "auto"):
+                 ops: ModuleType, max_positions: int, load_format: str = "auto", tp: TPInfo | None = None):
         self.spec, self.dtype, self.device, self.ops = spec, dtype, device, ops
+        self.tp = tp if tp is not None and tp.world > 1 else None
+        if self.tp:
+            self.tp.check(spec)
+        # NOTE: with tensor parallelism each rank reads the full tensors on the CPU and keeps its slice.
+        load_dev = "cpu" if self.tp else device
         if load_format == "dummy":
-            w = dummy_weights(spec, dtype, device)
+            w = dummy_weights(spec, dtype, load_dev)
         else:
-            w = load_weights(model_dir, spec, dtype, device)
-        self.embed = w.pop("model.embed_tokens.weight")
-        self.final_norm = w.pop("model.norm.weight")
-        self.lm_head = self.embed if spec.tie_word_embeddings else w.pop("lm_head.weight")
-        self.layers = [fuse_layer_weights(w, spec, i) for i in range(spec.num_layers)]
+            w = load_weights(model_dir, spec, dtype, load_dev)
+        self._set_weights(w)
         self.cos_sin = rope_cos_sin(spec, max_positions, device)
         self.scale = spec.head_dim ** -0.5
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
 
+    @property
+    def num_kv_heads_local(self) -> int:
+        return self.tp.kv_heads(self.spec)[1] if self.tp else self.spec.num_kv_heads
+
+    def _set_weights(self, w: dict[str, torch.Tensor]) -> None:
+        spec, tp, dev = self.spec, self.tp, self.device
+        self.embed = w.pop("model.embed_tokens.weight").to(dev)
+        self.final_norm = w.pop("model.norm.weight").to(dev)
+        lm_head = self.embed if spec.tie_word_embeddings else w.pop("lm_head.weight")
+        self.lm_head = shard_vocab(lm_head, tp).to(dev) if tp else lm_head.to(dev)
+        self.layers = []
+        for i in range(spec.num_layers):
+            L = fuse_layer_weights(w, spec, i)
+            if tp:
+                L = shard_layer(L, spec, tp)
+            self.layers.append({k: (v.to(dev) if v is not None else None) for k, v in L.items()})
+
     @torch.inference_mode()
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Replace the weights with a HF model's state dict (same names), e.g. to compare on equal weights."""
-        w = {k: sd[k].to(self.device, self.dtype) for k in expected_shapes(self.spec)}
-        self.embed = w.pop("model.embed_tokens.weight")
-        self.final_norm = w.pop("model.norm.weight")
-        self.lm_head = self.embed if self.spec.tie_word_embeddings else w.pop("lm_head.weight")
-        for i, L in enumerate(self.layers):
-            for k, v in fuse_layer_weights(w, self.spec, i).items():
+        """Overwrite the weights in place (captured CUDA graphs keep pointing at them) with a HF model's state
+        dict of the same shapes, e.g. to compare with HF on equal weights."""
+        old = (self.embed, self.final_norm, self.lm_head, self.layers)
+        self._set_weights({k: sd[k].to(self.dtype) for k in expected_shapes(self.spec)})
+        new = (self.embed, self.final_norm, self.lm_head, self.layers)
+        for o, n in zip(old[:3], new[:3]):
+            o.copy_(n)
+        for lo, ln in zip(old[3], new[3]):
+            for k, v in ln.items():
                 if v is not None:
-                    L[k].copy_(v)
+                    lo[k].copy_(v)
+        self.embed, self.final_norm, self.lm_head, self.layers = old
 
     def bind_kv_cache(self, kv: torch.Tensor) -> None:
         """kv: (2, num_layers, num_blocks, block_size, kv_heads, head_dim), allocated once by the runner."""
@@ -82,13 +105,20 @@ class DecoderLM:
             else:
                 o = ops.decode_attention(q, self.k_caches[i], self.v_caches[i], ctx.context_lens,
                                          ctx.block_tables, self.scale)
-            h = F.linear(o.reshape(T, spec.q_size), L["o"])
+            h = F.linear(o.reshape(T, -1), L["o"])
+            if self.tp:
+                h = all_reduce(h)
             x, residual = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps, residual)
             h = F.linear(ops.silu_mul(F.linear(x, L["gate_up"])), L["down"])
+            if self.tp:
+                h = all_reduce(h)
         return h, residual
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Rows of (hidden, residual) -> (rows, vocab) float32 logits, final norm fused with the last add."""
         x, _ = self.ops.rms_norm(hidden, self.final_norm, self.spec.rms_norm_eps, residual)
-        return F.linear(x, self.lm_head).float()
+        logits = F.linear(x, self.lm_head)
+        if self.tp:
+            logits = gather_logits(logits, self.spec.vocab_size, self.tp.world)
+        return logits.float()

@@ -1,0 +1,87 @@
+"""Tensor parallelism (Megatron layout) over torch.distributed.
+
+Each rank holds a slice of the heads and of the MLP: qkv and gate_up are split by output rows
+(column-parallel), o and down by input columns (row-parallel, one all-reduce each), lm_head by vocabulary rows
+(logits all-gathered). When there are fewer kv heads than ranks, each kv head is replicated on the ranks whose
+q heads use it. Attention kernels run unchanged on a rank's local heads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from flashgen.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TPInfo:
+    rank: int
+    world: int
+
+    def check(self, spec: ModelSpec) -> None:
+        n = self.world
+        problems = []
+        if spec.num_heads % n:
+            problems.append(f"num_attention_heads={spec.num_heads}")
+        if spec.num_kv_heads % n and n % spec.num_kv_heads:
+            problems.append(f"num_key_value_heads={spec.num_kv_heads}")
+        if spec.intermediate_size % n:
+            problems.append(f"intermediate_size={spec.intermediate_size}")
+        if problems:
+            raise ValueError(f"tensor_parallel_size={n} does not divide {', '.join(problems)}; "
+                             "pick a size that divides the head counts and the MLP width")
+
+    def q_heads(self, spec: ModelSpec) -> tuple[int, int]:
+        per = spec.num_heads // self.world
+        return self.rank * per, per
+
+    def kv_heads(self, spec: ModelSpec) -> tuple[int, int]:
+        if spec.num_kv_heads >= self.world:
+            per = spec.num_kv_heads // self.world
+            return self.rank * per, per
+        return self.rank // (self.world // spec.num_kv_heads), 1  # replicated kv head
+
+
+def shard_layer(L: dict, spec: ModelSpec, tp: TPInfo) -> dict:
+    d = spec.head_dim
+    q0, nq = tp.q_heads(spec)
+    k0, nk = tp.kv_heads(spec)
+
+    def qkv_rows(t: torch.Tensor) -> torch.Tensor:
+        q, k, v = t.split([spec.q_size, spec.kv_size, spec.kv_size])
+        return torch.cat([q[q0 * d:(q0 + nq) * d], k[k0 * d:(k0 + nk) * d], v[k0 * d:(k0 + nk) * d]]).contiguous()
+
+    inter = spec.intermediate_size // tp.world
+    i0 = tp.rank * inter
+    gate, up = L["gate_up"].split(spec.intermediate_size)
+    out = dict(L)
+    out["qkv"] = qkv_rows(L["qkv"])
+    if L["qkv_bias"] is not None:
+        out["qkv_bias"] = qkv_rows(L["qkv_bias"])
+    out["o"] = L["o"][:, q0 * d:(q0 + nq) * d].contiguous()
+    out["gate_up"] = torch.cat([gate[i0:i0 + inter], up[i0:i0 + inter]]).contiguous()
+    out["down"] = L["down"][:, i0:i0 + inter].contiguous()
+    return out
+
+
+def shard_vocab(lm_head: torch.Tensor, tp: TPInfo) -> torch.Tensor:
+    """This rank's rows of lm_head, padded with zero rows so every rank holds the same count."""
+    V = lm_head.shape[0]
+    per = (V + tp.world - 1) // tp.world
+    rows = lm_head[tp.rank * per:(tp.rank + 1) * per]
+    if rows.shape[0] < per:
+        rows = torch.cat([rows, rows.new_zeros(per - rows.shape[0], rows.shape[1])])
+    return rows.contiguous()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
+
+
+def gather_logits(local: torch.Tensor, vocab: int, world: int) -> torch.Tensor:
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=-1)[:, :vocab]
