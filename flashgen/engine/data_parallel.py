@@ -1,0 +1,198 @@
+"""Data parallelism: N engine processes (one per GPU, or N CPU workers), behind the LLM's incremental API.
+
+`DataParallelLLM` looks like `LLM` to the batch job (add_request / step / has_unfinished_requests, tokenizer,
+max_model_len, stats), so reading, error records, ordering, resume and exit codes stay in one place. Requests
+are validated and tokenized here, in the parent, so a bad prompt raises at add_request exactly as in one
+process; each goes to the worker with the fewest requests in flight, through bounded queues. Unseeded requests
+get their seeds here, in input order, as one engine would assign them, so sampled output does not depend on N.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import queue
+import random
+from pathlib import Path
+
+import torch
+
+from flashgen.config import EngineConfig
+from flashgen.engine.engine import EngineStats
+from flashgen.models.spec import load_spec
+from flashgen.outputs import RequestOutput
+from flashgen.sampling_params import SamplingParams
+from flashgen.tokenizer import Tokenizer
+
+READY, DONE, FAILED = "ready", "done", "failed"
+
+
+def resolve_data_parallel(value: str | int, config: EngineConfig) -> int:
+    """'auto' -> one worker per visible GPU (1 on the CPU); an int >= 1 as given."""
+    if str(value) == "auto":
+        on_cpu = config.device == "cpu" or not torch.cuda.is_available()
+        return 1 if on_cpu else torch.cuda.device_count()
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"data_parallel={value!r} is invalid; use a positive integer or auto")
+    return n
+
+
+def _worker(config: EngineConfig, rank: int, n: int, inq, outq) -> None:
+    from flashgen.llm import LLM
+
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+        dev = "cpu"
+    else:
+        dev = f"cuda:{rank}"
+    try:
+        llm = LLM(config=dataclasses.replace(config, device=dev))
+    except Exception as e:  # report start-up failures instead of hanging the parent
+        outq.put((FAILED, rank, f"{type(e).__name__}: {e}"))
+        return
+    outq.put((READY, rank, llm.max_model_len))
+    while True:
+        msgs = []
+        try:
+            msgs.append(inq.get(block=not llm.has_unfinished_requests()))
+            while True:
+                msgs.append(inq.get_nowait())
+        except queue.Empty:
+            pass
+        for m in msgs:
+            if m is None:
+                return
+            llm.add_request(*m)
+        if llm.has_unfinished_requests():
+            before = dataclasses.asdict(llm.stats)
+            outs = llm.step()
+            delta = {k: v - before[k] for k, v in dataclasses.asdict(llm.stats).items()}
+            outq.put((DONE, rank, (outs, delta)))
+
+
+class DataParallelLLM:
+    def __init__(self, config: EngineConfig, num_workers: int, queue_size: int = 0):
+        self.config = config
+        self.n = num_workers
+        if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()):
+            if torch.cuda.device_count() < num_workers:
+                raise RuntimeError(f"data_parallel={num_workers} needs as many GPUs; "
+                                   f"{torch.cuda.device_count()} are visible")
+        self.tokenizer = Tokenizer(config.model)
+        self.spec = load_spec(config.model)
+        self.stats = EngineStats()
+        self._seed_rng = random.Random(config.seed)
+        ctx = mp.get_context("spawn")
+        depth = queue_size or 2 * config.max_num_seqs
+        self._in = [ctx.Queue(depth) for _ in range(num_workers)]
+        self._out = ctx.Queue()
+        self._procs = [ctx.Process(target=_worker, args=(config, r, num_workers, self._in[r], self._out), daemon=True)
+                       for r in range(num_workers)]
+        for p in self._procs:
+            p.start()
+        self._load = [0] * num_workers
+        self._owner: dict[str, int] = {}
+        lens = []
+        for _ in range(num_workers):
+            kind, rank, payload = self._out.get()
+            if kind == FAILED:
+                self.close()
+                raise RuntimeError(f"data-parallel worker {rank} failed to start: {payload}")
+            lens.append(payload)
+        self.max_model_len = min(lens)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        request_id = str(request_id)
+        if request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in the engine; ids must be unique")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt has no tokens; give a non-empty prompt")
+        bad = next((t for t in ids if not 0 <= t < self.spec.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens "
+                             "and at least one must be left to generate: shorten the prompt")
+        if params.seed is None:  # as one engine would: seeds drawn in input order
+            params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
+        rank = min(range(self.n), key=self._load.__getitem__)
+        self._in[rank].put((request_id, ids, params))
+        self._load[rank] += 1
+        self._owner[request_id] = rank
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._owner)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._owner)
+
+    def step(self) -> list[RequestOutput]:
+        """Finished requests from any worker: waits for at least one while requests are in flight."""
+        if not self._owner:
+            return []
+        msgs = [self._get(block=True)]
+        while (m := self._get(block=False)) is not None:
+            msgs.append(m)
+        done = []
+        for outs, delta in msgs:
+            for k, v in delta.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+            for o in outs:
+                self._load[self._owner.pop(o.request_id)] -= 1
+                done.append(o)
+        return done
+
+    def _get(self, block: bool):
+        while True:
+            try:
+                kind, rank, payload = self._out.get(block=block, timeout=5 if block else None)
+            except queue.Empty:
+                if not block:
+                    return None
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"data-parallel worker {dead[0]} died (exit code "
+                                       f"{self._procs[dead[0]].exitcode}); its requests are lost from this run")
+                continue
+            if kind == DONE:
+                return payload
+
+    def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
+        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        keys = [f"_gen{i}" for i in range(len(prompts))]
+        for k, p, sp in zip(keys, prompts, sampling_params):
+            self.add_request(k, p, sp)
+        res = {}
+        while self.has_unfinished_requests():
+            res.update({o.request_id: o for o in self.step()})
+        return [res[k] for k in keys]
+
+    def close(self) -> None:
+        for q in self._in:
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
