@@ -1,0 +1,316 @@
+"""Kernel benchmark: flashgen's CUDA kernels against the ceilings and peers measured in the same run.
+
+    PYTHONPATH=. python -m flashgen.bench.kernels [OUT_DIR]
+
+Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul. Decode
+attention (GQA 32/8, d=128, bf16, paged, block sizes 16 and 64) as K+V bytes / time next to torch SDPA's
+FLASH and CUDNN backends on contiguous KV of the same shape; prefill (causal, bf16, 16 heads, d=128, 16k
+tokens) as TFLOP/s next to the same two backends; rope_kv_append, rms_norm and silu_mul as GB/s against
+the copy ceiling. CUDA-event timing, median of many repetitions after warm-up, inputs rotated where one
+set would fit in L2. Prints a short table last; writes every figure to OUT_DIR/kernels.json.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+L2_BYTES = 50 * 2**20
+DEC_SHAPES = [(64, 1024), (64, 4096), (16, 16384), (1, 32768)]  # (batch, context)
+PREFILL_LENS = [512, 2048, 8192]
+PREFILL_TOKENS = 16384
+
+
+def bench(fn: Callable[[int], object], reps: int = 30, inner: int = 10, warmup: int = 3, graph: bool = True) -> float:
+    """Median seconds per fn(i) call. `inner` calls (i = 0 .. inner-1, for rotating inputs) are captured in
+    one CUDA graph and its replays are timed with CUDA events, so Python and launch overheads stay out
+    (decode steps run as graphs in the engine too). Eager calls are timed instead with graph=False (the
+    copy ceiling: a captured device-to-device copy becomes a copy-engine node, slower than the copy
+    kernel an eager call runs) or when capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(warmup):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    run, per = (lambda: [fn(i) for i in range(inner)]), inner
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for i in range(inner):
+                    fn(i)
+            run = g.replay
+        except Exception as e:  # noqa: BLE001 - a peer kernel that refuses capture is timed eagerly
+            print(f"graph capture failed ({type(e).__name__}: {str(e)[:80]}); timing eager calls", file=sys.stderr)
+            torch.cuda.synchronize()
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        run()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3 / per
+
+
+def _sets(bytes_one: int) -> int:
+    """How many input sets to rotate so that repeated calls cannot be served from L2."""
+    return max(1, math.ceil(2 * L2_BYTES / max(1, bytes_one)))
+
+
+def ceilings(dev) -> dict:
+    n = 2**30  # 1 GiB
+    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    t = bench(lambda i: b.copy_(a), reps=20, inner=2, graph=False)
+    copy = 2 * n / t
+    del a, b
+    m = 8192
+    x = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    t = bench(lambda i: x @ y, reps=10, inner=3, graph=False)
+    return {"copy_bytes_per_s": copy, "matmul_bf16_flops": 2 * m**3 / t}
+
+
+def _sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v, causal):
+        with sdpa_kernel([backend]):
+            gqa = q.shape[1] != k.shape[1]
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    return run
+
+
+def _try(fn):
+    try:
+        return fn(), None
+    except Exception as e:  # a backend that refuses a shape is reported, not fatal
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
+def decode(dev, ops, results: dict) -> None:
+    hq, hkv, d = 32, 8, 128
+    scale = d**-0.5
+    slots = 2 * torch.cuda.get_device_properties(dev).multi_processor_count  # resident decode CTAs
+    g = torch.Generator(device=dev).manual_seed(0)
+    for B, L in DEC_SHAPES:
+        kv_bytes = 2 * B * L * hkv * d * 2
+        entry = {"batch": B, "context": L, "kv_bytes": kv_bytes}
+        ctx = torch.full((B,), L, dtype=torch.int32, device=dev)
+        q = torch.randn(B, hq, d, generator=g, device=dev).to(torch.bfloat16)
+        for bs in (16, 64):
+            nb = B * L // bs
+            kc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
+            vc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
+            bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, L // bs)
+            t = bench(lambda i: ops.decode_attention(q, kc, vc, ctx, bt, scale), reps=30)
+            splits = {}
+            for s in (1, 2, 4, 8, 16, 32, 64, 128):  # the split-KV heuristic's alternatives
+                if B * hkv * s <= 4 * slots and L // s >= 128:
+                    splits[s] = kv_bytes / bench(
+                        lambda i: ops.decode_attention(q, kc, vc, ctx, bt, scale, num_splits=s), reps=20)
+            entry[f"bs{bs}"] = {
+                "bytes_per_s": kv_bytes / t,
+                "num_splits": ops.decode_num_splits(B, hkv, hq // hkv, L, slots // 2),
+                "bytes_per_s_by_splits": splits,
+            }
+            if bs == 16:  # same data, contiguous, for the peers and a sanity check of the output
+                ours = ops.decode_attention(q, kc, vc, ctx, bt, scale)
+                order = bt.long().flatten()
+                kk = kc[order].view(B, L, hkv, d).transpose(1, 2).contiguous()  # (B, Hkv, L, D)
+                vv = vc[order].view(B, L, hkv, d).transpose(1, 2).contiguous()
+            del kc, vc
+        qq = q.view(B, hq, 1, d)
+        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+            run = _sdpa(name)
+            ref, err = _try(lambda: run(qq, kk, vv, False))
+            key = name
+            if err:  # no native GQA in this backend: K/V expanded to Hq heads (reads 4x the bytes)
+                entry[name] = {"error": err}
+                key = name + "_expanded_kv"
+                kx, vx = kk.repeat_interleave(hq // hkv, 1), vv.repeat_interleave(hq // hkv, 1)
+                ref, err = _try(lambda: run(qq, kx, vx, False))
+                if err:
+                    entry[key] = {"error": err}
+                    continue
+                entry[key] = {"bytes_per_s": kv_bytes / bench(lambda i: run(qq, kx, vx, False), reps=30)}
+                del kx, vx
+            else:
+                entry[key] = {"bytes_per_s": kv_bytes / bench(lambda i: run(qq, kk, vv, False), reps=30)}
+            entry[key]["max_abs_diff_vs_ours"] = (ref.view(B, hq, d).float() - ours.float()).abs().max().item()
+        del kk, vv
+        results["decode"].append(entry)
+        torch.cuda.empty_cache()
+
+
+def prefill(dev, ops, results: dict) -> None:
+    h, d = 16, 128
+    scale = d**-0.5
+    g = torch.Generator(device=dev).manual_seed(1)
+    for L in PREFILL_LENS:
+        B = PREFILL_TOKENS // L
+        flops = 4 * B * h * d * L * L / 2  # causal: half the (query, key) pairs, as flash-attn counts
+        entry = {"batch": B, "seqlen": L, "flops": flops}
+        q = torch.randn(B * L, h, d, generator=g, device=dev).to(torch.bfloat16)
+        cu = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=dev)
+        ctx = torch.full((B,), L, dtype=torch.int32, device=dev)
+        out = torch.empty_like(q)
+        for bs in (16, 64):
+            nb = B * L // bs
+            kc = torch.randn(nb, bs, h, d, generator=g, device=dev).to(torch.bfloat16)
+            vc = torch.randn(nb, bs, h, d, generator=g, device=dev).to(torch.bfloat16)
+            bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, L // bs)
+            t = bench(lambda i: ops.prefill_attention(q, kc, vc, cu, ctx, bt, L, scale, out=out), reps=10, inner=4)
+            entry[f"bs{bs}"] = {"flops_per_s": flops / t, "tile": list(ops.PREFILL_TILES[d])}
+            if bs == 16:
+                entry["bs16"]["flops_per_s_by_tile"] = {
+                    f"{mt}x{bn}": flops / bench(lambda i: ops.prefill_attention(
+                        q, kc, vc, cu, ctx, bt, L, scale, out=out, tile=(mt, bn)), reps=10, inner=4)
+                    for mt, bn in ops.PREFILL_TILE_CHOICES}
+            if bs == 16:
+                ours = ops.prefill_attention(q, kc, vc, cu, ctx, bt, L, scale)
+                order = bt.long().flatten()
+                kk = kc[order].view(B, L, h, d).transpose(1, 2).contiguous()
+                vv = vc[order].view(B, L, h, d).transpose(1, 2).contiguous()
+            del kc, vc
+        qq = q.view(B, L, h, d).transpose(1, 2).contiguous()
+        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+            run = _sdpa(name)
+            ref, err = _try(lambda: run(qq, kk, vv, True))
+            if err:
+                entry[name] = {"error": err}
+                continue
+            entry[name] = {"flops_per_s": flops / bench(lambda i: run(qq, kk, vv, True), reps=10, inner=4)}
+            diff = ref.transpose(1, 2).reshape(B * L, h, d).float() - ours.float()
+            entry[name]["max_abs_diff_vs_ours"] = diff.abs().max().item()
+        del kk, vv, qq, q, out
+        results["prefill"].append(entry)
+        torch.cuda.empty_cache()
+
+
+def elementwise(dev, ops, results: dict) -> None:
+    g = torch.Generator(device=dev).manual_seed(2)
+    bf = torch.bfloat16
+    rnd = lambda *s: torch.randn(*s, generator=g, device=dev).to(bf)  # noqa: E731
+    T = 16384
+
+    # rope_kv_append, Qwen3-0.6B shape with q/k norm: read qkv, write q + k + v
+    hq, hkv, d, bs = 16, 8, 128, 16
+    width = (hq + 2 * hkv) * d
+    nbytes = 2 * T * width * 2
+    n = _sets(nbytes)
+    qkvs = [rnd(T, width) for _ in range(n)]
+    pos = torch.randint(0, 4096, (T,), generator=g, device=dev, dtype=torch.int32)
+    slots = torch.randperm(T, generator=g, device=dev).to(torch.int32)
+    cos_sin = torch.randn(4096, d, generator=g, device=dev)
+    kc = torch.empty(T // bs, bs, hkv, d, dtype=bf, device=dev)  # (num_blocks, block_size, Hkv, D)
+    vc = torch.empty_like(kc)
+    qn, kn = rnd(d), rnd(d)
+    t = bench(lambda i: ops.rope_kv_append(qkvs[i % n], pos, cos_sin, slots, kc, vc, qn, kn), reps=20)
+    results["elementwise"]["rope_kv_append"] = {"shape": f"T={T} Hq={hq} Hkv={hkv} d={d} qk_norm", "bytes": nbytes,
+                                                "bytes_per_s": nbytes / t}
+    del qkvs, kc, vc
+
+    H = 4096
+    for fused in (False, True):
+        nbytes = (4 if fused else 2) * T * H * 2
+        n = _sets(nbytes)
+        xs = [rnd(T, H) for _ in range(n)]
+        res = [rnd(T, H) for _ in range(n)] if fused else [None] * n
+        w = rnd(H)
+        out, rout = torch.empty(T, H, dtype=bf, device=dev), torch.empty(T, H, dtype=bf, device=dev)
+        t = bench(lambda i: ops.rms_norm(xs[i % n], w, 1e-6, res[i % n], out=out,
+                                         **({"residual_out": rout} if fused else {})), reps=20)
+        key = "rms_norm_add" if fused else "rms_norm"
+        results["elementwise"][key] = {"shape": f"T={T} hidden={H}", "bytes": nbytes, "bytes_per_s": nbytes / t}
+        del xs, res
+
+    inter = 3072
+    nbytes = 3 * T * inter * 2
+    n = _sets(nbytes)
+    xs = [rnd(T, 2 * inter) for _ in range(n)]
+    out = torch.empty(T, inter, dtype=bf, device=dev)
+    t = bench(lambda i: ops.silu_mul(xs[i % n], out=out), reps=20)
+    results["elementwise"]["silu_mul"] = {"shape": f"T={T} inter={inter}", "bytes": nbytes, "bytes_per_s": nbytes / t}
+
+
+def table(r: dict) -> str:
+    c = r["ceilings"]
+    copy = c["copy_bytes_per_s"]
+    lines = [
+        f"device: {r['device']}   date: {r['date']}",
+        f"{'figure':<34}{'ours':>12}{'FLASH':>10}{'CUDNN':>10}{'ceiling':>10}",
+        f"{'copy (read + write)':<34}{copy / 1e12:>10.2f}TB/s",
+        f"{'bf16 matmul 8192^3':<34}{c['matmul_bf16_flops'] / 1e12:>8.0f}TFLOP/s",
+    ]
+
+    def peer(e: dict, backend: str, key: str, scale: float, fmt: str) -> str:
+        for name in (backend, backend + "_expanded_kv"):
+            if key in e.get(name, {}):
+                return format(e[name][key] / scale, fmt) + ("*" if name != backend else "")
+        return "n/a"
+
+    for e in r["decode"]:
+        for bs in (16, 64):
+            ours = e[f"bs{bs}"]["bytes_per_s"]
+            lines.append(
+                f"{'decode B%d L%d bs%d TB/s' % (e['batch'], e['context'], bs):<34}{ours / 1e12:>12.2f}"
+                f"{peer(e, 'FLASH_ATTENTION', 'bytes_per_s', 1e12, '.2f'):>10}"
+                f"{peer(e, 'CUDNN_ATTENTION', 'bytes_per_s', 1e12, '.2f'):>10}"
+                f"{100 * ours / copy:>9.0f}%")
+    for e in r["prefill"]:
+        for bs in (16, 64):
+            ours = e[f"bs{bs}"]["flops_per_s"]
+            lines.append(
+                f"{'prefill L%d bs%d TFLOP/s' % (e['seqlen'], bs):<34}{ours / 1e12:>12.0f}"
+                f"{peer(e, 'FLASH_ATTENTION', 'flops_per_s', 1e12, '.0f'):>10}"
+                f"{peer(e, 'CUDNN_ATTENTION', 'flops_per_s', 1e12, '.0f'):>10}"
+                f"{100 * ours / c['matmul_bf16_flops']:>9.0f}%")
+    for k, e in r["elementwise"].items():
+        lines.append(f"{k + ' GB/s':<34}{e['bytes_per_s'] / 1e9:>12.0f}{'':>20}{100 * e['bytes_per_s'] / copy:>9.0f}%")
+    return "\n".join(lines)
+
+
+def main(out_dir: str | None = None) -> int:
+    if not torch.cuda.is_available():
+        print("kernel benchmark: no CUDA device is visible", file=sys.stderr)
+        return 2
+    from flashgen.ops import cuda_ops
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    results = {
+        "device": torch.cuda.get_device_name(dev),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "command": "PYTHONPATH=. python -m flashgen.bench.kernels",
+        "decode": [], "prefill": [], "elementwise": {},
+    }
+    results["ceilings"] = ceilings(dev)
+    print(f"ceilings: {results['ceilings']}", file=sys.stderr)
+    for step in (decode, prefill, elementwise):
+        step(dev, cuda_ops, results)
+        print(f"{step.__name__}: done", file=sys.stderr)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "kernels.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))

@@ -1,0 +1,316 @@
+"""CUDA backend: thin wrappers over kernels/*.cu (compiled at run time by CuPy, see jit.py).
+
+Same functions, signatures and return conventions as torch_ops (the reference); each may also take `out=`
+(and decode_attention `return_lse=`, `num_splits=`). Every wrapper checks device, dtype, shape and
+contiguity, and refuses anything else with a ValueError that names the argument and its value. Launches go
+to torch's current stream with raw pointers, so the ops can be captured in CUDA graphs (compile first:
+the first call of each variant compiles and loads its module).
+
+Importing this module needs neither CuPy nor a GPU; calling an op does.
+
+Shapes (DESIGN.md):
+  k_cache, v_cache : (num_blocks, block_size, num_kv_heads, head_dim), block_size a power of two >= 16
+  block_tables     : (batch, max_blocks_per_seq) int32, last dim contiguous
+  slot_mapping     : (num_tokens,) int32 or int64, block * block_size + offset; -1 = do not write
+  cos_sin          : (max_positions, head_dim) float32: cos in [:, :head_dim/2], sin in [:, head_dim/2:]
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from flashgen.ops import jit
+
+DTYPES = (torch.bfloat16, torch.float16)
+ATTN_HEAD_DIMS = (64, 128)
+RMS_MAX_HIDDEN = 8 * 4 * 1024  # kernels/norms.cu: RMS_VPT vectors of 8 per thread, 1024 threads
+# prefill tiles per head_dim: (16-row m-tiles per warp, keys per tile); kernels/prefill_attention.cu
+PREFILL_TILES = {64: (2, 64), 128: (2, 64)}
+PREFILL_TILE_CHOICES = ((1, 64), (1, 32), (2, 32), (2, 64))
+DECODE_MAX_SPLITS = 256
+
+
+# ---------------------------------------------------------------- argument checks
+def _fail(name: str, what: str, value) -> None:
+    raise ValueError(f"{name} {what}, got {value}")
+
+
+def _check_tensor(name: str, t, dtypes=None, ndim: int | None = None, device: torch.device | None = None,
+                  contiguous: bool = True, align: int = 16) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(name, "must be a torch.Tensor", type(t).__name__)
+    if not t.is_cuda:
+        _fail(name, "must be a CUDA tensor", f"device {t.device}")
+    if device is not None and t.device != device:
+        _fail(name, f"must be on {device} like the other arguments", f"device {t.device}")
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(name, f"must have dtype {' or '.join(str(d) for d in dtypes)}", t.dtype)
+    if ndim is not None and t.dim() != ndim:
+        _fail(name, f"must have {ndim} dimensions", f"shape {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        _fail(name, "must be contiguous", f"strides {t.stride()} for shape {tuple(t.shape)}")
+    if t.numel() and t.data_ptr() % align:  # the kernels use 16-byte vector accesses
+        _fail(name, f"must start at a {align}-byte aligned address", f"address {t.data_ptr():#x}")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        _fail(name, f"must have shape {tuple(shape)}", f"shape {tuple(t.shape)}")
+
+
+def _check_out(out, like_shape: tuple, dtype: torch.dtype, device: torch.device, name: str = "out"):
+    if out is None:
+        return None
+    _check_tensor(name, out, (dtype,), device=device)
+    _check_shape(name, out, like_shape)
+    return out
+
+
+def _check_cache(k_cache, v_cache, dtype, device) -> tuple[int, int, int]:
+    _check_tensor("k_cache", k_cache, (dtype,), 4, device)
+    _check_tensor("v_cache", v_cache, (dtype,), 4, device)
+    if k_cache.shape != v_cache.shape:
+        _fail("v_cache", f"must have k_cache's shape {tuple(k_cache.shape)}", f"shape {tuple(v_cache.shape)}")
+    _, bs, hkv, d = k_cache.shape
+    if bs < 16 or bs & (bs - 1):
+        _fail("k_cache", "block size (dim 1) must be a power of two >= 16", bs)
+    return bs, hkv, d
+
+
+def _check_block_tables(block_tables, batch: int, device) -> None:
+    _check_tensor("block_tables", block_tables, (torch.int32,), 2, device, contiguous=False, align=4)
+    if block_tables.shape[0] != batch or block_tables.stride(1) != 1:
+        _fail("block_tables", f"must be ({batch}, max_blocks) with contiguous rows",
+              f"shape {tuple(block_tables.shape)} strides {block_tables.stride()}")
+
+
+def _dev(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# ---------------------------------------------------------------- norms
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+             out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+    """RMSNorm over the last dim of `x` (..., hidden). With `residual`: returns (norm(x + residual), x + residual);
+    `residual_out` may be `residual` itself (in-place update, as vLLM's fused_add_rms_norm)."""
+    _check_tensor("x", x, DTYPES)
+    dev = x.device
+    hidden = x.shape[-1] if x.dim() else 0
+    if x.dim() < 1 or hidden % 8 or not 0 < hidden <= RMS_MAX_HIDDEN:
+        _fail("x", f"must have a last dim that is a multiple of 8 in [8, {RMS_MAX_HIDDEN}]", f"shape {tuple(x.shape)}")
+    _check_tensor("weight", weight, (x.dtype,), 1, dev)
+    _check_shape("weight", weight, (hidden,))
+    if residual is not None:
+        _check_tensor("residual", residual, (x.dtype,), device=dev)
+        _check_shape("residual", residual, tuple(x.shape))
+    out = _check_out(out, tuple(x.shape), x.dtype, dev)
+    if out is None:
+        out = torch.empty_like(x)
+    if residual is not None:
+        residual_out = _check_out(residual_out, tuple(x.shape), x.dtype, dev, "residual_out")
+        if residual_out is None:
+            residual_out = torch.empty_like(x)
+    rows = x.numel() // hidden
+    if rows:
+        per_thread = -(-(hidden // 8) // 4)  # RMS_VPT vectors of 8 per thread at most
+        threads = min(1024, max(32, -(-per_thread // 32) * 32))
+        k = jit.get_kernel("norms.cu", "rms_norm_kernel", x.dtype, 0, _dev(x))
+        jit.launch(k, (rows,), (threads,), (
+            jit.ptr(x), jit.ptr(residual), jit.ptr(weight), jit.ptr(out),
+            jit.ptr(residual_out if residual is not None else None), jit.i32(hidden), jit.f32(eps)), dev)
+    return out if residual is None else (out, residual_out)
+
+
+def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., 2 * inter) -> (..., inter): silu(gate) * up, gate first."""
+    _check_tensor("x", x, DTYPES)
+    if x.dim() < 1 or x.shape[-1] % 16 or x.shape[-1] == 0:
+        _fail("x", "must have a last dim that is a positive multiple of 16 (2 * inter, inter % 8 == 0)",
+              f"shape {tuple(x.shape)}")
+    inter = x.shape[-1] // 2
+    shape = (*x.shape[:-1], inter)
+    out = _check_out(out, shape, x.dtype, x.device)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    rows = x.numel() // x.shape[-1]
+    if rows:
+        k = jit.get_kernel("norms.cu", "silu_mul_kernel", x.dtype, 0, _dev(x))
+        nvec = inter // 8
+        threads = min(256, -(-nvec // 32) * 32)
+        jit.launch(k, (rows, -(-nvec // threads)), (threads,), (jit.ptr(x), jit.ptr(out), jit.i32(inter)),
+                   x.device)
+    return out
+
+
+# ---------------------------------------------------------------- rope + kv append
+def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, q_norm: torch.Tensor | None = None,
+                   k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, interleaved: bool = False, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D) rotated; rotated k and v written to their cache slots
+    (slot -1: not written). Qwen3's per-head RMSNorm (q_norm, k_norm: (D,)) runs before the rotation."""
+    _check_tensor("qkv", qkv, DTYPES, 2)
+    dev = qkv.device
+    bs, hkv, d = _check_cache(k_cache, v_cache, qkv.dtype, dev)
+    if d % 16 or not 32 <= d <= 512:
+        _fail("k_cache", "head_dim (dim 3) must be a multiple of 16 in [32, 512]", d)
+    T, width = qkv.shape
+    if width % d or width // d <= 2 * hkv:
+        _fail("qkv", f"must be (T, (Hq + 2 * {hkv}) * {d}) with Hq >= 1", f"shape {tuple(qkv.shape)}")
+    hq = width // d - 2 * hkv
+    _check_tensor("positions", positions, (torch.int32, torch.int64), 1, dev, align=4)
+    _check_shape("positions", positions, (T,))
+    _check_tensor("slot_mapping", slot_mapping, (torch.int32, torch.int64), 1, dev, align=4)
+    _check_shape("slot_mapping", slot_mapping, (T,))
+    _check_tensor("cos_sin", cos_sin, (torch.float32,), 2, dev)
+    if cos_sin.shape[1] != d:
+        _fail("cos_sin", f"must be (max_positions, {d}) float32", f"shape {tuple(cos_sin.shape)}")
+    if (q_norm is None) != (k_norm is None):
+        _fail("q_norm/k_norm", "must both be given or both be None",
+              f"q_norm {type(q_norm).__name__}, k_norm {type(k_norm).__name__}")
+    if q_norm is not None:
+        for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+            _check_tensor(name, w, (qkv.dtype,), 1, dev)
+            _check_shape(name, w, (d,))
+    out = _check_out(out, (T, hq, d), qkv.dtype, dev)
+    if out is None:
+        out = torch.empty((T, hq, d), dtype=qkv.dtype, device=dev)
+    if T:
+        k = jit.get_kernel("rope_kv_append.cu", "rope_kv_append_kernel", qkv.dtype, d, _dev(qkv))
+        jit.launch(k, (T,), (128,), (  # ROPE_THREADS in kernels/rope_kv_append.cu
+            jit.ptr(qkv), jit.ptr(positions), jit.i32(positions.dtype == torch.int64), jit.ptr(cos_sin),
+            jit.ptr(slot_mapping), jit.i32(slot_mapping.dtype == torch.int64), jit.ptr(k_cache),
+            jit.ptr(v_cache), jit.ptr(out), jit.ptr(q_norm), jit.ptr(k_norm), jit.f32(norm_eps), jit.i32(hq),
+            jit.i32(hkv), jit.i32(bool(interleaved))), dev)
+    return out
+
+
+# ---------------------------------------------------------------- attention
+def _check_attn(q, k_cache, v_cache, dev):
+    bs, hkv, d = _check_cache(k_cache, v_cache, q.dtype, dev)
+    if d not in ATTN_HEAD_DIMS:
+        _fail("k_cache", f"head_dim (dim 3) must be one of {ATTN_HEAD_DIMS}", d)
+    if q.shape[2] != d:
+        _fail("q", f"must have head_dim {d} like k_cache", f"shape {tuple(q.shape)}")
+    hq = q.shape[1]
+    if hq == 0 or hq % hkv:
+        _fail("q", f"must have a number of heads that is a multiple of num_kv_heads {hkv}", f"shape {tuple(q.shape)}")
+    return bs, hkv, d, hq
+
+
+def prefill_smem_bytes(head_dim: int, tile: tuple[int, int]) -> int:
+    mt, bn = tile
+    q_tile = 64 * mt * head_dim * 2 if mt == 2 else 0  # MT == 1 stages Q in stage 1's buffers
+    return q_tile + 4 * bn * head_dim * 2  # + 2 stages x (K + V)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      context_lens: torch.Tensor, block_tables: torch.Tensor, max_seqlen_q: int,
+                      softmax_scale: float, *, out: torch.Tensor | None = None,
+                      tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """Varlen causal attention over the paged cache. q (total_q, Hq, D); sequence b owns q rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to its first context_lens[b] cached tokens (its new tokens
+    included), the mask aligned bottom-right; needs context_lens[b] >= q_len_b and max_seqlen_q >= every
+    q_len_b. Returns (total_q, Hq, D). `tile` overrides the (m-tiles per warp, keys per tile) choice
+    (PREFILL_TILE_CHOICES; for benchmarks)."""
+    _check_tensor("q", q, DTYPES, 3)
+    dev = q.device
+    bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
+    _check_tensor("cu_seqlens_q", cu_seqlens_q, (torch.int32,), 1, dev, align=4)
+    B = cu_seqlens_q.shape[0] - 1
+    if B < 0:
+        _fail("cu_seqlens_q", "must have batch + 1 entries", f"shape {tuple(cu_seqlens_q.shape)}")
+    _check_tensor("context_lens", context_lens, (torch.int32,), 1, dev, align=4)
+    _check_shape("context_lens", context_lens, (B,))
+    _check_block_tables(block_tables, B, dev)
+    max_seqlen_q = int(max_seqlen_q)
+    if max_seqlen_q < 0:
+        _fail("max_seqlen_q", "must be >= 0", max_seqlen_q)
+    out = _check_out(out, tuple(q.shape), q.dtype, dev)
+    if out is None:
+        out = torch.empty_like(q)
+    tile = PREFILL_TILES[d] if tile is None else tuple(tile)
+    if tile not in PREFILL_TILE_CHOICES:
+        _fail("tile", f"must be one of {PREFILL_TILE_CHOICES}", tile)
+    if B and max_seqlen_q and q.shape[0]:
+        smem = prefill_smem_bytes(d, tile)
+        k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, _dev(q), smem,
+                           (("PF_MT", tile[0]), ("PF_BN", tile[1])))
+        mblocks = -(-max_seqlen_q // (64 * tile[0]))
+        jit.launch(k, (mblocks, hq, B), (128,), (
+            jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
+            jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),
+            jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks)),
+            dev, shared_mem=smem)
+    return out
+
+
+def decode_num_splits(batch: int, hkv: int, group: int, max_context: int, num_sms: int) -> int:
+    """Splits of the context so that batch x kv-head CTAs fill the GPU (2 CTAs per SM are resident): the
+    fewest that give >= 90% of a whole number of waves, each split keeping >= 256 tokens."""
+    ctas = batch * hkv * -(-group // 8)
+    slots = 2 * num_sms
+    max_splits = max(1, min(DECODE_MAX_SPLITS, max_context // 256))
+    if ctas >= 4 * slots or max_splits == 1:
+        return 1
+    best, best_eff = 1, 0.0
+    for s in range(1, max_splits + 1):
+        total = ctas * s
+        eff = total / (-(-total // slots) * slots)
+        if total >= slots and eff >= 0.9:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                     block_tables: torch.Tensor, softmax_scale: float, *, out: torch.Tensor | None = None,
+                     return_lse: bool = False, num_splits: int | None = None):
+    """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] (>= 1) cached tokens of
+    sequence b. Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log LSE of the
+    scaled scores). num_splits overrides the split-KV heuristic (it depends on shapes only, never on the
+    values of context_lens, so graph capture sees a fixed launch)."""
+    _check_tensor("q", q, DTYPES, 3)
+    dev = q.device
+    bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
+    B = q.shape[0]
+    _check_tensor("context_lens", context_lens, (torch.int32,), 1, dev, align=4)
+    _check_shape("context_lens", context_lens, (B,))
+    _check_block_tables(block_tables, B, dev)
+    out = _check_out(out, tuple(q.shape), q.dtype, dev)
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty((B, hq), dtype=torch.float32, device=dev) if return_lse else None
+    if B:
+        di = _dev(q)
+        group = hq // hkv
+        if num_splits is None:
+            num_splits = decode_num_splits(B, hkv, group, block_tables.shape[1] * bs, _num_sms(di))
+        num_splits = int(num_splits)
+        if not 1 <= num_splits <= DECODE_MAX_SPLITS:
+            _fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
+        if num_splits > 1:
+            part_o = torch.empty((num_splits, B, hq, d), dtype=torch.float32, device=dev)
+            part_lse = torch.empty((num_splits, B, hq), dtype=torch.float32, device=dev)
+        else:
+            part_o = part_lse = None
+        k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di)
+        jit.launch(k, (num_splits, hkv * -(-group // 8), B), (128,), (
+            jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
+            jit.i32(block_tables.stride(0)), jit.ptr(out), jit.ptr(lse), jit.ptr(part_o), jit.ptr(part_lse),
+            jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
+            jit.f32(softmax_scale * math.log2(math.e)), jit.i32(num_splits)), dev)
+        if num_splits > 1:
+            kc = jit.get_kernel("decode_attention.cu", "decode_combine_kernel", q.dtype, d, di)
+            jit.launch(kc, (hq, B), (d // 4,), (
+                jit.ptr(part_o), jit.ptr(part_lse), jit.ptr(context_lens), jit.ptr(out), jit.ptr(lse),
+                jit.i32(B), jit.i32(hq), jit.i32(num_splits)), dev)
+    return (out, lse) if return_lse else out

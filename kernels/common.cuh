@@ -1,0 +1,188 @@
+// common.cuh: helpers shared by every flashgen kernel.
+//
+// Compiled at run time by NVRTC (through CuPy) and, in CI, by nvcc; so only CUDA's own headers are
+// included, never the C++ standard library. Variants are chosen with -D:
+//   FG_DTYPE     0 = bfloat16 (default), 1 = float16: the activation / KV-cache element type
+//   FG_HEAD_DIM  attention head size (64, 128, 256) where a kernel needs it at compile time
+// Everything accumulates in float32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#ifndef FG_DTYPE
+#define FG_DTYPE 0
+#endif
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#if FG_DTYPE == 0
+typedef __nv_bfloat16 scalar_t;
+typedef __nv_bfloat162 scalar2_t;
+#define FG_MMA_TYPE "bf16"
+#elif FG_DTYPE == 1
+typedef __half scalar_t;
+typedef __half2 scalar2_t;
+#define FG_MMA_TYPE "f16"
+#else
+#error "FG_DTYPE must be 0 (bf16) or 1 (fp16)"
+#endif
+
+#define FG_INLINE __device__ __forceinline__
+
+// ---------------------------------------------------------------- conversions
+FG_INLINE float to_float(scalar_t x) {
+#if FG_DTYPE == 0
+    return __bfloat162float(x);
+#else
+    return __half2float(x);
+#endif
+}
+
+FG_INLINE scalar_t from_float(float x) {
+#if FG_DTYPE == 0
+    return __float2bfloat16_rn(x);
+#else
+    return __float2half_rn(x);
+#endif
+}
+
+// Two floats -> one 32-bit register of two scalars (lo = a, hi = b), as the mma fragments want.
+FG_INLINE u32 pack2(float a, float b) {
+#if FG_DTYPE == 0
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+#else
+    __half2 h = __floats2half2_rn(a, b);
+#endif
+    return *reinterpret_cast<u32*>(&h);
+}
+
+FG_INLINE float2 unpack2(u32 v) {
+#if FG_DTYPE == 0
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+#else
+    return __half22float2(*reinterpret_cast<__half2*>(&v));
+#endif
+}
+
+// 16 bytes = 8 scalars <-> 8 floats
+FG_INLINE void unpack8(const uint4& v, float* f) {
+    float2 t;
+    t = unpack2(v.x); f[0] = t.x; f[1] = t.y;
+    t = unpack2(v.y); f[2] = t.x; f[3] = t.y;
+    t = unpack2(v.z); f[4] = t.x; f[5] = t.y;
+    t = unpack2(v.w); f[6] = t.x; f[7] = t.y;
+}
+
+FG_INLINE uint4 pack8(const float* f) {
+    uint4 v;
+    v.x = pack2(f[0], f[1]);
+    v.y = pack2(f[2], f[3]);
+    v.z = pack2(f[4], f[5]);
+    v.w = pack2(f[6], f[7]);
+    return v;
+}
+
+// Round a float through the storage type (what a torch op in that dtype would return).
+FG_INLINE float round_to_dtype(float x) { return to_float(from_float(x)); }
+
+// ---------------------------------------------------------------- memory
+// 16-byte loads; `p` must be 16-byte aligned.
+FG_INLINE uint4 ld_v4(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// Streaming read-only load (KV cache in decode: touched once, keep it out of L1; let L2 fetch 256-byte
+// sectors, a whole head row of a token at head_dim 128).
+FG_INLINE uint4 ld_v4_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+FG_INLINE void st_v4(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
+
+FG_INLINE float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+// Asynchronous global -> shared copy of 16 bytes; src_bytes = 0 fills the 16 bytes with zeros.
+FG_INLINE void cp_async_16(void* smem, const void* gmem, int src_bytes = 16) {
+    u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+FG_INLINE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+FG_INLINE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ---------------------------------------------------------------- warp reductions
+FG_INLINE float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+FG_INLINE float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over aligned groups of WIDTH consecutive lanes (WIDTH a power of two <= 32). Only the calling
+// lane's group needs to take part, so groups of one warp may diverge.
+template <int WIDTH>
+FG_INLINE float group_sum(float v) {
+    const int lane = threadIdx.x & 31;
+    const u32 mask = WIDTH == 32 ? 0xffffffffu : (((1u << WIDTH) - 1u) << (lane & ~(WIDTH - 1)));
+#pragma unroll
+    for (int o = WIDTH / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o);
+    return v;
+}
+
+// ---------------------------------------------------------------- fast math
+FG_INLINE float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+#define FG_LOG2E 1.4426950408889634f
+#define FG_LN2 0.6931471805599453f
+
+// ---------------------------------------------------------------- tensor cores (sm_80+)
+// D = A * B + D, m16n8k16, A row-major 16x16, B column-major 16x8, fp32 accumulators.
+// Fragment layout (PTX ISA, "mma.m16n8k16"): lane = 4 * g + c;
+//   a[0] = A[g][2c..2c+1], a[1] = A[g+8][2c..], a[2] = A[g][2c+8..], a[3] = A[g+8][2c+8..]
+//   b[0] = B[2c..2c+1][g], b[1] = B[2c+8..2c+9][g]
+//   d[0..1] = D[g][2c..2c+1], d[2..3] = D[g+8][2c..2c+1]
+FG_INLINE void mma_16816(float* d, const u32* a, const u32* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." FG_MMA_TYPE "." FG_MMA_TYPE
+                 ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8x8 b16 matrices from shared memory; lane i gives the row address of matrix i / 8, row i % 8.
+FG_INLINE void ldmatrix_x4(u32* r, const void* smem) {
+    u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+FG_INLINE void ldmatrix_x4_trans(u32* r, const void* smem) {
+    u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+// Transpose an 8x8 b16 matrix held one register per lane (lane 4g+c: row g, columns 2c..2c+1).
+FG_INLINE u32 movmatrix_trans(u32 x) {
+    u32 y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+
+// Low halves of x and y -> (x.lo, y.lo); high halves -> (x.hi, y.hi).
+FG_INLINE u32 pack_lo(u32 x, u32 y) { return __byte_perm(x, y, 0x5410); }
+FG_INLINE u32 pack_hi(u32 x, u32 y) { return __byte_perm(x, y, 0x7632); }
+
+FG_INLINE int ceil_div(int a, int b) { return (a + b - 1) / b; }

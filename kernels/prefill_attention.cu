@@ -1,0 +1,294 @@
+// prefill_attention.cu: varlen causal flash attention over the paged KV cache (FlashAttention-2 scheme).
+//
+// Algorithm: grid (ceil(max_seqlen_q / BM), Hq, B), 4 warps per CTA. A CTA owns BM query rows of one
+//   sequence and one head; each warp owns MT m-tiles of 16 rows. Query row i of sequence b sits at position
+//   context_len_b - q_len_b + i (bottom-right causal alignment, so prefix-cache hits and chunked prefill
+//   need no special path) and attends to keys 0 .. that position. K/V tiles of BN tokens are visited from
+//   the last one (the diagonal, masked) down to 0 (unmasked), each gathered from the paged cache through
+//   the block table with cp.async (16-byte chunks, one page lookup per token row) into a 2-stage shared
+//   memory ring: tile n-1 is in flight while tile n is used. Per tile and warp:
+//     S (16 MT x BN) = Q (16 MT x D) . K^T   mma.sync m16n8k16 (fp32 accumulate); K by ldmatrix, each K
+//                                            fragment serving the warp's MT m-tiles
+//     online softmax in float32: masked scores set to -inf, exp2 with the scale folded into one FMA,
+//     running max and sum per row; O is rescaled only when some row's max moved (warp vote)
+//     O (16 MT x D) += P . V                 P packed to 16 bits from the S accumulators, V by
+//                                            ldmatrix.trans, each V fragment serving the MT m-tiles
+//   Shared-memory rows are 16-byte-chunk XOR-swizzled (chunk ^ (row & 7)) so ldmatrix and the cp.async
+//   writes are free of bank conflicts. The output tile goes through shared memory for 16-byte stores.
+//   CTAs are launched longest-first (the last query blocks of a sequence see the most keys).
+// Tiles (compile-time, -DPF_MT / -DPF_BN; the wrapper picks per head_dim): BM = 64 MT query rows, BN keys,
+//   the full head_dim D. MT = 1 keeps Q's fragments in registers; MT = 2 (the default: half the
+//   shared-memory reads of K and V per FLOP) re-reads them from shared memory each tile. Shared memory:
+//   2 stages x (K + V) = 4 BN D 2 bytes, plus the Q tile (BM D 2 bytes) when MT = 2 (with MT = 1, Q is
+//   staged in stage 1 before the loop): 96 KB at MT = 2, BN = 64, D = 128 (2 CTAs per SM).
+// Memory traffic: q and out once; K/V of tile n once per (query block, head) CTA, mostly from L2 (the CTAs
+//   of one sequence and head run side by side); HBM sees about ctx * Hkv * D * 2 * sizeof(dtype) per
+//   sequence. FLOPs: 4 * D * (number of unmasked (query, key) pairs) per head.
+#include "common.cuh"
+
+#ifndef FG_HEAD_DIM
+#define FG_HEAD_DIM 128
+#endif
+#ifndef PF_MT
+#define PF_MT 2                       // 16-row m-tiles per warp (1: Q in registers; 2: Q re-read from smem)
+#endif
+#ifndef PF_BN
+#define PF_BN 64                      // keys per tile
+#endif
+#define D FG_HEAD_DIM
+#define BN PF_BN
+#define MT PF_MT
+#define PF_THREADS 128
+#define BM (4 * 16 * MT)              // query rows per CTA
+#define CH (D / 8)                    // 16-byte chunks per row
+#define RSTEP (PF_THREADS / CH)      // rows apart between one thread's chunks in a tile load
+#define NLD (BN * CH / PF_THREADS)   // chunks per thread per K (or V) tile
+#define NLDQ (BM * CH / PF_THREADS)  // chunks per thread of the Q tile
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+static_assert(D % 16 == 0 && D >= 32 && D <= 256 && PF_THREADS % CH == 0, "prefill_attention: head_dim");
+static_assert((MT == 1 || MT == 2) && BN % 16 == 0 && BN * CH >= PF_THREADS, "prefill_attention: tiles");
+static_assert(MT == 2 || BM <= 2 * BN, "MT == 1 stages Q in stage 1's K and V buffers");
+
+// Index (in 16-byte units) of chunk ch of row `row` in a swizzled tile.
+FG_INLINE int swz(int row, int ch) { return row * CH + (ch ^ (row & 7)); }
+
+extern "C" __global__ void __launch_bounds__(PF_THREADS, 2)
+prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
+                         const scalar_t* __restrict__ k_cache,  // (num_blocks, block_size, Hkv, D)
+                         const scalar_t* __restrict__ v_cache,
+                         const int* __restrict__ cu_seqlens_q,  // (B + 1,)
+                         const int* __restrict__ context_lens,  // (B,)
+                         const int* __restrict__ block_tables,  // (B, bt_stride)
+                         int bt_stride,
+                         scalar_t* __restrict__ out,            // (T, Hq, D)
+                         int hq, int hkv, int log2_bs, float scale_log2, int num_mblocks) {
+    extern __shared__ uint4 smem[];
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
+    const int q_start = cu_seqlens_q[b];
+    const int qlen = cu_seqlens_q[b + 1] - q_start;
+    const int m0 = mb * BM;
+    if (m0 >= qlen) return;
+    const int ctx = context_lens[b];
+    const int qoff = ctx - qlen;                       // position of query row 0
+    const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
+    if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
+    const int n_tiles = ceil_div(kv_end, BN);
+    const int kvh = h / (hq / hkv);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    // Shared memory: [Q (MT == 2 only)] [K0 V0] [K1 V1]; with MT == 1, Q is staged in K1 V1.
+    uint4* const stages = smem + (MT == 2 ? BM * CH : 0);
+    uint4* const sK0 = stages;
+    uint4* const sV0 = stages + BN * CH;
+    uint4* const sK1 = stages + 2 * BN * CH;
+    uint4* const sV1 = stages + 3 * BN * CH;
+    uint4* const sQ = MT == 2 ? smem : sK1;
+
+    const int lch = tid % CH, lrow0 = tid / CH;
+    const i64 q_row_stride = (i64)hq * D;
+
+    // Q tile -> shared memory (rows past the sequence are zero-filled).
+#pragma unroll
+    for (int i = 0; i < NLDQ; ++i) {
+        const int row = lrow0 + i * RSTEP;
+        const bool valid = m0 + row < qlen;
+        const scalar_t* src = q + (i64)(q_start + (valid ? m0 + row : 0)) * q_row_stride + h * D + lch * 8;
+        cp_async_16(sQ + swz(row, lch), src, valid ? 16 : 0);
+    }
+
+    const i64 kv_row_stride = (i64)hkv * D;
+    const i64 head_off = (i64)kvh * D + lch * 8;
+    const int bs_mask = (1 << log2_bs) - 1;
+    const int* bt = block_tables + (i64)b * bt_stride;
+    auto load_kv = [&](int n, uint4* sk, uint4* sv) {
+#pragma unroll
+        for (int i = 0; i < NLD; ++i) {
+            const int row = lrow0 + i * RSTEP;
+            const int tok = min(n * BN + row, ctx - 1);  // past the end: any valid token, masked later
+            const i64 r = ((i64)bt[tok >> log2_bs] << log2_bs) + (tok & bs_mask);
+            const i64 off = r * kv_row_stride + head_off;
+            cp_async_16(sk + swz(row, lch), k_cache + off);
+            cp_async_16(sv + swz(row, lch), v_cache + off);
+        }
+    };
+
+    load_kv(n_tiles - 1, sK0, sV0);
+    cp_async_commit();
+    const int mi = lane >> 3;          // which 8x8 matrix this lane addresses in ldmatrix.x4
+    const int wrow = warp * 16 * MT;   // the warp's first row in the CTA's tile
+#if PF_MT == 1
+    cp_async_wait<0>();
+    __syncthreads();
+    // Q fragments (A operand, rows wrow .. wrow + 15) for the whole loop.
+    u32 qf[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        ldmatrix_x4(qf[ks], sQ + swz(wrow + (mi & 1) * 8 + (lane & 7), 2 * ks + (mi >> 1)));
+    __syncthreads();  // sQ (stage 1's buffers) is free from here
+#endif
+
+    float o[MT][D / 8][4];
+    float mr[MT][2], lr[MT][2];  // running max and (per-lane partial) sum of rows g and g + 8
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) o[t][i][0] = o[t][i][1] = o[t][i][2] = o[t][i][3] = 0.f;
+        mr[t][0] = mr[t][1] = NEG_INF;
+        lr[t][0] = lr[t][1] = 0.f;
+    }
+    const int qpos = qoff + m0 + wrow + g;  // position of row g of the warp's first m-tile
+
+    for (int it = 0; it < n_tiles; ++it) {
+        const int n = n_tiles - 1 - it;
+        const int st = it & 1;
+        const uint4* sk = st ? sK1 : sK0;
+        const uint4* sv = st ? sV1 : sV0;
+        if (it + 1 < n_tiles) {
+            load_kv(n - 1, st ? sK0 : sK1, st ? sV0 : sV1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        // S = Q K^T
+        float s[MT][BN / 8][4];
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) s[t][i][0] = s[t][i][1] = s[t][i][2] = s[t][i][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+#if PF_MT == 1
+            const u32* qa[1] = {qf[ks]};
+#else
+            u32 qr[MT][4];
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+                ldmatrix_x4(qr[t], sQ + swz(wrow + 16 * t + (mi & 1) * 8 + (lane & 7), 2 * ks + (mi >> 1)));
+            const u32* qa[MT] = {qr[0], qr[1]};
+#endif
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                u32 kb[4];
+                ldmatrix_x4(kb, sk + swz(np * 16 + (mi >> 1) * 8 + (lane & 7), 2 * ks + (mi & 1)));
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    mma_16816(s[t][2 * np], qa[t], kb);
+                    mma_16816(s[t][2 * np + 1], qa[t], kb + 2);
+                }
+            }
+        }
+
+        // Mask: key j is visible to the row at position p iff j <= p (and j < ctx). Scores stay unscaled:
+        // the scale is folded into the exponent (max commutes with a positive scale).
+        if ((n * BN + BN - 1 > qoff + m0) || (n * BN + BN > ctx)) {
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = n * BN + nt * 8 + 2 * c + (e & 1);
+                        const int p = qpos + 16 * t + (e >> 1) * 8;
+                        if (j > p || j >= ctx) s[t][nt][e] = NEG_INF;
+                    }
+                }
+            }
+        }
+
+        // Online softmax, rows g (elements 0, 1) and g + 8 (elements 2, 3); a row spans the 4 lanes of g.
+        u32 pa[MT][BN / 16][4];  // P as A fragments (k = keys), packed right away to free the floats
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                mx0 = fmaxf(mx0, fmaxf(s[t][nt][0], s[t][nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[t][nt][2], s[t][nt][3]));
+            }
+#pragma unroll
+            for (int off = 1; off < 4; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            const float mn0 = fmaxf(mr[t][0], mx0), mn1 = fmaxf(mr[t][1], mx1);
+            // exponent offsets in scaled units; 0 while a row has seen no visible key
+            const float mu0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
+            const float mu1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
+            const float al0 = mn0 == mr[t][0] ? 1.f : fast_exp2(mr[t][0] * scale_log2 - mu0);
+            const float al1 = mn1 == mr[t][1] ? 1.f : fast_exp2(mr[t][1] * scale_log2 - mu1);
+            mr[t][0] = mn0;
+            mr[t][1] = mn1;
+            float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const float p0 = fast_exp2(fmaf(s[t][nt][0], scale_log2, -mu0));
+                const float p1 = fast_exp2(fmaf(s[t][nt][1], scale_log2, -mu0));
+                const float p2 = fast_exp2(fmaf(s[t][nt][2], scale_log2, -mu1));
+                const float p3 = fast_exp2(fmaf(s[t][nt][3], scale_log2, -mu1));
+                rs0 += p0 + p1;
+                rs1 += p2 + p3;
+                pa[t][nt / 2][(nt & 1) * 2] = pack2(p0, p1);
+                pa[t][nt / 2][(nt & 1) * 2 + 1] = pack2(p2, p3);
+            }
+            lr[t][0] = lr[t][0] * al0 + rs0;
+            lr[t][1] = lr[t][1] * al1 + rs1;
+            // Rescale O only when some row's max moved (rare once the first tiles are done).
+            if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    o[t][dt][0] *= al0; o[t][dt][1] *= al0; o[t][dt][2] *= al1; o[t][dt][3] *= al1;
+                }
+            }
+        }
+
+        // O += P V (each V fragment serves the warp's MT m-tiles)
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const int row = kk * 16 + (mi & 1) * 8 + (lane & 7);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 vb[4];
+                ldmatrix_x4_trans(vb, sv + swz(row, 2 * dp + (mi >> 1)));
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    mma_16816(o[t][2 * dp], pa[t][kk], vb);
+                    mma_16816(o[t][2 * dp + 1], pa[t][kk], vb + 2);
+                }
+            }
+        }
+        __syncthreads();  // the next iteration's loads overwrite this stage
+    }
+
+    // Epilogue: normalise, stage the warp's rows in shared memory (its own rows of the first BM rows),
+    // write 16-byte chunks.
+    uint4* sO = smem;
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            lr[t][0] += __shfl_xor_sync(0xffffffffu, lr[t][0], off);
+            lr[t][1] += __shfl_xor_sync(0xffffffffu, lr[t][1], off);
+        }
+        const float inv0 = lr[t][0] > 0.f ? 1.f / lr[t][0] : 0.f, inv1 = lr[t][1] > 0.f ? 1.f / lr[t][1] : 0.f;
+        const int r0 = wrow + 16 * t + g;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+            reinterpret_cast<u32*>(sO + swz(r0, dt))[c] = pack2(o[t][dt][0] * inv0, o[t][dt][1] * inv0);
+            reinterpret_cast<u32*>(sO + swz(r0 + 8, dt))[c] = pack2(o[t][dt][2] * inv1, o[t][dt][3] * inv1);
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 16 * MT * CH / 32; ++i) {
+        const int idx = lane + 32 * i;
+        const int row = idx / CH, ch = idx % CH;
+        const int qrow = m0 + wrow + row;
+        if (qrow < qlen)
+            st_v4(out + (i64)(q_start + qrow) * q_row_stride + h * D + ch * 8, sO[swz(wrow + row, ch)]);
+    }
+}

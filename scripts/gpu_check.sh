@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# All GPU checks in one call, from the repo root:  scripts/gpu_check.sh [SECTION ...]
+#
+# Sections (default: kernels):
+#   kernel-tests   pytest -m gpu on the kernel tests
+#   sanitize       compute-sanitizer memcheck of one small case of each kernel, racecheck of the attention ones
+#   kernel-bench   flashgen/bench/kernels.py (ceilings, peers, figures; kernels.json)
+#   kernels        = kernel-tests sanitize kernel-bench
+#   engine-tests   GPU parity of the engine with HF transformers (bf16, Qwen3-0.6B and Llama-3.1-8B shapes)
+#   throughput     flashgen/bench/throughput.py: nanovllm, fixed512 (vs HF), sharedprefix, latency8b
+#   engine         = engine-tests throughput
+#   all            = kernels engine
+# Logs go to $OUT when it is set, else out/gpu_check/. Each section's status is printed at the end, then
+# the benchmark's short table last. Exit status: non-zero if any section failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="${OUT:-out/gpu_check}"
+mkdir -p "$LOG"
+PY="${PYTHON:-python3}"
+SANITIZER="${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
+declare -a SUMMARY=()
+STATUS=0
+
+step() {  # step NAME CMD...: run, tee the log, record the status
+    local name=$1 rc start=$SECONDS
+    shift
+    echo "==== $name: $*"
+    "$@" 2>&1 | tee "$LOG/$name.log"
+    rc=${PIPESTATUS[0]}
+    SUMMARY+=("$(printf '%-14s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+    [ "$rc" -eq 0 ] || STATUS=1
+}
+
+kernel_tests() {
+    step kernel-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu.py
+}
+
+sanitize() {
+    # Without torch's caching allocator every tensor is its own allocation: out-of-bounds accesses show.
+    step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+        "$PY" scripts/sanitize_kernels.py
+    step racecheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck --kernel-name kns=attention_kernel --error-exitcode 9 \
+        "$PY" scripts/sanitize_kernels.py --attention
+}
+
+kernel_bench() {
+    step kernel-bench "$PY" -m flashgen.bench.kernels "$LOG"
+    # the table is the tail of the log, after the last line of per-step progress
+    "$PY" - "$LOG/kernel-bench.log" > "$LOG/kernel-table.txt" <<'EOF'
+import sys
+lines = open(sys.argv[1]).read().splitlines()
+start = max((i for i, l in enumerate(lines) if l.startswith("device: ")), default=len(lines))
+print("\n".join(lines[start:]))
+EOF
+}
+
+engine_tests() {
+    step engine-tests "$PY" -m pytest -m gpu -x -q -s -p no:cacheprovider tests/test_engine_gpu.py
+}
+
+throughput() {
+    local hf_tokens="${HF_MAX_TOKENS:-512}"
+    step tp-nanovllm "$PY" -m flashgen.bench.throughput --workload nanovllm --out-dir "$LOG"
+    step tp-fixed512 "$PY" -m flashgen.bench.throughput --workload fixed512 --compare hf \
+        --hf-max-tokens "$hf_tokens" --out-dir "$LOG"
+    step tp-sharedprefix "$PY" -m flashgen.bench.throughput --workload sharedprefix --out-dir "$LOG"
+    step tp-latency8b "$PY" -m flashgen.bench.throughput --workload latency8b --out-dir "$LOG"
+    grep -h -A6 "^workload" "$LOG"/tp-*.log > "$LOG/engine-table.txt" || true
+}
+
+[ $# -eq 0 ] && set -- kernels
+for section in "$@"; do
+    case "$section" in
+        kernels) kernel_tests; sanitize; kernel_bench ;;
+        kernel-tests) kernel_tests ;;
+        sanitize) sanitize ;;
+        kernel-bench) kernel_bench ;;
+        engine-tests) engine_tests ;;
+        throughput) throughput ;;
+        engine) engine_tests; throughput ;;
+        all) kernel_tests; sanitize; kernel_bench; engine_tests; throughput ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all)" >&2; exit 2 ;;
+    esac
+done
+
+echo "==== summary (logs in $LOG)"
+printf '%s\n' "${SUMMARY[@]}"
+[ -s "$LOG/kernel-table.txt" ] && cat "$LOG/kernel-table.txt"
+[ -s "$LOG/engine-table.txt" ] && cat "$LOG/engine-table.txt"
+exit $STATUS

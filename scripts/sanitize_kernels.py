@@ -1,0 +1,63 @@
+"""One small case of each CUDA kernel, for compute-sanitizer (memcheck / racecheck):
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py
+
+(without torch's caching allocator every tensor is its own allocation, so an out-of-bounds access is
+caught). `--attention` runs only the attention kernels (for racecheck, which is slow). Exits non-zero
+if an output holds NaN (an unwritten element).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from flashgen.ops import cuda_ops
+
+
+def main() -> int:
+    attention_only = "--attention" in sys.argv
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    bf = torch.bfloat16
+    rnd = lambda *s, dt=bf: torch.randn(*s, generator=g, device=dev).to(dt)  # noqa: E731
+    outs = {}
+    d, hq, hkv, bs = 128, 8, 2, 16
+    lens = [1, 17, 40, 130]  # pages partly filled, one sequence past several pages
+    nblk = [(n + bs - 1) // bs for n in lens]
+    num_blocks = sum(nblk)
+    bt = torch.full((len(lens), max(nblk)), -1, dtype=torch.int32, device=dev)
+    perm = torch.randperm(num_blocks, generator=g, device=dev).to(torch.int32)
+    pos = 0
+    for b, k in enumerate(nblk):
+        bt[b, :k] = perm[pos:pos + k]
+        pos += k
+    kc, vc = rnd(num_blocks, bs, hkv, d), rnd(num_blocks, bs, hkv, d)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=dev)
+
+    if not attention_only:
+        x, r, w = rnd(5, 1024), rnd(5, 1024), rnd(1024)
+        outs["rms_norm"] = cuda_ops.rms_norm(x, w, 1e-6, r)[0]
+        outs["silu_mul"] = cuda_ops.silu_mul(rnd(5, 2 * 1032))
+        T = 7
+        cos_sin = torch.randn(64, d, generator=g, device=dev)
+        slots = torch.arange(T, device=dev, dtype=torch.int64) * 3
+        slots[2] = -1
+        outs["rope_kv_append"] = cuda_ops.rope_kv_append(
+            rnd(T, (hq + 2 * hkv) * d), torch.arange(T, device=dev), cos_sin, slots, kc.clone(), vc.clone(),
+            rnd(d), rnd(d), 1e-6, False)
+
+    q = rnd(len(lens), hq, d)
+    outs["decode"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1)
+    outs["decode_split"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, num_splits=3, return_lse=True)[0]
+    qlens = [1, 17, 5, 130]  # prefix hits (context > q_len) and a full prefill
+    cu = torch.tensor([0, 1, 18, 23, 153], dtype=torch.int32, device=dev)
+    outs["prefill"] = cuda_ops.prefill_attention(rnd(153, hq, d), kc, vc, cu, ctx, bt, max(qlens), 0.1)
+    torch.cuda.synchronize()
+    bad = [k for k, v in outs.items() if torch.isnan(v).any()]
+    print("sanitize cases:", ", ".join(outs), "| NaN in:", bad or "none")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""CUDA kernels (flashgen.ops.cuda_ops) against the torch reference, on the GPU.
+
+Every check draws fresh random inputs (never zeros; the seed is in the failure message, and
+FLASHGEN_TEST_SEED replays it), poisons outputs and unused cache slots with NaN first, and compares the
+kernel with a float64 oracle: err(kernel) <= 2 * err(torch in the same dtype) + eps, errors being max abs
+differences from the oracle (flash-attn's rule). For attention the same-dtype torch run rounds the softmax
+probabilities to the storage dtype before P @ V, as every flash kernel and flash-attn's own reference do.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from flashgen.ops import torch_ops
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device is visible", allow_module_level=True)
+try:
+    import cupy  # noqa: F401
+except ImportError:
+    pytest.skip("cupy is not installed (pip install 'flashgen[cuda13]')", allow_module_level=True)
+
+from flashgen.ops import cuda_ops  # noqa: E402
+
+DEV = torch.device("cuda")
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _seed() -> int:
+    env = os.environ.get("FLASHGEN_TEST_SEED")
+    return int(env) if env else random.SystemRandom().randrange(2**31)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def _randn(shape, gen, dtype=torch.float32, scale=1.0):
+    return (torch.randn(shape, generator=gen, device=DEV) * scale).to(dtype)
+
+
+def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def _assert_close(name, out, same_dtype, ref, seed, rel_eps=1e-4):
+    assert not torch.isnan(out).any(), f"{name}: NaN in the output (unwritten element?), seed {seed}"
+    e_k, e_t = _err(out, ref), _err(same_dtype, ref)
+    eps = rel_eps * (ref.abs().max().item() if ref.numel() else 0.0) + 1e-6
+    assert e_k <= 2 * e_t + eps, f"{name}: max err {e_k:.3g} > 2 x torch {e_t:.3g} + {eps:.2g}, seed {seed}"
+
+
+# ---------------------------------------------------------------- norms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1024), (97, 4096), (4097, 1024), (2, 5120)])
+def test_rms_norm(dtype, fused, shape):
+    seed = _seed()
+    g = _gen(seed)
+    x = _randn(shape, g, dtype)
+    w = _randn(shape[-1:], g, dtype, 0.5) + 1
+    res = _randn(shape, g, dtype) if fused else None
+    out = torch.full_like(x, float("nan"))
+    res_out = torch.full_like(x, float("nan")) if fused else None
+    got = cuda_ops.rms_norm(x, w, 1e-6, res, out=out, residual_out=res_out)
+    base = torch_ops.rms_norm(x, w, 1e-6, res)
+    ref = torch_ops.rms_norm(x.double(), w.double(), 1e-6, None if res is None else res.double())
+    if fused:
+        assert got[0] is out and got[1] is res_out
+        _assert_close("rms_norm", got[0], base[0], ref[0], seed)
+        _assert_close("residual", got[1], base[1], ref[1], seed)
+    else:
+        assert got is out
+        _assert_close("rms_norm", got, base, ref, seed)
+
+
+def test_rms_norm_in_place_residual():
+    seed = _seed()
+    g = _gen(seed)
+    x, res = _randn((33, 2048), g, torch.bfloat16), _randn((33, 2048), g, torch.bfloat16)
+    w = _randn((2048,), g, torch.bfloat16)
+    base = torch_ops.rms_norm(x, w, 1e-5, res)
+    out, new_res = cuda_ops.rms_norm(x, w, 1e-5, res, residual_out=res)
+    assert new_res is res
+    torch.testing.assert_close(new_res, base[1], rtol=0, atol=0)
+    torch.testing.assert_close(out, base[0], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,inter", [(1, 3072), (97, 1032), (4097, 3072)])
+def test_silu_mul(dtype, T, inter):
+    seed = _seed()
+    g = _gen(seed)
+    x = _randn((T, 2 * inter), g, dtype, 2.0)
+    out = torch.full((T, inter), float("nan"), dtype=dtype, device=DEV)
+    got = cuda_ops.silu_mul(x, out=out)
+    assert got is out
+    _assert_close("silu_mul", got, torch_ops.silu_mul(x), torch_ops.silu_mul(x.double()), seed)
+
+
+# ---------------------------------------------------------------- rope + kv append
+def _cos_sin(max_pos: int, d: int, theta: float = 1e6) -> torch.Tensor:
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=DEV) / d)
+    f = torch.arange(max_pos, dtype=torch.float64, device=DEV)[:, None] * inv[None]
+    return torch.cat((f.cos(), f.sin()), -1).float()  # (max_pos, d)
+
+
+ROPE_CASES = [
+    # dtype, head_dim, qk_norm, interleaved, T, (hq, hkv), block_size, index dtype
+    (dt, d, nrm, il, T, heads, bs, idx)
+    for (i, (dt, d, nrm, il)) in enumerate(itertools.product(DTYPES, [64, 128], [False, True], [False, True]))
+    for T, heads, bs, idx in [
+        [(1, (8, 8), 16, torch.int32), (97, (12, 4), 64, torch.int64), (1025, (32, 4), 256, torch.int32),
+         (2, (16, 2), 16, torch.int64)][i % 4]
+    ]
+]
+
+
+@pytest.mark.parametrize("dtype,d,qk_norm,interleaved,T,heads,bs,idx_dtype", ROPE_CASES)
+def test_rope_kv_append(dtype, d, qk_norm, interleaved, T, heads, bs, idx_dtype):
+    seed = _seed()
+    g = _gen(seed)
+    hq, hkv = heads
+    num_blocks = (T + bs - 1) // bs + 3
+    qkv = _randn((T, (hq + 2 * hkv) * d), g, dtype)
+    max_pos = 8192
+    positions = torch.randint(0, max_pos, (T,), generator=g, device=DEV).to(idx_dtype)
+    cos_sin = _cos_sin(max_pos, d)
+    slots = torch.randperm(num_blocks * bs, generator=g, device=DEV)[:T]
+    slots[::7] = -1  # some tokens are not written (e.g. padding)
+    slots = slots.to(idx_dtype)
+    q_norm = _randn((d,), g, dtype, 0.3) + 1 if qk_norm else None
+    k_norm = _randn((d,), g, dtype, 0.3) + 1 if qk_norm else None
+    shape = (num_blocks, bs, hkv, d)
+    kc = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    vc = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    out = torch.full((T, hq, d), float("nan"), dtype=dtype, device=DEV)
+    q = cuda_ops.rope_kv_append(qkv, positions, cos_sin, slots, kc, vc, q_norm, k_norm, 1e-6, interleaved, out=out)
+    assert q is out
+
+    kb, vb = torch.zeros(shape, dtype=dtype, device=DEV), torch.zeros(shape, dtype=dtype, device=DEV)
+    qb = torch_ops.rope_kv_append(qkv, positions, cos_sin, slots, kb, vb, q_norm, k_norm, 1e-6, interleaved)
+    k64, v64 = torch.zeros(shape, dtype=torch.float64, device=DEV), torch.zeros(shape, dtype=torch.float64, device=DEV)
+    q64 = torch_ops.rope_kv_append(
+        qkv.double(), positions, cos_sin.double(), slots, k64, v64,
+        None if q_norm is None else q_norm.double(), None if k_norm is None else k_norm.double(), 1e-6, interleaved)
+    _assert_close("q", q, qb, q64, seed)
+    written = slots[slots >= 0].long()
+    flat = lambda c: c.view(-1, hkv, d)  # noqa: E731
+    _assert_close("k_cache", flat(kc)[written], flat(kb)[written], flat(k64)[written], seed)
+    assert torch.equal(flat(vc)[written], flat(vb)[written]), f"v_cache: not a copy of v, seed {seed}"
+    untouched = torch.ones(num_blocks * bs, dtype=torch.bool, device=DEV)
+    untouched[written] = False
+    assert torch.isnan(flat(kc)[untouched]).all() and torch.isnan(flat(vc)[untouched]).all(), (
+        f"a cache slot outside slot_mapping was written, seed {seed}")
+
+
+# ---------------------------------------------------------------- paged attention helpers
+def _paged_cache(lens, hkv, d, bs, dtype, gen, extra_blocks=5):
+    """NaN-poisoned paged K/V with random values in each sequence's slots; block tables scattered over
+    the cache and padded with -1. Returns (k_cache, v_cache, block_tables)."""
+    nblk = [(n + bs - 1) // bs for n in lens]
+    total = sum(nblk) + extra_blocks
+    width = max(nblk) + 2
+    perm = torch.randperm(total, generator=gen, device=DEV).to(torch.int32)
+    bt = torch.full((len(lens), width), -1, dtype=torch.int32, device=DEV)
+    slots, pos = [], 0
+    for b, (n, k) in enumerate(zip(lens, nblk)):
+        bt[b, :k] = perm[pos:pos + k]
+        pos += k
+        t = torch.arange(n, device=DEV)
+        slots.append(bt[b, t // bs].long() * bs + t % bs)
+    slots = torch.cat(slots)
+    shape = (total, bs, hkv, d)
+    kc = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    vc = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    kc.view(-1, hkv, d)[slots] = _randn((len(slots), hkv, d), gen, dtype)
+    vc.view(-1, hkv, d)[slots] = _randn((len(slots), hkv, d), gen, dtype)
+    return kc, vc, bt
+
+
+def _attend(q, k, v, scale, q_pos0, p_dtype=None):
+    """q (Lq, Hq, D), k/v (Lk, Hkv, D), in the dtype to compute in; query i at position q_pos0 + i sees
+    keys <= its position. p_dtype: round the probabilities to it before P @ V (flash precision)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, Lk, D)
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    s = torch.einsum("qhd,hkd->hqk", q, k) * scale
+    qi = torch.arange(q.shape[0], device=DEV)[:, None] + q_pos0
+    s = s.masked_fill(torch.arange(k.shape[1], device=DEV)[None, :] > qi, float("-inf"))
+    p = s.softmax(-1)
+    if p_dtype is not None:
+        p = p.to(p_dtype).to(s.dtype)
+    lse = torch.logsumexp(s, -1).transpose(0, 1)  # (Lq, Hq)
+    return torch.einsum("hqk,hkd->qhd", p, v), lse
+
+
+def _refs(q, kc, vc, bt, lens, qlens, scale):
+    """Per sequence: (float64 oracle, same-dtype torch run, float64 LSE), concatenated over sequences."""
+    kz, vz = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
+    o64, obase, lse64, start = [], [], [], 0
+    for b, (n, m) in enumerate(zip(lens, qlens)):
+        k = torch_ops.gather_kv(kz, bt[b], n)
+        v = torch_ops.gather_kv(vz, bt[b], n)
+        qs = q[start:start + m]
+        start += m
+        r, lse = _attend(qs.double(), k.double(), v.double(), scale, n - m)
+        rb, _ = _attend(qs.float(), k.float(), v.float(), scale, n - m, p_dtype=q.dtype)
+        o64.append(r)
+        obase.append(rb.to(q.dtype))
+        lse64.append(lse)
+    return torch.cat(o64), torch.cat(obase), torch.cat(lse64)
+
+
+DECODE_LENS = [
+    [1], [2, 97], [1025, 1, 40], [4097], [17] * 256, [4097, 3, 1025, 2], [300, 511, 64, 65, 129, 128, 1, 16],
+    [8193],
+]
+DECODE_CASES = [
+    (dt, d, group, [16, 64, 256][i % 3], DECODE_LENS[i % len(DECODE_LENS)])
+    for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))
+]
+
+
+@pytest.mark.parametrize("dtype,d,group,bs,lens", DECODE_CASES)
+def test_decode_attention(dtype, d, group, bs, lens):
+    seed = _seed()
+    g = _gen(seed)
+    hkv = 2 if len(lens) < 64 else 1
+    hq = hkv * group
+    B = len(lens)
+    kc, vc, bt = _paged_cache(lens, hkv, d, bs, dtype, g)
+    q = _randn((B, hq, d), g, dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    scale = d**-0.5
+    out = torch.full_like(q, float("nan"))
+    got, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, scale, out=out, return_lse=True)
+    assert got is out
+    ref, base, lse64 = _refs(q, kc, vc, bt, lens, [1] * B, scale)
+    _assert_close("decode", got, base, ref, seed)
+    assert (lse.double() - lse64).abs().max().item() < 1e-3 * (1 + lse64.abs().max().item()), f"lse, seed {seed}"
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
+def test_decode_attention_splits(num_splits):
+    """Forced split counts, with sequences shorter than a split (empty splits) and longer than all;
+    GQA group 16 (two CTAs of 8 query heads per kv head)."""
+    seed = _seed()
+    g = _gen(seed)
+    lens = [1, 63, 64, 65, 700, 3000]
+    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
+    q = _randn((len(lens), 32, 128), g, torch.bfloat16)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    got, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, out=out, return_lse=True, num_splits=num_splits)
+    ref, base, lse64 = _refs(q, kc, vc, bt, lens, [1] * len(lens), 0.1)
+    _assert_close("decode", got, base, ref, seed)
+    assert (lse.double() - lse64).abs().max().item() < 1e-3 * (1 + lse64.abs().max().item()), f"lse, seed {seed}"
+
+
+PREFILL_QLENS = [  # (q_len, context_len) per sequence; context_len > q_len: prefix hit / chunked prefill
+    [(1, 1)], [(2, 2), (97, 97)], [(1025, 1025)], [(97, 1025), (1, 4097), (64, 130)],
+    [(4097, 4097)], [(n, n + 3 * n % 50) for n in range(1, 65)], [(200, 4000), (2, 2), (129, 129)],
+    [(16, 16)] * 3 + [(63, 65)],
+]
+PREFILL_CASES = [
+    (dt, d, group, [16, 64, 256][i % 3], PREFILL_QLENS[i % len(PREFILL_QLENS)])
+    for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))
+]
+
+
+@pytest.mark.parametrize("dtype,d,group,bs,seqs", PREFILL_CASES)
+def test_prefill_attention(dtype, d, group, bs, seqs):
+    seed = _seed()
+    g = _gen(seed)
+    hkv = 1 if max(n for _, n in seqs) > 2048 else 2
+    hq = hkv * group
+    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
+    kc, vc, bt = _paged_cache(lens, hkv, d, bs, dtype, g)
+    T = sum(qlens)
+    q = _randn((T, hq, d), g, dtype)
+    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    scale = d**-0.5
+    out = torch.full_like(q, float("nan"))
+    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), scale, out=out)
+    assert got is out
+    ref, base, _ = _refs(q, kc, vc, bt, lens, qlens, scale)
+    _assert_close("prefill", got, base, ref, seed)
+
+
+@pytest.mark.parametrize("tile", cuda_ops.PREFILL_TILE_CHOICES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_prefill_attention_tiles(tile, d):
+    """Every tile shape the wrapper can pick, on prefix hits, a multi-block sequence and page crossings."""
+    seed = _seed()
+    g = _gen(seed)
+    seqs = [(300, 300), (97, 1025), (1, 33), (130, 200)]
+    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
+    kc, vc, bt = _paged_cache(lens, 2, d, 16, torch.bfloat16, g)
+    q = _randn((sum(qlens), 8, d), g, torch.bfloat16)
+    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), d**-0.5, out=out, tile=tile)
+    ref, base, _ = _refs(q, kc, vc, bt, lens, qlens, d**-0.5)
+    _assert_close(f"prefill {tile}", got, base, ref, seed)
+
+
+def test_prefill_matches_torch_reference_backend():
+    """The torch backend's own prefill (SDPA in the storage dtype) agrees with the kernel too."""
+    seed = _seed()
+    g = _gen(seed)
+    seqs = [(33, 33), (100, 300)]
+    kc, vc, bt = _paged_cache([n for _, n in seqs], 2, 128, 16, torch.bfloat16, g)
+    q = _randn((133, 8, 128), g, torch.bfloat16)
+    cu = torch.tensor([0, 33, 133], dtype=torch.int32, device=DEV)
+    ctx = torch.tensor([33, 300], dtype=torch.int32, device=DEV)
+    kz, vz = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
+    ref = torch_ops.prefill_attention(q, kz, vz, cu, ctx, bt, 100, 0.088)
+    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, 100, 0.088)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2, msg=f"seed {seed}")
+
+
+# ---------------------------------------------------------------- CUDA graphs
+def test_decode_and_rope_in_cuda_graph():
+    seed = _seed()
+    g = _gen(seed)
+    B, hq, hkv, d, bs = 8, 16, 8, 128, 16
+    lens = [50, 700, 1, 33, 200, 129, 64, 1000]
+    kc, vc, bt = _paged_cache(lens, hkv, d, bs, torch.bfloat16, g)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    qkv = _randn((B, (hq + 2 * hkv) * d), g, torch.bfloat16)
+    pos = (ctx - 1).to(torch.int32)
+    slots = (bt[torch.arange(B, device=DEV), pos // bs].long() * bs + pos % bs).to(torch.int32)
+    cos_sin = _cos_sin(4096, d)
+
+    def step():
+        q = cuda_ops.rope_kv_append(qkv, pos, cos_sin, slots, kc, vc)
+        return cuda_ops.decode_attention(q, kc, vc, ctx, bt, d**-0.5, num_splits=3)
+
+    step()  # compile and load outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    qkv.copy_(_randn(qkv.shape, g, torch.bfloat16))  # new inputs, same buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step()
+    assert torch.equal(static_out, expected), f"graph replay differs from eager, seed {seed}"
+
+
+# ---------------------------------------------------------------- argument checks
+def test_bad_arguments_are_refused():
+    x = torch.randn(4, 64, device=DEV, dtype=torch.bfloat16)
+    w = torch.ones(64, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="x must have dtype"):
+        cuda_ops.rms_norm(x.float(), w.float(), 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        cuda_ops.rms_norm(x, w[:32], 1e-6)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        cuda_ops.silu_mul(x.t())
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        cuda_ops.silu_mul(x.cpu())
+    kc = torch.zeros(4, 16, 2, 128, device=DEV, dtype=torch.bfloat16)
+    q = torch.zeros(3, 4, 128, device=DEV, dtype=torch.bfloat16)
+    ctx = torch.ones(3, dtype=torch.int32, device=DEV)
+    bt = torch.zeros(3, 2, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="v_cache must have dtype"):
+        cuda_ops.decode_attention(q, kc, kc.half(), ctx, bt, 0.1)
+    with pytest.raises(ValueError, match="context_lens must have dtype"):
+        cuda_ops.decode_attention(q, kc, kc, ctx.long(), bt, 0.1)
+    with pytest.raises(ValueError, match="block_tables must be"):
+        cuda_ops.decode_attention(q, kc, kc, ctx, bt[:2], 0.1)
+    with pytest.raises(ValueError, match="block size"):
+        cuda_ops.decode_attention(q, kc[:, :12].contiguous(), kc[:, :12].contiguous(), ctx, bt, 0.1)
+    k96 = kc[..., :96].contiguous()
+    with pytest.raises(ValueError, match="head_dim"):
+        cuda_ops.decode_attention(q[..., :96].contiguous(), k96, k96, ctx, bt, 0.1)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        cuda_ops.decode_attention(q[:, :3].contiguous(), kc, kc, ctx, bt, 0.1)
+    with pytest.raises(ValueError, match="positions must have dtype"):
+        cuda_ops.rope_kv_append(torch.zeros(3, 8 * 128, device=DEV, dtype=torch.bfloat16), ctx.float(),
+                                torch.zeros(10, 128, device=DEV), ctx, kc, kc)
+    assert math.isfinite(cuda_ops.decode_attention(q.normal_(), kc.normal_(), kc, ctx, bt, 0.1).float().sum().item())
