@@ -1,0 +1,175 @@
+"""The `flashgen` command line. It maps options onto settings and calls flashgen.jobs; the logic lives there.
+
+Every option defaults to None here, meaning "not given", so that precedence (flag > --config > ./flashgen.toml >
+built-in default) is decided in one place: flashgen.jobs.settings.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Offline batch generation for LLMs: JSONL prompts in, JSONL results out.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ENGINE = "Engine"
+SAMPLING = "Sampling defaults (a line's own fields override them)"
+JOB = "Job"
+
+EXIT_CODES = """Exit codes: 0 every line succeeded; 1 finished, but some lines got error records; 2 fatal error
+(bad flags, config, model, input/output file, engine failure); 3 stopped by --max-errors; 130 interrupted
+(SIGINT/SIGTERM): run again with --resume."""
+
+
+@app.command(epilog=EXIT_CODES)
+def generate(
+    input: Optional[str] = typer.Argument(None, metavar="INPUT", help="JSONL input file; - or nothing for stdin.",
+                                           show_default=False),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL output file; - or nothing for stdout."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, .gguf file or known name.",
+                                        rich_help_panel=ENGINE),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file (see flashgen.toml)."),
+    show_config: bool = typer.Option(False, "--show-config", help="Print the merged settings as TOML and exit."),
+    # sampling defaults
+    max_tokens: Optional[int] = typer.Option(None, help="Most tokens generated per line.", rich_help_panel=SAMPLING),
+    min_tokens: Optional[int] = typer.Option(None, help="No EOS/stop before this many tokens.",
+                                             rich_help_panel=SAMPLING),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy.", rich_help_panel=SAMPLING),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold.", rich_help_panel=SAMPLING),
+    top_k: Optional[int] = typer.Option(None, help="-1 = all tokens.", rich_help_panel=SAMPLING),
+    min_p: Optional[float] = typer.Option(None, help="Drop tokens with p < min_p * p_max.", rich_help_panel=SAMPLING),
+    seed: Optional[int] = typer.Option(None, help="Base of per-line seeds (seed + line id): same text on resume.",
+                                       rich_help_panel=SAMPLING),
+    stop: Optional[List[str]] = typer.Option(None, help="Stop string (repeatable).", rich_help_panel=SAMPLING),
+    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--no-ignore-eos", help="Generate past EOS.",
+                                              rich_help_panel=SAMPLING, show_default=False),
+    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages repeats.",
+                                                       rich_help_panel=SAMPLING),
+    presence_penalty: Optional[float] = typer.Option(None, help="In [-2, 2].", rich_help_panel=SAMPLING),
+    frequency_penalty: Optional[float] = typer.Option(None, help="In [-2, 2].", rich_help_panel=SAMPLING),
+    # engine
+    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16 or float32.", rich_help_panel=ENGINE),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:N or cpu (default: cuda when available).",
+                                         rich_help_panel=ENGINE),
+    backend: Optional[str] = typer.Option(None, help="Ops backend: auto, torch or cuda.", rich_help_panel=ENGINE),
+    max_num_seqs: Optional[int] = typer.Option(None, help="Sequences in one decode batch.", rich_help_panel=ENGINE),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, help="Tokens in one prefill batch.",
+                                                         rich_help_panel=ENGINE),
+    block_size: Optional[int] = typer.Option(None, help="Tokens per KV-cache page.", rich_help_panel=ENGINE),
+    max_model_len: Optional[int] = typer.Option(None, help="Context length (0 = the model's).",
+                                                rich_help_panel=ENGINE),
+    kv_cache_gb: Optional[float] = typer.Option(None, help="KV cache size in GiB (0 = auto).", rich_help_panel=ENGINE),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="Fraction of GPU memory to use.",
+                                                           rich_help_panel=ENGINE),
+    enable_prefix_caching: Optional[bool] = typer.Option(None, "--enable-prefix-caching/--no-enable-prefix-caching",
+                                                         help="Reuse shared prompt prefixes.", show_default=False,
+                                                         rich_help_panel=ENGINE),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager", help="No CUDA graphs.",
+                                                 show_default=False, rich_help_panel=ENGINE),
+    tensor_parallel_size: Optional[int] = typer.Option(None, help="GPUs to split the model over.",
+                                                       rich_help_panel=ENGINE),
+    load_format: Optional[str] = typer.Option(None, help="auto, or dummy: random weights (benchmarks).",
+                                              rich_help_panel=ENGINE),
+    # job
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", show_default=False, rich_help_panel=JOB,
+                                          help="Skip ids already in the output file; append the rest."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.", rich_help_panel=JOB),
+    order: Optional[str] = typer.Option(None, help="input (default) or completion.", rich_help_panel=JOB),
+    template: Optional[str] = typer.Option(None, help="Jinja file rendering each prompt from the line's fields.",
+                                           rich_help_panel=JOB),
+    field: Optional[str] = typer.Option(None, help="Take the prompt text from this JSONL field.",
+                                        rich_help_panel=JOB),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", show_default=False, rich_help_panel=JOB,
+                                        help="Wrap text prompts in the model's chat template."),
+    return_token_ids: Optional[bool] = typer.Option(None, "--return-token-ids/--no-return-token-ids",
+                                                    show_default=False, help="Add generated token ids to each line.",
+                                                    rich_help_panel=JOB),
+    max_errors: Optional[int] = typer.Option(None, help="Stop after this many bad lines (0 = no limit).",
+                                             rich_help_panel=JOB),
+    max_in_flight: Optional[int] = typer.Option(None, help="Lines read but not yet written (0 = 4 x max-num-seqs).",
+                                                rich_help_panel=JOB),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default=False,
+                                            help="Progress bar on stderr (default: when it is a terminal).",
+                                            rich_help_panel=JOB),
+    stats_json: Optional[str] = typer.Option(None, help="Write the final summary as JSON here.", rich_help_panel=JOB),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", "-q", show_default=False, rich_help_panel=JOB,
+                                         help="No summary or notes on stderr (errors still)."),
+) -> None:
+    """Generate a completion for every JSONL line of INPUT."""
+    from flashgen.jobs import run_generate
+
+    flags = {
+        "engine": dict(model=model, dtype=dtype, device=device, backend=backend, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                       max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
+                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                       load_format=load_format),
+        "sampling": dict(max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, min_p=min_p, seed=seed, stop=stop or None, ignore_eos=ignore_eos,
+                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty),
+        "job": dict(resume=resume, order=order, template=template, field=field, chat=chat,
+                    return_token_ids=return_token_ids, max_errors=max_errors, max_in_flight=max_in_flight,
+                    progress=None if progress is None else ("on" if progress else "off"), stats_json=stats_json,
+                    quiet=quiet),
+    }
+    code = run_generate(input, output, config, flags, overwrite=overwrite, show_config=show_config)
+    raise typer.Exit(code)
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="Model directory, .gguf file or known name."),
+    memory_gb: Optional[float] = typer.Option(None, help="Memory budget in GiB: how much KV cache fits."),
+    dtype: Optional[str] = typer.Option(None, help="Size weights and KV cache for this dtype."),
+    json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Describe a model: shape, parameters, memory for weights and KV cache."""
+    import json
+
+    from flashgen.info import describe_model, format_info
+    from flashgen.models.default_model import resolve_model
+
+    try:
+        d = describe_model(resolve_model(model), dtype=dtype, memory_gb=memory_gb)
+    except (OSError, ValueError) as e:
+        _fail(f"cannot describe model {model}: {e}")
+    typer.echo(json.dumps(d, indent=2) if json_out else format_info(d))
+
+
+@app.command("convert-gguf")
+def convert_gguf(
+    gguf_file: str = typer.Argument(..., help="The .gguf file."),
+    out_dir: str = typer.Argument(..., help="The HF checkpoint directory to create (must not exist or be empty)."),
+) -> None:
+    """Convert a GGUF file into a HuggingFace checkpoint directory flashgen can load."""
+    from flashgen.gguf_convert import convert_gguf as convert
+
+    try:
+        path = convert(gguf_file, out_dir)
+    except ImportError as e:
+        _fail(f"converting GGUF needs the gguf package: pip install 'flashgen[gguf]' ({e})")
+    except (OSError, ValueError) as e:
+        _fail(f"cannot convert {gguf_file}: {e}")
+    typer.echo(f"flashgen: wrote {path}", err=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"flashgen: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    if not sys.stderr.isatty():
+        # Logs of cron and batch jobs: plain usage errors, not boxes drawn for a terminal.
+        app.rich_markup_mode = None
+    app(prog_name="flashgen")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""`flashgen generate`: settings -> checks -> model -> run -> summary -> exit code.
+
+Everything that can be refused (config, flags, files, template) is checked before the model loads, so a typo
+costs a second, not a model load. stdout carries results only: while a job writes to stdout, anything else that
+prints to sys.stdout (a library's notice, say) is sent to stderr.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from flashgen.jobs.errors import ExitCode, FatalError, Interrupted
+from flashgen.jobs.inputs import LineParser, read_lines
+from flashgen.jobs.params import defaults_from_settings
+from flashgen.jobs.progress import JobProgress, JobStats
+from flashgen.jobs.runner import Runner
+from flashgen.jobs.settings import Settings, load_settings, render_toml
+from flashgen.jobs.signals import SignalGuard
+from flashgen.jobs.writer import OrderedWriter, open_output, plan_output
+
+STATUS_CODES = {"ok": ExitCode.OK, "line_errors": ExitCode.LINE_ERRORS, "max_errors": ExitCode.MAX_ERRORS,
+                "interrupted": ExitCode.INTERRUPTED, "fatal": ExitCode.FATAL}
+
+
+def run_generate(input_path: str | None, output_path: str | None, config_file: str | None,
+                 flags: dict[str, dict[str, Any]], *, overwrite: bool = False, show_config: bool = False) -> int:
+    """Run one job; return its exit code (see flashgen.jobs.errors.ExitCode)."""
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    stats = JobStats(input=input_path or "stdin", output=output_path or "stdout")
+    results = sys.stdout.buffer  # taken before stdout is redirected to stderr below
+    job: dict[str, Any] = {}
+    with SignalGuard() as signals, contextlib.redirect_stdout(sys.stderr):
+        try:
+            settings = load_settings(config_file, flags, os.getcwd())
+            job = settings.job
+            if show_config:
+                results.write(render_toml(settings).encode())
+                results.flush()
+                return ExitCode.OK
+            stats.status = _run(settings, input_path, output_path, overwrite, stats, signals, results, console)
+        except FatalError as e:
+            console.print(f"flashgen: error: {e}", markup=False)
+            stats.status = "fatal"
+        except Interrupted as e:
+            console.print(f"flashgen: {e}: stopped", markup=False)
+            stats.status = "interrupted"
+        except KeyboardInterrupt:  # SIGINT outside the main thread, where no handler could be installed
+            stats.status = "interrupted"
+        except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nobody takes more results
+            with contextlib.suppress(OSError, ValueError):  # so the exit-time flush of stdout cannot fail again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), results.fileno())
+            console.print("flashgen: error: the output pipe was closed; results stopped", markup=False)
+            stats.status = "fatal"
+        except Exception as e:  # a bug: show where, but still exit with the documented fatal code
+            traceback.print_exc()
+            console.print(f"flashgen: error: unexpected {type(e).__name__}: {e}", markup=False)
+            stats.status = "fatal"
+        stats.exit_code = int(STATUS_CODES[stats.status])
+        stats.finish()
+        if stats.started and not job.get("quiet"):
+            console.print(stats.summary(), markup=False)
+        if job.get("stats_json"):
+            try:
+                stats.write_json(job["stats_json"])
+            except OSError as e:
+                console.print(f"flashgen: error: cannot write --stats-json {job['stats_json']}: {e}", markup=False)
+                stats.exit_code = int(ExitCode.FATAL)
+    return stats.exit_code
+
+
+def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats, signals: SignalGuard,
+         results, console: Console) -> str:
+    job, engine = settings.job, dict(settings.engine)
+    log = (lambda s: None) if job["quiet"] else (lambda s: console.print(s, markup=False))
+    defaults = defaults_from_settings(settings.sampling)
+    if defaults["seed"] is None:  # every line gets its own seed (see params.line_seed): none depends on batching
+        defaults["seed"] = settings.engine["seed"]
+    _check_sampling(defaults, settings)
+    model = engine.pop("model") or None
+    _check_engine(model, engine, settings)
+    template = None
+    if job["template"] and job["field"]:
+        raise FatalError("--template and --field both say where the prompt comes from; use one")
+    if job["template"]:
+        from flashgen.jobs.templates import load_template
+
+        template = load_template(job["template"])
+    in_stream, total = _open_input(input_path)
+    plan = plan_output(output_path, input_path, overwrite=overwrite, resume=job["resume"])
+    if plan.resume:
+        log(f"flashgen: resuming {plan.name}: {plan.n_done:,} lines already done"
+            + (f"; {plan.n_errors:,} error records dropped to run those lines again" if plan.n_errors else "")
+            + ("; a torn last line dropped" if plan.torn else ""))
+    llm = _load_model(model, engine)
+    stats.model = getattr(llm, "model_name", model or "")
+    parser = LineParser(llm.tokenizer, llm.max_model_len, defaults, template=template,
+                        template_name=job["template"], field=job["field"], chat=job["chat"])
+    writer = OrderedWriter(open_output(plan, results), job["order"])
+    show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
+    progress = JobProgress(show and not job["quiet"], total, console)
+    runner = Runner(llm, parser, writer, stats, max_in_flight=job["max_in_flight"] or 4 * engine["max_num_seqs"],
+                    max_errors=job["max_errors"], return_token_ids=job["return_token_ids"], progress=progress,
+                    signals=signals, log=log)
+    stats.started = True
+    try:
+        return runner.run(read_lines(in_stream), plan.done)
+    finally:
+        progress.stop()
+        if plan.path is not None:
+            writer.stream.close()
+        if total is not None:  # a file; stdin is left alone, the reader thread may still be blocked on it
+            in_stream.close()
+
+
+def _check_sampling(defaults: dict, settings: Settings) -> None:
+    from flashgen.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        where = ", ".join(sorted({v for k, v in settings.sources.items() if k.startswith("sampling.")} - {"default"}))
+        raise FatalError(f"{e} (sampling defaults set by {where or 'defaults'})") from None
+
+
+def _check_engine(model: str | None, engine: dict, settings: Settings) -> None:
+    from flashgen.config import EngineConfig
+
+    try:
+        EngineConfig(model=model or "default", **engine)
+    except ValueError as e:
+        key = next((k for k in engine if f" {k}=" in f" {e}".replace(":", " ")), None)
+        where = settings.sources.get(f"engine.{key}", "") if key else ""
+        raise FatalError(f"{e}" + (f" (set by {where})" if where else "")) from None
+
+
+def _open_input(input_path: str | None):
+    """The input stream and its line count (None for stdin: counting would mean reading it all first)."""
+    if input_path in (None, "-"):
+        if sys.stdin is None or sys.stdin.isatty():
+            raise FatalError("no input: give a JSONL file, or pipe JSONL lines into stdin")
+        try:  # a private handle: the reader thread may sit in a read of it at exit, holding only its own lock
+            return os.fdopen(os.dup(sys.stdin.fileno()), "rb"), None
+        except (AttributeError, OSError, ValueError):  # a stdin without a file descriptor (tests)
+            return sys.stdin.buffer, None
+    p = Path(input_path)
+    if not p.is_file():
+        raise FatalError(f"input file {input_path} does not exist" if not p.exists() else
+                         f"input {input_path} is not a file; give a JSONL file or - for stdin")
+    try:
+        f = open(p, "rb")
+    except OSError as e:
+        raise FatalError(f"cannot read input file {input_path}: {e.strerror}") from None
+    return f, _count_lines(p) if p.stat().st_size else 0
+
+
+def _count_lines(path: Path) -> int:
+    """Lines in a regular file: cheap (one pass of counting newlines, ~1 s per GB), and it gives the bar a total."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
+def _load_model(model: str | None, engine: dict):
+    try:
+        from flashgen.llm import LLM
+    except ImportError as e:
+        raise FatalError(f"the engine cannot be imported ({e}); check the flashgen installation") from None
+    try:
+        return LLM(model, **engine)
+    except Interrupted:
+        raise
+    except Exception as e:
+        raise FatalError(f"cannot load model {model or '(embedded default)'}: {type(e).__name__}: {e}") from None

@@ -1,0 +1,154 @@
+"""The run loop: feed lines to the engine's incremental API with a bounded window, write results as they come.
+
+The window (`max_in_flight`) counts lines read but not yet written, including finished ones waiting in the
+reorder buffer, so memory stays bounded by the window, never by the input's size. Errors count against the
+window too, which keeps output in input order without holding more than the window.
+"""
+from __future__ import annotations
+
+import signal
+import traceback
+from typing import Callable, Iterator
+
+from flashgen.jobs.errors import FatalError, Interrupted
+from flashgen.jobs.idset import IdSet
+from flashgen.jobs.inputs import LineError, LineParser, LineRequest
+from flashgen.jobs.params import show
+from flashgen.jobs.progress import JobProgress, JobStats
+from flashgen.jobs.records import error_record, result_record
+from flashgen.jobs.signals import SignalGuard
+from flashgen.jobs.source import EMPTY, EOF, InputError, LineSource
+from flashgen.jobs.writer import OrderedWriter
+
+SKIP = object()  # a line whose id already has a result in the output (--resume)
+
+
+class Runner:
+    def __init__(self, llm, parser: LineParser, writer: OrderedWriter, stats: JobStats, *, max_in_flight: int,
+                 max_errors: int = 0, return_token_ids: bool = False, progress: JobProgress | None = None,
+                 signals: SignalGuard | None = None, log: Callable[[str], None] = lambda s: None):
+        self.llm, self.parser, self.writer, self.stats = llm, parser, writer, stats
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_errors = max_errors
+        self.return_token_ids = return_token_ids
+        self.progress = progress
+        self.signals = signals or SignalGuard()
+        self.log = log
+        self.model_name = getattr(llm, "model_name", "")
+        self._meta: dict[str, tuple[int, LineRequest, int]] = {}   # engine request id -> (seq, request, n_prompt)
+        self._seen = IdSet()
+        self._done = IdSet()
+        self._signal_handled = False
+        self.max_seen_in_flight = 0                                 # for tests: the window really bounds reading
+
+    def classify(self, lineno: int, raw: bytes) -> object:
+        """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
+        gets a duplicate_id error record (carrying that id) and does not run. An unreadable line's stand-in id
+        (its line number) claims nothing, so it cannot make a good line with that id a duplicate."""
+        line = self.parser.head(lineno, raw)
+        first = self._seen.add(line.key) if line.own_id else True
+        if line.error:
+            return line.error
+        if not first:
+            name = "custom_id" if line.batch else "id"
+            return self.parser.error(line, "duplicate_id", f'field "{name}" is {show(line.id)}, which an earlier '
+                                     "line already has; give each line a unique id (this line did not run)", name)
+        if line.key in self._done:
+            return SKIP
+        return self.parser.build(line)
+
+    def run(self, lines: Iterator[tuple[int, bytes]], done: IdSet) -> str:
+        """Run every line; return the status: ok | line_errors | max_errors | interrupted."""
+        self._done = done
+        source = LineSource(lines, maxsize=min(self.max_in_flight, 1024))
+        exhausted, stop = False, None
+        self.signals.graceful = True
+        try:
+            while True:
+                stop = self._check_signal() or stop  # a signal outranks --max-errors: exit code 130
+                while stop is None and not exhausted and self.writer.pending < self.max_in_flight:
+                    # Wait for input only when the engine has nothing to do.
+                    got = source.get(wait=not self.llm.has_unfinished_requests())
+                    if got is EMPTY:
+                        break
+                    if got is EOF:
+                        exhausted = True
+                    elif self._admit(self.classify(*got)) and self.max_errors and self.stats.errors >= self.max_errors:
+                        stop = "max_errors"
+                        self.log(f"flashgen: {self.stats.errors} bad lines (--max-errors {self.max_errors}): "
+                                 f"stopped reading input; finishing {len(self._meta)} lines in flight")
+                self.max_seen_in_flight = max(self.max_seen_in_flight, self.writer.pending)
+                if self.signals.abort:
+                    raise Interrupted(self.signals.requested)
+                if not self.llm.has_unfinished_requests():
+                    if exhausted or stop:
+                        break
+                    continue  # waiting for input
+                for out in self.llm.step():
+                    self._finish(out)
+                self._report()
+        except Interrupted:
+            self.writer.flush_finished()
+            return "interrupted"
+        except (FatalError, BrokenPipeError):
+            raise
+        except InputError as e:  # re-raised from the reader thread
+            self.writer.flush_finished()
+            raise FatalError(f"cannot read the input: {e}; finished lines are saved, run again with --resume") from e
+        except OSError as e:  # writing the output failed (e.g. the disk is full)
+            raise FatalError(f"cannot write the output: {e}; lines written so far are whole, run again with "
+                             "--resume once it is fixed") from e
+        except Exception as e:  # the engine failed mid-run (e.g. out of memory): keep what is done
+            self.writer.flush_finished()
+            traceback.print_exc()
+            raise FatalError(f"the engine failed: {type(e).__name__}: {e}; finished lines are saved, run again "
+                             "with --resume") from e
+        finally:
+            source.close()
+            self.signals.graceful = False
+            self._report()
+        if stop:
+            return stop
+        return "line_errors" if self.stats.errors else "ok"
+
+    def _check_signal(self) -> str | None:
+        """After a first SIGINT/SIGTERM: take no more work, write what is finished, say so (once)."""
+        if self.signals.requested is None or self._signal_handled:
+            return None
+        self._signal_handled = True
+        self.writer.flush_finished()
+        self.log(f"flashgen: {signal.Signals(self.signals.requested).name}: stopped reading input; finishing "
+                 f"{len(self._meta)} lines in flight (signal again to stop now)")
+        return "interrupted"
+
+    def _admit(self, item) -> bool:
+        """Start one line; True when it became an error record."""
+        if item is SKIP:
+            self.stats.skipped += 1
+            return False
+        seq = self.writer.reserve()
+        if isinstance(item, LineRequest):
+            rid = str(seq)
+            try:
+                self.llm.add_request(rid, item.prompt_ids, item.params)
+            except ValueError as e:  # the engine's own checks (e.g. context length): this line's error
+                item = self.parser.error(item, "invalid_request", str(e))
+            else:
+                n_prompt = len(item.prompt_ids)
+                item.prompt_ids = None  # the engine has them; do not hold them twice
+                self._meta[rid] = (seq, item, n_prompt)
+                return False
+        assert isinstance(item, LineError)
+        self.stats.add_error(item.code)
+        self.writer.put(seq, error_record(item))
+        return True
+
+    def _finish(self, out) -> None:
+        seq, req, n_prompt = self._meta.pop(out.request_id)
+        self.stats.add_ok(n_prompt, len(out.token_ids))
+        self.writer.put(seq, result_record(req, out, n_prompt, self.model_name, self.return_token_ids))
+
+    def _report(self) -> None:
+        self.stats.read_engine(getattr(self.llm, "stats", None))
+        if self.progress is not None:
+            self.progress.update(self.stats.lines + self.stats.skipped, self.stats)

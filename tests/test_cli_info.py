@@ -1,0 +1,32 @@
+"""`flashgen info` and `flashgen convert-gguf`: thin commands over flashgen.info and flashgen.gguf_convert."""
+from __future__ import annotations
+
+import json
+
+from test_cli_support import cli, proc, tiny_model
+
+from flashgen.jobs.errors import ExitCode
+
+
+def test_info_describes_a_checkpoint(tmp_path):
+    r = cli(["info", tiny_model()], cwd=tmp_path)
+    assert r.exit_code == 0, r.stderr
+    assert "LlamaForCausalLM" in r.stdout and "KV cache per token" in r.stdout
+    r = cli(["info", tiny_model(), "--memory-gb", "1", "--json"], cwd=tmp_path)
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["num_layers"] == 1 and d["hidden_size"] == 64 and d["kv_cache_tokens"] > 0
+
+
+def test_info_and_convert_errors_are_fatal_and_named(tmp_path):
+    r = cli(["info", str(tmp_path / "nope")], cwd=tmp_path)
+    assert r.exit_code == ExitCode.FATAL and "nope" in r.stderr
+    r = cli(["convert-gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "out")], cwd=tmp_path)
+    assert r.exit_code == ExitCode.FATAL and "missing.gguf" in r.stderr
+
+
+def test_help_lists_the_commands_and_exit_codes(tmp_path):
+    p = proc(["--help"], cwd=tmp_path)
+    assert p.returncode == 0 and b"generate" in p.stdout and b"info" in p.stdout and b"convert-gguf" in p.stdout
+    p = proc(["generate", "--help"], cwd=tmp_path)
+    assert p.returncode == 0 and b"130" in p.stdout and b"--max-errors" in p.stdout
