@@ -20,7 +20,8 @@ def _pair(shape: str, tmp_path, num_layers: int | None = None):
     if num_layers:
         cfg.num_hidden_layers = num_layers
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    with torch.device("cuda"):  # initialise on the GPU: an 8B CPU init takes minutes
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     hf.generation_config.eos_token_id = None
     if num_layers:
         import json

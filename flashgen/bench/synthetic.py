@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 SHAPES = {
-    "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], hidden_size=1024, num_hidden_layers=28,
+    "qwen3-0.6b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
                        vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=40960,
                        rope_theta=1000000.0, rms_norm_eps=1e-6),
-    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, num_hidden_layers=32,
+    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336,
                          vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
                          rope_theta=500000.0, rms_norm_eps=1e-5,

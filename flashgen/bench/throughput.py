@@ -104,7 +104,8 @@ def run_hf(w: Workload, model_dir: str, max_new: int) -> dict:
     import transformers
 
     cfg = transformers.AutoConfig.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     L = max(map(len, w.prompts))
     ids = torch.zeros(len(w.prompts), L, dtype=torch.long)
     mask = torch.zeros_like(ids)

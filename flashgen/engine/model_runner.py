@@ -29,6 +29,8 @@ def pick_device(config: EngineConfig, rank: int = 0) -> torch.device:
             raise RuntimeError(f"tensor_parallel_size={config.tensor_parallel_size} needs as many GPUs; "
                                f"{torch.cuda.device_count()} are visible")
         dev = torch.device("cuda", rank)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
