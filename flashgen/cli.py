@@ -98,6 +98,8 @@ def generate(
     stats_json: Optional[str] = typer.Option(None, help="Write the final summary as JSON here.", rich_help_panel=JOB),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", "-q", show_default=False, rich_help_panel=JOB,
                                          help="No summary or notes on stderr (errors still)."),
+    data_parallel: Optional[str] = typer.Option(None, help="Engine processes, one per GPU; auto = one per GPU.",
+                                                rich_help_panel=JOB),
 ) -> None:
     """Generate a completion for every JSONL line of INPUT."""
     from flashgen.jobs import run_generate
@@ -116,7 +118,7 @@ def generate(
         "job": dict(resume=resume, order=order, template=template, field=field, chat=chat,
                     return_token_ids=return_token_ids, max_errors=max_errors, max_in_flight=max_in_flight,
                     progress=None if progress is None else ("on" if progress else "off"), stats_json=stats_json,
-                    quiet=quiet),
+                    quiet=quiet, data_parallel=data_parallel),
     }
     code = run_generate(input, output, config, flags, overwrite=overwrite, show_config=show_config)
     raise typer.Exit(code)
@@ -157,6 +159,33 @@ def convert_gguf(
     except (OSError, ValueError) as e:
         _fail(f"cannot convert {gguf_file}: {e}")
     typer.echo(f"flashgen: wrote {path}", err=True)
+
+
+bench_app = typer.Typer(help="Benchmarks on a CUDA GPU: figures next to ceilings and peers measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("kernels")
+def bench_kernels(out_dir: Optional[str] = typer.Option(None, help="Write kernels.json here.")) -> None:
+    """Each kernel next to torch SDPA (FLASH, CUDNN) and the copy-bandwidth ceiling."""
+    from flashgen.bench.kernels import main as run
+
+    raise typer.Exit(run(out_dir))
+
+
+@bench_app.command("throughput")
+def bench_throughput(
+    workload: str = typer.Option("nanovllm", help="nanovllm, fixed512, sharedprefix or latency8b."),
+    compare: Optional[str] = typer.Option(None, help="hf: also measure HF transformers generate in this run."),
+    hf_max_tokens: int = typer.Option(512, help="New tokens per prompt for the HF peer."),
+    out_dir: Optional[str] = typer.Option(None, help="Write throughput_WORKLOAD.json here."),
+    enforce_eager: bool = typer.Option(False, help="No CUDA graphs."),
+) -> None:
+    """Output tok/s of a standard workload next to its physical floor on this GPU."""
+    from flashgen.bench.throughput import main as run
+
+    run(workload, compare, hf_max_tokens, out_dir, enforce_eager=enforce_eager)
 
 
 def _fail(message: str) -> None:

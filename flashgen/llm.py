@@ -12,6 +12,11 @@ from flashgen.sampling_params import SamplingParams
 from flashgen.tokenizer import Tokenizer
 
 
+def resolve_model_name(model: str | None) -> str:
+    """A model directory for `model`: a directory as is, a known name or .gguf file converted once."""
+    return _resolve(model)
+
+
 def _resolve(model: str | None) -> str:
     try:
         from flashgen.models.default_model import resolve_model

@@ -97,7 +97,7 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
         log(f"flashgen: resuming {plan.name}: {plan.n_done:,} lines already done"
             + (f"; {plan.n_errors:,} error records dropped to run those lines again" if plan.n_errors else "")
             + ("; a torn last line dropped" if plan.torn else ""))
-    llm = _load_model(model, engine)
+    llm = _load_model(model, engine, job["data_parallel"])
     stats.model = getattr(llm, "model_name", model or "")
     parser = LineParser(llm.tokenizer, llm.max_model_len, defaults, template=template,
                         template_name=job["template"], field=job["field"], chat=job["chat"])
@@ -169,13 +169,24 @@ def _count_lines(path: Path) -> int:
     return n + (last != b"\n")
 
 
-def _load_model(model: str | None, engine: dict):
+def _load_model(model: str | None, engine: dict, data_parallel: str = "1"):
     try:
         from flashgen.llm import LLM
     except ImportError as e:
         raise FatalError(f"the engine cannot be imported ({e}); check the flashgen installation") from None
     try:
-        return LLM(model, **engine)
+        from flashgen.config import EngineConfig
+        from flashgen.engine.data_parallel import DataParallelLLM, resolve_data_parallel
+        from flashgen.llm import resolve_model_name
+
+        config = EngineConfig(model=resolve_model_name(model), **engine)
+        try:
+            n = resolve_data_parallel(data_parallel, config)
+        except ValueError as e:
+            raise FatalError(f"data_parallel: {e}") from None
+        if n > 1:
+            return DataParallelLLM(config, n)
+        return LLM(config=config)
     except Interrupted:
         raise
     except Exception as e:

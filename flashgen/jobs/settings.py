@@ -108,6 +108,7 @@ JOB = {
     "progress": Option("auto", "auto = progress bar when stderr is a terminal; on; off", choices=("auto", "on", "off")),
     "stats_json": Option("", "write the final summary as JSON to this file"),
     "quiet": Option(False, "no summary or notes on stderr (errors still go there)"),
+    "data_parallel": Option("1", "engine processes fed by this job, one per GPU (auto = one per visible GPU)"),
 }
 
 SCHEMA: dict[str, dict[str, Option]] = {"engine": _engine_options(), "sampling": SAMPLING, "job": JOB}
