@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from flashgen.config import EngineConfig
@@ -160,24 +161,38 @@ class ModelRunner:
     HEADER = 7  # is_prefill, T, B, width, max_seqlen_q, n_last, all_rows
 
     def _pack(self, seqs: list[Sequence], is_prefill: bool, last: list[int] | None = None) -> torch.Tensor:
-        bs = self.block_size
-        ids, pos, slots, cu, ctx_lens, rows = [], [], [], [0], [], []
-        for s in seqs:
-            start, n = s.num_computed_tokens, s.num_scheduled_tokens
-            ids += s.token_ids[start:start + n]
-            pos += range(start, start + n)
-            slots += [s.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            cu.append(cu[-1] + n)
-            ctx_lens.append(start + n)
-            if start + n == s.num_tokens:
-                rows.append(cu[-1] - 1)
+        bs, B = self.block_size, len(seqs)
+        width = max(len(s.block_table) for s in seqs)
+        tables = np.zeros((B, width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = s.block_table
+        if is_prefill:
+            ids, pos, slots, cu, rows = [], [], [], [0], []
+            for s in seqs:
+                start, n = s.num_computed_tokens, s.num_scheduled_tokens
+                ids += s.token_ids[start:start + n]
+                p = np.arange(start, start + n)
+                pos.append(p)
+                slots.append(np.asarray(s.block_table)[p // bs] * bs + p % bs)
+                cu.append(cu[-1] + n)
+                if start + n == s.num_tokens:
+                    rows.append(cu[-1] - 1)
+            ctx_lens = [s.num_computed_tokens + s.num_scheduled_tokens for s in seqs]
+            pos_a, slot_a = np.concatenate(pos), np.concatenate(slots)
+            max_q = max(s.num_scheduled_tokens for s in seqs)
+        else:  # one token per sequence, at position len - 1
+            ids = [s.token_ids[-1] for s in seqs]
+            ctx_lens = [len(s) for s in seqs]
+            pos_a = np.asarray(ctx_lens, dtype=np.int64) - 1
+            last_blocks = tables[np.arange(B), pos_a // bs]
+            slot_a = last_blocks * bs + pos_a % bs
+            cu, rows, max_q = list(range(B + 1)), list(range(B)), 1
         if last is not None:
             rows = last
-        width = max(len(s.block_table) for s in seqs)
-        tables = [t for s in seqs for t in s.block_table + [0] * (width - len(s.block_table))]
-        header = [int(is_prefill), len(ids), len(seqs), width, max(s.num_scheduled_tokens for s in seqs),
-                  len(rows), 0]
-        return torch.tensor(header + ids + pos + slots + ctx_lens + cu + tables + rows, dtype=torch.int64)
+        header = [int(is_prefill), len(ids), B, width, max_q, len(rows), 0]
+        return torch.from_numpy(np.concatenate([
+            np.asarray(header + ids, dtype=np.int64), pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int64),
+            tables.ravel(), np.asarray(rows, dtype=np.int64)]))
 
     def _unpack(self, buf: torch.Tensor) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
         is_prefill, T, B, W, max_q, n_last, _ = buf[:self.HEADER].tolist()
