@@ -5,8 +5,8 @@ two correct bf16 implementations (HF's own bf16 against its fp32 included) part 
 The test therefore holds flashgen to what bf16 allows, against an fp32 oracle on the same weights:
   * first-step logits: err(flashgen bf16) <= 2 * err(HF bf16) + 1e-3;
   * greedy: at least as many prompts identical to the oracle as HF bf16 manages (minus 2), and every
-    divergence happens at a near-tie: flashgen picks the oracle's 2nd choice and the oracle's top-2 margin is
-    within 8x the RMS logit error measured above.
+    divergence happens at a near-tie: the oracle's logit for flashgen's token is within 8x the RMS logit error
+    (measured above) of its best.
 """
 from __future__ import annotations
 
@@ -83,4 +83,5 @@ def test_greedy_and_logits_match_hf_bf16(shape, tmp_path):
         margin = (top.values[0] - top.values[1]).item()
         print(f"  prompt of {len(p)}: diverges at token {k}; oracle margin {margin:.4f}; ours = oracle's "
               f"#{int((lg > lg[a[k]]).sum()) + 1}")
-        assert a[k] == top.indices[1].item() and margin <= 8 * rms, "a divergence that is not a near-tie"
+        gap = (lg.max() - lg[a[k]]).item()
+        assert gap <= 8 * rms, f"a divergence that is not a near-tie: oracle prefers its token by {gap:.4f}"

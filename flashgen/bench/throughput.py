@@ -61,6 +61,22 @@ def measure_ceilings() -> dict:
     return {"copy_bytes_per_s": bw, "matmul_flop_per_s": flops}
 
 
+def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
+    """Prompt tokens that must be computed at least once: the nodes of the prompts' prefix trie (a shared
+    prefix counts once, as prefix caching computes it once)."""
+    root: dict = {}
+    n = 0
+    for p in prompts:
+        node = root
+        for t in p:
+            nxt = node.get(t)
+            if nxt is None:
+                nxt = node[t] = {}
+                n += 1
+            node = nxt
+    return n
+
+
 def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict) -> float:
     """Everything resident, every step at the ceiling: per decode step all weights plus each live sequence's
     KV once over the copy bandwidth; prefill as 2 * params FLOPs per prompt token over the matmul rate."""
@@ -71,7 +87,7 @@ def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict) -> float:
         while j < len(order) and order[j][0] <= t:
             live_prompt -= order[j][1]; live -= 1; j += 1
         total_bytes += weight_bytes + kv_tok * (live_prompt + live * (t + 1))
-    prefill_flops = 2 * (weight_bytes / 2) * sum(len(p) for p in w.prompts)
+    prefill_flops = 2 * (weight_bytes / 2) * distinct_prefix_tokens(w.prompts)
     return total_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
 
 

@@ -229,7 +229,8 @@ class ModelRunner:
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         if self.on_logits is not None:
             self.on_logits(done, logits)
-        return sample(logits, build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)).tolist()
+        batch = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
+        return sample(logits, batch, fused=self.backend == "cuda").tolist()
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

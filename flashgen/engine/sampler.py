@@ -66,33 +66,45 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """logits (B, V) float32 -> (B,) int64 tokens."""
+def _filter(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """-inf where top-k / top-p / min-p (judged on the temperature-scaled distribution) drop a token."""
+    t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+    x = logits / t[:, None]
+    drop = torch.zeros_like(x, dtype=torch.bool)
+    if b.top_k is not None or b.top_p is not None:
+        sx, order = x.sort(dim=-1, descending=True)
+        sdrop = torch.zeros_like(sx, dtype=torch.bool)
+        if b.top_k is not None:
+            kth = sx.gather(1, (b.top_k - 1).clamp(min=0)[:, None])
+            sdrop |= sx < kth
+        if b.top_p is not None:
+            probs = sx.masked_fill(sdrop, float("-inf")).softmax(-1)
+            before = probs.cumsum(-1) - probs  # mass strictly above each token
+            sdrop |= before > b.top_p[:, None]
+        sdrop[:, 0] = False
+        drop = drop.scatter(1, order, sdrop)
+    if b.min_p is not None:
+        probs = x.masked_fill(drop, float("-inf")).softmax(-1)
+        drop |= probs < b.min_p[:, None] * probs.max(-1, keepdim=True).values
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch.Tensor:
+    """logits (B, V) float32 -> (B,) int64 tokens. `fused`: one CUDA kernel for noise + argmax."""
     logits = apply_penalties(logits, b)
     if b.banned is not None:
         logits = logits.masked_fill(b.banned, float("-inf"))
-    greedy = logits.argmax(-1)
     if b.all_greedy:
-        return greedy
+        return logits.argmax(-1)
+    if b.top_k is not None or b.top_p is not None or b.min_p is not None:
+        logits = _filter(logits, b)
+    if fused:
+        from flashgen.ops.cuda_ops import gumbel_argmax
+
+        return gumbel_argmax(logits.contiguous(), b.temperature, b.seeds, b.steps)
     t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-    x = logits / t[:, None]
-    if b.top_k is not None or b.top_p is not None:
-        sx, order = x.sort(dim=-1, descending=True)
-        if b.top_k is not None:
-            kth = sx.gather(1, (b.top_k - 1).clamp(min=0)[:, None])
-            sx = sx.masked_fill(sx < kth, float("-inf"))
-        if b.top_p is not None:
-            probs = sx.softmax(-1)
-            before = probs.cumsum(-1) - probs  # mass strictly above each token
-            drop = before > b.top_p[:, None]
-            drop[:, 0] = False
-            sx = sx.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(1, order, sx)
-    if b.min_p is not None:
-        probs = x.softmax(-1)
-        x = x.masked_fill(probs < b.min_p[:, None] * probs.max(-1, keepdim=True).values, float("-inf"))
-    sampled = (x + gumbel_noise(b.seeds, b.steps, x.shape[-1])).argmax(-1)
-    return torch.where(b.temperature > 0, sampled, greedy)
+    sampled = (logits / t[:, None] + gumbel_noise(b.seeds, b.steps, logits.shape[-1])).argmax(-1)
+    return torch.where(b.temperature > 0, sampled, logits.argmax(-1))
 
 
 def build_sampling_batch(seqs: list, vocab: int, eos_ids: set[int], dev) -> SamplingBatch:

@@ -314,3 +314,27 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 jit.ptr(part_o), jit.ptr(part_lse), jit.ptr(context_lens), jit.ptr(out), jit.ptr(lse),
                 jit.i32(B), jit.i32(hq), jit.i32(num_splits)), dev)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------- sampling
+def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                  *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) float32 logits -> (B,) int64 tokens: argmax(logits / T + Gumbel(seed, step, token)), plain argmax
+    where T == 0. Bit-identical noise to flashgen.engine.sampler.gumbel_noise; -inf logits never win."""
+    _check_tensor("logits", logits, (torch.float32,), 2, align=4)
+    dev = logits.device
+    B, V = logits.shape
+    _check_tensor("temperature", temperature, (torch.float32,), 1, dev, align=4)
+    _check_tensor("seeds", seeds, (torch.int64,), 1, dev, align=8)
+    _check_tensor("steps", steps, (torch.int64,), 1, dev, align=8)
+    for name, t in (("temperature", temperature), ("seeds", seeds), ("steps", steps)):
+        if t.shape[0] != B:
+            _fail(name, f"must have one entry per logits row ({B})", f"shape {tuple(t.shape)}")
+    out = _check_out(out, (B,), torch.int64, dev)
+    if out is None:
+        out = torch.empty(B, dtype=torch.int64, device=dev)
+    if B:
+        k = jit.get_kernel("sampling.cu", "gumbel_argmax_kernel", torch.bfloat16, 0, _dev(logits))
+        jit.launch(k, (B,), (1024,), (jit.ptr(logits), jit.i32(V), jit.ptr(temperature), jit.ptr(seeds),
+                                      jit.ptr(steps), jit.ptr(out)), dev)
+    return out

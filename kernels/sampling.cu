@@ -1,0 +1,79 @@
+// sampling.cu: Gumbel-max sampling fused into one pass over the logits.
+//
+// gumbel_argmax_kernel: one CTA per row (1024 threads), grid-stride over the vocabulary. Each thread keeps
+//   its best (value, index) of  x = logit / T + g(seed, step, v)  (rows with T == 0: x = logit, greedy),
+//   then a warp-shuffle and shared-memory reduction picks the row's maximum, lowest index on ties (as
+//   torch.argmax). g is Gumbel(0, 1) noise from a counter-based hash of (request seed, output position,
+//   token id): bit-identical to flashgen.engine.sampler.gumbel_noise, so a request's draws depend on its seed
+//   alone, never on its batch, and no generator state lives on the device (CUDA-graph friendly).
+//   Filtering (top-k, top-p, min-p, penalties, banned tokens) happens before, as -inf logits.
+//   Traffic: the (B, V) float32 logits are read once; the torch version makes ~30 passes over a (B, V)
+//   int64 tensor for the noise alone.
+#include "common.cuh"
+
+FG_INLINE u32 mix32(u32 x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+extern "C" __global__ void gumbel_argmax_kernel(const float* __restrict__ logits, int vocab,
+                                                const float* __restrict__ temperature,
+                                                const i64* __restrict__ seeds, const i64* __restrict__ steps,
+                                                i64* __restrict__ out) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const int row = blockIdx.x;
+    const float t = temperature[row];
+    const unsigned long long seed = (unsigned long long)seeds[row];
+    const u32 base = (mix32((u32)(seed & 0xFFFFFFFFull)) ^ mix32((u32)(seed >> 32))) + (u32)steps[row];
+    const u32 key = mix32(base);
+    const float* x = logits + (i64)row * vocab;
+    float bv = -INFINITY;
+    int bi = 0x7FFFFFFF;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+        float val = x[v];
+        if (t > 0.f) {
+            const u32 h = mix32(mix32(key ^ (u32)v) + 0x9E3779B9u);
+            const float u = ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
+            val = val / t - logf(-logf(u));
+        }
+        if (val > bv || (val == bv && v < bi)) {  // NaN never wins; -inf rows fall back to index 0
+            bv = val;
+            bi = v;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+        best_v[warp] = bv;
+        best_i[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x >> 5;
+        bv = lane < nw ? best_v[lane] : -INFINITY;
+        bi = lane < nw ? best_i[lane] : 0x7FFFFFFF;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) out[row] = bi == 0x7FFFFFFF ? 0 : bi;
+    }
+}
