@@ -11,6 +11,9 @@
 //   int64 tensor for the noise alone.
 #include "common.cuh"
 
+// NOTE: NVRTC has no math.h, so no INFINITY macro.
+FG_INLINE float neg_inf() { return __int_as_float(0xff800000); }
+
 FG_INLINE u32 mix32(u32 x) {
     x ^= x >> 16;
     x *= 0x7FEB352Du;
@@ -32,7 +35,7 @@ extern "C" __global__ void gumbel_argmax_kernel(const float* __restrict__ logits
     const u32 base = (mix32((u32)(seed & 0xFFFFFFFFull)) ^ mix32((u32)(seed >> 32))) + (u32)steps[row];
     const u32 key = mix32(base);
     const float* x = logits + (i64)row * vocab;
-    float bv = -INFINITY;
+    float bv = neg_inf();
     int bi = 0x7FFFFFFF;
     for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
         float val = x[v];
@@ -63,7 +66,7 @@ extern "C" __global__ void gumbel_argmax_kernel(const float* __restrict__ logits
     __syncthreads();
     if (warp == 0) {
         const int nw = blockDim.x >> 5;
-        bv = lane < nw ? best_v[lane] : -INFINITY;
+        bv = lane < nw ? best_v[lane] : neg_inf();
         bi = lane < nw ? best_i[lane] : 0x7FFFFFFF;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
