@@ -59,5 +59,9 @@ class SamplingParams:
                 raise bad(name, getattr(self, name), "use a number in [-2, 2]")
 
     @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

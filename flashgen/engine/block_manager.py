@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from flashgen.engine.sequence import Sequence
+from flashgen.engine.sequence import PLACEHOLDER, Sequence
 
 
 class Block:
@@ -100,12 +100,19 @@ class BlockManager:
         n = len(seq)
         if n % self.block_size == 1 and len(seq.block_table) < seq.num_blocks:
             seq.block_table.append(self._take_free().block_id)
-        elif n % self.block_size == 0 and self.prefix_caching:
+        elif n % self.block_size == 0 and seq.token_ids[-1] != PLACEHOLDER:
             # the last block becomes full with this step's token: register it for later prefix hits
-            i = n // self.block_size - 1
-            prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
-            if prev != -1 or i == 0:
-                tokens = seq.block_tokens(i)
-                block = self.blocks[seq.block_table[i]]
-                block.hash, block.token_ids = block_hash(tokens, prev), tuple(tokens)
-                self.hash_to_block[block.hash] = block.block_id
+            # (a pipelined step registers it when the token is read: see Engine._resolve)
+            self.register_full_block(seq, n // self.block_size - 1)
+
+    def register_full_block(self, seq: Sequence, i: int) -> None:
+        """Make seq's full block i findable by later prompts. Call only once the step writing its last
+        token's K/V has been launched, so any prefill that hits it runs after that write."""
+        if not self.prefix_caching:
+            return
+        prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
+        if prev != -1 or i == 0:
+            tokens = seq.block_tokens(i)
+            block = self.blocks[seq.block_table[i]]
+            block.hash, block.token_ids = block_hash(tokens, prev), tuple(tokens)
+            self.hash_to_block[block.hash] = block.block_id

@@ -36,10 +36,12 @@ def flush(tok: Tokenizer, seq: Sequence) -> str:
     return full[len(prefix):] if len(full) > len(prefix) else ""
 
 
-def check_stop(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, delta: str) -> None:
-    """Set seq.finish_reason (and stop_reason) if `token` / the new text `delta` ends the request."""
+def check_stop(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, delta: str,
+               n_tokens: int) -> None:
+    """Set seq.finish_reason (and stop_reason) if `token`, the sequence's n_tokens-th token, or the new text
+    `delta` ends the request."""
     p = seq.params
-    n_out = seq.num_output_tokens
+    n_out = n_tokens - seq.num_prompt_tokens
     if n_out >= p.min_tokens:
         if token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
@@ -56,5 +58,5 @@ def check_stop(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int,
                 seq.output_text = seq.output_text[:i]
                 seq.finish_reason, seq.stop_reason = "stop", s
                 return
-    if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= max_model_len:
+    if (p.max_tokens is not None and n_out >= p.max_tokens) or n_tokens >= max_model_len:
         seq.finish_reason = "length"

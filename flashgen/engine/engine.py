@@ -9,9 +9,9 @@ from pathlib import Path
 
 from flashgen.config import EngineConfig
 from flashgen.engine import detokenizer
-from flashgen.engine.model_runner import ModelRunner
+from flashgen.engine.model_runner import ModelRunner, SampledTokens
 from flashgen.engine.scheduler import Scheduler
-from flashgen.engine.sequence import Sequence
+from flashgen.engine.sequence import PLACEHOLDER, Sequence
 from flashgen.models.spec import load_spec
 from flashgen.outputs import RequestOutput
 from flashgen.sampling_params import SamplingParams
@@ -50,7 +50,9 @@ class Engine:
         self.runner = ModelRunner(config, str(model_dir), self.spec, self.eos_ids)
         self.max_model_len = self.runner.max_model_len
         self.scheduler = Scheduler(config, self.runner.num_blocks, self.max_model_len)
+        self.scheduler.on_preempt = self.runner.release
         self.stats = EngineStats()
+        self._pending: SampledTokens | None = None  # a launched decode step whose tokens are not read yet
         self._seed_rng = random.Random(config.seed)
         self._ids: set[str] = set()
 
@@ -82,43 +84,81 @@ class Engine:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
 
     def step(self) -> list[RequestOutput]:
+        """Schedule -> launch -> read tokens and postprocess. In steady decoding the host reads step n's tokens
+        (detokenizes, checks stops) while the GPU already runs step n + 1 (see _can_pipeline)."""
         t0 = time.perf_counter()
+        finished: list[RequestOutput] = []
+        if self._pending is not None and not self._can_pipeline():
+            finished += self._resolve(self._pending, ())
+            self._pending = None
         seqs, is_prefill = self.scheduler.schedule()
-        assert seqs, "scheduler found no work although requests are pending"
-        tokens = self.runner.run(seqs, is_prefill)
-        finished = self._postprocess(seqs, is_prefill, tokens)
-        dt = time.perf_counter() - t0
+        if not seqs:  # only sequences whose last token is still unread: read it
+            assert self._pending is not None, "scheduler found no work although requests are pending"
+            finished += self._resolve(self._pending, ())
+            self._pending = None
+            return finished
+        future = self.runner.launch(seqs, is_prefill)
+        for seq in seqs:
+            if is_prefill:
+                if seq.num_computed_tokens == seq.num_cached_tokens:
+                    self.stats.cached_tokens += seq.num_cached_tokens
+                self.scheduler.complete_prefill_chunk(seq)
+            else:
+                seq.num_computed_tokens += 1
+        for seq in future.seqs:
+            future.idx.append(len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER)
+        future.is_prefill = is_prefill
+        if self._pending is not None:  # runs while the GPU computes the step just launched
+            finished += self._resolve(self._pending, {s.seq_id for s in seqs})
+            self._pending = None
+        if not is_prefill and self.runner.async_capable:
+            self._pending = future
+        else:
+            finished += self._resolve(future, ())
         st = self.stats
         st.steps += 1
         st.preemptions = self.scheduler.num_preemptions
+        dt = time.perf_counter() - t0
         if is_prefill:
             st.prefill_seconds += dt
             st.prompt_tokens += sum(s.num_scheduled_tokens for s in seqs)
         else:
             st.decode_seconds += dt
-        st.generated_tokens += len(tokens)
         return finished
 
-    def _postprocess(self, seqs: list[Sequence], is_prefill: bool, tokens: list[int]) -> list[RequestOutput]:
-        done, it = [], iter(tokens)
-        for seq in seqs:
-            if is_prefill:
-                if seq.num_computed_tokens == seq.num_cached_tokens:
-                    self.stats.cached_tokens += seq.num_cached_tokens
-                if not self.scheduler.complete_prefill_chunk(seq):
-                    continue
-            else:
-                seq.num_computed_tokens += 1
-            token = next(it)
-            seq.append_token(token)
+    def _can_pipeline(self) -> bool:
+        """Keep the last decode step's tokens unread across the next schedule only when that schedule cannot
+        need them: no prefill waiting, a free block for every running sequence (no preemption), no penalties
+        (they count the latest token)."""
+        s = self.scheduler
+        return (not self._pending.is_prefill and not s.waiting
+                and s.block_manager.num_free_blocks >= len(s.running)
+                and not any(seq.params.has_penalties for seq in s.running))
+
+    def _resolve(self, future: SampledTokens, launched: set[int] | tuple) -> list[RequestOutput]:
+        """Read a step's tokens: fill the placeholders, detokenize, check stops, finish sequences."""
+        done = []
+        bs = self.config.block_size
+        tokens = future.result()
+        self.stats.generated_tokens += len(tokens)
+        for seq, idx, token in zip(future.seqs, future.idx, tokens):
+            if seq.is_finished:  # ended by the step before; this token was computed speculatively
+                self.stats.generated_tokens -= 1
+                continue
+            seq.set_token(idx, token)
+            if (idx + 1) % bs == 0 and seq.seq_id in launched:
+                self.scheduler.block_manager.register_full_block(seq, idx // bs)
             delta = detokenizer.detokenize_step(self.tokenizer, seq, token) if seq.params.detokenize else ""
             seq.output_text += delta
-            detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta)
+            detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta, idx + 1)
             if seq.finish_reason:
+                del seq.token_ids[idx + 1:]  # drop a speculative placeholder after the end
                 if seq.params.detokenize and not isinstance(seq.stop_reason, str):
                     seq.output_text += detokenizer.flush(self.tokenizer, seq)
                 cached = seq.num_cached_tokens
                 self.scheduler.finish(seq)
+                self.runner.release(seq)
                 self._ids.discard(seq.request_id)
                 done.append(RequestOutput(
                     request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],

@@ -56,6 +56,31 @@ def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype)
     return "cuda" if device.type == "cuda" and ok and dtype != torch.float32 else "torch"
 
 
+class SampledTokens:
+    """Tokens sampled by a launched step, read back without blocking the GPU: a pinned host copy and an event
+    (CUDA), or the values themselves (CPU)."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None):
+        self.seqs = seqs
+        self.idx: list[int] = []  # where each sequence's PLACEHOLDER sits
+        self.is_prefill = False
+        self._event = None
+        if tokens is None:
+            self._host = torch.empty(0, dtype=torch.int64)
+        elif tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tokens
+
+    def result(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
 class ModelRunner:
     """Rank 0 runs in the engine's process; with tensor parallelism, ranks 1..N-1 run `worker_loop` in their
     own processes and replay every step rank 0 broadcasts (flashgen.engine.tp_worker)."""
@@ -90,6 +115,13 @@ class ModelRunner:
         self.kv_cache = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self.model.bind_kv_cache(self.kv_cache)
         self.on_logits = None  # tests hook: called with (seqs, logits) before sampling
+        # Pipelined decode (CUDA, one process): each running sequence's latest token lives in a device slot, so a
+        # decode step can start before the host has read the previous step's tokens.
+        self.async_capable = False
+        self.last_tokens = None
+        self._slot: dict[int, int] = {}
+        if self.device.type == "cuda" and self.world == 1:
+            self.enable_pipelining()
         self.graphs = None
         # NOTE: the torch reference reads context lengths on the host, so only the CUDA kernels are capturable.
         if self.device.type == "cuda" and self.backend == "cuda" and not config.enforce_eager:
@@ -181,7 +213,9 @@ class ModelRunner:
             pos_a, slot_a = np.concatenate(pos), np.concatenate(slots)
             max_q = max(s.num_scheduled_tokens for s in seqs)
         else:  # one token per sequence, at position len - 1
-            ids = [s.token_ids[-1] for s in seqs]
+            # NOTE: with device slots the id column holds slot numbers (the token may still be on the GPU)
+            ids = [self._slot[s.seq_id] for s in seqs] if self.last_tokens is not None else \
+                [s.token_ids[-1] for s in seqs]
             ctx_lens = [len(s) for s in seqs]
             pos_a = np.asarray(ctx_lens, dtype=np.int64) - 1
             last_blocks = tables[np.arange(B), pos_a // bs]
@@ -206,6 +240,8 @@ class ModelRunner:
     def _execute(self, buf: torch.Tensor) -> torch.Tensor | None:
         """Run one packed step on this rank; (rows, vocab) float32 logits of the rows to sample, or None."""
         input_ids, ctx, rows = self._unpack(buf)
+        if not ctx.is_prefill and self.last_tokens is not None:
+            input_ids = self.last_tokens[input_ids]
         if not ctx.is_prefill and self.graphs is not None and self.graphs.bucket(input_ids.shape[0]) is not None:
             return self.graphs.run(input_ids, ctx)
         hidden, residual = self.model.forward(input_ids, ctx)
@@ -221,16 +257,37 @@ class ModelRunner:
         return self._execute(buf)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One step; returns the sampled token of each sequence whose context is complete, in order."""
+    def launch(self, seqs: list[Sequence], is_prefill: bool) -> SampledTokens:
+        """Queue one step on the device; the returned tokens (one per sequence whose context is complete, in
+        order) are read later with .result()."""
+        done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         logits = self._step(self._pack(seqs, is_prefill))
         if logits is None:
-            return []
-        done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
+            return SampledTokens([], None)
         if self.on_logits is not None:
             self.on_logits(done, logits)
         batch = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
-        return sample(logits, batch, fused=self.backend == "cuda").tolist()
+        tokens = sample(logits, batch, fused=self.backend == "cuda")
+        if self.last_tokens is not None:
+            for s in done:
+                if s.seq_id not in self._slot:
+                    self._slot[s.seq_id] = self._free_slots.pop()
+            slots = torch.tensor([self._slot[s.seq_id] for s in done], dtype=torch.int64)
+            self.last_tokens[slots.to(self.device, non_blocking=True)] = tokens
+        return SampledTokens(done, tokens)
+
+    def enable_pipelining(self) -> None:
+        """Keep each running sequence's latest token in a device slot (2 x max_num_seqs slots: preempted
+        sequences give theirs back)."""
+        self.last_tokens = torch.zeros(2 * self.config.max_num_seqs + 1, dtype=torch.int64, device=self.device)
+        self._free_slots = list(range(self.last_tokens.shape[0] - 1, -1, -1))
+        self.async_capable = True
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished or was preempted: its device token slot is free again."""
+        slot = self._slot.pop(seq.seq_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -23,6 +23,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.on_preempt = lambda seq: None  # the runner frees the sequence's device-side token slot
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -54,8 +55,12 @@ class Scheduler:
         if batch:
             return batch, True
 
+        held: list[Sequence] = []  # at max_tokens / context with a token still on the GPU: nothing to compute
         while self.running and len(batch) < self.max_num_seqs:
             seq = self.running.popleft()
+            if seq.at_limit(self.max_model_len):
+                held.append(seq)
+                continue
             while not bm.can_append(seq):
                 if self.running:
                     self._preempt(self.running.pop())
@@ -66,11 +71,12 @@ class Scheduler:
                 bm.may_append(seq)
                 seq.num_scheduled_tokens = 1
                 batch.append(seq)
-        self.running.extendleft(reversed(batch))
+        self.running.extendleft(reversed(batch + held))
         return batch, False
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
+        self.on_preempt(seq)
         seq.status = Status.WAITING
         self.block_manager.free(seq)
         # NOTE: a partly prefilled head of `waiting` owns blocks and must finish first, or it could starve us.

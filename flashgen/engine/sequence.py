@@ -7,6 +7,9 @@ import itertools
 from flashgen.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # a sampled token still on the GPU (pipelined decode); replaced when it is read
+
+
 class Status(enum.Enum):
     WAITING = 1
     RUNNING = 2
@@ -66,6 +69,12 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
-    def append_token(self, token: int) -> None:
-        self.token_ids.append(token)
+    def set_token(self, idx: int, token: int) -> None:
+        """Put the sampled `token` at `idx` (where a PLACEHOLDER waits for it)."""
+        self.token_ids[idx] = token
         self.output_counts[token] = self.output_counts.get(token, 0) + 1
+
+    def at_limit(self, max_model_len: int) -> bool:
+        """No further token may be scheduled (placeholders count): max_tokens or the context is reached."""
+        mt = self.params.max_tokens
+        return (mt is not None and self.num_output_tokens >= mt) or len(self.token_ids) >= max_model_len
