@@ -78,16 +78,20 @@ def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
 
 
 def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict) -> float:
-    """Everything resident, every step at the ceiling: per decode step all weights plus each live sequence's
-    KV once over the copy bandwidth; prefill as 2 * params FLOPs per prompt token over the matmul rate."""
+    """Everything resident, every step at the ceiling: per decode step all weights plus the live sequences'
+    distinct KV (a shared prefix once) over the copy bandwidth; prefill as 2 * params FLOPs per distinct
+    prompt token over the matmul rate."""
     kv_tok = spec.kv_bytes_per_token(torch.bfloat16)
+    distinct = distinct_prefix_tokens(w.prompts)
+    total_prompt = sum(len(p) for p in w.prompts)
+    share = distinct / total_prompt  # fraction of prompt KV that is not a repeat of another prompt's
     order = sorted(zip(w.max_tokens, map(len, w.prompts)))
-    total_bytes, live_prompt, live, j = 0.0, sum(len(p) for p in w.prompts), len(order), 0
+    total_bytes, live_prompt, live, j = 0.0, total_prompt, len(order), 0
     for t in range(max(w.max_tokens)):
         while j < len(order) and order[j][0] <= t:
             live_prompt -= order[j][1]; live -= 1; j += 1
-        total_bytes += weight_bytes + kv_tok * (live_prompt + live * (t + 1))
-    prefill_flops = 2 * (weight_bytes / 2) * distinct_prefix_tokens(w.prompts)
+        total_bytes += weight_bytes + kv_tok * (live_prompt * share + live * (t + 1))
+    prefill_flops = 2 * (weight_bytes / 2) * distinct
     return total_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
 
 
@@ -111,6 +115,7 @@ def run_flashgen(w: Workload, model_dir: str, **engine_kw) -> dict:
                        if t is not None) + llm.engine.runner.model.embed.numel() * 2 * (
                            1 if llm.engine.spec.tie_word_embeddings else 2)
     return {"output_tokens": ntok, "seconds": wall, "tok_per_s": ntok / wall, "startup_s": startup,
+            "prefill_s": llm.stats.prefill_seconds, "decode_s": llm.stats.decode_seconds, "steps": llm.stats.steps,
             "weight_bytes": weight_bytes, "spec": llm.engine.spec, "kv_tokens": llm.engine.runner.num_blocks *
             llm.engine.runner.block_size, "preemptions": llm.stats.preemptions, "backend": llm.engine.runner.backend}
 
@@ -165,6 +170,8 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
              f"  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
              f"  flashgen {ours['tok_per_s']:,.0f} output tok/s ({ours['output_tokens']} tokens in {ours['seconds']:.2f} s;"
              f" start-up {ours['startup_s']:.1f} s; KV {ours['kv_tokens']} tokens; preemptions {ours['preemptions']})",
+             f"  host time in prefill steps {ours['prefill_s']:.2f} s, decode steps {ours['decode_s']:.2f} s, "
+             f"{ours['steps']} steps",
              f"  floor {res['floor_tok_per_s']:,.0f} tok/s -> {res['pct_of_floor']:.0f}% of floor"]
     if "hf" in res:
         lines.append(f"  HF transformers {res['hf']['tok_per_s']:,.0f} tok/s ({hf_max_tokens} new tokens) ->"
