@@ -192,5 +192,8 @@ if __name__ == "__main__":
     ap.add_argument("--hf-max-tokens", type=int, default=512)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     a = ap.parse_args()
-    main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, enforce_eager=a.enforce_eager)
+    main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, enforce_eager=a.enforce_eager, block_size=a.block_size,
+         max_num_batched_tokens=a.max_num_batched_tokens)
