@@ -47,7 +47,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int, ctx: StepContext) -> None:
         hidden, residual = self.model.forward(self.input_ids[:bs], ctx)
-        self.logits[:bs] = self.model.logits(hidden, residual)
+        self.model.logits(hidden, residual, out=self.logits[:bs])
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
