@@ -56,7 +56,10 @@ EOF
 }
 
 engine_tests() {
-    step engine-tests "$PY" -m pytest -m gpu -x -q -s -p no:cacheprovider tests/test_engine_gpu.py
+    step engine-tests "$PY" -m pytest -m gpu -x -q -s -p no:cacheprovider tests/test_engine_gpu.py \
+        tests/test_sampler.py tests/test_cli_gpu.py
+    step startup-1 "$PY" scripts/startup_check.py  # CuPy's kernel cache cold (fresh machine) ...
+    step startup-2 "$PY" scripts/startup_check.py  # ... and warm
 }
 
 throughput() {
@@ -66,7 +69,8 @@ throughput() {
         --hf-max-tokens "$hf_tokens" --out-dir "$LOG"
     step tp-sharedprefix "$PY" -m flashgen.bench.throughput --workload sharedprefix --out-dir "$LOG"
     step tp-latency8b "$PY" -m flashgen.bench.throughput --workload latency8b --out-dir "$LOG"
-    grep -h -A6 "^workload" "$LOG"/tp-*.log > "$LOG/engine-table.txt" || true
+    { grep -h "start-up:" "$LOG"/startup-*.log; grep -h -A7 "^workload" "$LOG"/tp-*.log; } \
+        > "$LOG/engine-table.txt" || true
 }
 
 [ $# -eq 0 ] && set -- kernels
