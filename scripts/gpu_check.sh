@@ -10,6 +10,7 @@
 #   throughput     flashgen/bench/throughput.py: nanovllm, fixed512 (vs HF), sharedprefix, latency8b
 #   engine         = engine-tests throughput
 #   all            = kernels engine
+#   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
 # Logs go to $OUT when it is set, else out/gpu_check/. Each section's status is printed at the end, then
 # the benchmark's short table last. Exit status: non-zero if any section failed.
 set -uo pipefail
@@ -73,6 +74,17 @@ throughput() {
         > "$LOG/engine-table.txt" || true
 }
 
+multi() {
+    step tp-parity "$PY" scripts/multi_gpu_check.py
+    step tp-nanovllm-dp2 "$PY" -m flashgen.bench.throughput --workload nanovllm --data-parallel 2 --out-dir "$LOG"
+    step tp-latency8b-tp2 "$PY" -m flashgen.bench.throughput --workload latency8b --tensor-parallel-size 2 \
+        --out-dir "$LOG"
+    step tp-latency8b "$PY" -m flashgen.bench.throughput --workload latency8b --out-dir "$LOG"
+    step tp-nanovllm "$PY" -m flashgen.bench.throughput --workload nanovllm --out-dir "$LOG"
+    { grep -h "TP=2 vs" "$LOG"/tp-parity.log; grep -h -A7 "^workload" "$LOG"/tp-*.log; } \
+        > "$LOG/engine-table.txt" || true
+}
+
 [ $# -eq 0 ] && set -- kernels
 for section in "$@"; do
     case "$section" in
@@ -84,6 +96,7 @@ for section in "$@"; do
         throughput) throughput ;;
         engine) engine_tests; throughput ;;
         all) kernel_tests; sanitize; kernel_bench; engine_tests; throughput ;;
+        multi) multi ;;
         *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all)" >&2; exit 2 ;;
     esac
 done

@@ -95,15 +95,21 @@ def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict) -> float:
     return total_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
 
 
-def run_flashgen(w: Workload, model_dir: str, **engine_kw) -> dict:
-    from flashgen import LLM, SamplingParams
+def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_kw) -> dict:
+    from flashgen import LLM, EngineConfig, SamplingParams
+    from flashgen.engine.data_parallel import DataParallelLLM
+    from flashgen.models.spec import load_spec
 
     t0 = time.perf_counter()
-    llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", **engine_kw)
+    if data_parallel > 1:
+        llm = DataParallelLLM(EngineConfig(model=model_dir, load_format="dummy", dtype="bfloat16", **engine_kw),
+                              data_parallel)
+    else:
+        llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", **engine_kw)
     startup = time.perf_counter() - t0
     sps = [SamplingParams(temperature=w.temperature, max_tokens=m, ignore_eos=True, detokenize=False)
            for m in w.max_tokens]
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    llm.generate([[1, 2, 3]] * max(1, data_parallel), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     outs = llm.generate(w.prompts, sps)
@@ -111,13 +117,21 @@ def run_flashgen(w: Workload, model_dir: str, **engine_kw) -> dict:
     wall = time.perf_counter() - t0
     ntok = sum(len(o.token_ids) for o in outs)
     assert ntok == sum(w.max_tokens), "every request must produce exactly max_tokens (ignore_eos)"
-    weight_bytes = sum(t.numel() * t.element_size() for L in llm.engine.runner.model.layers for t in L.values()
-                       if t is not None) + llm.engine.runner.model.embed.numel() * 2 * (
-                           1 if llm.engine.spec.tie_word_embeddings else 2)
+    spec = load_spec(model_dir)
+    weight_bytes = 2 * (spec.num_layers * (spec.hidden_size * (2 * spec.q_size + 2 * spec.kv_size)
+                                           + 3 * spec.hidden_size * spec.intermediate_size + 2 * spec.hidden_size)
+                        + spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2))
+    kv_tokens = (llm.engine.runner.num_blocks * llm.engine.runner.block_size) if data_parallel == 1 else 0
+    backend = llm.engine.runner.backend if data_parallel == 1 else "cuda"
+    if data_parallel > 1:
+        llm.close()
+    elif engine_kw.get("tensor_parallel_size", 1) > 1:
+        llm.close()
     return {"output_tokens": ntok, "seconds": wall, "tok_per_s": ntok / wall, "startup_s": startup,
             "prefill_s": llm.stats.prefill_seconds, "decode_s": llm.stats.decode_seconds, "steps": llm.stats.steps,
-            "weight_bytes": weight_bytes, "spec": llm.engine.spec, "kv_tokens": llm.engine.runner.num_blocks *
-            llm.engine.runner.block_size, "preemptions": llm.stats.preemptions, "backend": llm.engine.runner.backend}
+            "weight_bytes": weight_bytes, "spec": spec, "kv_tokens": kv_tokens, "preemptions": llm.stats.preemptions,
+            "backend": backend, "data_parallel": data_parallel,
+            "tensor_parallel": engine_kw.get("tensor_parallel_size", 1)}
 
 
 def run_hf(w: Workload, model_dir: str, max_new: int) -> dict:
@@ -148,7 +162,7 @@ def run_hf(w: Workload, model_dir: str, max_new: int) -> dict:
 
 
 def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: int = 512,
-         out_dir: str | None = None, **engine_kw) -> dict:
+         out_dir: str | None = None, data_parallel: int = 1, **engine_kw) -> dict:
     from flashgen.bench.synthetic import write_model_dir
 
     if not torch.cuda.is_available():
@@ -157,7 +171,7 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
     ceil = measure_ceilings()
     with tempfile.TemporaryDirectory() as d:
         model_dir = str(write_model_dir(w.shape, d))
-        ours = run_flashgen(w, model_dir, **engine_kw)
+        ours = run_flashgen(w, model_dir, data_parallel, **engine_kw)
         floor = floor_seconds(w, ours.pop("spec"), ours["weight_bytes"], ceil)
         res = {"workload": workload, "device": torch.cuda.get_device_name(), **ceil, **ours,
                "floor_s": floor, "floor_tok_per_s": ours["output_tokens"] / floor,
@@ -166,7 +180,9 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
             hw = Workload(w.name, w.shape, w.prompts, [hf_max_tokens] * len(w.prompts))
             res["hf"] = run_hf(hw, model_dir, hf_max_tokens)
             res["speedup_vs_hf"] = ours["tok_per_s"] / res["hf"]["tok_per_s"]
-    lines = [f"workload {workload} on {res['device']} ({ours['backend']} backend)",
+    par = f", TP={ours['tensor_parallel']}, DP={ours['data_parallel']}" if max(
+        ours["tensor_parallel"], ours["data_parallel"]) > 1 else ""
+    lines = [f"workload {workload} on {res['device']} ({ours['backend']} backend{par})",
              f"  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
              f"  flashgen {ours['tok_per_s']:,.0f} output tok/s ({ours['output_tokens']} tokens in {ours['seconds']:.2f} s;"
              f" start-up {ours['startup_s']:.1f} s; KV {ours['kv_tokens']} tokens; preemptions {ours['preemptions']})",
@@ -178,7 +194,8 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
                      f" flashgen {res['speedup_vs_hf']:.1f}x")
     print("\n".join(lines), flush=True)
     if out_dir:
-        with open(f"{out_dir}/throughput_{workload}.json", "w") as f:
+        tag = workload + (f"_tp{ours['tensor_parallel']}_dp{ours['data_parallel']}" if par else "")
+        with open(f"{out_dir}/throughput_{tag}.json", "w") as f:
             json.dump(res, f, indent=1, default=str)
     return res
 
@@ -194,6 +211,9 @@ if __name__ == "__main__":
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--data-parallel", type=int, default=1)
     a = ap.parse_args()
-    main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, enforce_eager=a.enforce_eager, block_size=a.block_size,
-         max_num_batched_tokens=a.max_num_batched_tokens)
+    main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, a.data_parallel, enforce_eager=a.enforce_eager,
+         block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
+         tensor_parallel_size=a.tensor_parallel_size)

@@ -36,12 +36,12 @@ class DecoderLM:
         self.tp = tp if tp is not None and tp.world > 1 else None
         if self.tp:
             self.tp.check(spec)
-        # NOTE: with tensor parallelism each rank reads the full tensors on the CPU and keeps its slice.
-        load_dev = "cpu" if self.tp else device
         if load_format == "dummy":
-            w = dummy_weights(spec, dtype, load_dev)
+            # NOTE: made on each rank's own GPU from one seed: every rank (and a one-GPU run) sees the same values
+            w = dummy_weights(spec, dtype, device)
         else:
-            w = load_weights(model_dir, spec, dtype, load_dev)
+            # NOTE: with tensor parallelism each rank reads the full tensors on the CPU and keeps its slice
+            w = load_weights(model_dir, spec, dtype, "cpu" if self.tp else device)
         self._set_weights(w)
         self.cos_sin = rope_cos_sin(spec, max_positions, device)
         self.scale = spec.head_dim ** -0.5
