@@ -23,6 +23,19 @@ FG_INLINE u32 mix32(u32 x) {
     return x;
 }
 
+// Warp-wide (value, index) maximum, lowest index on ties.
+FG_INLINE void warp_argmax(float& bv, int& bi) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
 extern "C" __global__ void gumbel_argmax_kernel(const float* __restrict__ logits, int vocab,
                                                 const float* __restrict__ temperature,
                                                 const i64* __restrict__ seeds, const i64* __restrict__ steps,
@@ -49,15 +62,7 @@ extern "C" __global__ void gumbel_argmax_kernel(const float* __restrict__ logits
             bi = v;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) {
-            bv = ov;
-            bi = oi;
-        }
-    }
+    warp_argmax(bv, bi);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (lane == 0) {
         best_v[warp] = bv;
@@ -68,15 +73,7 @@ extern "C" __global__ void gumbel_argmax_kernel(const float* __restrict__ logits
         const int nw = blockDim.x >> 5;
         bv = lane < nw ? best_v[lane] : neg_inf();
         bi = lane < nw ? best_i[lane] : 0x7FFFFFFF;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(bv, bi);
         if (lane == 0) out[row] = bi == 0x7FFFFFFF ? 0 : bi;
     }
 }

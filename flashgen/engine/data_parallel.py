@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flashgen.config import EngineConfig
-from flashgen.engine.engine import EngineStats
+from flashgen.engine.engine import EngineStats, tokenize_prompt
 from flashgen.models.spec import load_spec
 from flashgen.outputs import RequestOutput
 from flashgen.sampling_params import SamplingParams
@@ -111,20 +111,7 @@ class DataParallelLLM:
         request_id = str(request_id)
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in the engine; ids must be unique")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; give at least one character")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt has no tokens; give a non-empty prompt")
-        bad = next((t for t in ids if not 0 <= t < self.spec.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens "
-                             "and at least one must be left to generate: shorten the prompt")
+        _, ids = tokenize_prompt(self.tokenizer, prompt, self.spec.vocab_size, self.max_model_len)
         if params.seed is None:  # as one engine would: seeds drawn in input order
             params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
         rank = min(range(self.n), key=self._load.__getitem__)

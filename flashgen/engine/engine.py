@@ -40,6 +40,25 @@ def _eos_ids(model_dir: Path, tok: Tokenizer) -> set[int]:
     return ids
 
 
+def tokenize_prompt(tok: Tokenizer, prompt: str | list[int], vocab_size: int, max_model_len: int):
+    """(text or None, token ids) of a prompt; ValueError saying what to fix when it cannot run."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty; give at least one character")
+        text, ids = prompt, tok.encode(prompt)
+    else:
+        text, ids = None, [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt has no tokens; give a non-empty prompt")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {max_model_len} tokens "
+                         "and at least one must be left to generate: shorten the prompt")
+    return text, ids
+
+
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -59,20 +78,7 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in the engine; ids must be unique")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; give at least one character")
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt has no tokens; give a non-empty prompt")
-        bad = next((t for t in ids if not 0 <= t < self.spec.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} tokens "
-                             "and at least one must be left to generate: shorten the prompt")
+        text, ids = tokenize_prompt(self.tokenizer, prompt, self.spec.vocab_size, self.max_model_len)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         self._ids.add(request_id)
         self.scheduler.add(Sequence(request_id, text, ids, params, self.config.block_size, seed))
