@@ -53,6 +53,13 @@ class LLM:
     def model_name(self) -> str:
         return self.config.model
 
+    def describe(self) -> str:
+        """One line for the start-up log: what runs where, and how many tokens the KV cache holds."""
+        r, spec = self.engine.runner, self.engine.spec
+        return (f"{spec.architecture} {str(r.dtype).replace('torch.', '')} on {r.device} ({r.backend} kernels"
+                f"{', CUDA graphs' if r.graphs is not None else ''}); KV cache {r.num_blocks * r.block_size:,} "
+                f"tokens in {r.num_blocks:,} blocks of {r.block_size}; max_model_len {self.max_model_len:,}")
+
     @property
     def stats(self) -> EngineStats:
         return self.engine.stats

@@ -91,7 +91,8 @@ class DataParallelLLM:
                        for r in range(num_workers)]
         for p in self._procs:
             p.start()
-        self._load = [0] * num_workers
+        self._load = [0] * num_workers         # outstanding work (tokens) per worker
+        self.dispatched = [0] * num_workers    # requests sent to each worker
         self._owner: dict[str, int] = {}
         lens = []
         for _ in range(num_workers):
@@ -106,6 +107,9 @@ class DataParallelLLM:
     def model_name(self) -> str:
         return self.config.model
 
+    def describe(self) -> str:
+        return f"{self.spec.architecture} on {self.n} data-parallel engines; max_model_len {self.max_model_len:,}"
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
         request_id = str(request_id)
@@ -114,10 +118,14 @@ class DataParallelLLM:
         _, ids = tokenize_prompt(self.tokenizer, prompt, self.spec.vocab_size, self.max_model_len)
         if params.seed is None:  # as one engine would: seeds drawn in input order
             params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
+        # balance expected work (prompt + output tokens), not request counts: the last worker to finish sets
+        # the job's wall time
+        work = len(ids) + (params.max_tokens or 256)
         rank = min(range(self.n), key=self._load.__getitem__)
         self._in[rank].put((request_id, ids, params))
-        self._load[rank] += 1
-        self._owner[request_id] = rank
+        self._load[rank] += work
+        self.dispatched[rank] += 1
+        self._owner[request_id] = (rank, work)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._owner)
@@ -137,7 +145,8 @@ class DataParallelLLM:
             for k, v in delta.items():
                 setattr(self.stats, k, getattr(self.stats, k) + v)
             for o in outs:
-                self._load[self._owner.pop(o.request_id)] -= 1
+                rank, work = self._owner.pop(o.request_id)
+                self._load[rank] -= work
                 done.append(o)
         return done
 

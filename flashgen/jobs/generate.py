@@ -98,6 +98,8 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
             + (f"; {plan.n_errors:,} error records dropped to run those lines again" if plan.n_errors else "")
             + ("; a torn last line dropped" if plan.torn else ""))
     llm = _load_model(model, engine, job["data_parallel"])
+    if hasattr(llm, "describe"):
+        log(f"flashgen: {llm.describe()}")
     stats.model = getattr(llm, "model_name", model or "")
     parser = LineParser(llm.tokenizer, llm.max_model_len, defaults, template=template,
                         template_name=job["template"], field=job["field"], chat=job["chat"])
