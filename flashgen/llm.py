@@ -14,10 +14,6 @@ from flashgen.tokenizer import Tokenizer
 
 def resolve_model_name(model: str | None) -> str:
     """A model directory for `model`: a directory as is, a known name or .gguf file converted once."""
-    return _resolve(model)
-
-
-def _resolve(model: str | None) -> str:
     try:
         from flashgen.models.default_model import resolve_model
     except ImportError:  # the default-model module is optional for plain directories
@@ -25,6 +21,30 @@ def _resolve(model: str | None) -> str:
             raise ValueError("no model given; pass model=DIR (a HuggingFace model directory)") from None
         return model
     return resolve_model(model)
+
+
+def generate_all(front, prompts, sampling_params) -> list[RequestOutput]:
+    """`generate` over any front with the incremental API (LLM, DataParallelLLM): queue every prompt, step
+    until all finish, return the outputs in input order with request ids "0", "1", ..."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+    if len(sampling_params) != len(prompts):
+        raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts; give one or one each")
+    if front.has_unfinished_requests():
+        raise RuntimeError("generate() needs an idle engine; finish the requests added with add_request first")
+    keys = [f"_gen{i}" for i in range(len(prompts))]
+    for k, p, sp in zip(keys, prompts, sampling_params):
+        front.add_request(k, p, sp)
+    results: dict[str, RequestOutput] = {}
+    while front.has_unfinished_requests():
+        for out in front.step():
+            results[out.request_id] = out
+    outs = [results[k] for k in keys]
+    for i, o in enumerate(outs):
+        o.request_id = str(i)
+    return outs
 
 
 class LLM:
@@ -37,7 +57,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **engine_kwargs):
         if config is None:
-            config = EngineConfig(model=_resolve(model), **engine_kwargs)
+            config = EngineConfig(model=resolve_model_name(model), **engine_kwargs)
         self.config = config
         self.engine = Engine(config)
 
@@ -86,25 +106,7 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts; give one or one each")
-        if self.has_unfinished_requests():
-            raise RuntimeError("generate() needs an idle engine; finish the requests added with add_request first")
-        keys = [f"_gen{i}" for i in range(len(prompts))]
-        for k, p, sp in zip(keys, prompts, sampling_params):
-            self.add_request(k, p, sp)
-        results: dict[str, RequestOutput] = {}
-        while self.has_unfinished_requests():
-            for out in self.step():
-                results[out.request_id] = out
-        outs = [results[k] for k in keys]
-        for i, o in enumerate(outs):
-            o.request_id = str(i)
-        return outs
+        return generate_all(self, prompts, sampling_params)
 
     def close(self) -> None:
         """Stop tensor-parallel workers (if any); the object is unusable afterwards."""

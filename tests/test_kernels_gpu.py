@@ -229,40 +229,32 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,d,group,bs,lens", DECODE_CASES)
-def test_decode_attention(dtype, d, group, bs, lens):
+def _check_decode(lens, hkv, hq, d, bs, dtype, scale, **kw):
+    """Decode over a random paged cache, NaN-poisoned output, against the fp64 reference (output and LSE)."""
     seed = _seed()
     g = _gen(seed)
-    hkv = 2 if len(lens) < 64 else 1
-    hq = hkv * group
-    B = len(lens)
     kc, vc, bt = _paged_cache(lens, hkv, d, bs, dtype, g)
-    q = _randn((B, hq, d), g, dtype)
+    q = _randn((len(lens), hq, d), g, dtype)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    scale = d**-0.5
     out = torch.full_like(q, float("nan"))
-    got, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, scale, out=out, return_lse=True)
+    got, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, scale, out=out, return_lse=True, **kw)
     assert got is out
-    ref, base, lse64 = _refs(q, kc, vc, bt, lens, [1] * B, scale)
+    ref, base, lse64 = _refs(q, kc, vc, bt, lens, [1] * len(lens), scale)
     _assert_close("decode", got, base, ref, seed)
     assert (lse.double() - lse64).abs().max().item() < 1e-3 * (1 + lse64.abs().max().item()), f"lse, seed {seed}"
+
+
+@pytest.mark.parametrize("dtype,d,group,bs,lens", DECODE_CASES)
+def test_decode_attention(dtype, d, group, bs, lens):
+    hkv = 2 if len(lens) < 64 else 1
+    _check_decode(lens, hkv, hkv * group, d, bs, dtype, d**-0.5)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
 def test_decode_attention_splits(num_splits):
     """Forced split counts, with sequences shorter than a split (empty splits) and longer than all;
     GQA group 16 (two CTAs of 8 query heads per kv head)."""
-    seed = _seed()
-    g = _gen(seed)
-    lens = [1, 63, 64, 65, 700, 3000]
-    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
-    q = _randn((len(lens), 32, 128), g, torch.bfloat16)
-    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    out = torch.full_like(q, float("nan"))
-    got, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, out=out, return_lse=True, num_splits=num_splits)
-    ref, base, lse64 = _refs(q, kc, vc, bt, lens, [1] * len(lens), 0.1)
-    _assert_close("decode", got, base, ref, seed)
-    assert (lse.double() - lse64).abs().max().item() < 1e-3 * (1 + lse64.abs().max().item()), f"lse, seed {seed}"
+    _check_decode([1, 63, 64, 65, 700, 3000], 2, 32, 128, 16, torch.bfloat16, 0.1, num_splits=num_splits)
 
 
 PREFILL_QLENS = [  # (q_len, context_len) per sequence; context_len > q_len: prefix hit / chunked prefill

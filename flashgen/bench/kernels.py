@@ -265,22 +265,21 @@ def table(r: dict) -> str:
                 return format(e[name][key] / scale, fmt) + ("*" if name != backend else "")
         return "n/a"
 
+    def row(label: str, e: dict, bs: int, key: str, fmt: str, ceiling: float) -> str:
+        """ours (tera-units), the two SDPA peers, and ours as a percentage of the ceiling."""
+        ours = e[f"bs{bs}"][key]
+        return (f"{label:<34}{format(ours / 1e12, fmt):>12}"
+                f"{peer(e, 'FLASH_ATTENTION', key, 1e12, fmt):>10}{peer(e, 'CUDNN_ATTENTION', key, 1e12, fmt):>10}"
+                f"{100 * ours / ceiling:>9.0f}%")
+
     for e in r["decode"]:
         for bs in (16, 64):
-            ours = e[f"bs{bs}"]["bytes_per_s"]
-            lines.append(
-                f"{'decode B%d L%d bs%d TB/s' % (e['batch'], e['context'], bs):<34}{ours / 1e12:>12.2f}"
-                f"{peer(e, 'FLASH_ATTENTION', 'bytes_per_s', 1e12, '.2f'):>10}"
-                f"{peer(e, 'CUDNN_ATTENTION', 'bytes_per_s', 1e12, '.2f'):>10}"
-                f"{100 * ours / copy:>9.0f}%")
+            label = "decode B%d L%d bs%d TB/s" % (e["batch"], e["context"], bs)
+            lines.append(row(label, e, bs, "bytes_per_s", ".2f", copy))
     for e in r["prefill"]:
         for bs in (16, 64):
-            ours = e[f"bs{bs}"]["flops_per_s"]
-            lines.append(
-                f"{'prefill L%d bs%d TFLOP/s' % (e['seqlen'], bs):<34}{ours / 1e12:>12.0f}"
-                f"{peer(e, 'FLASH_ATTENTION', 'flops_per_s', 1e12, '.0f'):>10}"
-                f"{peer(e, 'CUDNN_ATTENTION', 'flops_per_s', 1e12, '.0f'):>10}"
-                f"{100 * ours / c['matmul_bf16_flops']:>9.0f}%")
+            label = "prefill L%d bs%d TFLOP/s" % (e["seqlen"], bs)
+            lines.append(row(label, e, bs, "flops_per_s", ".0f", c["matmul_bf16_flops"]))
     for k, e in r["elementwise"].items():
         lines.append(f"{k + ' GB/s':<34}{e['bytes_per_s'] / 1e9:>12.0f}{'':>20}{100 * e['bytes_per_s'] / copy:>9.0f}%")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens).
 from __future__ import annotations
 
 import json
+import math
 import random
 import tempfile
 import time
@@ -98,6 +99,7 @@ def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict) -> float:
 def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_kw) -> dict:
     from flashgen import LLM, EngineConfig, SamplingParams
     from flashgen.engine.data_parallel import DataParallelLLM
+    from flashgen.models.loader import expected_shapes
     from flashgen.models.spec import load_spec
 
     t0 = time.perf_counter()
@@ -118,15 +120,10 @@ def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_k
     ntok = sum(len(o.token_ids) for o in outs)
     assert ntok == sum(w.max_tokens), "every request must produce exactly max_tokens (ignore_eos)"
     spec = load_spec(model_dir)
-    weight_bytes = 2 * (spec.num_layers * (spec.hidden_size * (2 * spec.q_size + 2 * spec.kv_size)
-                                           + 3 * spec.hidden_size * spec.intermediate_size + 2 * spec.hidden_size)
-                        + spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2))
+    weight_bytes = 2 * sum(math.prod(shape) for shape in expected_shapes(spec).values())  # bf16
     kv_tokens = (llm.engine.runner.num_blocks * llm.engine.runner.block_size) if data_parallel == 1 else 0
     backend = llm.engine.runner.backend if data_parallel == 1 else "cuda"
-    if data_parallel > 1:
-        llm.close()
-    elif engine_kw.get("tensor_parallel_size", 1) > 1:
-        llm.close()
+    llm.close()  # stops tensor- or data-parallel workers; a no-op for one process
     return {"output_tokens": ntok, "seconds": wall, "tok_per_s": ntok / wall, "startup_s": startup,
             "prefill_s": llm.stats.prefill_seconds, "decode_s": llm.stats.decode_seconds, "steps": llm.stats.steps,
             "weight_bytes": weight_bytes, "spec": spec, "kv_tokens": kv_tokens, "preemptions": llm.stats.preemptions,

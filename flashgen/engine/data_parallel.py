@@ -3,7 +3,8 @@
 `DataParallelLLM` looks like `LLM` to the batch job (add_request / step / has_unfinished_requests, tokenizer,
 max_model_len, stats), so reading, error records, ordering, resume and exit codes stay in one place. Requests
 are validated and tokenized here, in the parent, so a bad prompt raises at add_request exactly as in one
-process; each goes to the worker with the fewest requests in flight, through bounded queues. Unseeded requests
+process; each goes to the worker with the least expected work (prompt + output tokens) in flight, through
+bounded queues. Unseeded requests
 get their seeds here, in input order, as one engine would assign them, so sampled output does not depend on N.
 """
 from __future__ import annotations
@@ -93,7 +94,7 @@ class DataParallelLLM:
             p.start()
         self._load = [0] * num_workers         # outstanding work (tokens) per worker
         self.dispatched = [0] * num_workers    # requests sent to each worker
-        self._owner: dict[str, int] = {}
+        self._owner: dict[str, tuple[int, int]] = {}  # request id -> (worker, its expected work)
         lens = []
         for _ in range(num_workers):
             kind, rank, payload = self._out.get()
@@ -166,15 +167,9 @@ class DataParallelLLM:
                 return payload
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
-        if isinstance(sampling_params, SamplingParams) or sampling_params is None:
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        keys = [f"_gen{i}" for i in range(len(prompts))]
-        for k, p, sp in zip(keys, prompts, sampling_params):
-            self.add_request(k, p, sp)
-        res = {}
-        while self.has_unfinished_requests():
-            res.update({o.request_id: o for o in self.step()})
-        return [res[k] for k in keys]
+        from flashgen.llm import generate_all
+
+        return generate_all(self, prompts, sampling_params)
 
     def close(self) -> None:
         for q in self._in:

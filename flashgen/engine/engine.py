@@ -114,7 +114,6 @@ class Engine:
         for seq in future.seqs:
             future.idx.append(len(seq.token_ids))
             seq.token_ids.append(PLACEHOLDER)
-        future.is_prefill = is_prefill
         if self._pending is not None:  # runs while the GPU computes the step just launched
             finished += self._resolve(self._pending, {s.seq_id for s in seqs})
             self._pending = None
@@ -146,12 +145,10 @@ class Engine:
         """Read a step's tokens: fill the placeholders, detokenize, check stops, finish sequences."""
         done = []
         bs = self.config.block_size
-        tokens = future.result()
-        self.stats.generated_tokens += len(tokens)
-        for seq, idx, token in zip(future.seqs, future.idx, tokens):
+        for seq, idx, token in zip(future.seqs, future.idx, future.result()):
             if seq.is_finished:  # ended by the step before; this token was computed speculatively
-                self.stats.generated_tokens -= 1
                 continue
+            self.stats.generated_tokens += 1
             seq.set_token(idx, token)
             if (idx + 1) % bs == 0 and seq.seq_id in launched:
                 self.scheduler.block_manager.register_full_block(seq, idx // bs)

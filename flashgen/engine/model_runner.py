@@ -60,10 +60,10 @@ class SampledTokens:
     """Tokens sampled by a launched step, read back without blocking the GPU: a pinned host copy and an event
     (CUDA), or the values themselves (CPU)."""
 
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None):
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None, is_prefill: bool):
         self.seqs = seqs
         self.idx: list[int] = []  # where each sequence's PLACEHOLDER sits
-        self.is_prefill = False
+        self.is_prefill = is_prefill
         self._event = None
         if tokens is None:
             self._host = torch.empty(0, dtype=torch.int64)
@@ -83,7 +83,7 @@ class SampledTokens:
 
 class ModelRunner:
     """Rank 0 runs in the engine's process; with tensor parallelism, ranks 1..N-1 run `worker_loop` in their
-    own processes and replay every step rank 0 broadcasts (flashgen.engine.tp_worker)."""
+    own processes (flashgen.engine.tp_worker.worker_main) and replay every step rank 0 broadcasts."""
 
     def __init__(self, config: EngineConfig, model_dir: str, spec: ModelSpec, eos_ids: set[int], rank: int = 0):
         self.config, self.spec, self.eos_ids, self.rank = config, spec, eos_ids, rank
@@ -130,13 +130,10 @@ class ModelRunner:
             max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks)
 
-    def _kv_bytes_per_token(self) -> int:
-        elt = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.spec.num_layers * self.num_kv_heads * self.spec.head_dim * elt
-
     def _plan_kv_blocks(self, max_len: int) -> int:
-        per_block = self._kv_bytes_per_token() * self.block_size
-        need = self.config.max_num_seqs * max_len * self._kv_bytes_per_token()
+        per_token = self.spec.kv_bytes_per_token(self.dtype, self.num_kv_heads)
+        per_block = per_token * self.block_size
+        need = self.config.max_num_seqs * max_len * per_token
         if self.config.kv_cache_gb:
             budget = self.config.kv_cache_gb * 2**30
         elif self.device.type == "cuda":
@@ -263,7 +260,7 @@ class ModelRunner:
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         logits = self._step(self._pack(seqs, is_prefill))
         if logits is None:
-            return SampledTokens([], None)
+            return SampledTokens([], None, is_prefill)
         if self.on_logits is not None:
             self.on_logits(done, logits)
         batch = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
@@ -274,7 +271,7 @@ class ModelRunner:
                     self._slot[s.seq_id] = self._free_slots.pop()
             slots = torch.tensor([self._slot[s.seq_id] for s in done], dtype=torch.int64)
             self.last_tokens[slots.to(self.device, non_blocking=True)] = tokens
-        return SampledTokens(done, tokens)
+        return SampledTokens(done, tokens, is_prefill)
 
     def enable_pipelining(self) -> None:
         """Keep each running sequence's latest token in a device slot (2 x max_num_seqs slots: preempted

@@ -107,9 +107,8 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch
     return torch.where(b.temperature > 0, sampled, logits.argmax(-1))
 
 
-def build_sampling_batch(seqs: list, vocab: int, eos_ids: set[int], dev) -> SamplingBatch:
-    """Per-row settings of the sequences about to sample, as tensors on `dev`."""
-    V = vocab
+def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> SamplingBatch:
+    """Per-row settings of the sequences about to sample (V: the vocabulary size), as tensors on `dev`."""
     ps = [s.params for s in seqs]
     f32 = dict(dtype=torch.float32)
     b = SamplingBatch(

@@ -46,8 +46,10 @@ class ModelSpec:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * self.kv_size * torch.tensor([], dtype=dtype).element_size()
+    def kv_bytes_per_token(self, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
+        """K + V bytes per token over all layers; `num_kv_heads`: a tensor-parallel rank's share."""
+        heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads
+        return 2 * self.num_layers * heads * self.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
 def _need(cfg: dict, key: str, path: Path):
