@@ -1,9 +1,10 @@
 // norms.cu: RMSNorm (optionally fused with the residual add) and SiLU-and-multiply.
 //
 // rms_norm_kernel: one CTA per token row, blockDim.x = NT threads (a multiple of 32, chosen by the host
-//   so that each thread holds at most RMS_VPT vectors of 8 scalars). The row is read once into registers
-//   (x, plus residual when fused), the sum of squares is reduced (warp shuffles, then shared memory across
-//   warps), and the row is written once. Arithmetic mirrors HF / the torch reference:
+//   so that each thread holds at most RMS_VPT vectors of 8 scalars; with fewer rows than SMs, one vector
+//   per thread, so a lone decode row is spread over the most threads). The row and the weight are read
+//   once into registers (x, plus residual when fused), the sum of squares is reduced (warp shuffles, then
+//   shared memory across warps), and the row is written once. Arithmetic mirrors HF / the torch reference:
 //     h = x + residual            (rounded to the storage dtype: it is also the new residual)
 //     out = weight * dtype(h * rsqrt(mean(h^2) + eps))   (the product rounded once)
 //   Memory traffic: read x (+ residual) + weight (L2-resident), write out (+ residual_out):
@@ -29,13 +30,14 @@ extern "C" __global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
     const int tid = threadIdx.x;
     const i64 base = (i64)row * hidden;
 
-    uint4 v[RMS_VPT];
+    uint4 v[RMS_VPT], wv[RMS_VPT];
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < RMS_VPT; ++j) {
         const int i = tid + j * blockDim.x;
         if (i < nvec) {
             v[j] = ld_v4(x + base + 8 * i);
+            wv[j] = ld_v4(weight + 8 * i);  // issued with the row's loads: off the reduction's critical path
             if (residual != nullptr) {
                 float a[8], r[8];
                 unpack8(v[j], a);
@@ -70,7 +72,7 @@ extern "C" __global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
             if (residual != nullptr) st_v4(residual_out + base + 8 * i, v[j]);
             float a[8], w[8];
             unpack8(v[j], a);
-            unpack8(ld_v4(weight + 8 * i), w);
+            unpack8(wv[j], w);
 #pragma unroll
             for (int e = 0; e < 8; ++e) a[e] = w[e] * round_to_dtype(a[e] * rinv);
             st_v4(out + base + 8 * i, pack8(a));

@@ -1,6 +1,7 @@
-"""Where a decode step's GPU time goes: run the nanovllm workload's first 300 decode steps, then profile 20
-steps with torch.profiler and print the kernels by total CUDA time. Usage:
-  PYTHONPATH=. python3 scripts/profile_decode.py"""
+"""Where a decode step's GPU time goes: run a BENCH.md workload's first decode steps, then profile 20 steps
+with torch.profiler and print the kernels by total CUDA time. Usage:
+  PYTHONPATH=. python3 scripts/profile_decode.py [--workload nanovllm|latency8b] [--after STEPS]"""
+import argparse
 import tempfile
 
 import torch
@@ -10,17 +11,26 @@ from flashgen import LLM, SamplingParams
 from flashgen.bench.synthetic import write_model_dir
 from flashgen.bench.throughput import make_workload
 
-w = make_workload("nanovllm")
+ap = argparse.ArgumentParser()
+ap.add_argument("--workload", default="nanovllm")
+ap.add_argument("--after", type=int, default=320)
+a = ap.parse_args()
+w = make_workload(a.workload)
 with tempfile.TemporaryDirectory() as d:
     llm = LLM(model=str(write_model_dir(w.shape, d)), load_format="dummy", dtype="bfloat16")
     for i, (p, m) in enumerate(zip(w.prompts, w.max_tokens)):
-        llm.add_request(str(i), p, SamplingParams(temperature=0.6, max_tokens=m, ignore_eos=True, detokenize=False))
-    for _ in range(320):
+        llm.add_request(str(i), p, SamplingParams(temperature=w.temperature, max_tokens=m, ignore_eos=True,
+                                                  detokenize=False))
+    for _ in range(a.after):
         llm.step()
     torch.cuda.synchronize()
+    running = llm.engine.scheduler.running
+    ctx = sum(len(s) for s in running)
+    kv = llm.engine.spec.kv_bytes_per_token(torch.bfloat16) * ctx
+    print(f"{a.workload} after {a.after} steps: {len(running)} running sequences, {ctx} context tokens, "
+          f"KV {kv / 1e9:.2f} GB per step ({kv / 1e9 / llm.engine.spec.num_layers * 1e3:.1f} MB per layer)")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             llm.step()
         torch.cuda.synchronize()
-    print(f"running sequences: {len(llm.engine.scheduler.running)}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))

@@ -26,6 +26,7 @@ DTYPES = {"bf16": 0, "fp16": 1}
 SOURCES = {
     "norms.cu": [(None, "")],
     "sampling.cu": [(None, "")],
+    "skinny_gemm.cu": [(None, "")],
     "rope_kv_append.cu": [(64, ""), (128, ""), (256, "")],
     "decode_attention.cu": [(64, ""), (128, "")],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS

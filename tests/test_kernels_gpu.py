@@ -321,6 +321,38 @@ def test_prefill_matches_torch_reference_backend():
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2, msg=f"seed {seed}")
 
 
+# ---------------------------------------------------------------- skinny GEMM (decode at small batch)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
+@pytest.mark.parametrize("N,K", [(1, 8), (17, 1032), (4096, 4096), (1000, 14336)])
+@pytest.mark.parametrize("warps", cuda_ops.SKINNY_WARPS)
+def test_skinny_gemm(dtype, M, N, K, warps):
+    seed = _seed()
+    g = _gen(seed)
+    x = _randn((M, K), g, dtype)
+    w = _randn((N, K), g, dtype, K**-0.5)
+    bias = _randn((N,), g, dtype) if N % 2 else None  # odd N: with a bias (Qwen2's qkv)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+    got = cuda_ops.skinny_gemm(x, w, bias, out=out, warps=warps)
+    assert got is out
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+    _assert_close("skinny_gemm", got, torch.nn.functional.linear(x, w, bias), ref, seed)
+
+
+def test_linear_dispatch_matches_torch():
+    """ops.linear: the skinny kernel or cuBLAS (a measured choice) for <= 8 rows, cuBLAS above; both right."""
+    seed = _seed()
+    g = _gen(seed)
+    w = _randn((3000, 2048), g, torch.bfloat16, 2048**-0.5)
+    for shape in [(1, 2048), (2, 3, 2048), (8, 2048), (9, 2048), (300, 2048)]:
+        x = _randn(shape, g, torch.bfloat16)
+        got = cuda_ops.linear(x, w)
+        ref = torch.nn.functional.linear(x.double(), w.double())
+        assert got.shape == (*shape[:-1], 3000)
+        _assert_close(f"linear {shape}", got, torch.nn.functional.linear(x, w), ref, seed)
+    assert cuda_ops.linear_plan(1, w, None) in (0, *cuda_ops.SKINNY_WARPS)
+
+
 # ---------------------------------------------------------------- CUDA graphs
 def test_decode_and_rope_in_cuda_graph():
     seed = _seed()
@@ -382,4 +414,10 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="positions must have dtype"):
         cuda_ops.rope_kv_append(torch.zeros(3, 8 * 128, device=DEV, dtype=torch.bfloat16), ctx.float(),
                                 torch.zeros(10, 128, device=DEV), ctx, kc, kc)
+    with pytest.raises(ValueError, match="x must have 1 to 8 rows"):
+        cuda_ops.skinny_gemm(torch.zeros(9, 64, device=DEV, dtype=torch.bfloat16), x)
+    with pytest.raises(ValueError, match="weight must be"):
+        cuda_ops.skinny_gemm(x, x[:, :32].contiguous())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cuda_ops.skinny_gemm(x, x, w)
     assert math.isfinite(cuda_ops.decode_attention(q.normal_(), kc.normal_(), kc, ctx, bt, 0.1).float().sum().item())

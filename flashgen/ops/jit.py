@@ -164,6 +164,12 @@ def i32(x: int) -> Any:
     return np.int32(x)
 
 
+def i64(x: int) -> Any:
+    import numpy as np
+
+    return np.int64(x)
+
+
 def f32(x: float) -> Any:
     import numpy as np
 
