@@ -99,6 +99,7 @@ def _num_sms(device_index: int) -> int:
 SKINNY_MAX_ROWS = 8  # kernels/skinny_gemm.cu: the rows are the n = 8 of an m16n8k16 product
 SKINNY_WARPS = (4, 8)
 _LINEAR_PLAN: dict[tuple, int] = {}  # (device, dtype, rows, N, K, bias) -> warps of the skinny kernel, 0 = cuBLAS
+LINEAR_TIMES: dict[tuple, dict[int, float]] = {}  # the measurements behind each plan (ms per call)
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -166,7 +167,7 @@ def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> i
     for w in SKINNY_WARPS:
         times[w] = _time_ms(lambda i, w=w: skinny_gemm(x, ws[i % copies], bias, out=out, warps=w))
     plan = min(times, key=times.get)
-    _LINEAR_PLAN[key] = plan
+    _LINEAR_PLAN[key], LINEAR_TIMES[key] = plan, times
     del ws, x, out
     return plan
 
