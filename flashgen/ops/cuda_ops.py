@@ -133,22 +133,30 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
-def _time_ms(fn, reps: int = 15) -> float:
-    for _ in range(2):
-        fn(0)
+def _time_ms(fn, calls: int, reps: int = 7) -> float:
+    """Median time of one fn(i) call, i = 0 .. calls - 1 captured in one CUDA graph and replayed: kernel time
+    without the host's launch overhead (eager timing of a ~15 us kernel measures mostly the launch)."""
+    fn(0)  # compile / pick cuBLAS kernels outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    g.replay()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for i, (a, b) in enumerate(ev):
+    for a, b in ev:
         a.record()
-        fn(i + 1)
+        g.replay()
         b.record()
     torch.cuda.synchronize()
-    return sorted(a.elapsed_time(b) for a, b in ev)[reps // 2]
+    return sorted(a.elapsed_time(b) for a, b in ev)[reps // 2] / calls
 
 
 def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
     """Which kernel runs `rows` x weight^T: 0 = cuBLAS, else the skinny kernel's warps per CTA. Measured once
-    per shape (cuBLAS and each skinny variant, on weight copies rotated past L2 as the layers of a real
-    step are), then remembered. During CUDA-graph capture an unmeasured shape gets cuBLAS."""
+    per shape (cuBLAS and each skinny variant, replayed from a CUDA graph over weight copies rotated past L2,
+    as the layers of a real step are), then remembered. During CUDA-graph capture an unmeasured shape gets
+    cuBLAS."""
     key = (weight.device, weight.dtype, rows, *weight.shape, bias is not None)
     plan = _LINEAR_PLAN.get(key)
     if plan is not None:
@@ -163,9 +171,10 @@ def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> i
         (torch.randn(weight.shape, generator=g, device=weight.device) * 0.02).to(weight.dtype) for _ in range(copies)]
     x = torch.randn((rows, K), generator=g, device=weight.device).to(weight.dtype)
     out = torch.empty((rows, N), dtype=weight.dtype, device=weight.device)
-    times = {0: _time_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias))}
+    calls = max(copies, 4)
+    times = {0: _time_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias), calls)}
     for w in SKINNY_WARPS:
-        times[w] = _time_ms(lambda i, w=w: skinny_gemm(x, ws[i % copies], bias, out=out, warps=w))
+        times[w] = _time_ms(lambda i, w=w: skinny_gemm(x, ws[i % copies], bias, out=out, warps=w), calls)
     plan = min(times, key=times.get)
     _LINEAR_PLAN[key], LINEAR_TIMES[key] = plan, times
     del ws, x, out
