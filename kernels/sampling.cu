@@ -7,9 +7,13 @@
 //   token id): bit-identical to flashgen.engine.sampler.gumbel_noise, so a request's draws depend on its seed
 //   alone, never on its batch, and no generator state lives on the device (CUDA-graph friendly).
 //   Filtering (top-k, top-p, min-p, penalties, banned tokens) happens before, as -inf logits.
-//   Traffic: the (B, V) float32 logits are read once; the torch version makes ~30 passes over a (B, V)
-//   int64 tensor for the noise alone.
+//   Traffic: the (B, V) logits are read once, 16-byte vectors, in the model's dtype (or float32 after
+//   penalties / filters); the torch version makes ~30 passes over a (B, V) int64 tensor for the noise alone.
 #include "common.cuh"
+
+#ifndef SAMPLING_F32
+#define SAMPLING_F32 1
+#endif
 
 // NOTE: NVRTC has no math.h, so no INFINITY macro.
 FG_INLINE float neg_inf() { return __int_as_float(0xff800000); }
@@ -36,7 +40,38 @@ FG_INLINE void warp_argmax(float& bv, int& bi) {
     }
 }
 
-extern "C" __global__ void gumbel_argmax_kernel(const float* __restrict__ logits, int vocab,
+// Logits in float32 (SAMPLING_F32 = 1) or in the model's dtype (scalar_t: the lm_head GEMM's output, read
+// as it is, half the bytes).
+#if SAMPLING_F32
+typedef float logit_t;
+#define LOGIT_VEC 4
+FG_INLINE void load_vec(const float* p, float* f) {
+    const float4 v = ld_f4(p);
+    f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
+}
+FG_INLINE float logit_to_float(float x) { return x; }
+#else
+typedef scalar_t logit_t;
+#define LOGIT_VEC 8
+FG_INLINE void load_vec(const scalar_t* p, float* f) { unpack8(ld_v4(p), f); }
+FG_INLINE float logit_to_float(scalar_t x) { return to_float(x); }
+#endif
+
+// The running best of one thread: x = logit / T + g(key, v), or the logit itself when T == 0.
+FG_INLINE void consider(float logit, int v, float t, u32 key, float& bv, int& bi) {
+    float val = logit;
+    if (t > 0.f) {
+        const u32 h = mix32(mix32(key ^ (u32)v) + 0x9E3779B9u);
+        const float u = ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
+        val = val / t - logf(-logf(u));
+    }
+    if (val > bv || (val == bv && v < bi)) {  // NaN never wins; -inf rows fall back to index 0
+        bv = val;
+        bi = v;
+    }
+}
+
+extern "C" __global__ void gumbel_argmax_kernel(const logit_t* __restrict__ logits, int vocab,
                                                 const float* __restrict__ temperature,
                                                 const i64* __restrict__ seeds, const i64* __restrict__ steps,
                                                 i64* __restrict__ out) {
@@ -47,20 +82,20 @@ extern "C" __global__ void gumbel_argmax_kernel(const float* __restrict__ logits
     const unsigned long long seed = (unsigned long long)seeds[row];
     const u32 base = (mix32((u32)(seed & 0xFFFFFFFFull)) ^ mix32((u32)(seed >> 32))) + (u32)steps[row];
     const u32 key = mix32(base);
-    const float* x = logits + (i64)row * vocab;
+    const logit_t* x = logits + (i64)row * vocab;
     float bv = neg_inf();
     int bi = 0x7FFFFFFF;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        float val = x[v];
-        if (t > 0.f) {
-            const u32 h = mix32(mix32(key ^ (u32)v) + 0x9E3779B9u);
-            const float u = ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
-            val = val / t - logf(-logf(u));
+    if (vocab % LOGIT_VEC == 0) {  // rows start 16-byte aligned: vector loads, a few in flight per thread
+        const int nvec = vocab / LOGIT_VEC;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+            float f[LOGIT_VEC];
+            load_vec(x + (i64)i * LOGIT_VEC, f);
+#pragma unroll
+            for (int e = 0; e < LOGIT_VEC; ++e) consider(f[e], i * LOGIT_VEC + e, t, key, bv, bi);
         }
-        if (val > bv || (val == bv && v < bi)) {  // NaN never wins; -inf rows fall back to index 0
-            bv = val;
-            bi = v;
-        }
+    } else {
+        for (int v = threadIdx.x; v < vocab; v += blockDim.x) consider(logit_to_float(x[v]), v, t, key, bv, bi);
     }
     warp_argmax(bv, bi);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

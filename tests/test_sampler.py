@@ -49,10 +49,14 @@ def test_noise_is_a_function_of_seed_step_and_token():
 
 
 @pytest.mark.gpu
-def test_fused_kernel_matches_torch_sampler():
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 151936), (torch.bfloat16, 151936), (torch.float16, 128256),
+                                     (torch.bfloat16, 50257), (torch.float32, 50257)])
+def test_fused_kernel_matches_torch_sampler(dtype, V):
+    """The fused kernel reads float32 or model-dtype logits (vector loads, or a scalar loop when V is not a
+    multiple of the vector) and picks what the torch sampler picks on their float32 values."""
     torch.manual_seed(1)
-    B, V = 256, 151936
-    logits = torch.randn(B, V, device="cuda") * 2
+    B = 256
+    logits = (torch.randn(B, V, device="cuda") * 2).to(dtype)
     logits[3, :] = float("-inf")
     logits[3, 17] = 0.0  # only one finite token
     logits[5, 1000:] = float("-inf")
@@ -61,7 +65,7 @@ def test_fused_kernel_matches_torch_sampler():
     b = SamplingBatch(temperature=temps, top_k=None, top_p=None, min_p=None,
                       seeds=torch.randint(0, 2**62, (B,), device="cuda"),
                       steps=torch.randint(0, 5000, (B,), device="cuda"), all_greedy=False)
-    ref = sample(logits.clone(), b, fused=False)
+    ref = sample(logits.float(), b, fused=False)
     out = sample(logits.clone(), b, fused=True)
     assert out[3].item() == 17 and out[5].item() < 1000
     agree = (ref == out).float().mean().item()

@@ -1,8 +1,8 @@
 """Decode steps as captured CUDA graphs, one per batch-size bucket.
 
 A decode step of a small model is hundreds of short kernels; launching them from Python costs more than they
-run. Each bucket's graph reads its inputs from static buffers that `run` fills, and writes logits to a static
-output. Rows past the real batch are padding: they write no KV (slot -1) and attend to one token.
+run. Each bucket's graph reads its inputs from static buffers that `run` fills; its logits (the lm_head GEMM's
+output, model dtype) stay in the graph's memory pool, where every replay writes them again. Rows past the real batch are padding: they write no KV (slot -1) and attend to one token.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((max_bs,), -1, **i32)
         self.context_lens = torch.ones(max_bs, **i32)
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, **i32)
-        self.logits = torch.empty(max_bs, model.spec.vocab_size, dtype=torch.float32, device=dev)
+        self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sizes = buckets(max_bs)
         pool = None
@@ -36,7 +36,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool):
-                self._forward(bs, ctx)
+                self.logits[bs] = self._forward(bs, ctx)
             pool = g.pool()
             self.graphs[bs] = g
         torch.cuda.synchronize()
@@ -45,15 +45,16 @@ class DecodeGraphs:
         return StepContext(is_prefill=False, positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
                            context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs])
 
-    def _forward(self, bs: int, ctx: StepContext) -> None:
+    def _forward(self, bs: int, ctx: StepContext) -> torch.Tensor:
         hidden, residual = self.model.forward(self.input_ids[:bs], ctx)
-        self.model.logits(hidden, residual, out=self.logits[:bs])
+        return self.model.logits(hidden, residual)
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
     def run(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """Inputs of n sequences (already on the device) -> (n, vocab) float32 logits."""
+        """Inputs of n sequences (already on the device) -> (n, vocab) logits (model dtype; valid until the
+        next replay)."""
         n = input_ids.shape[0]
         bs = self.bucket(n)
         self.input_ids[:n] = input_ids
@@ -66,4 +67,4 @@ class DecodeGraphs:
         self.block_tables[:n, :w] = ctx.block_tables
         self.block_tables[n:bs, 0] = 0
         self.graphs[bs].replay()
-        return self.logits[:n]
+        return self.logits[bs][:n]

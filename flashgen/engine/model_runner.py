@@ -235,7 +235,7 @@ class ModelRunner:
         return parts[0], ctx, parts[6]
 
     def _execute(self, buf: torch.Tensor) -> torch.Tensor | None:
-        """Run one packed step on this rank; (rows, vocab) float32 logits of the rows to sample, or None."""
+        """Run one packed step on this rank; (rows, vocab) logits (model dtype) of the rows to sample, or None."""
         input_ids, ctx, rows = self._unpack(buf)
         if not ctx.is_prefill and self.last_tokens is not None:
             input_ids = self.last_tokens[input_ids]
@@ -266,7 +266,7 @@ class ModelRunner:
         if logits is None:
             return SampledTokens([], None, is_prefill)
         if self.on_logits is not None:
-            self.on_logits(done, logits)
+            self.on_logits(done, logits.float())
         batch = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
         tokens = sample(logits, batch, fused=self.backend == "cuda")
         if self.last_tokens is not None:
@@ -296,7 +296,7 @@ class ModelRunner:
         n = len(token_ids)
         seq = Sequence("_score", None, token_ids, None, self.block_size, 0)  # type: ignore[arg-type]
         seq.block_table, seq.num_scheduled_tokens = list(range((n + self.block_size - 1) // self.block_size)), n
-        return self._step(self._pack([seq], True, list(range(n))))
+        return self._step(self._pack([seq], True, list(range(n)))).float()
 
     def shutdown(self) -> None:
         if self.workers:

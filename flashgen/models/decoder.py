@@ -116,11 +116,12 @@ class DecoderLM:
         return h, residual
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows of (hidden, residual) -> (rows, vocab) float32 logits, final norm fused with the last add.
-        With `out` (float32, rows x vocab) the conversion writes there directly: one pass instead of two."""
+    def logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Rows of (hidden, residual) -> (rows, vocab) logits in the model's dtype (the lm_head GEMM's output,
+        as HF computes them), final norm fused with the last add. The fused sampler reads them as they are;
+        penalties and filters work on a float32 copy."""
         x, _ = self.ops.rms_norm(hidden, self.final_norm, self.spec.rms_norm_eps, residual)
         logits = self.ops.linear(x, self.lm_head)
         if self.tp:
             logits = gather_logits(logits, self.spec.vocab_size, self.tp.world)
-        return logits.float() if out is None else out.copy_(logits)
+        return logits

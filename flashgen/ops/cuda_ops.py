@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -156,7 +157,12 @@ def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> i
     """Which kernel runs `rows` x weight^T: 0 = cuBLAS, else the skinny kernel's warps per CTA. Measured once
     per shape (cuBLAS and each skinny variant, replayed from a CUDA graph over weight copies rotated past L2,
     as the layers of a real step are), then remembered. During CUDA-graph capture an unmeasured shape gets
-    cuBLAS."""
+    cuBLAS. The environment variable FLASHGEN_LINEAR=cublas|skinny overrides the measurement."""
+    forced = os.environ.get("FLASHGEN_LINEAR", "auto")
+    if forced in ("cublas", "skinny"):
+        return 0 if forced == "cublas" else SKINNY_WARPS[0]
+    if forced != "auto":
+        raise ValueError(f"FLASHGEN_LINEAR={forced!r} is not understood; use auto, cublas or skinny")
     key = (weight.device, weight.dtype, rows, *weight.shape, bias is not None)
     plan = _LINEAR_PLAN.get(key)
     if plan is not None:
@@ -421,9 +427,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # ---------------------------------------------------------------- sampling
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                   *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, V) float32 logits -> (B,) int64 tokens: argmax(logits / T + Gumbel(seed, step, token)), plain argmax
-    where T == 0. Bit-identical noise to flashgen.engine.sampler.gumbel_noise; -inf logits never win."""
-    _check_tensor("logits", logits, (torch.float32,), 2, align=4)
+    """(B, V) logits (float32, bfloat16 or float16) -> (B,) int64 tokens: argmax(logits / T + Gumbel(seed, step,
+    token)), plain argmax where T == 0. Bit-identical noise to flashgen.engine.sampler.gumbel_noise; -inf
+    logits never win."""
+    _check_tensor("logits", logits, (torch.float32, *DTYPES), 2, align=logits.element_size())
     dev = logits.device
     B, V = logits.shape
     _check_tensor("temperature", temperature, (torch.float32,), 1, dev, align=4)
@@ -436,7 +443,9 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     if out is None:
         out = torch.empty(B, dtype=torch.int64, device=dev)
     if B:
-        k = jit.get_kernel("sampling.cu", "gumbel_argmax_kernel", torch.bfloat16, 0, _dev(logits))
+        f32 = logits.dtype == torch.float32
+        k = jit.get_kernel("sampling.cu", "gumbel_argmax_kernel", torch.bfloat16 if f32 else logits.dtype, 0,
+                           _dev(logits), 0, (("SAMPLING_F32", int(f32)),))
         jit.launch(k, (B,), (1024,), (jit.ptr(logits), jit.i32(V), jit.ptr(temperature), jit.ptr(seeds),
                                       jit.ptr(steps), jit.ptr(out)), dev)
     return out
