@@ -360,6 +360,21 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(dev: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for split-KV decode, one per (sequence, head group); the kernel leaves them at
+    zero again. Allocated once per device, outside any CUDA-graph capture (the eager warm-up call does it)."""
+    buf = _COUNTERS.get(dev)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode_attention needs {n} split counters on {dev}; call it once with this "
+                               "batch outside the CUDA-graph capture first")
+        buf = _COUNTERS[dev] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=dev)
+    return buf
+
+
 def decode_num_splits(batch: int, hkv: int, group: int, max_context: int, num_sms: int) -> int:
     """Splits of the context so that batch x kv-head CTAs fill the GPU (2 CTAs per SM are resident): the
     fewest that give >= 90% of a whole number of waves, each split keeping >= 256 tokens."""
@@ -410,17 +425,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             part_lse = torch.empty((num_splits, B, hq), dtype=torch.float32, device=dev)
         else:
             part_o = part_lse = None
+        hgroups = hkv * -(-group // 8)
+        counters = _split_counters(dev, B * hgroups) if num_splits > 1 else None
         k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di)
-        jit.launch(k, (num_splits, hkv * -(-group // 8), B), (128,), (
+        jit.launch(k, (num_splits, hgroups, B), (128,), (
             jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
             jit.i32(block_tables.stride(0)), jit.ptr(out), jit.ptr(lse), jit.ptr(part_o), jit.ptr(part_lse),
-            jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
+            jit.ptr(counters), jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
             jit.f32(softmax_scale * math.log2(math.e)), jit.i32(num_splits)), dev)
-        if num_splits > 1:
-            kc = jit.get_kernel("decode_attention.cu", "decode_combine_kernel", q.dtype, d, di)
-            jit.launch(kc, (hq, B), (d // 4,), (
-                jit.ptr(part_o), jit.ptr(part_lse), jit.ptr(context_lens), jit.ptr(out), jit.ptr(lse),
-                jit.i32(B), jit.i32(hq), jit.i32(num_splits)), dev)
     return (out, lse) if return_lse else out
 
 
