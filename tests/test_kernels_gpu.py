@@ -257,7 +257,7 @@ def test_decode_attention_splits(num_splits):
     for _ in range(2):  # twice: the last split of each head group merges and re-arms its counter
         _check_decode([1, 63, 64, 65, 700, 3000], 2, 32, 128, 16, torch.bfloat16, 0.1, num_splits=num_splits)
     if num_splits > 1:
-        assert cuda_ops._COUNTERS[torch.device("cuda", torch.cuda.current_device())].count_nonzero() == 0
+        assert cuda_ops._COUNTERS[(torch.device("cuda", torch.cuda.current_device()), "decode")].count_nonzero() == 0
 
 
 PREFILL_QLENS = [  # (q_len, context_len) per sequence; context_len > q_len: prefix hit / chunked prefill

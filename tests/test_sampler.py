@@ -49,17 +49,20 @@ def test_noise_is_a_function_of_seed_step_and_token():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,V", [(torch.float32, 151936), (torch.bfloat16, 151936), (torch.float16, 128256),
-                                     (torch.bfloat16, 50257), (torch.float32, 50257)])
-def test_fused_kernel_matches_torch_sampler(dtype, V):
+@pytest.mark.parametrize("dtype,V,B", [(torch.float32, 151936, 256), (torch.bfloat16, 151936, 256),
+                                       (torch.float16, 128256, 256), (torch.bfloat16, 50257, 256),
+                                       (torch.float32, 50257, 256), (torch.bfloat16, 151936, 9),
+                                       (torch.float32, 128256, 1)])
+def test_fused_kernel_matches_torch_sampler(dtype, V, B):
     """The fused kernel reads float32 or model-dtype logits (vector loads, or a scalar loop when V is not a
-    multiple of the vector) and picks what the torch sampler picks on their float32 values."""
+    multiple of the vector), spreads the rows of a small batch over several CTAs, and picks what the torch
+    sampler picks on their float32 values."""
     torch.manual_seed(1)
-    B = 256
     logits = (torch.randn(B, V, device="cuda") * 2).to(dtype)
-    logits[3, :] = float("-inf")
-    logits[3, 17] = 0.0  # only one finite token
-    logits[5, 1000:] = float("-inf")
+    if B > 5:
+        logits[3, :] = float("-inf")
+        logits[3, 17] = 0.0  # only one finite token
+        logits[5, 1000:] = float("-inf")
     temps = torch.rand(B, device="cuda") + 0.2
     temps[::7] = 0.0  # greedy rows
     b = SamplingBatch(temperature=temps, top_k=None, top_p=None, min_p=None,
@@ -67,7 +70,8 @@ def test_fused_kernel_matches_torch_sampler(dtype, V):
                       steps=torch.randint(0, 5000, (B,), device="cuda"), all_greedy=False)
     ref = sample(logits.float(), b, fused=False)
     out = sample(logits.clone(), b, fused=True)
-    assert out[3].item() == 17 and out[5].item() < 1000
+    if B > 5:
+        assert out[3].item() == 17 and out[5].item() < 1000
     agree = (ref == out).float().mean().item()
-    assert agree >= 0.99, agree  # logf may differ from torch's log by an ulp: a rare near-tie flips
+    assert agree >= 0.99, agree  # fast logarithms differ from torch's log by a few ulp: a rare near-tie flips
     assert torch.equal(ref[temps == 0], out[temps == 0])

@@ -361,18 +361,19 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 
-def _split_counters(dev: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters for split-KV decode, one per (sequence, head group); the kernel leaves them at
-    zero again. Allocated once per device, outside any CUDA-graph capture (the eager warm-up call does it)."""
-    buf = _COUNTERS.get(dev)
+def _split_counters(dev: torch.device, n: int, user: str = "decode") -> torch.Tensor:
+    """Zeroed int32 counters for kernels whose last CTA merges the others' partials (split-KV decode: one per
+    (sequence, head group); sampling: one per row); the kernels leave them at zero again. Allocated once per
+    device and user, outside any CUDA-graph capture (the eager warm-up call does it)."""
+    buf = _COUNTERS.get((dev, user))
     if buf is None or buf.numel() < n:
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode_attention needs {n} split counters on {dev}; call it once with this "
-                               "batch outside the CUDA-graph capture first")
-        buf = _COUNTERS[dev] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=dev)
+            raise RuntimeError(f"{user} needs {n} split counters on {dev}; call it once with this batch outside "
+                               "the CUDA-graph capture first")
+        buf = _COUNTERS[(dev, user)] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=dev)
     return buf
 
 
@@ -441,8 +442,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                   *, out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits (float32, bfloat16 or float16) -> (B,) int64 tokens: argmax(logits / T + Gumbel(seed, step,
-    token)), plain argmax where T == 0. Bit-identical noise to flashgen.engine.sampler.gumbel_noise; -inf
-    logits never win."""
+    token)), plain argmax where T == 0. The noise is flashgen.engine.sampler.gumbel_noise's up to the rounding
+    of fast logarithms; -inf logits never win."""
     _check_tensor("logits", logits, (torch.float32, *DTYPES), 2, align=logits.element_size())
     dev = logits.device
     B, V = logits.shape
@@ -457,8 +458,17 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         out = torch.empty(B, dtype=torch.int64, device=dev)
     if B:
         f32 = logits.dtype == torch.float32
+        vec = 4 if f32 else 8
+        # CTAs per row: enough to fill the GPU twice over, each scanning >= 8192 logits
+        S = 1 if V % vec else max(1, min(-(-2 * _num_sms(_dev(logits)) // B), V // 8192))
+        chunk = -(-V // (S * vec)) * vec
+        S = -(-V // chunk)
+        part_v = torch.empty((B, S), dtype=torch.float32, device=dev) if S > 1 else None
+        part_i = torch.empty((B, S), dtype=torch.int32, device=dev) if S > 1 else None
+        counters = _split_counters(dev, B, "sampling") if S > 1 else None
         k = jit.get_kernel("sampling.cu", "gumbel_argmax_kernel", torch.bfloat16 if f32 else logits.dtype, 0,
                            _dev(logits), 0, (("SAMPLING_F32", int(f32)),))
-        jit.launch(k, (B,), (1024,), (jit.ptr(logits), jit.i32(V), jit.ptr(temperature), jit.ptr(seeds),
-                                      jit.ptr(steps), jit.ptr(out)), dev)
+        jit.launch(k, (B, S), (512,), (jit.ptr(logits), jit.i32(V), jit.i32(chunk), jit.ptr(temperature),
+                                       jit.ptr(seeds), jit.ptr(steps), jit.ptr(out), jit.ptr(part_v),
+                                       jit.ptr(part_i), jit.ptr(counters)), dev)
     return out
