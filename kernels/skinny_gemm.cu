@@ -4,7 +4,7 @@
 // full bandwidth, with the few FLOPs on the tensor cores (cuBLAS picks a 54%-of-bandwidth kernel for some
 // of these shapes at M = 1, e.g. Llama-3.1-8B's o_proj).
 //
-// Algorithm: grid ceil(N / 16), NW warps per CTA (4 or 8, the host's choice). A CTA owns 16 output columns
+// Algorithm: grid ceil(N / 16), NW warps per CTA (2, 4 or 8, the host's choice). A CTA owns 16 output columns
 //   n0 .. n0 + 15; warp w owns the w-th slice of K (split-K inside the CTA). A warp step covers 32 k per
 //   row with two m16n8k16 products:
 //     D^T (16 n x 8 m) += W (16 n x 16 k) . x^T (16 k x 8 m)     A = W, B = x^T, fp32 accumulators
@@ -15,11 +15,13 @@
 //   of its terms) and no shared memory or shuffle is needed. SG_U steps' loads (2 SG_U W vectors per lane,
 //   read-only, no L1 allocation, 256-byte L2 fetches) are issued before their products.
 //   The NW partial 16 x 8 tiles are summed through shared memory; bias is added in fp32 and y rounded once.
-// Tiles: 16 columns x K per CTA; registers hold SG_U x 3 vectors per lane.
+// Tiles: 16 columns x K per CTA; registers hold 2 x SG_U x 3 vectors per lane (this chunk and the next).
 // Memory traffic: W once (N K sizeof(dtype)), x once per CTA (L2-resident), y once.
 #include "common.cuh"
 
-#define SG_U 8           // 32-wide k steps whose loads are in flight together
+#ifndef SG_U
+#define SG_U 8           // 32-wide k steps whose loads are in flight together (host: 4 or 8)
+#endif
 #define SG_MAX_WARPS 8
 
 struct Chunk {

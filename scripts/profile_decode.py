@@ -36,7 +36,7 @@ with tempfile.TemporaryDirectory() as d:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     from flashgen.ops import cuda_ops
 
-    print("linear plans (rows, N, K): time per call and weight bytes per second for cuBLAS (0) and the skinny kernel at 4 and 8 warps")
+    print("linear plans (rows, N, K): time per call and weight bytes per second, cuBLAS and skinny (warps, unroll)")
     for key, times in sorted(cuda_ops.LINEAR_TIMES.items(), key=lambda kv: kv[0][2:]):
         w = key[3] * key[4] * 2
         print(f"  {key[2:5]}: " + ", ".join(f"{k}: {v * 1e3:.1f} us ({w / v / 1e9:.2f} TB/s)" for k, v in times.items()))

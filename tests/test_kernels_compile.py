@@ -26,7 +26,7 @@ DTYPES = {"bf16": 0, "fp16": 1}
 SOURCES = {
     "norms.cu": [(None, "")],
     "sampling.cu": [(None, "SAMPLING_F32=1"), (None, "SAMPLING_F32=0")],
-    "skinny_gemm.cu": [(None, "")],
+    "skinny_gemm.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "rope_kv_append.cu": [(64, ""), (128, ""), (256, "")],
     "decode_attention.cu": [(64, ""), (128, "")],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS

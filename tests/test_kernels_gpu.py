@@ -328,15 +328,15 @@ def test_prefill_matches_torch_reference_backend():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 8])
 @pytest.mark.parametrize("N,K", [(1, 8), (17, 1032), (4096, 4096), (1000, 14336)])
-@pytest.mark.parametrize("warps", cuda_ops.SKINNY_WARPS)
-def test_skinny_gemm(dtype, M, N, K, warps):
+@pytest.mark.parametrize("variant", cuda_ops.SKINNY_VARIANTS)
+def test_skinny_gemm(dtype, M, N, K, variant):
     seed = _seed()
     g = _gen(seed)
     x = _randn((M, K), g, dtype)
     w = _randn((N, K), g, dtype, K**-0.5)
     bias = _randn((N,), g, dtype) if N % 2 else None  # odd N: with a bias (Qwen2's qkv)
     out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
-    got = cuda_ops.skinny_gemm(x, w, bias, out=out, warps=warps)
+    got = cuda_ops.skinny_gemm(x, w, bias, out=out, warps=variant[0], unroll=variant[1])
     assert got is out
     ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
     _assert_close("skinny_gemm", got, torch.nn.functional.linear(x, w, bias), ref, seed)
@@ -353,7 +353,7 @@ def test_linear_dispatch_matches_torch():
         ref = torch.nn.functional.linear(x.double(), w.double())
         assert got.shape == (*shape[:-1], 3000)
         _assert_close(f"linear {shape}", got, torch.nn.functional.linear(x, w), ref, seed)
-    assert cuda_ops.linear_plan(1, w, None) in (0, *cuda_ops.SKINNY_WARPS)
+    assert cuda_ops.linear_plan(1, w, None) in (None, *cuda_ops.SKINNY_VARIANTS)
 
 
 # ---------------------------------------------------------------- CUDA graphs

@@ -98,13 +98,14 @@ def _num_sms(device_index: int) -> int:
 
 # ---------------------------------------------------------------- linear
 SKINNY_MAX_ROWS = 8  # kernels/skinny_gemm.cu: the rows are the n = 8 of an m16n8k16 product
-SKINNY_WARPS = (4, 8)
-_LINEAR_PLAN: dict[tuple, int] = {}  # (device, dtype, rows, N, K, bias) -> warps of the skinny kernel, 0 = cuBLAS
-LINEAR_TIMES: dict[tuple, dict[int, float]] = {}  # the measurements behind each plan (ms per call)
+# (warps per CTA, k steps in flight per lane) of the skinny kernel that linear_plan measures against cuBLAS
+SKINNY_VARIANTS = ((4, 8), (8, 8), (2, 8), (4, 4))
+_LINEAR_PLAN: dict[tuple, tuple | None] = {}  # (device, dtype, rows, N, K, bias) -> a skinny variant, None = cuBLAS
+LINEAR_TIMES: dict[tuple, dict] = {}  # the measurements behind each plan: {"cublas" or variant: ms per call}
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                out: torch.Tensor | None = None, warps: int = 4) -> torch.Tensor:
+                out: torch.Tensor | None = None, warps: int = 4, unroll: int = 8) -> torch.Tensor:
     """x (M, K) . weight (N, K)^T [+ bias (N,)] -> (M, N) for 1 <= M <= 8, fp32 accumulation, rounded once:
     a streaming pass over the weight on the tensor cores (decode at small batch)."""
     _check_tensor("x", x, DTYPES, 2)
@@ -121,13 +122,13 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if bias is not None:
         _check_tensor("bias", bias, (x.dtype,), 1, dev, align=2)
         _check_shape("bias", bias, (N,))
-    if warps not in SKINNY_WARPS:
-        _fail("warps", f"must be one of {SKINNY_WARPS}", warps)
+    if (warps, unroll) not in SKINNY_VARIANTS:
+        _fail("(warps, unroll)", f"must be one of {SKINNY_VARIANTS}", (warps, unroll))
     out = _check_out(out, (M, N), x.dtype, dev)
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=dev)
     k_per_warp = -(-K // (32 * warps)) * 32
-    kern = jit.get_kernel("skinny_gemm.cu", "skinny_gemm_kernel", x.dtype, 0, _dev(x))
+    kern = jit.get_kernel("skinny_gemm.cu", "skinny_gemm_kernel", x.dtype, 0, _dev(x), 0, (("SG_U", unroll),))
     jit.launch(kern, (-(-N // 16),), (32 * warps,), (
         jit.ptr(x), jit.i64(K), jit.ptr(weight), jit.ptr(bias), jit.ptr(out), jit.i64(N),
         jit.i32(M), jit.i32(N), jit.i32(K), jit.i32(k_per_warp)), dev)
@@ -153,23 +154,22 @@ def _time_ms(fn, calls: int, reps: int = 7) -> float:
     return sorted(a.elapsed_time(b) for a, b in ev)[reps // 2] / calls
 
 
-def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """Which kernel runs `rows` x weight^T: 0 = cuBLAS, else the skinny kernel's warps per CTA. Measured once
+def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int] | None:
+    """Which kernel runs `rows` x weight^T: None = cuBLAS, else the skinny kernel's (warps, unroll). Measured once
     per shape (cuBLAS and each skinny variant, replayed from a CUDA graph over weight copies rotated past L2,
     as the layers of a real step are), then remembered. During CUDA-graph capture an unmeasured shape gets
     cuBLAS. The environment variable FLASHGEN_LINEAR=cublas|skinny overrides the measurement."""
     forced = os.environ.get("FLASHGEN_LINEAR", "auto")
     if forced in ("cublas", "skinny"):
-        return 0 if forced == "cublas" else SKINNY_WARPS[0]
+        return None if forced == "cublas" else SKINNY_VARIANTS[0]
     if forced != "auto":
         raise ValueError(f"FLASHGEN_LINEAR={forced!r} is not understood; use auto, cublas or skinny")
     rows = 1 << (rows - 1).bit_length()  # measured at 1, 2, 4, 8 rows (the decode graphs' small buckets)
     key = (weight.device, weight.dtype, rows, *weight.shape, bias is not None)
-    plan = _LINEAR_PLAN.get(key)
-    if plan is not None:
-        return plan
+    if key in _LINEAR_PLAN:
+        return _LINEAR_PLAN[key]
     if torch.cuda.is_current_stream_capturing():
-        return 0
+        return None
     N, K = weight.shape
     wbytes = weight.numel() * weight.element_size()
     copies = max(1, -(-(96 << 20) // wbytes))  # ~96 MB of weights: twice the H100's L2
@@ -179,10 +179,12 @@ def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> i
     x = torch.randn((rows, K), generator=g, device=weight.device).to(weight.dtype)
     out = torch.empty((rows, N), dtype=weight.dtype, device=weight.device)
     calls = max(copies, 4)
-    times = {0: _time_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias), calls)}
-    for w in SKINNY_WARPS:
-        times[w] = _time_ms(lambda i, w=w: skinny_gemm(x, ws[i % copies], bias, out=out, warps=w), calls)
-    plan = min(times, key=times.get)
+    times = {"cublas": _time_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias), calls)}
+    for v in SKINNY_VARIANTS:
+        times[v] = _time_ms(lambda i, v=v: skinny_gemm(x, ws[i % copies], bias, out=out, warps=v[0], unroll=v[1]),
+                            calls)
+    best = min(times, key=times.get)
+    plan = None if best == "cublas" else best
     _LINEAR_PLAN[key], LINEAR_TIMES[key] = plan, times
     del ws, x, out
     return plan
@@ -196,9 +198,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and K % 8 == 0 and x.is_contiguous() and weight.is_contiguous() and weight.dim() == 2
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
             and (bias is None or bias.is_contiguous())):
-        warps = linear_plan(rows, weight, bias)
-        if warps:
-            y = skinny_gemm(x.reshape(rows, K), weight, bias, warps=warps)
+        plan = linear_plan(rows, weight, bias)
+        if plan is not None:
+            y = skinny_gemm(x.reshape(rows, K), weight, bias, warps=plan[0], unroll=plan[1])
             return y.reshape(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
