@@ -92,8 +92,8 @@ skinny_gemm_kernel(const scalar_t* __restrict__ x, i64 ldx,  // (M, K), row stri
     part[warp][g + 8][2 * c] = acc[2];
     part[warp][g + 8][2 * c + 1] = acc[3];
     __syncthreads();
-    if (threadIdx.x < 128) {
-        const int n = threadIdx.x & 15, m = threadIdx.x >> 4;
+    for (int p = threadIdx.x; p < 128; p += blockDim.x) {  // 16 columns x 8 rows; 2 warps take two passes
+        const int n = p & 15, m = p >> 4;
         if (m < M && n0 + n < N) {
             float s = 0.f;
             for (int i = 0; i < nw; ++i) s += part[i][n][m];
