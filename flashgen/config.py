@@ -18,7 +18,7 @@ class EngineConfig:
     dtype: str = "auto"                    # auto: the checkpoint's torch_dtype (float32 on CPU for fp16 checkpoints)
     device: str = "auto"                   # auto: cuda when available, else cpu
     backend: str = "auto"                  # ops backend; auto: cuda kernels on a GPU, torch reference elsewhere
-    block_size: int = 16                   # tokens per KV-cache page
+    block_size: int = 64                   # tokens per KV-cache page (64: +2.5% nanovllm over 16, BENCHMARKS.md)
     max_num_seqs: int = 256                # sequences in one decode batch
     max_num_batched_tokens: int = 16384    # tokens in one prefill batch (long prompts are chunked)
     max_model_len: int = 0                 # 0: the model's max_position_embeddings, capped by the KV cache

@@ -58,7 +58,7 @@ def test_preemption_with_tiny_cache_loses_nothing(model_dir, llm):
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = llm.generate(prompts, sp)
     block_bytes = 2 * 2 * 1 * 32 * 4 * 16  # k+v, 2 layers, 1 kv head, d=32, fp32, 16 tokens
-    small = LLM(model=model_dir, device="cpu", dtype="float32", kv_cache_gb=12 * block_bytes / 2**30)
+    small = LLM(model=model_dir, device="cpu", dtype="float32", block_size=16, kv_cache_gb=12 * block_bytes / 2**30)
     assert small.engine.runner.num_blocks == 12
     outs = small.generate(prompts, sp)
     assert small.stats.preemptions > 0
@@ -73,14 +73,16 @@ def test_chunked_prefill_matches_whole_prefill(model_dir, llm):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
-def test_prefix_cache_hits_and_same_tokens(model_dir):
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_prefix_cache_hits_and_same_tokens(model_dir, block_size):
     shared = rand_prompts([100], seed=13)[0]
     prompts = [shared + p for p in rand_prompts([10, 20, 30], seed=14)]
-    on = LLM(model=model_dir, device="cpu", dtype="float32", enable_prefix_caching=True)
-    off = LLM(model=model_dir, device="cpu", dtype="float32", enable_prefix_caching=False)
+    on = LLM(model=model_dir, device="cpu", dtype="float32", enable_prefix_caching=True, block_size=block_size)
+    off = LLM(model=model_dir, device="cpu", dtype="float32", enable_prefix_caching=False, block_size=block_size)
     first = on.generate(prompts[:1], GREEDY)
     later = on.generate(prompts[1:], GREEDY)
-    assert all(o.num_cached_tokens == 96 for o in later)  # 6 full blocks of 16 of the shared 100
+    # the full blocks of the shared 100 tokens: 6 of 16, or 1 of 64
+    assert all(o.num_cached_tokens == 100 // block_size * block_size for o in later)
     ref = off.generate(prompts, GREEDY)
     assert [o.token_ids for o in first + later] == [o.token_ids for o in ref]
     again = on.generate(prompts[:1], GREEDY)[0]  # whole prompt cached: its last token is still recomputed

@@ -210,11 +210,11 @@ if __name__ == "__main__":
     ap.add_argument("--hf-max-tokens", type=int, default=512)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=None, help="default: the engine's")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--data-parallel", type=int, default=1)
     a = ap.parse_args()
     main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, a.data_parallel, enforce_eager=a.enforce_eager,
-         block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
+         **({"block_size": a.block_size} if a.block_size else {}), max_num_batched_tokens=a.max_num_batched_tokens,
          tensor_parallel_size=a.tensor_parallel_size)
