@@ -3,7 +3,8 @@
 #
 # Sections (default: kernels):
 #   kernel-tests   pytest -m gpu on the kernel tests
-#   sanitize       compute-sanitizer memcheck of one small case of each kernel, racecheck of the attention ones
+#   sanitize       compute-sanitizer memcheck of one small case of each kernel; racecheck of attention, skinny
+#                  GEMM and sampling
 #   kernel-bench   flashgen/bench/kernels.py (ceilings, peers, figures; kernels.json)
 #   kernels        = kernel-tests sanitize kernel-bench
 #   engine-tests   GPU parity of the engine with HF transformers (bf16, Qwen3-0.6B and Llama-3.1-8B shapes)
@@ -43,6 +44,11 @@ sanitize() {
         "$PY" scripts/sanitize_kernels.py
     step racecheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck --kernel-name kns=attention_kernel --error-exitcode 9 \
         "$PY" scripts/sanitize_kernels.py --attention
+    local k
+    for k in skinny_gemm gumbel_argmax; do  # the other kernels that share data through shared memory
+        step "racecheck-$k" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck \
+            --kernel-name "kns=$k" --error-exitcode 9 "$PY" scripts/sanitize_kernels.py
+    done
 }
 
 kernel_bench() {

@@ -46,6 +46,16 @@ def main() -> int:
         outs["rope_kv_append"] = cuda_ops.rope_kv_append(
             rnd(T, (hq + 2 * hkv) * d), torch.arange(T, device=dev), cos_sin, slots, kc.clone(), vc.clone(),
             rnd(d), rnd(d), 1e-6, False)
+        for warps, unroll in cuda_ops.SKINNY_VARIANTS:  # 3 rows, N not a multiple of 16, K not of 32, bias
+            outs[f"skinny_gemm_{warps}x{unroll}"] = cuda_ops.skinny_gemm(rnd(3, 1032), rnd(37, 1032), rnd(37),
+                                                                       warps=warps, unroll=unroll)
+        logits = rnd(3, 50257)
+        outs["gumbel_argmax"] = cuda_ops.gumbel_argmax(  # several CTAs per row (small batch), scalar tail path
+            logits, torch.tensor([0.0, 0.7, 1.3], device=dev), torch.tensor([1, 2, 3], device=dev),
+            torch.tensor([0, 5, 9], device=dev)).float()
+        outs["gumbel_argmax_vec"] = cuda_ops.gumbel_argmax(
+            rnd(2, 4096), torch.tensor([0.5, 0.0], device=dev), torch.tensor([4, 5], device=dev),
+            torch.tensor([1, 1], device=dev)).float()
 
     q = rnd(len(lens), hq, d)
     outs["decode"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1)
