@@ -115,6 +115,26 @@ FG_INLINE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); 
 template <int N>
 FG_INLINE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// ---------------------------------------------------------------- last-arrival merge
+// For kernels whose CTAs write partial results that the last CTA of a group merges (split-KV decode,
+// multi-CTA sampling). Every thread of the CTA calls it after the CTA's partials are written; it returns
+// true in the CTA whose arrival completes `expected` arrivals on `counter`, and that CTA then sees all the
+// others' partials (read them with __ldcg: L1 is not coherent). The counter is set back to 0 there, so it is
+// ready for the next launch (CUDA-graph replays). threadFenceReduction, CUDA samples.
+FG_INLINE bool arrive_last(int* counter, int expected) {
+    __shared__ int s_last;
+    __threadfence();  // this CTA's partials are visible before it counts itself
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_last = atomicAdd(counter, 1) == expected - 1;
+        if (s_last) *counter = 0;
+    }
+    __syncthreads();
+    const bool last = s_last;
+    if (last) __threadfence();
+    return last;
+}
+
 // ---------------------------------------------------------------- warp reductions
 FG_INLINE float warp_sum(float v) {
 #pragma unroll

@@ -90,7 +90,6 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     __shared__ __align__(16) float s_o[DEC_WARPS][DEC_HEADS][D];
     __shared__ float s_m[DEC_WARPS][DEC_HEADS];
     __shared__ float s_l[DEC_WARPS][DEC_HEADS];
-    __shared__ int s_last;
 
     const int split = blockIdx.x;
     const int group = hq / hkv;
@@ -278,18 +277,9 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     if (num_splits == 1) return;
 
     // The last split of (b, head group) to finish merges them all: out = sum_s w_s O_s / sum_s w_s,
-    // w_s = 2^(lse_s - max lse), over the non-empty splits (threadFenceReduction: partials, fence, count).
-    __threadfence();
-    __syncthreads();
+    // w_s = 2^(lse_s - max lse), over the non-empty splits.
     const int n = ceil_div(ctx, chunk);  // non-empty splits
-    if (tid == 0) {
-        int* counter = split_counters + (i64)b * gridDim.y + blockIdx.y;
-        s_last = atomicAdd(counter, 1) == n - 1;
-        if (s_last) *counter = 0;  // every split has counted: ready for the next launch (graph replays)
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
+    if (!arrive_last(split_counters + (i64)b * gridDim.y + blockIdx.y, n)) return;
     for (int p = tid; p < nh * (D / 8); p += blockDim.x) {
         const int head = head0 + p / (D / 8), d0 = (p % (D / 8)) * 8;
         float mm = NEG_INF;

@@ -28,16 +28,22 @@ FG_INLINE u32 mix32(u32 x) {
     return x;
 }
 
+// (v, i) replaces the best (bv, bi) if larger, or equal with a lower index (torch.argmax's tie rule). NaN never
+// wins; a row of -inf keeps index 0x7FFFFFFF, which the kernel writes as 0.
+FG_INLINE void take_max(float v, int i, float& bv, int& bi) {
+    if (v > bv || (v == bv && i < bi)) {
+        bv = v;
+        bi = i;
+    }
+}
+
 // Warp-wide (value, index) maximum, lowest index on ties.
 FG_INLINE void warp_argmax(float& bv, int& bi) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
         const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) {
-            bv = ov;
-            bi = oi;
-        }
+        take_max(ov, oi, bv, bi);
     }
 }
 
@@ -69,10 +75,7 @@ FG_INLINE void consider(float logit, int v, float t, u32 key, float& bv, int& bi
         const float u = ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
         val = val / t - __logf(-__logf(u));
     }
-    if (val > bv || (val == bv && v < bi)) {  // NaN never wins; -inf rows fall back to index 0
-        bv = val;
-        bi = v;
-    }
+    take_max(val, v, bv, bi);
 }
 
 // CTA-wide (value, index) maximum, lowest index on ties; the result is valid in thread 0.
@@ -103,7 +106,6 @@ gumbel_argmax_kernel(const logit_t* __restrict__ logits, int vocab, int chunk,
                      const float* __restrict__ temperature, const i64* __restrict__ seeds,
                      const i64* __restrict__ steps, i64* __restrict__ out,
                      float* __restrict__ part_v, int* __restrict__ part_i, int* __restrict__ counters) {
-    __shared__ int s_last;
     const int row = blockIdx.x, S = gridDim.y, sp = blockIdx.y;
     const float t = temperature[row];
     const unsigned long long seed = (unsigned long long)seeds[row];
@@ -132,22 +134,12 @@ gumbel_argmax_kernel(const logit_t* __restrict__ logits, int vocab, int chunk,
     if (threadIdx.x == 0) {
         part_v[(i64)row * S + sp] = bv;
         part_i[(i64)row * S + sp] = bi;
-        __threadfence();
-        s_last = atomicAdd(counters + row, 1) == S - 1;
-        if (s_last) counters[row] = 0;  // ready for the next launch (graph replays)
     }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
+    if (!arrive_last(counters + row, S)) return;
     bv = neg_inf();
     bi = 0x7FFFFFFF;
     for (int j = threadIdx.x; j < S; j += blockDim.x) {  // chunks in order: ties keep the lowest index
-        const float v = __ldcg(part_v + (i64)row * S + j);
-        const int i = __ldcg(part_i + (i64)row * S + j);
-        if (v > bv || (v == bv && i < bi)) {
-            bv = v;
-            bi = i;
-        }
+        take_max(__ldcg(part_v + (i64)row * S + j), __ldcg(part_i + (i64)row * S + j), bv, bi);
     }
     block_argmax(bv, bi);
     if (threadIdx.x == 0) out[row] = bi == 0x7FFFFFFF ? 0 : bi;

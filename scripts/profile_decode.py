@@ -7,7 +7,7 @@ import tempfile
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flashgen import LLM, SamplingParams
+from flashgen import LLM
 from flashgen.bench.synthetic import write_model_dir
 from flashgen.bench.throughput import make_workload
 
@@ -18,9 +18,8 @@ a = ap.parse_args()
 w = make_workload(a.workload)
 with tempfile.TemporaryDirectory() as d:
     llm = LLM(model=str(write_model_dir(w.shape, d)), load_format="dummy", dtype="bfloat16")
-    for i, (p, m) in enumerate(zip(w.prompts, w.max_tokens)):
-        llm.add_request(str(i), p, SamplingParams(temperature=w.temperature, max_tokens=m, ignore_eos=True,
-                                                  detokenize=False))
+    for i, (p, sp) in enumerate(zip(w.prompts, w.sampling_params())):
+        llm.add_request(str(i), p, sp)
     for _ in range(a.after):
         llm.step()
     torch.cuda.synchronize()
@@ -39,4 +38,4 @@ with tempfile.TemporaryDirectory() as d:
     print("linear plans (rows, N, K): time per call and weight bytes per second, cuBLAS and skinny (warps, unroll)")
     for key, times in sorted(cuda_ops.LINEAR_TIMES.items(), key=lambda kv: kv[0][2:]):
         w = key[3] * key[4] * 2
-        print(f"  {key[2:5]}: " + ", ".join(f"{k}: {v * 1e3:.1f} us ({w / v / 1e9:.2f} TB/s)" for k, v in times.items()))
+        print(f"  {key[2:5]}: " + ", ".join(f"{k}: {v * 1e6:.1f} us ({w / v / 1e12:.2f} TB/s)" for k, v in times.items()))

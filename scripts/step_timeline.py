@@ -42,9 +42,8 @@ def main(workload: str, json_path: str | None) -> None:
         runner.launch = launch
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         launched.clear()
-        for i, (p, m) in enumerate(zip(w.prompts, w.max_tokens)):
-            llm.add_request(str(i), p, SamplingParams(temperature=w.temperature, max_tokens=m, ignore_eos=True,
-                                                      detokenize=False))
+        for i, (p, sp) in enumerate(zip(w.prompts, w.sampling_params())):
+            llm.add_request(str(i), p, sp)
         steps = []
         torch.cuda.synchronize()
         t_start = time.perf_counter()

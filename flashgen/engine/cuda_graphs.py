@@ -2,7 +2,8 @@
 
 A decode step of a small model is hundreds of short kernels; launching them from Python costs more than they
 run. Each bucket's graph reads its inputs from static buffers that `run` fills; its logits (the lm_head GEMM's
-output, model dtype) stay in the graph's memory pool, where every replay writes them again. Rows past the real batch are padding: they write no KV (slot -1) and attend to one token.
+output, model dtype) stay in the graph's memory pool, where every replay writes them again. Rows past the real
+batch are padding: they write no KV (slot -1) and attend to one token.
 """
 from __future__ import annotations
 

@@ -92,15 +92,15 @@ def _filter(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch.Tensor:
     """logits (B, V), any float dtype -> (B,) int64 tokens. `fused`: one CUDA kernel for noise + argmax, reading
     the logits in their own dtype when nothing has to change them first (a float32 copy otherwise)."""
-    plain = b.all_greedy or (b.top_k is None and b.top_p is None and b.min_p is None)
-    if not (fused and plain and b.banned is None and b.rep_penalty is None and b.frequency is None):
+    filtered = not b.all_greedy and (b.top_k is not None or b.top_p is not None or b.min_p is not None)
+    if not (fused and not filtered and b.banned is None and b.rep_penalty is None and b.frequency is None):
         logits = logits.float()
     logits = apply_penalties(logits, b)
     if b.banned is not None:
         logits = logits.masked_fill(b.banned, float("-inf"))
     if b.all_greedy and not fused:
         return logits.argmax(-1)
-    if not b.all_greedy and (b.top_k is not None or b.top_p is not None or b.min_p is not None):
+    if filtered:
         logits = _filter(logits, b)
     if fused:  # greedy rows too: torch's argmax took 27 us per 128,256-wide row in a batch-1 profile
         from flashgen.ops.cuda_ops import gumbel_argmax

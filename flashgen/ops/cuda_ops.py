@@ -23,6 +23,7 @@ import os
 import torch
 
 from flashgen.ops import jit
+from flashgen.ops.timing import bench
 
 DTYPES = (torch.bfloat16, torch.float16)
 ATTN_HEAD_DIMS = (64, 128)
@@ -101,7 +102,7 @@ SKINNY_MAX_ROWS = 8  # kernels/skinny_gemm.cu: the rows are the n = 8 of an m16n
 # (warps per CTA, k steps in flight per lane) of the skinny kernel that linear_plan measures against cuBLAS
 SKINNY_VARIANTS = ((4, 8), (8, 8), (2, 8), (4, 4))
 _LINEAR_PLAN: dict[tuple, tuple | None] = {}  # (device, dtype, rows, N, K, bias) -> a skinny variant, None = cuBLAS
-LINEAR_TIMES: dict[tuple, dict] = {}  # the measurements behind each plan: {"cublas" or variant: ms per call}
+LINEAR_TIMES: dict[tuple, dict] = {}  # the measurements behind each plan: {"cublas" or variant: s per call}
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -135,25 +136,6 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
-def _time_ms(fn, calls: int, reps: int = 7) -> float:
-    """Median time of one fn(i) call, i = 0 .. calls - 1 captured in one CUDA graph and replayed: kernel time
-    without the host's launch overhead (eager timing of a ~15 us kernel measures mostly the launch)."""
-    fn(0)  # compile / pick cuBLAS kernels outside the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    g.replay()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    return sorted(a.elapsed_time(b) for a, b in ev)[reps // 2] / calls
-
-
 def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int] | None:
     """Which kernel runs `rows` x weight^T: None = cuBLAS, else the skinny kernel's (warps, unroll). Measured once
     per shape (cuBLAS and each skinny variant, replayed from a CUDA graph over weight copies rotated past L2,
@@ -179,14 +161,14 @@ def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     x = torch.randn((rows, K), generator=g, device=weight.device).to(weight.dtype)
     out = torch.empty((rows, N), dtype=weight.dtype, device=weight.device)
     calls = max(copies, 4)
-    times = {"cublas": _time_ms(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias), calls)}
+    times = {"cublas": bench(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias), reps=7, inner=calls,
+                             warmup=1)}
     for v in SKINNY_VARIANTS:
-        times[v] = _time_ms(lambda i, v=v: skinny_gemm(x, ws[i % copies], bias, out=out, warps=v[0], unroll=v[1]),
-                            calls)
+        times[v] = bench(lambda i, v=v: skinny_gemm(x, ws[i % copies], bias, out=out, warps=v[0], unroll=v[1]),
+                         reps=7, inner=calls, warmup=1)
     best = min(times, key=times.get)
     plan = None if best == "cublas" else best
     _LINEAR_PLAN[key], LINEAR_TIMES[key] = plan, times
-    del ws, x, out
     return plan
 
 
