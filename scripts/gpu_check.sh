@@ -42,7 +42,7 @@ sanitize() {
     # Without torch's caching allocator every tensor is its own allocation: out-of-bounds accesses show.
     step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
         "$PY" scripts/sanitize_kernels.py
-    step racecheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck --kernel-name kns=attention_kernel --error-exitcode 9 \
+    step racecheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool racecheck --kernel-name kns=attention --error-exitcode 9 \
         "$PY" scripts/sanitize_kernels.py --attention
     local k
     for k in skinny_gemm gumbel_argmax; do  # the other kernels that share data through shared memory

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from flashgen.ops import cuda_ops
+from flashgen.ops import cuda_ops, jit
 
 
 def main() -> int:
@@ -62,7 +62,10 @@ def main() -> int:
     outs["decode_split"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, num_splits=3, return_lse=True)[0]
     qlens = [1, 17, 5, 130]  # prefix hits (context > q_len) and a full prefill
     cu = torch.tensor([0, 1, 18, 23, 153], dtype=torch.int32, device=dev)
-    outs["prefill"] = cuda_ops.prefill_attention(rnd(153, hq, d), kc, vc, cu, ctx, bt, max(qlens), 0.1)
+    qp = rnd(153, hq, d)
+    outs["prefill"] = cuda_ops.prefill_attention(qp, kc, vc, cu, ctx, bt, max(qlens), 0.1, impl="mma")
+    if jit.device_arch(dev) == "sm_90":
+        outs["prefill_wgmma"] = cuda_ops.prefill_attention(qp, kc, vc, cu, ctx, bt, max(qlens), 0.1, impl="wgmma")
     torch.cuda.synchronize()
     bad = [k for k, v in outs.items() if torch.isnan(v).any()]
     print("sanitize cases:", ", ".join(outs), "| NaN in:", bad or "none")

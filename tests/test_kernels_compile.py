@@ -21,6 +21,7 @@ from flashgen.ops import cuda_ops, jit
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
+SM90A_ONLY = {"prefill_attention_sm90.cu"}  # wgmma: Hopper's arch-specific target only
 DTYPES = {"bf16": 0, "fp16": 1}
 # source -> [(head_dim or None, extra defines)]: every variant cuda_ops can launch
 SOURCES = {
@@ -31,6 +32,7 @@ SOURCES = {
     "decode_attention.cu": [(64, ""), (128, "")],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS
                              for mt, bn in cuda_ops.PREFILL_TILE_CHOICES],
+    "prefill_attention_sm90.cu": [(d, "") for d in cuda_ops.ATTN_HEAD_DIMS],
 }
 VARIANTS = [(src, dt, d, extra) for src, vs in SOURCES.items() for dt in DTYPES for d, extra in vs
             if not (extra == "SAMPLING_F32=1" and dt == "fp16")]  # float32 logits: one variant
@@ -45,7 +47,7 @@ def _compile(src: str, dtype: str, head_dim: int | None, extra: str, out_dir: st
     name = f"{src[:-3]}_{dtype}_{head_dim}_{extra.replace(',', '_').replace('=', '')}"
     cu = Path(out_dir) / f"{name}.cu"
     cu.write_text(jit._expand_includes(kdir / src))
-    cmd = [NVCC, "--std=c++17", f"-I{kdir}", "--fatbin", *ARCHS, "--resource-usage", "-lineinfo",
+    cmd = [NVCC, "--std=c++17", f"-I{kdir}", "--fatbin", *(ARCHS[1:] if src in SM90A_ONLY else ARCHS), "--resource-usage", "-lineinfo",
            f"-DFG_DTYPE={DTYPES[dtype]}", "-o", str(Path(out_dir) / f"{name}.fatbin"), str(cu)]
     if head_dim:
         cmd.append(f"-DFG_HEAD_DIM={head_dim}")

@@ -27,7 +27,7 @@ try:
 except ImportError:
     pytest.skip("cupy is not installed (pip install 'flashgen[cuda13]')", allow_module_level=True)
 
-from flashgen.ops import cuda_ops  # noqa: E402
+from flashgen.ops import cuda_ops, jit  # noqa: E402
 
 DEV = torch.device("cuda")
 DTYPES = [torch.bfloat16, torch.float16]
@@ -271,8 +271,15 @@ PREFILL_CASES = [
 ]
 
 
+def _need_impl(impl: str) -> None:
+    if impl == "wgmma" and jit.device_arch(DEV) != "sm_90":
+        pytest.skip(f"the wgmma prefill kernel needs a Hopper GPU, this is {jit.device_arch(DEV)}")
+
+
+@pytest.mark.parametrize("impl", cuda_ops.PREFILL_IMPLS)
 @pytest.mark.parametrize("dtype,d,group,bs,seqs", PREFILL_CASES)
-def test_prefill_attention(dtype, d, group, bs, seqs):
+def test_prefill_attention(dtype, d, group, bs, seqs, impl):
+    _need_impl(impl)
     seed = _seed()
     g = _gen(seed)
     hkv = 1 if max(n for _, n in seqs) > 2048 else 2
@@ -285,10 +292,10 @@ def test_prefill_attention(dtype, d, group, bs, seqs):
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
     scale = d**-0.5
     out = torch.full_like(q, float("nan"))
-    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), scale, out=out)
+    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), scale, out=out, impl=impl)
     assert got is out
     ref, base, _ = _refs(q, kc, vc, bt, lens, qlens, scale)
-    _assert_close("prefill", got, base, ref, seed)
+    _assert_close(f"prefill {impl}", got, base, ref, seed)
 
 
 @pytest.mark.parametrize("tile", cuda_ops.PREFILL_TILE_CHOICES)

@@ -138,13 +138,12 @@ def prefill(dev, ops, results: dict) -> None:
             kc = torch.randn(nb, bs, h, d, generator=g, device=dev).to(torch.bfloat16)
             vc = torch.randn(nb, bs, h, d, generator=g, device=dev).to(torch.bfloat16)
             bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, L // bs)
+            impl = ops.prefill_impl(dev.index)
             t = bench(lambda i: ops.prefill_attention(q, kc, vc, cu, ctx, bt, L, scale, out=out), reps=10, inner=4)
-            entry[f"bs{bs}"] = {"flops_per_s": flops / t, "tile": list(ops.PREFILL_TILES[d])}
-            if bs == 16:
-                entry["bs16"]["flops_per_s_by_tile"] = {
-                    f"{mt}x{bn}": flops / bench(lambda i: ops.prefill_attention(
-                        q, kc, vc, cu, ctx, bt, L, scale, out=out, tile=(mt, bn)), reps=10, inner=4)
-                    for mt, bn in ops.PREFILL_TILE_CHOICES}
+            entry[f"bs{bs}"] = {"flops_per_s": flops / t, "impl": impl}
+            if impl != "mma":  # the portable mma.sync kernel on the same data, for comparison
+                entry[f"bs{bs}"]["flops_per_s_mma"] = flops / bench(lambda i: ops.prefill_attention(
+                    q, kc, vc, cu, ctx, bt, L, scale, out=out, impl="mma"), reps=10, inner=4)
             if bs == 16:
                 ours = ops.prefill_attention(q, kc, vc, cu, ctx, bt, L, scale)
                 order = bt.long().flatten()
@@ -241,8 +240,12 @@ def table(r: dict) -> str:
             lines.append(row(label, e, bs, "bytes_per_s", ".2f", copy))
     for e in r["prefill"]:
         for bs in (16, 64):
-            label = "prefill L%d bs%d TFLOP/s" % (e["seqlen"], bs)
+            label = "prefill L%d bs%d %s TFLOP/s" % (e["seqlen"], bs, e[f"bs{bs}"].get("impl", ""))
             lines.append(row(label, e, bs, "flops_per_s", ".0f", c["matmul_bf16_flops"]))
+            if "flops_per_s_mma" in e[f"bs{bs}"]:
+                mma = e[f"bs{bs}"]["flops_per_s_mma"]
+                lines.append(f"{'  (mma kernel)':<34}{mma / 1e12:>12.0f}{'':>20}"
+                             f"{100 * mma / c['matmul_bf16_flops']:>9.0f}%")
     for k, e in r["elementwise"].items():
         lines.append(f"{k + ' GB/s':<34}{e['bytes_per_s'] / 1e9:>12.0f}{'':>20}{100 * e['bytes_per_s'] / copy:>9.0f}%")
     return "\n".join(lines)

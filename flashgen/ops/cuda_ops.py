@@ -31,6 +31,10 @@ RMS_MAX_HIDDEN = 8 * 4 * 1024  # kernels/norms.cu: RMS_VPT vectors of 8 per thre
 # prefill tiles per head_dim: (16-row m-tiles per warp, keys per tile); kernels/prefill_attention.cu
 PREFILL_TILES = {64: (2, 64), 128: (2, 64)}
 PREFILL_TILE_CHOICES = ((1, 64), (1, 32), (2, 32), (2, 64))
+# prefill kernels: "wgmma" (kernels/prefill_attention_sm90.cu, Hopper only) and "mma" (prefill_attention.cu,
+# any sm_80+ GPU); FLASHGEN_PREFILL=auto|wgmma|mma, auto = wgmma where the GPU has it
+PREFILL_IMPLS = ("wgmma", "mma")
+PREFILL_SM90_SMEM = {d: 128 * d * 2 * 5 + 1024 for d in ATTN_HEAD_DIMS}  # Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
 
 
@@ -304,15 +308,26 @@ def prefill_smem_bytes(head_dim: int, tile: tuple[int, int]) -> int:
     return q_tile + 4 * bn * head_dim * 2  # + 2 stages x (K + V)
 
 
+def prefill_impl(device_index: int) -> str:
+    """The prefill kernel used on a device: $FLASHGEN_PREFILL (auto, wgmma or mma); auto picks wgmma on
+    Hopper (compute capability 9.0) and mma elsewhere."""
+    choice = os.environ.get("FLASHGEN_PREFILL", "auto")
+    if choice not in ("auto", *PREFILL_IMPLS):
+        raise ValueError(f"FLASHGEN_PREFILL must be auto, {' or '.join(PREFILL_IMPLS)}, got {choice!r}")
+    if choice == "auto":
+        return "wgmma" if jit.device_arch(device_index) == "sm_90" else "mma"
+    return choice
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       context_lens: torch.Tensor, block_tables: torch.Tensor, max_seqlen_q: int,
                       softmax_scale: float, *, out: torch.Tensor | None = None,
-                      tile: tuple[int, int] | None = None) -> torch.Tensor:
+                      tile: tuple[int, int] | None = None, impl: str | None = None) -> torch.Tensor:
     """Varlen causal attention over the paged cache. q (total_q, Hq, D); sequence b owns q rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to its first context_lens[b] cached tokens (its new tokens
     included), the mask aligned bottom-right; needs context_lens[b] >= q_len_b and max_seqlen_q >= every
-    q_len_b. Returns (total_q, Hq, D). `tile` overrides the (m-tiles per warp, keys per tile) choice
-    (PREFILL_TILE_CHOICES; for benchmarks)."""
+    q_len_b. Returns (total_q, Hq, D). `impl` picks the kernel (PREFILL_IMPLS; default prefill_impl());
+    `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES; for benchmarks)."""
     _check_tensor("q", q, DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
@@ -329,19 +344,38 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = _check_out(out, tuple(q.shape), q.dtype, dev)
     if out is None:
         out = torch.empty_like(q)
-    tile = PREFILL_TILES[d] if tile is None else tuple(tile)
-    if tile not in PREFILL_TILE_CHOICES:
-        _fail("tile", f"must be one of {PREFILL_TILE_CHOICES}", tile)
-    if B and max_seqlen_q and q.shape[0]:
-        smem = prefill_smem_bytes(d, tile)
+    if impl is None:
+        impl = "mma" if tile is not None else prefill_impl(_dev(q))
+    if impl not in PREFILL_IMPLS:
+        _fail("impl", f"must be one of {PREFILL_IMPLS}", impl)
+    if impl == "wgmma":
+        if tile is not None:
+            _fail("tile", "applies to the mma kernel only (impl='mma')", tile)
+        arch = jit.device_arch(_dev(q))
+        if arch != "sm_90":
+            _fail("impl", f"'wgmma' needs a Hopper GPU (sm_90); {dev} is {arch}", impl)
+    else:
+        tile = PREFILL_TILES[d] if tile is None else tuple(tile)
+        if tile not in PREFILL_TILE_CHOICES:
+            _fail("tile", f"must be one of {PREFILL_TILE_CHOICES}", tile)
+    if not (B and max_seqlen_q and q.shape[0]):
+        return out
+    if impl == "wgmma":
+        smem, block_m = PREFILL_SM90_SMEM[d], 128
+        k = jit.get_kernel("prefill_attention_sm90.cu", "prefill_attention_sm90_kernel", q.dtype, d, _dev(q), smem,
+                           arch_specific=True)
+    else:
+        smem, block_m = prefill_smem_bytes(d, tile), 64 * tile[0]
         k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, _dev(q), smem,
                            (("PF_MT", tile[0]), ("PF_BN", tile[1])))
-        mblocks = -(-max_seqlen_q // (64 * tile[0]))
-        jit.launch(k, (mblocks, hq, B), (128,), (
-            jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
-            jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),
-            jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks)),
-            dev, shared_mem=smem)
+    mblocks = -(-max_seqlen_q // block_m)
+    # wgmma: grid (Hq, B, m-blocks), 2 warpgroups; mma: grid (m-blocks, Hq, B), 4 warps
+    grid, block = ((hq, B, mblocks), (256,)) if impl == "wgmma" else ((mblocks, hq, B), (128,))
+    jit.launch(k, grid, block, (
+        jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
+        jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),
+        jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks)),
+        dev, shared_mem=smem)
     return out
 
 

@@ -10,9 +10,11 @@ compile or launch does, and says how to install it when it is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,20 +78,46 @@ def device_arch(device: torch.device | int | None = None) -> str:
     return f"sm_{major}{minor}"
 
 
+# Architectures whose own instructions (wgmma, setmaxnreg on Hopper) only exist in an arch-specific target.
+ARCH_SPECIFIC = {"sm_90": "sm_90a"}
+_ARCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _nvrtc_target(target: str):
+    """Make CuPy's NVRTC compile (and its disk-cache key) use `-arch=<target>` instead of the plain
+    compute capability it derives from the device, e.g. sm_90a for Hopper's wgmma. CuPy picks the option in
+    one helper, cupy.cuda.compiler._get_arch_for_options_for_nvrtc; it is swapped for the duration of one
+    compile, under a lock."""
+    from cupy.cuda import compiler
+
+    orig = getattr(compiler, "_get_arch_for_options_for_nvrtc", None)
+    if orig is None:  # pragma: no cover - depends on the CuPy version
+        raise RuntimeError(f"this CuPy cannot be told to compile for {target}")
+    with _ARCH_LOCK:
+        compiler._get_arch_for_options_for_nvrtc = lambda arch=None: (f"-arch={target}", "cubin")
+        try:
+            yield
+        finally:
+            compiler._get_arch_for_options_for_nvrtc = orig
+
+
 @functools.cache
 def _module(source: str, dtype_code: int, head_dim: int, defines: tuple, arch: str, device_index: int) -> Any:
     cupy = _cupy()
     kdir = kernel_dir()
     code = _expand_includes(kdir / source)
-    # NOTE: CuPy appends the architecture option (-arch=sm_<cc> of the current device) itself; `arch` is
-    # part of the cache key so that a process driving different GPUs keeps one module per architecture.
+    # NOTE: CuPy appends the architecture option (-arch=sm_<cc> of the current device) itself, unless `arch`
+    # names an arch-specific target (sm_90a), set through _nvrtc_target; `arch` is part of the cache key so
+    # that a process driving different GPUs keeps one module per architecture.
     options = ("--std=c++17", f"-I{kdir}", f"-DFG_DTYPE={dtype_code}", "-lineinfo")
     if head_dim:
         options += (f"-DFG_HEAD_DIM={head_dim}",)
     options += tuple(f"-D{k}={v}" for k, v in defines)
     with cupy.cuda.Device(device_index):
         mod = cupy.RawModule(code=code, options=options)
-        mod.compile()  # compile and load now, never inside a CUDA-graph capture
+        with _nvrtc_target(arch) if arch in ARCH_SPECIFIC.values() else contextlib.nullcontext():
+            mod.compile()  # compile and load now, never inside a CUDA-graph capture
     return mod
 
 
@@ -102,12 +130,18 @@ def get_kernel(
     device_index: int,
     max_dynamic_smem: int = 0,
     defines: tuple[tuple[str, int], ...] = (),
+    arch_specific: bool = False,
 ) -> Any:
     """The compiled kernel `name` of kernels/`source` for (dtype, head_dim, extra -D defines) on a device
-    (a cupy.RawKernel)."""
+    (a cupy.RawKernel). `arch_specific` builds for the device's arch-specific target (ARCH_SPECIFIC: sm_90a
+    on Hopper), which a source using wgmma needs."""
     if dtype not in _DTYPE_CODE:
         raise ValueError(f"kernels support bfloat16 and float16, not {dtype}")
     arch = device_arch(device_index)
+    if arch_specific:
+        if arch not in ARCH_SPECIFIC:
+            raise ValueError(f"{source} needs one of {sorted(ARCH_SPECIFIC)}, device {device_index} is {arch}")
+        arch = ARCH_SPECIFIC[arch]
     mod = _module(source, _DTYPE_CODE[dtype], head_dim, tuple(defines), arch, device_index)
     cupy = _cupy()
     with cupy.cuda.Device(device_index):

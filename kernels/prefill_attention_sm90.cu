@@ -1,0 +1,272 @@
+// prefill_attention_sm90.cu: varlen causal flash attention over the paged KV cache on Hopper's warpgroup
+// tensor cores (wgmma; build for sm_90a). Same contract and arguments as prefill_attention.cu, which serves
+// every other GPU.
+//
+// Algorithm: grid (Hq, B, ceil(max_seqlen_q / BM)), the m-blocks in the slowest dimension and launched from
+// the last one (the longest-running CTAs first). A CTA of 2 warpgroups owns BM = 128 query rows of one
+// sequence and head; warpgroup w owns rows 64w .. 64w + 63. Query row i of sequence b sits at position
+// context_len_b - q_len_b + i (bottom-right causal alignment) and sees keys 0 .. that position. K/V tiles of
+// BN = 128 tokens are visited from the last (the diagonal, masked) down to 0, each gathered from the paged
+// cache through the block table by cp.async (16-byte chunks, one page lookup per token row) into
+// 128-byte-swizzled shared memory (wgmma.cuh). Per tile t and warpgroup, software-pipelined one tile deep
+// so that the softmax of tile t runs while the tensor cores do the P.V product of tile t+1:
+//     issue S_t = Q K_t^T                 wgmma m64n128k16 x D/16, A = Q and B = K from shared memory
+//     issue O  += P_{t+1} V_{t+1}         wgmma m64nDk16 x BN/16, A = P from registers (bf16/fp16),
+//                                         B = V from shared memory read N-major (transposed)
+//     wait S_t; online softmax in float32 (masked scores -inf, exp2 with the scale folded into one FMA,
+//     running max and sum per row) -> P_t packed to 16 bits
+//     wait P.V; rescale O by exp2(old max - new max) when some row's max moved (warp vote)
+//   K_t and V_{t+1} are loaded one iteration ahead (2-slot rings for K and for V), so one CTA barrier per
+//   tile both publishes the landed tile and frees the slots the next loads overwrite.
+// Shared memory: Q (BM D 2 bytes) + 2 K slots + 2 V slots (BN D 2 bytes each) + 1 KB for 1024-byte alignment:
+//   161 KB at D = 128 (1 CTA per SM, 256 threads), 81 KB at D = 64.
+// Memory traffic: q and out once; K/V of tile t once per (query block, head) CTA, mostly from L2; HBM sees
+//   about ctx * Hkv * D * 2 * sizeof(dtype) per sequence. FLOPs: 4 * D * (unmasked (query, key) pairs) per head.
+#include "common.cuh"
+#include "wgmma.cuh"
+
+#ifndef FG_HEAD_DIM
+#define FG_HEAD_DIM 128
+#endif
+#define D FG_HEAD_DIM
+#define BM 128                        // query rows per CTA: 2 warpgroups x 64
+#define BN 128                        // keys per tile
+#define NTHREADS 256
+#define CH (D / 8)                    // 16-byte chunks per row
+#define RSTEP (NTHREADS / CH)         // rows apart between one thread's chunks in a tile load
+#define NLD (BN / RSTEP)              // chunks per thread per K (or V, or Q: BM == BN) tile
+#define TILE_BYTES (BN * D * 2)
+#define Q_BYTES (BM * D * 2)
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+static_assert(D == 64 || D == 128, "prefill_attention_sm90: head_dim 64 or 128");
+static_assert(BM == BN, "Q and K/V tiles share the load pattern");
+
+#if D == 128
+#define WGMMA_PV wgmma_rs_n128_tb
+#else
+#define WGMMA_PV wgmma_rs_n64_tb
+#endif
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
+prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
+                              const scalar_t* __restrict__ k_cache,  // (num_blocks, block_size, Hkv, D)
+                              const scalar_t* __restrict__ v_cache,
+                              const int* __restrict__ cu_seqlens_q,  // (B + 1,)
+                              const int* __restrict__ context_lens,  // (B,)
+                              const int* __restrict__ block_tables,  // (B, bt_stride)
+                              int bt_stride,
+                              scalar_t* __restrict__ out,            // (T, Hq, D)
+                              int hq, int hkv, int log2_bs, float scale_log2, int num_mblocks) {
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
+    const u32 s0 = (raw + 1023u) & ~1023u;  // the swizzle needs 1024-byte aligned tiles
+    unsigned char* const gsm = smem_raw + (s0 - raw);
+    // [Q] [K slot 0] [K slot 1] [V slot 0] [V slot 1], as offsets from s0
+    constexpr u32 OQ = 0, OK = Q_BYTES, OV = Q_BYTES + 2 * TILE_BYTES;
+
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int mb = num_mblocks - 1 - blockIdx.z;  // longest-running blocks first
+    const int q_start = cu_seqlens_q[b];
+    const int qlen = cu_seqlens_q[b + 1] - q_start;
+    const int m0 = mb * BM;
+    if (m0 >= qlen) return;
+    const int ctx = context_lens[b];
+    const int qoff = ctx - qlen;                       // position of query row 0
+    const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
+    if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
+    const int n_tiles = ceil_div(kv_end, BN);
+    const int kvh = h / (hq / hkv);
+
+    const int tid = threadIdx.x, wg = tid >> 7, wl = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int lch = tid % CH, lrow0 = tid / CH;
+    const i64 q_row_stride = (i64)hq * D;
+
+    // Q tile -> shared memory (rows past the sequence are zero-filled).
+#pragma unroll
+    for (int i = 0; i < NLD; ++i) {
+        const int row = lrow0 + i * RSTEP;
+        const bool valid = m0 + row < qlen;
+        const scalar_t* src = q + (i64)(q_start + (valid ? m0 + row : 0)) * q_row_stride + h * D + lch * 8;
+        cp_async_16(gsm + OQ + swz128(BM, row, lch), src, valid ? 16 : 0);
+    }
+
+    const i64 kv_row_stride = (i64)hkv * D;
+    const i64 head_off = (i64)kvh * D + lch * 8;
+    const int bs_mask = (1 << log2_bs) - 1;
+    const int* bt = block_tables + (i64)b * bt_stride;
+    // Tile t of K (or V) -> its ring slot (t & 1).
+    auto load_tile = [&](const scalar_t* __restrict__ cache, u32 ring, int t) {
+        unsigned char* dst = gsm + ring + (t & 1) * TILE_BYTES;
+#pragma unroll
+        for (int i = 0; i < NLD; ++i) {
+            const int row = lrow0 + i * RSTEP;
+            const int tok = min(t * BN + row, ctx - 1);  // past the end: any valid token, masked later
+            const i64 r = ((i64)bt[tok >> log2_bs] << log2_bs) + (tok & bs_mask);
+            cp_async_16(dst + swz128(BN, row, lch), cache + r * kv_row_stride + head_off);
+        }
+    };
+
+    float s[BN / 2];          // S accumulators: rows g, g + 8 of the warp's 16, BN / 8 column groups
+    float o[D / 2];           // O accumulators, same layout over D columns
+    u32 pa[BN / 16][4];       // P of the previous tile as A fragments (read by the P.V wgmma in flight)
+    u32 pn[BN / 16][4];       // P of the current tile
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float mr0 = NEG_INF, mr1 = NEG_INF, lr0 = 0.f, lr1 = 0.f;  // running max / per-lane sum, rows g, g + 8
+    const int p0 = qoff + m0 + wg * 64 + wl * 16 + g;           // position of row g (row g + 8: p0 + 8)
+    const int wg_first = qoff + m0 + wg * 64;                   // position of the warpgroup's first row
+    const u32 q_addr = s0 + OQ + wg * 64 * 128;
+
+    auto issue_qk = [&](int t) {
+        const u32 k_addr = s0 + OK + (t & 1) * TILE_BYTES;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks)
+            wgmma_ss_n128(s, smem_desc(q_addr + (ks >> 2) * (BM * 128) + (ks & 3) * 32, 16, 1024),
+                          smem_desc(k_addr + (ks >> 2) * (BN * 128) + (ks & 3) * 32, 16, 1024), ks > 0);
+    };
+    auto issue_pv = [&](int t) {
+        const u32 v_addr = s0 + OV + (t & 1) * TILE_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) WGMMA_PV(o, pa[kk], smem_desc(v_addr + kk * 16 * 128, BN * 128, 1024), 1);
+    };
+    // Online softmax of S_t into pn; returns the factors that rescale O (and the sums) for rows g, g + 8.
+    auto softmax = [&](int t, float& al0, float& al1) {
+        // Key j is visible to the row at position p iff j <= p (and j < ctx). Scores stay unscaled: the scale
+        // is folded into the exponent (max commutes with a positive scale).
+        if (t * BN + BN - 1 > wg_first || t * BN + BN > ctx) {
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = t * BN + i * 8 + 2 * c + (e & 1);
+                    if (j > p0 + (e >> 1) * 8 || j >= ctx) s[4 * i + e] = NEG_INF;
+                }
+            }
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(mr0, mx0), mn1 = fmaxf(mr1, mx1);
+        // exponent offsets in scaled units; 0 while a row has seen no visible key
+        const float mu0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
+        const float mu1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
+        al0 = mn0 == mr0 ? 1.f : fast_exp2(mr0 * scale_log2 - mu0);
+        al1 = mn1 == mr1 ? 1.f : fast_exp2(mr1 * scale_log2 - mu1);
+        mr0 = mn0;
+        mr1 = mn1;
+        float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            const float e0 = fast_exp2(fmaf(s[4 * i], scale_log2, -mu0));
+            const float e1 = fast_exp2(fmaf(s[4 * i + 1], scale_log2, -mu0));
+            const float e2 = fast_exp2(fmaf(s[4 * i + 2], scale_log2, -mu1));
+            const float e3 = fast_exp2(fmaf(s[4 * i + 3], scale_log2, -mu1));
+            rs0 += e0 + e1;
+            rs1 += e2 + e3;
+            pn[i / 2][(i & 1) * 2] = pack2(e0, e1);
+            pn[i / 2][(i & 1) * 2 + 1] = pack2(e2, e3);
+        }
+        lr0 = lr0 * al0 + rs0;
+        lr1 = lr1 * al1 + rs1;
+    };
+    auto tile_landed = [&]() {
+        cp_async_wait<0>();
+        fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
+        __syncthreads();
+    };
+
+    // Tile n_tiles - 1: S only (there is no P.V to overlap yet).
+    const int last = n_tiles - 1;
+    load_tile(k_cache, OK, last);
+    cp_async_commit();
+    tile_landed();
+    if (last >= 1) load_tile(k_cache, OK, last - 1);
+    load_tile(v_cache, OV, last);
+    cp_async_commit();
+    wgmma_fence();
+    issue_qk(last);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(s);
+    {
+        float al0, al1;
+        softmax(last, al0, al1);  // O is still 0: nothing to rescale
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pa[kk][e] = pn[kk][e];
+
+    for (int t = last - 1; t >= 0; --t) {
+        tile_landed();  // K_t and V_{t+1}; every warpgroup is done with tile t + 1's S and tile t + 2's P.V
+        if (t >= 1) load_tile(k_cache, OK, t - 1);
+        load_tile(v_cache, OV, t);
+        cp_async_commit();
+        wgmma_fence();
+        issue_qk(t);
+        wgmma_commit();
+        issue_pv(t + 1);
+        wgmma_commit();
+        wgmma_wait<1>();  // S_t done (groups complete in order), P.V may still run
+        fence_regs(s);
+        float al0, al1;
+        softmax(t, al0, al1);
+        wgmma_wait<0>();
+        fence_regs(o);
+        // Rescale O only when some row's max moved (rare once the first tiles are done).
+        if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                o[4 * i] *= al0; o[4 * i + 1] *= al0; o[4 * i + 2] *= al1; o[4 * i + 3] *= al1;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pa[kk][e] = pn[kk][e];
+    }
+    tile_landed();  // V_0
+    wgmma_fence();
+    issue_pv(0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(o);
+
+    // Epilogue: normalise; stage the warpgroup's 64 rows in its own part of the Q tile (its wgmma reads of Q
+    // are complete), then write 16-byte chunks.
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        lr0 += __shfl_xor_sync(0xffffffffu, lr0, off);
+        lr1 += __shfl_xor_sync(0xffffffffu, lr1, off);
+    }
+    const float inv0 = lr0 > 0.f ? 1.f / lr0 : 0.f, inv1 = lr1 > 0.f ? 1.f / lr1 : 0.f;
+    const int r0 = wg * 64 + wl * 16 + g;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+        *reinterpret_cast<u32*>(gsm + OQ + swz128(BM, r0, i) + 4 * c) = pack2(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+        *reinterpret_cast<u32*>(gsm + OQ + swz128(BM, r0 + 8, i) + 4 * c) =
+            pack2(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // the warpgroup's 4 warps only
+#pragma unroll
+    for (int i = 0; i < 64 * CH / 128; ++i) {
+        const int idx = (tid & 127) + 128 * i;
+        const int row = wg * 64 + idx / CH, ch = idx % CH;
+        const int qrow = m0 + row;
+        if (qrow < qlen)
+            st_v4(out + (i64)(q_start + qrow) * q_row_stride + h * D + ch * 8,
+                  *reinterpret_cast<const uint4*>(gsm + OQ + swz128(BM, row, ch)));
+    }
+}
