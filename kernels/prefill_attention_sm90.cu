@@ -13,9 +13,11 @@
 //     issue S_t = Q K_t^T                 wgmma m64n128k16 x D/16, A = Q and B = K from shared memory
 //     issue O  += P_{t+1} V_{t+1}         wgmma m64nDk16 x BN/16, A = P from registers (bf16/fp16),
 //                                         B = V from shared memory read N-major (transposed)
-//     wait S_t; online softmax in float32 (masked scores -inf, exp2 with the scale folded into one FMA,
-//     running max and sum per row) -> P_t packed to 16 bits
-//     wait P.V; rescale O by exp2(old max - new max) when some row's max moved (warp vote)
+//     wait S_t; online softmax in float32, in place (masked scores -inf, exp2 with the scale folded into
+//     one FMA, running max and sum per row)
+//     wait P.V; pack P_t to 16 bits (only now: the in-flight product reads P_{t+1}'s registers)
+//   and O is rescaled by exp2(old max - new max), when some row's max moved (warp vote), just before the next
+//   P.V product is issued.
 //   K_t and V_{t+1} are loaded one iteration ahead (2-slot rings for K and for V), so one CTA barrier per
 //   tile both publishes the landed tile and frees the slots the next loads overwrite.
 // Shared memory: Q (BM D 2 bytes) + 2 K slots + 2 V slots (BN D 2 bytes each) + 1 KB for 1024-byte alignment:
@@ -110,8 +112,7 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
 
     float s[BN / 2];          // S accumulators: rows g, g + 8 of the warp's 16, BN / 8 column groups
     float o[D / 2];           // O accumulators, same layout over D columns
-    u32 pa[BN / 16][4];       // P of the previous tile as A fragments (read by the P.V wgmma in flight)
-    u32 pn[BN / 16][4];       // P of the current tile
+    u32 pa[BN / 16][4];       // P as A fragments, packed from s once the P.V product reading them is done
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
 #pragma unroll
@@ -133,7 +134,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) WGMMA_PV(o, pa[kk], smem_desc(v_addr + kk * 16 * 128, BN * 128, 1024), 1);
     };
-    // Online softmax of S_t into pn; returns the factors that rescale O (and the sums) for rows g, g + 8.
+    // Online softmax of S_t, in place (s becomes the unnormalised probabilities); sets the factors that
+    // rescale O (and the sums) for rows g, g + 8.
     auto softmax = [&](int t, float& al0, float& al1) {
         // Key j is visible to the row at position p iff j <= p (and j < ctx). Scores stay unscaled: the scale
         // is folded into the exponent (max commutes with a positive scale).
@@ -175,8 +177,7 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
             const float e3 = fast_exp2(fmaf(s[4 * i + 3], scale_log2, -mu1));
             rs0 += e0 + e1;
             rs1 += e2 + e3;
-            pn[i / 2][(i & 1) * 2] = pack2(e0, e1);
-            pn[i / 2][(i & 1) * 2 + 1] = pack2(e2, e3);
+            s[4 * i] = e0; s[4 * i + 1] = e1; s[4 * i + 2] = e2; s[4 * i + 3] = e3;
         }
         lr0 = lr0 * al0 + rs0;
         lr1 = lr1 * al1 + rs1;
@@ -185,6 +186,26 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         cp_async_wait<0>();
         fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
         __syncthreads();
+    };
+    // P (s) -> A fragments. Only once no P.V product is in flight: the compiler sees pa consumed when the
+    // wgmma is issued, and would otherwise hand its registers to other values while the tensor cores still
+    // read them (ptxas then serialises every wgmma).
+    auto pack_p = [&]() {
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            pa[i / 2][(i & 1) * 2] = pack2(s[4 * i], s[4 * i + 1]);
+            pa[i / 2][(i & 1) * 2 + 1] = pack2(s[4 * i + 2], s[4 * i + 3]);
+        }
+    };
+    float al0 = 1.f, al1 = 1.f;  // O's pending rescale factors (from the latest softmax)
+    // O *= al, only when some row's max moved (rare once the first tiles are done).
+    auto rescale_o = [&]() {
+        if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                o[4 * i] *= al0; o[4 * i + 1] *= al0; o[4 * i + 2] *= al1; o[4 * i + 3] *= al1;
+            }
+        }
     };
 
     // Tile n_tiles - 1: S only (there is no P.V to overlap yet).
@@ -200,20 +221,15 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(s);
-    {
-        float al0, al1;
-        softmax(last, al0, al1);  // O is still 0: nothing to rescale
-    }
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) pa[kk][e] = pn[kk][e];
+    softmax(last, al0, al1);  // O is still 0: its rescale is a no-op
+    pack_p();
 
     for (int t = last - 1; t >= 0; --t) {
         tile_landed();  // K_t and V_{t+1}; every warpgroup is done with tile t + 1's S and tile t + 2's P.V
         if (t >= 1) load_tile(k_cache, OK, t - 1);
         load_tile(v_cache, OV, t);
         cp_async_commit();
+        rescale_o();  // to tile t + 1's max, which P_{t+1} is relative to
         wgmma_fence();
         issue_qk(t);
         wgmma_commit();
@@ -221,23 +237,13 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         wgmma_commit();
         wgmma_wait<1>();  // S_t done (groups complete in order), P.V may still run
         fence_regs(s);
-        float al0, al1;
         softmax(t, al0, al1);
         wgmma_wait<0>();
         fence_regs(o);
-        // Rescale O only when some row's max moved (rare once the first tiles are done).
-        if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                o[4 * i] *= al0; o[4 * i + 1] *= al0; o[4 * i + 2] *= al1; o[4 * i + 3] *= al1;
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) pa[kk][e] = pn[kk][e];
+        pack_p();
     }
     tile_landed();  // V_0
+    rescale_o();
     wgmma_fence();
     issue_pv(0);
     wgmma_commit();
