@@ -2,26 +2,38 @@
 // tensor cores (wgmma; build for sm_90a). Same contract and arguments as prefill_attention.cu, which serves
 // every other GPU.
 //
-// Algorithm: grid (Hq, B, ceil(max_seqlen_q / BM)), the m-blocks in the slowest dimension and launched from
-// the last one (the longest-running CTAs first). A CTA of 2 warpgroups owns BM = 128 query rows of one
-// sequence and head; warpgroup w owns rows 64w .. 64w + 63. Query row i of sequence b sits at position
-// context_len_b - q_len_b + i (bottom-right causal alignment) and sees keys 0 .. that position. K/V tiles of
-// BN = 128 tokens are visited from the last (the diagonal, masked) down to 0, each gathered from the paged
-// cache through the block table by cp.async (16-byte chunks, one page lookup per token row) into
-// 128-byte-swizzled shared memory (wgmma.cuh). Per tile t and warpgroup, software-pipelined one tile deep
-// so that the softmax of tile t runs while the tensor cores do the P.V product of tile t+1:
-//     issue S_t = Q K_t^T                 wgmma m64n128k16 x D/16, A = Q and B = K from shared memory
-//     issue O  += P_{t+1} V_{t+1}         wgmma m64nDk16 x BN/16, A = P from registers (bf16/fp16),
-//                                         B = V from shared memory read N-major (transposed)
-//     wait S_t; online softmax in float32, in place (masked scores -inf, exp2 with the scale folded into
-//     one FMA, running max and sum per row)
-//     wait P.V; pack P_t to 16 bits (only now: the in-flight product reads P_{t+1}'s registers)
-//   and O is rescaled by exp2(old max - new max), when some row's max moved (warp vote), just before the next
-//   P.V product is issued.
-//   K_t and V_{t+1} are loaded one iteration ahead (2-slot rings for K and for V), so one CTA barrier per
-//   tile both publishes the landed tile and frees the slots the next loads overwrite.
+// Algorithm: grid (ceil(max_seqlen_q / BM), Hq, B), the m-blocks of a head launched together (they read the
+// same K/V tiles, which then come from L2 rather than HBM) and from the last one (the longest-running CTAs
+// first). A CTA owns BM = 128 query rows of one sequence and head
+// and has 3 warpgroups (warp-specialised):
+//   producer (warpgroup 0, registers cut to PRODUCER_REGS by setmaxnreg): gathers Q and the K/V tiles of
+//     BN = 128 tokens from the paged cache through the block table with cp.async (16-byte chunks, one page
+//     lookup per token row) into 128-byte-swizzled shared memory (wgmma.cuh), one tile group ahead. The
+//     copies themselves arrive on the group's "full" mbarrier when they land (cp.async.mbarrier.arrive), so
+//     the producer never waits for data, only for a slot: it refills one after the consumers arrive on its
+//     "empty" mbarrier. (Publishing a group from the producer thread after a cp.async.wait_group instead
+//     tied it to the issue of the next group and ran 8-10% slower.)
+//   2 consumers (warpgroups 1 and 2, CONSUMER_REGS registers): consumer w owns query rows 64w .. 64w + 63.
+//     Query row i of sequence b sits at position context_len_b - q_len_b + i (bottom-right causal alignment)
+//     and sees keys 0 .. that position. Tiles are visited from the last (the diagonal, masked) down to 0.
+//     Per tile t, software-pipelined one tile deep so that the softmax of tile t runs while the tensor
+//     cores do the P.V product of tile t+1:
+//       issue S_t = Q K_t^T                 wgmma m64n128k16 x D/16, A = Q and B = K from shared memory
+//       issue O  += P_{t+1} V_{t+1}         wgmma m64nDk16 x BN/16, A = P from registers (bf16/fp16),
+//                                           B = V from shared memory read N-major (transposed)
+//       wait S_t; online softmax in float32, in place (masked scores -inf, exp2 with the scale folded into
+//       one FMA, running max and sum per row)
+//       wait P.V; release the tile group; pack P_t to 16 bits (only now: the in-flight product reads
+//       P_{t+1}'s registers)
+//     and O is rescaled by exp2(old max - new max), when some row's max moved (warp vote), just before the
+//     next P.V product is issued. After a group's wait the consumers fence the async proxy (the copies
+//     wrote through the generic one). The consumers share no CTA barrier; they take turns at issuing their
+//     products (two named barriers, as FlashAttention-3's ping-pong schedule), so one's softmax runs while
+//     the other's products do (+2-4% at L = 512 and 2048 over letting them drift).
+// Tile groups: group t = {K_t, V_{t+1}} (what consumer iteration t reads); the first also carries Q, the
+//   last is V_0 alone. K_t sits in K slot t & 1, V_t in V slot t & 1; group t's barriers are index t & 1.
 // Shared memory: Q (BM D 2 bytes) + 2 K slots + 2 V slots (BN D 2 bytes each) + 1 KB for 1024-byte alignment:
-//   161 KB at D = 128 (1 CTA per SM, 256 threads), 81 KB at D = 64.
+//   161 KB at D = 128 (1 CTA per SM, 384 threads), 81 KB at D = 64.
 // Memory traffic: q and out once; K/V of tile t once per (query block, head) CTA, mostly from L2; HBM sees
 //   about ctx * Hkv * D * 2 * sizeof(dtype) per sequence. FLOPs: 4 * D * (unmasked (query, key) pairs) per head.
 #include "common.cuh"
@@ -33,10 +45,12 @@
 #define D FG_HEAD_DIM
 #define BM 128                        // query rows per CTA: 2 warpgroups x 64
 #define BN 128                        // keys per tile
-#define NTHREADS 256
+#define NTHREADS 384                  // producer + 2 consumer warpgroups
+#define PRODUCER_REGS 56
+#define CONSUMER_REGS 224             // 128 x 56 + 256 x 224 <= 65536
 #define CH (D / 8)                    // 16-byte chunks per row
-#define RSTEP (NTHREADS / CH)         // rows apart between one thread's chunks in a tile load
-#define NLD (BN / RSTEP)              // chunks per thread per K (or V, or Q: BM == BN) tile
+#define RSTEP (128 / CH)              // rows apart between one producer thread's chunks in a tile load
+#define NLD (BN / RSTEP)              // chunks per producer thread per K (or V, or Q: BM == BN) tile
 #define TILE_BYTES (BN * D * 2)
 #define Q_BYTES (BM * D * 2)
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -50,6 +64,27 @@ static_assert(BM == BN, "Q and K/V tiles share the load pattern");
 #define WGMMA_PV wgmma_rs_n64_tb
 #endif
 
+FG_INLINE void mbar_init(u32 bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+FG_INLINE void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrive on the barrier once this thread's earlier cp.async copies have landed (the barrier's count includes
+// this arrival: .noinc).
+FG_INLINE void mbar_arrive_cp_async(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Wait until the phase of parity `parity` of the barrier has completed.
+FG_INLINE void mbar_wait(u32 bar, int parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
 prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
                               const scalar_t* __restrict__ k_cache,  // (num_blocks, block_size, Hkv, D)
@@ -61,14 +96,16 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
                               scalar_t* __restrict__ out,            // (T, Hq, D)
                               int hq, int hkv, int log2_bs, float scale_log2, int num_mblocks) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
+    __shared__ __align__(8) u64 bars[4];  // full[0], full[1], empty[0], empty[1]
     const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
     const u32 s0 = (raw + 1023u) & ~1023u;  // the swizzle needs 1024-byte aligned tiles
     unsigned char* const gsm = smem_raw + (s0 - raw);
     // [Q] [K slot 0] [K slot 1] [V slot 0] [V slot 1], as offsets from s0
     constexpr u32 OQ = 0, OK = Q_BYTES, OV = Q_BYTES + 2 * TILE_BYTES;
+    const u32 full0 = (u32)__cvta_generic_to_shared(&bars[0]), empty0 = full0 + 16;
 
-    const int h = blockIdx.x, b = blockIdx.y;
-    const int mb = num_mblocks - 1 - blockIdx.z;  // longest-running blocks first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
     const int q_start = cu_seqlens_q[b];
     const int qlen = cu_seqlens_q[b + 1] - q_start;
     const int m0 = mb * BM;
@@ -77,38 +114,63 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
     const int qoff = ctx - qlen;                       // position of query row 0
     const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
     if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
-    const int n_tiles = ceil_div(kv_end, BN);
-    const int kvh = h / (hq / hkv);
-
-    const int tid = threadIdx.x, wg = tid >> 7, wl = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, c = lane & 3;
-    const int lch = tid % CH, lrow0 = tid / CH;
+    const int last = ceil_div(kv_end, BN) - 1;         // tiles last .. 0
+    const int tid = threadIdx.x, wg = tid >> 7;
     const i64 q_row_stride = (i64)hq * D;
 
-    // Q tile -> shared memory (rows past the sequence are zero-filled).
-#pragma unroll
-    for (int i = 0; i < NLD; ++i) {
-        const int row = lrow0 + i * RSTEP;
-        const bool valid = m0 + row < qlen;
-        const scalar_t* src = q + (i64)(q_start + (valid ? m0 + row : 0)) * q_row_stride + h * D + lch * 8;
-        cp_async_16(gsm + OQ + swz128(BM, row, lch), src, valid ? 16 : 0);
+    if (tid == 0) {
+        mbar_init(full0, 128);       // group t landed: one arrival per producer thread
+        mbar_init(full0 + 8, 128);
+        mbar_init(empty0, 256);      // group t consumed: one arrival per consumer thread
+        mbar_init(empty0 + 8, 256);
     }
+    __syncthreads();
 
-    const i64 kv_row_stride = (i64)hkv * D;
-    const i64 head_off = (i64)kvh * D + lch * 8;
-    const int bs_mask = (1 << log2_bs) - 1;
-    const int* bt = block_tables + (i64)b * bt_stride;
-    // Tile t of K (or V) -> its ring slot (t & 1).
-    auto load_tile = [&](const scalar_t* __restrict__ cache, u32 ring, int t) {
-        unsigned char* dst = gsm + ring + (t & 1) * TILE_BYTES;
-#pragma unroll
+    if (wg == 0) {
+        // ------------------------------------------------------------ producer
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        const int lch = tid % CH, lrow0 = tid / CH;
+        const i64 kv_row_stride = (i64)hkv * D;
+        const i64 head_off = (i64)(h / (hq / hkv)) * D + lch * 8;
+        const int bs_mask = (1 << log2_bs) - 1;
+        const int* bt = block_tables + (i64)b * bt_stride;
+        // Tile t of K (or V) -> its ring slot (t & 1).
+        auto load_tile = [&](const scalar_t* __restrict__ cache, u32 ring, int t) {
+            unsigned char* dst = gsm + ring + (t & 1) * TILE_BYTES;
+#pragma unroll 4
+            for (int i = 0; i < NLD; ++i) {
+                const int row = lrow0 + i * RSTEP;
+                const int tok = min(t * BN + row, ctx - 1);  // past the end: any valid token, masked later
+                const i64 r = ((i64)bt[tok >> log2_bs] << log2_bs) + (tok & bs_mask);
+                cp_async_16(dst + swz128(BN, row, lch), cache + r * kv_row_stride + head_off);
+            }
+        };
+        // Group last: Q (rows past the sequence zero-filled) and K_last.
+#pragma unroll 4
         for (int i = 0; i < NLD; ++i) {
             const int row = lrow0 + i * RSTEP;
-            const int tok = min(t * BN + row, ctx - 1);  // past the end: any valid token, masked later
-            const i64 r = ((i64)bt[tok >> log2_bs] << log2_bs) + (tok & bs_mask);
-            cp_async_16(dst + swz128(BN, row, lch), cache + r * kv_row_stride + head_off);
+            const bool valid = m0 + row < qlen;
+            const scalar_t* src = q + (i64)(q_start + (valid ? m0 + row : 0)) * q_row_stride + h * D + lch * 8;
+            cp_async_16(gsm + OQ + swz128(BM, row, lch), src, valid ? 16 : 0);
         }
-    };
+        load_tile(k_cache, OK, last);
+        mbar_arrive_cp_async(full0 + 8 * (last & 1));
+        // Group t = last - k (k = 1 .. last + 1): K_t (t >= 0) and V_{t+1}, published by the copies' landing.
+        for (int k = 1; k <= last + 1; ++k) {
+            const int t = last - k;
+            mbar_wait(empty0 + 8 * (t & 1), ((k >> 1) & 1) ^ 1);  // group t + 2 (same slots) consumed
+            if (t >= 0) load_tile(k_cache, OK, t);
+            load_tile(v_cache, OV, t + 1);
+            mbar_arrive_cp_async(full0 + 8 * (t & 1));
+        }
+        cp_async_wait<0>();
+        return;
+    }
+
+    // ---------------------------------------------------------------- consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, c = lane & 3;
 
     float s[BN / 2];          // S accumulators: rows g, g + 8 of the warp's 16, BN / 8 column groups
     float o[D / 2];           // O accumulators, same layout over D columns
@@ -118,9 +180,9 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     float mr0 = NEG_INF, mr1 = NEG_INF, lr0 = 0.f, lr1 = 0.f;  // running max / per-lane sum, rows g, g + 8
-    const int p0 = qoff + m0 + wg * 64 + wl * 16 + g;           // position of row g (row g + 8: p0 + 8)
-    const int wg_first = qoff + m0 + wg * 64;                   // position of the warpgroup's first row
-    const u32 q_addr = s0 + OQ + wg * 64 * 128;
+    const int p0 = qoff + m0 + cw * 64 + wl * 16 + g;           // position of row g (row g + 8: p0 + 8)
+    const int wg_first = qoff + m0 + cw * 64;                   // position of the warpgroup's first row
+    const u32 q_addr = s0 + OQ + cw * 64 * 128;
 
     auto issue_qk = [&](int t) {
         const u32 k_addr = s0 + OK + (t & 1) * TILE_BYTES;
@@ -182,11 +244,6 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         lr0 = lr0 * al0 + rs0;
         lr1 = lr1 * al1 + rs1;
     };
-    auto tile_landed = [&]() {
-        cp_async_wait<0>();
-        fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async one
-        __syncthreads();
-    };
     // P (s) -> A fragments. Only once no P.V product is in flight: the compiler sees pa consumed when the
     // wgmma is issued, and would otherwise hand its registers to other values while the tensor cores still
     // read them (ptxas then serialises every wgmma).
@@ -207,46 +264,56 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
             }
         }
     };
+    // Group t (k = last - t) is the (k >> 1)-th use of its barriers.
+    auto group_landed = [&](int t) {
+        mbar_wait(full0 + 8 * (t & 1), ((last - t) >> 1) & 1);
+        fence_proxy_async();  // the copies wrote through the generic proxy; wgmma reads through the async one
+    };
 
-    // Tile n_tiles - 1: S only (there is no P.V to overlap yet).
-    const int last = n_tiles - 1;
-    load_tile(k_cache, OK, last);
-    cp_async_commit();
-    tile_landed();
-    if (last >= 1) load_tile(k_cache, OK, last - 1);
-    load_tile(v_cache, OV, last);
-    cp_async_commit();
+    // Tensor-core turns (named barriers 1 and 2, both consumers' 256 threads): a consumer issues its products
+    // only after the other one has issued its own, so that one's softmax runs while the other's products do.
+    auto turn_wait = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(1 + cw) : "memory"); };
+    auto turn_pass = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - cw) : "memory"); };
+    if (cw == 1) turn_pass();  // consumer 0 goes first
+
+    // Tile last: S only (there is no P.V to overlap yet).
+    group_landed(last);
+    turn_wait();
     wgmma_fence();
     issue_qk(last);
     wgmma_commit();
+    turn_pass();
     wgmma_wait<0>();
     fence_regs(s);
+    mbar_arrive(empty0 + 8 * (last & 1));
     softmax(last, al0, al1);  // O is still 0: its rescale is a no-op
     pack_p();
 
     for (int t = last - 1; t >= 0; --t) {
-        tile_landed();  // K_t and V_{t+1}; every warpgroup is done with tile t + 1's S and tile t + 2's P.V
-        if (t >= 1) load_tile(k_cache, OK, t - 1);
-        load_tile(v_cache, OV, t);
-        cp_async_commit();
-        rescale_o();  // to tile t + 1's max, which P_{t+1} is relative to
+        group_landed(t);  // K_t and V_{t+1}
+        rescale_o();      // to tile t + 1's max, which P_{t+1} is relative to
+        turn_wait();
         wgmma_fence();
         issue_qk(t);
         wgmma_commit();
         issue_pv(t + 1);
         wgmma_commit();
+        turn_pass();
         wgmma_wait<1>();  // S_t done (groups complete in order), P.V may still run
         fence_regs(s);
         softmax(t, al0, al1);
         wgmma_wait<0>();
         fence_regs(o);
+        mbar_arrive(empty0 + 8 * (t & 1));
         pack_p();
     }
-    tile_landed();  // V_0
+    group_landed(-1);  // V_0
     rescale_o();
+    turn_wait();
     wgmma_fence();
     issue_pv(0);
     wgmma_commit();
+    if (cw == 0) turn_pass();  // consumer 1's last turn; nobody waits after it
     wgmma_wait<0>();
     fence_regs(o);
 
@@ -258,18 +325,18 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         lr1 += __shfl_xor_sync(0xffffffffu, lr1, off);
     }
     const float inv0 = lr0 > 0.f ? 1.f / lr0 : 0.f, inv1 = lr1 > 0.f ? 1.f / lr1 : 0.f;
-    const int r0 = wg * 64 + wl * 16 + g;
+    const int r0 = cw * 64 + wl * 16 + g;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
         *reinterpret_cast<u32*>(gsm + OQ + swz128(BM, r0, i) + 4 * c) = pack2(o[4 * i] * inv0, o[4 * i + 1] * inv0);
         *reinterpret_cast<u32*>(gsm + OQ + swz128(BM, r0 + 8, i) + 4 * c) =
             pack2(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
     }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // the warpgroup's 4 warps only
+    asm volatile("bar.sync %0, 128;\n" ::"r"(cw + 3) : "memory");  // this warpgroup's 4 warps only
 #pragma unroll
     for (int i = 0; i < 64 * CH / 128; ++i) {
         const int idx = (tid & 127) + 128 * i;
-        const int row = wg * 64 + idx / CH, ch = idx % CH;
+        const int row = cw * 64 + idx / CH, ch = idx % CH;
         const int qrow = m0 + row;
         if (qrow < qlen)
             st_v4(out + (i64)(q_start + qrow) * q_row_stride + h * D + ch * 8,

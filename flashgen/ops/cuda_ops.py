@@ -369,9 +369,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, _dev(q), smem,
                            (("PF_MT", tile[0]), ("PF_BN", tile[1])))
     mblocks = -(-max_seqlen_q // block_m)
-    # wgmma: grid (Hq, B, m-blocks), 2 warpgroups; mma: grid (m-blocks, Hq, B), 4 warps
-    grid, block = ((hq, B, mblocks), (256,)) if impl == "wgmma" else ((mblocks, hq, B), (128,))
-    jit.launch(k, grid, block, (
+    # grid (m-blocks, Hq, B); wgmma: a producer and 2 consumer warpgroups, mma: 4 warps
+    jit.launch(k, (mblocks, hq, B), (384,) if impl == "wgmma" else (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
         jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),
         jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks)),
