@@ -96,3 +96,42 @@ def test_cuda_ops_imports_without_cupy():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
+
+
+def test_prefill_impl_choice(monkeypatch):
+    """FLASHGEN_PREFILL picks the prefill kernel; a bad value is refused with the value and the choices."""
+    monkeypatch.setenv("FLASHGEN_PREFILL", "mma")
+    assert cuda_ops.prefill_impl(0) == "mma"
+    monkeypatch.setenv("FLASHGEN_PREFILL", "wgmma")
+    assert cuda_ops.prefill_impl(0) == "wgmma"
+    monkeypatch.setenv("FLASHGEN_PREFILL", "fa3")
+    with pytest.raises(ValueError, match=r"FLASHGEN_PREFILL must be auto, wgmma or mma, got 'fa3'"):
+        cuda_ops.prefill_impl(0)
+
+
+def test_nvrtc_target_swaps_and_restores_cupys_arch_helper(monkeypatch):
+    """The sm_90a build goes through CuPy's own NVRTC path with its arch helper swapped for one compile; the
+    original comes back even when the compile fails."""
+    import types
+
+    compiler = types.ModuleType("cupy.cuda.compiler")
+
+    def orig(arch=None):
+        return ("-arch=sm_90", "cubin")
+
+    compiler._get_arch_for_options_for_nvrtc = orig
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.compiler = compiler
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cuda
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.compiler", compiler)
+    with jit._nvrtc_target("sm_90a"):
+        assert compiler._get_arch_for_options_for_nvrtc() == ("-arch=sm_90a", "cubin")
+    assert compiler._get_arch_for_options_for_nvrtc is orig
+    with pytest.raises(RuntimeError, match="nvrtc failed"):
+        with jit._nvrtc_target("sm_90a"):
+            raise RuntimeError("nvrtc failed")
+    assert compiler._get_arch_for_options_for_nvrtc is orig
+    assert jit.ARCH_SPECIFIC["sm_90"] == "sm_90a"
