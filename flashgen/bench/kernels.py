@@ -5,7 +5,8 @@
 Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul. Decode
 attention (GQA 32/8, d=128, bf16, paged, block sizes 16 and 64) as K+V bytes / time next to torch SDPA's
 FLASH and CUDNN backends on contiguous KV of the same shape; prefill (causal, bf16, 16 heads, d=128, 16k
-tokens) as TFLOP/s next to the same two backends; rope_kv_append, rms_norm and silu_mul as GB/s against
+tokens) as TFLOP/s next to the same two backends (the kernel the engine picks, and on Hopper also the portable
+mma.sync kernel on the same data); rope_kv_append, rms_norm and silu_mul as GB/s against
 the copy ceiling. CUDA-event timing, median of many repetitions after warm-up, inputs rotated where one
 set would fit in L2. Prints a short table last; writes every figure to OUT_DIR/kernels.json.
 """
