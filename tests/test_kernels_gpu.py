@@ -316,6 +316,37 @@ def test_prefill_attention_tiles(tile, d):
     _assert_close(f"prefill {tile}", got, base, ref, seed)
 
 
+def test_prefill_falls_back_to_mma_when_the_wgmma_build_fails(monkeypatch):
+    """On Hopper, a failed sm_90a build (say, a CuPy whose compile path moved) warns once and serves prefill with
+    the mma.sync kernel; an explicit impl="wgmma" still raises."""
+    _need_impl("wgmma")
+    monkeypatch.setattr(cuda_ops, "_WGMMA_FAILED", {})
+    monkeypatch.delenv("FLASHGEN_PREFILL", raising=False)
+    real = jit.get_kernel
+
+    def get_kernel(source, *a, **kw):
+        if source == "prefill_attention_sm90.cu":
+            raise RuntimeError("this CuPy cannot be told to compile for sm_90a")
+        return real(source, *a, **kw)
+
+    monkeypatch.setattr(jit, "get_kernel", get_kernel)
+    seed = _seed()
+    g = _gen(seed)
+    seqs = [(97, 97), (33, 200)]
+    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
+    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
+    q = _randn((sum(qlens), 8, 128), g, torch.bfloat16)
+    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    with pytest.raises(RuntimeError, match="sm_90a"):
+        cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, 97, 0.088, impl="wgmma")
+    with pytest.warns(RuntimeWarning, match="using the mma.sync kernel instead"):
+        got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, 97, 0.088)
+    assert cuda_ops.prefill_impl(DEV.index or 0) == "mma"
+    ref, base, _ = _refs(q, kc, vc, bt, lens, qlens, 0.088)
+    _assert_close("prefill fallback", got, base, ref, seed)
+
+
 def test_prefill_matches_torch_reference_backend():
     """The torch backend's own prefill (SDPA in the storage dtype) agrees with the kernel too."""
     seed = _seed()

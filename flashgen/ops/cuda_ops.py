@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 
@@ -315,8 +316,11 @@ def prefill_impl(device_index: int) -> str:
     if choice not in ("auto", *PREFILL_IMPLS):
         raise ValueError(f"FLASHGEN_PREFILL must be auto, {' or '.join(PREFILL_IMPLS)}, got {choice!r}")
     if choice == "auto":
-        return "wgmma" if jit.device_arch(device_index) == "sm_90" else "mma"
+        return "wgmma" if jit.device_arch(device_index) == "sm_90" and device_index not in _WGMMA_FAILED else "mma"
     return choice
+
+
+_WGMMA_FAILED: dict[int, str] = {}  # device -> why the sm_90a build failed (auto then falls back to mma)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -344,6 +348,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = _check_out(out, tuple(q.shape), q.dtype, dev)
     if out is None:
         out = torch.empty_like(q)
+    auto = impl is None and tile is None
     if impl is None:
         impl = "mma" if tile is not None else prefill_impl(_dev(q))
     if impl not in PREFILL_IMPLS:
@@ -362,8 +367,18 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return out
     if impl == "wgmma":
         smem, block_m = PREFILL_SM90_SMEM[d], 128
-        k = jit.get_kernel("prefill_attention_sm90.cu", "prefill_attention_sm90_kernel", q.dtype, d, _dev(q), smem,
-                           arch_specific=True)
+        try:
+            k = jit.get_kernel("prefill_attention_sm90.cu", "prefill_attention_sm90_kernel", q.dtype, d, _dev(q),
+                               smem, arch_specific=True)
+        except Exception as e:  # noqa: BLE001 - any failure of the sm_90a build: the portable kernel still works
+            if not auto:
+                raise
+            _WGMMA_FAILED[_dev(q)] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"flashgen: the Hopper (wgmma) prefill kernel could not be built on {dev} "
+                          f"({_WGMMA_FAILED[_dev(q)][:300]}); using the mma.sync kernel instead", RuntimeWarning,
+                          stacklevel=2)
+            return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
+                                     softmax_scale, out=out, impl="mma")
     else:
         smem, block_m = prefill_smem_bytes(d, tile), 64 * tile[0]
         k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, _dev(q), smem,
