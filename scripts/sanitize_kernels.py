@@ -64,7 +64,7 @@ def main() -> int:
     cu = torch.tensor([0, 1, 18, 23, 153], dtype=torch.int32, device=dev)
     qp = rnd(153, hq, d)
     outs["prefill"] = cuda_ops.prefill_attention(qp, kc, vc, cu, ctx, bt, max(qlens), 0.1, impl="mma")
-    if jit.device_arch(dev) == "sm_90":
+    if jit.device_arch(dev) == cuda_ops.WGMMA_ARCH:
         outs["prefill_wgmma"] = cuda_ops.prefill_attention(qp, kc, vc, cu, ctx, bt, max(qlens), 0.1, impl="wgmma")
     torch.cuda.synchronize()
     bad = [k for k, v in outs.items() if torch.isnan(v).any()]

@@ -272,7 +272,7 @@ PREFILL_CASES = [
 
 
 def _need_impl(impl: str) -> None:
-    if impl == "wgmma" and jit.device_arch(DEV) != "sm_90":
+    if impl == "wgmma" and jit.device_arch(DEV) != cuda_ops.WGMMA_ARCH:
         pytest.skip(f"the wgmma prefill kernel needs a Hopper GPU, this is {jit.device_arch(DEV)}")
 
 

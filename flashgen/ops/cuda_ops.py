@@ -35,6 +35,7 @@ PREFILL_TILE_CHOICES = ((1, 64), (1, 32), (2, 32), (2, 64))
 # prefill kernels: "wgmma" (kernels/prefill_attention_sm90.cu, Hopper only) and "mma" (prefill_attention.cu,
 # any sm_80+ GPU); FLASHGEN_PREFILL=auto|wgmma|mma, auto = wgmma where the GPU has it
 PREFILL_IMPLS = ("wgmma", "mma")
+WGMMA_ARCH = "sm_90"  # the architecture with wgmma (built for its arch-specific target, sm_90a)
 PREFILL_SM90_SMEM = {d: 128 * d * 2 * 5 + 1024 for d in ATTN_HEAD_DIMS}  # Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
 
@@ -316,7 +317,7 @@ def prefill_impl(device_index: int) -> str:
     if choice not in ("auto", *PREFILL_IMPLS):
         raise ValueError(f"FLASHGEN_PREFILL must be auto, {' or '.join(PREFILL_IMPLS)}, got {choice!r}")
     if choice == "auto":
-        return "wgmma" if jit.device_arch(device_index) == "sm_90" and device_index not in _WGMMA_FAILED else "mma"
+        return "wgmma" if jit.device_arch(device_index) == WGMMA_ARCH and device_index not in _WGMMA_FAILED else "mma"
     return choice
 
 
@@ -348,17 +349,18 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = _check_out(out, tuple(q.shape), q.dtype, dev)
     if out is None:
         out = torch.empty_like(q)
+    di = _dev(q)
     auto = impl is None and tile is None
     if impl is None:
-        impl = "mma" if tile is not None else prefill_impl(_dev(q))
+        impl = "mma" if tile is not None else prefill_impl(di)
     if impl not in PREFILL_IMPLS:
         _fail("impl", f"must be one of {PREFILL_IMPLS}", impl)
     if impl == "wgmma":
         if tile is not None:
             _fail("tile", "applies to the mma kernel only (impl='mma')", tile)
-        arch = jit.device_arch(_dev(q))
-        if arch != "sm_90":
-            _fail("impl", f"'wgmma' needs a Hopper GPU (sm_90); {dev} is {arch}", impl)
+        arch = jit.device_arch(di)
+        if arch != WGMMA_ARCH:
+            _fail("impl", f"'wgmma' needs a Hopper GPU ({WGMMA_ARCH}); {dev} is {arch}", impl)
     else:
         tile = PREFILL_TILES[d] if tile is None else tuple(tile)
         if tile not in PREFILL_TILE_CHOICES:
@@ -368,20 +370,20 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if impl == "wgmma":
         smem, block_m = PREFILL_SM90_SMEM[d], 128
         try:
-            k = jit.get_kernel("prefill_attention_sm90.cu", "prefill_attention_sm90_kernel", q.dtype, d, _dev(q),
-                               smem, arch_specific=True)
+            k = jit.get_kernel("prefill_attention_sm90.cu", "prefill_attention_sm90_kernel", q.dtype, d, di, smem,
+                               arch_specific=True)
         except Exception as e:  # noqa: BLE001 - any failure of the sm_90a build: the portable kernel still works
             if not auto:
                 raise
-            _WGMMA_FAILED[_dev(q)] = f"{type(e).__name__}: {e}"
+            _WGMMA_FAILED[di] = f"{type(e).__name__}: {e}"
             warnings.warn(f"flashgen: the Hopper (wgmma) prefill kernel could not be built on {dev} "
-                          f"({_WGMMA_FAILED[_dev(q)][:300]}); using the mma.sync kernel instead", RuntimeWarning,
+                          f"({_WGMMA_FAILED[di][:300]}); using the mma.sync kernel instead", RuntimeWarning,
                           stacklevel=2)
             return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
                                      softmax_scale, out=out, impl="mma")
     else:
         smem, block_m = prefill_smem_bytes(d, tile), 64 * tile[0]
-        k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, _dev(q), smem,
+        k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
                            (("PF_MT", tile[0]), ("PF_BN", tile[1])))
     mblocks = -(-max_seqlen_q // block_m)
     # grid (m-blocks, Hq, B); wgmma: a producer and 2 consumer warpgroups, mma: 4 warps
