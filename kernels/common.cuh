@@ -167,6 +167,88 @@ FG_INLINE float fast_exp2(float x) {
 #define FG_LOG2E 1.4426950408889634f
 #define FG_LN2 0.6931471805599453f
 
+// ---------------------------------------------------------------- varlen causal prefill: one query block
+// Sequence b's query rows q_start .. q_start + qlen - 1 sit at positions qoff = ctx - qlen onwards (bottom-right
+// alignment: new tokens see every cached token before them); block mb holds rows m0 = mb * bm .. m0 + bm - 1,
+// which see keys 0 .. kv_end - 1.
+struct PrefillBlock {
+    int q_start, qlen, m0, ctx, qoff, kv_end;
+};
+// False for a block with no row or no visible key: its CTA exits. NOTE: the contract needs ctx >= qlen > 0.
+FG_INLINE bool prefill_block(const int* cu_seqlens_q, const int* context_lens, int b, int mb, int bm,
+                             PrefillBlock& p) {
+    p.q_start = cu_seqlens_q[b];
+    p.qlen = cu_seqlens_q[b + 1] - p.q_start;
+    p.m0 = mb * bm;
+    if (p.m0 >= p.qlen) return false;
+    p.ctx = context_lens[b];
+    p.qoff = p.ctx - p.qlen;
+    p.kv_end = min(p.ctx, p.qoff + p.m0 + bm);
+    return p.kv_end > 0;
+}
+
+// ---------------------------------------------------------------- flash attention: online softmax
+// A 16-row tile of scores (or of O) in the m16n8 accumulator layout, NG groups of 8 columns: lane 4g + c holds
+// rows g and g + 8; a[4i], a[4i+1] = row g, columns 8i + 2c, + 1; a[4i+2], a[4i+3] = row g + 8. A row spans the
+// 4 lanes of g. Per row: running max m[r], per-lane partial sum l[r], r = 0 (row g), 1 (row g + 8).
+#define FG_NEG_INF (-__int_as_float(0x7f800000))
+
+// One tile of unscaled scores s (masked ones -inf) into the running softmax: m and l move to the new max and s
+// becomes exp2(s * scale_log2 - max * scale_log2) in place (the scale folded into one FMA; max commutes with
+// a positive scale). al[r] is the factor that rescales row r's O and earlier sums (1 when its max stayed).
+template <int NG>
+FG_INLINE void online_softmax_m16(float* s, float scale_log2, float* m, float* l, float* al) {
+    float mx[2] = {FG_NEG_INF, FG_NEG_INF};
+#pragma unroll
+    for (int i = 0; i < NG; ++i) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[4 * i], s[4 * i + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+    float mu[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], off));
+        const float mn = fmaxf(m[r], mx[r]);
+        mu[r] = mn == FG_NEG_INF ? 0.f : mn * scale_log2;  // exponent offset; 0 while the row saw no key
+        al[r] = mn == m[r] ? 1.f : fast_exp2(m[r] * scale_log2 - mu[r]);
+        m[r] = mn;
+    }
+#pragma unroll
+    for (int i = 0; i < NG; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[4 * i + e] = fast_exp2(fmaf(s[4 * i + e], scale_log2, -mu[e >> 1]));
+        rs[0] += s[4 * i] + s[4 * i + 1];
+        rs[1] += s[4 * i + 2] + s[4 * i + 3];
+    }
+    l[0] = l[0] * al[0] + rs[0];
+    l[1] = l[1] * al[1] + rs[1];
+}
+
+// acc (NG groups, same layout) *= al per row; skipped when no row of the warp moved its max (rare once the
+// first tiles are done).
+template <int NG>
+FG_INLINE void rescale_rows_m16(float* acc, const float* al) {
+    if (__any_sync(0xffffffffu, al[0] != 1.f || al[1] != 1.f)) {
+#pragma unroll
+        for (int i = 0; i < NG; ++i) {
+            acc[4 * i] *= al[0]; acc[4 * i + 1] *= al[0]; acc[4 * i + 2] *= al[1]; acc[4 * i + 3] *= al[1];
+        }
+    }
+}
+
+// The normalisers 1 / l of both rows once the 4 lanes' partial sums are added (0 for a row that saw no key);
+// the whole warp calls it.
+FG_INLINE void softmax_inverse_m16(const float* l, float* inv) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float t = l[r];
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+        inv[r] = t > 0.f ? 1.f / t : 0.f;
+    }
+}
+
 // ---------------------------------------------------------------- tensor cores (sm_80+)
 // D = A * B + D, m16n8k16, A row-major 16x16, B column-major 16x8, fp32 accumulators.
 // Fragment layout (PTX ISA, "mma.m16n8k16"): lane = 4 * g + c;

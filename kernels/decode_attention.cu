@@ -36,7 +36,6 @@
 #define DEC_STEP 16                // tokens per warp step: the mma's m
 #define KCH (D / 32)               // 16-byte K chunks per token per thread
 #define VCH (D / 64)               // 16-byte V chunks per token per thread
-#define NEG_INF (-__int_as_float(0x7f800000))
 
 static_assert(D % 64 == 0 && D <= 256, "decode_attention: head_dim must be 64, 128, 192 or 256");
 
@@ -110,7 +109,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         if (num_splits == 1 || (ctx == 0 && split == 0)) {
             for (int p = tid; p < nh * D; p += blockDim.x)
                 out[((i64)b * hq + head0 + p / D) * D + p % D] = from_float(0.f);
-            if (lse_out != nullptr && tid < nh) lse_out[(i64)b * hq + head0 + tid] = NEG_INF;
+            if (lse_out != nullptr && tid < nh) lse_out[(i64)b * hq + head0 + tid] = FG_NEG_INF;
         }
         return;
     }
@@ -135,7 +134,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     float o[D / 16][4];
 #pragma unroll
     for (int i = 0; i < D / 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;  // heads 2c and 2c + 1
+    float m0 = FG_NEG_INF, m1 = FG_NEG_INF, l0 = 0.f, l1 = 0.f;  // heads 2c and 2c + 1
 
     const i64 row_stride = (i64)hkv * D;
     const i64 head_off = (i64)kvh * D;
@@ -169,10 +168,10 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
             mma_16816(s, a, qf[2 * j + 1]);
         }
         const bool v0 = t0 + g < end, v1 = t0 + g + 8 < end;
-        s[0] = v0 ? s[0] * scale_log2 : NEG_INF;
-        s[1] = v0 ? s[1] * scale_log2 : NEG_INF;
-        s[2] = v1 ? s[2] * scale_log2 : NEG_INF;
-        s[3] = v1 ? s[3] * scale_log2 : NEG_INF;
+        s[0] = v0 ? s[0] * scale_log2 : FG_NEG_INF;
+        s[1] = v0 ? s[1] * scale_log2 : FG_NEG_INF;
+        s[2] = v1 ? s[2] * scale_log2 : FG_NEG_INF;
+        s[3] = v1 ? s[3] * scale_log2 : FG_NEG_INF;
 
         // Online softmax per head (column); tokens are spread over the lanes of equal c.
         float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
@@ -182,7 +181,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
         }
         const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float mu0 = mn0 == NEG_INF ? 0.f : mn0, mu1 = mn1 == NEG_INF ? 0.f : mn1;
+        const float mu0 = mn0 == FG_NEG_INF ? 0.f : mn0, mu1 = mn1 == FG_NEG_INF ? 0.f : mn1;
         const float al0 = fast_exp2(m0 - mu0), al1 = fast_exp2(m1 - mu1);
         const float p0 = fast_exp2(s[0] - mu0), p2 = fast_exp2(s[2] - mu0);
         const float p1 = fast_exp2(s[1] - mu1), p3 = fast_exp2(s[3] - mu1);
@@ -247,7 +246,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
 
     for (int p = tid; p < nh * (D / 8); p += blockDim.x) {
         const int h = p / (D / 8), d0 = (p % (D / 8)) * 8;
-        float mm = NEG_INF;
+        float mm = FG_NEG_INF;
 #pragma unroll
         for (int w = 0; w < DEC_WARPS; ++w) mm = fmaxf(mm, s_m[w][h]);
         float ll = 0.f, acc[8];
@@ -282,7 +281,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     if (!arrive_last(split_counters + (i64)b * gridDim.y + blockIdx.y, n)) return;
     for (int p = tid; p < nh * (D / 8); p += blockDim.x) {
         const int head = head0 + p / (D / 8), d0 = (p % (D / 8)) * 8;
-        float mm = NEG_INF;
+        float mm = FG_NEG_INF;
         for (int sp = 0; sp < n; ++sp) mm = fmaxf(mm, __ldcg(part_lse + ((i64)sp * batch + b) * hq + head));
         float ll = 0.f, acc[8];
 #pragma unroll

@@ -44,7 +44,6 @@
 #define RSTEP (PF_THREADS / CH)      // rows apart between one thread's chunks in a tile load
 #define NLD (BN * CH / PF_THREADS)   // chunks per thread per K (or V) tile
 #define NLDQ (BM * CH / PF_THREADS)  // chunks per thread of the Q tile
-#define NEG_INF (-__int_as_float(0x7f800000))
 
 static_assert(D % 16 == 0 && D >= 32 && D <= 256 && PF_THREADS % CH == 0, "prefill_attention: head_dim");
 static_assert((MT == 1 || MT == 2) && BN % 16 == 0 && BN * CH >= PF_THREADS, "prefill_attention: tiles");
@@ -66,15 +65,10 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     extern __shared__ uint4 smem[];
     const int b = blockIdx.z, h = blockIdx.y;
     const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
-    const int q_start = cu_seqlens_q[b];
-    const int qlen = cu_seqlens_q[b + 1] - q_start;
-    const int m0 = mb * BM;
-    if (m0 >= qlen) return;
-    const int ctx = context_lens[b];
-    const int qoff = ctx - qlen;                       // position of query row 0
-    const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
-    if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
-    const int n_tiles = ceil_div(kv_end, BN);
+    PrefillBlock blk;
+    if (!prefill_block(cu_seqlens_q, context_lens, b, mb, BM, blk)) return;
+    const int q_start = blk.q_start, qlen = blk.qlen, m0 = blk.m0, ctx = blk.ctx, qoff = blk.qoff;
+    const int n_tiles = ceil_div(blk.kv_end, BN);
     const int kvh = h / (hq / hkv);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -135,7 +129,7 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     for (int t = 0; t < MT; ++t) {
 #pragma unroll
         for (int i = 0; i < D / 8; ++i) o[t][i][0] = o[t][i][1] = o[t][i][2] = o[t][i][3] = 0.f;
-        mr[t][0] = mr[t][1] = NEG_INF;
+        mr[t][0] = mr[t][1] = FG_NEG_INF;
         lr[t][0] = lr[t][1] = 0.f;
     }
     const int qpos = qoff + m0 + wrow + g;  // position of row g of the warp's first m-tile
@@ -194,56 +188,24 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
                     for (int e = 0; e < 4; ++e) {
                         const int j = n * BN + nt * 8 + 2 * c + (e & 1);
                         const int p = qpos + 16 * t + (e >> 1) * 8;
-                        if (j > p || j >= ctx) s[t][nt][e] = NEG_INF;
+                        if (j > p || j >= ctx) s[t][nt][e] = FG_NEG_INF;
                     }
                 }
             }
         }
 
-        // Online softmax, rows g (elements 0, 1) and g + 8 (elements 2, 3); a row spans the 4 lanes of g.
-        u32 pa[MT][BN / 16][4];  // P as A fragments (k = keys), packed right away to free the floats
+        // Online softmax per m-tile (common.cuh), then P packed as A fragments (k = keys).
+        u32 pa[MT][BN / 16][4];
 #pragma unroll
         for (int t = 0; t < MT; ++t) {
-            float mx0 = NEG_INF, mx1 = NEG_INF;
+            float al[2];
+            online_softmax_m16<BN / 8>(&s[t][0][0], scale_log2, mr[t], lr[t], al);
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) {
-                mx0 = fmaxf(mx0, fmaxf(s[t][nt][0], s[t][nt][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[t][nt][2], s[t][nt][3]));
+                pa[t][nt / 2][(nt & 1) * 2] = pack2(s[t][nt][0], s[t][nt][1]);
+                pa[t][nt / 2][(nt & 1) * 2 + 1] = pack2(s[t][nt][2], s[t][nt][3]);
             }
-#pragma unroll
-            for (int off = 1; off < 4; off <<= 1) {
-                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-            }
-            const float mn0 = fmaxf(mr[t][0], mx0), mn1 = fmaxf(mr[t][1], mx1);
-            // exponent offsets in scaled units; 0 while a row has seen no visible key
-            const float mu0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
-            const float mu1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
-            const float al0 = mn0 == mr[t][0] ? 1.f : fast_exp2(mr[t][0] * scale_log2 - mu0);
-            const float al1 = mn1 == mr[t][1] ? 1.f : fast_exp2(mr[t][1] * scale_log2 - mu1);
-            mr[t][0] = mn0;
-            mr[t][1] = mn1;
-            float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                const float p0 = fast_exp2(fmaf(s[t][nt][0], scale_log2, -mu0));
-                const float p1 = fast_exp2(fmaf(s[t][nt][1], scale_log2, -mu0));
-                const float p2 = fast_exp2(fmaf(s[t][nt][2], scale_log2, -mu1));
-                const float p3 = fast_exp2(fmaf(s[t][nt][3], scale_log2, -mu1));
-                rs0 += p0 + p1;
-                rs1 += p2 + p3;
-                pa[t][nt / 2][(nt & 1) * 2] = pack2(p0, p1);
-                pa[t][nt / 2][(nt & 1) * 2 + 1] = pack2(p2, p3);
-            }
-            lr[t][0] = lr[t][0] * al0 + rs0;
-            lr[t][1] = lr[t][1] * al1 + rs1;
-            // Rescale O only when some row's max moved (rare once the first tiles are done).
-            if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
-#pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
-                    o[t][dt][0] *= al0; o[t][dt][1] *= al0; o[t][dt][2] *= al1; o[t][dt][3] *= al1;
-                }
-            }
+            rescale_rows_m16<D / 8>(&o[t][0][0], al);
         }
 
         // O += P V (each V fragment serves the warp's MT m-tiles)
@@ -269,17 +231,13 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     uint4* sO = smem;
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            lr[t][0] += __shfl_xor_sync(0xffffffffu, lr[t][0], off);
-            lr[t][1] += __shfl_xor_sync(0xffffffffu, lr[t][1], off);
-        }
-        const float inv0 = lr[t][0] > 0.f ? 1.f / lr[t][0] : 0.f, inv1 = lr[t][1] > 0.f ? 1.f / lr[t][1] : 0.f;
+        float inv[2];
+        softmax_inverse_m16(lr[t], inv);
         const int r0 = wrow + 16 * t + g;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
-            reinterpret_cast<u32*>(sO + swz(r0, dt))[c] = pack2(o[t][dt][0] * inv0, o[t][dt][1] * inv0);
-            reinterpret_cast<u32*>(sO + swz(r0 + 8, dt))[c] = pack2(o[t][dt][2] * inv1, o[t][dt][3] * inv1);
+            reinterpret_cast<u32*>(sO + swz(r0, dt))[c] = pack2(o[t][dt][0] * inv[0], o[t][dt][1] * inv[0]);
+            reinterpret_cast<u32*>(sO + swz(r0 + 8, dt))[c] = pack2(o[t][dt][2] * inv[1], o[t][dt][3] * inv[1]);
         }
     }
     __syncwarp();

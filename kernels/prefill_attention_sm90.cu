@@ -53,7 +53,6 @@
 #define NLD (BN / RSTEP)              // chunks per producer thread per K (or V, or Q: BM == BN) tile
 #define TILE_BYTES (BN * D * 2)
 #define Q_BYTES (BM * D * 2)
-#define NEG_INF (-__int_as_float(0x7f800000))
 
 static_assert(D == 64 || D == 128, "prefill_attention_sm90: head_dim 64 or 128");
 static_assert(BM == BN, "Q and K/V tiles share the load pattern");
@@ -106,15 +105,10 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
 
     const int h = blockIdx.y, b = blockIdx.z;
     const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
-    const int q_start = cu_seqlens_q[b];
-    const int qlen = cu_seqlens_q[b + 1] - q_start;
-    const int m0 = mb * BM;
-    if (m0 >= qlen) return;
-    const int ctx = context_lens[b];
-    const int qoff = ctx - qlen;                       // position of query row 0
-    const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
-    if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
-    const int last = ceil_div(kv_end, BN) - 1;         // tiles last .. 0
+    PrefillBlock blk;
+    if (!prefill_block(cu_seqlens_q, context_lens, b, mb, BM, blk)) return;
+    const int q_start = blk.q_start, qlen = blk.qlen, m0 = blk.m0, ctx = blk.ctx, qoff = blk.qoff;
+    const int last = ceil_div(blk.kv_end, BN) - 1;  // tiles last .. 0
     const int tid = threadIdx.x, wg = tid >> 7;
     const i64 q_row_stride = (i64)hq * D;
 
@@ -179,7 +173,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
     for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float mr0 = NEG_INF, mr1 = NEG_INF, lr0 = 0.f, lr1 = 0.f;  // running max / per-lane sum, rows g, g + 8
+    float mr[2] = {FG_NEG_INF, FG_NEG_INF}, lr[2] = {0.f, 0.f};  // running max / per-lane sum, rows g, g + 8
+    float al[2] = {1.f, 1.f};  // O's pending rescale factors (from the latest softmax)
     const int p0 = qoff + m0 + cw * 64 + wl * 16 + g;           // position of row g (row g + 8: p0 + 8)
     const int wg_first = qoff + m0 + cw * 64;                   // position of the warpgroup's first row
     const u32 q_addr = s0 + OQ + cw * 64 * 128;
@@ -196,53 +191,20 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) WGMMA_PV(o, pa[kk], smem_desc(v_addr + kk * 16 * 128, BN * 128, 1024), 1);
     };
-    // Online softmax of S_t, in place (s becomes the unnormalised probabilities); sets the factors that
-    // rescale O (and the sums) for rows g, g + 8.
-    auto softmax = [&](int t, float& al0, float& al1) {
-        // Key j is visible to the row at position p iff j <= p (and j < ctx). Scores stay unscaled: the scale
-        // is folded into the exponent (max commutes with a positive scale).
+    // Mask S_t (key j is visible to the row at position p iff j <= p and j < ctx), then the online softmax, in
+    // place: s becomes the unnormalised probabilities, al the factors that rescale O.
+    auto softmax = [&](int t) {
         if (t * BN + BN - 1 > wg_first || t * BN + BN > ctx) {
 #pragma unroll
             for (int i = 0; i < BN / 8; ++i) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int j = t * BN + i * 8 + 2 * c + (e & 1);
-                    if (j > p0 + (e >> 1) * 8 || j >= ctx) s[4 * i + e] = NEG_INF;
+                    if (j > p0 + (e >> 1) * 8 || j >= ctx) s[4 * i + e] = FG_NEG_INF;
                 }
             }
         }
-        float mx0 = NEG_INF, mx1 = NEG_INF;
-#pragma unroll
-        for (int i = 0; i < BN / 8; ++i) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
-        }
-#pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-        }
-        const float mn0 = fmaxf(mr0, mx0), mn1 = fmaxf(mr1, mx1);
-        // exponent offsets in scaled units; 0 while a row has seen no visible key
-        const float mu0 = mn0 == NEG_INF ? 0.f : mn0 * scale_log2;
-        const float mu1 = mn1 == NEG_INF ? 0.f : mn1 * scale_log2;
-        al0 = mn0 == mr0 ? 1.f : fast_exp2(mr0 * scale_log2 - mu0);
-        al1 = mn1 == mr1 ? 1.f : fast_exp2(mr1 * scale_log2 - mu1);
-        mr0 = mn0;
-        mr1 = mn1;
-        float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-        for (int i = 0; i < BN / 8; ++i) {
-            const float e0 = fast_exp2(fmaf(s[4 * i], scale_log2, -mu0));
-            const float e1 = fast_exp2(fmaf(s[4 * i + 1], scale_log2, -mu0));
-            const float e2 = fast_exp2(fmaf(s[4 * i + 2], scale_log2, -mu1));
-            const float e3 = fast_exp2(fmaf(s[4 * i + 3], scale_log2, -mu1));
-            rs0 += e0 + e1;
-            rs1 += e2 + e3;
-            s[4 * i] = e0; s[4 * i + 1] = e1; s[4 * i + 2] = e2; s[4 * i + 3] = e3;
-        }
-        lr0 = lr0 * al0 + rs0;
-        lr1 = lr1 * al1 + rs1;
+        online_softmax_m16<BN / 8>(s, scale_log2, mr, lr, al);
     };
     // P (s) -> A fragments. Only once no P.V product is in flight: the compiler sees pa consumed when the
     // wgmma is issued, and would otherwise hand its registers to other values while the tensor cores still
@@ -252,16 +214,6 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         for (int i = 0; i < BN / 8; ++i) {
             pa[i / 2][(i & 1) * 2] = pack2(s[4 * i], s[4 * i + 1]);
             pa[i / 2][(i & 1) * 2 + 1] = pack2(s[4 * i + 2], s[4 * i + 3]);
-        }
-    };
-    float al0 = 1.f, al1 = 1.f;  // O's pending rescale factors (from the latest softmax)
-    // O *= al, only when some row's max moved (rare once the first tiles are done).
-    auto rescale_o = [&]() {
-        if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                o[4 * i] *= al0; o[4 * i + 1] *= al0; o[4 * i + 2] *= al1; o[4 * i + 3] *= al1;
-            }
         }
     };
     // Group t (k = last - t) is the (k >> 1)-th use of its barriers.
@@ -286,12 +238,12 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
     wgmma_wait<0>();
     fence_regs(s);
     mbar_arrive(empty0 + 8 * (last & 1));
-    softmax(last, al0, al1);  // O is still 0: its rescale is a no-op
+    softmax(last);  // O is still 0: its rescale is a no-op
     pack_p();
 
     for (int t = last - 1; t >= 0; --t) {
         group_landed(t);  // K_t and V_{t+1}
-        rescale_o();      // to tile t + 1's max, which P_{t+1} is relative to
+        rescale_rows_m16<D / 8>(o, al);  // to tile t + 1's max, which P_{t+1} is relative to
         turn_wait();
         wgmma_fence();
         issue_qk(t);
@@ -301,14 +253,14 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         turn_pass();
         wgmma_wait<1>();  // S_t done (groups complete in order), P.V may still run
         fence_regs(s);
-        softmax(t, al0, al1);
+        softmax(t);
         wgmma_wait<0>();
         fence_regs(o);
         mbar_arrive(empty0 + 8 * (t & 1));
         pack_p();
     }
     group_landed(-1);  // V_0
-    rescale_o();
+    rescale_rows_m16<D / 8>(o, al);
     turn_wait();
     wgmma_fence();
     issue_pv(0);
@@ -319,18 +271,14 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
 
     // Epilogue: normalise; stage the warpgroup's 64 rows in its own part of the Q tile (its wgmma reads of Q
     // are complete), then write 16-byte chunks.
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-        lr0 += __shfl_xor_sync(0xffffffffu, lr0, off);
-        lr1 += __shfl_xor_sync(0xffffffffu, lr1, off);
-    }
-    const float inv0 = lr0 > 0.f ? 1.f / lr0 : 0.f, inv1 = lr1 > 0.f ? 1.f / lr1 : 0.f;
+    float inv[2];
+    softmax_inverse_m16(lr, inv);
     const int r0 = cw * 64 + wl * 16 + g;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
-        *reinterpret_cast<u32*>(gsm + OQ + swz128(BM, r0, i) + 4 * c) = pack2(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+        *reinterpret_cast<u32*>(gsm + OQ + swz128(BM, r0, i) + 4 * c) = pack2(o[4 * i] * inv[0], o[4 * i + 1] * inv[0]);
         *reinterpret_cast<u32*>(gsm + OQ + swz128(BM, r0 + 8, i) + 4 * c) =
-            pack2(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+            pack2(o[4 * i + 2] * inv[1], o[4 * i + 3] * inv[1]);
     }
     asm volatile("bar.sync %0, 128;\n" ::"r"(cw + 3) : "memory");  // this warpgroup's 4 warps only
 #pragma unroll
