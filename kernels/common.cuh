@@ -167,26 +167,6 @@ FG_INLINE float fast_exp2(float x) {
 #define FG_LOG2E 1.4426950408889634f
 #define FG_LN2 0.6931471805599453f
 
-// ---------------------------------------------------------------- varlen causal prefill: one query block
-// Sequence b's query rows q_start .. q_start + qlen - 1 sit at positions qoff = ctx - qlen onwards (bottom-right
-// alignment: new tokens see every cached token before them); block mb holds rows m0 = mb * bm .. m0 + bm - 1,
-// which see keys 0 .. kv_end - 1.
-struct PrefillBlock {
-    int q_start, qlen, m0, ctx, qoff, kv_end;
-};
-// False for a block with no row or no visible key: its CTA exits. NOTE: the contract needs ctx >= qlen > 0.
-FG_INLINE bool prefill_block(const int* cu_seqlens_q, const int* context_lens, int b, int mb, int bm,
-                             PrefillBlock& p) {
-    p.q_start = cu_seqlens_q[b];
-    p.qlen = cu_seqlens_q[b + 1] - p.q_start;
-    p.m0 = mb * bm;
-    if (p.m0 >= p.qlen) return false;
-    p.ctx = context_lens[b];
-    p.qoff = p.ctx - p.qlen;
-    p.kv_end = min(p.ctx, p.qoff + p.m0 + bm);
-    return p.kv_end > 0;
-}
-
 // ---------------------------------------------------------------- flash attention: online softmax
 // A 16-row tile of scores (or of O) in the m16n8 accumulator layout, NG groups of 8 columns: lane 4g + c holds
 // rows g and g + 8; a[4i], a[4i+1] = row g, columns 8i + 2c, + 1; a[4i+2], a[4i+3] = row g + 8. A row spans the

@@ -65,10 +65,15 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     extern __shared__ uint4 smem[];
     const int b = blockIdx.z, h = blockIdx.y;
     const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
-    PrefillBlock blk;
-    if (!prefill_block(cu_seqlens_q, context_lens, b, mb, BM, blk)) return;
-    const int q_start = blk.q_start, qlen = blk.qlen, m0 = blk.m0, ctx = blk.ctx, qoff = blk.qoff;
-    const int n_tiles = ceil_div(blk.kv_end, BN);
+    const int q_start = cu_seqlens_q[b];
+    const int qlen = cu_seqlens_q[b + 1] - q_start;
+    const int m0 = mb * BM;
+    if (m0 >= qlen) return;
+    const int ctx = context_lens[b];
+    const int qoff = ctx - qlen;                       // position of query row 0
+    const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
+    if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
+    const int n_tiles = ceil_div(kv_end, BN);
     const int kvh = h / (hq / hkv);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;

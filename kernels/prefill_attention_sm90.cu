@@ -105,10 +105,15 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
 
     const int h = blockIdx.y, b = blockIdx.z;
     const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
-    PrefillBlock blk;
-    if (!prefill_block(cu_seqlens_q, context_lens, b, mb, BM, blk)) return;
-    const int q_start = blk.q_start, qlen = blk.qlen, m0 = blk.m0, ctx = blk.ctx, qoff = blk.qoff;
-    const int last = ceil_div(blk.kv_end, BN) - 1;  // tiles last .. 0
+    const int q_start = cu_seqlens_q[b];
+    const int qlen = cu_seqlens_q[b + 1] - q_start;
+    const int m0 = mb * BM;
+    if (m0 >= qlen) return;
+    const int ctx = context_lens[b];
+    const int qoff = ctx - qlen;                       // position of query row 0
+    const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
+    if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
+    const int last = ceil_div(kv_end, BN) - 1;         // tiles last .. 0
     const int tid = threadIdx.x, wg = tid >> 7;
     const i64 q_row_stride = (i64)hq * D;
 
