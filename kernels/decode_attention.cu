@@ -1,10 +1,24 @@
-// decode_attention.cu: paged decode attention (one new query token per sequence), GQA-aware, split-KV.
+// decode_attention.cu: paged decode attention (one new query token per sequence), GQA-aware, split-KV, with
+// the work planned in the kernel from the context lengths.
 //
 // Algorithm (FlashDecoding with the GQA group on the tensor cores):
-//   grid (num_splits, Hkv * ceil(G / 8), B), 4 warps per CTA. A CTA owns one sequence b, one kv head and
-//   up to 8 of the G = Hq / Hkv query heads that share it, over one split of the context: every K/V element
-//   of the split is read from HBM exactly once per step, whatever G (G > 8 re-reads it once per 8 heads).
-//   The warps take 16-token steps in turn (warp w: steps w, w + 4, ...). A step is two m16n8k16 passes:
+//   The work is a set of pairs p = (sequence b, head group j): kv head j / ceil(G / 8) and up to 8 of the
+//   G = Hq / Hkv query heads that share it, over ceil(ctx_b / 16) 16-token steps. The grid is num_splits CTAs
+//   per pair (4 warps each), and one of two plans shares the steps out (identical in every CTA, no host sync,
+//   no planning launch; the result depends on the context lengths only, never on timing):
+//   - split: CTA i takes piece i % num_splits of pair i / num_splits, each pair cut in num_splits pieces of
+//     equal whole steps (multiples of 4). No CTA looks at another sequence's length. Chosen when the mean
+//     non-empty context is within 5% of the longest (and by the wrapper when the grid is over two waves: the
+//     hardware's CTA scheduling evens those out).
+//   - balanced: the steps of all pairs laid end to end (b-major) are cut into gridDim.x equal slices, slice
+//     i on CTA i, which may end inside one pair and cover others whole. In a ragged batch every CTA then has
+//     the same work, where the split plan leaves the long sequences' CTAs running alone at the end (on the
+//     H100 2.5 -> 2.9 TB/s at B64 with contexts 64..8192, 1.1 -> 2.4 TB/s with one 32k context among 15
+//     short ones; BENCHMARKS.md). Every warp scans the context lengths itself, 32 at a time (warp
+//     reductions and a shuffle scan, no block barrier).
+//   Every K/V element is read from HBM once per step, whatever G (G > 8 re-reads it once per 8 heads).
+//   Within a piece of a pair the warps take 16-token steps in turn (warp w: steps w, w + 4, ...).
+//   A step is two m16n8k16 passes:
 //     S^T (16 tokens x 8 heads) = K (16 x D) . Q^T (D x 8)     A = K straight from global memory, B = Q
 //     O^T (D x 8 heads)       += V^T (D x 16) . P^T (16 x 8)    A = V^T built in registers, B = P^T
 //   with an online softmax per head in float32 (exp2, scale folded in). K and V are loaded with 16-byte
@@ -14,17 +28,18 @@
 //   K/V loads (read-only, no L1 allocation, 256-byte L2 fetches) and the page-table read of the step
 //   after are issued before the current step's math.
 //   NOTE: a step never crosses a page: steps start at multiples of 16 tokens and block_size is a power of
-//   two >= 16. Tokens past the split's end are clamped to its last token (valid memory) and masked.
-//   At the end the 4 warps merge (m, l, O) through shared memory. With one split the CTA writes the output
-//   (and the LSE); otherwise it writes a float32 partial O and its LSE, counts itself done on a per-(b,
-//   head group) counter, and the last split to finish merges all the partials (no second kernel: at batch 1
-//   a separate combine kernel took 3.3 us against the attention's 5.0 us in a profile). The split of sequence b is ceil(ctx_b / num_splits)
-//   rounded up to 64 tokens, so the splits of a short sequence may be empty: such CTAs exit at once and
-//   are not counted.
+//   two >= 16. Tokens past the piece's end are clamped to its last token (valid memory) and masked.
+//   At the end of a piece the 4 warps merge (m, l, O) through shared memory. A CTA that covers a whole pair
+//   writes the output (and the LSE); otherwise it writes a float32 partial O and its LSE (slot 2 i, or
+//   2 i + 1 for a balanced slice's last piece when its first piece is another pair), counts itself done on
+//   the pair's counter, and the last of the pair's CTAs to finish merges the partials in slice order (no
+//   second kernel: at batch 1 a separate combine kernel took 3.3 us against the attention's 5.0 us in a
+//   profile). A sequence with an empty context gets zeros and LSE -inf.
 // Tiles: 16 tokens x D per warp step, 8 heads per CTA; registers only (the merge uses 16 KB of shared
 //   memory at D = 128).
 // Memory traffic: K and V of every context token once (2 * ctx * Hkv * D * sizeof(dtype) per sequence),
-//   plus q, the block tables and, with splits, 4 * (D + 1) bytes per split and head written and re-read.
+//   plus q, the block tables, the context lengths (the balanced plan: all of them per CTA, L2 hits) and,
+//   for pairs cut between CTAs, 4 * (D + 1) bytes per piece and head written and re-read.
 #include "common.cuh"
 
 #ifndef FG_HEAD_DIM
@@ -34,16 +49,11 @@
 #define DEC_WARPS 4
 #define DEC_HEADS 8                // query heads per CTA: the mma's n
 #define DEC_STEP 16                // tokens per warp step: the mma's m
+#define DEC_MIN_SLICE 16           // fewest steps of a balanced slice (4 per warp)
 #define KCH (D / 32)               // 16-byte K chunks per token per thread
 #define VCH (D / 64)               // 16-byte V chunks per token per thread
 
 static_assert(D % 64 == 0 && D <= 256, "decode_attention: head_dim must be 64, 128, 192 or 256");
-
-// Tokens per split for a context of ctx tokens: a multiple of DEC_WARPS * DEC_STEP.
-FG_INLINE int split_chunk(int ctx, int num_splits) {
-    const int c = ceil_div(ctx, num_splits);
-    return ceil_div(c, DEC_WARPS * DEC_STEP) * (DEC_WARPS * DEC_STEP);
-}
 
 FG_INLINE u32 word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -73,49 +83,13 @@ FG_INLINE void load_step(KVStep& r, const scalar_t* __restrict__ k_cache, const 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2)
-decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
-                        const scalar_t* __restrict__ k_cache,  // (num_blocks, block_size, Hkv, D)
-                        const scalar_t* __restrict__ v_cache,
-                        const int* __restrict__ context_lens,  // (B,)
-                        const int* __restrict__ block_tables,  // (B, bt_stride)
-                        int bt_stride,
-                        scalar_t* __restrict__ out,            // (B, Hq, D), num_splits == 1
-                        float* __restrict__ lse_out,           // (B, Hq) natural log, or null
-                        float* __restrict__ part_o,            // (num_splits, B, Hq, D), num_splits > 1
-                        float* __restrict__ part_lse,          // (num_splits, B, Hq), log2 units
-                        int* __restrict__ split_counters,      // (B * Hkv * ceil(G / 8),) zeros, num_splits > 1
-                        int batch, int hq, int hkv, int log2_bs, float scale_log2, int num_splits) {
-    __shared__ __align__(16) float s_o[DEC_WARPS][DEC_HEADS][D];
-    __shared__ float s_m[DEC_WARPS][DEC_HEADS];
-    __shared__ float s_l[DEC_WARPS][DEC_HEADS];
-
-    const int split = blockIdx.x;
-    const int group = hq / hkv;
-    const int hgroups = ceil_div(group, DEC_HEADS);
-    const int kvh = blockIdx.y / hgroups;
-    const int hg = blockIdx.y % hgroups;
-    const int b = blockIdx.z;
-    const int head0 = kvh * group + hg * DEC_HEADS;
-    const int nh = min(DEC_HEADS, group - hg * DEC_HEADS);
-    const int ctx = context_lens[b];
-    const int chunk = num_splits == 1 ? ctx : split_chunk(ctx, num_splits);
-    const int start = split * chunk;
-    const int end = min(start + chunk, ctx);
-    const int tid = threadIdx.x;
-
-    if (start >= end) {
-        // An empty split (not counted, not merged); an empty context: zeros, written by split 0.
-        if (num_splits == 1 || (ctx == 0 && split == 0)) {
-            for (int p = tid; p < nh * D; p += blockDim.x)
-                out[((i64)b * hq + head0 + p / D) * D + p % D] = from_float(0.f);
-            if (lse_out != nullptr && tid < nh) lse_out[(i64)b * hq + head0 + tid] = FG_NEG_INF;
-        }
-        return;
-    }
-
-    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-
+// The warps' share of tokens [start, end) of sequence b for kv head kvh and query heads head0 .. head0 + nh - 1
+// (warp w takes the 16-token steps w, w + 4, ...); each leaves its (O, m, l) in shared memory.
+FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k_cache,
+                             const scalar_t* __restrict__ v_cache, const int* __restrict__ bt, int b, int kvh,
+                             int head0, int nh, int start, int end, int hq, int hkv, int log2_bs, float scale_log2,
+                             float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS], float (*s_l)[DEC_HEADS]) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     // Q^T as B fragments: head g, dims 32 j + 8 c .. + 7 (the permuted order K uses too).
     u32 qf[D / 16][2];
     {
@@ -139,7 +113,6 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     const i64 row_stride = (i64)hkv * D;
     const i64 head_off = (i64)kvh * D;
     const int bs_mask = (1 << log2_bs) - 1;
-    const int* bt = block_tables + (i64)b * bt_stride;
     const int last = end - 1;
     const int stride = DEC_STEP * DEC_WARPS;
 
@@ -242,52 +215,69 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         s_l[warp][2 * c] = l0;
         s_l[warp][2 * c + 1] = l1;
     }
-    __syncthreads();
+}
 
-    for (int p = tid; p < nh * (D / 8); p += blockDim.x) {
-        const int h = p / (D / 8), d0 = (p % (D / 8)) * 8;
+// A sequence with no cached token: zeros and LSE -inf for its hq heads, written by threads t0, t0 + step, ...
+FG_INLINE void write_empty(scalar_t* __restrict__ out, float* __restrict__ lse_out, int b, int hq, int t0,
+                           int step) {
+    for (int i = t0; i < hq * (D / 8); i += step) st_v4(out + (i64)b * hq * D + 8 * i, make_uint4(0u, 0u, 0u, 0u));
+    if (lse_out != nullptr)
+        for (int h = t0; h < hq; h += step) lse_out[(i64)b * hq + h] = FG_NEG_INF;
+}
+
+// After attend_tokens: merge the 4 warps' (O, m, l) for heads head0 .. head0 + nh - 1 of sequence b. A whole
+// pair is written to out (and the LSE); a piece writes a float32 partial O and its LSE (log2) to `slot`,
+// counts itself done on the pair's counter, and the last of the pair's pieces to finish (slices c0 .. c1;
+// slice c's partial is in slot 2 c, or 2 c + 1 for a balanced slice that starts before the pair,
+// pstart > c S) merges them in slice order: out = sum_c w_c O_c / sum_c w_c, w_c = 2^(lse_c - max lse).
+FG_INLINE void finish_piece(scalar_t* __restrict__ out, float* __restrict__ lse_out, float* __restrict__ part_o,
+                            float* __restrict__ part_lse, int* counter, int b, int hq, int head0, int nh, bool whole,
+                            int slot, int c0, int c1, bool balanced, int S, int pstart,
+                            const float (*s_o)[DEC_HEADS][D], const float (*s_m)[DEC_HEADS],
+                            const float (*s_l)[DEC_HEADS]) {
+    const int tid = threadIdx.x;
+    for (int i = tid; i < nh * (D / 8); i += blockDim.x) {
+        const int h = i / (D / 8), d0 = (i % (D / 8)) * 8;
         float mm = FG_NEG_INF;
 #pragma unroll
         for (int w = 0; w < DEC_WARPS; ++w) mm = fmaxf(mm, s_m[w][h]);
         float ll = 0.f, acc[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+        for (int x = 0; x < 8; ++x) acc[x] = 0.f;
 #pragma unroll
         for (int w = 0; w < DEC_WARPS; ++w) {
             const float sc = fast_exp2(s_m[w][h] - mm);  // 0 for a warp that saw no token
             ll += s_l[w][h] * sc;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] += s_o[w][h][d0 + e] * sc;
+            for (int x = 0; x < 8; ++x) acc[x] += s_o[w][h][d0 + x] * sc;
         }
         const float inv = 1.f / ll;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] *= inv;
+        for (int x = 0; x < 8; ++x) acc[x] *= inv;
         const int head = head0 + h;
-        if (num_splits == 1) {
+        if (whole) {
             st_v4(out + ((i64)b * hq + head) * D + d0, pack8(acc));
             if (lse_out != nullptr && d0 == 0) lse_out[(i64)b * hq + head] = (mm + __log2f(ll)) * FG_LN2;
         } else {
-            float* dst = part_o + (((i64)split * batch + b) * hq + head) * D + d0;
+            float* dst = part_o + ((i64)slot * DEC_HEADS + h) * D + d0;
             *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
             *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
-            if (d0 == 0) part_lse[((i64)split * batch + b) * hq + head] = mm + __log2f(ll);
+            if (d0 == 0) part_lse[(i64)slot * DEC_HEADS + h] = mm + __log2f(ll);
         }
     }
-    if (num_splits == 1) return;
-
-    // The last split of (b, head group) to finish merges them all: out = sum_s w_s O_s / sum_s w_s,
-    // w_s = 2^(lse_s - max lse), over the non-empty splits.
-    const int n = ceil_div(ctx, chunk);  // non-empty splits
-    if (!arrive_last(split_counters + (i64)b * gridDim.y + blockIdx.y, n)) return;
-    for (int p = tid; p < nh * (D / 8); p += blockDim.x) {
-        const int head = head0 + p / (D / 8), d0 = (p % (D / 8)) * 8;
+    if (whole || !arrive_last(counter, c1 - c0 + 1)) return;
+    for (int i = tid; i < nh * (D / 8); i += blockDim.x) {
+        const int h = i / (D / 8), d0 = (i % (D / 8)) * 8;
         float mm = FG_NEG_INF;
-        for (int sp = 0; sp < n; ++sp) mm = fmaxf(mm, __ldcg(part_lse + ((i64)sp * batch + b) * hq + head));
+        for (int c = c0; c <= c1; ++c) {
+            const int cs = 2 * c + (balanced && pstart > c * S ? 1 : 0);
+            mm = fmaxf(mm, __ldcg(part_lse + (i64)cs * DEC_HEADS + h));
+        }
         float ll = 0.f, acc[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-        for (int sp = 0; sp < n; ++sp) {
-            const i64 idx = ((i64)sp * batch + b) * hq + head;
+        for (int x = 0; x < 8; ++x) acc[x] = 0.f;
+        for (int c = c0; c <= c1; ++c) {
+            const i64 idx = (i64)(2 * c + (balanced && pstart > c * S ? 1 : 0)) * DEC_HEADS + h;
             const float w = fast_exp2(__ldcg(part_lse + idx) - mm);
             const float4 v0 = __ldcg(reinterpret_cast<const float4*>(part_o + idx * D + d0));
             const float4 v1 = __ldcg(reinterpret_cast<const float4*>(part_o + idx * D + d0 + 4));
@@ -297,8 +287,138 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         }
         const float inv = 1.f / ll;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] *= inv;
+        for (int x = 0; x < 8; ++x) acc[x] *= inv;
+        const int head = head0 + h;
         st_v4(out + ((i64)b * hq + head) * D + d0, pack8(acc));
         if (lse_out != nullptr && d0 == 0) lse_out[(i64)b * hq + head] = (mm + __log2f(ll)) * FG_LN2;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2)
+decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
+                        const scalar_t* __restrict__ k_cache,  // (num_blocks, block_size, Hkv, D)
+                        const scalar_t* __restrict__ v_cache,
+                        const int* __restrict__ context_lens,  // (B,)
+                        const int* __restrict__ block_tables,  // (B, bt_stride)
+                        int bt_stride,
+                        scalar_t* __restrict__ out,            // (B, Hq, D)
+                        float* __restrict__ lse_out,           // (B, Hq) natural log, or null
+                        float* __restrict__ part_o,            // (2 * gridDim.x, DEC_HEADS, D)
+                        float* __restrict__ part_lse,          // (2 * gridDim.x, DEC_HEADS), log2 units
+                        int* __restrict__ pair_counters,       // (B * Hkv * ceil(G / 8),) zeros
+                        int batch, int hq, int hkv, int log2_bs, float scale_log2,
+                        int num_splits,                        // gridDim.x = B * Hkv * ceil(G / 8) * num_splits
+                        int plan) {                            // 0 auto, 1 split, 2 balanced
+    __shared__ __align__(16) float s_o[DEC_WARPS][DEC_HEADS][D];
+    __shared__ float s_m[DEC_WARPS][DEC_HEADS];
+    __shared__ float s_l[DEC_WARPS][DEC_HEADS];
+
+    const int group = hq / hkv;
+    const int hgroups = ceil_div(group, DEC_HEADS);
+    const int per_b = hkv * hgroups;  // pairs per sequence
+    const int ncta = gridDim.x, cta = blockIdx.x;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+
+    // Split plan (plan 1; plan 0 when the mean non-empty sequence has >= 95% of the longest one's steps):
+    // CTA i takes piece i % num_splits of pair i / num_splits, every pair cut in num_splits pieces of equal
+    // whole steps (multiples of 4); it needs no view of the batch. Balanced plan (plan 2, or plan 0
+    // otherwise): the steps of all pairs laid end to end, b-major, cut into gridDim.x equal slices, slice i
+    // on CTA i. The batch is scanned by every warp on its own (no block barrier), 128 sequences at a time:
+    // steps per head group, their sum, the non-empty sequences, the most steps of one.
+    constexpr unsigned FULL = 0xffffffffu;
+    const int p = cta / num_splits, sb = p / per_b;  // the split plan's pair and sequence
+    const int sctx = plan != 2 ? context_lens[sb] : 0;  // loaded first: it overlaps the scan's loads
+    int total = 0, count = 0, hi = 0, n0 = 0;
+    bool balanced = plan == 2;
+    if (plan != 1) {
+        for (int b0 = 0; b0 < batch; b0 += 128) {
+            int n[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int b = b0 + 32 * u + lane;
+                n[u] = b < batch ? context_lens[b] : 0;
+            }
+            if (b0 == 0) n0 = n[0];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int st = ceil_div(n[u], DEC_STEP);
+                total += __reduce_add_sync(FULL, st);
+                count += __reduce_add_sync(FULL, n[u] > 0 ? 1 : 0);
+                hi = max(hi, __reduce_max_sync(FULL, st));
+            }
+        }
+        if (plan == 0) balanced = (i64)total * 20 < (i64)count * hi * 19;
+    }
+    if (!balanced) {
+        const int b = sb, j = p % per_b, ctx = sctx, nst = ceil_div(ctx, DEC_STEP);
+        const int chunk = ceil_div(ceil_div(nst, num_splits), DEC_WARPS) * DEC_WARPS;
+        const int a = cta % num_splits * chunk;
+        if (a >= nst) {  // an empty piece; an empty context gets zeros from its first piece
+            if (ctx == 0 && a == 0 && j == 0) write_empty(out, lse_out, b, hq, tid, blockDim.x);
+            return;
+        }
+        const int e = min(a + chunk, nst);
+        const int kvh = j / hgroups, hg = j % hgroups;
+        const int head0 = kvh * group + hg * DEC_HEADS, nh = min(DEC_HEADS, group - hg * DEC_HEADS);
+        attend_tokens(q, k_cache, v_cache, block_tables + (i64)b * bt_stride, b, kvh, head0, nh, a * DEC_STEP,
+                      min(e * DEC_STEP, ctx), hq, hkv, log2_bs, scale_log2, s_o, s_m, s_l);
+        __syncthreads();
+        finish_piece(out, lse_out, part_o, part_lse, pair_counters + p, b, hq, head0, nh, a == 0 && e == nst,
+                     2 * cta, p * num_splits, p * num_splits + ceil_div(nst, chunk) - 1, false, 0, 0, s_o, s_m, s_l);
+        return;
+    }
+    total *= per_b;  // steps of all pairs (the wrapper keeps it below 2^30)
+    const int S = max(ceil_div(total, ncta), DEC_MIN_SLICE);
+    const int start = min(cta * S, total);
+    const int end = min(start + S, total);
+
+    // The sequence b the slice starts in, the step its first pair starts at (base), its context length.
+    int b = 0, base = 0, ctx = 0;
+    for (int b0 = 0, cum = 0; start < end && b0 < batch; b0 += 32) {
+        const int n = b0 == 0 ? n0 : (b0 + lane < batch ? context_lens[b0 + lane] : 0);
+        const int st = ceil_div(n, DEC_STEP);
+        int incl = st;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int v = __shfl_up_sync(FULL, incl, off);
+            if (lane >= off) incl += v;
+        }
+        const unsigned hit = __ballot_sync(FULL, st > 0 && start < (cum + incl) * per_b);
+        if (hit) {
+            const int l = __ffs(hit) - 1;
+            b = b0 + l;
+            base = (cum + __shfl_sync(FULL, incl - st, l)) * per_b;
+            ctx = __shfl_sync(FULL, n, l);
+            break;
+        }
+        cum += __shfl_sync(FULL, incl, 31);
+    }
+
+    int pos = start;
+    while (pos < end) {
+        const int nst = ceil_div(ctx, DEC_STEP);
+        if (pos >= base + nst * per_b) {  // past sequence b (or b is empty)
+            base += nst * per_b;
+            ctx = context_lens[++b];
+            continue;
+        }
+        const int j = (pos - base) / nst;
+        const int kvh = j / hgroups, hg = j % hgroups;
+        const int head0 = kvh * group + hg * DEC_HEADS;
+        const int nh = min(DEC_HEADS, group - hg * DEC_HEADS);
+        const int pstart = base + j * nst, pend = pstart + nst;
+        const int a = pos - pstart, e = min(end, pend) - pstart;  // steps [a, e) of the pair
+        pos = pstart + e;
+
+        attend_tokens(q, k_cache, v_cache, block_tables + (i64)b * bt_stride, b, kvh, head0, nh, a * DEC_STEP,
+                      min(e * DEC_STEP, ctx), hq, hkv, log2_bs, scale_log2, s_o, s_m, s_l);
+        __syncthreads();
+
+        finish_piece(out, lse_out, part_o, part_lse, pair_counters + (i64)b * per_b + j, b, hq, head0, nh,
+                     a == 0 && e == nst, 2 * cta + (pstart > start ? 1 : 0), pstart / S, (pend - 1) / S, true, S,
+                     pstart, s_o, s_m, s_l);
+        __syncthreads();
+    }
+    for (int e = cta; e < batch; e += ncta)  // empty contexts: zeros, from CTA b % gridDim.x
+        if (context_lens[e] == 0) write_empty(out, lse_out, e, hq, tid, blockDim.x);
 }

@@ -59,7 +59,10 @@ def main() -> int:
 
     q = rnd(len(lens), hq, d)
     outs["decode"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1)
-    outs["decode_split"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, num_splits=3, return_lse=True)[0]
+    outs["decode_split"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, num_splits=3, return_lse=True,
+                                                     plan="split")[0]
+    outs["decode_balanced"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, num_splits=3, return_lse=True,
+                                                        plan="balanced")[0]
     qlens = [1, 17, 5, 130]  # prefix hits (context > q_len) and a full prefill
     cu = torch.tensor([0, 1, 18, 23, 153], dtype=torch.int32, device=dev)
     qp = rnd(153, hq, d)

@@ -250,14 +250,43 @@ def test_decode_attention(dtype, d, group, bs, lens):
     _check_decode(lens, hkv, hkv * group, d, bs, dtype, d**-0.5)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5, 64])
-def test_decode_attention_splits(num_splits):
-    """Forced split counts, with sequences shorter than a split (empty splits) and longer than all;
-    GQA group 16 (two CTAs of 8 query heads per kv head)."""
-    for _ in range(2):  # twice: the last split of each head group merges and re-arms its counter
-        _check_decode([1, 63, 64, 65, 700, 3000], 2, 32, 128, 16, torch.bfloat16, 0.1, num_splits=num_splits)
-    if num_splits > 1:
-        assert cuda_ops._COUNTERS[(torch.device("cuda", torch.cuda.current_device()), "decode")].count_nonzero() == 0
+RAGGED = [1, 63, 64, 65, 700, 3000]
+
+
+@pytest.mark.parametrize("plan", ["split", "balanced"])
+@pytest.mark.parametrize("num_splits,lens", [
+    (1, RAGGED), (2, RAGGED), (5, RAGGED),
+    (64, RAGGED),  # more CTAs than 16-step slices / non-empty pieces: the last ones idle
+    (3, [9000, 16, 17, 2, 4097, 1, 1, 1, 300]),  # one long sequence among short ones
+    (1, [700] * 6), (3, [3000] * 3),
+    (5, [1025] * 2),  # pieces of 4-step multiples, the last one short
+    (64, [17] * 4),  # short: one non-empty piece per pair
+])
+def test_decode_attention_splits(num_splits, lens, plan):
+    """Split counts, batches and both plans of the kernel (auto is covered by the other decode tests); GQA
+    group 16 (two pairs of 8 query heads per kv head). Twice: the pairs' merge counters must be back at zero
+    for the next launch."""
+    for _ in range(2):
+        _check_decode(lens, 2, 32, 128, 16, torch.bfloat16, 0.1, num_splits=num_splits, plan=plan)
+        state = cuda_ops._COUNTERS[(torch.device("cuda", torch.cuda.current_device()), "decode")]
+        assert state.count_nonzero() == 0
+
+
+@pytest.mark.parametrize("lens,num_splits", [([0, 300, 0, 5], 3), ([0, 1000, 0, 1000], 4)])
+def test_decode_attention_empty_context(lens, num_splits):
+    """A sequence with no cached token gets zeros and LSE -inf; the others are unaffected."""
+    seed = _seed()
+    g = _gen(seed)
+    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
+    q = _randn((4, 8, 128), g, torch.bfloat16)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    out, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, out=torch.full_like(q, float("nan")),
+                                         return_lse=True, num_splits=num_splits)
+    assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]])), f"seed {seed}"
+    assert torch.isneginf(lse[[0, 2]]).all(), f"seed {seed}"
+    ref, base, lse64 = _refs(q[[1, 3]], kc, vc, bt[[1, 3]], lens[1::2], [1, 1], 0.1)
+    _assert_close("decode", out[[1, 3]], base, ref, seed)
+    assert (lse[[1, 3]].double() - lse64).abs().max().item() < 1e-3 * (1 + lse64.abs().max().item()), f"seed {seed}"
 
 
 PREFILL_QLENS = [  # (q_len, context_len) per sequence; context_len > q_len: prefix hit / chunked prefill

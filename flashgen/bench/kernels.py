@@ -24,6 +24,7 @@ from flashgen.ops.timing import bench
 
 L2_BYTES = 50 * 2**20
 DEC_SHAPES = [(64, 1024), (64, 4096), (16, 16384), (1, 32768)]  # (batch, context)
+DEC_RAGGED = [(64, 64, 8192), (16, 512, 32768)]  # (batch, shortest, longest): lengths drawn between them, seeded
 PREFILL_LENS = [512, 2048, 8192]
 PREFILL_TOKENS = 16384
 
@@ -119,6 +120,34 @@ def decode(dev, ops, results: dict) -> None:
             entry[key]["max_abs_diff_vs_ours"] = (ref.view(B, hq, d).float() - ours.float()).abs().max().item()
         del kk, vv
         results["decode"].append(entry)
+        torch.cuda.empty_cache()
+
+
+def decode_ragged(dev, ops, results: dict) -> None:
+    """Decode over a batch of unequal contexts (what continuous batching produces), GQA 32/8, d = 128, bf16,
+    random page order: the kernel's own plan (auto: balanced slices for a ragged batch) against its split plan
+    (every sequence cut in the same number of pieces) on the same data. SDPA has no ragged decode to compare."""
+    hq, hkv, d = 32, 8, 128
+    g = torch.Generator(device=dev).manual_seed(1)
+    for B, lo, hi in DEC_RAGGED:
+        lens = torch.randint(lo, hi + 1, (B,), generator=torch.Generator().manual_seed(B)).tolist()
+        if B == 16:  # one long sequence among short ones: the end of a long-tailed job
+            lens = [hi] + [lo] * (B - 1)
+        kv_bytes = 2 * sum(lens) * hkv * d * 2
+        entry = {"batch": B, "lens": lens, "kv_bytes": kv_bytes}
+        ctx = torch.tensor(lens, dtype=torch.int32, device=dev)
+        q = torch.randn(B, hq, d, generator=g, device=dev).to(torch.bfloat16)
+        for bs in (16, 64):
+            per = -(-hi // bs)
+            nb = B * per
+            kc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
+            vc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
+            bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, per)
+            entry[f"bs{bs}"] = {
+                plan: kv_bytes / bench(lambda i: ops.decode_attention(q, kc, vc, ctx, bt, d**-0.5, plan=plan), reps=30)
+                for plan in ("auto", "split")}
+            del kc, vc
+        results["decode_ragged"].append(entry)
         torch.cuda.empty_cache()
 
 
@@ -239,6 +268,12 @@ def table(r: dict) -> str:
         for bs in (16, 64):
             label = "decode B%d L%d bs%d TB/s" % (e["batch"], e["context"], bs)
             lines.append(row(label, e, bs, "bytes_per_s", ".2f", copy))
+    for e in r.get("decode_ragged", []):
+        for bs in (16, 64):
+            auto, split = e[f"bs{bs}"]["auto"], e[f"bs{bs}"]["split"]
+            label = "decode ragged B%d L%d-%d bs%d" % (e["batch"], min(e["lens"]), max(e["lens"]), bs)
+            lines.append(f"{label:<34}{auto / 1e12:>12.2f}{'split plan':>14}{split / 1e12:>6.2f}"
+                         f"{100 * auto / copy:>9.0f}%")
     for e in r["prefill"]:
         for bs in (16, 64):
             label = "prefill L%d bs%d %s TFLOP/s" % (e["seqlen"], bs, e[f"bs{bs}"].get("impl", ""))
@@ -264,11 +299,11 @@ def main(out_dir: str | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "command": "PYTHONPATH=. python -m flashgen.bench.kernels",
-        "decode": [], "prefill": [], "elementwise": {},
+        "decode": [], "decode_ragged": [], "prefill": [], "elementwise": {},
     }
     results["ceilings"] = ceilings(dev)
     print(f"ceilings: {results['ceilings']}", file=sys.stderr)
-    for step in (decode, prefill, elementwise):
+    for step in (decode, decode_ragged, prefill, elementwise):
         step(dev, cuda_ops, results)
         print(f"{step.__name__}: done", file=sys.stderr)
     if out_dir:

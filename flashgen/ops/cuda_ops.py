@@ -38,6 +38,7 @@ PREFILL_IMPLS = ("wgmma", "mma")
 WGMMA_ARCH = "sm_90"  # the architecture with wgmma (built for its arch-specific target, sm_90a)
 PREFILL_SM90_SMEM = {d: 128 * d * 2 * 5 + 1024 for d in ATTN_HEAD_DIMS}  # Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
+DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
 
 
 # ---------------------------------------------------------------- argument checks
@@ -399,9 +400,9 @@ _COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 
 def _split_counters(dev: torch.device, n: int, user: str = "decode") -> torch.Tensor:
-    """Zeroed int32 counters for kernels whose last CTA merges the others' partials (split-KV decode: one per
-    (sequence, head group); sampling: one per row); the kernels leave them at zero again. Allocated once per
-    device and user, outside any CUDA-graph capture (the eager warm-up call does it)."""
+    """Zeroed int32 counters for kernels whose last CTA merges the others' partials (decode: one per
+    (sequence, kv head, group of 8 query heads); sampling: one per row); the kernels leave them at zero
+    again. Allocated once per device and user, outside any CUDA-graph capture (the eager warm-up call does it)."""
     buf = _COUNTERS.get((dev, user))
     if buf is None or buf.numel() < n:
         if torch.cuda.is_current_stream_capturing():
@@ -432,11 +433,14 @@ def decode_num_splits(batch: int, hkv: int, group: int, max_context: int, num_sm
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, softmax_scale: float, *, out: torch.Tensor | None = None,
-                     return_lse: bool = False, num_splits: int | None = None):
-    """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] (>= 1) cached tokens of
-    sequence b. Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log LSE of the
-    scaled scores). num_splits overrides the split-KV heuristic (it depends on shapes only, never on the
-    values of context_lens, so graph capture sees a fixed launch)."""
+                     return_lse: bool = False, num_splits: int | None = None, plan: str = "auto"):
+    """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
+    b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
+    LSE of the scaled scores). The grid is num_splits CTAs per (sequence, kv head, group of 8 query heads); the kernel
+    plans from context_lens how they share the work (equal pieces of each sequence when all lengths are equal,
+    equal slices of the whole batch otherwise). num_splits overrides the heuristic, which depends on shapes
+    only, never on the values of context_lens, so graph capture sees a fixed launch; the result depends on
+    the context lengths only, never on timing."""
     _check_tensor("q", q, DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
@@ -456,19 +460,26 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits = int(num_splits)
         if not 1 <= num_splits <= DECODE_MAX_SPLITS:
             _fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
-        if num_splits > 1:
-            part_o = torch.empty((num_splits, B, hq, d), dtype=torch.float32, device=dev)
-            part_lse = torch.empty((num_splits, B, hq), dtype=torch.float32, device=dev)
-        else:
-            part_o = part_lse = None
-        hgroups = hkv * -(-group // 8)
-        counters = _split_counters(dev, B * hgroups) if num_splits > 1 else None
+        if plan not in DECODE_PLANS:
+            _fail("plan", f"must be one of {DECODE_PLANS}", plan)
+        pairs = B * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
+        if pairs * max(num_splits, -(-block_tables.shape[1] * bs // 16)) >= 1 << 30:  # 32-bit plan in the kernel
+            _fail("block_tables", "covers too many 16-token steps for one launch (batch x kv heads x "
+                  "ceil(query group / 8) x ceil(width x block_size / 16) must stay below 2^30); split the batch",
+                  tuple(block_tables.shape))
+        ncta = pairs * num_splits
+        code = DECODE_PLANS.index(plan)
+        if code == 0 and ncta > 4 * _num_sms(di):  # > 2 waves: the hardware's CTA scheduling evens out a ragged
+            code = 1                                # batch; the split plan needs no scan of context_lens
+        part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
+        part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
+        counters = _split_counters(dev, pairs)
         k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di)
-        jit.launch(k, (num_splits, hgroups, B), (128,), (
+        jit.launch(k, (ncta,), (128,), (
             jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
             jit.i32(block_tables.stride(0)), jit.ptr(out), jit.ptr(lse), jit.ptr(part_o), jit.ptr(part_lse),
             jit.ptr(counters), jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
-            jit.f32(softmax_scale * math.log2(math.e)), jit.i32(num_splits)), dev)
+            jit.f32(softmax_scale * math.log2(math.e)), jit.i32(num_splits), jit.i32(code)), dev)
     return (out, lse) if return_lse else out
 
 
