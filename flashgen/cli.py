@@ -176,7 +176,7 @@ def bench_kernels(out_dir: Optional[str] = typer.Option(None, help="Write kernel
 
 @bench_app.command("throughput")
 def bench_throughput(
-    workload: str = typer.Option("nanovllm", help="nanovllm, fixed512, sharedprefix or latency8b."),
+    workload: str = typer.Option("nanovllm", help="nanovllm, fixed512, sharedprefix, latency8b or longctx."),
     compare: Optional[str] = typer.Option(None, help="hf: also measure HF transformers generate in this run."),
     hf_max_tokens: int = typer.Option(512, help="New tokens per prompt for the HF peer."),
     out_dir: Optional[str] = typer.Option(None, help="Write throughput_WORKLOAD.json here."),

@@ -109,6 +109,21 @@ def test_prefill_impl_choice(monkeypatch):
         cuda_ops.prefill_impl(0)
 
 
+def test_decode_plan_choice(monkeypatch):
+    """The decode plan: the argument first, then FLASHGEN_DECODE_PLAN, then auto; a bad value is refused with
+    where it came from, the value and the choices."""
+    monkeypatch.delenv("FLASHGEN_DECODE_PLAN", raising=False)
+    assert cuda_ops.decode_plan() == "auto"
+    monkeypatch.setenv("FLASHGEN_DECODE_PLAN", "split")
+    assert cuda_ops.decode_plan() == "split"
+    assert cuda_ops.decode_plan("balanced") == "balanced"
+    monkeypatch.setenv("FLASHGEN_DECODE_PLAN", "even")
+    with pytest.raises(ValueError, match=r"FLASHGEN_DECODE_PLAN must be one of auto, split, balanced, got 'even'"):
+        cuda_ops.decode_plan()
+    with pytest.raises(ValueError, match=r"plan must be one of auto, split, balanced, got 'fast'"):
+        cuda_ops.decode_plan("fast")
+
+
 def test_nvrtc_target_swaps_and_restores_cupys_arch_helper(monkeypatch):
     """The sm_90a build goes through CuPy's own NVRTC path with its arch helper swapped for one compile; the
     original comes back even when the compile fails."""

@@ -3,7 +3,8 @@ same run (HBM bandwidth and matmul rate of this GPU) and, with --compare hf, HF 
 
 Workloads (BENCH.md): nanovllm (256 random prompts of 100-1024 tokens, 100-1024 new tokens each),
 fixed512 (same prompts, 512 new tokens), sharedprefix (512 requests sharing a 2000-token prefix),
-latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens).
+latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens); and longctx (64 prompts of
+256-8192 tokens, 256 new tokens each: decode reads a ragged set of long contexts, attention-bound).
 """
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ def make_workload(name: str) -> Workload:
         return Workload(name, "qwen3-0.6b", prompts, [128] * 512)
     if name == "latency8b":
         return Workload(name, "llama-3.1-8b", [[random.randint(0, 10000) for _ in range(512)]], [128], 0.0)
-    raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix or latency8b")
+    if name == "longctx":
+        prompts = [[random.randint(0, 10000) for _ in range(random.randint(256, 8192))] for _ in range(64)]
+        return Workload(name, "qwen3-0.6b", prompts, [256] * 64)
+    raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix, latency8b or longctx")
 
 
 def measure_ceilings() -> dict:

@@ -431,9 +431,18 @@ def decode_num_splits(batch: int, hkv: int, group: int, max_context: int, num_sm
     return best
 
 
+def decode_plan(plan: str | None = None) -> str:
+    """decode_attention's plan: the argument, else $FLASHGEN_DECODE_PLAN, else auto; checked."""
+    choice = plan if plan is not None else os.environ.get("FLASHGEN_DECODE_PLAN", "auto")
+    if choice not in DECODE_PLANS:
+        where = "plan" if plan is not None else "FLASHGEN_DECODE_PLAN"
+        raise ValueError(f"{where} must be one of {', '.join(DECODE_PLANS)}, got {choice!r}")
+    return choice
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, softmax_scale: float, *, out: torch.Tensor | None = None,
-                     return_lse: bool = False, num_splits: int | None = None, plan: str = "auto"):
+                     return_lse: bool = False, num_splits: int | None = None, plan: str | None = None):
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
     b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
     LSE of the scaled scores). The grid is num_splits CTAs per (sequence, kv head, group of 8 query heads); the kernel
@@ -460,16 +469,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits = int(num_splits)
         if not 1 <= num_splits <= DECODE_MAX_SPLITS:
             _fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
-        if plan not in DECODE_PLANS:
-            _fail("plan", f"must be one of {DECODE_PLANS}", plan)
+        plan = decode_plan(plan)
         pairs = B * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
         if pairs * max(num_splits, -(-block_tables.shape[1] * bs // 16)) >= 1 << 30:  # 32-bit plan in the kernel
             _fail("block_tables", "covers too many 16-token steps for one launch (batch x kv heads x "
                   "ceil(query group / 8) x ceil(width x block_size / 16) must stay below 2^30); split the batch",
                   tuple(block_tables.shape))
         ncta = pairs * num_splits
-        code = DECODE_PLANS.index(plan)
-        if code == 0 and ncta > 4 * _num_sms(di):  # > 2 waves: the hardware's CTA scheduling evens out a ragged
+        code, sms = DECODE_PLANS.index(plan), _num_sms(di)
+        if code == 0 and ncta > 4 * sms:  # > 2 waves: the hardware's CTA scheduling evens out a ragged
             code = 1                                # batch; the split plan needs no scan of context_lens
         part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
         part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
@@ -479,7 +487,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
             jit.i32(block_tables.stride(0)), jit.ptr(out), jit.ptr(lse), jit.ptr(part_o), jit.ptr(part_lse),
             jit.ptr(counters), jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
-            jit.f32(softmax_scale * math.log2(math.e)), jit.i32(num_splits), jit.i32(code)), dev)
+            jit.f32(softmax_scale * math.log2(math.e)), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms)), dev)
     return (out, lse) if return_lse else out
 
 
