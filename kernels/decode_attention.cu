@@ -321,12 +321,12 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     const int ncta = gridDim.x, cta = blockIdx.x;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-    // Split plan (plan 1; plan 0 when the mean non-empty sequence has >= 95% of the longest one's steps):
-    // CTA i takes piece i % num_splits of pair i / num_splits, every pair cut in num_splits pieces of equal
-    // whole steps (multiples of 4); it needs no view of the batch. Balanced plan (plan 2, or plan 0
-    // otherwise): the steps of all pairs laid end to end, b-major, cut into gridDim.x equal slices, slice i
-    // on CTA i. The batch is scanned by every warp on its own (no block barrier), 128 sequences at a time:
-    // steps per head group, their sum, the non-empty sequences, the most steps of one.
+    // Split plan (plan 1, or plan 0 by the rule below): CTA i takes piece i % num_splits of pair
+    // i / num_splits, every pair cut in num_splits pieces of equal whole steps (multiples of 4); it needs no
+    // view of the batch. Balanced plan (plan 2, or plan 0 otherwise): the steps of all pairs laid end to end,
+    // b-major, cut into gridDim.x equal slices, slice i on CTA i. The batch is scanned by every warp on its
+    // own (no block barrier), 128 sequences at a time: steps per head group, their sum, the non-empty
+    // sequences, the most steps of one, and whether the lengths never increase.
     constexpr unsigned FULL = 0xffffffffu;
     const int p = cta / num_splits, sb = p / per_b;  // the split plan's pair and sequence
     const int sctx = plan != 2 ? context_lens[sb] : 0;  // loaded first: it overlaps the scan's loads
