@@ -14,7 +14,7 @@
 //   - balanced: the steps of all pairs laid end to end (b-major) are cut into gridDim.x equal slices, slice
 //     i on CTA i, which may end inside one pair and cover others whole. In a ragged batch every CTA then has
 //     the same work, where the split plan leaves the long sequences' CTAs running alone at the end (on the
-//     H100 2.5 -> 2.9 TB/s at B64 with contexts 64..8192, 1.1 -> 2.4 TB/s with one 32k context among 15
+//     H100 2.5 -> 2.9 TB/s at B64 with contexts 64..8192, 1.1 -> 2.3 TB/s with one 32k context among 15
 //     short ones; BENCHMARKS.md). Every warp scans the context lengths itself, 32 at a time (warp
 //     reductions and a shuffle scan, no block barrier).
 //   Every K/V element is read from HBM once per step, whatever G (G > 8 re-reads it once per 8 heads).
