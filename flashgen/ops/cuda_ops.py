@@ -445,11 +445,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      return_lse: bool = False, num_splits: int | None = None, plan: str | None = None):
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
     b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
-    LSE of the scaled scores). The grid is num_splits CTAs per (sequence, kv head, group of 8 query heads); the kernel
-    plans from context_lens how they share the work (equal pieces of each sequence when all lengths are equal,
-    equal slices of the whole batch otherwise). num_splits overrides the heuristic, which depends on shapes
-    only, never on the values of context_lens, so graph capture sees a fixed launch; the result depends on
-    the context lengths only, never on timing."""
+    LSE of the scaled scores).
+
+    The grid is num_splits CTAs per (sequence, kv head, group of 8 query heads); num_splits overrides the
+    heuristic, which depends on shapes only, never on the values of context_lens, so graph capture sees a
+    fixed launch. The kernel plans from context_lens how the CTAs share the work: "split" cuts every sequence
+    in num_splits pieces; "balanced" lays the steps of the whole batch end to end and cuts them into one
+    equal slice per CTA, so a ragged batch no longer waits on its long sequences at the end; "auto" takes
+    "split" when the grid is over two waves, when the mean length is within 5% of the longest, or when the
+    batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
+    batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
+    context lengths only, never on timing."""
     _check_tensor("q", q, DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
