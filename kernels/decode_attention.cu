@@ -308,7 +308,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         float* __restrict__ part_lse,          // (2 * gridDim.x, DEC_HEADS), log2 units
                         int* __restrict__ pair_counters,       // (B * Hkv * ceil(G / 8),) zeros
                         int batch, int hq, int hkv, int log2_bs, float scale_log2,
-                        int num_splits,                        // gridDim.x = B * Hkv * ceil(G / 8) * num_splits
+                        int num_splits,                        // grid (num_splits, Hkv * ceil(G / 8), B)
                         int plan,                              // 0 auto, 1 split, 2 balanced
                         int slots) {                           // CTAs resident at once (auto's estimate)
     __shared__ __align__(16) float s_o[DEC_WARPS][DEC_HEADS][D];
@@ -317,8 +317,11 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
 
     const int group = hq / hkv;
     const int hgroups = ceil_div(group, DEC_HEADS);
-    const int per_b = hkv * hgroups;  // pairs per sequence
-    const int ncta = gridDim.x, cta = blockIdx.x;
+    const int per_b = hkv * hgroups;  // pairs per sequence (= gridDim.y)
+    // Grid (num_splits, pairs per sequence, B): the split plan reads its piece, pair and sequence straight from
+    // blockIdx (no divisions before its first load); the balanced plan numbers the CTAs in that order.
+    const int ncta = gridDim.x * gridDim.y * gridDim.z;
+    const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
     // Split plan (plan 1, or plan 0 by the rule below): CTA i takes piece i % num_splits of pair
@@ -328,8 +331,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     // own (no block barrier), 128 sequences at a time: steps per head group, their sum, the non-empty
     // sequences, the most steps of one, and whether the lengths never increase.
     constexpr unsigned FULL = 0xffffffffu;
-    const int p = cta / num_splits, sb = p / per_b;  // the split plan's pair and sequence
-    const int sctx = plan != 2 ? context_lens[sb] : 0;  // loaded first: it overlaps the scan's loads
+    const int sctx = plan != 2 ? context_lens[blockIdx.z] : 0;  // the split plan's; loaded first, it overlaps the scan
     int total = 0, count = 0, hi = 0, n0 = 0;
     bool balanced = plan == 2, longest_first = true;
     if (plan != 1) {
@@ -365,9 +367,9 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         }
     }
     if (!balanced) {
-        const int b = sb, j = p % per_b, ctx = sctx, nst = ceil_div(ctx, DEC_STEP);
+        const int b = blockIdx.z, j = blockIdx.y, p = b * per_b + j, ctx = sctx, nst = ceil_div(ctx, DEC_STEP);
         const int chunk = ceil_div(ceil_div(nst, num_splits), DEC_WARPS) * DEC_WARPS;
-        const int a = cta % num_splits * chunk;
+        const int a = blockIdx.x * chunk;
         if (a >= nst) {  // an empty piece; an empty context gets zeros from its first piece
             if (ctx == 0 && a == 0 && j == 0) write_empty(out, lse_out, b, hq, tid, blockDim.x);
             return;

@@ -489,7 +489,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
         counters = _split_counters(dev, pairs)
         k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di)
-        jit.launch(k, (ncta,), (128,), (
+        jit.launch(k, (num_splits, pairs // B, B), (128,), (
             jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
             jit.i32(block_tables.stride(0)), jit.ptr(out), jit.ptr(lse), jit.ptr(part_o), jit.ptr(part_lse),
             jit.ptr(counters), jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
