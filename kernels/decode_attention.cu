@@ -344,14 +344,20 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                 nx[u] = b + 1 < batch ? context_lens[b + 1] : 0;
             }
             if (b0 == 0) n0 = n[0];
+            int st_sum = 0, nonempty = 0, st_max = 0;  // this lane's 4 sequences first, then the warp
+            bool ordered = true;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const int st = ceil_div(n[u], DEC_STEP);
-                total += __reduce_add_sync(FULL, st);
-                count += __reduce_add_sync(FULL, n[u] > 0 ? 1 : 0);
-                hi = max(hi, __reduce_max_sync(FULL, st));
-                longest_first = __all_sync(FULL, longest_first && n[u] >= nx[u]);
+                st_sum += st;
+                nonempty += n[u] > 0;
+                st_max = max(st_max, st);
+                ordered = ordered && n[u] >= nx[u];
             }
+            total += __reduce_add_sync(FULL, st_sum);
+            count += __reduce_add_sync(FULL, nonempty);
+            hi = max(hi, __reduce_max_sync(FULL, st_max));
+            longest_first = __all_sync(FULL, longest_first && ordered);
         }
         // Auto: the split plan when the lengths are within 5% of equal, or when the grid is over one wave,
         // the batch comes longest first (the engine orders it so) and its longest piece is at most 1.25x one
