@@ -24,7 +24,9 @@ from flashgen.ops.timing import bench
 
 L2_BYTES = 50 * 2**20
 DEC_SHAPES = [(64, 1024), (64, 4096), (16, 16384), (1, 32768)]  # (batch, context)
-DEC_RAGGED = [(64, 64, 8192), (16, 512, 32768)]  # (batch, shortest, longest): lengths drawn between them, seeded
+# (batch, shortest, longest, spread): "random" draws the lengths between the two, seeded; "one long" is one
+# longest sequence among shortest ones (the end of a long-tailed job)
+DEC_RAGGED = [(64, 64, 8192, "random"), (16, 512, 32768, "one long")]
 PREFILL_LENS = [512, 2048, 8192]
 PREFILL_TOKENS = 16384
 
@@ -129,10 +131,11 @@ def decode_ragged(dev, ops, results: dict) -> None:
     (every sequence cut in the same number of pieces) on the same data. SDPA has no ragged decode to compare."""
     hq, hkv, d = 32, 8, 128
     g = torch.Generator(device=dev).manual_seed(1)
-    for B, lo, hi in DEC_RAGGED:
-        lens = torch.randint(lo, hi + 1, (B,), generator=torch.Generator().manual_seed(B)).tolist()
-        if B == 16:  # one long sequence among short ones: the end of a long-tailed job
+    for B, lo, hi, spread in DEC_RAGGED:
+        if spread == "one long":
             lens = [hi] + [lo] * (B - 1)
+        else:
+            lens = torch.randint(lo, hi + 1, (B,), generator=torch.Generator().manual_seed(B)).tolist()
         kv_bytes = 2 * sum(lens) * hkv * d * 2
         entry = {"batch": B, "lens": lens, "kv_bytes": kv_bytes}
         ctx = torch.tensor(lens, dtype=torch.int32, device=dev)
