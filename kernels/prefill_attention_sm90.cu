@@ -6,13 +6,18 @@
 // same K/V tiles, which then come from L2 rather than HBM) and from the last one (the longest-running CTAs
 // first). A CTA owns BM = 128 query rows of one sequence and head
 // and has 3 warpgroups (warp-specialised):
-//   producer (warpgroup 0, registers cut to PRODUCER_REGS by setmaxnreg): gathers Q and the K/V tiles of
-//     BN = 128 tokens from the paged cache through the block table with cp.async (16-byte chunks, one page
-//     lookup per token row) into 128-byte-swizzled shared memory (wgmma.cuh), one tile group ahead. The
-//     copies themselves arrive on the group's "full" mbarrier when they land (cp.async.mbarrier.arrive), so
-//     the producer never waits for data, only for a slot: it refills one after the consumers arrive on its
-//     "empty" mbarrier. (Publishing a group from the producer thread after a cp.async.wait_group instead
-//     tied it to the issue of the next group and ran 8-10% slower.)
+//   producer (warpgroup 0, registers cut to PRODUCER_REGS by setmaxnreg): the warpgroup copies Q with cp.async
+//     (rows past the sequence zero-filled; its own mbarrier), then one warp streams the K/V tiles of BN = 128
+//     tokens, one tile group ahead, into 128-byte-swizzled shared memory (wgmma.cuh's layout) by TMA
+//     (cp.async.bulk.tensor): the paged cache is a 3-D tensor (head_dim, kv head, token row) to the TMA
+//     unit, and a tile is one box per (page, 64-column panel), placed by the block table (16 boxes per tile
+//     at block size 16 and d = 128, 2 from block size 128 up). Each group's "full" mbarrier expects the
+//     groups' bytes (expect_tx) and completes when they land; the producer waits only for a slot, on its
+//     "empty" mbarrier. The one tile that holds the end of the context (when that is not a whole tile) is
+//     copied row by row with cp.async instead, rows past the context zero-filled: a page's unused rows may
+//     hold anything (NaN), which 0 * V would spread. TMA against the earlier all-cp.async producer (128
+//     threads issuing 16-byte copies and page lookups beside the consumers): 408 -> 604 TFLOP/s at L = 8192
+//     and 350 -> 477 at L = 2048 (block size 64), the output bit-identical (BENCHMARKS.md).
 //   2 consumers (warpgroups 1 and 2, CONSUMER_REGS registers): consumer w owns query rows 64w .. 64w + 63.
 //     Query row i of sequence b sits at position context_len_b - q_len_b + i (bottom-right causal alignment)
 //     and sees keys 0 .. that position. Tiles are visited from the last (the diagonal, masked) down to 0.
@@ -26,14 +31,16 @@
 //       wait P.V; release the tile group; pack P_t to 16 bits (only now: the in-flight product reads
 //       P_{t+1}'s registers)
 //     and O is rescaled by exp2(old max - new max), when some row's max moved (warp vote), just before the
-//     next P.V product is issued. After a group's wait the consumers fence the async proxy (the copies
-//     wrote through the generic one). The consumers share no CTA barrier; they take turns at issuing their
+//     next P.V product is issued. After the wait for Q, and for a group holding the cp.async tile, the
+//     consumers fence the async proxy (those copies wrote through the generic one). The consumers share no CTA barrier; they take turns at issuing their
 //     products (two named barriers, as FlashAttention-3's ping-pong schedule), so one's softmax runs while
 //     the other's products do (+2-4% at L = 512 and 2048 over letting them drift).
-// Tile groups: group t = {K_t, V_{t+1}} (what consumer iteration t reads); the first also carries Q, the
-//   last is V_0 alone. K_t sits in K slot t & 1, V_t in V slot t & 1; group t's barriers are index t & 1.
+// Tile groups: group t = {K_t, V_{t+1}} (what consumer iteration t reads); the first is K_last alone (Q has
+//   its own barrier), the last is V_0 alone. K_t sits in K slot t & 1, V_t in V slot t & 1; group t's
+//   barriers are index t & 1.
 // Shared memory: Q (BM D 2 bytes) + 2 K slots + 2 V slots (BN D 2 bytes each) + 1 KB for 1024-byte alignment:
 //   161 KB at D = 128 (1 CTA per SM, 384 threads), 81 KB at D = 64.
+// The tensor maps (flashgen/ops/tma.py) live in device memory, one per cache and box height, built once.
 // Memory traffic: q and out once; K/V of tile t once per (query block, head) CTA, mostly from L2; HBM sees
 //   about ctx * Hkv * D * 2 * sizeof(dtype) per sequence. FLOPs: 4 * D * (unmasked (query, key) pairs) per head.
 #include "common.cuh"
@@ -45,9 +52,14 @@
 #define D FG_HEAD_DIM
 #define BM 128                        // query rows per CTA: 2 warpgroups x 64
 #define BN 128                        // keys per tile
+#define LOG2_BN 7
 #define NTHREADS 384                  // producer + 2 consumer warpgroups
+#ifndef PRODUCER_REGS
 #define PRODUCER_REGS 56
+#endif
+#ifndef CONSUMER_REGS
 #define CONSUMER_REGS 224             // 128 x 56 + 256 x 224 <= 65536
+#endif
 #define CH (D / 8)                    // 16-byte chunks per row
 #define RSTEP (128 / CH)              // rows apart between one producer thread's chunks in a tile load
 #define NLD (BN / RSTEP)              // chunks per producer thread per K (or V, or Q: BM == BN) tile
@@ -74,6 +86,23 @@ FG_INLINE void mbar_arrive(u32 bar) {
 FG_INLINE void mbar_arrive_cp_async(u32 bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+// Arrive on the barrier once this thread's earlier cp.async copies have landed, counting the arrival itself
+// (the pending count goes up by one now and down by one then).
+FG_INLINE void mbar_arrive_cp_async_counted(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrive, and expect `bytes` more from asynchronous (TMA) copies before the phase completes.
+FG_INLINE void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// TMA: the box at coordinates (c0, c1, c2) of a 3-D tensor map (in global memory) into shared memory at dst,
+// counted on the mbarrier as bytes land.
+FG_INLINE void tma_load_3d(u32 dst, const void* tmap, int c0, int c1, int c2, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst), "l"((u64)tmap), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
 // Wait until the phase of parity `parity` of the barrier has completed.
 FG_INLINE void mbar_wait(u32 bar, int parity) {
     u32 done;
@@ -93,15 +122,17 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
                               const int* __restrict__ block_tables,  // (B, bt_stride)
                               int bt_stride,
                               scalar_t* __restrict__ out,            // (T, Hq, D)
-                              int hq, int hkv, int log2_bs, float scale_log2, int num_mblocks) {
+                              int hq, int hkv, int log2_bs, float scale_log2, int num_mblocks,
+                              const void* __restrict__ tmap_k,       // TMA maps of the caches (prefill_tma_map)
+                              const void* __restrict__ tmap_v) {
     extern __shared__ __align__(1024) unsigned char smem_raw[];
-    __shared__ __align__(8) u64 bars[4];  // full[0], full[1], empty[0], empty[1]
+    __shared__ __align__(8) u64 bars[5];  // full[0], full[1], empty[0], empty[1], Q
     const u32 raw = (u32)__cvta_generic_to_shared(smem_raw);
     const u32 s0 = (raw + 1023u) & ~1023u;  // the swizzle needs 1024-byte aligned tiles
     unsigned char* const gsm = smem_raw + (s0 - raw);
     // [Q] [K slot 0] [K slot 1] [V slot 0] [V slot 1], as offsets from s0
     constexpr u32 OQ = 0, OK = Q_BYTES, OV = Q_BYTES + 2 * TILE_BYTES;
-    const u32 full0 = (u32)__cvta_generic_to_shared(&bars[0]), empty0 = full0 + 16;
+    const u32 full0 = (u32)__cvta_generic_to_shared(&bars[0]), empty0 = full0 + 16, qbar = full0 + 32;
 
     const int h = blockIdx.y, b = blockIdx.z;
     const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
@@ -118,8 +149,9 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
     const i64 q_row_stride = (i64)hq * D;
 
     if (tid == 0) {
-        mbar_init(full0, 128);       // group t landed: one arrival per producer thread
-        mbar_init(full0 + 8, 128);
+        mbar_init(full0, 1);         // group t landed: the producer's expect_tx arrival (+ its bytes, + its
+        mbar_init(full0 + 8, 1);     //   lanes' cp.async arrivals for the tile holding the context's end)
+        mbar_init(qbar, 128);        // Q landed: one arrival per producer thread
         mbar_init(empty0, 256);      // group t consumed: one arrival per consumer thread
         mbar_init(empty0 + 8, 256);
     }
@@ -128,39 +160,77 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
     if (wg == 0) {
         // ------------------------------------------------------------ producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
-        const int lch = tid % CH, lrow0 = tid / CH;
-        const i64 kv_row_stride = (i64)hkv * D;
-        const i64 head_off = (i64)(h / (hq / hkv)) * D + lch * 8;
-        const int bs_mask = (1 << log2_bs) - 1;
-        const int* bt = block_tables + (i64)b * bt_stride;
-        // Tile t of K (or V) -> its ring slot (t & 1).
-        auto load_tile = [&](const scalar_t* __restrict__ cache, u32 ring, int t) {
-            unsigned char* dst = gsm + ring + (t & 1) * TILE_BYTES;
+        // Q (rows past the sequence zero-filled) with cp.async by the whole warpgroup, on its own barrier.
+        {
+            const int lch = tid % CH, lrow0 = tid / CH;
 #pragma unroll 4
             for (int i = 0; i < NLD; ++i) {
                 const int row = lrow0 + i * RSTEP;
-                const int tok = min(t * BN + row, ctx - 1);  // past the end: any valid token, masked later
-                const i64 r = ((i64)bt[tok >> log2_bs] << log2_bs) + (tok & bs_mask);
-                cp_async_16(dst + swz128(BN, row, lch), cache + r * kv_row_stride + head_off);
+                const bool valid = m0 + row < qlen;
+                const scalar_t* src = q + (i64)(q_start + (valid ? m0 + row : 0)) * q_row_stride + h * D + lch * 8;
+                cp_async_16(gsm + OQ + swz128(BM, row, lch), src, valid ? 16 : 0);
+            }
+            mbar_arrive_cp_async(qbar);
+        }
+        if (tid >= 32) {
+            cp_async_wait<0>();
+            return;
+        }
+        // K/V: one warp. A tile whose rows all hold context tokens comes by TMA, one box per (page, 64-column
+        // panel); the tile holding the context's end (if it is not a whole tile) by cp.async, rows past the
+        // context zero-filled (a page's unused rows may hold anything, even NaN, which 0 * V would spread).
+        const int lane = tid;
+        const int kvh = h / (hq / hkv);
+        const int bs_mask = (1 << log2_bs) - 1;
+        const int log2_r = min(log2_bs, LOG2_BN);  // rows per box: one page, or one tile of a longer page
+        const int boxes = (BN >> log2_r) * (D / 64);
+        const int part = (ctx & (BN - 1)) ? ctx / BN : -1;
+        const int* bt = block_tables + (i64)b * bt_stride;
+        if (lane == 0) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)tmap_k) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"((u64)tmap_v) : "memory");
+        }
+        auto tma_tile = [&](const void* tmap, u32 ring, int t, u32 bar) {
+            const u32 dst = s0 + ring + (t & 1) * TILE_BYTES;
+#pragma unroll 1
+            for (int i = lane; i < boxes; i += 32) {
+                const int slot = i / (D / 64), pn = i % (D / 64);
+                const int tok = t * BN + (slot << log2_r);
+                const int row = (bt[tok >> log2_bs] << log2_bs) + (tok & bs_mask);
+                tma_load_3d(dst + pn * (BN * 128) + (slot << log2_r) * 128, tmap, pn * 64, kvh, row, bar);
             }
         };
-        // Group last: Q (rows past the sequence zero-filled) and K_last.
-#pragma unroll 4
-        for (int i = 0; i < NLD; ++i) {
-            const int row = lrow0 + i * RSTEP;
-            const bool valid = m0 + row < qlen;
-            const scalar_t* src = q + (i64)(q_start + (valid ? m0 + row : 0)) * q_row_stride + h * D + lch * 8;
-            cp_async_16(gsm + OQ + swz128(BM, row, lch), src, valid ? 16 : 0);
-        }
-        load_tile(k_cache, OK, last);
-        mbar_arrive_cp_async(full0 + 8 * (last & 1));
-        // Group t = last - k (k = 1 .. last + 1): K_t (t >= 0) and V_{t+1}, published by the copies' landing.
+        auto copy_tile = [&](const scalar_t* __restrict__ cache, u32 ring, int t) {
+            unsigned char* dst = gsm + ring + (t & 1) * TILE_BYTES;
+            const i64 kv_row_stride = (i64)hkv * D;
+#pragma unroll 1
+            for (int i = lane; i < BN * CH; i += 32) {
+                const int row = i / CH, ch = i % CH;
+                const int tok = min(t * BN + row, ctx - 1);
+                const i64 r = ((i64)bt[tok >> log2_bs] << log2_bs) + (tok & bs_mask);
+                cp_async_16(dst + swz128(BN, row, ch), cache + r * kv_row_stride + kvh * D + ch * 8,
+                            t * BN + row < ctx ? 16 : 0);
+            }
+        };
+        // One group: K tile tk and V tile tv (-1: none). The cp.async arrivals count themselves (no .noinc)
+        // and come before the expect_tx arrival, so the phase cannot complete before every copy is counted.
+        auto issue_group = [&](int tk, int tv, u32 bar) {
+            const bool ck = tk >= 0 && tk == part, cv = tv >= 0 && tv == part;
+            if (ck) copy_tile(k_cache, OK, tk);
+            if (cv) copy_tile(v_cache, OV, tv);
+            if (ck || cv) mbar_arrive_cp_async_counted(bar);
+            __syncwarp();
+            if (lane == 0) mbar_arrive_expect_tx(bar, ((tk >= 0 && !ck) + (tv >= 0 && !cv)) * TILE_BYTES);
+            __syncwarp();
+            if (tk >= 0 && !ck) tma_tile(tmap_k, OK, tk, bar);
+            if (tv >= 0 && !cv) tma_tile(tmap_v, OV, tv, bar);
+        };
+        issue_group(last, -1, full0 + 8 * (last & 1));  // group last: K_last
+        // Group t = last - k (k = 1 .. last + 1): K_t (t >= 0) and V_{t+1}.
         for (int k = 1; k <= last + 1; ++k) {
             const int t = last - k;
             mbar_wait(empty0 + 8 * (t & 1), ((k >> 1) & 1) ^ 1);  // group t + 2 (same slots) consumed
-            if (t >= 0) load_tile(k_cache, OK, t);
-            load_tile(v_cache, OV, t + 1);
-            mbar_arrive_cp_async(full0 + 8 * (t & 1));
+            issue_group(t, t + 1, full0 + 8 * (t & 1));
         }
         cp_async_wait<0>();
         return;
@@ -222,9 +292,11 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         }
     };
     // Group t (k = last - t) is the (k >> 1)-th use of its barriers.
+    const int part = (ctx & (BN - 1)) ? ctx / BN : -1;  // the tile the producer copies with cp.async
     auto group_landed = [&](int t) {
         mbar_wait(full0 + 8 * (t & 1), ((last - t) >> 1) & 1);
-        fence_proxy_async();  // the copies wrote through the generic proxy; wgmma reads through the async one
+        // cp.async wrote through the generic proxy; wgmma reads through the async one (TMA writes are async)
+        if (t == part || t + 1 == part) fence_proxy_async();
     };
 
     // Tensor-core turns (named barriers 1 and 2, both consumers' 256 threads): a consumer issues its products
@@ -234,6 +306,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
     if (cw == 1) turn_pass();  // consumer 0 goes first
 
     // Tile last: S only (there is no P.V to overlap yet).
+    mbar_wait(qbar, 0);
+    fence_proxy_async();
     group_landed(last);
     turn_wait();
     wgmma_fence();

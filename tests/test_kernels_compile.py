@@ -150,3 +150,13 @@ def test_nvrtc_target_swaps_and_restores_cupys_arch_helper(monkeypatch):
             raise RuntimeError("nvrtc failed")
     assert compiler._get_arch_for_options_for_nvrtc is orig
     assert jit.ARCH_SPECIFIC["sm_90"] == "sm_90a"
+
+
+def test_tma_map_refuses_mismatched_geometry():
+    """A tensor map's dims, strides and box must describe one rank; the check comes before the driver call."""
+    from flashgen.ops import tma
+
+    with pytest.raises(ValueError, match="do not fit one rank"):
+        tma.encode_tiled(0x1000, (128, 8, 1024), (256,), (64, 1, 16))
+    with pytest.raises(ValueError, match="do not fit one rank"):
+        tma.encode_tiled(0x1000, (128, 8), (256,), (64, 1, 16))

@@ -376,6 +376,22 @@ def test_prefill_falls_back_to_mma_when_the_wgmma_build_fails(monkeypatch):
     _assert_close("prefill fallback", got, base, ref, seed)
 
 
+def test_tma_maps_are_built_once_per_cache_and_never_during_capture():
+    """The wgmma prefill's TMA maps: one per (cache, box height), reused; a capture cannot build one."""
+    from flashgen.ops import tma
+
+    kc = torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16, device=DEV)
+    m = tma.paged_cache_map(kc, 16)
+    assert m.device == kc.device and m.dtype == torch.uint8 and m.numel() == 128 and bool(m.any())
+    assert tma.paged_cache_map(kc, 16) is m
+    other = tma.paged_cache_map(kc[:4], 16)
+    assert other is not m and not torch.equal(other, m)  # fewer rows: another map
+    fresh = torch.zeros(8, 16, 2, 128, dtype=torch.bfloat16, device=DEV)
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capture"), torch.cuda.graph(g):
+        tma.paged_cache_map(fresh, 16)
+
+
 def test_prefill_matches_torch_reference_backend():
     """The torch backend's own prefill (SDPA in the storage dtype) agrees with the kernel too."""
     seed = _seed()

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from flashgen.ops import jit
+from flashgen.ops import jit, tma
 from flashgen.ops.timing import bench
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -373,6 +373,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         try:
             k = jit.get_kernel("prefill_attention_sm90.cu", "prefill_attention_sm90_kernel", q.dtype, d, di, smem,
                                arch_specific=True)
+            # K/V tiles come by TMA, one box per page (or per 128-token tile of a longer page)
+            maps = (tma.paged_cache_map(k_cache, min(bs, 128)), tma.paged_cache_map(v_cache, min(bs, 128)))
         except Exception as e:  # noqa: BLE001 - any failure of the sm_90a build: the portable kernel still works
             if not auto:
                 raise
@@ -391,8 +393,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     jit.launch(k, (mblocks, hq, B), (384,) if impl == "wgmma" else (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
         jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),
-        jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks)),
-        dev, shared_mem=smem)
+        jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks),
+        *((jit.ptr(maps[0]), jit.ptr(maps[1])) if impl == "wgmma" else ())), dev, shared_mem=smem)
     return out
 
 
