@@ -20,7 +20,7 @@ _DT_UINT16 = 1  # the kernels only move the bits: one type serves bfloat16 and f
 SWIZZLE_128B = 3
 _L2_PROMOTION_256B = 3
 _MAP_BYTES = 128  # CU_TENSOR_MAP_NUM_QWORDS * 8
-_MAX_MAPS = 64
+_MAX_MAPS = 1024  # two per layer of the largest models, with room for tests and benchmarks
 
 _LOCK = threading.Lock()
 _MAPS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
