@@ -36,7 +36,7 @@ PREFILL_TILE_CHOICES = ((1, 64), (1, 32), (2, 32), (2, 64))
 # any sm_80+ GPU); FLASHGEN_PREFILL=auto|wgmma|mma, auto = wgmma where the GPU has it
 PREFILL_IMPLS = ("wgmma", "mma")
 WGMMA_ARCH = "sm_90"  # the architecture with wgmma (built for its arch-specific target, sm_90a)
-PREFILL_SM90_SMEM = {d: 128 * d * 2 * 5 + 1024 for d in ATTN_HEAD_DIMS}  # Q + 2 K + 2 V slots + alignment
+PREFILL_SM90_SMEM = {d: 128 * d * 2 * 6 + 1024 for d in ATTN_HEAD_DIMS}  # 2 Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
 DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
 
@@ -389,12 +389,18 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
                            (("PF_MT", tile[0]), ("PF_BN", tile[1])))
     mblocks = -(-max_seqlen_q // block_m)
-    # grid (m-blocks, Hq, B); wgmma: a producer and 2 consumer warpgroups, mma: 4 warps
-    jit.launch(k, (mblocks, hq, B), (384,) if impl == "wgmma" else (128,), (
-        jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
-        jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),
-        jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks),
-        *((jit.ptr(maps[0]), jit.ptr(maps[1])) if impl == "wgmma" else ())), dev, shared_mem=smem)
+    args = (jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
+            jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),
+            jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)))
+    if impl == "wgmma":
+        # persistent: one CTA per SM (a producer and 2 consumer warpgroups) takes (sequence, head, m-block)
+        # items from a counter in turn
+        sched = _split_counters(dev, 2, user="prefill")
+        jit.launch(k, (min(_num_sms(di), mblocks * hq * B),), (384,), (
+            *args, jit.i32(B), jit.ptr(maps[0]), jit.ptr(maps[1]), jit.ptr(sched)), dev, shared_mem=smem)
+    else:
+        # grid (m-blocks, Hq, B), 4 warps
+        jit.launch(k, (mblocks, hq, B), (128,), (*args, jit.i32(mblocks)), dev, shared_mem=smem)
     return out
 
 

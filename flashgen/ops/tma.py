@@ -31,7 +31,7 @@ def _encode_fn():
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as e:
-        raise RuntimeError(f"TMA maps need the CUDA driver library libcuda.so.1, which could not be loaded: {e}") from e
+        raise RuntimeError(f"TMA maps need the CUDA driver library libcuda.so.1, which did not load: {e}") from e
     fn = getattr(lib, "cuTensorMapEncodeTiled", None)
     if fn is None:
         raise RuntimeError("this CUDA driver has no cuTensorMapEncodeTiled (TMA needs a CUDA 12 driver or newer)")
