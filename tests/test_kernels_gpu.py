@@ -376,6 +376,34 @@ def test_prefill_falls_back_to_mma_when_the_wgmma_build_fails(monkeypatch):
     _assert_close("prefill fallback", got, base, ref, seed)
 
 
+def test_prefill_wgmma_schedule_skips_empty_sequences_and_replays_in_a_graph():
+    """The persistent kernel's item counter: sequences without queries take no items, and the counter is back
+    at zero after every launch, so CUDA-graph replays give the eager result bit for bit."""
+    _need_impl("wgmma")
+    seed = _seed()
+    g = _gen(seed)
+    seqs = [(0, 40), (97, 1025), (0, 16), (300, 300), (1, 1)]
+    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
+    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
+    q = _randn((sum(qlens), 8, 128), g, torch.bfloat16)
+    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    args = (q, kc, vc, cu, ctx, bt, max(qlens), 0.088)
+    eager = cuda_ops.prefill_attention(*args, out=torch.full_like(q, float("nan")), impl="wgmma").clone()
+    live = [i for i, m in enumerate(qlens) if m]
+    ref, base, _ = _refs(q, kc, vc, bt[live], [lens[i] for i in live], [qlens[i] for i in live], 0.088)
+    _assert_close("prefill wgmma, empty sequences", eager, base, ref, seed)
+    graph_out = torch.full_like(q, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda_ops.prefill_attention(*args, out=graph_out, impl="wgmma")
+    for _ in range(3):
+        graph_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(graph_out, eager), f"seed {seed}"
+
+
 def test_tma_maps_are_built_once_per_cache_and_never_during_capture():
     """The wgmma prefill's TMA maps: one per (cache, box height), reused; a capture cannot build one."""
     from flashgen.ops import tma
