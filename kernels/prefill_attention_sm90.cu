@@ -180,7 +180,9 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         m0 = it.mb * BM;
         ctx = context_lens[it.b];
         qoff = ctx - qlen;                              // position of query row 0 (contract: ctx >= qlen)
-        last = ceil_div(min(ctx, qoff + m0 + BM), BN) - 1;  // tiles last .. 0 this block can see
+        // tiles last .. 0 this block can see; at least one, so that a context shorter than the queries (outside
+        // the contract) gives garbage rows instead of an empty item the group counting does not expect
+        last = max(ceil_div(min(ctx, qoff + m0 + BM), BN) - 1, 0);
     };
 
     if (wg == 0) {

@@ -404,6 +404,25 @@ def test_prefill_wgmma_schedule_skips_empty_sequences_and_replays_in_a_graph():
         assert torch.equal(graph_out, eager), f"seed {seed}"
 
 
+def test_prefill_wgmma_survives_a_context_shorter_than_its_queries():
+    """Outside the contract (context_len < q_len) the persistent kernel still finishes, and the batch's other
+    sequences are still right: no item may stall its CTA's pipeline."""
+    _need_impl("wgmma")
+    seed = _seed()
+    g = _gen(seed)
+    seqs = [(300, 300), (200, 3), (97, 1025)]  # the second: 200 queries over a 3-token context
+    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
+    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
+    q = _randn((sum(qlens), 8, 128), g, torch.bfloat16)
+    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), 0.088, impl="wgmma")
+    torch.cuda.synchronize()
+    rows = torch.cat([torch.arange(0, 300), torch.arange(500, 597)]).to(DEV)
+    ref, base, _ = _refs(q[rows], kc, vc, bt[[0, 2]], [300, 1025], [300, 97], 0.088)
+    _assert_close("prefill wgmma beside a short context", got[rows], base, ref, seed)
+
+
 def test_tma_maps_are_built_once_per_cache_and_never_during_capture():
     """The wgmma prefill's TMA maps: one per (cache, box height), reused; a capture cannot build one."""
     from flashgen.ops import tma

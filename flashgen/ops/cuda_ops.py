@@ -409,8 +409,10 @@ _COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 def _split_counters(dev: torch.device, n: int, user: str = "decode") -> torch.Tensor:
     """Zeroed int32 counters for kernels whose last CTA merges the others' partials (decode: one per
-    (sequence, kv head, group of 8 query heads); sampling: one per row); the kernels leave them at zero
-    again. Allocated once per device and user, outside any CUDA-graph capture (the eager warm-up call does it)."""
+    (sequence, kv head, group of 8 query heads); sampling: one per row) and for the persistent Hopper prefill's
+    work queue (next item, CTAs done); the kernels leave them at zero again. Allocated once per device and user,
+    outside any CUDA-graph capture (the eager warm-up call does it). One set per device: two launches of one
+    user must not run at the same time on different streams."""
     buf = _COUNTERS.get((dev, user))
     if buf is None or buf.numel() < n:
         if torch.cuda.is_current_stream_capturing():
