@@ -300,6 +300,17 @@ PREFILL_CASES = [
 ]
 
 
+def _prefill_inputs(seqs, hkv, hq, d, bs, dtype, g):
+    """Random q and NaN-poisoned paged K/V for (q_len, context_len) per sequence, with the varlen arguments:
+    (q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, q_lens, context_lens as a list)."""
+    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
+    kc, vc, bt = _paged_cache(lens, hkv, d, bs, dtype, g)
+    q = _randn((sum(qlens), hq, d), g, dtype)
+    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    return q, kc, vc, cu, ctx, bt, qlens, lens
+
+
 def _need_impl(impl: str) -> None:
     if impl == "wgmma" and jit.device_arch(DEV) != cuda_ops.WGMMA_ARCH:
         pytest.skip(f"the wgmma prefill kernel needs a Hopper GPU, this is {jit.device_arch(DEV)}")
@@ -313,12 +324,7 @@ def test_prefill_attention(dtype, d, group, bs, seqs, impl):
     g = _gen(seed)
     hkv = 1 if max(n for _, n in seqs) > 2048 else 2
     hq = hkv * group
-    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
-    kc, vc, bt = _paged_cache(lens, hkv, d, bs, dtype, g)
-    T = sum(qlens)
-    q = _randn((T, hq, d), g, dtype)
-    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
-    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_inputs(seqs, hkv, hq, d, bs, dtype, g)
     scale = d**-0.5
     out = torch.full_like(q, float("nan"))
     got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), scale, out=out, impl=impl)
@@ -334,11 +340,7 @@ def test_prefill_attention_tiles(tile, d):
     seed = _seed()
     g = _gen(seed)
     seqs = [(300, 300), (97, 1025), (1, 33), (130, 200)]
-    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
-    kc, vc, bt = _paged_cache(lens, 2, d, 16, torch.bfloat16, g)
-    q = _randn((sum(qlens), 8, d), g, torch.bfloat16)
-    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
-    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_inputs(seqs, 2, 8, d, 16, torch.bfloat16, g)
     out = torch.full_like(q, float("nan"))
     got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), d**-0.5, out=out, tile=tile)
     ref, base, _ = _refs(q, kc, vc, bt, lens, qlens, d**-0.5)
@@ -362,11 +364,7 @@ def test_prefill_falls_back_to_mma_when_the_wgmma_build_fails(monkeypatch):
     seed = _seed()
     g = _gen(seed)
     seqs = [(97, 97), (33, 200)]
-    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
-    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
-    q = _randn((sum(qlens), 8, 128), g, torch.bfloat16)
-    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
-    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_inputs(seqs, 2, 8, 128, 16, torch.bfloat16, g)
     with pytest.raises(RuntimeError, match="sm_90a"):
         cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, 97, 0.088, impl="wgmma")
     with pytest.warns(RuntimeWarning, match="using the mma.sync kernel instead"):
@@ -383,11 +381,7 @@ def test_prefill_wgmma_schedule_skips_empty_sequences_and_replays_in_a_graph():
     seed = _seed()
     g = _gen(seed)
     seqs = [(0, 40), (97, 1025), (0, 16), (300, 300), (1, 1)]
-    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
-    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
-    q = _randn((sum(qlens), 8, 128), g, torch.bfloat16)
-    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
-    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_inputs(seqs, 2, 8, 128, 16, torch.bfloat16, g)
     args = (q, kc, vc, cu, ctx, bt, max(qlens), 0.088)
     eager = cuda_ops.prefill_attention(*args, out=torch.full_like(q, float("nan")), impl="wgmma").clone()
     live = [i for i, m in enumerate(qlens) if m]
@@ -411,11 +405,7 @@ def test_prefill_wgmma_survives_a_context_shorter_than_its_queries():
     seed = _seed()
     g = _gen(seed)
     seqs = [(300, 300), (200, 3), (97, 1025)]  # the second: 200 queries over a 3-token context
-    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
-    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
-    q = _randn((sum(qlens), 8, 128), g, torch.bfloat16)
-    cu = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device=DEV)
-    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_inputs(seqs, 2, 8, 128, 16, torch.bfloat16, g)
     got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), 0.088, impl="wgmma")
     torch.cuda.synchronize()
     rows = torch.cat([torch.arange(0, 300), torch.arange(500, 597)]).to(DEV)
