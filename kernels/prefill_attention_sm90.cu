@@ -174,7 +174,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
     __syncthreads();
 
     // Per item: its geometry (the same arithmetic in the producer and the consumers).
-    auto item_geometry = [&](const Item& it, int& q_start, int& qlen, int& m0, int& ctx, int& qoff, int& last) {
+    auto item_geometry = [&](const Item& it, int& q_start, int& qlen, int& m0, int& ctx, int& qoff, int& last,
+                             int& part) {
         q_start = cu_seqlens_q[it.b];
         qlen = cu_seqlens_q[it.b + 1] - q_start;
         m0 = it.mb * BM;
@@ -183,6 +184,7 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         // tiles last .. 0 this block can see; at least one, so that a context shorter than the queries (outside
         // the contract) gives garbage rows instead of an empty item the group counting does not expect
         last = max(ceil_div(min(ctx, qoff + m0 + BM), BN) - 1, 0);
+        part = (ctx & (BN - 1)) ? ctx / BN : -1;  // the tile holding the context's end, if not whole: by cp.async
     };
 
     if (wg == 0) {
@@ -222,8 +224,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
             asm volatile("bar.sync 5, 128;\n" ::: "memory");  // the producer warps: s_item[ws] is written
             const Item it = s_item[ws];
             if (it.b < 0) break;
-            int q_start, qlen, m0, ctx, qoff, last;
-            item_geometry(it, q_start, qlen, m0, ctx, qoff, last);
+            int q_start, qlen, m0, ctx, qoff, last, part;
+            item_geometry(it, q_start, qlen, m0, ctx, qoff, last, part);
             // Q (rows past the sequence zero-filled) with cp.async by the whole warpgroup, into Q slot qi & 1.
             {
                 const int qs = qi & 1;
@@ -245,7 +247,6 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
             // panel); the tile holding the context's end (if it is not a whole tile) by cp.async, rows past the
             // context zero-filled (a page's unused rows may hold anything, even NaN, which 0 * V would spread).
             const int kvh = it.h / (hq / hkv);
-            const int part = (ctx & (BN - 1)) ? ctx / BN : -1;
             const int* bt = block_tables + (i64)it.b * bt_stride;
             auto tma_tile = [&](const void* tmap, u32 dst, int t, u32 bar) {
 #pragma unroll 1
@@ -312,10 +313,9 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         const Item it = s_item[ws];
         mbar_arrive(wempty0 + 8 * ws);
         if (it.b < 0) break;
-        int q_start, qlen, m0, ctx, qoff, last;
-        item_geometry(it, q_start, qlen, m0, ctx, qoff, last);
+        int q_start, qlen, m0, ctx, qoff, last, part;
+        item_geometry(it, q_start, qlen, m0, ctx, qoff, last, part);
         const int h = it.h;
-        const int part = (ctx & (BN - 1)) ? ctx / BN : -1;  // the tile the producer copies with cp.async
         const int qs = qi & 1;
 
 #pragma unroll
