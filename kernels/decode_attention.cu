@@ -304,7 +304,8 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         int bt_stride,
                         scalar_t* __restrict__ out,            // (B, Hq, D)
                         float* __restrict__ lse_out,           // (B, Hq) natural log, or null
-                        float* __restrict__ part_o,            // (2 * gridDim.x, DEC_HEADS, D)
+                        float* __restrict__ part_o,            // (2 * gridDim.x, DEC_HEADS, D); null
+                                                               //   when every CTA covers a whole pair
                         float* __restrict__ part_lse,          // (2 * gridDim.x, DEC_HEADS), log2 units
                         int* __restrict__ pair_counters,       // (B * Hkv * ceil(G / 8),) zeros
                         int batch, int hq, int hkv, int log2_bs, float scale_log2,

@@ -495,8 +495,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         code, sms = DECODE_PLANS.index(plan), _num_sms(di)
         if code == 0 and ncta > 4 * sms:  # > 2 waves: the hardware's CTA scheduling evens out a ragged
             code = 1                                # batch; the split plan needs no scan of context_lens
-        part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
-        part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
+        if code == 1 and num_splits == 1:  # every CTA covers a whole pair: no partials
+            part_o = part_lse = None
+        else:
+            part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
+            part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
         counters = _split_counters(dev, pairs)
         k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di)
         jit.launch(k, (num_splits, pairs // B, B), (128,), (
