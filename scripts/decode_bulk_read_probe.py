@@ -8,9 +8,8 @@ SDPA CUDNN on contiguous K/V last. Needs a Hopper GPU.
 import cupy as cp
 import torch
 
-from flashgen.bench.kernels import _sdpa
 from flashgen.ops.timing import bench
-from decode_read_probe import _stream, kern
+from decode_read_probe import HKV, D, _stream, cudnn, paged_cases, read_ldg
 
 SRC = r'''
 typedef unsigned int u32; typedef unsigned long long u64;
@@ -64,45 +63,28 @@ bulk.max_dynamic_shared_size_bytes = 200 * 1024
 def main():
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
-    hkv, d = 8, 128
     out = torch.zeros(4, dtype=torch.int32, device=dev)
-    st = _stream
     for B, L in [(64, 4096), (16, 16384)]:
-        kvb = 2 * B * L * hkv * d * 2
-        for bs in (16, 64):
-            nb = B * L // bs
-            kc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
-            vc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
-            lg = bs.bit_length() - 1
-            for order in ("perm", "seq"):
-                bt = (torch.randperm(nb, generator=g, device=dev) if order == "perm" else torch.arange(nb, device=dev)).to(torch.int32).contiguous()
-                res = []
-                f = kern(256, 16)
-                best = (0, 0)
-                for splits in (2, 4, 8, 16):
-                    args = (kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), cp.int32(L), cp.int32(lg), cp.int32(hkv), cp.int32(splits), cp.int32(1), out.data_ptr())
-                    bw = kvb / bench(lambda i: f((splits, hkv, B), (256,), args, stream=st()), reps=20) / 1e12
-                    best = max(best, (bw, splits))
-                res.append(f"ldg hpc1 {best[0]:.3f}(s{best[1]})")
-                for hpc, nss in ((1, (4, 8, 12)), (2, (4, 6)), (8, (2, 3))):
-                    for ns in nss:
-                        smem = ns * 2 * 16 * hpc * 256
-                        best = (0, 0)
-                        for cpp in (1, 2, 4, 8, 16):
-                            splits = cpp * hpc
-                            if L // splits < 64: continue
-                            args = (kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), cp.int32(L), cp.int32(lg), cp.int32(hkv), cp.int32(splits), cp.int32(hpc), cp.int32(ns), out.data_ptr())
-                            bw = kvb / bench(lambda i: bulk((splits, hkv // hpc, B), (32,), args, shared_mem=smem, stream=st()), reps=20) / 1e12
-                            best = max(best, (bw, splits))
-                        res.append(f"bulk hpc{hpc} ns{ns} {best[0]:.3f}(s{best[1]})")
-                print(f"B{B} L{L} bs{bs} {order}: " + "  ".join(res), flush=True)
-            del kc, vc
-        kk = torch.randn(B, hkv, L, d, generator=g, device=dev).to(torch.bfloat16)
-        vv = torch.randn(B, hkv, L, d, generator=g, device=dev).to(torch.bfloat16)
-        qq = torch.randn(B, 32, 1, d, generator=g, device=dev).to(torch.bfloat16)
-        r = _sdpa("CUDNN_ATTENTION")
-        print(f"B{B} L{L} CUDNN {kvb / bench(lambda i: r(qq, kk, vv, False)) / 1e12:.3f}", flush=True)
-        del kk, vv
+        kvb = 2 * B * L * HKV * D * 2
+        for bs, order, kc, vc, bt in paged_cases(B, L, g, dev):
+            best = max((read_ldg(kc, vc, bt, B, L, bs, 1, splits, 256, 16, out), splits) for splits in (2, 4, 8, 16))
+            res = [f"ldg hpc1 {best[0]:.3f}(s{best[1]})"]
+            for hpc, nss in ((1, (4, 8, 12)), (2, (4, 6)), (8, (2, 3))):
+                for ns in nss:
+                    smem = ns * 2 * 16 * hpc * 256
+                    best = (0, 0)
+                    for cpp in (1, 2, 4, 8, 16):
+                        splits = cpp * hpc
+                        if L // splits < 64:
+                            continue
+                        args = (kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), cp.int32(L), cp.int32(bs.bit_length() - 1),
+                                cp.int32(HKV), cp.int32(splits), cp.int32(hpc), cp.int32(ns), out.data_ptr())
+                        bw = kvb / bench(lambda i: bulk((splits, HKV // hpc, B), (32,), args, shared_mem=smem,
+                                                        stream=_stream()), reps=20) / 1e12
+                        best = max(best, (bw, splits))
+                    res.append(f"bulk hpc{hpc} ns{ns} {best[0]:.3f}(s{best[1]})")
+            print(f"B{B} L{L} bs{bs} {order}: " + "  ".join(res), flush=True)
+        print(f"B{B} L{L} CUDNN {cudnn(B, L, g, dev):.3f}", flush=True)
 
 
 if __name__ == "__main__":
