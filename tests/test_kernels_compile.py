@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from flashgen.ops import cuda_ops, jit
 
@@ -105,8 +106,20 @@ def test_prefill_impl_choice(monkeypatch):
     monkeypatch.setenv("FLASHGEN_PREFILL", "wgmma")
     assert cuda_ops.prefill_impl(0) == "wgmma"
     monkeypatch.setenv("FLASHGEN_PREFILL", "fa3")
-    with pytest.raises(ValueError, match=r"FLASHGEN_PREFILL must be auto, wgmma or mma, got 'fa3'"):
+    with pytest.raises(ValueError, match=r"FLASHGEN_PREFILL must be one of auto, wgmma, mma, got 'fa3'"):
         cuda_ops.prefill_impl(0)
+
+
+def test_linear_choice_refuses_a_bad_value(monkeypatch):
+    """FLASHGEN_LINEAR forces cuBLAS or the skinny kernel; a bad value is refused, before any measurement, with
+    the variable, the value and the choices."""
+    monkeypatch.setenv("FLASHGEN_LINEAR", "cublas")
+    assert cuda_ops.linear_plan(1, torch.empty(8, 16), None) is None
+    monkeypatch.setenv("FLASHGEN_LINEAR", "skinny")
+    assert cuda_ops.linear_plan(1, torch.empty(8, 16), None) == cuda_ops.SKINNY_VARIANTS[0]
+    monkeypatch.setenv("FLASHGEN_LINEAR", "gemv")
+    with pytest.raises(ValueError, match=r"FLASHGEN_LINEAR must be one of auto, cublas, skinny, got 'gemv'"):
+        cuda_ops.linear_plan(1, torch.empty(8, 16), None)
 
 
 def test_decode_plan_choice(monkeypatch):

@@ -46,6 +46,14 @@ def _fail(name: str, what: str, value) -> None:
     raise ValueError(f"{name} {what}, got {value}")
 
 
+def _choose(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """value when it is one of choices; else a ValueError naming where it came from (an argument or an
+    environment variable), the value and the choices."""
+    if value not in choices:
+        _fail(name, f"must be one of {', '.join(choices)}", repr(value))
+    return value
+
+
 def _check_tensor(name: str, t, dtypes=None, ndim: int | None = None, device: torch.device | None = None,
                   contiguous: bool = True, align: int = 16) -> None:
     if not isinstance(t, torch.Tensor):
@@ -148,11 +156,9 @@ def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     per shape (cuBLAS and each skinny variant, replayed from a CUDA graph over weight copies rotated past L2,
     as the layers of a real step are), then remembered. During CUDA-graph capture an unmeasured shape gets
     cuBLAS. The environment variable FLASHGEN_LINEAR=cublas|skinny overrides the measurement."""
-    forced = os.environ.get("FLASHGEN_LINEAR", "auto")
-    if forced in ("cublas", "skinny"):
-        return None if forced == "cublas" else SKINNY_VARIANTS[0]
+    forced = _choose("FLASHGEN_LINEAR", os.environ.get("FLASHGEN_LINEAR", "auto"), ("auto", "cublas", "skinny"))
     if forced != "auto":
-        raise ValueError(f"FLASHGEN_LINEAR={forced!r} is not understood; use auto, cublas or skinny")
+        return None if forced == "cublas" else SKINNY_VARIANTS[0]
     rows = 1 << (rows - 1).bit_length()  # measured at 1, 2, 4, 8 rows (the decode graphs' small buckets)
     key = (weight.device, weight.dtype, rows, *weight.shape, bias is not None)
     if key in _LINEAR_PLAN:
@@ -314,9 +320,7 @@ def prefill_smem_bytes(head_dim: int, tile: tuple[int, int]) -> int:
 def prefill_impl(device_index: int) -> str:
     """The prefill kernel used on a device: $FLASHGEN_PREFILL (auto, wgmma or mma); auto picks wgmma on
     Hopper (compute capability 9.0) and mma elsewhere."""
-    choice = os.environ.get("FLASHGEN_PREFILL", "auto")
-    if choice not in ("auto", *PREFILL_IMPLS):
-        raise ValueError(f"FLASHGEN_PREFILL must be auto, {' or '.join(PREFILL_IMPLS)}, got {choice!r}")
+    choice = _choose("FLASHGEN_PREFILL", os.environ.get("FLASHGEN_PREFILL", "auto"), ("auto", *PREFILL_IMPLS))
     if choice == "auto":
         return "wgmma" if jit.device_arch(device_index) == WGMMA_ARCH and device_index not in _WGMMA_FAILED else "mma"
     return choice
@@ -443,11 +447,9 @@ def decode_num_splits(batch: int, hkv: int, group: int, max_context: int, num_sm
 
 def decode_plan(plan: str | None = None) -> str:
     """decode_attention's plan: the argument, else $FLASHGEN_DECODE_PLAN, else auto; checked."""
-    choice = plan if plan is not None else os.environ.get("FLASHGEN_DECODE_PLAN", "auto")
-    if choice not in DECODE_PLANS:
-        where = "plan" if plan is not None else "FLASHGEN_DECODE_PLAN"
-        raise ValueError(f"{where} must be one of {', '.join(DECODE_PLANS)}, got {choice!r}")
-    return choice
+    if plan is not None:
+        return _choose("plan", plan, DECODE_PLANS)
+    return _choose("FLASHGEN_DECODE_PLAN", os.environ.get("FLASHGEN_DECODE_PLAN", "auto"), DECODE_PLANS)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
