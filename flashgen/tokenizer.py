@@ -7,27 +7,58 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from flashgen.models.errors import ModelFileMissing, ModelLoadError, read_json_object
+
 
 def _token_str(v) -> str | None:
     # tokenizer_config stores special tokens as plain strings or as AddedToken dicts
     return v.get("content") if isinstance(v, dict) else v
 
 
+def _read_tokenizer(path: Path) -> HFTokenizer:
+    if not path.is_file():
+        raise ModelFileMissing(f"{path}: not found; flashgen needs a fast tokenizer (tokenizer.json): "
+                               "download it with the checkpoint")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for any file it cannot parse
+        why = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ModelLoadError(f"{path}: not a valid tokenizer.json ({why}); "
+                             "download it with the checkpoint again") from None
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    fix = "fix the file or download it with the checkpoint again"
+    cfg = read_json_object(path, fix, "tokenizer settings")
+    for key in ("bos_token", "eos_token"):
+        v = cfg.get(key)
+        if not (v is None or isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str))):
+            raise ModelLoadError(f"{path}: {key}={v!r} must be a token string or an object with 'content'; {fix}")
+    tpl = cfg.get("chat_template")
+    if not (tpl is None or isinstance(tpl, str) or (isinstance(tpl, list) and tpl and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in tpl))):
+        raise ModelLoadError(f"{path}: chat_template must be a string or a list of {{name, template}} objects; {fix}")
+    return cfg
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; flashgen needs a fast tokenizer (tokenizer.json)")
-        self._tok = HFTokenizer.from_file(str(path))
-        cfg_path = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self._tok = _read_tokenizer(model_dir / "tokenizer.json")
+        cfg = _read_config(model_dir / "tokenizer_config.json")
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
         self.chat_template = cfg.get("chat_template")
         tpl_file = model_dir / "chat_template.jinja"  # transformers >= 4.47 writes the template here
         if self.chat_template is None and tpl_file.is_file():
-            self.chat_template = tpl_file.read_text()
+            try:
+                self.chat_template = tpl_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ModelLoadError(f"{tpl_file}: cannot be read as UTF-8 text ({e}); fix the file or delete it "
+                                     "(then prompts with 'messages' cannot run)") from None
         if isinstance(self.chat_template, list):  # named templates: take "default"
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default", next(iter(named.values())))

@@ -1,38 +1,124 @@
 """Read a HF checkpoint's safetensors straight onto the target device, fusing q/k/v and gate/up.
 
-Every tensor is checked against the shape config.json implies; a missing or misshapen tensor stops the load
-with the file, the tensor, the expected and the found value.
+Every file is checked before a weight is read (an empty, truncated or garbage safetensors file, a broken index, a
+missing shard), every tensor against the dtype and shape config.json implies, and every loaded weight for NaN and
+inf: each problem stops the load with a ModelLoadError naming the file, the tensor, what is wrong and the fix.
 """
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from flashgen.models.errors import ModelFileMissing, ModelLoadError, json_kind, read_json
 from flashgen.models.spec import ModelSpec
 
+REDOWNLOAD = "download the checkpoint again"
+INDEX = "model.safetensors.index.json"
+# safetensors dtype codes -> bytes per element; the weights must be one of the float ones
+_ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+             "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
 
-def _index(model_dir: Path) -> dict[str, Path]:
-    """tensor name -> file holding it, for one file or a sharded checkpoint."""
-    idx = model_dir / "model.safetensors.index.json"
+
+def read_header(path: Path) -> dict[str, dict]:
+    """{tensor name: {dtype, shape, data_offsets}} of a safetensors file, checked against the file's size, so an
+    empty, truncated or foreign file is refused with what is wrong before any weight is read."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            raw = f.read(n) if len(head) == 8 and 0 < n <= min(_MAX_HEADER, size - 8) else b""
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot be read ({e.strerror or e}); check the file's permissions") from None
+    if size == 0:
+        raise ModelLoadError(f"{path}: empty (0 bytes); {REDOWNLOAD}")
+    if head.startswith(b"version "):
+        raise ModelLoadError(f"{path}: a Git LFS pointer, not the weights; fetch the real file (git lfs pull) or "
+                             f"{REDOWNLOAD}")
+    if len(head) < 8:
+        raise ModelLoadError(f"{path}: truncated ({size} bytes, less than a safetensors header); {REDOWNLOAD}")
+    if n == 0 or n > _MAX_HEADER:
+        raise ModelLoadError(f"{path}: not a safetensors file (its first 8 bytes give a header of {n:,} bytes); "
+                             f"{REDOWNLOAD}")
+    if n > size - 8:
+        raise ModelLoadError(f"{path}: truncated (its header alone is {n:,} bytes, the file has {size:,}); "
+                             f"{REDOWNLOAD}")
+    garbage = f"{path}: the safetensors header is garbage"
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{garbage} (not JSON: {e}); {REDOWNLOAD}") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{garbage} (a JSON {json_kind(header)}, not an object); {REDOWNLOAD}")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+              and isinstance(info.get("shape"), list) and all(_nonneg_int(d) for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(_nonneg_int(o) for o in info["data_offsets"])
+              and info["data_offsets"][0] <= info["data_offsets"][1])
+        if not ok:
+            raise ModelLoadError(f"{garbage} (tensor {name!r} has the entry {_short(info)}, not "
+                                 f"{{dtype, shape, data_offsets}}); {REDOWNLOAD}")
+        begin, stop = info["data_offsets"]
+        width = _ST_BYTES.get(info["dtype"])
+        if width is not None and (stop - begin) != math.prod(info["shape"]) * width:
+            raise ModelLoadError(f"{garbage} (tensor {name!r}: shape {info['shape']} in {info['dtype']} needs "
+                                 f"{math.prod(info['shape']) * width:,} bytes, its offsets give {stop - begin:,}); "
+                                 f"{REDOWNLOAD}")
+        end = max(end, stop)
+    data = size - 8 - n
+    if data < end:
+        raise ModelLoadError(f"{path}: truncated (the header says {end:,} bytes of tensors, the file has {data:,}); "
+                             f"{REDOWNLOAD}")
+    if data > end:
+        raise ModelLoadError(f"{path}: {data - end:,} bytes longer than its header says (the header says {end:,} "
+                             f"bytes of tensors, the file has {data:,}); {REDOWNLOAD}")
+    return header
+
+
+def _nonneg_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _index(model_dir: Path) -> tuple[dict[str, Path], dict[Path, dict[str, dict]], Path]:
+    """(tensor name -> file holding it, file -> its header, the file to name when a tensor is missing), for one
+    file or a sharded checkpoint. Every header is read and checked first: a broken shard stops the load before
+    any weight is read."""
+    idx = model_dir / INDEX
     if idx.is_file():
-        weight_map = json.loads(idx.read_text())["weight_map"]
+        doc = read_json(idx, REDOWNLOAD)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{idx}: has no 'weight_map' object of tensor name -> file name; {REDOWNLOAD}")
         files = {name: model_dir / f for name, f in weight_map.items()}
-        for f in set(files.values()):
+        for f in sorted(set(files.values())):
             if not f.is_file():
-                raise FileNotFoundError(f"{f}: listed in {idx.name} but not found")
-        return files
+                raise ModelFileMissing(f"{f}: listed in {idx.name} but not found; {REDOWNLOAD} (all of its shards)")
+        return files, {f: read_header(f) for f in sorted(set(files.values()))}, idx
     single = model_dir / "model.safetensors"
     shards = [single] if single.is_file() else sorted(model_dir.glob("*.safetensors"))
     if not shards:
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json found")
+        raise ModelFileMissing(f"{model_dir}: no model.safetensors or {INDEX} found; give a HuggingFace "
+                               "checkpoint directory with safetensors weights")
+    headers = {f: read_header(f) for f in shards}
     files = {}
-    for f in shards:
-        with safe_open(f, framework="pt") as h:
-            files.update({k: f for k in h.keys()})
-    return files
+    for f, header in headers.items():
+        files.update({k: f for k in header})
+    return files, headers, shards[0] if len(shards) == 1 else model_dir
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -62,31 +148,63 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """All weights by HF name, on `device` in `dtype`, each checked against `expected_shapes`."""
+    """All weights by HF name, on `device` in `dtype`, each checked against `expected_shapes` (from the headers,
+    before anything is read) and for NaN / inf (after, on `device`, with one host sync for all of them)."""
     model_dir = Path(model_dir)
-    files = _index(model_dir)
+    files, headers, where = _index(model_dir)
     want = expected_shapes(spec)
     missing = [k for k in want if k not in files]
     if missing:
-        raise ValueError(
-            f"{model_dir}: tensor {missing[0]!r} is missing from the safetensors files"
+        raise ModelLoadError(
+            f"{where}: tensor {missing[0]!r} is missing"
             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the checkpoint does not match "
-            f"config.json ({spec.architecture})"
+            f"config.json ({spec.architecture}, {spec.num_layers} layer{'s' * (spec.num_layers != 1)}): {REDOWNLOAD} "
+            "or fix config.json"
         )
-    dev = str(device)
-    out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in want:
-        by_file.setdefault(files[name], []).append(name)
+        f = files[name]
+        info = headers[f].get(name)
+        if info is None:
+            raise ModelLoadError(f"{f}: tensor {name!r} is listed for this file in {INDEX} but the file does not "
+                                 f"hold it; {REDOWNLOAD}")
+        if info["dtype"] not in _FLOATS:
+            raise ModelLoadError(f"{f}: tensor {name!r} has dtype {info['dtype']}; flashgen loads float32, "
+                                 f"float16 and bfloat16 weights (quantized checkpoints are not supported): use "
+                                 f"the model's unquantized checkpoint")
+        found = tuple(info["shape"])
+        if found != want[name]:
+            raise ModelLoadError(
+                f"{f}: tensor {name!r} has shape {list(found)}, expected {list(want[name])} from config.json; "
+                f"the weights do not match config.json: {REDOWNLOAD} or fix config.json"
+            )
+        by_file.setdefault(f, []).append(name)
+    dev = str(device)
+    out: dict[str, torch.Tensor] = {}
+    finite: list[torch.Tensor] = []  # one 0-d bool per tensor, left on the device until all are loaded
     for f, names in by_file.items():
-        with safe_open(f, framework="pt", device=dev) as h:
-            for name in names:
-                found = tuple(h.get_slice(name).get_shape())
-                if found != want[name]:
-                    raise ValueError(
-                        f"{f}: tensor {name!r} has shape {list(found)}, expected {list(want[name])} from config.json"
-                    )
-                out[name] = h.get_tensor(name).to(dtype)
+        try:
+            with safe_open(f, framework="pt", device=dev) as h:
+                for name in names:
+                    t = h.get_tensor(name).to(dtype)
+                    finite.append(torch.isfinite(t).all())
+                    out[name] = t
+        except (SafetensorError, OSError) as e:  # safetensors' own checks (offsets, layout) and read errors
+            raise ModelLoadError(f"{f}: cannot be read ({type(e).__name__}: {e}); {REDOWNLOAD}") from None
+    if finite:
+        ok = torch.stack(finite).cpu()  # the one host sync of the check
+        if not bool(ok.all()):
+            names = list(out)
+            bad = [names[i] for i in (~ok).nonzero().flatten().tolist()]
+            stored = _FLOATS[headers[files[bad[0]]][bad[0]]["dtype"]]
+            target = str(dtype).replace("torch.", "")
+            more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+            cast, fix = "", f"the weights are damaged: {REDOWNLOAD}"
+            if target == "float16" and stored in ("float32", "bfloat16"):  # may overflow only in float16's range
+                cast = " once cast to float16"
+                fix = (f"the weights are damaged or exceed float16's range: load them as {stored} "
+                       f"(dtype={stored}) or {REDOWNLOAD}")
+            raise ModelLoadError(f"{files[bad[0]]}: tensor {bad[0]!r} holds NaN or infinite values{cast}{more}; {fix}")
     return out
 
 

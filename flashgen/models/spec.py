@@ -1,12 +1,15 @@
 """ModelSpec: the few numbers of config.json the engine needs, read and checked once."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from flashgen.models.errors import ModelFileMissing, ModelLoadError, read_json_object
+
+__all__ = ["ModelSpec", "ModelLoadError", "ModelFileMissing", "load_spec", "rope_cos_sin"]
 
 SUPPORTED = {
     "LlamaForCausalLM": "llama",
@@ -52,61 +55,134 @@ class ModelSpec:
         return 2 * self.num_layers * heads * self.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+FIX_CONFIG = "fix config.json or download the checkpoint again"
+
+
 def _need(cfg: dict, key: str, path: Path):
     if key not in cfg or cfg[key] is None:
-        raise ValueError(f"{path}: field {key!r} is missing; the file is not a complete HF config.json")
+        raise ModelLoadError(f"{path}: field {key!r} is missing, so the file is not a complete HF config.json; "
+                             f"{FIX_CONFIG}")
     return cfg[key]
 
 
-def load_spec(model_dir: str | Path) -> ModelSpec:
-    path = Path(model_dir) / "config.json"
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(cfg: dict, key: str, path: Path, default=None, *, required: bool = False) -> int:
+    v = _need(cfg, key, path) if required else cfg.get(key)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():  # 4096.0, 1e3: harmless spellings of an integer
+        v = int(v)
+    if not _is_int(v) or v <= 0:
+        raise ModelLoadError(f"{path}: {key}={v!r} must be a positive integer; {FIX_CONFIG}")
+    return v
+
+
+def _number(cfg: dict, key: str, path: Path, default: float, *, positive: bool = True) -> float:
+    v = cfg.get(key, default)
+    if v is None:
+        return default
+    if not _is_number(v) or v < 0 or (positive and v == 0):
+        raise ModelLoadError(f"{path}: {key}={v!r} must be a {'positive' if positive else 'non-negative'} "
+                             f"finite number; {FIX_CONFIG}")
+    return float(v)
+
+
+def _read_config(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; --model must be a HuggingFace model directory with config.json")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ModelFileMissing(f"{path}: not found; --model must be a HuggingFace model directory with config.json")
+    return read_json_object(path, FIX_CONFIG, "model settings")
+
+
+def _rope_scaling(scaling, key: str, path: Path) -> dict | None:
+    if not isinstance(scaling, dict):
+        raise ModelLoadError(f"{path}: {key}={scaling!r} must be an object; {FIX_CONFIG}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "llama3", "linear"):
+        raise ModelLoadError(f"{path}: rope scaling type {kind!r} is not supported; use default, llama3 or linear")
+    if kind == "default":
+        return None
+    needed = ["factor"] + (["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+                           if kind == "llama3" else [])
+    for k in needed:
+        v = scaling.get(k)
+        if not _is_number(v) or v <= 0:
+            raise ModelLoadError(f"{path}: {key}.{k}={v!r} must be a positive number for rope type {kind!r}; "
+                                 f"{FIX_CONFIG}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ModelLoadError(f"{path}: {key}.high_freq_factor={scaling['high_freq_factor']!r} must be greater than "
+                             f"low_freq_factor={scaling['low_freq_factor']!r}; {FIX_CONFIG}")
+    return {**scaling, "rope_type": kind}
+
+
+def load_spec(model_dir: str | Path) -> ModelSpec:
+    """The checked ModelSpec of `model_dir`/config.json; ModelLoadError naming the file and the key otherwise."""
+    path = Path(model_dir) / "config.json"
+    cfg = _read_config(path)
     archs = cfg.get("architectures") or []
-    arch = next((a for a in archs if a in SUPPORTED), None)
+    if not isinstance(archs, list):
+        raise ModelLoadError(f"{path}: architectures={archs!r} must be a list such as [\"LlamaForCausalLM\"]; "
+                             f"{FIX_CONFIG}")
+    arch = next((a for a in archs if isinstance(a, str) and a in SUPPORTED), None)
     if arch is None:
-        raise ValueError(
+        raise ModelLoadError(
             f"{path}: architectures={archs!r} is not supported; flashgen runs {', '.join(SUPPORTED)}"
         )
     family = SUPPORTED[arch]
-    hidden = _need(cfg, "hidden_size", path)
-    heads = _need(cfg, "num_attention_heads", path)
-    head_dim = cfg.get("head_dim") or hidden // heads
+    hidden = _positive_int(cfg, "hidden_size", path, required=True)
+    heads = _positive_int(cfg, "num_attention_heads", path, required=True)
+    layers = _positive_int(cfg, "num_hidden_layers", path, required=True)
+    intermediate = _positive_int(cfg, "intermediate_size", path, required=True)
+    vocab = _positive_int(cfg, "vocab_size", path, required=True)
+    kv_heads = _positive_int(cfg, "num_key_value_heads", path, heads)
+    head_dim = _positive_int(cfg, "head_dim", path) or hidden // heads
+    if head_dim < 2 or head_dim % 2:
+        where = f"head_dim={head_dim}" if cfg.get("head_dim") else (
+            f"hidden_size / num_attention_heads = {hidden} / {heads} gives head_dim={head_dim}, which")
+        raise ModelLoadError(f"{path}: {where} is not even; rotary embeddings need an even head_dim of at least 2; "
+                             f"{FIX_CONFIG}")
     # transformers >= 5 keeps rope settings in rope_parameters; older files use rope_theta + rope_scaling.
-    rope = dict(cfg.get("rope_parameters") or {})
-    rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-    scaling = rope or cfg.get("rope_scaling") or None
+    params = cfg.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ModelLoadError(f"{path}: rope_parameters={params!r} must be an object; {FIX_CONFIG}")
+    rope = dict(params)
+    rope_theta = _number({"rope_theta": rope.pop("rope_theta", cfg.get("rope_theta"))}, "rope_theta", path, 10000.0)
+    scaling, key = (rope, "rope_parameters") if rope else (cfg.get("rope_scaling") or None, "rope_scaling")
     if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ("default", "llama3", "linear"):
-            raise ValueError(f"{path}: rope scaling type {kind!r} is not supported; use default, llama3 or linear")
-        scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        scaling = _rope_scaling(scaling, key, path)
     if cfg.get("mlp_bias"):
-        raise ValueError(f"{path}: mlp_bias=true is not supported")
+        raise ModelLoadError(f"{path}: mlp_bias=true is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act={cfg.get('hidden_act')!r} is not supported; flashgen runs silu MLPs")
+        raise ModelLoadError(f"{path}: hidden_act={cfg.get('hidden_act')!r} is not supported; "
+                             "flashgen runs silu MLPs")
     sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", family == "mistral") else None
+    if sliding is not None:
+        sliding = _positive_int(cfg, "sliding_window", path)
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
     if dtype not in DTYPES:
         dtype = "float32"
     spec = ModelSpec(
         architecture=arch, family=family, hidden_size=hidden,
-        num_layers=_need(cfg, "num_hidden_layers", path), num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
-        intermediate_size=_need(cfg, "intermediate_size", path), vocab_size=_need(cfg, "vocab_size", path),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=intermediate, vocab_size=vocab,
+        rms_norm_eps=_number(cfg, "rms_norm_eps", path, 1e-6, positive=False), rope_theta=rope_theta,
+        rope_scaling=scaling,
+        max_position_embeddings=_positive_int(cfg, "max_position_embeddings", path, 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
         qk_norm=family == "qwen3", sliding_window=sliding, torch_dtype=dtype,
     )
     if spec.num_heads % spec.num_kv_heads:
-        raise ValueError(
-            f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={spec.num_kv_heads}"
+        raise ModelLoadError(
+            f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={spec.num_kv_heads}; "
+            f"{FIX_CONFIG}"
         )
     return spec
 
