@@ -22,7 +22,7 @@ JOB = "Job"
 
 EXIT_CODES = """Exit codes: 0 every line succeeded; 1 finished, but some lines got error records; 2 fatal error
 (bad flags, config, model, input/output file, engine failure); 3 stopped by --max-errors; 130 interrupted
-(SIGINT/SIGTERM): run again with --resume."""
+(SIGINT/SIGTERM/SIGHUP): run again with --resume; 141 the reader of stdout went away (| head)."""
 
 
 @app.command(epilog=EXIT_CODES)
@@ -100,6 +100,11 @@ def generate(
                                          help="No summary or notes on stderr (errors still)."),
     data_parallel: Optional[str] = typer.Option(None, help="Engine processes, one per GPU; auto = one per GPU.",
                                                 rich_help_panel=JOB),
+    max_line_bytes: Optional[int] = typer.Option(None, help="Longer input lines get a line_too_long error record "
+                                                 "(default 64 MiB; 0 = no limit).", rich_help_panel=JOB),
+    drain: Optional[bool] = typer.Option(None, "--drain/--no-drain", show_default=False, rich_help_panel=JOB,
+                                         help="On SIGINT/SIGTERM/SIGHUP finish the lines in flight before exiting "
+                                              "(default: drop them; --resume reruns them)."),
 ) -> None:
     """Generate a completion for every JSONL line of INPUT."""
     from flashgen.jobs import run_generate
@@ -118,7 +123,7 @@ def generate(
         "job": dict(resume=resume, order=order, template=template, field=field, chat=chat,
                     return_token_ids=return_token_ids, max_errors=max_errors, max_in_flight=max_in_flight,
                     progress=None if progress is None else ("on" if progress else "off"), stats_json=stats_json,
-                    quiet=quiet, data_parallel=data_parallel),
+                    quiet=quiet, data_parallel=data_parallel, max_line_bytes=max_line_bytes, drain=drain),
     }
     code = run_generate(input, output, config, flags, overwrite=overwrite, show_config=show_config)
     raise typer.Exit(code)
@@ -194,10 +199,18 @@ def _fail(message: str) -> None:
 
 
 def main() -> None:
-    if not sys.stderr.isatty():
-        # Logs of cron and batch jobs: plain usage errors, not boxes drawn for a terminal.
-        app.rich_markup_mode = None
-    app(prog_name="flashgen")
+    from flashgen.jobs.errors import ExitCode, Interrupted
+    from flashgen.jobs.signals import install_startup_handlers
+
+    install_startup_handlers()  # (again, for callers of this function): a SIGTERM while torch imports is 130
+    try:
+        if not sys.stderr.isatty():
+            # Logs of cron and batch jobs: plain usage errors, not boxes drawn for a terminal.
+            app.rich_markup_mode = None
+        app(prog_name="flashgen")
+    except Interrupted as e:
+        sys.stderr.write(f"flashgen: {e}: stopped before the job started; nothing was written\n")
+        sys.exit(int(ExitCode.INTERRUPTED))
 
 
 if __name__ == "__main__":

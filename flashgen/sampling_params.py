@@ -1,7 +1,13 @@
 """Per-request sampling parameters, with vLLM's names and meanings."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+
+# Seeds are unsigned 64-bit: [0, 2**64). The sampler keeps them in int64 tensors as the same 64 bits (two's
+# complement), so every seed in the range gives its own samples.
+SEED_RANGE = (0, 2**64)
 
 
 @dataclass
@@ -35,10 +41,27 @@ class SamplingParams:
             self.stop_list = list(self.stop)
         if any(not isinstance(s, str) or s == "" for s in self.stop_list):
             raise bad("stop", self.stop, "use a non-empty string or a list of them")
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self.stop_token_ids = list(self.stop_token_ids or [])
         if self.stop_list and not self.detokenize:
             raise bad("stop", self.stop, "stop strings need detokenize=True")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not _finite(v):
+                raise bad(name, v, "use a finite number")
+        for name in ("top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise bad(name, getattr(self, name), "use an integer")
+        if self.max_tokens is not None and not _is_int(self.max_tokens):
+            raise bad("max_tokens", self.max_tokens, "use an integer or None")
+        if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise bad("seed", self.seed, "use an integer in [0, 2**64) or None")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", self.stop_token_ids, "use token ids (integers >= 0)")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        for name in ("ignore_eos", "skip_special_tokens", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, getattr(self, name), "use True or False")
+        if self.temperature < 0:
             raise bad("temperature", self.temperature, "use a number >= 0 (0 is greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "use a number in (0, 1]")
@@ -65,3 +88,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False

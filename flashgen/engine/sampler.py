@@ -111,16 +111,24 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch
     return torch.where(b.temperature > 0, sampled, logits.argmax(-1))
 
 
+def _as_int64(seed: int) -> int:
+    """A seed in [0, 2**64) as the int64 with the same 64 bits (the hash reads the bits, so no two seeds collide)."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> SamplingBatch:
     """Per-row settings of the sequences about to sample (V: the vocabulary size), as tensors on `dev`."""
     ps = [s.params for s in seqs]
     f32 = dict(dtype=torch.float32)
     b = SamplingBatch(
         temperature=torch.tensor([p.temperature for p in ps], **f32),
-        top_k=torch.tensor([p.top_k if p.top_k > 0 else V for p in ps]) if any(p.top_k > 0 for p in ps) else None,
+        # top_k above the vocabulary means all tokens: clamp, so no value can index past the logits
+        top_k=torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in ps])
+        if any(0 < p.top_k < V for p in ps) else None,
         top_p=torch.tensor([p.top_p for p in ps], **f32) if any(p.top_p < 1 for p in ps) else None,
         min_p=torch.tensor([p.min_p for p in ps], **f32) if any(p.min_p > 0 for p in ps) else None,
-        seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
+        seeds=torch.tensor([_as_int64(s.seed) for s in seqs], dtype=torch.int64),
         steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
         all_greedy=all(p.temperature == 0 for p in ps),
     )
@@ -142,7 +150,7 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> Sampling
         b.banned = torch.zeros(len(seqs), V, dtype=torch.bool)
         for i, s in banned:
             stop = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else eos_ids)
-            b.banned[i, [t for t in stop if t < V]] = True
+            b.banned[i, [t for t in stop if 0 <= t < V]] = True  # ids outside the vocabulary never occur
     for f in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps", "rep_penalty", "presence",
               "frequency", "seen_prompt", "out_counts", "banned"):
         v = getattr(b, f)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 
 from flashgen.jobs import openai_batch
-from flashgen.jobs.params import BadLine, line_overrides, make_params, show
+from flashgen.jobs.errors import FatalError
+from flashgen.jobs.params import FIELDS, UNSUPPORTED, BadLine, is_neutral, line_overrides, make_params, near_miss, show
 from flashgen.jobs.templates import render
 
 
@@ -37,6 +39,7 @@ class LineRequest:
     kind: str | None          # None: a plain line; else the OpenAI object ("chat.completion" / "text_completion")
     prompt_ids: list[int] | None
     params: Any               # SamplingParams
+    request_hash: str = ""    # the line and the job's settings, hashed (flashgen.jobs.fingerprint): --resume checks it
 
 
 @dataclass
@@ -55,24 +58,70 @@ def key_of(id_value: Any) -> str:
     return json.dumps(id_value, ensure_ascii=False)
 
 
-def read_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) for each non-blank line, read lazily: memory stays flat on any size."""
-    for lineno, raw in enumerate(stream, 1):
+DEFAULT_MAX_LINE_BYTES = 64 << 20  # the [job] max_line_bytes default (flashgen.jobs.settings)
+MAX_DEPTH = 100                    # deepest JSON nesting a line may have (json.loads recurses: bound it first)
+LONG_LINE_HEAD = 4096              # bytes of an overlong line kept to find its id
+
+
+@dataclass
+class LongLine:
+    """Stands in for a line longer than max_line_bytes, which was skipped unread: its size and first bytes."""
+    nbytes: int
+    head: bytes
+    limit: int
+
+
+def read_lines(stream: BinaryIO,
+               max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | LongLine]]:
+    """(1-based line number, raw bytes) for each non-blank line, read lazily: memory stays flat on any size. A line
+    longer than `max_line_bytes` (0: no limit) is skipped without holding it and yields a LongLine instead."""
+    if not hasattr(stream, "readline") or max_line_bytes <= 0:
+        lines = iter(stream)
+    else:
+        lines = _bounded_lines(stream, max_line_bytes)
+    for lineno, raw in enumerate(lines, 1):
+        if isinstance(raw, LongLine):
+            yield lineno, raw
+            continue
         if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8):]  # editors on Windows add one; it is not part of the JSON
         if raw.strip():
             yield lineno, raw
 
 
+def _bounded_lines(stream: BinaryIO, limit: int) -> Iterator[bytes | LongLine]:
+    while raw := stream.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):  # a whole line (its newline may be byte limit + 1)
+            yield raw
+            continue
+        head, n = raw[:LONG_LINE_HEAD], len(raw)
+        del raw
+        while chunk := stream.readline(1 << 20):  # skip the rest of the line, 1 MiB at a time
+            n += len(chunk)
+            if chunk.endswith(b"\n"):
+                n -= 1
+                break
+        yield LongLine(n, head, limit)
+
+
 class LineParser:
     def __init__(self, tokenizer, max_model_len: int, defaults: dict[str, Any], *, template=None,
-                 template_name: str = "", field: str = "", chat: bool = False):
+                 template_name: str = "", field: str = "", chat: bool = False, fingerprint: str = ""):
         self.tok = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = tokenizer.vocab_size
         self.defaults = defaults
         self.template, self.template_name = template, template_name
         self.field, self.chat = field, chat
+        # Fields a line may carry besides the known ones: with --template / --field lines carry data fields.
+        self.data_fields = _template_fields(template) | ({field} if field else set())
+        self.allow_data = template is not None or bool(field)
+        self._token_bytes: int | None = -1    # longest token of the vocabulary in UTF-8 bytes (-1: not yet known)
+        bad = [t for t in (defaults.get("stop_token_ids") or []) if not 0 <= t < self.vocab_size]
+        if bad:
+            raise FatalError(f"sampling.stop_token_ids has {bad[0]}, not a token id of this model (integers "
+                             f"0..{self.vocab_size - 1}); use ids from the model's tokenizer")
+        self.fingerprint = fingerprint  # the settings that change a line's result (flashgen.jobs.fingerprint)
 
     # ---- phase 1: the id -------------------------------------------------------------------------------------
     def head(self, lineno: int, raw: bytes) -> Line:
@@ -82,20 +131,47 @@ class LineParser:
             err = LineError(lineno, id_value, key_of(id_value), batch, code, f"line {lineno}: {message}", field)
             return Line(lineno, id_value, err.key, batch, None, err, own)
 
+        def fail_sniffed(code: str, message: str, head: bytes) -> Line:  # the line was not parsed: guess its id
+            id_value, batch = _sniff_id(head)
+            return fail(code, message, None, None, batch) if id_value is None else _with_id(
+                fail(code, message, None, None, batch), id_value)
+
+        if isinstance(raw, LongLine):
+            return fail_sniffed("line_too_long", f"the line is {raw.nbytes:,} bytes, more than --max-line-bytes "
+                                f"{raw.limit:,}; shorten it, or raise --max-line-bytes (0 = no limit)", raw.head)
+        if _too_deep(raw):
+            return fail_sniffed("too_deep", f"the JSON is nested more than {MAX_DEPTH} levels deep; flatten the "
+                                "line", raw[:LONG_LINE_HEAD])
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             obj = _loads_or_none(raw.decode("utf-8", "replace"))  # still find the id, so the record carries it
-            return fail("invalid_utf8", f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} is not valid UTF-8; "
-                        "save the input file as UTF-8", obj)
+            message = (f"byte 0x{raw[e.start]:02x} at byte {e.start + 1} is not valid UTF-8; save the input file "
+                       "as UTF-8")
+            line = fail("invalid_utf8", message, obj)
+            if isinstance(line.id, str) and "\ufffd" in line.id:  # the bad byte is in the id: not the line's id
+                line = fail("invalid_utf8", message, None, None, line.batch)
+            return line
         try:
             obj = json.loads(text)
+        except RecursionError:  # cannot happen after _too_deep; kept so no line can crash the job
+            return fail_sniffed("too_deep", "the JSON is nested too deep; flatten the line", raw[:LONG_LINE_HEAD])
         except json.JSONDecodeError as e:
             return fail("invalid_json", f"not valid JSON ({e.msg} at column {e.colno}): {show(text.strip())}; "
                         "each line must be one JSON object")
+        except ValueError:  # an integer of more than 4300 digits (Python's limit on int conversion)
+            return fail_sniffed("invalid_json", "a number has more than 4300 digits; write it with fewer digits",
+                                raw[:LONG_LINE_HEAD])
         if not isinstance(obj, dict):
             return fail("not_an_object", f"{show(obj)} is not a JSON object; each line must be an object such as "
                         '{"id": 1, "prompt": "..."}')
+        if _SURROGATE.search(raw):
+            bad = _lone_surrogate(obj)
+            if bad is not None:
+                path, value = bad
+                return fail("invalid_unicode", f'field "{path}" is {show(value)}, which has a lone surrogate (a '
+                            "\\ud800-\\udfff escape without its pair); no tokenizer can encode it: fix the text "
+                            "(write the character itself, or both halves of the pair)", obj, path or None)
         batch = openai_batch.is_batch_line(obj)
         name = "custom_id" if batch else "id"
         id_value = obj.get(name)
@@ -113,15 +189,22 @@ class LineParser:
             return line.error
         try:
             if line.batch:
-                kind, ids, overrides = openai_batch.parse(line.obj, self)
-                params = make_params(self.defaults, overrides, line.key, "body.")
+                kind, ids, params = openai_batch.parse(line.obj, self, line.key)
             else:
                 kind = None
-                params = make_params(self.defaults, line_overrides(line.obj), line.key)
-                ids = self._plain_ids(line.obj)
+                source = self._prompt_field(line.obj)
+                self._check_fields(line.obj)
+                fields: dict[str, str] = {}
+                overrides = line_overrides(line.obj, fields=fields)
+                self.check_stop_ids(overrides, fields)
+                params = make_params(self.defaults, overrides, line.key, fields=fields)
+                ids = self._plain_ids(line.obj, source)
         except BadLine as b:
             return self.error(line, b.code, b.message, b.field)
-        return LineRequest(line.lineno, line.id, line.key, kind, ids, params)
+        from flashgen.jobs.fingerprint import request_hash
+
+        return LineRequest(line.lineno, line.id, line.key, kind, ids, params,
+                           request_hash(line.obj, self.fingerprint))
 
     def error(self, line: Line | LineRequest, code: str, message: str, field: str | None = None) -> LineError:
         batch = getattr(line, "batch", None)
@@ -129,22 +212,60 @@ class LineParser:
             batch = line.kind is not None
         return LineError(line.lineno, line.id, line.key, batch, code, f"line {line.lineno}: {message}", field)
 
-    def _plain_ids(self, obj: dict) -> list[int]:
+    def _prompt_field(self, obj: dict) -> str | None:
+        """Where a plain line's prompt comes from (None: the template), before anything costly is done."""
         if self.template is not None:
-            return self.text_ids(render(self.template, self.template_name, obj), f"(template {self.template_name})")
+            return None
         if self.field:
             if self.field not in obj:
                 raise BadLine("missing_prompt", f'field "{self.field}" (named by --field) is missing; add it '
                               "to the line", self.field)
-            return self._text_field(obj, self.field)
-        if "messages" in obj:
+            return self.field
+        given = [k for k in ("messages", "prompt_token_ids", "prompt") if k in obj]
+        if len(given) > 1:
+            raise BadLine("ambiguous_prompt", f'field "{given[1]}" is {show(obj[given[1]])}, but field "{given[0]}" '
+                          "gives the prompt too; keep one of them", given[1])
+        if not given:
+            raise BadLine("missing_prompt", 'no prompt: field "prompt" is missing (and so are "messages" and '
+                          '"prompt_token_ids"); give "prompt" text, "messages", or "prompt_token_ids" (or use --field '
+                          "/ --template to build the prompt from other fields)", "prompt")
+        return given[0]
+
+    def _check_fields(self, obj: dict) -> None:
+        """Refuse the fields of a plain line that flashgen would otherwise ignore: unimplemented request fields,
+        misspelled sampling fields, and (without --template / --field) any field it does not read."""
+        for k, v in obj.items():
+            if k in _PLAIN_FIELDS or k in self.data_fields or is_neutral(k, v):
+                continue
+            if k in UNSUPPORTED:
+                raise BadLine("unsupported_field", f'field "{k}" is {show(v)}; flashgen does not implement '
+                              f'"{k}" (yet): remove it from the line', k)
+            hint = near_miss(k, _PLAIN_FIELDS)
+            if hint is not None:
+                raise BadLine("unknown_field", f'field "{k}" is {show(v)}, not a field flashgen reads; did you mean '
+                              f'"{hint}"?', k)
+            if not self.allow_data:
+                raise BadLine("unknown_field", f'field "{k}" is {show(v)}, not a field flashgen reads; remove it '
+                              '(a line has "id", "prompt" / "messages" / "prompt_token_ids" and sampling fields '
+                              "such as \"max_tokens\"), or use --template / --field, which read other fields", k)
+
+    def check_stop_ids(self, overrides: dict[str, Any], fields: dict[str, str]) -> None:
+        """stop_token_ids must be token ids of this model."""
+        for i, t in enumerate(overrides.get("stop_token_ids") or []):
+            if not 0 <= t < self.vocab_size:
+                name = fields.get("stop_token_ids", "stop_token_ids")
+                raise BadLine("invalid_token_id", f'field "{name}" has {show(t)} at index {i}, not a token id of '
+                              f"this model (integers 0..{self.vocab_size - 1}); use ids from the model's tokenizer",
+                              name)
+
+    def _plain_ids(self, obj: dict, source: str | None) -> list[int]:
+        if source is None:
+            return self.text_ids(render(self.template, self.template_name, obj), f"(template {self.template_name})")
+        if source == "messages":
             return self.chat_ids(obj["messages"], "messages")
-        if "prompt_token_ids" in obj:
+        if source == "prompt_token_ids":
             return self.token_ids(obj["prompt_token_ids"], "prompt_token_ids")
-        if "prompt" in obj:
-            return self._text_field(obj, "prompt")
-        raise BadLine("missing_prompt", 'no prompt: give "prompt" text, "messages", or "prompt_token_ids" '
-                      "(or use --field / --template to build the prompt from other fields)", "prompt")
+        return self._text_field(obj, source)
 
     def _text_field(self, obj: dict, field: str) -> list[int]:
         v = obj[field]
@@ -158,7 +279,7 @@ class LineParser:
             raise BadLine("empty_prompt", f'field "{field}" is an empty string ""; give the prompt text', field)
         if self.chat if chat is None else chat:
             return self.chat_ids([{"role": "user", "content": text}], field)
-        return self._check_len(self.tok.encode(text, add_special_tokens=True), field)
+        return self._encode(text, field, add_special_tokens=True)
 
     def chat_ids(self, messages: Any, field: str) -> list[int]:
         if not isinstance(messages, list) or not messages:
@@ -173,7 +294,7 @@ class LineParser:
                           "with a chat template", field) from None
         except Exception as e:  # the model's own template raised (e.g. it insists on alternating roles)
             raise BadLine("chat_template_error", f'field "{field}": the chat template failed: {e}', field) from None
-        return self._check_len(self.tok.encode(text, add_special_tokens=False), field)
+        return self._encode(text, field, add_special_tokens=False)
 
     @staticmethod
     def _message(m: Any, where: str) -> dict:
@@ -196,12 +317,48 @@ class LineParser:
         if not isinstance(ids, list) or not ids:
             code = "empty_prompt" if ids == [] else "invalid_field"
             raise BadLine(code, f'field "{field}" is {show(ids)}; use a non-empty list of token ids', field)
+        if len(ids) >= self.max_model_len:  # before looking at each id
+            self._check_len(ids, field)
         for i, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise BadLine("invalid_token_id", f'field "{field}" has {show(t)} at index {i}, not a token id of '
                               f"this model (integers 0..{self.vocab_size - 1}); use ids from the model's tokenizer",
                               field)
         return self._check_len(list(ids), field)
+
+    def _encode(self, text: str, field: str, add_special_tokens: bool) -> list[int]:
+        """Tokenize `text`, unless its size alone proves it longer than the context: a text of B UTF-8 bytes has at
+        least B / (L * 3) tokens, L being the longest token in bytes (3: a normalizer such as NFC can merge up to
+        three code points into one), so a 50 MB prompt is refused at once instead of after a minute of work."""
+        limit = self._longest_token_bytes()
+        if limit and len(text) >= self.max_model_len:  # chars <= bytes: a short text cannot be over the bound
+            n_bytes = len(text.encode("utf-8", "surrogatepass"))
+            at_least = -(-n_bytes // (limit * 3))
+            if at_least >= self.max_model_len:
+                raise BadLine(
+                    "prompt_too_long",
+                    f'field "{field}" is {n_bytes:,} bytes, at least {at_least:,} tokens, but the model context '
+                    f"(max_model_len) is {self.max_model_len} tokens, prompt and output together; shorten the "
+                    "prompt or raise --max-model-len if the model allows it", field,
+                )
+        return self._check_len(self.tok.encode(text, add_special_tokens=add_special_tokens), field)
+
+    def _longest_token_bytes(self) -> int | None:
+        """The longest token string of the vocabulary in UTF-8 bytes (at least the bytes it decodes to), once."""
+        if self._token_bytes == -1:
+            self._token_bytes = None
+            for tok in (getattr(self.tok, "_tok", None), self.tok):
+                get_vocab = getattr(tok, "get_vocab", None)
+                if get_vocab is None:
+                    continue
+                try:
+                    vocab = get_vocab(with_added_tokens=True)
+                except TypeError:
+                    vocab = get_vocab()
+                if vocab:
+                    self._token_bytes = max(len(t.encode("utf-8", "surrogatepass")) for t in vocab)
+                    break
+        return self._token_bytes
 
     def _check_len(self, ids: list[int], field: str) -> list[int]:
         if not ids:
@@ -230,5 +387,102 @@ def _guess_id(obj: Any, lineno: int) -> tuple[Any, bool, bool]:
         return lineno, False, False
     batch = openai_batch.is_batch_line(obj)
     v = obj.get("custom_id" if batch else "id")
-    ok = isinstance(v, (str, int)) and not isinstance(v, bool) and v != ""
+    ok = _id_ok(v)
     return (v if ok else lineno), batch, ok
+
+
+def _id_ok(v: Any) -> bool:
+    return isinstance(v, (str, int)) and not isinstance(v, bool) and v != "" and (
+        not isinstance(v, str) or _encodable(v))
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Fields a plain line may carry besides data fields.
+_PLAIN_FIELDS = {"id", "prompt", "messages", "prompt_token_ids", *FIELDS}
+_ID_RE = re.compile(rb'"(custom_id|id)"\s*:\s*("(?:[^"\\\n]|\\.){1,200}"|-?\d{1,18})(?=\s*[,}])')
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _sniff_id(head: bytes) -> tuple[Any, bool]:
+    """(id, is a batch line) found by a cheap search of a line's first bytes (None: no id found); for lines too long
+    or too deep to parse. custom_id wins, as it does for a parsed line."""
+    found = {}
+    for m in _ID_RE.finditer(head):
+        found.setdefault(m.group(1), m.group(2))
+    batch = b"custom_id" in found or b'"body"' in head
+    token = found.get(b"custom_id" if batch else b"id")
+    if token is None:
+        return None, batch
+    try:
+        v = json.loads(token)
+    except ValueError:
+        return None, batch
+    return (v if _id_ok(v) else None), batch
+
+
+def _with_id(line: Line, id_value: Any) -> Line:
+    """`line` (a failed one) carrying a sniffed id. The id is a guess, so it claims nothing (own_id False)."""
+    err = line.error
+    err.id, err.key = id_value, key_of(id_value)
+    line.id, line.key = err.id, err.key
+    return line
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether the JSON nests deeper than MAX_DEPTH, judged on the bytes, without recursion: brackets inside
+    strings do not count. Cheap: most lines have too few brackets to look further."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return False
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for c in brackets:
+        if c == 91 or c == 123:  # [ {
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _lone_surrogate(obj: Any) -> tuple[str, str] | None:
+    """(path, string) of the first string (a key or a value) holding a lone surrogate, walked without recursion."""
+    stack = [(obj, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            if not _encodable(v):
+                return path, v
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                name = k.encode("utf-8", "backslashreplace").decode("utf-8")
+                sub = f"{path}.{name}" if path else name
+                if not _encodable(k):
+                    return sub, k
+                stack.append((x, sub))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]") for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def _template_fields(template) -> set[str]:
+    """The line fields a --template uses (they are data, never unknown fields)."""
+    if template is None:
+        return set()
+    try:
+        from jinja2 import meta
+
+        env = template.environment
+        source = env.loader.get_source(env, template.name)[0]
+        return set(meta.find_undeclared_variables(env.parse(source)))
+    except Exception:  # a template that cannot be read back: treat no field as its own
+        return set()

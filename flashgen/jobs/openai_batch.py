@@ -12,7 +12,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from flashgen.jobs.params import LINE_FIELDS, BadLine, line_overrides, show
+from flashgen.jobs.params import (FIELDS, HARMLESS, LINE_FIELDS, NEUTRAL, UNSUPPORTED, BadLine, is_neutral,
+                                  line_overrides, make_params, near_miss, show)
 
 if TYPE_CHECKING:
     from flashgen.jobs.inputs import LineParser
@@ -22,19 +23,33 @@ COMPLETIONS_URL = "/v1/completions"
 OBJECT = {CHAT_URL: "chat.completion", COMPLETIONS_URL: "text_completion"}
 # Body fields that map onto sampling parameters; max_completion_tokens (the newer name) wins over max_tokens.
 BODY_FIELDS = {k: k for k in LINE_FIELDS}
+# The prompt field of each url's body.
+PROMPT_FIELD = {CHAT_URL: "messages", COMPLETIONS_URL: "prompt"}
+# A batch line's own fields (OpenAI writes exactly these).
+LINE_KEYS = ("custom_id", "method", "url", "body")
+# Body fields accepted and ignored because they change nothing in the output (see params.HARMLESS / NEUTRAL);
+# every other body field flashgen does not implement is refused with an error record naming it.
+IGNORED_BODY_FIELDS = sorted(HARMLESS) + [f"{k}: {' / '.join(map(repr, v))}" for k, v in NEUTRAL.items()]
 
 
 def is_batch_line(obj: dict) -> bool:
     return "custom_id" in obj or "body" in obj
 
 
-def parse(obj: dict, parser: "LineParser") -> tuple[str, list[int], dict[str, Any]]:
-    """(object kind, prompt token ids, sampling overrides) for one batch line, or BadLine."""
+def parse(obj: dict, parser: "LineParser", key: str) -> tuple[str, list[int], Any]:
+    """(object kind, prompt token ids, SamplingParams) for one batch line, or BadLine. Every field is checked before
+    the prompt is tokenized."""
+    for k, v in obj.items():
+        if k not in LINE_KEYS:
+            hint = near_miss(k, LINE_KEYS)
+            raise BadLine("unknown_field", f'field "{k}" is {show(v)}, not a field of a batch line; '
+                          + (f'did you mean "{hint}"?' if hint else 'a batch line has "custom_id", "method", "url" '
+                             'and "body" (request fields go inside "body")'), k)
     method = obj.get("method", "POST")
     if method != "POST":
         raise BadLine("invalid_method", f'field "method" is {show(method)}; batch lines use "POST"', "method")
     url = obj.get("url")
-    if url not in OBJECT:
+    if not isinstance(url, str) or url not in OBJECT:
         raise BadLine(
             "unsupported_url",
             f'field "url" is {show(url)}; flashgen answers "{CHAT_URL}" and "{COMPLETIONS_URL}"', "url",
@@ -42,16 +57,20 @@ def parse(obj: dict, parser: "LineParser") -> tuple[str, list[int], dict[str, An
     body = obj.get("body")
     if not isinstance(body, dict):
         raise BadLine("invalid_field", f'field "body" is {show(body)}; use an object with the request', "body")
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if not is_neutral("n", n):
         raise BadLine(
             "unsupported_param",
             f'field "body.n" is {show(n)}; flashgen makes one choice per line: repeat the line with other custom_ids',
             "body.n",
         )
-    overrides = line_overrides(body, BODY_FIELDS, where="body.")
-    if "max_completion_tokens" in body:
-        overrides.update(line_overrides(body, {"max_completion_tokens": "max_tokens"}, where="body."))
+    _check_body_fields(body, url)
+    fields: dict[str, str] = {}
+    overrides = line_overrides(body, BODY_FIELDS, where="body.", fields=fields)
+    if "max_completion_tokens" in body:  # the newer name wins
+        overrides.update(line_overrides(body, {"max_completion_tokens": "max_tokens"}, where="body.", fields=fields))
+    parser.check_stop_ids(overrides, fields)
+    params = make_params(parser.defaults, overrides, key, "body.", fields=fields)
     if url == CHAT_URL:
         if "messages" not in body:
             raise BadLine("missing_prompt", 'field "body.messages" is missing; chat requests need messages',
@@ -74,7 +93,25 @@ def parse(obj: dict, parser: "LineParser") -> tuple[str, list[int], dict[str, An
                 f'field "body.prompt" is {show(prompt)}; use one string or one list of token ids per line',
                 "body.prompt",
             )
-    return OBJECT[url], ids, overrides
+    return OBJECT[url], ids, params
+
+
+def _check_body_fields(body: dict, url: str) -> None:
+    """Refuse every body field flashgen would otherwise ignore, unless it changes nothing in the output."""
+    known = {PROMPT_FIELD[url], "max_completion_tokens", *FIELDS}
+    for k, v in body.items():
+        if k in known or is_neutral(k, v):
+            continue
+        if k in UNSUPPORTED:
+            raise BadLine("unsupported_field", f'field "body.{k}" is {show(v)}; flashgen does not implement '
+                          f'"{k}" (yet): remove it from the body', "body." + k)
+        other = next((u for u, f in PROMPT_FIELD.items() if f == k), None)
+        if other is not None:
+            raise BadLine("unknown_field", f'field "body.{k}" is {show(v)}, but "{url}" requests take '
+                          f'"{PROMPT_FIELD[url]}"; use "{PROMPT_FIELD[url]}", or the url "{other}"', "body." + k)
+        hint = near_miss(k, known | HARMLESS | UNSUPPORTED)
+        raise BadLine("unknown_field", f'field "body.{k}" is {show(v)}, not a request field flashgen knows; '
+                      + (f'did you mean "{hint}"?' if hint else "remove it"), "body." + k)
 
 
 def _ids() -> tuple[str, str]:

@@ -1,22 +1,113 @@
-"""Sampling parameters for one line: the job's defaults overridden by the line's own fields."""
+"""Sampling parameters for one line: the job's defaults overridden by the line's own fields.
+
+FIELDS is the one table of every sampling field's type and range. A line's fields are checked against it here
+(`check_field`), the [sampling] config keys and flags by flashgen.jobs.settings.check_value (through the same
+function), and SamplingParams.__post_init__ stays the final authority for the Python API.
+"""
 from __future__ import annotations
 
+import difflib
 import hashlib
+import math
+from dataclasses import dataclass
 from typing import Any
 
-from flashgen.sampling_params import SamplingParams
+from flashgen.sampling_params import SEED_RANGE, SamplingParams
 
-# Fields a line may carry to override the job's defaults, with the JSON type each must have.
-LINE_FIELDS = {
-    "max_tokens": "int|null", "min_tokens": "int", "temperature": "number", "top_p": "number", "top_k": "int",
-    "min_p": "number", "seed": "int", "stop": "str|list[str]", "stop_token_ids": "list[int]", "ignore_eos": "bool",
-    "repetition_penalty": "number", "presence_penalty": "number", "frequency_penalty": "number",
-    "skip_special_tokens": "bool",
+
+@dataclass(frozen=True)
+class Field:
+    kind: str                      # int | int|null | number | bool | str|list[str] | list[int]
+    lo: float | None = None        # smallest allowed value (numbers; the elements of list[int])
+    hi: float | None = None        # largest allowed value
+    lo_open: bool = False          # lo itself is not allowed
+    hi_open: bool = False
+    note: str = ""                 # what a special value means, appended to the fix: "(0 is greedy)"
+
+    def range_text(self) -> str:
+        """The allowed range in words: "a number >= 0", "a number in (0, 1]"."""
+        what = {"int": "an integer", "int|null": "an integer", "number": "a number", "list[int]": "integers"}[self.kind]
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            text = f"{what} in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
+        elif self.lo is not None:
+            text = f"{what} {'>' if self.lo_open else '>='} {_num(self.lo)}"
+        elif self.hi is not None:
+            text = f"{what} {'<' if self.hi_open else '<='} {_num(self.hi)}"
+        else:
+            text = what
+        return text + (f" {self.note}" if self.note else "")
+
+    def in_range(self, v: float) -> bool:
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return not (self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)))
+
+
+def _num(v: float) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return "2**64" if v == 2**64 else str(v)
+
+
+# Every sampling field a line may carry to override the job's defaults. Floats must also be finite.
+FIELDS: dict[str, Field] = {
+    "max_tokens": Field("int|null", 1, note="(or null for up to the context length)"),
+    "min_tokens": Field("int", 0, note="(and <= max_tokens)"),
+    "temperature": Field("number", 0, note="(0 is greedy)"),
+    "top_p": Field("number", 0, 1, lo_open=True),
+    "top_k": Field("int", -1, note="(-1 or 0: all tokens)"),
+    "min_p": Field("number", 0, 1),
+    "seed": Field("int", SEED_RANGE[0], SEED_RANGE[1], hi_open=True),
+    "stop": Field("str|list[str]"),
+    "stop_token_ids": Field("list[int]", 0, note="(token ids of this model)"),
+    "ignore_eos": Field("bool"),
+    "repetition_penalty": Field("number", 0, lo_open=True, note="(1 is off)"),
+    "presence_penalty": Field("number", -2, 2),
+    "frequency_penalty": Field("number", -2, 2),
+    "skip_special_tokens": Field("bool"),
 }
+LINE_FIELDS = {k: f.kind for k, f in FIELDS.items()}
 _WANT = {
     "int": "an integer", "int|null": "an integer (or null for up to the context length)", "number": "a number",
-    "bool": "true or false", "str|list[str]": "a string or a list of strings", "list[int]": "a list of integers",
+    "bool": "true or false", "str|list[str]": "a non-empty string or a list of them",
+    "list[int]": "a list of integers",
 }
+
+# Fields of vLLM / OpenAI requests that flashgen does not implement (yet): refused with `unsupported_field`, never
+# silently ignored. Each stays here until the change that implements it lands.
+UNSUPPORTED = {
+    "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs", "response_format", "tools", "tool_choice",
+    "functions", "function_call", "stream", "stream_options", "echo", "best_of", "suffix", "n", "use_beam_search",
+    "length_penalty", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding",
+    "structured_outputs", "bad_words", "allowed_token_ids", "include_stop_str_in_output", "logits_processors",
+    "truncate_prompt_tokens", "spaces_between_special_tokens", "reasoning_effort", "modalities", "audio",
+    "prediction", "web_search_options", "detokenize", "output_kind",
+}
+# Fields that change nothing in the output, accepted and ignored: any value of HARMLESS; an unimplemented field at
+# the value that means "off" (null, or the one listed in NEUTRAL).
+HARMLESS = {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+            "safety_identifier"}
+NEUTRAL: dict[str, tuple] = {
+    "stream": (False,), "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "prompt_logprobs": (0,),
+    "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none",), "response_format": ({"type": "text"},), "use_beam_search": (False,),
+    "include_stop_str_in_output": (False,),
+}
+
+
+def is_neutral(name: str, value: Any) -> bool:
+    """Whether a field that flashgen does not implement has a value that changes nothing (it may be ignored)."""
+    if name in HARMLESS:
+        return True
+    if name not in UNSUPPORTED:
+        return False
+    return value is None or any(type(value) is type(x) and value == x for x in NEUTRAL.get(name, ()))
+
+
+# Other names people write for a field flashgen has.
+ALIASES = {"max_completion_tokens": "max_tokens", "max_new_tokens": "max_tokens", "stop_sequences": "stop",
+           "random_seed": "seed", "eos_token_id": "stop_token_ids"}
 
 
 class BadLine(Exception):
@@ -28,10 +119,20 @@ class BadLine(Exception):
 
 
 def show(value: Any, limit: int = 60) -> str:
-    """A value as it appears in JSON, shortened so one bad line cannot flood the error message."""
+    """A value as it appears in JSON, shortened so one bad line cannot flood the error message (lone surrogates
+    are shown escaped, so the message itself is always valid UTF-8)."""
     import json
 
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, bytes) else repr(value)
+    if isinstance(value, bytes):
+        text = repr(value)
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(value)
+        except (ValueError, TypeError, RecursionError):  # a huge int, an unserializable object
+            text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -49,26 +150,68 @@ def _type_ok(kind: str, v: Any) -> bool:
     if kind == "bool":
         return isinstance(v, bool)
     if kind == "str|list[str]":
-        return isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+        return (isinstance(v, str) and v != "") or (
+            isinstance(v, list) and all(isinstance(s, str) and s != "" for s in v))
     if kind == "list[int]":
         return isinstance(v, list) and all(_is_int(t) for t in v)
     raise AssertionError(kind)
 
 
-def line_overrides(obj: dict, names: dict[str, str] | None = None, where: str = "") -> dict[str, Any]:
-    """The sampling fields present in `obj`, type-checked. `names` maps a field name on the line to the
-    SamplingParams name (OpenAI bodies say max_completion_tokens); `where` prefixes field names (e.g. "body.")."""
-    names = names or {k: k for k in LINE_FIELDS}
+class FieldError(ValueError):
+    """A value outside its field's type (`code` invalid_field) or range (invalid_param); `fix` says what to use."""
+
+    def __init__(self, code: str, fix: str, detail: str = ""):
+        super().__init__(fix)
+        self.code, self.fix, self.detail = code, fix, detail
+
+
+def check_field(name: str, v: Any, spec: Field | None = None) -> Any:
+    """`v` checked against FIELDS[name] (type, finite, range) and normalized (numbers -> float), or FieldError.
+    The one check of a sampling value, for lines, flags and config alike."""
+    spec = spec or FIELDS[name]
+    if not _type_ok(spec.kind, v):
+        raise FieldError("invalid_field", f"use {_WANT[spec.kind]}")
+    if spec.kind == "number":
+        try:
+            v = float(v)
+        except OverflowError:
+            v = math.inf  # a huge integer: not representable, like inf
+        if not math.isfinite(v):
+            raise FieldError("invalid_param", f"use a finite {spec.range_text()[2:]}")
+    values = v if spec.kind == "list[int]" else [v] if spec.kind in ("int", "int|null", "number") else []
+    for i, x in enumerate(values):
+        if x is not None and not spec.in_range(x):
+            at = f" (at index {i})" if spec.kind == "list[int]" else ""
+            raise FieldError("invalid_param", f"use {spec.range_text()}", at)
+    return v
+
+
+def line_overrides(obj: dict, names: dict[str, str] | None = None, where: str = "",
+                   fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """The sampling fields present in `obj`, type- and range-checked. `names` maps a field name on the line to the
+    SamplingParams name (OpenAI bodies say max_completion_tokens); `where` prefixes field names (e.g. "body.").
+    `fields`, when given, collects SamplingParams name -> the field name the line used, for later messages."""
+    names = names or {k: k for k in FIELDS}
     out = {}
     for field, name in names.items():
         if field not in obj:
             continue
         v = obj[field]
-        kind = LINE_FIELDS[name]
-        if not _type_ok(kind, v):
-            raise BadLine("invalid_field", f'field "{where}{field}" is {show(v)}; use {_WANT[kind]}', where + field)
-        out[name] = v
+        try:
+            out[name] = check_field(name, v)
+        except FieldError as e:
+            raise BadLine(e.code, f'field "{where}{field}" is {show(v)}{e.detail}; {e.fix}', where + field) from None
+        if fields is not None:
+            fields[name] = where + field
     return out
+
+
+def near_miss(name: str, known) -> str | None:
+    """The known field `name` is probably a misspelling of, or None."""
+    if name in ALIASES:
+        return ALIASES[name]
+    close = difflib.get_close_matches(name.lower(), list(known), n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def line_seed(base: int, key: str) -> int:
@@ -87,8 +230,10 @@ def defaults_from_settings(sampling: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def make_params(defaults: dict[str, Any], overrides: dict[str, Any], key: str, where: str = "") -> SamplingParams:
-    """SamplingParams for one line; a value SamplingParams rejects becomes a BadLine naming the field."""
+def make_params(defaults: dict[str, Any], overrides: dict[str, Any], key: str, where: str = "",
+                fields: dict[str, str] | None = None) -> SamplingParams:
+    """SamplingParams for one line; a value SamplingParams rejects becomes a BadLine naming the field the line
+    has (`fields`: SamplingParams name -> the line's field name, e.g. body.max_completion_tokens)."""
     kw = {**defaults, **overrides}
     if "seed" not in overrides and defaults.get("seed") is not None:
         kw["seed"] = line_seed(defaults["seed"], key)
@@ -98,4 +243,5 @@ def make_params(defaults: dict[str, Any], overrides: dict[str, Any], key: str, w
         bad = next((k for k in overrides if f" {k}=" in f" {e}"), None)
         if bad is None:  # the combination is wrong (e.g. min_tokens > max_tokens) or a default is
             raise BadLine("invalid_param", f"{e}", None) from None
-        raise BadLine("invalid_param", f'field "{where}{bad}": {e}', where + bad) from None
+        name = (fields or {}).get(bad, where + bad)
+        raise BadLine("invalid_param", f'field "{name}" is {show(overrides[bad])}: {e}', name) from None

@@ -15,6 +15,8 @@ from typing import Any
 
 from flashgen.config import BACKENDS, DTYPES, EngineConfig
 from flashgen.jobs.errors import FatalError
+from flashgen.jobs.inputs import DEFAULT_MAX_LINE_BYTES
+from flashgen.jobs.params import FIELDS, Field, FieldError, check_field
 
 try:  # Python >= 3.11
     import tomllib
@@ -28,6 +30,7 @@ class Option:
     help: str
     kind: str = ""                  # int | float | str | bool | list[str] | list[int]; "" derives it from default
     choices: tuple[str, ...] = ()
+    range: Field | None = None      # allowed values of a number (floats must be finite in any case)
 
     @property
     def type(self) -> str:
@@ -55,6 +58,13 @@ ENGINE_HELP = {
     "load_format": "auto = the checkpoint's safetensors; dummy = random weights (benchmarks)",
 }
 ENGINE_CHOICES = {"dtype": DTYPES, "backend": BACKENDS}
+# The ranges EngineConfig checks, checked here too so a flag or config value is refused before anything loads.
+ENGINE_RANGES = {
+    "block_size": Field("int", 16, 256, note="(a power of two)"), "max_num_seqs": Field("int", 1),
+    "max_num_batched_tokens": Field("int", 1), "max_model_len": Field("int", 0, note="(0 = the model's)"),
+    "gpu_memory_utilization": Field("number", 0.05, 1), "kv_cache_gb": Field("number", 0, note="(0 = auto)"),
+    "tensor_parallel_size": Field("int", 1),
+}
 
 
 def _source_comments() -> dict[str, str]:
@@ -74,8 +84,9 @@ def _engine_options() -> dict[str, Option]:
     for f in dataclasses.fields(EngineConfig):
         default = "" if f.name == "model" else f.default
         help = ENGINE_HELP.get(f.name) or comments.get(f.name, "")
-        opts[f.name] = Option(default, help, choices=ENGINE_CHOICES.get(f.name, ()))
+        opts[f.name] = Option(default, help, choices=ENGINE_CHOICES.get(f.name, ()), range=ENGINE_RANGES.get(f.name))
     return opts
+
 
 
 SAMPLING = {
@@ -98,8 +109,10 @@ SAMPLING = {
 JOB = {
     "order": Option("input", "input = output lines in input order; completion = as they finish",
                     choices=("input", "completion")),
-    "max_errors": Option(0, "stop after this many bad lines (exit code 3); 0 = no limit"),
-    "max_in_flight": Option(0, "most lines read but not yet written; 0 = 4 x max_num_seqs"),
+    "max_errors": Option(0, "stop after this many bad lines (exit code 3); 0 = no limit", range=Field("int", 0)),
+    "max_in_flight": Option(0, "most lines read but not yet written; 0 = 4 x max_num_seqs", range=Field("int", 0)),
+    "max_line_bytes": Option(DEFAULT_MAX_LINE_BYTES, "a longer input line gets a line_too_long error record, unread; "
+                             "0 = no limit", range=Field("int", 0)),
     "return_token_ids": Option(False, "add the generated token ids to each output line"),
     "template": Option("", "Jinja template file that renders each line's prompt from its fields"),
     "field": Option("", "take the prompt text from this JSONL field instead of \"prompt\""),
@@ -108,6 +121,8 @@ JOB = {
     "progress": Option("auto", "auto = progress bar when stderr is a terminal; on; off", choices=("auto", "on", "off")),
     "stats_json": Option("", "write the final summary as JSON to this file"),
     "quiet": Option(False, "no summary or notes on stderr (errors still go there)"),
+    "drain": Option(False, "on SIGINT/SIGTERM/SIGHUP finish the lines in flight first; false = drop them at "
+                    "once (--resume reruns them)"),
     "data_parallel": Option("1", "engine processes fed by this job, one per GPU (auto = one per visible GPU)"),
 }
 
@@ -135,6 +150,12 @@ def check_value(section: str, key: str, value: Any, where: str) -> Any:
     def bad(expected: str) -> FatalError:
         return FatalError(f"{where}: {section}.{key} = {value!r} is invalid; use {expected}")
 
+    def check(spec: Field, v: Any) -> Any:
+        try:
+            return check_field(key, v, spec)
+        except FieldError as e:
+            raise bad(e.fix[4:] + e.detail) from None
+
     if t == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -157,6 +178,17 @@ def check_value(section: str, key: str, value: Any, where: str) -> Any:
         if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, elem) for v in value):
             raise bad(f"a list of {'strings' if elem is str else 'integers'}")
         value = list(value)
+    if section == "sampling":  # the same table and checks as a line's fields (TOML has no null: -1 / [])
+        spec = FIELDS[key]
+        if key == "seed" and value == -1:
+            return value
+        if t == "int" and spec.kind == "int|null":
+            spec = dataclasses.replace(spec, kind="int", note="")
+        value = check(spec, value)
+    elif opt.range is not None:
+        value = check(opt.range, value)
+    elif t == "float":
+        value = check(Field("number"), value)
     return value
 
 
@@ -169,12 +201,20 @@ def _unknown(kind: str, name: str, known, where: str) -> FatalError:
 def read_toml(path: Path) -> dict[str, dict[str, Any]]:
     """Parse and validate one config file; every problem names the file and the key."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise FatalError(f"config file {path} does not exist; check the --config path") from None
     except OSError as e:
         raise FatalError(f"cannot read config file {path}: {e.strerror}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM (some editors add one): not part of the TOML
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FatalError(f"config file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); "
+                         "save it as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FatalError(f"config file {path} is not valid TOML: {e}") from None
     out: dict[str, dict[str, Any]] = {}
