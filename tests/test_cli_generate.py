@@ -16,7 +16,7 @@ def test_plain_lines_file_to_file(tmp_path):
     assert r.stdout == ""  # with -o, stdout stays empty
     assert [rec["id"] for rec in recs] == ["a", 7, 3]  # input order; a line without id gets its line number
     for rec in recs:
-        assert set(rec) == {"id", "text", "finish_reason", "usage"}
+        assert set(rec) == {"id", "text", "finish_reason", "usage", "request_hash"}
         assert rec["finish_reason"] in ("stop", "length")
         assert 1 <= rec["usage"]["completion_tokens"] <= 4 and rec["usage"]["prompt_tokens"] > 0
     assert "3 lines: 3 ok, 0 errors" in r.stderr  # the summary goes to stderr

@@ -74,7 +74,7 @@ def test_resume_skips_done_ids_drops_torn_tail_and_retries_errors(tmp_path):
 
 def test_resume_refuses_a_file_that_is_not_flashgen_output(tmp_path):
     src, out = write_input(tmp_path), tmp_path / "out.jsonl"
-    out.write_text('{"id": "q0", "text": "a"}\nthis is not json\n')
+    out.write_text('{"id": "q0", "text": "a", "finish_reason": "stop"}\nthis is not json\n')
     r = run(tmp_path, src, out, "--resume")
     assert r.exit_code == ExitCode.FATAL and "line 2" in r.stderr and "--overwrite" in r.stderr
 
