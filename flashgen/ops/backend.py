@@ -1,0 +1,62 @@
+"""OpsBackend: the ops the model calls, as both backends (torch_ops, the reference; cuda_ops, the kernels)
+implement them. A backend is a module; this Protocol is its contract, checked against both modules by
+tests/test_ops_backend.py. The CUDA backend may add keyword-only parameters (out=, and knobs such as
+decode_attention's return_lse= and num_splits=) whose defaults keep the call below.
+
+gumbel_argmax is CUDA only (its reference is flashgen.engine.sampler's), so it is not part of the contract.
+
+Shapes (docs/design.md; flash-attn conventions):
+  k_cache, v_cache : (num_blocks, block_size, num_kv_heads, head_dim)
+  block_tables     : (batch, max_blocks_per_seq) int32, the block ids of each sequence in order
+  slot_mapping     : (num_tokens,) int32 or int64, block_id * block_size + offset; -1 = do not write
+  cos_sin          : (max_positions, head_dim) float32: cos in [:, :head_dim/2], sin in [:, head_dim/2:]
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@runtime_checkable
+class OpsBackend(Protocol):
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., K) . weight (N, K)^T [+ bias (N,)] -> (..., N)."""
+        ...
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm over the last dim: x (..., hidden), weight (hidden,) -> (..., hidden). With `residual` (x's
+        shape): returns (norm(x + residual), x + residual)."""
+        ...
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 2 * inter) -> (..., inter): silu(gate) * up, gate first as in the fused gate_up weight."""
+        ...
+
+    def rope_kv_append(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                       slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                       norm_eps: float = 1e-6, interleaved: bool = False) -> torch.Tensor:
+        """qkv (T, (Hq + 2 Hkv) * D), positions (T,) -> q (T, Hq, D) rotated; the rotated k and the v of token
+        t are written to cache slot slot_mapping[t] (-1: not written). Qwen3's per-head RMSNorm (q_norm,
+        k_norm: (D,), both or neither) runs before the rotation; `interleaved` rotates pairs (2i, 2i+1)
+        (GPT-J) instead of halves (NeoX)."""
+        ...
+
+    def prefill_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                          max_seqlen_q: int, softmax_scale: float) -> torch.Tensor:
+        """Varlen causal attention over the paged cache: q (total_q, Hq, D), cu_seqlens_q (batch + 1,) int32,
+        context_lens (batch,) int32. Sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to
+        its first context_lens[b] cached tokens (its new tokens included, already appended), the mask aligned
+        bottom-right; max_seqlen_q >= every q length. Returns (total_q, Hq, D)."""
+        ...
+
+    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float
+                         ) -> torch.Tensor:
+        """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] (context_lens (B,)
+        int32) cached tokens of sequence b, the new token's own k/v included. Returns (B, Hq, D)."""
+        ...

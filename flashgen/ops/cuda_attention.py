@@ -1,0 +1,244 @@
+"""CUDA backend, paged attention: varlen causal prefill (kernels/prefill_attention.cu on any sm_80+ GPU,
+kernels/prefill_attention_sm90.cu with wgmma and TMA on Hopper) and one-token decode
+(kernels/decode_attention.cu), with the choices behind each launch (prefill kernel and tile, decode splits and
+plan) and the merge counters of the kernels whose last CTA merges the others' partials (gumbel_argmax uses
+them too).
+
+Importing this module needs neither CuPy nor a GPU; calling an op does.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+from flashgen.ops import jit, tma
+from flashgen.ops.cuda_checks import (DTYPES, check_block_tables, check_cache, check_out, check_shape, check_tensor,
+                                      choose, device_index, fail, num_sms)
+
+ATTN_HEAD_DIMS = (64, 128)
+# prefill tiles per head_dim: (16-row m-tiles per warp, keys per tile); kernels/prefill_attention.cu
+PREFILL_TILES = {64: (2, 64), 128: (2, 64)}
+PREFILL_TILE_CHOICES = ((1, 64), (1, 32), (2, 32), (2, 64))
+# prefill kernels: "wgmma" (kernels/prefill_attention_sm90.cu, Hopper only) and "mma" (prefill_attention.cu,
+# any sm_80+ GPU); FLASHGEN_PREFILL=auto|wgmma|mma, auto = wgmma where the GPU has it
+PREFILL_IMPLS = ("wgmma", "mma")
+WGMMA_ARCH = "sm_90"  # the architecture with wgmma (built for its arch-specific target, sm_90a)
+PREFILL_SM90_SMEM = {d: 128 * d * 2 * 6 + 1024 for d in ATTN_HEAD_DIMS}  # 2 Q + 2 K + 2 V slots + alignment
+DECODE_MAX_SPLITS = 256
+DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
+
+
+def _check_attn(q, k_cache, v_cache, dev):
+    bs, hkv, d = check_cache(k_cache, v_cache, q.dtype, dev)
+    if d not in ATTN_HEAD_DIMS:
+        fail("k_cache", f"head_dim (dim 3) must be one of {ATTN_HEAD_DIMS}", d)
+    if q.shape[2] != d:
+        fail("q", f"must have head_dim {d} like k_cache", f"shape {tuple(q.shape)}")
+    hq = q.shape[1]
+    if hq == 0 or hq % hkv:
+        fail("q", f"must have a number of heads that is a multiple of num_kv_heads {hkv}", f"shape {tuple(q.shape)}")
+    return bs, hkv, d, hq
+
+
+def prefill_smem_bytes(head_dim: int, tile: tuple[int, int]) -> int:
+    mt, bn = tile
+    q_tile = 64 * mt * head_dim * 2 if mt == 2 else 0  # MT == 1 stages Q in stage 1's buffers
+    return q_tile + 4 * bn * head_dim * 2  # + 2 stages x (K + V)
+
+
+def prefill_impl(device_index: int) -> str:
+    """The prefill kernel used on a device: $FLASHGEN_PREFILL (auto, wgmma or mma); auto picks wgmma on
+    Hopper (compute capability 9.0) and mma elsewhere."""
+    choice = choose("FLASHGEN_PREFILL", os.environ.get("FLASHGEN_PREFILL", "auto"), ("auto", *PREFILL_IMPLS))
+    if choice == "auto":
+        return "wgmma" if jit.device_arch(device_index) == WGMMA_ARCH and device_index not in _WGMMA_FAILED else "mma"
+    return choice
+
+
+_WGMMA_FAILED: dict[int, str] = {}  # device -> why the sm_90a build failed (auto then falls back to mma)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      context_lens: torch.Tensor, block_tables: torch.Tensor, max_seqlen_q: int,
+                      softmax_scale: float, *, out: torch.Tensor | None = None,
+                      tile: tuple[int, int] | None = None, impl: str | None = None) -> torch.Tensor:
+    """Varlen causal attention over the paged cache. q (total_q, Hq, D); sequence b owns q rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to its first context_lens[b] cached tokens (its new tokens
+    included), the mask aligned bottom-right; needs context_lens[b] >= q_len_b and max_seqlen_q >= every
+    q_len_b. Returns (total_q, Hq, D). `impl` picks the kernel (PREFILL_IMPLS; default prefill_impl());
+    `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES; for benchmarks)."""
+    check_tensor("q", q, DTYPES, 3)
+    dev = q.device
+    bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, (torch.int32,), 1, dev, align=4)
+    B = cu_seqlens_q.shape[0] - 1
+    if B < 0:
+        fail("cu_seqlens_q", "must have batch + 1 entries", f"shape {tuple(cu_seqlens_q.shape)}")
+    check_tensor("context_lens", context_lens, (torch.int32,), 1, dev, align=4)
+    check_shape("context_lens", context_lens, (B,))
+    check_block_tables(block_tables, B, dev)
+    max_seqlen_q = int(max_seqlen_q)
+    if max_seqlen_q < 0:
+        fail("max_seqlen_q", "must be >= 0", max_seqlen_q)
+    out = check_out(out, tuple(q.shape), q.dtype, dev)
+    if out is None:
+        out = torch.empty_like(q)
+    di = device_index(q)
+    auto = impl is None and tile is None
+    if impl is None:
+        impl = "mma" if tile is not None else prefill_impl(di)
+    if impl not in PREFILL_IMPLS:
+        fail("impl", f"must be one of {PREFILL_IMPLS}", impl)
+    if impl == "wgmma":
+        if tile is not None:
+            fail("tile", "applies to the mma kernel only (impl='mma')", tile)
+        arch = jit.device_arch(di)
+        if arch != WGMMA_ARCH:
+            fail("impl", f"'wgmma' needs a Hopper GPU ({WGMMA_ARCH}); {dev} is {arch}", impl)
+    else:
+        tile = PREFILL_TILES[d] if tile is None else tuple(tile)
+        if tile not in PREFILL_TILE_CHOICES:
+            fail("tile", f"must be one of {PREFILL_TILE_CHOICES}", tile)
+    if not (B and max_seqlen_q and q.shape[0]):
+        return out
+    if impl == "wgmma":
+        smem, block_m = PREFILL_SM90_SMEM[d], 128
+        try:
+            k = jit.get_kernel("prefill_attention_sm90.cu", "prefill_attention_sm90_kernel", q.dtype, d, di, smem,
+                               arch_specific=True)
+            # K/V tiles come by TMA, one box per page (or per 128-token tile of a longer page)
+            maps = (tma.paged_cache_map(k_cache, min(bs, 128)), tma.paged_cache_map(v_cache, min(bs, 128)))
+        except Exception as e:  # noqa: BLE001 - any failure of the sm_90a build: the portable kernel still works
+            if not auto:
+                raise
+            _WGMMA_FAILED[di] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"flashgen: the Hopper (wgmma) prefill kernel could not be built on {dev} "
+                          f"({_WGMMA_FAILED[di][:300]}); using the mma.sync kernel instead", RuntimeWarning,
+                          stacklevel=2)
+            return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
+                                     softmax_scale, out=out, impl="mma")
+    else:
+        smem, block_m = prefill_smem_bytes(d, tile), 64 * tile[0]
+        k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
+                           (("PF_MT", tile[0]), ("PF_BN", tile[1])))
+    mblocks = -(-max_seqlen_q // block_m)
+    args = (jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
+            jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),
+            jit.i32(bs.bit_length() - 1), jit.f32(softmax_scale * math.log2(math.e)))
+    if impl == "wgmma":
+        # persistent: one CTA per SM (a producer and 2 consumer warpgroups) takes (sequence, head, m-block)
+        # items from a counter in turn
+        sched = split_counters(dev, 2, user="prefill")
+        jit.launch(k, (min(num_sms(di), mblocks * hq * B),), (384,), (
+            *args, jit.i32(B), jit.ptr(maps[0]), jit.ptr(maps[1]), jit.ptr(sched)), dev, shared_mem=smem)
+    else:
+        # grid (m-blocks, Hq, B), 4 warps
+        jit.launch(k, (mblocks, hq, B), (128,), (*args, jit.i32(mblocks)), dev, shared_mem=smem)
+    return out
+
+
+_COUNTERS: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def split_counters(dev: torch.device, n: int, user: str = "decode") -> torch.Tensor:
+    """Zeroed int32 counters for kernels whose last CTA merges the others' partials (decode: one per
+    (sequence, kv head, group of 8 query heads); sampling: one per row) and for the persistent Hopper prefill's
+    work queue (next item, CTAs done); the kernels leave them at zero again. Allocated once per device and user,
+    outside any CUDA-graph capture (the eager warm-up call does it). One set per device: two launches of one
+    user must not run at the same time on different streams."""
+    buf = _COUNTERS.get((dev, user))
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{user} needs {n} split counters on {dev}; call it once with this batch outside "
+                               "the CUDA-graph capture first")
+        buf = _COUNTERS[(dev, user)] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=dev)
+    return buf
+
+
+def decode_num_splits(batch: int, hkv: int, group: int, max_context: int, num_sms: int) -> int:
+    """Splits of the context so that batch x kv-head CTAs fill the GPU (2 CTAs per SM are resident): the
+    fewest that give >= 90% of a whole number of waves, each split keeping >= 256 tokens."""
+    ctas = batch * hkv * -(-group // 8)
+    slots = 2 * num_sms
+    max_splits = max(1, min(DECODE_MAX_SPLITS, max_context // 256))
+    if ctas >= 4 * slots or max_splits == 1:
+        return 1
+    best, best_eff = 1, 0.0
+    for s in range(1, max_splits + 1):
+        total = ctas * s
+        eff = total / (-(-total // slots) * slots)
+        if total >= slots and eff >= 0.9:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+def decode_plan(plan: str | None = None) -> str:
+    """decode_attention's plan: the argument, else $FLASHGEN_DECODE_PLAN, else auto; checked."""
+    if plan is not None:
+        return choose("plan", plan, DECODE_PLANS)
+    return choose("FLASHGEN_DECODE_PLAN", os.environ.get("FLASHGEN_DECODE_PLAN", "auto"), DECODE_PLANS)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+                     block_tables: torch.Tensor, softmax_scale: float, *, out: torch.Tensor | None = None,
+                     return_lse: bool = False, num_splits: int | None = None, plan: str | None = None):
+    """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
+    b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
+    LSE of the scaled scores).
+
+    The grid is num_splits CTAs per (sequence, kv head, group of 8 query heads); num_splits overrides the
+    heuristic, which depends on shapes only, never on the values of context_lens, so graph capture sees a
+    fixed launch. The kernel plans from context_lens how the CTAs share the work: "split" cuts every sequence
+    in num_splits pieces; "balanced" lays the steps of the whole batch end to end and cuts them into one
+    equal slice per CTA, so a ragged batch no longer waits on its long sequences at the end; "auto" takes
+    "split" when the grid is over two waves, when the mean length is within 5% of the longest, or when the
+    batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
+    batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
+    context lengths only, never on timing."""
+    check_tensor("q", q, DTYPES, 3)
+    dev = q.device
+    bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
+    B = q.shape[0]
+    check_tensor("context_lens", context_lens, (torch.int32,), 1, dev, align=4)
+    check_shape("context_lens", context_lens, (B,))
+    check_block_tables(block_tables, B, dev)
+    out = check_out(out, tuple(q.shape), q.dtype, dev)
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty((B, hq), dtype=torch.float32, device=dev) if return_lse else None
+    if B:
+        di = device_index(q)
+        group = hq // hkv
+        if num_splits is None:
+            num_splits = decode_num_splits(B, hkv, group, block_tables.shape[1] * bs, num_sms(di))
+        num_splits = int(num_splits)
+        if not 1 <= num_splits <= DECODE_MAX_SPLITS:
+            fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
+        plan = decode_plan(plan)
+        pairs = B * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
+        if pairs * max(num_splits, -(-block_tables.shape[1] * bs // 16)) >= 1 << 30:  # 32-bit plan in the kernel
+            fail("block_tables", "covers too many 16-token steps for one launch (batch x kv heads x "
+                 "ceil(query group / 8) x ceil(width x block_size / 16) must stay below 2^30); split the batch",
+                 tuple(block_tables.shape))
+        ncta = pairs * num_splits
+        code, sms = DECODE_PLANS.index(plan), num_sms(di)
+        if code == 0 and ncta > 4 * sms:  # > 2 waves: the hardware's CTA scheduling evens out a ragged
+            code = 1                                # batch; the split plan needs no scan of context_lens
+        if code == 1 and num_splits == 1:  # every CTA covers a whole pair: no partials
+            part_o = part_lse = None
+        else:
+            part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
+            part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
+        counters = split_counters(dev, pairs)
+        k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di)
+        jit.launch(k, (num_splits, pairs // B, B), (128,), (
+            jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
+            jit.i32(block_tables.stride(0)), jit.ptr(out), jit.ptr(lse), jit.ptr(part_o), jit.ptr(part_lse),
+            jit.ptr(counters), jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
+            jit.f32(softmax_scale * math.log2(math.e)), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms)), dev)
+    return (out, lse) if return_lse else out

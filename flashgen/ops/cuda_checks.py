@@ -1,0 +1,84 @@
+"""What every CUDA wrapper shares: the argument checks that refuse a bad call with a ValueError naming the
+argument and its value (before anything is launched), and the device queries the launch shapes depend on.
+
+Importing this module needs neither CuPy nor a GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------- argument checks
+def fail(name: str, what: str, value) -> None:
+    raise ValueError(f"{name} {what}, got {value}")
+
+
+def choose(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """value when it is one of choices; else a ValueError naming where it came from (an argument or an
+    environment variable), the value and the choices."""
+    if value not in choices:
+        fail(name, f"must be one of {', '.join(choices)}", repr(value))
+    return value
+
+
+def check_tensor(name: str, t, dtypes=None, ndim: int | None = None, device: torch.device | None = None,
+                 contiguous: bool = True, align: int = 16) -> None:
+    if not isinstance(t, torch.Tensor):
+        fail(name, "must be a torch.Tensor", type(t).__name__)
+    if not t.is_cuda:
+        fail(name, "must be a CUDA tensor", f"device {t.device}")
+    if device is not None and t.device != device:
+        fail(name, f"must be on {device} like the other arguments", f"device {t.device}")
+    if dtypes is not None and t.dtype not in dtypes:
+        fail(name, f"must have dtype {' or '.join(str(d) for d in dtypes)}", t.dtype)
+    if ndim is not None and t.dim() != ndim:
+        fail(name, f"must have {ndim} dimensions", f"shape {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        fail(name, "must be contiguous", f"strides {t.stride()} for shape {tuple(t.shape)}")
+    if t.numel() and t.data_ptr() % align:  # the kernels use 16-byte vector accesses
+        fail(name, f"must start at a {align}-byte aligned address", f"address {t.data_ptr():#x}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        fail(name, f"must have shape {tuple(shape)}", f"shape {tuple(t.shape)}")
+
+
+def check_out(out, like_shape: tuple, dtype: torch.dtype, device: torch.device, name: str = "out"):
+    if out is None:
+        return None
+    check_tensor(name, out, (dtype,), device=device)
+    check_shape(name, out, like_shape)
+    return out
+
+
+def check_cache(k_cache, v_cache, dtype, device) -> tuple[int, int, int]:
+    check_tensor("k_cache", k_cache, (dtype,), 4, device)
+    check_tensor("v_cache", v_cache, (dtype,), 4, device)
+    if k_cache.shape != v_cache.shape:
+        fail("v_cache", f"must have k_cache's shape {tuple(k_cache.shape)}", f"shape {tuple(v_cache.shape)}")
+    _, bs, hkv, d = k_cache.shape
+    if bs < 16 or bs & (bs - 1):
+        fail("k_cache", "block size (dim 1) must be a power of two >= 16", bs)
+    return bs, hkv, d
+
+
+def check_block_tables(block_tables, batch: int, device) -> None:
+    check_tensor("block_tables", block_tables, (torch.int32,), 2, device, contiguous=False, align=4)
+    if block_tables.shape[0] != batch or block_tables.stride(1) != 1:
+        fail("block_tables", f"must be ({batch}, max_blocks) with contiguous rows",
+             f"shape {tuple(block_tables.shape)} strides {block_tables.stride()}")
+
+
+# ---------------------------------------------------------------- device queries
+def device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

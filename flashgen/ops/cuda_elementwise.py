@@ -1,0 +1,112 @@
+"""CUDA backend, per-token ops: RMSNorm and SiLU-and-multiply (kernels/norms.cu), and the rotary embedding
+with the KV-cache append (kernels/rope_kv_append.cu).
+
+Importing this module needs neither CuPy nor a GPU; calling an op does.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashgen.ops import jit
+from flashgen.ops.cuda_checks import (DTYPES, check_cache, check_out, check_shape, check_tensor, device_index, fail,
+                                      num_sms)
+
+RMS_MAX_HIDDEN = 8 * 4 * 1024  # kernels/norms.cu: RMS_VPT vectors of 8 per thread, 1024 threads
+
+
+# ---------------------------------------------------------------- norms
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+             out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+    """RMSNorm over the last dim of `x` (..., hidden). With `residual`: returns (norm(x + residual), x + residual);
+    `residual_out` may be `residual` itself (in-place update, as vLLM's fused_add_rms_norm)."""
+    check_tensor("x", x, DTYPES)
+    dev = x.device
+    hidden = x.shape[-1] if x.dim() else 0
+    if x.dim() < 1 or hidden % 8 or not 0 < hidden <= RMS_MAX_HIDDEN:
+        fail("x", f"must have a last dim that is a multiple of 8 in [8, {RMS_MAX_HIDDEN}]", f"shape {tuple(x.shape)}")
+    check_tensor("weight", weight, (x.dtype,), 1, dev)
+    check_shape("weight", weight, (hidden,))
+    if residual is not None:
+        check_tensor("residual", residual, (x.dtype,), device=dev)
+        check_shape("residual", residual, tuple(x.shape))
+    out = check_out(out, tuple(x.shape), x.dtype, dev)
+    if out is None:
+        out = torch.empty_like(x)
+    if residual is not None:
+        residual_out = check_out(residual_out, tuple(x.shape), x.dtype, dev, "residual_out")
+        if residual_out is None:
+            residual_out = torch.empty_like(x)
+    rows = x.numel() // hidden
+    if rows:
+        # RMS_VPT (4) vectors of 8 per thread at most; a few rows (decode at small batch) get one per thread
+        per_thread = -(-(hidden // 8) // (1 if rows < num_sms(device_index(x)) else 4))
+        threads = min(1024, max(32, -(-per_thread // 32) * 32))
+        k = jit.get_kernel("norms.cu", "rms_norm_kernel", x.dtype, 0, device_index(x))
+        jit.launch(k, (rows,), (threads,), (
+            jit.ptr(x), jit.ptr(residual), jit.ptr(weight), jit.ptr(out),
+            jit.ptr(residual_out if residual is not None else None), jit.i32(hidden), jit.f32(eps)), dev)
+    return out if residual is None else (out, residual_out)
+
+
+def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., 2 * inter) -> (..., inter): silu(gate) * up, gate first."""
+    check_tensor("x", x, DTYPES)
+    if x.dim() < 1 or x.shape[-1] % 16 or x.shape[-1] == 0:
+        fail("x", "must have a last dim that is a positive multiple of 16 (2 * inter, inter % 8 == 0)",
+             f"shape {tuple(x.shape)}")
+    inter = x.shape[-1] // 2
+    shape = (*x.shape[:-1], inter)
+    out = check_out(out, shape, x.dtype, x.device)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    rows = x.numel() // x.shape[-1]
+    if rows:
+        k = jit.get_kernel("norms.cu", "silu_mul_kernel", x.dtype, 0, device_index(x))
+        nvec = inter // 8
+        threads = min(256, -(-nvec // 32) * 32)
+        jit.launch(k, (rows, -(-nvec // threads)), (threads,), (jit.ptr(x), jit.ptr(out), jit.i32(inter)),
+                   x.device)
+    return out
+
+
+# ---------------------------------------------------------------- rope + kv append
+def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, q_norm: torch.Tensor | None = None,
+                   k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, interleaved: bool = False, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D) rotated; rotated k and v written to their cache slots
+    (slot -1: not written). Qwen3's per-head RMSNorm (q_norm, k_norm: (D,)) runs before the rotation."""
+    check_tensor("qkv", qkv, DTYPES, 2)
+    dev = qkv.device
+    bs, hkv, d = check_cache(k_cache, v_cache, qkv.dtype, dev)
+    if d % 16 or not 32 <= d <= 512:
+        fail("k_cache", "head_dim (dim 3) must be a multiple of 16 in [32, 512]", d)
+    T, width = qkv.shape
+    if width % d or width // d <= 2 * hkv:
+        fail("qkv", f"must be (T, (Hq + 2 * {hkv}) * {d}) with Hq >= 1", f"shape {tuple(qkv.shape)}")
+    hq = width // d - 2 * hkv
+    check_tensor("positions", positions, (torch.int32, torch.int64), 1, dev, align=4)
+    check_shape("positions", positions, (T,))
+    check_tensor("slot_mapping", slot_mapping, (torch.int32, torch.int64), 1, dev, align=4)
+    check_shape("slot_mapping", slot_mapping, (T,))
+    check_tensor("cos_sin", cos_sin, (torch.float32,), 2, dev)
+    if cos_sin.shape[1] != d:
+        fail("cos_sin", f"must be (max_positions, {d}) float32", f"shape {tuple(cos_sin.shape)}")
+    if (q_norm is None) != (k_norm is None):
+        fail("q_norm/k_norm", "must both be given or both be None",
+             f"q_norm {type(q_norm).__name__}, k_norm {type(k_norm).__name__}")
+    if q_norm is not None:
+        for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+            check_tensor(name, w, (qkv.dtype,), 1, dev)
+            check_shape(name, w, (d,))
+    out = check_out(out, (T, hq, d), qkv.dtype, dev)
+    if out is None:
+        out = torch.empty((T, hq, d), dtype=qkv.dtype, device=dev)
+    if T:
+        k = jit.get_kernel("rope_kv_append.cu", "rope_kv_append_kernel", qkv.dtype, d, device_index(qkv))
+        jit.launch(k, (T,), (128,), (  # ROPE_THREADS in kernels/rope_kv_append.cu
+            jit.ptr(qkv), jit.ptr(positions), jit.i32(positions.dtype == torch.int64), jit.ptr(cos_sin),
+            jit.ptr(slot_mapping), jit.i32(slot_mapping.dtype == torch.int64), jit.ptr(k_cache),
+            jit.ptr(v_cache), jit.ptr(out), jit.ptr(q_norm), jit.ptr(k_norm), jit.f32(norm_eps), jit.i32(hq),
+            jit.i32(hkv), jit.i32(bool(interleaved))), dev)
+    return out

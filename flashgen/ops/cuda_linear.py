@@ -1,0 +1,100 @@
+"""CUDA backend, linear layers: torch's GEMM (cuBLAS), or for up to 8 rows (decode at small batch) the skinny
+kernel of kernels/skinny_gemm.cu where it measured faster on that shape (linear_plan).
+
+Importing this module needs neither CuPy nor a GPU; calling an op does.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from flashgen.ops import jit
+from flashgen.ops.cuda_checks import DTYPES, check_out, check_shape, check_tensor, choose, device_index, fail
+from flashgen.ops.timing import bench
+
+SKINNY_MAX_ROWS = 8  # kernels/skinny_gemm.cu: the rows are the n = 8 of an m16n8k16 product
+# (warps per CTA, k steps in flight per lane) of the skinny kernel that linear_plan measures against cuBLAS
+SKINNY_VARIANTS = ((4, 8), (8, 8), (2, 8), (4, 4))
+_LINEAR_PLAN: dict[tuple, tuple | None] = {}  # (device, dtype, rows, N, K, bias) -> a skinny variant, None = cuBLAS
+LINEAR_TIMES: dict[tuple, dict] = {}  # the measurements behind each plan: {"cublas" or variant: s per call}
+
+
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None, warps: int = 4, unroll: int = 8) -> torch.Tensor:
+    """x (M, K) . weight (N, K)^T [+ bias (N,)] -> (M, N) for 1 <= M <= 8, fp32 accumulation, rounded once:
+    a streaming pass over the weight on the tensor cores (decode at small batch)."""
+    check_tensor("x", x, DTYPES, 2)
+    dev = x.device
+    M, K = x.shape
+    if not 1 <= M <= SKINNY_MAX_ROWS:
+        fail("x", f"must have 1 to {SKINNY_MAX_ROWS} rows", f"shape {tuple(x.shape)}")
+    if K % 8 or K == 0:
+        fail("x", "must have a last dim that is a positive multiple of 8", f"shape {tuple(x.shape)}")
+    check_tensor("weight", weight, (x.dtype,), 2, dev)
+    N = weight.shape[0]
+    if weight.shape[1] != K or N == 0:
+        fail("weight", f"must be (N > 0, {K}) like x's last dim", f"shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, (x.dtype,), 1, dev, align=2)
+        check_shape("bias", bias, (N,))
+    if (warps, unroll) not in SKINNY_VARIANTS:
+        fail("(warps, unroll)", f"must be one of {SKINNY_VARIANTS}", (warps, unroll))
+    out = check_out(out, (M, N), x.dtype, dev)
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=dev)
+    k_per_warp = -(-K // (32 * warps)) * 32
+    kern = jit.get_kernel("skinny_gemm.cu", "skinny_gemm_kernel", x.dtype, 0, device_index(x), 0, (("SG_U", unroll),))
+    jit.launch(kern, (-(-N // 16),), (32 * warps,), (
+        jit.ptr(x), jit.i64(K), jit.ptr(weight), jit.ptr(bias), jit.ptr(out), jit.i64(N),
+        jit.i32(M), jit.i32(N), jit.i32(K), jit.i32(k_per_warp)), dev)
+    return out
+
+
+def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int] | None:
+    """Which kernel runs `rows` x weight^T: None = cuBLAS, else the skinny kernel's (warps, unroll). Measured once
+    per shape (cuBLAS and each skinny variant, replayed from a CUDA graph over weight copies rotated past L2,
+    as the layers of a real step are), then remembered. During CUDA-graph capture an unmeasured shape gets
+    cuBLAS. The environment variable FLASHGEN_LINEAR=cublas|skinny overrides the measurement."""
+    forced = choose("FLASHGEN_LINEAR", os.environ.get("FLASHGEN_LINEAR", "auto"), ("auto", "cublas", "skinny"))
+    if forced != "auto":
+        return None if forced == "cublas" else SKINNY_VARIANTS[0]
+    rows = 1 << (rows - 1).bit_length()  # measured at 1, 2, 4, 8 rows (the decode graphs' small buckets)
+    key = (weight.device, weight.dtype, rows, *weight.shape, bias is not None)
+    if key in _LINEAR_PLAN:
+        return _LINEAR_PLAN[key]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    N, K = weight.shape
+    wbytes = weight.numel() * weight.element_size()
+    copies = max(1, -(-(96 << 20) // wbytes))  # ~96 MB of weights: twice the H100's L2
+    g = torch.Generator(device=weight.device).manual_seed(0)
+    ws = [weight] if copies == 1 else [
+        (torch.randn(weight.shape, generator=g, device=weight.device) * 0.02).to(weight.dtype) for _ in range(copies)]
+    x = torch.randn((rows, K), generator=g, device=weight.device).to(weight.dtype)
+    out = torch.empty((rows, N), dtype=weight.dtype, device=weight.device)
+    calls = max(copies, 4)
+    times = {"cublas": bench(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias), reps=7, inner=calls,
+                             warmup=1)}
+    for v in SKINNY_VARIANTS:
+        times[v] = bench(lambda i, v=v: skinny_gemm(x, ws[i % copies], bias, out=out, warps=v[0], unroll=v[1]),
+                         reps=7, inner=calls, warmup=1)
+    best = min(times, key=times.get)
+    plan = None if best == "cublas" else best
+    _LINEAR_PLAN[key], LINEAR_TIMES[key] = plan, times
+    return plan
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the skinny kernel for up to 8 rows where it measured faster than cuBLAS."""
+    K = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // K if K else 0
+    if (1 <= rows <= SKINNY_MAX_ROWS and x.is_cuda and x.dtype in DTYPES and weight.dtype == x.dtype
+            and K % 8 == 0 and x.is_contiguous() and weight.is_contiguous() and weight.dim() == 2
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and (bias is None or bias.is_contiguous())):
+        plan = linear_plan(rows, weight, bias)
+        if plan is not None:
+            y = skinny_gemm(x.reshape(rows, K), weight, bias, warps=plan[0], unroll=plan[1])
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, weight, bias)

@@ -1,0 +1,46 @@
+"""CUDA backend, sampling: logits to tokens in one pass (kernels/sampling.cu).
+
+Importing this module needs neither CuPy nor a GPU; calling an op does.
+"""
+from __future__ import annotations
+
+import torch
+
+from flashgen.ops import jit
+from flashgen.ops.cuda_attention import split_counters
+from flashgen.ops.cuda_checks import DTYPES, check_out, check_tensor, device_index, fail, num_sms
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                  *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits (float32, bfloat16 or float16) -> (B,) int64 tokens: argmax(logits / T + Gumbel(seed, step,
+    token)), plain argmax where T == 0. The noise is flashgen.engine.sampler.gumbel_noise's up to the rounding
+    of fast logarithms; -inf logits never win."""
+    check_tensor("logits", logits, (torch.float32, *DTYPES), 2, align=logits.element_size())
+    dev = logits.device
+    B, V = logits.shape
+    check_tensor("temperature", temperature, (torch.float32,), 1, dev, align=4)
+    check_tensor("seeds", seeds, (torch.int64,), 1, dev, align=8)
+    check_tensor("steps", steps, (torch.int64,), 1, dev, align=8)
+    for name, t in (("temperature", temperature), ("seeds", seeds), ("steps", steps)):
+        if t.shape[0] != B:
+            fail(name, f"must have one entry per logits row ({B})", f"shape {tuple(t.shape)}")
+    out = check_out(out, (B,), torch.int64, dev)
+    if out is None:
+        out = torch.empty(B, dtype=torch.int64, device=dev)
+    if B:
+        f32 = logits.dtype == torch.float32
+        vec = 4 if f32 else 8
+        # CTAs per row: enough to fill the GPU twice over, each scanning >= 8192 logits
+        S = 1 if V % vec else max(1, min(-(-2 * num_sms(device_index(logits)) // B), V // 8192))
+        chunk = -(-V // (S * vec)) * vec
+        S = -(-V // chunk)
+        part_v = torch.empty((B, S), dtype=torch.float32, device=dev) if S > 1 else None
+        part_i = torch.empty((B, S), dtype=torch.int32, device=dev) if S > 1 else None
+        counters = split_counters(dev, B, "sampling") if S > 1 else None
+        k = jit.get_kernel("sampling.cu", "gumbel_argmax_kernel", torch.bfloat16 if f32 else logits.dtype, 0,
+                           device_index(logits), 0, (("SAMPLING_F32", int(f32)),))
+        jit.launch(k, (B, S), (512,), (jit.ptr(logits), jit.i32(V), jit.i32(chunk), jit.ptr(temperature),
+                                       jit.ptr(seeds), jit.ptr(steps), jit.ptr(out), jit.ptr(part_v),
+                                       jit.ptr(part_i), jit.ptr(counters)), dev)
+    return out
