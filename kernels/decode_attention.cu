@@ -13,10 +13,9 @@
 //     order: longest-processing-time-first scheduling), and by the wrapper when the grid is over two waves.
 //   - balanced: the steps of all pairs laid end to end (b-major) are cut into gridDim.x equal slices, slice
 //     i on CTA i, which may end inside one pair and cover others whole. In a ragged batch every CTA then has
-//     the same work, where the split plan leaves the long sequences' CTAs running alone at the end (on the
-//     H100 2.5 -> 2.9 TB/s at B64 with contexts 64..8192, 1.1 -> 2.3 TB/s with one 32k context among 15
-//     short ones; BENCHMARKS.md). Every warp scans the context lengths itself, 32 at a time (warp
-//     reductions and a shuffle scan, no block barrier).
+//     the same work, where the split plan leaves the long sequences' CTAs running alone at the end (figures
+//     in docs/benchmark-history.md, "Decode plans"). Every warp scans the context lengths itself, 32 at a
+//     time (warp reductions and a shuffle scan, no block barrier).
 //   Every K/V element is read from HBM once per step, whatever G (G > 8 re-reads it once per 8 heads).
 //   Within a piece of a pair the warps take 16-token steps in turn (warp w: steps w, w + 4, ...).
 //   A step is two m16n8k16 passes:
@@ -34,8 +33,8 @@
 //   writes the output (and the LSE); otherwise it writes a float32 partial O and its LSE (slot 2 i, or
 //   2 i + 1 for a balanced slice's last piece when its first piece is another pair), counts itself done on
 //   the pair's counter, and the last of the pair's CTAs to finish merges the partials in slice order (no
-//   second kernel: at batch 1 a separate combine kernel took 3.3 us against the attention's 5.0 us in a
-//   profile). A sequence with an empty context gets zeros and LSE -inf.
+//   second kernel: at batch 1 a separate combine kernel took more than half the attention's own time).
+//   A sequence with an empty context gets zeros and LSE -inf.
 // Tiles: 16 tokens x D per warp step, 8 heads per CTA; registers only (the merge uses 16 KB of shared
 //   memory at D = 128).
 // Memory traffic: K and V of every context token once (2 * ctx * Hkv * D * sizeof(dtype) per sequence),
@@ -364,7 +363,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         // the batch comes longest first (the engine orders it so) and its longest piece is at most 1.25x one
         // slot's share of the work: CTAs are dispatched in batch order, so the long pieces start first and
         // the short ones fill in behind them, and a CTA left alone on its SM at the end runs faster. There
-        // the split plan measured 3% ahead of the balanced one (no slice crosses a pair). Otherwise balanced.
+        // the split plan measured ahead of the balanced one (no slice crosses a pair). Otherwise balanced.
         if (plan == 0) {
             const int piece = ceil_div(ceil_div(hi, num_splits), DEC_WARPS) * DEC_WARPS;
             const bool near_equal = (i64)total * 20 >= (i64)count * hi * 19;

@@ -11,8 +11,8 @@
 // back to zero for the next launch. Which CTA computes an item never changes its arithmetic: the output is
 // the same as one CTA per item (the earlier grid launch) bit for bit. The producer runs up to two items
 // ahead, so the next item's Q and first K tile load while the consumers finish the current one (against the
-// grid launch, one CTA per item: L = 512 237-255 -> 259-289 TFLOP/s; L = 2048 +1-3%; L = 8192 level
-// within the run-to-run spread; BENCHMARKS.md).
+// grid launch, one CTA per item, this gains most at short sequences, where each item is short; figures in
+// docs/benchmark-history.md, "Persistent schedule").
 // A CTA has 3 warpgroups (warp-specialised):
 //   producer (warpgroup 0, registers cut to PRODUCER_REGS by setmaxnreg): the warpgroup copies each item's Q
 //     with cp.async into one of 2 Q slots (rows past the sequence zero-filled; "Q full" / "Q empty"
@@ -24,9 +24,9 @@
 //     groups' bytes (expect_tx) and completes when they land; the producer waits only for a slot, on its
 //     "empty" mbarrier. The one tile that holds the end of the context (when that is not a whole tile) is
 //     copied row by row with cp.async instead, rows past the context zero-filled: a page's unused rows may
-//     hold anything (NaN), which 0 * V would spread. TMA against the earlier all-cp.async producer (128
-//     threads issuing 16-byte copies and page lookups beside the consumers): 408 -> 604 TFLOP/s at L = 8192
-//     and 350 -> 477 at L = 2048 (block size 64), the output bit-identical (BENCHMARKS.md).
+//     hold anything (NaN), which 0 * V would spread. TMA replaced an all-cp.async producer (128 threads
+//     issuing 16-byte copies and page lookups on the SM's issue slots, beside the consumers), with the output
+//     bit-identical (figures in docs/benchmark-history.md, "K/V by TMA").
 //   2 consumers (warpgroups 1 and 2, CONSUMER_REGS registers): consumer w owns query rows 64w .. 64w + 63.
 //     Query row i of sequence b sits at position context_len_b - q_len_b + i (bottom-right causal alignment)
 //     and sees keys 0 .. that position. Tiles are visited from the last (the diagonal, masked) down to 0.
@@ -44,7 +44,7 @@
 //     consumers fence the async proxy (those copies wrote through the generic one). The consumers share no
 //     CTA barrier; they take turns at issuing their products (two named barriers, as FlashAttention-3's
 //     ping-pong schedule, consumer 0 first in every item), so one's softmax runs while the other's products
-//     do (+2-4% at L = 512 and 2048 over letting them drift).
+//     do (measured faster than letting them drift).
 // Tile groups: an item's group k = {K_{last-k}, V_{last-k+1}} (what consumer iteration t = last - k reads);
 //   group 0 is K_last alone, group last + 1 is V_0 alone. Groups are numbered across the CTA's items (the
 //   producer and the consumers count them alike): group n uses slot n & 1 of the K ring, of the V ring and

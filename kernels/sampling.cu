@@ -66,8 +66,8 @@ FG_INLINE float logit_to_float(scalar_t x) { return to_float(x); }
 
 // The running best of one thread: x = logit / T + g(key, v), or the logit itself when T == 0.
 // -log(-log(u)) with the hardware log2 (__logf): the noise equals sampler.gumbel_noise's up to the rounding
-// of the two logarithms (a few ulp). The accurate logf made the kernel compute-bound: ~135 us for a
-// 256 x 151,936 batch, against ~26 us to read it.
+// of the two logarithms (a few ulp). The accurate logf made the kernel compute-bound, several times
+// slower than reading the logits (docs/benchmark-history.md).
 FG_INLINE void consider(float logit, int v, float t, u32 key, float& bv, int& bi) {
     float val = logit;
     if (t > 0.f) {

@@ -1,8 +1,8 @@
 // skinny_gemm.cu: y (M, N) = x (M, K) . W (N, K)^T [+ bias (N)] for M <= 8 rows (decode at small batch).
 //
 // At a handful of rows a linear layer is a pass over its weight: the kernel exists to stream W from HBM at
-// full bandwidth, with the few FLOPs on the tensor cores (cuBLAS picks a 54%-of-bandwidth kernel for some
-// of these shapes at M = 1, e.g. Llama-3.1-8B's o_proj).
+// full bandwidth, with the few FLOPs on the tensor cores (cuBLAS picks a kernel well short of the bandwidth
+// for some of these shapes at M = 1, e.g. Llama-3.1-8B's o_proj; docs/benchmark-history.md).
 //
 // Algorithm: grid ceil(N / 16), NW warps per CTA (2, 4 or 8, the host's choice). A CTA owns 16 output columns
 //   n0 .. n0 + 15; warp w owns the w-th slice of K (split-K inside the CTA). A warp step covers 32 k per

@@ -4,12 +4,12 @@ decode_read_probe.py's 16-byte loads (hpc 1, 256 threads, 16 loads in flight). h
 copy each token row's piece separately (256 / 512 bytes), 8 copies the step's whole rows (32 KB of K and 32 KB
 of V in one copy each). Best of several CTA counts; random and in-order pages; GQA 32/8, d 128, bf16; TB/s,
 SDPA CUDNN on contiguous K/V last. Needs a Hopper GPU.
-  PYTHONPATH=. python3 scripts/decode_bulk_read_probe.py"""
+  PYTHONPATH=. python3 tools/probes/decode_bulk_read_probe.py"""
 import cupy as cp
 import torch
 
 from flashgen.ops.timing import bench
-from decode_read_probe import HKV, D, _stream, cudnn, paged_cases, read_ldg
+from decode_read_probe import HKV, D, cudnn, launch, paged_cases, read_ldg  # this folder (sys.path[0])
 
 SRC = r'''
 typedef unsigned int u32; typedef unsigned long long u64;
@@ -79,8 +79,8 @@ def main():
                             continue
                         args = (kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), cp.int32(L), cp.int32(bs.bit_length() - 1),
                                 cp.int32(HKV), cp.int32(splits), cp.int32(hpc), cp.int32(ns), out.data_ptr())
-                        bw = kvb / bench(lambda i: bulk((splits, HKV // hpc, B), (32,), args, shared_mem=smem,
-                                                        stream=_stream()), reps=20) / 1e12
+                        bw = kvb / bench(lambda i: launch(bulk, (splits, HKV // hpc, B), (32,), args, shared_mem=smem),
+                                         reps=20) / 1e12
                         best = max(best, (bw, splits))
                     res.append(f"bulk hpc{hpc} ns{ns} {best[0]:.3f}(s{best[1]})")
             print(f"B{B} L{L} bs{bs} {order}: " + "  ".join(res), flush=True)

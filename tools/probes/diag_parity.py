@@ -1,6 +1,6 @@
 """Diagnose bf16 greedy parity with HF on random weights: logits errors vs an fp32 oracle, and where and why
 greedy outputs diverge (the fp32 top-2 margin at the first divergence). Usage:
-  PYTHONPATH=. python3 scripts/diag_parity.py [shape] [backend] [init_std]"""
+  PYTHONPATH=. python3 tools/probes/diag_parity.py [shape] [backend] [init_std]"""
 import random
 import sys
 import tempfile

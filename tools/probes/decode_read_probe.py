@@ -4,11 +4,11 @@ and computes nothing. hpc = kv heads per CTA: 1 is the decode kernel's pattern (
 token row, rows 2 KB apart), 8 reads whole token rows (all heads, contiguous). Best of several CTA counts, 128
 or 256 threads, 8 or 16 loads in flight per thread; random and in-order pages; GQA 32/8, d 128, bf16; TB/s
 (K+V bytes / time, CUDA-graph replays), SDPA CUDNN on contiguous K/V last.
-  PYTHONPATH=. python3 scripts/decode_read_probe.py"""
+  PYTHONPATH=. python3 tools/probes/decode_read_probe.py"""
 import cupy as cp
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashgen.bench.kernels import _sdpa
 from flashgen.ops import jit
 from flashgen.ops.timing import bench
 
@@ -46,8 +46,9 @@ extern "C" __global__ void __launch_bounds__(NT) readk(const char* __restrict__ 
 HKV, D = 8, 128  # the kernels above assume d 128 bf16: 16 chunks of 16 bytes per head and token
 
 
-def _stream():
-    return jit._external_stream(torch.cuda.current_stream().cuda_stream, torch.cuda.current_device())
+def launch(f, grid, block, args, shared_mem=0):
+    """Launch a probe kernel on torch's current stream (so the CUDA-graph capture of `bench` records it)."""
+    jit.launch(f, grid, block, args, torch.device("cuda"), shared_mem=shared_mem)
 
 
 mods = {}
@@ -78,7 +79,7 @@ def read_ldg(kc, vc, bt, B, L, bs, hpc, splits, nt, u, out):
     args = (kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), cp.int32(L), cp.int32(bs.bit_length() - 1), cp.int32(HKV),
             cp.int32(splits), cp.int32(hpc), out.data_ptr())
     kvb = 2 * B * L * HKV * D * 2
-    return kvb / bench(lambda i: f((splits, HKV // hpc, B), (nt,), args, stream=_stream()), reps=20) / 1e12
+    return kvb / bench(lambda i: launch(f, (splits, HKV // hpc, B), (nt,), args), reps=20) / 1e12
 
 
 def cudnn(B, L, g, dev):
@@ -86,8 +87,12 @@ def cudnn(B, L, g, dev):
     kk = torch.randn(B, HKV, L, D, generator=g, device=dev).to(torch.bfloat16)
     vv = torch.randn(B, HKV, L, D, generator=g, device=dev).to(torch.bfloat16)
     qq = torch.randn(B, 32, 1, D, generator=g, device=dev).to(torch.bfloat16)
-    r = _sdpa("CUDNN_ATTENTION")
-    return 2 * B * L * HKV * D * 2 / bench(lambda i: r(qq, kk, vv, False)) / 1e12
+
+    def run(i):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)
+
+    return 2 * B * L * HKV * D * 2 / bench(run) / 1e12
 
 
 def main():

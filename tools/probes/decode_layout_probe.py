@@ -2,12 +2,14 @@
 (a) the engine's layout (block, token, kv_head, dim), 8 kv heads, random block order; (b) the same with blocks
 in order; (c) one kv head per "sequence" (B x 8 sequences of group 4): each CTA reads contiguous runs of a
 page. Prints TB/s (K+V bytes / time, CUDA-graph replays) next to SDPA CUDNN on contiguous tensors.
-  PYTHONPATH=. python3 scripts/decode_layout_probe.py"""
+  PYTHONPATH=. python3 tools/probes/decode_layout_probe.py"""
 import torch
 
-from flashgen.bench.kernels import bench
 from flashgen.ops import cuda_ops as ops
-from decode_read_probe import cudnn  # same draws (K, V, then q) and timing as the inline peer it replaces
+from flashgen.ops.timing import bench
+# decode_read_probe sits beside this file (sys.path[0] when run as a script); its CUDNN peer makes the same
+# draws (K, V, then q) and timing as the inline peer it replaced
+from decode_read_probe import cudnn
 
 dev = torch.device("cuda")
 g = torch.Generator(device=dev).manual_seed(0)
