@@ -1,4 +1,18 @@
-"""`python -m flashgen ...` runs the command line, same as the `flashgen` script."""
-from flashgen.cli import main
+"""`python -m flashgen ...` and the `flashgen` script: the command line.
 
-main()
+Signal handlers go in before anything heavy is imported, so a scheduler's SIGTERM at any moment of start-up is
+exit 130 with nothing written (flashgen.jobs.signals), never a death by signal.
+"""
+
+
+def main() -> None:
+    from flashgen.jobs.signals import install_startup_handlers
+
+    install_startup_handlers()
+    from flashgen.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

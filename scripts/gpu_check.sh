@@ -12,6 +12,8 @@
 #   engine         = engine-tests throughput
 #   all            = kernels engine
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
+#   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
+#                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
 # Logs go to $OUT when it is set, else out/gpu_check/. Each section's status is printed at the end, then
 # the benchmark's short table last. Exit status: non-zero if any section failed.
 set -uo pipefail
@@ -91,6 +93,15 @@ multi() {
         > "$LOG/engine-table.txt" || true
 }
 
+ab() {
+    local base="${BASE:?ab needs BASE=DIR, a copy of the tree to compare with}" i
+    for i in 1 2; do
+        step "ab-base-$i" env PYTHONPATH="$base" "$PY" -m flashgen.bench.throughput --workload nanovllm
+        step "ab-this-$i" "$PY" -m flashgen.bench.throughput --workload nanovllm
+    done
+    grep -H "output tok/s" "$LOG"/ab-*.log > "$LOG/engine-table.txt" || true
+}
+
 [ $# -eq 0 ] && set -- kernels
 for section in "$@"; do
     case "$section" in
@@ -103,7 +114,8 @@ for section in "$@"; do
         engine) engine_tests; throughput ;;
         all) kernel_tests; sanitize; kernel_bench; engine_tests; throughput ;;
         multi) multi ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all)" >&2; exit 2 ;;
+        ab) ab ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, multi, ab)" >&2; exit 2 ;;
     esac
 done
 

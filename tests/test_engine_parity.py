@@ -65,7 +65,7 @@ def test_decode_logits_match_hf(ckpt):
     path, hf = ckpt
     llm = LLM(model=str(path), device="cpu", dtype="float32", block_size=16)
     seen: list[torch.Tensor] = []
-    llm.engine.runner.on_logits = lambda seqs, logits: seen.append(logits[0].clone())
+    llm.engine.runner.on_logits = lambda seqs, logits: seen.append(logits[0].float().clone())
     ids = prompts_of([29], seed=2)[0]  # 29 + 12 tokens cross the 32-token block boundary
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
     full = ids + out.token_ids

@@ -40,8 +40,15 @@ def resolve_data_parallel(value: str | int, config: EngineConfig) -> int:
 
 
 def _worker(config: EngineConfig, rank: int, n: int, inq, outq) -> None:
+    import signal
+
     from flashgen.llm import LLM
 
+    # The parent owns signals (a terminal's SIGINT and Slurm's SIGTERM reach every process): it stops or drains
+    # the job and then ends the workers, so a worker must not die first and turn a clean stop into a failure.
+    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if s is not None:
+            signal.signal(s, signal.SIG_IGN)
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
         dev = "cpu"
@@ -56,15 +63,24 @@ def _worker(config: EngineConfig, rank: int, n: int, inq, outq) -> None:
     while True:
         msgs = []
         try:
-            msgs.append(inq.get(block=not llm.has_unfinished_requests()))
+            msgs.append(inq.get(block=not llm.has_unfinished_requests(), timeout=1.0))
             while True:
                 msgs.append(inq.get_nowait())
         except queue.Empty:
-            pass
+            parent = mp.parent_process()
+            if parent is not None and not parent.is_alive():  # the parent was killed (kill -9): end too
+                return
+        failed = []
         for m in msgs:
             if m is None:
                 return
-            llm.add_request(*m)
+            try:
+                llm.add_request(*m)
+            except Exception as e:  # this request's fault only: answer it, keep serving the others
+                failed.append(RequestOutput(m[0], None, [], "", [], "error", error_code="invalid_request",
+                                            error=f"{type(e).__name__}: {e}"))
+        if failed:
+            outq.put((DONE, rank, (failed, {})))
         if llm.has_unfinished_requests():
             before = dataclasses.asdict(llm.stats)
             outs = llm.step()

@@ -1,7 +1,6 @@
 """Engine.step(): schedule -> run -> postprocess, the whole data path in a few lines."""
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -30,11 +29,18 @@ class EngineStats:
 
 
 def _eos_ids(model_dir: Path, tok: Tokenizer) -> set[int]:
+    from flashgen.models.errors import ModelLoadError, read_json_object
+
     ids = set()
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        e = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set(e) if isinstance(e, list) else ({e} if e is not None else set())
+        fix = "fix the file or delete it (the tokenizer's eos_token then ends generation)"
+        cfg = read_json_object(gen, fix, "settings")
+        e = cfg.get("eos_token_id")
+        found = e if isinstance(e, list) else ([] if e is None else [e])
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in found):
+            raise ModelLoadError(f"{gen}: eos_token_id={e!r} must be a token id or a list of token ids; {fix}")
+        ids |= set(found)
     if tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
     return ids
@@ -142,29 +148,63 @@ class Engine:
                 and not any(seq.params.has_penalties for seq in s.running))
 
     def _resolve(self, future: SampledTokens, launched: set[int] | tuple) -> list[RequestOutput]:
-        """Read a step's tokens: fill the placeholders, detokenize, check stops, finish sequences."""
+        """Read a step's tokens: fill the placeholders, detokenize, check stops, finish sequences. A fault of one
+        request (non-finite logits, an exception in its detokenizer or stop check) fails that request alone."""
         done = []
-        bs = self.config.block_size
         for seq, idx, token in zip(future.seqs, future.idx, future.result()):
             if seq.is_finished:  # ended by the step before; this token was computed speculatively
                 continue
-            self.stats.generated_tokens += 1
-            seq.set_token(idx, token)
-            if (idx + 1) % bs == 0 and seq.seq_id in launched:
-                self.scheduler.block_manager.register_full_block(seq, idx // bs)
-            delta = detokenizer.detokenize_step(self.tokenizer, seq, token) if seq.params.detokenize else ""
-            seq.output_text += delta
-            detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta, idx + 1)
-            if seq.finish_reason:
-                del seq.token_ids[idx + 1:]  # drop a speculative placeholder after the end
-                if seq.params.detokenize and not isinstance(seq.stop_reason, str):
-                    seq.output_text += detokenizer.flush(self.tokenizer, seq)
-                cached = seq.num_cached_tokens
-                self.scheduler.finish(seq)
-                self.runner.release(seq)
-                self._ids.discard(seq.request_id)
-                done.append(RequestOutput(
-                    request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-                    text=seq.output_text, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason, num_cached_tokens=cached))
+            try:
+                if token < 0:
+                    raise RequestFailed("non_finite_logits", "the model's logits for this request are not finite "
+                                        "(NaN or inf); the checkpoint or the dtype overflows on this prompt: try "
+                                        "--dtype float32 or check the weights")
+                out = self._advance(seq, idx, token, launched)
+            except Exception as e:
+                out = self._fail(seq, idx, e)
+            if out is not None:
+                done.append(out)
         return done
+
+    def _advance(self, seq: Sequence, idx: int, token: int, launched) -> RequestOutput | None:
+        self.stats.generated_tokens += 1
+        seq.set_token(idx, token)
+        bs = self.config.block_size
+        if (idx + 1) % bs == 0 and seq.seq_id in launched:
+            self.scheduler.block_manager.register_full_block(seq, idx // bs)
+        delta = detokenizer.detokenize_step(self.tokenizer, seq, token) if seq.params.detokenize else ""
+        seq.output_text += delta
+        detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta, idx + 1)
+        if not seq.finish_reason:
+            return None
+        del seq.token_ids[idx + 1:]  # drop a speculative placeholder after the end
+        if seq.params.detokenize and not isinstance(seq.stop_reason, str):
+            seq.output_text += detokenizer.flush(self.tokenizer, seq)
+        return self._retire(seq)
+
+    def _fail(self, seq: Sequence, idx: int, e: Exception) -> RequestOutput:
+        """End one request with an error; its blocks and token slot are freed and every other request goes on."""
+        code, message = (e.code, e.message) if isinstance(e, RequestFailed) else \
+            ("engine_error", f"serving this request raised {type(e).__name__}: {e}")
+        del seq.token_ids[idx:]  # the unread token and any speculative one after it
+        seq.finish_reason, seq.stop_reason = "error", None
+        return self._retire(seq, code, message)
+
+    def _retire(self, seq: Sequence, error_code: str | None = None, error: str | None = None) -> RequestOutput:
+        cached = seq.num_cached_tokens
+        if not seq.is_finished:
+            self.scheduler.finish(seq)
+        self.runner.release(seq)
+        self._ids.discard(seq.request_id)
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            text=seq.output_text, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason, num_cached_tokens=cached, error_code=error_code, error=error)
+
+
+class RequestFailed(Exception):
+    """One request cannot go on; `code` and `message` reach its RequestOutput (and the job's error record)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message

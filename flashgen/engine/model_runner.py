@@ -100,6 +100,11 @@ class ModelRunner:
 
             self.workers = start_workers(config, model_dir, spec, eos_ids)
         max_len = config.max_model_len or spec.max_position_embeddings
+        if max_len > spec.max_position_embeddings:  # checked before the weights load (the RoPE table alone
+            # for 10^8 positions would take the machine's memory)
+            raise ValueError(f"max_model_len={max_len:,} is more than the model's max_position_embeddings "
+                             f"({spec.max_position_embeddings:,}, from its config.json); use at most that, or 0 "
+                             "for the model's own length")
         if spec.sliding_window and spec.sliding_window < max_len:
             log.warning("model uses a sliding window of %d tokens; max_model_len capped to it", spec.sliding_window)
             max_len = spec.sliding_window
@@ -114,7 +119,7 @@ class ModelRunner:
         kv_shape = (2, spec.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, spec.head_dim)
         self.kv_cache = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self.model.bind_kv_cache(self.kv_cache)
-        self.on_logits = None  # tests hook: called with (seqs, logits) before sampling
+        self.on_logits = None  # tests hook: called with (seqs, logits) before sampling; may change logits
         # Pipelined decode (CUDA, one process): each running sequence's latest token lives in a device slot, so a
         # decode step can start before the host has read the previous step's tokens.
         self.async_capable = False
@@ -266,16 +271,20 @@ class ModelRunner:
         if logits is None:
             return SampledTokens([], None, is_prefill)
         if self.on_logits is not None:
-            self.on_logits(done, logits.float())
+            self.on_logits(done, logits)
         batch = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
         tokens = sample(logits, batch, fused=self.backend == "cuda")
+        # NOTE: a row whose chosen logit is NaN or inf (a NaN row makes both samplers pick a NaN or index 0) is
+        # reported as token -1, so the engine can fail that request alone. O(B): no second pass over the logits.
+        # The device slot keeps the sampled id, a valid index for the next (pipelined) step's embedding lookup.
+        checked = torch.where(torch.isfinite(logits.gather(1, tokens[:, None])).squeeze(1), tokens, -1)
         if self.last_tokens is not None:
             for s in done:
                 if s.seq_id not in self._slot:
                     self._slot[s.seq_id] = self._free_slots.pop()
             slots = torch.tensor([self._slot[s.seq_id] for s in done], dtype=torch.int64)
             self.last_tokens[slots.to(self.device, non_blocking=True)] = tokens
-        return SampledTokens(done, tokens, is_prefill)
+        return SampledTokens(done, checked, is_prefill)
 
     def enable_pipelining(self) -> None:
         """Keep each running sequence's latest token in a device slot (2 x max_num_seqs slots: preempted

@@ -14,15 +14,18 @@ class ExitCode(enum.IntEnum):
     LINE_ERRORS = 1    # the job finished, but some lines got error records instead of results
     FATAL = 2          # nothing more could run: bad flags, config, model, input or output file, engine failure
     MAX_ERRORS = 3     # stopped early because --max-errors bad lines were seen; fix the input, then --resume
-    INTERRUPTED = 130  # SIGINT or SIGTERM: finished lines are saved; run again with --resume
+    INTERRUPTED = 130  # SIGINT, SIGTERM or SIGHUP: finished lines are saved; run again with --resume
+    PIPE_CLOSED = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, as other Unix tools exit
 
 
 class FatalError(Exception):
     """A problem that stops the whole job; its message says what to change."""
 
 
-class Interrupted(Exception):
-    """Raised by the signal handler to abort at once (a second signal, or a signal while loading)."""
+class Interrupted(BaseException):
+    """Raised by the signal handler to abort at once (a second signal, or a signal while loading). A
+    BaseException, as KeyboardInterrupt is, so no `except Exception` on the way (a loader's, a library's) can
+    swallow it."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from flashgen.jobs.errors import ExitCode, FatalError, Interrupted
+from flashgen.jobs.fingerprint import job_fingerprint
 from flashgen.jobs.inputs import LineParser, read_lines
 from flashgen.jobs.params import defaults_from_settings
 from flashgen.jobs.progress import JobProgress, JobStats
@@ -25,7 +26,7 @@ from flashgen.jobs.signals import SignalGuard
 from flashgen.jobs.writer import OrderedWriter, open_output, plan_output
 
 STATUS_CODES = {"ok": ExitCode.OK, "line_errors": ExitCode.LINE_ERRORS, "max_errors": ExitCode.MAX_ERRORS,
-                "interrupted": ExitCode.INTERRUPTED, "fatal": ExitCode.FATAL}
+                "interrupted": ExitCode.INTERRUPTED, "fatal": ExitCode.FATAL, "pipe_closed": ExitCode.PIPE_CLOSED}
 
 
 def run_generate(input_path: str | None, output_path: str | None, config_file: str | None,
@@ -55,21 +56,22 @@ def run_generate(input_path: str | None, output_path: str | None, config_file: s
         except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): nobody takes more results
             with contextlib.suppress(OSError, ValueError):  # so the exit-time flush of stdout cannot fail again
                 os.dup2(os.open(os.devnull, os.O_WRONLY), results.fileno())
-            console.print("flashgen: error: the output pipe was closed; results stopped", markup=False)
-            stats.status = "fatal"
+            stats.status = "pipe_closed"  # a normal end for a pipeline: exit 141 (128 + SIGPIPE), no message
         except Exception as e:  # a bug: show where, but still exit with the documented fatal code
             traceback.print_exc()
             console.print(f"flashgen: error: unexpected {type(e).__name__}: {e}", markup=False)
             stats.status = "fatal"
         stats.exit_code = int(STATUS_CODES[stats.status])
         stats.finish()
-        if stats.started and not job.get("quiet"):
+        if stats.started and not job.get("quiet") and stats.status != "pipe_closed":
             console.print(stats.summary(), markup=False)
-        if job.get("stats_json"):
+        # A scheduler reads the stats file even when the settings themselves were refused: take the flag then.
+        stats_json = job.get("stats_json") if job else flags.get("job", {}).get("stats_json")
+        if stats_json:
             try:
-                stats.write_json(job["stats_json"])
+                stats.write_json(stats_json)
             except OSError as e:
-                console.print(f"flashgen: error: cannot write --stats-json {job['stats_json']}: {e}", markup=False)
+                console.print(f"flashgen: error: cannot write --stats-json {stats_json}: {e}", markup=False)
                 stats.exit_code = int(ExitCode.FATAL)
     return stats.exit_code
 
@@ -91,33 +93,63 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
         from flashgen.jobs.templates import load_template
 
         template = load_template(job["template"])
+    for path, what in ((output_path, "output"), (job["stats_json"], "--stats-json")):
+        if path and path != "-":
+            check_writable(path, what)  # now, not after the model has loaded (or after the whole job)
     in_stream, total = _open_input(input_path)
-    plan = plan_output(output_path, input_path, overwrite=overwrite, resume=job["resume"])
-    if plan.resume:
-        log(f"flashgen: resuming {plan.name}: {plan.n_done:,} lines already done"
-            + (f"; {plan.n_errors:,} error records dropped to run those lines again" if plan.n_errors else "")
-            + ("; a torn last line dropped" if plan.torn else ""))
-    llm = _load_model(model, engine, job["data_parallel"])
-    if hasattr(llm, "describe"):
-        log(f"flashgen: {llm.describe()}")
-    stats.model = getattr(llm, "model_name", model or "")
-    parser = LineParser(llm.tokenizer, llm.max_model_len, defaults, template=template,
-                        template_name=job["template"], field=job["field"], chat=job["chat"])
-    writer = OrderedWriter(open_output(plan, results), job["order"])
-    show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
-    progress = JobProgress(show and not job["quiet"], total, console)
-    runner = Runner(llm, parser, writer, stats, max_in_flight=job["max_in_flight"] or 4 * engine["max_num_seqs"],
-                    max_errors=job["max_errors"], return_token_ids=job["return_token_ids"], progress=progress,
-                    signals=signals, log=log)
-    stats.started = True
-    try:
-        return runner.run(read_lines(in_stream), plan.done)
+    # what changes a line's result besides the line itself: stored with each result, checked by --resume
+    fingerprint = job_fingerprint(defaults, job["template"], job["field"], job["chat"])
+    plan = plan_output(output_path, input_path, overwrite=overwrite, resume=job["resume"],
+                       fingerprint=fingerprint)
+    try:  # the output file stays locked until the job ends, however it ends
+        if plan.resume:
+            log(f"flashgen: resuming {plan.name}: {plan.n_done:,} lines already done"
+                + (f"; {plan.n_errors:,} error records dropped to run those lines again" if plan.n_errors else "")
+                + ("; a torn last line dropped" if plan.torn else ""))
+        for note in plan.notes:
+            log(note)
+        llm = _load_model(model, engine, job["data_parallel"])
+        if hasattr(llm, "describe"):
+            log(f"flashgen: {llm.describe()}")
+        stats.model = getattr(llm, "model_name", model or "")
+        parser = LineParser(llm.tokenizer, llm.max_model_len, defaults, template=template,
+                            template_name=job["template"], field=job["field"], chat=job["chat"],
+                            fingerprint=fingerprint)
+        writer = OrderedWriter(open_output(plan, results), job["order"], path=plan.path)
+        show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
+        progress = JobProgress(show and not job["quiet"], total, console)
+        runner = Runner(llm, parser, writer, stats,
+                        max_in_flight=job["max_in_flight"] or 4 * engine["max_num_seqs"],
+                        max_errors=job["max_errors"], return_token_ids=job["return_token_ids"], progress=progress,
+                        signals=signals, drain=job["drain"], log=log)
+        stats.started = True
+        try:
+            return runner.run(plan.watch(read_lines(in_stream, job["max_line_bytes"]), log), plan.done)
+        finally:
+            progress.stop()
+            if plan.path is not None:
+                writer.stream.close()
+            if total is not None:  # a file; stdin is left alone, the reader thread may still be blocked on it
+                in_stream.close()
     finally:
-        progress.stop()
-        if plan.path is not None:
-            writer.stream.close()
-        if total is not None:  # a file; stdin is left alone, the reader thread may still be blocked on it
-            in_stream.close()
+        plan.release()
+
+
+def check_writable(path: str, what: str) -> None:
+    """FatalError unless `path` can be written: an existing file is opened for appending (and left as it was),
+    a new one needs a writable directory. Read-only file systems and permissions are found here, in a second."""
+    p = Path(path)
+    if p.is_dir():
+        raise FatalError(f"{what} {path} is a directory; give a file name such as {p / 'out.jsonl'}")
+    if not p.parent.is_dir():
+        raise FatalError(f"{what} {path}: the directory {p.parent} does not exist; create it first")
+    try:
+        if p.exists():
+            open(p, "ab").close()
+        elif not os.access(p.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied (the directory is not writable or is read-only)")
+    except OSError as e:
+        raise FatalError(f"cannot write {what} {path}: {e.strerror or e}; choose a writable path") from None
 
 
 def _check_sampling(defaults: dict, settings: Settings) -> None:
@@ -192,4 +224,8 @@ def _load_model(model: str | None, engine: dict, data_parallel: str = "1"):
     except Interrupted:
         raise
     except Exception as e:
-        raise FatalError(f"cannot load model {model or '(embedded default)'}: {type(e).__name__}: {e}") from None
+        from flashgen.models.errors import ModelLoadError
+
+        # a ModelLoadError names the file, what is wrong and the fix already: its type name would add nothing
+        why = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
+        raise FatalError(f"cannot load model {model or '(embedded default)'}: {why}") from None

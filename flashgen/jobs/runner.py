@@ -26,13 +26,15 @@ SKIP = object()  # a line whose id already has a result in the output (--resume)
 class Runner:
     def __init__(self, llm, parser: LineParser, writer: OrderedWriter, stats: JobStats, *, max_in_flight: int,
                  max_errors: int = 0, return_token_ids: bool = False, progress: JobProgress | None = None,
-                 signals: SignalGuard | None = None, log: Callable[[str], None] = lambda s: None):
+                 signals: SignalGuard | None = None, drain: bool = False,
+                 log: Callable[[str], None] = lambda s: None):
         self.llm, self.parser, self.writer, self.stats = llm, parser, writer, stats
         self.max_in_flight = max(1, max_in_flight)
         self.max_errors = max_errors
         self.return_token_ids = return_token_ids
         self.progress = progress
         self.signals = signals or SignalGuard()
+        self.drain = drain  # on a first signal, finish the lines in flight (True) or drop them (False)
         self.log = log
         self.model_name = getattr(llm, "model_name", "")
         self._meta: dict[str, tuple[int, LineRequest, int]] = {}   # engine request id -> (seq, request, n_prompt)
@@ -66,6 +68,8 @@ class Runner:
         try:
             while True:
                 stop = self._check_signal() or stop  # a signal outranks --max-errors: exit code 130
+                if stop == "interrupted" and not self.drain:
+                    break  # lines in flight are dropped: --resume runs them again
                 while stop is None and not exhausted and self.writer.pending < self.max_in_flight:
                     # Wait for input only when the engine has nothing to do.
                     got = source.get(wait=not self.llm.has_unfinished_requests())
@@ -95,9 +99,9 @@ class Runner:
         except InputError as e:  # re-raised from the reader thread
             self.writer.flush_finished()
             raise FatalError(f"cannot read the input: {e}; finished lines are saved, run again with --resume") from e
-        except OSError as e:  # writing the output failed (e.g. the disk is full)
-            raise FatalError(f"cannot write the output: {e}; lines written so far are whole, run again with "
-                             "--resume once it is fixed") from e
+        except OSError as e:  # writing the output failed (a file's writer says so itself: this is stdout)
+            raise FatalError(f"cannot write the output {getattr(self.writer, 'name', '')}: {e.strerror or e}; "
+                             "run again with --resume once it is fixed") from None
         except Exception as e:  # the engine failed mid-run (e.g. out of memory): keep what is done
             self.writer.flush_finished()
             traceback.print_exc()
@@ -107,6 +111,8 @@ class Runner:
             source.close()
             self.signals.graceful = False
             self._report()
+        if stop == "interrupted" and exhausted and not self._meta and not self.writer.pending:
+            stop = None  # the signal came when every line was already answered: nothing is left to resume
         if stop:
             return stop
         return "line_errors" if self.stats.errors else "ok"
@@ -117,8 +123,13 @@ class Runner:
             return None
         self._signal_handled = True
         self.writer.flush_finished()
-        self.log(f"flashgen: {signal.Signals(self.signals.requested).name}: stopped reading input; finishing "
-                 f"{len(self._meta)} lines in flight (signal again to stop now)")
+        name = signal.Signals(self.signals.requested).name
+        if self.drain:
+            self.log(f"flashgen: {name}: stopped reading input; finishing {len(self._meta)} lines in flight "
+                     "(signal again to stop now)")
+        elif self._meta:
+            self.log(f"flashgen: {name}: stopped; {len(self._meta)} lines in flight were dropped and run again "
+                     "with --resume (--drain finishes them first)")
         return "interrupted"
 
     def _admit(self, item) -> bool:
@@ -133,6 +144,9 @@ class Runner:
                 self.llm.add_request(rid, item.prompt_ids, item.params)
             except ValueError as e:  # the engine's own checks (e.g. context length): this line's error
                 item = self.parser.error(item, "invalid_request", str(e))
+            except Exception as e:  # anything else raised for this one request is still only this line's
+                item = self.parser.error(item, "engine_error", f"the engine refused this request: "
+                                         f"{type(e).__name__}: {e}")
             else:
                 n_prompt = len(item.prompt_ids)
                 item.prompt_ids = None  # the engine has them; do not hold them twice
@@ -145,6 +159,11 @@ class Runner:
 
     def _finish(self, out) -> None:
         seq, req, n_prompt = self._meta.pop(out.request_id)
+        if out.finish_reason == "error":  # the engine isolated a fault of this request (see Engine._resolve)
+            err = self.parser.error(req, out.error_code or "engine_error", out.error or "the engine failed")
+            self.stats.add_error(err.code)
+            self.writer.put(seq, error_record(err))
+            return
         self.stats.add_ok(n_prompt, len(out.token_ids))
         self.writer.put(seq, result_record(req, out, n_prompt, self.model_name, self.return_token_ids))
 

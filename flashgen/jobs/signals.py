@@ -1,8 +1,11 @@
-"""SIGINT/SIGTERM handling: the first signal asks the run to stop taking work, a second one aborts at once.
+"""SIGINT/SIGTERM/SIGHUP handling.
 
-Batch schedulers send SIGTERM and, after a grace period, SIGKILL. So on the first signal the run stops reading
-input, writes every finished line at once (out of order if need be) and each further one as it finishes, while
-the lines in flight complete; whatever SIGKILL then cuts off is only what was still running.
+Batch schedulers send SIGTERM and, after a grace period (often ~30 s), SIGKILL; a closed terminal sends SIGHUP.
+So by default the first signal makes the run stop at its next step: it stops reading input, writes every line
+that is finished (out of order if need be) and exits 130 at once; lines still in flight are dropped and run
+again by --resume. With `drain` (--drain) the lines in flight are finished and written first. A second signal
+always stops at once. Before the run loop starts (imports, model load) a signal stops the job with nothing
+written.
 """
 from __future__ import annotations
 
@@ -11,7 +14,20 @@ import threading
 
 from flashgen.jobs.errors import Interrupted
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+def install_startup_handlers() -> None:
+    """From the first line of `main`: a signal while flashgen starts up (importing torch takes seconds) ends
+    the process with exit 130 and a one-line note instead of a traceback or a death by signal."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum, frame):
+        raise Interrupted(signum)
+
+    for s in SIGNALS:
+        signal.signal(s, handle)
 
 
 class SignalGuard:
