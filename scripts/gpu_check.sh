@@ -66,7 +66,7 @@ EOF
 
 engine_tests() {
     step engine-tests "$PY" -m pytest -m gpu -x -q -s -p no:cacheprovider tests/test_engine_gpu.py \
-        tests/test_sampler.py tests/test_cli_gpu.py
+        tests/test_sampler.py tests/test_cli_gpu.py tests/test_job_faults.py
     step startup-1 "$PY" scripts/startup_check.py  # CuPy's kernel cache cold (fresh machine) ...
     step startup-2 "$PY" scripts/startup_check.py  # ... and warm
 }

@@ -135,6 +135,25 @@ def llm():
 
 
 def test_non_finite_logits_fail_only_their_line(llm):
+    check_non_finite_logits_fail_only_their_line(llm)
+
+
+@pytest.mark.gpu
+def test_non_finite_logits_fail_only_their_line_on_the_gpu(tmp_path):
+    """The CUDA path: the fused sampler (a NaN row picks index 0) and pipelined decode (the fault is read one
+    step later, while the next step already runs)."""
+    from checkpoints import make_checkpoint
+
+    from flashgen import LLM
+
+    make_checkpoint(tmp_path / "m", hidden_size=128, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=64,
+                    intermediate_size=256, vocab_size=512)
+    llm = LLM(model=str(tmp_path / "m"), dtype="bfloat16", kv_cache_gb=0.25, max_num_seqs=4)
+    assert llm.engine.runner.backend == "cuda" and llm.engine.runner.async_capable
+    check_non_finite_logits_fail_only_their_line(llm)
+
+
+def check_non_finite_logits_fail_only_their_line(llm):
     poison = llm.tokenizer.encode("zzz poison", add_special_tokens=True)
 
     def hook(seqs, logits):
