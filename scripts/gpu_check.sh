@@ -96,7 +96,8 @@ multi() {
 ab() {
     local base="${BASE:?ab needs BASE=DIR, a copy of the tree to compare with}" i
     for i in 1 2; do
-        step "ab-base-$i" env PYTHONPATH="$base" "$PY" -m flashgen.bench.throughput --workload nanovllm
+        # from inside BASE: `python -m` puts the current directory ahead of PYTHONPATH
+        step "ab-base-$i" env -C "$base" PYTHONPATH=. "$PY" -m flashgen.bench.throughput --workload nanovllm
         step "ab-this-$i" "$PY" -m flashgen.bench.throughput --workload nanovllm
     done
     grep -H "output tok/s" "$LOG"/ab-*.log > "$LOG/engine-table.txt" || true
