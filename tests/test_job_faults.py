@@ -208,3 +208,57 @@ def test_max_model_len_beyond_the_model_is_refused_with_the_numbers(tmp_path):
     r, recs = gen(tmp_path, [{"id": 1, "prompt": "hi"}], "--max-model-len", "100000000")
     assert r.exit_code == ExitCode.FATAL and recs == []
     assert "100,000,000" in r.stderr and "2,048" in r.stderr and "max_position_embeddings" in r.stderr
+
+
+# ---- the "done when": hostile lines anywhere in a 1,000-line job, a kill -9, a resume ----------------
+def test_hostile_lines_in_a_1000_line_job_then_kill_9_and_resume_give_every_id_once(tmp_path):
+    import random
+
+    from test_line_validation import CRASHERS
+
+    rng = random.Random(0)
+    n = 1000
+    bad_at = dict(zip(rng.sample(range(n), len(CRASHERS)), CRASHERS))
+    lines, want_bad = [], {}
+    for i in range(n):
+        if i in bad_at:
+            raw, code = bad_at[i][0], bad_at[i][1]
+            # give each hostile line its own id where it has one, so only its class decides its record
+            raw = re.sub(r'"(custom_id|id)": "[a-z]"', lambda m: f'"{m.group(1)}": "bad{i}"', raw, count=1)
+            lines.append(raw)
+            want_bad[i] = code
+        else:
+            lines.append(json.dumps({"id": f"g{i}", "prompt": f"line {i} of the job"}))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    args = ["--device", "cpu", "--temperature", "0", "--ignore-eos", "--max-tokens", "3", "--max-num-seqs", "8"]
+    p = start(["generate", src, "-o", out, "--model", tiny_model(), *args], tmp_path)
+    wait_until(lambda: out.exists() and out.read_bytes().count(b"\n") >= 150, p)
+    p.kill()
+    p.communicate(timeout=30)
+    r = cli(["generate", src, "-o", out, "--resume", "--model", tiny_model(), *args], cwd=tmp_path)
+    assert r.exit_code == ExitCode.LINE_ERRORS, r.stderr
+    recs = read_jsonl(out)
+    assert len(recs) == n  # one record per line, none lost, none twice
+    keys = [rec.get("custom_id", rec.get("id")) for rec in recs]
+    assert len(set(map(json.dumps, keys))) == n
+    good = {rec["id"] for rec in recs if "text" in rec}
+    assert good == {f"g{i}" for i in range(n) if i not in bad_at}
+    codes = sorted(rec["error"]["code"] for rec in recs if rec.get("error"))
+    assert codes == sorted(want_bad.values())
+
+
+def test_unwritable_output_fails_before_the_model_loads(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes through file permissions")
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        r, _ = gen(tmp_path, [{"id": 1, "prompt": "hi"}], "-o", locked / "out.jsonl",
+                   model=str(tmp_path / "no-such-model"))
+    finally:
+        locked.chmod(0o755)
+    assert r.exit_code == ExitCode.FATAL and "cannot write" in r.stderr and "cannot load model" not in r.stderr
