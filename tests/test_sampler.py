@@ -75,3 +75,74 @@ def test_fused_kernel_matches_torch_sampler(dtype, V, B):
     agree = (ref == out).float().mean().item()
     assert agree >= 0.99, agree  # fast logarithms differ from torch's log by a few ulp: a rare near-tie flips
     assert torch.equal(ref[temps == 0], out[temps == 0])
+
+
+def test_apply_penalties_matches_hand_computed_vllm_rules():
+    """Repetition over prompt + output (positive logits divided, negative multiplied, zero unchanged);
+    presence once per token in the output; frequency per occurrence in the output. Expected values come from
+    plain-Python loops, not from the function under test."""
+    from flashgen.engine.sampler import apply_penalties
+
+    V = 7
+    logits_rows = [
+        [3.0, -2.0, 0.0, 1.5, -0.5, 2.5, -4.0],
+        [-1.0, 4.5, 0.0, -3.0, 2.0, 0.75, -0.25],
+        [1.0, -1.0, 0.0, 2.0, -2.0, 3.0, 0.5],
+    ]
+    # (prompt, output, repetition, presence, frequency); row 2 has every penalty off
+    rows = [
+        ([0, 1, 2], [3, 3, 4, 0], 2.0, 0.5, 0.25),   # 1 (negative) and 2 (zero) only in the prompt
+        ([4, 3, 6], [1, 1, 1, 2], 1.5, 0.0, 1.0),    # 4 (positive), 3 and 6 (negative) only in the prompt
+        ([0, 5], [3, 3, 6], 1.0, 0.0, 0.0),
+    ]
+
+    seen, counts, want = [], [], []
+    for logit_row, (prompt, output, rep, pres, freq) in zip(logits_rows, rows):
+        seen_row = [False] * V
+        for t in prompt + output:
+            seen_row[t] = True
+        count_row = [0.0] * V
+        for t in output:
+            count_row[t] += 1.0
+        want_row = []
+        for t in range(V):
+            x = logit_row[t]
+            if seen_row[t]:
+                if x > 0:
+                    x = x / rep
+                else:
+                    x = x * rep
+            x = x - freq * count_row[t]
+            if count_row[t] > 0:
+                x = x - pres
+            want_row.append(x)
+        seen.append(seen_row)
+        counts.append(count_row)
+        want.append(want_row)
+
+    # spot checks of the hand rules on a few entries
+    assert want[0][0] == 3.0 / 2.0 - 0.25 - 0.5       # prompt + output, positive
+    assert want[0][1] == -2.0 * 2.0                   # prompt only, negative: repetition alone
+    assert want[0][2] == 0.0                          # prompt only, zero
+    assert want[0][3] == 1.5 / 2.0 - 2 * 0.25 - 0.5   # output twice
+    assert want[1][4] == 2.0 / 1.5                    # prompt only, positive
+    assert want[1][1] == 4.5 / 1.5 - 3 * 1.0          # output three times, presence 0
+    assert want[2] == logits_rows[2]                  # all penalties off
+
+    f32 = dict(dtype=torch.float32)
+    b = SamplingBatch(
+        temperature=torch.ones(3), top_k=None, top_p=None, min_p=None,
+        seeds=torch.arange(3, dtype=torch.int64), steps=torch.tensor([len(r[1]) for r in rows]),
+        all_greedy=False,
+        rep_penalty=torch.tensor([r[2] for r in rows], **f32),
+        presence=torch.tensor([r[3] for r in rows], **f32),
+        frequency=torch.tensor([r[4] for r in rows], **f32),
+        seen_prompt=torch.tensor(seen, dtype=torch.bool),
+        out_counts=torch.tensor(counts, **f32),
+    )
+    logits = torch.tensor(logits_rows, **f32)
+    before = logits.clone()
+    out = apply_penalties(logits, b)
+    assert out.dtype == torch.float32 and out.shape == (3, 7)
+    torch.testing.assert_close(out, torch.tensor(want, **f32), rtol=0, atol=1e-6)
+    assert torch.equal(logits, before)  # input left as it was
