@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 import pytest
+import test_jobs_writer as writer_tests
 from test_cli_support import FAST, cli, proc_env, read_jsonl, tiny_model
+from test_jobs_writer import run
 
 from flashgen.jobs import generate
 from flashgen.jobs.errors import ExitCode, FatalError
@@ -21,13 +23,7 @@ LINES = [{"id": f"q{i}", "prompt": f"question number {i}"} for i in range(12)]
 
 
 def write_input(tmp_path, lines=LINES):
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return src
-
-
-def run(tmp_path, src, out, *extra):
-    return cli(["generate", src, "-o", out, "--model", tiny_model(), *FAST, *extra], cwd=tmp_path)
+    return writer_tests.write_input(tmp_path, lines)
 
 
 def test_a_second_job_on_a_locked_output_is_refused_and_changes_nothing(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from flashgen.jobs.idset import id_hash
+from flashgen.jobs.idset import id_hash, probe
 
 HASH_CHARS = 12
 
@@ -57,15 +57,7 @@ class KeyHashMap:
         return self._n
 
     def _slot(self, h: int) -> tuple[int, bool]:
-        keys, mask = self._keys, len(self._keys) - 1
-        i = h & mask
-        while True:
-            v = int(keys[i])
-            if v == 0:
-                return i, False
-            if v == h:
-                return i, True
-            i = (i + 1) & mask
+        return probe(self._keys, h)
 
     def __contains__(self, key: str) -> bool:
         return self._slot(id_hash(key))[1]

@@ -16,6 +16,19 @@ def id_hash(key: str) -> int:
     return h or 1  # 0 marks an empty slot
 
 
+def probe(table: np.ndarray, h: int) -> tuple[int, bool]:
+    """(slot, found) of hash `h` in an open-addressing table of a power-of-two size (0 marks an empty slot)."""
+    mask = len(table) - 1
+    i = h & mask
+    while True:
+        v = int(table[i])
+        if v == 0:
+            return i, False
+        if v == h:
+            return i, True
+        i = (i + 1) & mask
+
+
 class IdSet:
     def __init__(self, capacity: int = 1024):
         self._table = np.zeros(capacity, dtype=np.uint64)  # capacity is a power of two
@@ -32,15 +45,7 @@ class IdSet:
         return self._insert(id_hash(key))
 
     def _find(self, h: int) -> tuple[int, bool]:
-        table, mask = self._table, len(self._table) - 1
-        i = h & mask
-        while True:
-            v = int(table[i])
-            if v == 0:
-                return i, False
-            if v == h:
-                return i, True
-            i = (i + 1) & mask
+        return probe(self._table, h)
 
     def _insert(self, h: int) -> bool:
         i, found = self._find(h)
