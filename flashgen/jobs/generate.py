@@ -23,7 +23,7 @@ from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import Settings, load_settings, render_toml
 from flashgen.jobs.signals import SignalGuard
-from flashgen.jobs.writer import OrderedWriter, open_output, plan_output
+from flashgen.jobs.writer import OrderedWriter, check_writable, open_output, plan_output
 
 STATUS_CODES = {"ok": ExitCode.OK, "line_errors": ExitCode.LINE_ERRORS, "max_errors": ExitCode.MAX_ERRORS,
                 "interrupted": ExitCode.INTERRUPTED, "fatal": ExitCode.FATAL, "pipe_closed": ExitCode.PIPE_CLOSED}
@@ -93,9 +93,8 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
         from flashgen.jobs.templates import load_template
 
         template = load_template(job["template"])
-    for path, what in ((output_path, "output"), (job["stats_json"], "--stats-json")):
-        if path and path != "-":
-            check_writable(path, what)  # now, not after the model has loaded (or after the whole job)
+    if job["stats_json"]:
+        check_writable(job["stats_json"], "--stats-json")  # now, not after the whole job (the output: plan_output)
     in_stream, total = _open_input(input_path)
     # what changes a line's result besides the line itself: stored with each result, checked by --resume
     fingerprint = job_fingerprint(defaults, job["template"], job["field"], job["chat"])
@@ -133,23 +132,6 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
                 in_stream.close()
     finally:
         plan.release()
-
-
-def check_writable(path: str, what: str) -> None:
-    """FatalError unless `path` can be written: an existing file is opened for appending (and left as it was),
-    a new one needs a writable directory. Read-only file systems and permissions are found here, in a second."""
-    p = Path(path)
-    if p.is_dir():
-        raise FatalError(f"{what} {path} is a directory; give a file name such as {p / 'out.jsonl'}")
-    if not p.parent.is_dir():
-        raise FatalError(f"{what} {path}: the directory {p.parent} does not exist; create it first")
-    try:
-        if p.exists():
-            open(p, "ab").close()
-        elif not os.access(p.parent, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied (the directory is not writable or is read-only)")
-    except OSError as e:
-        raise FatalError(f"cannot write {what} {path}: {e.strerror or e}; choose a writable path") from None
 
 
 def _check_sampling(defaults: dict, settings: Settings) -> None:

@@ -107,6 +107,23 @@ class OutputPlan:
             log(f"flashgen: warning: {n} lines in all changed since their results were written; old results kept")
 
 
+def check_writable(path: str, what: str) -> None:
+    """FatalError unless `path` can be written: an existing file is opened for appending (and left as it was),
+    a new one needs a writable directory. Read-only file systems and permissions are found here, in a second."""
+    p = Path(path)
+    if p.is_dir():
+        raise FatalError(f"{what} {path} is a directory; give a file name such as {p / 'out.jsonl'}")
+    if not p.parent.is_dir():
+        raise FatalError(f"{what} {path}: the directory {p.parent} does not exist; create it first")
+    try:
+        if p.exists():
+            open(p, "ab").close()
+        elif not os.access(p.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied (the directory is not writable or is read-only)")
+    except OSError as e:
+        raise FatalError(f"cannot write {what} {path}: {e.strerror or e}; choose a writable path") from None
+
+
 def plan_output(output: str | None, input_path: str | None, *, overwrite: bool, resume: bool,
                 fingerprint: str = "") -> OutputPlan:
     """Decide what happens to the output before the model loads, so a refusal costs nothing. A file output is
@@ -117,11 +134,8 @@ def plan_output(output: str | None, input_path: str | None, *, overwrite: bool, 
         return OutputPlan(None)
     if resume and overwrite:
         raise FatalError(f"--resume keeps {output} and appends to it, --overwrite replaces it; choose one")
+    check_writable(output, "output")  # before the lock and the model: a read-only path costs a second
     path = Path(output)
-    if path.is_dir():
-        raise FatalError(f"output {output} is a directory; give a file name such as {path / 'out.jsonl'}")
-    if not path.parent.is_dir():
-        raise FatalError(f"output directory {path.parent} does not exist; create it first")
     from_file = input_path not in (None, "-")
     if from_file and path.exists() and os.path.samefile(input_path, path):
         raise FatalError(f"output {output} is the input file; write the results to another file")
