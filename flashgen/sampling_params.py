@@ -49,13 +49,13 @@ class SamplingParams:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not _finite(v):
                 raise bad(name, v, "use a finite number")
         for name in ("top_k", "min_tokens"):
-            if not _is_int(getattr(self, name)):
+            if not is_int(getattr(self, name)):
                 raise bad(name, getattr(self, name), "use an integer")
-        if self.max_tokens is not None and not _is_int(self.max_tokens):
+        if self.max_tokens is not None and not is_int(self.max_tokens):
             raise bad("max_tokens", self.max_tokens, "use an integer or None")
-        if self.seed is not None and not (_is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+        if self.seed is not None and not (is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
             raise bad("seed", self.seed, "use an integer in [0, 2**64) or None")
-        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "use token ids (integers >= 0)")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         for name in ("ignore_eos", "skip_special_tokens", "detokenize"):
@@ -90,7 +90,8 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer (Python or numpy), not a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 

@@ -12,8 +12,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from flashgen.jobs.params import (FIELDS, HARMLESS, LINE_FIELDS, NEUTRAL, UNSUPPORTED, BadLine, is_neutral,
-                                  line_overrides, make_params, near_miss, show)
+from flashgen.jobs.params import (FIELDS, HARMLESS, UNSUPPORTED, BadLine, is_neutral, line_overrides, make_params,
+                                  near_miss, show)
 
 if TYPE_CHECKING:
     from flashgen.jobs.inputs import LineParser
@@ -21,15 +21,10 @@ if TYPE_CHECKING:
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 OBJECT = {CHAT_URL: "chat.completion", COMPLETIONS_URL: "text_completion"}
-# Body fields that map onto sampling parameters; max_completion_tokens (the newer name) wins over max_tokens.
-BODY_FIELDS = {k: k for k in LINE_FIELDS}
 # The prompt field of each url's body.
 PROMPT_FIELD = {CHAT_URL: "messages", COMPLETIONS_URL: "prompt"}
 # A batch line's own fields (OpenAI writes exactly these).
 LINE_KEYS = ("custom_id", "method", "url", "body")
-# Body fields accepted and ignored because they change nothing in the output (see params.HARMLESS / NEUTRAL);
-# every other body field flashgen does not implement is refused with an error record naming it.
-IGNORED_BODY_FIELDS = sorted(HARMLESS) + [f"{k}: {' / '.join(map(repr, v))}" for k, v in NEUTRAL.items()]
 
 
 def is_batch_line(obj: dict) -> bool:
@@ -66,7 +61,7 @@ def parse(obj: dict, parser: "LineParser", key: str) -> tuple[str, list[int], An
         )
     _check_body_fields(body, url)
     fields: dict[str, str] = {}
-    overrides = line_overrides(body, BODY_FIELDS, where="body.", fields=fields)
+    overrides = line_overrides(body, where="body.", fields=fields)  # the sampling fields, by their names
     if "max_completion_tokens" in body:  # the newer name wins
         overrides.update(line_overrides(body, {"max_completion_tokens": "max_tokens"}, where="body.", fields=fields))
     parser.check_stop_ids(overrides, fields)

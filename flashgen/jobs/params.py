@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from flashgen.sampling_params import SEED_RANGE, SamplingParams
+from flashgen.sampling_params import SEED_RANGE, SamplingParams, is_int
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,6 @@ FIELDS: dict[str, Field] = {
     "frequency_penalty": Field("number", -2, 2),
     "skip_special_tokens": Field("bool"),
 }
-LINE_FIELDS = {k: f.kind for k, f in FIELDS.items()}
 _WANT = {
     "int": "an integer", "int|null": "an integer (or null for up to the context length)", "number": "a number",
     "bool": "true or false", "str|list[str]": "a non-empty string or a list of them",
@@ -136,15 +135,11 @@ def show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _type_ok(kind: str, v: Any) -> bool:
     if kind == "int":
-        return _is_int(v)
+        return is_int(v)
     if kind == "int|null":
-        return v is None or _is_int(v)
+        return v is None or is_int(v)
     if kind == "number":
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     if kind == "bool":
@@ -153,7 +148,7 @@ def _type_ok(kind: str, v: Any) -> bool:
         return (isinstance(v, str) and v != "") or (
             isinstance(v, list) and all(isinstance(s, str) and s != "" for s in v))
     if kind == "list[int]":
-        return isinstance(v, list) and all(_is_int(t) for t in v)
+        return isinstance(v, list) and all(is_int(t) for t in v)
     raise AssertionError(kind)
 
 

@@ -58,13 +58,6 @@ ENGINE_HELP = {
     "load_format": "auto = the checkpoint's safetensors; dummy = random weights (benchmarks)",
 }
 ENGINE_CHOICES = {"dtype": DTYPES, "backend": BACKENDS}
-# The ranges EngineConfig checks, checked here too so a flag or config value is refused before anything loads.
-ENGINE_RANGES = {
-    "block_size": Field("int", 16, 256, note="(a power of two)"), "max_num_seqs": Field("int", 1),
-    "max_num_batched_tokens": Field("int", 1), "max_model_len": Field("int", 0, note="(0 = the model's)"),
-    "gpu_memory_utilization": Field("number", 0.05, 1), "kv_cache_gb": Field("number", 0, note="(0 = auto)"),
-    "tensor_parallel_size": Field("int", 1),
-}
 
 
 def _source_comments() -> dict[str, str]:
@@ -84,9 +77,8 @@ def _engine_options() -> dict[str, Option]:
     for f in dataclasses.fields(EngineConfig):
         default = "" if f.name == "model" else f.default
         help = ENGINE_HELP.get(f.name) or comments.get(f.name, "")
-        opts[f.name] = Option(default, help, choices=ENGINE_CHOICES.get(f.name, ()), range=ENGINE_RANGES.get(f.name))
+        opts[f.name] = Option(default, help, choices=ENGINE_CHOICES.get(f.name, ()))
     return opts
-
 
 
 SAMPLING = {
