@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Iterator
 
 from flashgen.jobs import openai_batch
 from flashgen.jobs.errors import FatalError
+from flashgen.jobs.fingerprint import request_hash
 from flashgen.jobs.params import FIELDS, UNSUPPORTED, BadLine, is_neutral, line_overrides, make_params, near_miss, show
 from flashgen.jobs.templates import render
 
@@ -133,8 +134,8 @@ class LineParser:
 
         def fail_sniffed(code: str, message: str, head: bytes) -> Line:  # the line was not parsed: guess its id
             id_value, batch = _sniff_id(head)
-            return fail(code, message, None, None, batch) if id_value is None else _with_id(
-                fail(code, message, None, None, batch), id_value)
+            line = fail(code, message, None, None, batch)
+            return line if id_value is None else _with_id(line, id_value)
 
         if isinstance(raw, LongLine):
             return fail_sniffed("line_too_long", f"the line is {raw.nbytes:,} bytes, more than --max-line-bytes "
@@ -201,8 +202,6 @@ class LineParser:
                 ids = self._plain_ids(line.obj, source)
         except BadLine as b:
             return self.error(line, b.code, b.message, b.field)
-        from flashgen.jobs.fingerprint import request_hash
-
         return LineRequest(line.lineno, line.id, line.key, kind, ids, params,
                            request_hash(line.obj, self.fingerprint))
 
