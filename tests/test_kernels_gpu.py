@@ -274,7 +274,7 @@ def test_decode_attention_splits(num_splits, lens, plan):
     for the next launch."""
     for _ in range(2):
         _check_decode(lens, 2, 32, 128, 16, torch.bfloat16, 0.1, num_splits=num_splits, plan=plan)
-        state = cuda_ops._COUNTERS[(torch.device("cuda", torch.cuda.current_device()), "decode")]
+        state = cuda_attention._COUNTERS[(torch.device("cuda", torch.cuda.current_device()), "decode")]
         assert state.count_nonzero() == 0
 
 

@@ -24,33 +24,14 @@ Shapes (docs/design.md):
 """
 from __future__ import annotations
 
-# NOTE: the imports below keep every name this module had before it was split (callers, tests and probes
-# import its constants, and a few reach its private helpers and state), bound to the same objects.
-import functools  # noqa: F401
-import math  # noqa: F401
-import os  # noqa: F401
-import warnings  # noqa: F401
-
-import torch  # noqa: F401
-
-from flashgen.ops import jit, tma  # noqa: F401
+# The backend's public names: the ops, and the constants callers choose or parametrize with. Private state
+# and helpers live in (and are reached through) their own modules.
 from flashgen.ops.cuda_attention import (  # noqa: F401
-    _COUNTERS, _WGMMA_FAILED, ATTN_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_PLANS, PREFILL_IMPLS, PREFILL_SM90_SMEM,
-    PREFILL_TILE_CHOICES, PREFILL_TILES, WGMMA_ARCH, _check_attn, decode_attention, decode_num_splits, decode_plan,
-    prefill_attention, prefill_impl, prefill_smem_bytes)
-from flashgen.ops.cuda_attention import split_counters as _split_counters  # noqa: F401
+    ATTN_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_PLANS, PREFILL_IMPLS, PREFILL_SM90_SMEM, PREFILL_TILE_CHOICES,
+    PREFILL_TILES, WGMMA_ARCH, decode_attention, decode_num_splits, decode_plan, prefill_attention, prefill_impl,
+    prefill_smem_bytes)
 from flashgen.ops.cuda_checks import DTYPES  # noqa: F401
-from flashgen.ops.cuda_checks import check_block_tables as _check_block_tables  # noqa: F401
-from flashgen.ops.cuda_checks import check_cache as _check_cache  # noqa: F401
-from flashgen.ops.cuda_checks import check_out as _check_out  # noqa: F401
-from flashgen.ops.cuda_checks import check_shape as _check_shape  # noqa: F401
-from flashgen.ops.cuda_checks import check_tensor as _check_tensor  # noqa: F401
-from flashgen.ops.cuda_checks import choose as _choose  # noqa: F401
-from flashgen.ops.cuda_checks import device_index as _dev  # noqa: F401
-from flashgen.ops.cuda_checks import fail as _fail  # noqa: F401
-from flashgen.ops.cuda_checks import num_sms as _num_sms  # noqa: F401
 from flashgen.ops.cuda_elementwise import RMS_MAX_HIDDEN, rms_norm, rope_kv_append, silu_mul  # noqa: F401
 from flashgen.ops.cuda_linear import (  # noqa: F401
-    _LINEAR_PLAN, LINEAR_TIMES, SKINNY_MAX_ROWS, SKINNY_VARIANTS, linear, linear_plan, skinny_gemm)
+    LINEAR_TIMES, SKINNY_MAX_ROWS, SKINNY_VARIANTS, linear, linear_plan, skinny_gemm)
 from flashgen.ops.cuda_sampling import gumbel_argmax  # noqa: F401
-from flashgen.ops.timing import bench  # noqa: F401
