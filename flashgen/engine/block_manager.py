@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from flashgen.engine.sequence import PLACEHOLDER, Sequence
+from flashgen.engine.sequence import Sequence
 
 
 class Block:
@@ -97,13 +97,9 @@ class BlockManager:
         return len(self.free_set) >= (len(seq) % self.block_size == 1)
 
     def may_append(self, seq: Sequence) -> None:
-        n = len(seq)
-        if n % self.block_size == 1 and len(seq.block_table) < seq.num_blocks:
+        """Give `seq` a new block when the token this step computes opens one."""
+        if len(seq) % self.block_size == 1 and len(seq.block_table) < seq.num_blocks:
             seq.block_table.append(self._take_free().block_id)
-        elif n % self.block_size == 0 and seq.token_ids[-1] != PLACEHOLDER:
-            # the last block becomes full with this step's token: register it for later prefix hits
-            # (a pipelined step registers it when the token is read: see Engine._resolve)
-            self.register_full_block(seq, n // self.block_size - 1)
 
     def register_full_block(self, seq: Sequence, i: int) -> None:
         """Make seq's full block i findable by later prompts. Call only once the step writing its last

@@ -1,4 +1,4 @@
-"""Decode steps as captured CUDA graphs, one per batch-size bucket.
+"""Decode steps as captured CUDA graphs, one per batch-size bucket, and the dispatch between graph and eager.
 
 A decode step of a small model is hundreds of short kernels; launching them from Python costs more than they
 run. Each bucket's graph reads its inputs from static buffers that `run` fills; its logits (the lm_head GEMM's
@@ -69,3 +69,15 @@ class DecodeGraphs:
         self.block_tables[n:bs, 0] = 0
         self.graphs[bs].replay()
         return self.logits[bs][:n]
+
+
+def run_step(model: DecoderLM, graphs: DecodeGraphs | None, input_ids: torch.Tensor, ctx: StepContext,
+             rows: torch.Tensor) -> torch.Tensor | None:
+    """Logits (model dtype) of the `rows` to sample, or None when there are none: a decode batch that fits a
+    captured bucket replays its graph (all its rows), anything else runs eagerly."""
+    if not ctx.is_prefill and graphs is not None and graphs.bucket(input_ids.shape[0]) is not None:
+        return graphs.run(input_ids, ctx)
+    hidden, residual = model.forward(input_ids, ctx)
+    if rows.numel() == 0:
+        return None
+    return model.logits(hidden[rows], residual[rows])

@@ -1,4 +1,4 @@
-"""Engine.step(): schedule -> run -> postprocess, the whole data path in a few lines."""
+"""Engine.step(): schedule -> launch -> process the previous step's tokens, the whole data path in a few lines."""
 from __future__ import annotations
 
 import random
@@ -8,9 +8,10 @@ from pathlib import Path
 
 from flashgen.config import EngineConfig
 from flashgen.engine import detokenizer
-from flashgen.engine.model_runner import ModelRunner, SampledTokens
-from flashgen.engine.scheduler import Scheduler
-from flashgen.engine.sequence import PLACEHOLDER, Sequence
+from flashgen.engine.model_runner import ModelRunner
+from flashgen.engine.scheduler import Batch, Scheduler
+from flashgen.engine.sequence import Sequence
+from flashgen.engine.token_slots import SampledTokens
 from flashgen.models.spec import load_spec
 from flashgen.outputs import RequestOutput
 from flashgen.sampling_params import SamplingParams
@@ -26,6 +27,17 @@ class EngineStats:
     decode_seconds: float = 0.0
     steps: int = 0
     preemptions: int = 0
+
+    def account(self, batch: Batch | None, seconds: float, preemptions: int) -> None:
+        """One engine step: its wall time goes to prefill or decode (a call that only read tokens: decode)."""
+        self.steps += batch is not None
+        self.preemptions = preemptions
+        if batch is not None and batch.is_prefill:
+            self.prefill_seconds += seconds
+            self.prompt_tokens += batch.num_tokens
+            self.cached_tokens += batch.cached_tokens
+        else:
+            self.decode_seconds += seconds
 
 
 def _eos_ids(model_dir: Path, tok: Tokenizer) -> set[int]:
@@ -77,7 +89,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.runner.num_blocks, self.max_model_len)
         self.scheduler.on_preempt = self.runner.release
         self.stats = EngineStats()
-        self._pending: SampledTokens | None = None  # a launched decode step whose tokens are not read yet
+        self._last: SampledTokens | None = None  # a launched decode step whose tokens are not read yet
         self._seed_rng = random.Random(config.seed)
         self._ids: set[str] = set()
 
@@ -96,104 +108,65 @@ class Engine:
         return len(self.scheduler.waiting) + len(self.scheduler.running)
 
     def step(self) -> list[RequestOutput]:
-        """Schedule -> launch -> read tokens and postprocess. In steady decoding the host reads step n's tokens
-        (detokenizes, checks stops) while the GPU already runs step n + 1 (see _can_pipeline)."""
+        """Launch the next step, then process the previous one while the GPU runs it (the overlap loop). The
+        last decode step's tokens stay unread across scheduling only when the scheduler can do without them."""
         t0 = time.perf_counter()
-        finished: list[RequestOutput] = []
-        if self._pending is not None and not self._can_pipeline():
-            finished += self._resolve(self._pending, ())
-            self._pending = None
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:  # only sequences whose last token is still unread: read it
-            assert self._pending is not None, "scheduler found no work although requests are pending"
-            finished += self._resolve(self._pending, ())
-            self._pending = None
-            return finished
-        future = self.runner.launch(seqs, is_prefill)
-        for seq in seqs:
-            if is_prefill:
-                if seq.num_computed_tokens == seq.num_cached_tokens:
-                    self.stats.cached_tokens += seq.num_cached_tokens
-                self.scheduler.complete_prefill_chunk(seq)
-            else:
-                seq.num_computed_tokens += 1
-        for seq in future.seqs:
-            future.idx.append(len(seq.token_ids))
-            seq.token_ids.append(PLACEHOLDER)
-        if self._pending is not None:  # runs while the GPU computes the step just launched
-            finished += self._resolve(self._pending, {s.seq_id for s in seqs})
-            self._pending = None
-        if not is_prefill and self.runner.async_capable:
-            self._pending = future
-        else:
-            finished += self._resolve(future, ())
-        st = self.stats
-        st.steps += 1
-        st.preemptions = self.scheduler.num_preemptions
-        dt = time.perf_counter() - t0
-        if is_prefill:
-            st.prefill_seconds += dt
-            st.prompt_tokens += sum(s.num_scheduled_tokens for s in seqs)
-        else:
-            st.decode_seconds += dt
-        return finished
+        outputs: list[RequestOutput] = []
+        if self._last is not None and not self.scheduler.can_run_ahead():
+            outputs += self._process(self._last, None)
+            self._last = None
+        batch = self.scheduler.schedule()
+        current = self.runner.launch(batch) if batch is not None else None
+        if batch is not None:
+            self.scheduler.commit(batch)
+        if self._last is not None:  # the host's share of the last step overlaps the GPU's of this one
+            outputs += self._process(self._last, batch)
+        self._last = current if current is not None and current.deferrable else None
+        if current is not None and self._last is None:
+            outputs += self._process(current, None)
+        self.stats.account(batch, time.perf_counter() - t0, self.scheduler.num_preemptions)
+        return outputs
 
-    def _can_pipeline(self) -> bool:
-        """Keep the last decode step's tokens unread across the next schedule only when that schedule cannot
-        need them: no prefill waiting, a free block for every running sequence (no preemption), no penalties
-        (they count the latest token)."""
-        s = self.scheduler
-        return (not self._pending.is_prefill and not s.waiting
-                and s.block_manager.num_free_blocks >= len(s.running)
-                and not any(seq.params.has_penalties for seq in s.running))
-
-    def _resolve(self, future: SampledTokens, launched: set[int] | tuple) -> list[RequestOutput]:
-        """Read a step's tokens: fill the placeholders, detokenize, check stops, finish sequences. A fault of one
-        request (non-finite logits, an exception in its detokenizer or stop check) fails that request alone."""
+    def _process(self, tokens: SampledTokens, launched: Batch | None) -> list[RequestOutput]:
+        """A step's tokens: detokenize, check stops, finish sequences. A fault of one request (non-finite logits,
+        an exception in its detokenizer or stop check) fails that request alone."""
         done = []
-        for seq, idx, token in zip(future.seqs, future.idx, future.result()):
-            if seq.is_finished:  # ended by the step before; this token was computed speculatively
-                continue
+        for seq, idx, token in self.scheduler.postprocess(tokens, launched):
             try:
                 if token < 0:
                     raise RequestFailed("non_finite_logits", "the model's logits for this request are not finite "
                                         "(NaN or inf); the checkpoint or the dtype overflows on this prompt: try "
                                         "--dtype float32 or check the weights")
-                out = self._advance(seq, idx, token, launched)
+                out = self._advance(seq, idx, token)
             except Exception as e:
                 out = self._fail(seq, idx, e)
             if out is not None:
                 done.append(out)
         return done
 
-    def _advance(self, seq: Sequence, idx: int, token: int, launched) -> RequestOutput | None:
+    def _advance(self, seq: Sequence, idx: int, token: int) -> RequestOutput | None:
         self.stats.generated_tokens += 1
-        seq.set_token(idx, token)
-        bs = self.config.block_size
-        if (idx + 1) % bs == 0 and seq.seq_id in launched:
-            self.scheduler.block_manager.register_full_block(seq, idx // bs)
         delta = detokenizer.detokenize_step(self.tokenizer, seq, token) if seq.params.detokenize else ""
         seq.output_text += delta
         detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta, idx + 1)
         if not seq.finish_reason:
             return None
-        del seq.token_ids[idx + 1:]  # drop a speculative placeholder after the end
         if seq.params.detokenize and not isinstance(seq.stop_reason, str):
             seq.output_text += detokenizer.flush(self.tokenizer, seq)
-        return self._retire(seq)
+        return self._retire(seq, idx + 1)
 
     def _fail(self, seq: Sequence, idx: int, e: Exception) -> RequestOutput:
         """End one request with an error; its blocks and token slot are freed and every other request goes on."""
         code, message = (e.code, e.message) if isinstance(e, RequestFailed) else \
             ("engine_error", f"serving this request raised {type(e).__name__}: {e}")
-        del seq.token_ids[idx:]  # the unread token and any speculative one after it
         seq.finish_reason, seq.stop_reason = "error", None
-        return self._retire(seq, code, message)
+        return self._retire(seq, idx, code, message)  # without the unread token and any after it
 
-    def _retire(self, seq: Sequence, error_code: str | None = None, error: str | None = None) -> RequestOutput:
+    def _retire(self, seq: Sequence, num_tokens: int, error_code: str | None = None,
+                error: str | None = None) -> RequestOutput:
         cached = seq.num_cached_tokens
         if not seq.is_finished:
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, num_tokens)
         self.runner.release(seq)
         self._ids.discard(seq.request_id)
         return RequestOutput(

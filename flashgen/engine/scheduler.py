@@ -8,10 +8,30 @@ back to `waiting`, to be recomputed (prompt + what they generated so far) when b
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
 
 from flashgen.config import EngineConfig
 from flashgen.engine.block_manager import BlockManager
 from flashgen.engine.sequence import Sequence, Status
+
+
+@dataclass
+class Batch:
+    """One step's work: prefill chunks or one decode token per sequence (seq.num_scheduled_tokens each)."""
+    seqs: list[Sequence]
+    is_prefill: bool
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache to the sequences starting here
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_scheduled_tokens for s in self.seqs)
+
+
+class StepTokens(Protocol):
+    """A launched step's sampled tokens (see token_slots.SampledTokens)."""
+
+    def read(self) -> list[tuple[Sequence, int, int]]: ...
 
 
 class Scheduler:
@@ -31,8 +51,8 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences of the next step and whether it is a prefill step."""
+    def schedule(self) -> Batch | None:
+        """The next step's batch: waiting prompts first (prefill), else one token for each running sequence."""
         batch: list[Sequence] = []
         budget = self.max_num_batched_tokens
         bm = self.block_manager
@@ -53,7 +73,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
         if batch:
-            return batch, True
+            return Batch(batch, True)
 
         held: list[Sequence] = []  # at max_tokens / context with a token still on the GPU: nothing to compute
         while self.running and len(batch) < self.max_num_seqs:
@@ -69,10 +89,45 @@ class Scheduler:
                     break
             else:
                 bm.may_append(seq)
+                if len(seq) % bm.block_size == 0 and seq.last_token_known:
+                    # this step writes the K/V of the last token of a full block: from now on a prompt may hit
+                    # it (a token still on the GPU registers its block when read: see postprocess)
+                    bm.register_full_block(seq, len(seq) // bm.block_size - 1)
                 seq.num_scheduled_tokens = 1
                 batch.append(seq)
         self.running.extendleft(reversed(batch + held))
-        return batch, False
+        return Batch(batch, False) if batch else None
+
+    def can_run_ahead(self) -> bool:
+        """Whether the next batch can be scheduled before the last decode step's tokens are read: no prompt
+        waiting, a free block for every running sequence (no preemption), no penalties (they count the latest
+        token)."""
+        return (not self.waiting and self.block_manager.num_free_blocks >= len(self.running)
+                and not any(seq.params.has_penalties for seq in self.running))
+
+    def commit(self, batch: Batch) -> None:
+        """Account a launched batch: its tokens' K/V are (being) computed."""
+        for seq in batch.seqs:
+            if batch.is_prefill and seq.num_computed_tokens == seq.num_cached_tokens:
+                batch.cached_tokens += seq.num_cached_tokens
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+
+    def postprocess(self, tokens: StepTokens, launched: Batch | None) -> list[tuple[Sequence, int, int]]:
+        """Read a step's tokens into their sequences; (sequence, position, token) for the unfinished ones, token
+        -1 (not stored) where the logit was not finite. `launched`: the batch already queued after that step,
+        whose K/V writes make a block completed by a read token safe to share."""
+        bs = self.block_manager.block_size
+        after = {s.seq_id for s in launched.seqs} if launched is not None else set()
+        read = []
+        for seq, idx, token in tokens.read():
+            if seq.is_finished:  # ended by the step before; this token was computed speculatively
+                continue
+            if token >= 0:
+                seq.set_token(idx, token)
+                if (idx + 1) % bs == 0 and seq.seq_id in after:
+                    self.block_manager.register_full_block(seq, idx // bs)
+            read.append((seq, idx, token))
+        return read
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
@@ -83,12 +138,9 @@ class Scheduler:
         pos = 1 if self.waiting and self.waiting[0].block_table else 0
         self.waiting.insert(pos, seq)
 
-    def complete_prefill_chunk(self, seq: Sequence) -> bool:
-        """Account a prefill chunk; True when the sequence's whole context is now cached."""
-        seq.num_computed_tokens += seq.num_scheduled_tokens
-        return seq.num_computed_tokens == seq.num_tokens
-
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, num_tokens: int) -> None:
+        """End `seq` with its first `num_tokens` tokens (places reserved after them are dropped)."""
+        seq.truncate(num_tokens)
         seq.status = Status.FINISHED
         self.block_manager.free(seq)
         self.running.remove(seq)

@@ -69,10 +69,24 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
 
+    def reserve_token(self) -> int:
+        """Hold the place of a token a launched step will sample; its index."""
+        self.token_ids.append(PLACEHOLDER)
+        return len(self.token_ids) - 1
+
     def set_token(self, idx: int, token: int) -> None:
-        """Put the sampled `token` at `idx` (where a PLACEHOLDER waits for it)."""
+        """Put the sampled `token` at `idx` (where reserve_token held its place)."""
         self.token_ids[idx] = token
         self.output_counts[token] = self.output_counts.get(token, 0) + 1
+
+    @property
+    def last_token_known(self) -> bool:
+        """False while the latest token is still on the GPU (pipelined decode)."""
+        return self.token_ids[-1] != PLACEHOLDER
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` tokens: drops reserved places after the end of a finished request."""
+        del self.token_ids[n:]
 
     def at_limit(self, max_model_len: int) -> bool:
         """No further token may be scheduled (placeholders count): max_tokens or the context is reached."""

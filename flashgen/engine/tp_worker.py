@@ -1,9 +1,10 @@
-"""Tensor-parallel worker processes.
+"""Tensor-parallel transport: the worker processes, the process group, and the step broadcast.
 
-Rank 0 is the engine's own ModelRunner. It starts ranks 1..N-1 here, each a process with a ModelRunner of its
-own (its slice of the weights, its heads' KV cache), and broadcasts every step as one packed int64 tensor; the
-workers run the same forward (its all-reduces pair up across ranks) and drop the logits. Only rank 0 schedules,
-samples, reads input and writes output.
+Rank 0 is the engine's own ModelRunner. It starts ranks 1..N-1 here, each a process running
+model_runner.run_worker (a ModelRunner of its own: its slice of the weights, its heads' KV cache), and
+broadcasts every step as one packed int64 tensor; the workers run the same forward (its all-reduces pair up
+across ranks) and drop the logits. Only rank 0 schedules, samples, reads input and writes output. This module
+knows nothing of models or runners.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import atexit
 import multiprocessing as mp
 import os
 import socket
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,21 +31,27 @@ def _backend(config) -> str:
     return "nccl" if cuda else "gloo"
 
 
-def _init(config, rank: int, port: int) -> None:
+def join_group(config, rank: int, port: int) -> None:
     dist.init_process_group(_backend(config), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=config.tensor_parallel_size)
 
 
-def start_workers(config, model_dir: str, spec, eos_ids: set[int]) -> list:
+def start_workers(config, target: Callable, args: tuple) -> list:
+    """Spawn ranks 1..N-1 as `target(*args, rank, port)` and join the group as rank 0."""
     port = _free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker_main, args=(config, model_dir, spec, eos_ids, r, port), daemon=True)
+    procs = [ctx.Process(target=_worker_entry, args=(target, args, r, port), daemon=True)
              for r in range(1, config.tensor_parallel_size)]
     for p in procs:
         p.start()
-    _init(config, 0, port)
+    join_group(config, 0, port)
     atexit.register(lambda: stop_workers(procs, None))
     return procs
+
+
+def _worker_entry(target: Callable, args: tuple, rank: int, port: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    target(*args, rank, port)
 
 
 def _comm_device(device) -> torch.device:
@@ -51,9 +59,28 @@ def _comm_device(device) -> torch.device:
 
 
 def broadcast_step(buf: torch.Tensor, device) -> None:
+    """Rank 0: send one packed step to every worker."""
     dev = _comm_device(device)
     dist.broadcast(torch.tensor([STEP, buf.numel()], device=dev), 0)
     dist.broadcast(buf.to(dev), 0)
+
+
+def receive_steps(device) -> Iterator[torch.Tensor]:
+    """A worker: each packed step rank 0 broadcasts, until it says stop."""
+    dev = _comm_device(device)
+    while True:
+        meta = torch.empty(2, dtype=torch.int64, device=dev)
+        dist.broadcast(meta, 0)
+        cmd, n = meta.tolist()
+        if cmd == STOP:
+            return
+        buf = torch.empty(n, dtype=torch.int64, device=dev)
+        dist.broadcast(buf, 0)
+        yield buf
+
+
+def leave_group() -> None:
+    dist.destroy_process_group()
 
 
 def stop_workers(procs: list, device) -> None:
@@ -66,23 +93,3 @@ def stop_workers(procs: list, device) -> None:
             p.join(timeout=30)
     finally:
         dist.destroy_process_group()
-
-
-def worker_main(config, model_dir: str, spec, eos_ids: set[int], rank: int, port: int) -> None:
-    from flashgen.engine.model_runner import ModelRunner
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _init(config, rank, port)
-    runner = ModelRunner(config, model_dir, spec, eos_ids, rank=rank)
-    dev = _comm_device(runner.device)
-    with torch.inference_mode():
-        while True:
-            meta = torch.empty(2, dtype=torch.int64, device=dev)
-            dist.broadcast(meta, 0)
-            cmd, n = meta.tolist()
-            if cmd == STOP:
-                break
-            buf = torch.empty(n, dtype=torch.int64, device=dev)
-            dist.broadcast(buf, 0)
-            runner._execute(buf)
-    dist.destroy_process_group()

@@ -1,0 +1,82 @@
+"""How many KV blocks fit: the memory left after the weights and the largest step's activations.
+
+On a GPU the activation peak is measured, not estimated: the largest prefill step the scheduler can build
+(max_num_batched_tokens) runs once on a scratch cache, then a sort as wide as sampling's. What is left of
+gpu_memory_utilization goes to the cache. With tensor parallelism every rank holds the same number of blocks.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from flashgen.config import EngineConfig
+from flashgen.engine.sequence import Sequence
+from flashgen.engine.step_packing import pack_step
+from flashgen.models.decoder import DecoderLM
+
+log = logging.getLogger(__name__)
+
+
+def kv_cache_shape(model: DecoderLM, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    spec = model.spec
+    return (2, spec.num_layers, num_blocks, block_size, model.num_kv_heads_local, spec.head_dim)
+
+
+def plan_kv_blocks(config: EngineConfig, model: DecoderLM, max_len: int, execute: Callable) -> int:
+    """Blocks for the KV cache; `execute` runs a packed step (used to measure the activation peak)."""
+    per_token = model.spec.kv_bytes_per_token(model.dtype, model.num_kv_heads_local)
+    per_block = per_token * config.block_size
+    need = config.max_num_seqs * max_len * per_token
+    if config.kv_cache_gb:
+        budget = config.kv_cache_gb * 2**30
+    elif model.device.type == "cuda":
+        peak = profile_activations(config, model, max_len, execute)
+        free, total = torch.cuda.mem_get_info(model.device)
+        budget = free - total * (1 - config.gpu_memory_utilization) - peak
+        log.info("activation peak %.2f GiB; KV cache gets %.2f GiB", peak / 2**30, max(budget, 0) / 2**30)
+    else:
+        budget = min(2 * 2**30, need)
+    blocks = int(max(budget, 0) // per_block)
+    if config.tensor_parallel_size > 1:  # every rank must hold the same blocks: take the smallest
+        import torch.distributed as dist
+
+        t = torch.tensor([blocks], device=model.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        blocks = int(t.item())
+    if blocks < 1:
+        raise RuntimeError(f"no memory is left for the KV cache ({per_block} bytes per block); lower "
+                           "max_num_batched_tokens, raise gpu_memory_utilization or set kv_cache_gb")
+    return blocks
+
+
+def profile_activations(config: EngineConfig, model: DecoderLM, max_len: int, execute: Callable) -> int:
+    """Peak activation bytes of the largest prefill step plus a full decode batch's logits and sampling,
+    measured by running them on a scratch cache (freed afterwards)."""
+    bs, device = config.block_size, model.device
+    T = config.max_num_batched_tokens
+    seq_len = min(T, max_len)
+    nseq = (T + seq_len - 1) // seq_len
+    blocks_per_seq = (seq_len + bs - 1) // bs
+    scratch = torch.zeros(kv_cache_shape(model, nseq * blocks_per_seq, bs), dtype=model.dtype, device=device)
+    model.bind_kv_cache(scratch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    seqs = []
+    for i in range(nseq):
+        n = min(seq_len, T - i * seq_len)
+        s = Sequence(f"_profile{i}", None, [0] * n, None, bs, 0)  # type: ignore[arg-type]
+        s.block_table, s.num_scheduled_tokens = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), n
+        seqs.append(s)
+    # NOTE: no broadcast here: every rank profiles its own copy of the same step
+    execute(pack_step(seqs, True, bs, rows=[]))
+    probe = torch.randn(config.max_num_seqs, model.spec.vocab_size, device=device)
+    probe.softmax(-1).sort(-1)  # sampling's widest temporaries: a sort of (max_num_seqs, vocab)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del probe, scratch
+    model.k_caches, model.v_caches = [], []
+    torch.cuda.empty_cache()
+    return int(peak * 1.1) + (256 << 20)  # headroom for allocator fragmentation and graph pools
