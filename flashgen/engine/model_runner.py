@@ -23,7 +23,7 @@ from flashgen.models.spec import DTYPES, ModelSpec
 from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import cuda_backend_available, get_ops
 
-log = logging.getLogger("flashgen")
+log = logging.getLogger(__name__)
 
 
 def pick_device(config: EngineConfig, rank: int = 0) -> torch.device:
@@ -92,7 +92,7 @@ class ModelRunner:
         tp = TPInfo(rank, self.world) if self.world > 1 else None
         self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
                                config.load_format, tp)
-        self.slots = TokenSlots()
+        self.slots, self.graphs = TokenSlots(), None
         self.num_blocks = plan_kv_blocks(config, self.model, max_len, self.execute)
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
         if self.max_model_len < max_len and rank == 0:
@@ -105,7 +105,6 @@ class ModelRunner:
         # step's tokens (see TokenSlots).
         if self.device.type == "cuda" and self.world == 1:
             self.enable_pipelining()
-        self.graphs = None
         # NOTE: the torch reference reads context lengths on the host, so only the CUDA kernels are capturable.
         if self.device.type == "cuda" and self.backend == "cuda" and not config.enforce_eager:
             max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
