@@ -5,10 +5,12 @@ built-in default) is decided in one place: flashgen.jobs.settings.
 """
 from __future__ import annotations
 
+import logging
 import sys
-from typing import List, Optional
 
 import typer
+
+from flashgen.log import log_to_stderr
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -25,86 +27,94 @@ EXIT_CODES = """Exit codes: 0 every line succeeded; 1 finished, but some lines g
 (SIGINT/SIGTERM/SIGHUP): run again with --resume; 141 the reader of stdout went away (| head)."""
 
 
+@app.callback()
+def _logging() -> None:
+    # (A comment: a docstring would replace the app's help.) Every command sends the library's log records, INFO
+    # and up, to stderr; `generate --quiet` keeps warnings only.
+    log_to_stderr(logging.INFO)
+
+
 @app.command(epilog=EXIT_CODES)
 def generate(
-    input: Optional[str] = typer.Argument(None, metavar="INPUT", help="JSONL input file; - or nothing for stdin.",
-                                           show_default=False),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL output file; - or nothing for stdout."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory, .gguf file or known name.",
-                                        rich_help_panel=ENGINE),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file (see flashgen.toml)."),
+    input: str | None = typer.Argument(None, metavar="INPUT", help="JSONL input file; - or nothing for stdin.",
+                                        show_default=False),
+    output: str | None = typer.Option(None, "--output", "-o", help="JSONL output file; - or nothing for stdout."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model directory, .gguf file or known name.",
+                                     rich_help_panel=ENGINE),
+    config: str | None = typer.Option(None, "--config", "-c", help="TOML config file (see flashgen.toml)."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the merged settings as TOML and exit."),
     # sampling defaults
-    max_tokens: Optional[int] = typer.Option(None, help="Most tokens generated per line.", rich_help_panel=SAMPLING),
-    min_tokens: Optional[int] = typer.Option(None, help="No EOS/stop before this many tokens.",
-                                             rich_help_panel=SAMPLING),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy.", rich_help_panel=SAMPLING),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold.", rich_help_panel=SAMPLING),
-    top_k: Optional[int] = typer.Option(None, help="-1 = all tokens.", rich_help_panel=SAMPLING),
-    min_p: Optional[float] = typer.Option(None, help="Drop tokens with p < min_p * p_max.", rich_help_panel=SAMPLING),
-    seed: Optional[int] = typer.Option(None, help="Base of per-line seeds (seed + line id): same text on resume.",
-                                       rich_help_panel=SAMPLING),
-    stop: Optional[List[str]] = typer.Option(None, help="Stop string (repeatable).", rich_help_panel=SAMPLING),
-    ignore_eos: Optional[bool] = typer.Option(None, "--ignore-eos/--no-ignore-eos", help="Generate past EOS.",
-                                              rich_help_panel=SAMPLING, show_default=False),
-    repetition_penalty: Optional[float] = typer.Option(None, help="> 1 discourages repeats.",
-                                                       rich_help_panel=SAMPLING),
-    presence_penalty: Optional[float] = typer.Option(None, help="In [-2, 2].", rich_help_panel=SAMPLING),
-    frequency_penalty: Optional[float] = typer.Option(None, help="In [-2, 2].", rich_help_panel=SAMPLING),
+    max_tokens: int | None = typer.Option(None, help="Most tokens generated per line.", rich_help_panel=SAMPLING),
+    min_tokens: int | None = typer.Option(None, help="No EOS/stop before this many tokens.",
+                                          rich_help_panel=SAMPLING),
+    temperature: float | None = typer.Option(None, help="0 = greedy.", rich_help_panel=SAMPLING),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling threshold.", rich_help_panel=SAMPLING),
+    top_k: int | None = typer.Option(None, help="-1 = all tokens.", rich_help_panel=SAMPLING),
+    min_p: float | None = typer.Option(None, help="Drop tokens with p < min_p * p_max.", rich_help_panel=SAMPLING),
+    seed: int | None = typer.Option(None, help="Base of per-line seeds (seed + line id): same text on resume.",
+                                    rich_help_panel=SAMPLING),
+    stop: list[str] | None = typer.Option(  # noqa: B008 - typer's declaration of the option, never mutated
+        None, help="Stop string (repeatable).", rich_help_panel=SAMPLING),
+    ignore_eos: bool | None = typer.Option(None, "--ignore-eos/--no-ignore-eos", help="Generate past EOS.",
+                                           rich_help_panel=SAMPLING, show_default=False),
+    repetition_penalty: float | None = typer.Option(None, help="> 1 discourages repeats.",
+                                                    rich_help_panel=SAMPLING),
+    presence_penalty: float | None = typer.Option(None, help="In [-2, 2].", rich_help_panel=SAMPLING),
+    frequency_penalty: float | None = typer.Option(None, help="In [-2, 2].", rich_help_panel=SAMPLING),
     # engine
-    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16 or float32.", rich_help_panel=ENGINE),
-    device: Optional[str] = typer.Option(None, help="cuda, cuda:N or cpu (default: cuda when available).",
-                                         rich_help_panel=ENGINE),
-    backend: Optional[str] = typer.Option(None, help="Ops backend: auto, torch or cuda.", rich_help_panel=ENGINE),
-    max_num_seqs: Optional[int] = typer.Option(None, help="Sequences in one decode batch.", rich_help_panel=ENGINE),
-    max_num_batched_tokens: Optional[int] = typer.Option(None, help="Tokens in one prefill batch.",
-                                                         rich_help_panel=ENGINE),
-    block_size: Optional[int] = typer.Option(None, help="Tokens per KV-cache page.", rich_help_panel=ENGINE),
-    max_model_len: Optional[int] = typer.Option(None, help="Context length (0 = the model's).",
-                                                rich_help_panel=ENGINE),
-    kv_cache_gb: Optional[float] = typer.Option(None, help="KV cache size in GiB (0 = auto).", rich_help_panel=ENGINE),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, help="Fraction of GPU memory to use.",
-                                                           rich_help_panel=ENGINE),
-    enable_prefix_caching: Optional[bool] = typer.Option(None, "--enable-prefix-caching/--no-enable-prefix-caching",
-                                                         help="Reuse shared prompt prefixes.", show_default=False,
-                                                         rich_help_panel=ENGINE),
-    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager", help="No CUDA graphs.",
-                                                 show_default=False, rich_help_panel=ENGINE),
-    tensor_parallel_size: Optional[int] = typer.Option(None, help="GPUs to split the model over.",
-                                                       rich_help_panel=ENGINE),
-    load_format: Optional[str] = typer.Option(None, help="auto, or dummy: random weights (benchmarks).",
-                                              rich_help_panel=ENGINE),
+    dtype: str | None = typer.Option(None, help="auto, bfloat16, float16 or float32.", rich_help_panel=ENGINE),
+    device: str | None = typer.Option(None, help="cuda, cuda:N or cpu (default: cuda when available).",
+                                      rich_help_panel=ENGINE),
+    backend: str | None = typer.Option(None, help="Ops backend: auto, torch or cuda.", rich_help_panel=ENGINE),
+    max_num_seqs: int | None = typer.Option(None, help="Sequences in one decode batch.", rich_help_panel=ENGINE),
+    max_num_batched_tokens: int | None = typer.Option(None, help="Tokens in one prefill batch.",
+                                                      rich_help_panel=ENGINE),
+    block_size: int | None = typer.Option(None, help="Tokens per KV-cache page.", rich_help_panel=ENGINE),
+    max_model_len: int | None = typer.Option(None, help="Context length (0 = the model's).",
+                                             rich_help_panel=ENGINE),
+    kv_cache_gb: float | None = typer.Option(None, help="KV cache size in GiB (0 = auto).", rich_help_panel=ENGINE),
+    gpu_memory_utilization: float | None = typer.Option(None, help="Fraction of GPU memory to use.",
+                                                        rich_help_panel=ENGINE),
+    enable_prefix_caching: bool | None = typer.Option(None, "--enable-prefix-caching/--no-enable-prefix-caching",
+                                                      help="Reuse shared prompt prefixes.", show_default=False,
+                                                      rich_help_panel=ENGINE),
+    enforce_eager: bool | None = typer.Option(None, "--enforce-eager/--no-enforce-eager", help="No CUDA graphs.",
+                                              show_default=False, rich_help_panel=ENGINE),
+    tensor_parallel_size: int | None = typer.Option(None, help="GPUs to split the model over.",
+                                                    rich_help_panel=ENGINE),
+    load_format: str | None = typer.Option(None, help="auto, or dummy: random weights (benchmarks).",
+                                           rich_help_panel=ENGINE),
     # job
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", show_default=False, rich_help_panel=JOB,
-                                          help="Skip ids already in the output file; append the rest."),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume", show_default=False, rich_help_panel=JOB,
+                                       help="Skip ids already in the output file; append the rest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.", rich_help_panel=JOB),
-    order: Optional[str] = typer.Option(None, help="input (default) or completion.", rich_help_panel=JOB),
-    template: Optional[str] = typer.Option(None, help="Jinja file rendering each prompt from the line's fields.",
-                                           rich_help_panel=JOB),
-    field: Optional[str] = typer.Option(None, help="Take the prompt text from this JSONL field.",
+    order: str | None = typer.Option(None, help="input (default) or completion.", rich_help_panel=JOB),
+    template: str | None = typer.Option(None, help="Jinja file rendering each prompt from the line's fields.",
                                         rich_help_panel=JOB),
-    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", show_default=False, rich_help_panel=JOB,
-                                        help="Wrap text prompts in the model's chat template."),
-    return_token_ids: Optional[bool] = typer.Option(None, "--return-token-ids/--no-return-token-ids",
-                                                    show_default=False, help="Add generated token ids to each line.",
-                                                    rich_help_panel=JOB),
-    max_errors: Optional[int] = typer.Option(None, help="Stop after this many bad lines (0 = no limit).",
+    field: str | None = typer.Option(None, help="Take the prompt text from this JSONL field.",
+                                     rich_help_panel=JOB),
+    chat: bool | None = typer.Option(None, "--chat/--no-chat", show_default=False, rich_help_panel=JOB,
+                                     help="Wrap text prompts in the model's chat template."),
+    return_token_ids: bool | None = typer.Option(None, "--return-token-ids/--no-return-token-ids",
+                                                 show_default=False, help="Add generated token ids to each line.",
+                                                 rich_help_panel=JOB),
+    max_errors: int | None = typer.Option(None, help="Stop after this many bad lines (0 = no limit).",
+                                          rich_help_panel=JOB),
+    max_in_flight: int | None = typer.Option(None, help="Lines read but not yet written (0 = 4 x max-num-seqs).",
                                              rich_help_panel=JOB),
-    max_in_flight: Optional[int] = typer.Option(None, help="Lines read but not yet written (0 = 4 x max-num-seqs).",
-                                                rich_help_panel=JOB),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", show_default=False,
-                                            help="Progress bar on stderr (default: when it is a terminal).",
-                                            rich_help_panel=JOB),
-    stats_json: Optional[str] = typer.Option(None, help="Write the final summary as JSON here.", rich_help_panel=JOB),
-    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", "-q", show_default=False, rich_help_panel=JOB,
-                                         help="No summary or notes on stderr (errors still)."),
-    data_parallel: Optional[str] = typer.Option(None, help="Engine processes, one per GPU; auto = one per GPU.",
-                                                rich_help_panel=JOB),
-    max_line_bytes: Optional[int] = typer.Option(None, help="Longer input lines get a line_too_long error record "
-                                                 "(default 64 MiB; 0 = no limit).", rich_help_panel=JOB),
-    drain: Optional[bool] = typer.Option(None, "--drain/--no-drain", show_default=False, rich_help_panel=JOB,
-                                         help="On SIGINT/SIGTERM/SIGHUP finish the lines in flight before exiting "
-                                              "(default: drop them; --resume reruns them)."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", show_default=False,
+                                         help="Progress bar on stderr (default: when it is a terminal).",
+                                         rich_help_panel=JOB),
+    stats_json: str | None = typer.Option(None, help="Write the final summary as JSON here.", rich_help_panel=JOB),
+    quiet: bool | None = typer.Option(None, "--quiet/--no-quiet", "-q", show_default=False, rich_help_panel=JOB,
+                                      help="No summary or notes on stderr (errors still)."),
+    data_parallel: str | None = typer.Option(None, help="Engine processes, one per GPU; auto = one per GPU.",
+                                             rich_help_panel=JOB),
+    max_line_bytes: int | None = typer.Option(None, help="Longer input lines get a line_too_long error record "
+                                              "(default 64 MiB; 0 = no limit).", rich_help_panel=JOB),
+    drain: bool | None = typer.Option(None, "--drain/--no-drain", show_default=False, rich_help_panel=JOB,
+                                      help="On SIGINT/SIGTERM/SIGHUP finish the lines in flight before exiting "
+                                           "(default: drop them; --resume reruns them)."),
 ) -> None:
     """Generate a completion for every JSONL line of INPUT."""
     from flashgen.jobs import run_generate
@@ -125,6 +135,8 @@ def generate(
                     progress=None if progress is None else ("on" if progress else "off"), stats_json=stats_json,
                     quiet=quiet, data_parallel=data_parallel, max_line_bytes=max_line_bytes, drain=drain),
     }
+    if _quiet(config, flags):
+        log_to_stderr(logging.WARNING)
     code = run_generate(input, output, config, flags, overwrite=overwrite, show_config=show_config)
     raise typer.Exit(code)
 
@@ -132,8 +144,8 @@ def generate(
 @app.command()
 def info(
     model: str = typer.Argument(..., help="Model directory, .gguf file or known name."),
-    memory_gb: Optional[float] = typer.Option(None, help="Memory budget in GiB: how much KV cache fits."),
-    dtype: Optional[str] = typer.Option(None, help="Size weights and KV cache for this dtype."),
+    memory_gb: float | None = typer.Option(None, help="Memory budget in GiB: how much KV cache fits."),
+    dtype: str | None = typer.Option(None, help="Size weights and KV cache for this dtype."),
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
 ) -> None:
     """Describe a model: shape, parameters, memory for weights and KV cache."""
@@ -172,7 +184,7 @@ app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("kernels")
-def bench_kernels(out_dir: Optional[str] = typer.Option(None, help="Write kernels.json here.")) -> None:
+def bench_kernels(out_dir: str | None = typer.Option(None, help="Write kernels.json here.")) -> None:
     """Each kernel next to torch SDPA (FLASH, CUDNN) and the copy-bandwidth ceiling."""
     from flashgen.bench.kernels import main as run
 
@@ -182,15 +194,27 @@ def bench_kernels(out_dir: Optional[str] = typer.Option(None, help="Write kernel
 @bench_app.command("throughput")
 def bench_throughput(
     workload: str = typer.Option("nanovllm", help="nanovllm, fixed512, sharedprefix, latency8b or longctx."),
-    compare: Optional[str] = typer.Option(None, help="hf: also measure HF transformers generate in this run."),
+    compare: str | None = typer.Option(None, help="hf: also measure HF transformers generate in this run."),
     hf_max_tokens: int = typer.Option(512, help="New tokens per prompt for the HF peer."),
-    out_dir: Optional[str] = typer.Option(None, help="Write throughput_WORKLOAD.json here."),
+    out_dir: str | None = typer.Option(None, help="Write throughput_WORKLOAD.json here."),
     enforce_eager: bool = typer.Option(False, help="No CUDA graphs."),
 ) -> None:
     """Output tok/s of a standard workload next to its physical floor on this GPU."""
     from flashgen.bench.throughput import main as run
 
     run(workload, compare, hf_max_tokens, out_dir, enforce_eager=enforce_eager)
+
+
+def _quiet(config: str | None, flags: dict) -> bool:
+    """job.quiet as the job merges it (a flag, --config or ./flashgen.toml), so a quiet config hides INFO logs too.
+    Settings the job will refuse: the flag alone (the job reports the error)."""
+    from flashgen.jobs.errors import FatalError
+    from flashgen.jobs.settings import load_settings
+
+    try:
+        return load_settings(config, flags).job["quiet"]
+    except FatalError:
+        return bool(flags["job"]["quiet"])
 
 
 def _fail(message: str) -> None:

@@ -6,29 +6,39 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the dtypes flashgen runs in; models.spec.DTYPES maps them
+DTYPES = ("auto", *DTYPE_NAMES)  # EngineConfig.dtype's choices: auto picks one of DTYPE_NAMES
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "cuda")
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A field with its help as metadata: flashgen.jobs.settings shows it in flashgen.toml (no second copy)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str
-    dtype: str = "auto"                    # auto: the checkpoint's torch_dtype (float32 on CPU for fp16 checkpoints)
-    device: str = "auto"                   # auto: cuda when available, else cpu
-    backend: str = "auto"                  # ops backend; auto: cuda kernels on a GPU, torch reference elsewhere
-    block_size: int = 64                   # tokens per KV-cache page (64: +2.5% nanovllm over 16, BENCHMARKS.md)
-    max_num_seqs: int = 256                # sequences in one decode batch
-    max_num_batched_tokens: int = 16384    # tokens in one prefill batch (long prompts are chunked)
-    max_model_len: int = 0                 # 0: the model's max_position_embeddings, capped by the KV cache
-    gpu_memory_utilization: float = 0.9    # fraction of GPU memory for weights + activations + KV cache
-    kv_cache_gb: float = 0.0               # 0: auto (GPU: free memory; CPU: 2 GiB, at most what max_num_seqs need)
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False            # True: no CUDA graphs
-    seed: int = 0                          # seeds requests that carry no seed of their own
-    tensor_parallel_size: int = 1
-    load_format: str = "auto"              # auto: the checkpoint's safetensors; dummy: random weights (benchmarks)
+    model: str = dataclasses.field(
+        metadata={"help": 'model directory or known model name; "" = the embedded default model'})
+    dtype: str = _opt("auto", "auto = the checkpoint's dtype (float32 on CPU for fp16 checkpoints)")
+    device: str = _opt("auto", "auto = cuda when available, else cpu; or cuda, cuda:N, cpu")
+    backend: str = _opt("auto", "ops backend: auto = CUDA kernels on a GPU, torch reference elsewhere")
+    # 64: +2.5% nanovllm over 16 (BENCHMARKS.md)
+    block_size: int = _opt(64, "tokens per KV-cache page (power of two, 16..256)")
+    max_num_seqs: int = _opt(256, "sequences in one decode batch")
+    max_num_batched_tokens: int = _opt(16384, "tokens in one prefill batch (longer prompts are chunked)")
+    max_model_len: int = _opt(0, "0 = the model's max_position_embeddings, capped by the KV cache")
+    gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + activations + KV cache")
+    kv_cache_gb: float = _opt(0.0, "0 = auto (GPU: free memory; CPU: 2 GiB, at most what max_num_seqs need)")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
+    enforce_eager: bool = _opt(False, "true = no CUDA graphs")
+    # in the Python API: seeds the requests that carry no seed of their own
+    seed: int = _opt(0, "base of the per-line seeds when [sampling] seed is -1")
+    tensor_parallel_size: int = _opt(1, "GPUs to split the model over")
+    load_format: str = _opt("auto", "auto = the checkpoint's safetensors; dummy = random weights (benchmarks)")
 
     def __post_init__(self) -> None:
         def bad(field: str, value, fix: str) -> ValueError:

@@ -24,6 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from flashgen.models.errors import ModelLoadError
+from flashgen.models.loader import expected_shapes
+from flashgen.models.spec import ModelSpec, spec_from_config
+
 __all__ = ["convert_gguf", "GGUFConversionError"]
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -237,28 +241,11 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
     return np.array(w, dtype=np.float32, copy=True)
 
 
-def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    h, ff, v, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, h)
-    per_layer = {
-        "input_layernorm": (h,), "post_attention_layernorm": (h,),
-        "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-        "self_attn.o_proj": (h, q), "mlp.gate_proj": (ff, h), "mlp.up_proj": (ff, h), "mlp.down_proj": (h, ff),
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        for name, shape in per_layer.items():
-            shapes[f"model.layers.{i}.{name}.weight"] = shape
-    return shapes
-
-
-def _convert_tensors(reader, path: Path, cfg: dict) -> dict:
-    """All weights as float32 torch tensors under their HF names, checked against the shapes cfg implies."""
+def _convert_tensors(reader, path: Path, spec: ModelSpec) -> dict:
+    """All weights as float32 torch tensors under their HF names, checked against the shapes `spec` implies."""
     import torch
 
-    want = _expected_shapes(cfg)
+    want = expected_shapes(spec)
     out = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name, path)
@@ -266,13 +253,13 @@ def _convert_tensors(reader, path: Path, cfg: dict) -> dict:
             continue
         w = _dequantize(tensor, path)
         if name.endswith("q_proj.weight"):
-            w = _undo_rotary_permutation(w, cfg["num_attention_heads"])
+            w = _undo_rotary_permutation(w, spec.num_heads)
         elif name.endswith("k_proj.weight"):
-            w = _undo_rotary_permutation(w, cfg["num_key_value_heads"])
+            w = _undo_rotary_permutation(w, spec.num_kv_heads)
         if name not in want:
             raise GGUFConversionError(
                 f"{path}: tensor {tensor.name!r} ({name}) is not expected for a model with "
-                f"num_hidden_layers={cfg['num_hidden_layers']}"
+                f"num_hidden_layers={spec.num_layers}"
             )
         if tuple(w.shape) != want[name]:
             raise GGUFConversionError(
@@ -351,7 +338,7 @@ def _vocab(meta: dict, path: Path) -> dict[str, int]:
     spell = _byte_alphabet()
     alphabet = set(spell.values())
     vocab: dict[str, int] = {}
-    for i, (tok, kind) in enumerate(zip(meta["tokens"], meta["types"])):
+    for i, (tok, kind) in enumerate(zip(meta["tokens"], meta["types"], strict=True)):
         if kind not in (TOKEN_CONTROL, TOKEN_USER_DEFINED) and not set(tok) <= alphabet:
             tok = "".join(spell[b] for b in tok.encode("utf-8"))
         if tok in vocab:
@@ -415,8 +402,8 @@ def _build_tokenizer(meta: dict, path: Path):
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = _post_processor(meta)
     # Control tokens (<|im_start|>...) must be matched whole, before the pre-tokenizer can cut them apart.
-    special = [t for t, k in zip(meta["tokens"], meta["types"]) if k == TOKEN_CONTROL]
-    user = [t for t, k in zip(meta["tokens"], meta["types"]) if k == TOKEN_USER_DEFINED]
+    special = [t for t, k in zip(meta["tokens"], meta["types"], strict=True) if k == TOKEN_CONTROL]
+    user = [t for t, k in zip(meta["tokens"], meta["types"], strict=True) if k == TOKEN_USER_DEFINED]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
     if tok.get_vocab_size(with_added_tokens=True) != len(meta["tokens"]):
@@ -482,8 +469,12 @@ def _write_dir(tmp: Path, reader, path: Path) -> None:
     meta = _tokenizer_metadata(reader, path)
     tied = all(t.name != "output.weight" for t in reader.tensors)
     cfg = _model_config(reader, path, len(meta["tokens"]), tied)
+    try:  # the config flashgen will load: a model it would refuse is refused here, naming the GGUF
+        spec = spec_from_config(cfg, path)
+    except ModelLoadError as e:
+        raise GGUFConversionError(str(e)) from None
     tokenizer = _build_tokenizer(meta, path)  # before the weights: a tokenizer problem fails fast
-    tensors = _convert_tensors(reader, path, cfg)
+    tensors = _convert_tensors(reader, path, spec)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(str(tmp / "tokenizer.json"))
     dump = lambda name, obj: (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")  # noqa: E731

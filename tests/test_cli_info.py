@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from test_cli_support import cli, proc, tiny_model
 
@@ -16,6 +17,22 @@ def test_info_describes_a_checkpoint(tmp_path):
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["num_layers"] == 1 and d["hidden_size"] == 64 and d["kv_cache_tokens"] > 0
+
+
+def test_info_reads_the_checkpoint_as_the_engine_does(tmp_path):
+    """describe_model's numbers are load_spec's, and a weights file the loader refuses is refused by info too."""
+    from flashgen.info import describe_model
+    from flashgen.models.spec import DTYPES, load_spec
+
+    spec = load_spec(tiny_model())
+    d = describe_model(tiny_model(), dtype="bf16")
+    assert d["dtype"] == "bfloat16" and d["kv_bytes_per_token"] == spec.kv_bytes_per_token(DTYPES["bfloat16"])
+    assert (d["num_kv_heads"], d["head_dim"], d["vocab_size"]) == (spec.num_kv_heads, spec.head_dim, spec.vocab_size)
+    broken = shutil.copytree(tiny_model(), tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    r = cli(["info", broken], cwd=tmp_path)
+    assert r.exit_code == ExitCode.FATAL and "model.safetensors: truncated" in r.stderr, r.stderr
 
 
 def test_info_and_convert_errors_are_fatal_and_named(tmp_path):

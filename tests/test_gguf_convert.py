@@ -490,6 +490,19 @@ def test_unsupported_gguf_names_file_field_and_value(tmp_path, kwargs, field, va
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_gguf_whose_config_flashgen_refuses_is_refused_while_converting(tmp_path, monkeypatch):
+    """The config.json a conversion writes passes load_spec's checks first: a model flashgen could not load is
+    refused now, naming the GGUF, not at its first use."""
+    from flashgen.gguf_convert import GGUFConversionError, convert_gguf
+
+    monkeypatch.setitem(TINY, "kv_heads", 3)  # 4 query heads cannot share 3 KV heads evenly
+    tokens, _, _ = tiny_vocab()
+    path = write_tiny_gguf(tmp_path / "bad.gguf", tiny_hf_weights(len(tokens)))
+    with pytest.raises(GGUFConversionError, match="is not a multiple of num_key_value_heads=3") as e:
+        convert_gguf(path, tmp_path / "out")
+    assert str(path) in str(e.value) and not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # describe_model
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,29 @@ def test_repo_flashgen_toml_lists_every_option_with_its_default():
     assert set(SCHEMA["engine"]) == set(EngineConfig.field_names())
 
 
+def test_every_option_and_flag_has_help_from_its_own_definition():
+    import dataclasses
+
+    import typer
+
+    from flashgen.cli import app
+
+    for f in dataclasses.fields(EngineConfig):  # [engine] help is the field's metadata, shown as is
+        assert f.metadata.get("help") and SCHEMA["engine"][f.name].help == f.metadata["help"], f.name
+    assert all(opt.help.strip() for opts in SCHEMA.values() for opt in opts.values())
+    groups, seen = [typer.main.get_command(app)], set()
+    while groups:
+        for command in groups.pop().commands.values():
+            if hasattr(command, "commands"):
+                groups.append(command)
+                continue
+            assert command.help, command.name
+            for param in command.params:
+                assert param.help and param.help.strip(), (command.name, param.name)
+                seen.add((command.name, param.name))
+    assert {("generate", "input"), ("generate", "drain"), ("throughput", "workload")} <= seen  # bench's too
+
+
 def test_every_option_has_a_flag_except_config_only_ones():
     from flashgen.cli import generate
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from flashgen.jobs import openai_batch
 from flashgen.jobs.errors import FatalError

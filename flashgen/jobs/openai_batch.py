@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from flashgen.jobs.params import (FIELDS, HARMLESS, UNSUPPORTED, BadLine, is_neutral, line_overrides, make_params,
-                                  near_miss, show)
-
-if TYPE_CHECKING:
-    from flashgen.jobs.inputs import LineParser
+from flashgen.jobs.params import (
+    FIELDS,
+    HARMLESS,
+    UNSUPPORTED,
+    BadLine,
+    is_neutral,
+    line_overrides,
+    make_params,
+    near_miss,
+    show,
+)
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -27,11 +33,26 @@ PROMPT_FIELD = {CHAT_URL: "messages", COMPLETIONS_URL: "prompt"}
 LINE_KEYS = ("custom_id", "method", "url", "body")
 
 
+class Parser(Protocol):
+    """What `parse` needs of the line parser (flashgen.jobs.inputs.LineParser, which imports this module: a
+    protocol here keeps the dependency one way)."""
+
+    defaults: dict[str, Any]
+
+    def check_stop_ids(self, overrides: dict[str, Any], fields: dict[str, str]) -> None: ...
+
+    def chat_ids(self, messages: Any, field: str) -> list[int]: ...
+
+    def text_ids(self, text: str, field: str, chat: bool | None = None) -> list[int]: ...
+
+    def token_ids(self, ids: Any, field: str) -> list[int]: ...
+
+
 def is_batch_line(obj: dict) -> bool:
     return "custom_id" in obj or "body" in obj
 
 
-def parse(obj: dict, parser: "LineParser", key: str) -> tuple[str, list[int], Any]:
+def parse(obj: dict, parser: Parser, key: str) -> tuple[str, list[int], Any]:
     """(object kind, prompt token ids, SamplingParams) for one batch line, or BadLine. Every field is checked before
     the prompt is tokenized."""
     for k, v in obj.items():

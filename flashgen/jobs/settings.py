@@ -1,8 +1,9 @@
 """Job settings: the schema of every option, TOML loading, and precedence.
 
 Precedence, highest first: command-line flag > ``--config FILE`` > ``./flashgen.toml`` > built-in default.
-The schema below is the single source of truth: the repo's ``flashgen.toml`` is generated from it
-(``python -m flashgen.jobs.settings > flashgen.toml``) and a test keeps the two equal.
+The schema below is the single source of truth ([engine] is EngineConfig's fields, each carrying its default and
+help): the repo's ``flashgen.toml`` is generated from it (``python -m flashgen.jobs.settings > flashgen.toml``) and
+a test keeps the two equal.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ except ModuleNotFoundError:  # pragma: no cover - py3.10 falls back to the tomli
 @dataclass(frozen=True)
 class Option:
     default: Any
-    help: str
+    help: str                       # the option's comment in flashgen.toml
     kind: str = ""                  # int | float | str | bool | list[str] | list[int]; "" derives it from default
     choices: tuple[str, ...] = ()
     range: Field | None = None      # allowed values of a number (floats must be finite in any case)
@@ -39,46 +40,13 @@ class Option:
         return {bool: "bool", int: "int", float: "float", str: "str"}[type(self.default)]
 
 
-# Comments for EngineConfig's fields; the defaults come from the dataclass itself so they cannot drift.
-ENGINE_HELP = {
-    "model": 'model directory or known model name; "" = the embedded default model',
-    "dtype": "auto = the checkpoint's dtype (float32 on CPU for fp16 checkpoints)",
-    "device": "auto = cuda when available, else cpu; or cuda, cuda:N, cpu",
-    "backend": "ops backend: auto = CUDA kernels on a GPU, torch reference elsewhere",
-    "block_size": "tokens per KV-cache page (power of two, 16..256)",
-    "max_num_seqs": "sequences in one decode batch",
-    "max_num_batched_tokens": "tokens in one prefill batch (longer prompts are chunked)",
-    "max_model_len": "0 = the model's max_position_embeddings, capped by the KV cache",
-    "gpu_memory_utilization": "fraction of GPU memory for weights + activations + KV cache",
-    "kv_cache_gb": "0 = auto (GPU: free memory; CPU: 2 GiB, at most what max_num_seqs need)",
-    "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
-    "enforce_eager": "true = no CUDA graphs",
-    "seed": "base of the per-line seeds when [sampling] seed is -1",
-    "tensor_parallel_size": "GPUs to split the model over",
-    "load_format": "auto = the checkpoint's safetensors; dummy = random weights (benchmarks)",
-}
 ENGINE_CHOICES = {"dtype": DTYPES, "backend": BACKENDS}
 
 
-def _source_comments() -> dict[str, str]:
-    """The `# comment` after each EngineConfig field: the help of a field added there but not to ENGINE_HELP."""
-    import inspect
-    import re
-
-    try:
-        src = inspect.getsource(EngineConfig)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^[ \t]+(\w+): [^=#\n]+= [^#\n]+#[ \t]*(.+)$", src, re.M))
-
-
 def _engine_options() -> dict[str, Option]:
-    opts, comments = {}, _source_comments()
-    for f in dataclasses.fields(EngineConfig):
-        default = "" if f.name == "model" else f.default
-        help = ENGINE_HELP.get(f.name) or comments.get(f.name, "")
-        opts[f.name] = Option(default, help, choices=ENGINE_CHOICES.get(f.name, ()))
-    return opts
+    """EngineConfig's fields as options: the default and the help come from each field itself, so neither drifts."""
+    return {f.name: Option("" if f.name == "model" else f.default, f.metadata["help"],
+                           choices=ENGINE_CHOICES.get(f.name, ())) for f in dataclasses.fields(EngineConfig)}
 
 
 SAMPLING = {

@@ -19,10 +19,10 @@ from flashgen.models.spec import ModelSpec
 
 REDOWNLOAD = "download the checkpoint again"
 INDEX = "model.safetensors.index.json"
-# safetensors dtype codes -> bytes per element; the weights must be one of the float ones
+# safetensors dtype codes -> bytes per element; the weights must be one of the float ones (ST_FLOATS: their names)
 _ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
              "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
-_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+ST_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 
 
@@ -94,10 +94,10 @@ def _short(v) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _index(model_dir: Path) -> tuple[dict[str, Path], dict[Path, dict[str, dict]], Path]:
+def index_checkpoint(model_dir: Path) -> tuple[dict[str, Path], dict[Path, dict[str, dict]], Path]:
     """(tensor name -> file holding it, file -> its header, the file to name when a tensor is missing), for one
     file or a sharded checkpoint. Every header is read and checked first: a broken shard stops the load before
-    any weight is read."""
+    any weight is read (and `flashgen info` sizes a checkpoint from these headers alone)."""
     idx = model_dir / INDEX
     if idx.is_file():
         doc = read_json(idx, REDOWNLOAD)
@@ -122,6 +122,8 @@ def _index(model_dir: Path) -> tuple[dict[str, Path], dict[Path, dict[str, dict]
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, as config.json implies them: what load_weights checks, dummy_weights makes and a
+    GGUF conversion must write."""
     h, d = spec.hidden_size, spec.head_dim
     shapes = {"model.embed_tokens.weight": (spec.vocab_size, h), "model.norm.weight": (h,)}
     if not spec.tie_word_embeddings:
@@ -151,7 +153,7 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
     """All weights by HF name, on `device` in `dtype`, each checked against `expected_shapes` (from the headers,
     before anything is read) and for NaN / inf (after, on `device`, with one host sync for all of them)."""
     model_dir = Path(model_dir)
-    files, headers, where = _index(model_dir)
+    files, headers, where = index_checkpoint(model_dir)
     want = expected_shapes(spec)
     missing = [k for k in want if k not in files]
     if missing:
@@ -168,7 +170,7 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
         if info is None:
             raise ModelLoadError(f"{f}: tensor {name!r} is listed for this file in {INDEX} but the file does not "
                                  f"hold it; {REDOWNLOAD}")
-        if info["dtype"] not in _FLOATS:
+        if info["dtype"] not in ST_FLOATS:
             raise ModelLoadError(f"{f}: tensor {name!r} has dtype {info['dtype']}; flashgen loads float32, "
                                  f"float16 and bfloat16 weights (quantized checkpoints are not supported): use "
                                  f"the model's unquantized checkpoint")
@@ -196,7 +198,7 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
         if not bool(ok.all()):
             names = list(out)
             bad = [names[i] for i in (~ok).nonzero().flatten().tolist()]
-            stored = _FLOATS[headers[files[bad[0]]][bad[0]]["dtype"]]
+            stored = ST_FLOATS[headers[files[bad[0]]][bad[0]]["dtype"]]
             target = str(dtype).replace("torch.", "")
             more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
             cast, fix = "", f"the weights are damaged: {REDOWNLOAD}"

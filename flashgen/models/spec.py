@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from flashgen.config import DTYPE_NAMES
 from flashgen.models.errors import ModelFileMissing, ModelLoadError, read_json_object
 
-__all__ = ["ModelSpec", "ModelLoadError", "ModelFileMissing", "load_spec", "rope_cos_sin"]
+__all__ = ["DTYPES", "ModelSpec", "ModelLoadError", "ModelFileMissing", "load_spec", "spec_from_config",
+           "rope_cos_sin"]
 
 SUPPORTED = {
     "LlamaForCausalLM": "llama",
@@ -17,7 +19,8 @@ SUPPORTED = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The one name -> torch dtype table, over config.DTYPE_NAMES (which EngineConfig checks without importing torch).
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class ModelSpec:
     def kv_bytes_per_token(self, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
         """K + V bytes per token over all layers; `num_kv_heads`: a tensor-parallel rank's share."""
         heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads
-        return 2 * self.num_layers * heads * self.head_dim * torch.tensor([], dtype=dtype).element_size()
+        return 2 * self.num_layers * heads * self.head_dim * dtype.itemsize
 
 
 FIX_CONFIG = "fix config.json or download the checkpoint again"
@@ -124,7 +127,12 @@ def _rope_scaling(scaling, key: str, path: Path) -> dict | None:
 def load_spec(model_dir: str | Path) -> ModelSpec:
     """The checked ModelSpec of `model_dir`/config.json; ModelLoadError naming the file and the key otherwise."""
     path = Path(model_dir) / "config.json"
-    cfg = _read_config(path)
+    return spec_from_config(_read_config(path), path)
+
+
+def spec_from_config(cfg: dict, path: Path) -> ModelSpec:
+    """The checked ModelSpec of a config.json's contents `cfg`; `path` is the file its errors name (a GGUF
+    converter checks the config it is about to write with it)."""
     archs = cfg.get("architectures") or []
     if not isinstance(archs, list):
         raise ModelLoadError(f"{path}: architectures={archs!r} must be a list such as [\"LlamaForCausalLM\"]; "

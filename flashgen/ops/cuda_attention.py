@@ -15,8 +15,8 @@ import warnings
 import torch
 
 from flashgen.ops import jit, tma
-from flashgen.ops.cuda_checks import (DTYPES, check_block_tables, check_cache, check_out, check_shape, check_tensor,
-                                      choose, device_index, fail, num_sms)
+from flashgen.ops.cuda_checks import (KERNEL_DTYPES, check_block_tables, check_cache, check_out, check_shape,
+                                      check_tensor, choose, device_index, fail, num_sms)
 
 ATTN_HEAD_DIMS = (64, 128)
 # prefill tiles per head_dim: (16-row m-tiles per warp, keys per tile); kernels/prefill_attention.cu
@@ -70,7 +70,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     included), the mask aligned bottom-right; needs context_lens[b] >= q_len_b and max_seqlen_q >= every
     q_len_b. Returns (total_q, Hq, D). `impl` picks the kernel (PREFILL_IMPLS; default prefill_impl());
     `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES; for benchmarks)."""
-    check_tensor("q", q, DTYPES, 3)
+    check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
     check_tensor("cu_seqlens_q", cu_seqlens_q, (torch.int32,), 1, dev, align=4)
@@ -200,7 +200,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
     batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
     context lengths only, never on timing."""
-    check_tensor("q", q, DTYPES, 3)
+    check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
     B = q.shape[0]

@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the kernels run in: models.spec.DTYPES less float32
 
 
 # ---------------------------------------------------------------- argument checks

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from flashgen.ops import jit
-from flashgen.ops.cuda_checks import (DTYPES, check_cache, check_out, check_shape, check_tensor, device_index, fail,
-                                      num_sms)
+from flashgen.ops.cuda_checks import (KERNEL_DTYPES, check_cache, check_out, check_shape, check_tensor, device_index,
+                                      fail, num_sms)
 
 RMS_MAX_HIDDEN = 8 * 4 * 1024  # kernels/norms.cu: RMS_VPT vectors of 8 per thread, 1024 threads
 
@@ -19,7 +19,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
     """RMSNorm over the last dim of `x` (..., hidden). With `residual`: returns (norm(x + residual), x + residual);
     `residual_out` may be `residual` itself (in-place update, as vLLM's fused_add_rms_norm)."""
-    check_tensor("x", x, DTYPES)
+    check_tensor("x", x, KERNEL_DTYPES)
     dev = x.device
     hidden = x.shape[-1] if x.dim() else 0
     if x.dim() < 1 or hidden % 8 or not 0 < hidden <= RMS_MAX_HIDDEN:
@@ -50,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """(..., 2 * inter) -> (..., inter): silu(gate) * up, gate first."""
-    check_tensor("x", x, DTYPES)
+    check_tensor("x", x, KERNEL_DTYPES)
     if x.dim() < 1 or x.shape[-1] % 16 or x.shape[-1] == 0:
         fail("x", "must have a last dim that is a positive multiple of 16 (2 * inter, inter % 8 == 0)",
              f"shape {tuple(x.shape)}")
@@ -76,7 +76,7 @@ def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D) rotated; rotated k and v written to their cache slots
     (slot -1: not written). Qwen3's per-head RMSNorm (q_norm, k_norm: (D,)) runs before the rotation."""
-    check_tensor("qkv", qkv, DTYPES, 2)
+    check_tensor("qkv", qkv, KERNEL_DTYPES, 2)
     dev = qkv.device
     bs, hkv, d = check_cache(k_cache, v_cache, qkv.dtype, dev)
     if d % 16 or not 32 <= d <= 512:

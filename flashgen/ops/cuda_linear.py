@@ -10,7 +10,7 @@ import os
 import torch
 
 from flashgen.ops import jit
-from flashgen.ops.cuda_checks import DTYPES, check_out, check_shape, check_tensor, choose, device_index, fail
+from flashgen.ops.cuda_checks import KERNEL_DTYPES, check_out, check_shape, check_tensor, choose, device_index, fail
 from flashgen.ops.timing import bench
 
 SKINNY_MAX_ROWS = 8  # kernels/skinny_gemm.cu: the rows are the n = 8 of an m16n8k16 product
@@ -24,7 +24,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 out: torch.Tensor | None = None, warps: int = 4, unroll: int = 8) -> torch.Tensor:
     """x (M, K) . weight (N, K)^T [+ bias (N,)] -> (M, N) for 1 <= M <= 8, fp32 accumulation, rounded once:
     a streaming pass over the weight on the tensor cores (decode at small batch)."""
-    check_tensor("x", x, DTYPES, 2)
+    check_tensor("x", x, KERNEL_DTYPES, 2)
     dev = x.device
     M, K = x.shape
     if not 1 <= M <= SKINNY_MAX_ROWS:
@@ -89,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, with the skinny kernel for up to 8 rows where it measured faster than cuBLAS."""
     K = x.shape[-1] if x.dim() else 0
     rows = x.numel() // K if K else 0
-    if (1 <= rows <= SKINNY_MAX_ROWS and x.is_cuda and x.dtype in DTYPES and weight.dtype == x.dtype
+    if (1 <= rows <= SKINNY_MAX_ROWS and x.is_cuda and x.dtype in KERNEL_DTYPES and weight.dtype == x.dtype
             and K % 8 == 0 and x.is_contiguous() and weight.is_contiguous() and weight.dim() == 2
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
             and (bias is None or bias.is_contiguous())):

@@ -30,7 +30,7 @@ from flashgen.ops.cuda_attention import (  # noqa: F401
     ATTN_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_PLANS, PREFILL_IMPLS, PREFILL_SM90_SMEM, PREFILL_TILE_CHOICES,
     PREFILL_TILES, WGMMA_ARCH, decode_attention, decode_num_splits, decode_plan, prefill_attention, prefill_impl,
     prefill_smem_bytes)
-from flashgen.ops.cuda_checks import DTYPES  # noqa: F401
+from flashgen.ops.cuda_checks import KERNEL_DTYPES  # noqa: F401
 from flashgen.ops.cuda_elementwise import RMS_MAX_HIDDEN, rms_norm, rope_kv_append, silu_mul  # noqa: F401
 from flashgen.ops.cuda_linear import (  # noqa: F401
     LINEAR_TIMES, SKINNY_MAX_ROWS, SKINNY_VARIANTS, linear, linear_plan, skinny_gemm)

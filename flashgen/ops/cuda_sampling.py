@@ -8,7 +8,7 @@ import torch
 
 from flashgen.ops import jit
 from flashgen.ops.cuda_attention import split_counters
-from flashgen.ops.cuda_checks import DTYPES, check_out, check_tensor, device_index, fail, num_sms
+from flashgen.ops.cuda_checks import KERNEL_DTYPES, check_out, check_tensor, device_index, fail, num_sms
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
@@ -16,7 +16,7 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     """(B, V) logits (float32, bfloat16 or float16) -> (B,) int64 tokens: argmax(logits / T + Gumbel(seed, step,
     token)), plain argmax where T == 0. The noise is flashgen.engine.sampler.gumbel_noise's up to the rounding
     of fast logarithms; -inf logits never win."""
-    check_tensor("logits", logits, (torch.float32, *DTYPES), 2, align=logits.element_size())
+    check_tensor("logits", logits, (torch.float32, *KERNEL_DTYPES), 2, align=logits.element_size())
     dev = logits.device
     B, V = logits.shape
     check_tensor("temperature", temperature, (torch.float32,), 1, dev, align=4)
