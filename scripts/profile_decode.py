@@ -1,5 +1,5 @@
-"""Where a decode step's GPU time goes: run a BENCH.md workload's first decode steps, then profile 20 steps
-with torch.profiler and print the kernels by total CUDA time. Usage:
+"""Where a decode step's GPU time goes: run a `flashgen bench throughput` workload's first decode steps, then
+profile 20 steps with torch.profiler and print the kernels by total CUDA time. Usage:
   PYTHONPATH=. python3 scripts/profile_decode.py [--workload nanovllm|latency8b] [--after STEPS]"""
 import argparse
 import tempfile

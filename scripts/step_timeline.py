@@ -1,6 +1,6 @@
 """Where a workload's wall time goes, step by step, against each step's own floor.
 
-Runs a BENCH.md workload through LLM.add_request/step, records every step's wall time, kind and batch, and
+Runs a `flashgen bench throughput` workload through LLM.add_request/step, records every step's wall time, kind and batch, and
 prints the time by step kind and decode batch size next to the floor of those steps (weights + live KV bytes
 over the copy bandwidth for a decode step; 2 * params FLOPs per prompt token over the matmul rate for a
 prefill step), both ceilings measured in the same process. Usage:

@@ -1,6 +1,6 @@
 """Reference ops in plain PyTorch: the CPU backend and the oracle of the CUDA kernels.
 
-Shapes follow DESIGN.md (flash-attn conventions):
+Shapes follow docs/design.md, "Ops: one contract, two backends" (flash-attn conventions):
   k_cache, v_cache : (num_blocks, block_size, num_kv_heads, head_dim)
   block_tables     : (batch, max_blocks_per_seq) int32, block ids of each sequence in order
   slot_mapping     : (num_tokens,) int, block_id * block_size + offset; -1 = do not write
