@@ -8,17 +8,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "EngineConfig"]
 __version__ = "0.1.0"
 
 _WHERE = {"LLM": "flashgen.llm", "SamplingParams": "flashgen.sampling_params", "RequestOutput": "flashgen.outputs",
-          "EngineConfig": "flashgen.config"}
+          "EngineConfig": "flashgen.config", "StructuredOutputsParams": "flashgen.sampling_params"}
 
 if TYPE_CHECKING:
     from flashgen.config import EngineConfig
     from flashgen.llm import LLM
     from flashgen.outputs import RequestOutput
-    from flashgen.sampling_params import SamplingParams
+    from flashgen.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:

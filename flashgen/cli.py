@@ -61,6 +61,17 @@ def generate(
                                                     rich_help_panel=SAMPLING),
     presence_penalty: float | None = typer.Option(None, help="In [-2, 2].", rich_help_panel=SAMPLING),
     frequency_penalty: float | None = typer.Option(None, help="In [-2, 2].", rich_help_panel=SAMPLING),
+    json_schema: str | None = typer.Option(None, rich_help_panel=SAMPLING,
+                                           help="JSON schema file: every line's output is JSON matching it."),
+    regex: str | None = typer.Option(None, rich_help_panel=SAMPLING,
+                                     help="Every line's output matches this regular expression."),
+    choice: list[str] | None = typer.Option(  # noqa: B008 - typer's declaration of the option, never mutated
+        None, help="Every line's output is one of these strings (repeatable: one choice each).",
+        rich_help_panel=SAMPLING),
+    grammar: str | None = typer.Option(None, rich_help_panel=SAMPLING,
+                                       help="Lark or GBNF grammar file every line's output follows. At most one of "
+                                            "--json-schema, --regex, --choice, --grammar; a line's response_format / "
+                                            "structured_outputs / guided_* fields override it."),
     # engine
     dtype: str | None = typer.Option(None, help="auto, bfloat16, float16 or float32.", rich_help_panel=ENGINE),
     device: str | None = typer.Option(None, help="cuda, cuda:N or cpu (default: cuda when available).",
@@ -129,7 +140,8 @@ def generate(
         "sampling": dict(max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
                          top_k=top_k, min_p=min_p, seed=seed, stop=stop or None, ignore_eos=ignore_eos,
                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                         frequency_penalty=frequency_penalty),
+                         frequency_penalty=frequency_penalty, json_schema=json_schema, regex=regex,
+                         choice=choice or None, grammar=grammar),
         "job": dict(resume=resume, order=order, template=template, field=field, chat=chat,
                     return_token_ids=return_token_ids, max_errors=max_errors, max_in_flight=max_in_flight,
                     progress=None if progress is None else ("on" if progress else "off"), stats_json=stats_json,
@@ -193,16 +205,18 @@ def bench_kernels(out_dir: str | None = typer.Option(None, help="Write kernels.j
 
 @bench_app.command("throughput")
 def bench_throughput(
-    workload: str = typer.Option("nanovllm", help="nanovllm, fixed512, sharedprefix, latency8b or longctx."),
+    workload: str = typer.Option("nanovllm", help="nanovllm, fixed512, sharedprefix, latency8b, longctx or structured."),
     compare: str | None = typer.Option(None, help="hf: also measure HF transformers generate in this run."),
     hf_max_tokens: int = typer.Option(512, help="New tokens per prompt for the HF peer."),
     out_dir: str | None = typer.Option(None, help="Write throughput_WORKLOAD.json here."),
     enforce_eager: bool = typer.Option(False, help="No CUDA graphs."),
+    tokenizer: str | None = typer.Option(None, help="structured: a tokenizer directory (default: the embedded "
+                                                    "model's)."),
 ) -> None:
     """Output tok/s of a standard workload next to its physical floor on this GPU."""
     from flashgen.bench.throughput import main as run
 
-    run(workload, compare, hf_max_tokens, out_dir, enforce_eager=enforce_eager)
+    run(workload, compare, hf_max_tokens, out_dir, tokenizer=tokenizer, enforce_eager=enforce_eager)
 
 
 def _quiet(config: str | None, flags: dict) -> bool:

@@ -35,8 +35,15 @@ def generate_all(front, prompts, sampling_params) -> list[RequestOutput]:
     if front.has_unfinished_requests():
         raise RuntimeError("generate() needs an idle engine; finish the requests added with add_request first")
     keys = [f"_gen{i}" for i in range(len(prompts))]
-    for k, p, sp in zip(keys, prompts, sampling_params):
-        front.add_request(k, p, sp)
+    added = []
+    try:
+        for k, p, sp in zip(keys, prompts, sampling_params, strict=True):
+            front.add_request(k, p, sp)
+            added.append(k)
+    except BaseException:  # one bad request: none runs, and the engine is left idle as it was found
+        for k in added:
+            front.abort_request(k)
+        raise
     results: dict[str, RequestOutput] = {}
     while front.has_unfinished_requests():
         for out in front.step():
@@ -92,6 +99,10 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that finished in it."""
         return self.engine.step()
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a queued or running request; it gives no output."""
+        self.engine.abort(str(request_id))
 
     def has_unfinished_requests(self) -> bool:
         return self.engine.has_unfinished()

@@ -10,6 +10,48 @@ from dataclasses import dataclass, field
 SEED_RANGE = (0, 2**64)
 
 
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's names): exactly one of a JSON schema (`json`, a dict or its JSON
+    text), any JSON object (`json_object=True`), a regular expression, a list of choices, or a grammar (Lark,
+    as llguidance reads it, or GBNF as llama.cpp writes it)."""
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of {', '.join(STRUCTURED_KINDS)}; "
+                             f"{'none is' if not given else ', '.join(given) + ' are'} set")
+        kind = given[0]
+        v = getattr(self, kind)
+        ok = {"json": isinstance(v, (dict, str)) and bool(v), "regex": isinstance(v, str) and bool(v),
+              "grammar": isinstance(v, str) and bool(v.strip()), "json_object": v is True,
+              "choice": isinstance(v, (list, tuple)) and bool(v) and all(isinstance(c, str) and c for c in v)}[kind]
+        if not ok:
+            fix = {"json": "a JSON schema (an object, or its JSON text)", "regex": "a non-empty regular expression",
+                   "grammar": "a non-empty Lark or GBNF grammar", "json_object": "true",
+                   "choice": "a non-empty list of non-empty strings"}[kind]
+            raise ValueError(f"structured_outputs {kind}={_short(v)} is invalid; use {fix}")
+        if kind == "choice":
+            object.__setattr__(self, "choice", list(v))
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
+def _short(v, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0          # 0: greedy
@@ -27,6 +69,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # subtracted per occurrence in the output
     skip_special_tokens: bool = True
     detokenize: bool = True   # False: token ids only (benchmarks); stop strings need text
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice or grammar
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -80,6 +123,12 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, getattr(self, name), "use a number in [-2, 2]")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise bad("structured_outputs", so, "use StructuredOutputsParams(json=..., regex=..., choice=..., "
+                      "grammar=... or json_object=True) or None")
+        if so is not None and not self.detokenize:
+            raise bad("structured_outputs", so, "structured outputs are text: they need detokenize=True")
 
     @property
     def has_penalties(self) -> bool:

@@ -71,6 +71,10 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._template = None
 
+    def to_json(self) -> str:
+        """tokenizer.json as the tokenizers library serialises it (llguidance builds its token trie from it)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self._prepend_bos and ids[:1] != [self.bos_token_id]:

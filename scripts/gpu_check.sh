@@ -11,6 +11,9 @@
 #   throughput     flashgen/bench/throughput.py: nanovllm, fixed512 (vs HF), sharedprefix, latency8b
 #   engine         = engine-tests throughput
 #   all            = kernels engine
+#   structured     structured outputs: the bitmask kernel tests, the CUDA-path engine test, and the structured
+#                  workload (needs llguidance; TOKENIZER=DIR for the real BPE vocabulary, default the embedded
+#                  model's)
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
@@ -82,6 +85,14 @@ throughput() {
         > "$LOG/engine-table.txt" || true
 }
 
+structured() {
+    step structured-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/test_kernels_gpu.py -k bitmask \
+        tests/test_structured_gpu.py
+    step tp-structured "$PY" -m flashgen.bench.throughput --workload structured \
+        ${TOKENIZER:+--tokenizer "$TOKENIZER"} --out-dir "$LOG"
+    grep -h -A3 "^workload structured" "$LOG"/tp-structured.log >> "$LOG/engine-table.txt" || true
+}
+
 multi() {
     step tp-parity "$PY" scripts/multi_gpu_check.py
     step tp-nanovllm-dp2 "$PY" -m flashgen.bench.throughput --workload nanovllm --data-parallel 2 --out-dir "$LOG"
@@ -114,9 +125,10 @@ for section in "$@"; do
         throughput) throughput ;;
         engine) engine_tests; throughput ;;
         all) kernel_tests; sanitize; kernel_bench; engine_tests; throughput ;;
+        structured) structured ;;
         multi) multi ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, multi, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, multi, ab)" >&2; exit 2 ;;
     esac
 done
 

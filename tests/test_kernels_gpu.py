@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 
+from flashgen.engine.sampler import SamplingBatch, gumbel_noise, sample
 from flashgen.ops import torch_ops
 
 pytestmark = pytest.mark.gpu
@@ -480,6 +481,169 @@ def test_linear_dispatch_matches_torch():
         assert got.shape == (*shape[:-1], 3000)
         _assert_close(f"linear {shape}", got, torch.nn.functional.linear(x, w), ref, seed)
     assert cuda_ops.linear_plan(1, w, None) in (None, *cuda_ops.SKINNY_VARIANTS)
+
+
+# ---------------------------------------------------------------- sampling: token bitmask (structured outputs)
+SAMPLING_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _pack_bitmask(allowed: torch.Tensor, words: int, gen) -> torch.Tensor:
+    """(M, V) bool -> (M, words) int32, llguidance's layout (token t: bit t & 31 of word t >> 5), packed here
+    rather than by the sampler; bits past V are random (to be ignored), columns past 32 * words dropped."""
+    M, V = allowed.shape
+    bits = torch.rand((M, 32 * words), generator=gen, device=DEV) < 0.5
+    n = min(V, 32 * words)
+    bits[:, :n] = allowed[:, :n]
+    w = (bits.view(M, words, 32).long() << torch.arange(32, device=DEV)).sum(-1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def _mask_case(B: int, V: int, dtype, gen, words: int | None = None):
+    """Random logits (never zeros) and a bitmask: about two thirds of the rows constrained (one token allowed in
+    some, none at all in one when B > 1), the rest unconstrained; greedy and sampled rows mixed."""
+    logits = _randn((B, V), gen, dtype, 2.0)
+    M = max(1, B - B // 3)
+    density = torch.rand((M, 1), generator=gen, device=DEV) * 0.5 + 0.01
+    allowed = torch.rand((M, V), generator=gen, device=DEV) < density
+    single = torch.arange(0, M, 4, device=DEV)
+    allowed[single] = False
+    allowed[single, torch.randint(0, V, (len(single),), generator=gen, device=DEV)] = True
+    if M > 1:
+        allowed[M - 1] = False  # nothing allowed: -1
+    W = -(-V // 32) if words is None else words
+    bitmask = _pack_bitmask(allowed, W, gen)
+    perm = torch.randperm(B, generator=gen, device=DEV)
+    mask_rows = torch.full((B,), -1, dtype=torch.int32, device=DEV)
+    mask_rows[perm[:M]] = torch.randperm(M, generator=gen, device=DEV).to(torch.int32)
+    temps = torch.rand(B, generator=gen, device=DEV) + 0.2
+    temps[::3] = 0.0
+    b = SamplingBatch(temperature=temps, top_k=None, top_p=None, min_p=None,
+                      seeds=torch.randint(0, 2**62, (B,), generator=gen, device=DEV),
+                      steps=torch.randint(0, 5000, (B,), generator=gen, device=DEV), all_greedy=False,
+                      bitmask=bitmask, mask_rows=mask_rows)
+    ok = torch.ones((B, V), dtype=torch.bool, device=DEV)  # what each row may pick
+    rows = mask_rows >= 0
+    n = min(V, 32 * W)
+    ok[rows] = False
+    ok[rows, :n] = allowed[mask_rows[rows].long(), :n]
+    return logits, b, ok
+
+
+def _check_tokens(name, out, ref, logits, b, ok, seed):
+    """out against the torch sampler's ref: the same -1 rows, allowed tokens only, greedy rows identical,
+    sampled rows identical up to near ties (the kernel's fast logarithms differ from torch's by a few ulp)."""
+    B = out.shape[0]
+    assert torch.equal(out == -1, ref == -1), f"{name}: -1 rows differ, seed {seed}"
+    picked = out.clamp(min=0)
+    assert bool(ok[torch.arange(B, device=DEV), picked][out >= 0].all()), f"{name}: a forbidden token, seed {seed}"
+    greedy = b.temperature == 0
+    assert torch.equal(out[greedy], ref[greedy]), f"{name}: greedy rows differ, seed {seed}"
+    diff = (out != ref).nonzero().flatten()
+    if len(diff):
+        t = b.temperature[diff, None]
+        noise = gumbel_noise(b.seeds[diff], b.steps[diff], logits.shape[-1])
+        score = logits[diff].double() / t + noise.double()
+        s_out = score.gather(1, out[diff, None]).flatten()
+        s_ref = score.gather(1, ref[diff, None]).flatten()
+        gap = (s_out - s_ref).abs() / s_ref.abs().clamp(min=1)
+        assert bool((gap < 1e-4).all()), f"{name}: rows {diff.tolist()} differ beyond a near tie {gap}, seed {seed}"
+        assert len(diff) <= max(1, B // 100), f"{name}: {len(diff)} of {B} rows differ, seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", SAMPLING_DTYPES)
+@pytest.mark.parametrize("V", [97, 1000, 32000, 151936])
+@pytest.mark.parametrize("B", [1, 7, 64])
+def test_gumbel_argmax_bitmask(dtype, V, B):
+    """Masked rows pick what the torch sampler picks over the allowed tokens (vector and scalar loads, one or
+    several CTAs per row), a row with nothing allowed gets -1 on both; mask=None, a bitmask whose mask_rows
+    are all -1, and one allowing every token to every row give the very same tokens."""
+    seed = _seed()
+    g = _gen(seed)
+    logits, b, ok = _mask_case(B, V, dtype, g)
+    out = torch.full((B,), -7, dtype=torch.int64, device=DEV)
+    cuda_ops.gumbel_argmax(logits, b.temperature, b.seeds, b.steps, out=out, bitmask=b.bitmask,
+                           mask_rows=b.mask_rows)
+    ref = sample(logits.float(), b, fused=False)
+    _check_tokens(f"gumbel_argmax {dtype} V={V} B={B}", out, ref, logits.float(), b, ok, seed)
+    assert torch.equal(sample(logits, b, fused=True), out)  # sample's fused path passes the mask through
+
+    plain = cuda_ops.gumbel_argmax(logits, b.temperature, b.seeds, b.steps)
+    free = torch.full((B,), -1, dtype=torch.int32, device=DEV)
+    assert torch.equal(cuda_ops.gumbel_argmax(logits, b.temperature, b.seeds, b.steps, bitmask=b.bitmask,
+                                              mask_rows=free), plain), f"all -1 rows differ, seed {seed}"
+    ones = torch.full((1, -(-V // 32)), -1, dtype=torch.int32, device=DEV)
+    every = torch.zeros((B,), dtype=torch.int32, device=DEV)
+    assert torch.equal(cuda_ops.gumbel_argmax(logits, b.temperature, b.seeds, b.steps, bitmask=ones,
+                                              mask_rows=every), plain), f"all-allowed rows differ, seed {seed}"
+    b.bitmask = b.mask_rows = None
+    _check_tokens(f"gumbel_argmax {dtype} V={V} B={B} unmasked", plain, sample(logits.float(), b, fused=False),
+                  logits.float(), b, torch.ones_like(ok), seed)
+
+
+@pytest.mark.parametrize("V,words", [(151936, 4740), (1000, 40), (1000, 20), (97, 1)])
+def test_gumbel_argmax_bitmask_narrower_or_wider_than_the_vocab(V, words):
+    """A bitmask narrower than the logits (a padded vocabulary) forbids the columns past 32 W; a wider one's
+    extra bits are ignored. Large logits in the padding would win if they were read as allowed."""
+    seed = _seed()
+    g = _gen(seed)
+    logits, b, ok = _mask_case(64, V, torch.bfloat16, g, words=words)
+    if 32 * words < V:
+        logits[:, 32 * words:] += 50
+    out = cuda_ops.gumbel_argmax(logits, b.temperature, b.seeds, b.steps, bitmask=b.bitmask, mask_rows=b.mask_rows)
+    ref = sample(logits.float(), b, fused=False)
+    _check_tokens(f"gumbel_argmax V={V} words={words}", out, ref, logits.float(), b, ok, seed)
+
+
+@pytest.mark.parametrize("kind", ["top_k", "top_p", "min_p", "penalties", "banned"])
+def test_fused_sample_with_bitmask_and_filters(kind):
+    """sample(fused=True) with a float32 copy: filters see the masked logits first (the torch mask), penalties
+    and bans leave the mask to the kernel; both pick what the torch path picks."""
+    seed = _seed()
+    g = _gen(seed)
+    B, V = 64, 32000
+    logits, b, ok = _mask_case(B, V, torch.bfloat16, g)
+    f32 = dict(dtype=torch.float32, device=DEV)
+    if kind == "top_k":
+        b.top_k = torch.randint(1, 50, (B,), generator=g, device=DEV)
+    elif kind == "top_p":
+        b.top_p = torch.rand(B, generator=g, device=DEV) * 0.9 + 0.05
+    elif kind == "min_p":
+        b.min_p = torch.rand(B, generator=g, device=DEV) * 0.5
+    elif kind == "penalties":
+        b.rep_penalty = torch.full((B,), 1.3, **f32)
+        b.seen_prompt = torch.rand((B, V), generator=g, device=DEV) < 0.3
+        b.presence, b.frequency = torch.full((B,), 0.5, **f32), torch.full((B,), 0.25, **f32)
+        b.out_counts = torch.randint(0, 3, (B, V), generator=g, device=DEV).float()
+    else:
+        b.banned = torch.rand((B, V), generator=g, device=DEV) < 0.3
+    out = sample(logits, b, fused=True)
+    ref = sample(logits.float(), b, fused=False)
+    assert torch.equal(out == -1, ref == -1), f"{kind}: -1 rows differ, seed {seed}"
+    assert bool(ok[torch.arange(B, device=DEV), out.clamp(min=0)][out >= 0].all()), f"{kind}: forbidden token"
+    greedy = b.temperature == 0
+    assert torch.equal(out[greedy], ref[greedy]), f"{kind}: greedy rows differ, seed {seed}"
+    assert (out == ref).float().mean().item() >= 0.95, f"{kind}: too many rows differ, seed {seed}"
+
+
+def test_gumbel_argmax_bitmask_bad_arguments_are_refused():
+    logits = torch.randn(4, 100, device=DEV)
+    t, s = torch.ones(4, device=DEV), torch.zeros(4, dtype=torch.int64, device=DEV)
+    bm = torch.full((2, 4), -1, dtype=torch.int32, device=DEV)
+    rows = torch.tensor([0, 1, -1, 0], dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="bitmask must have dtype"):
+        cuda_ops.gumbel_argmax(logits, t, s, s, bitmask=bm.long(), mask_rows=rows)
+    with pytest.raises(ValueError, match="mask_rows must have dtype"):
+        cuda_ops.gumbel_argmax(logits, t, s, s, bitmask=bm, mask_rows=rows.long())
+    with pytest.raises(ValueError, match="mask_rows must have one entry per logits row"):
+        cuda_ops.gumbel_argmax(logits, t, s, s, bitmask=bm, mask_rows=rows[:3])
+    with pytest.raises(ValueError, match="mask_rows must be given with bitmask"):
+        cuda_ops.gumbel_argmax(logits, t, s, s, bitmask=bm)
+    with pytest.raises(ValueError, match="bitmask must be contiguous"):
+        cuda_ops.gumbel_argmax(logits, t, s, s, bitmask=bm.t(), mask_rows=rows)
+    with pytest.raises(ValueError, match="bitmask must be a CUDA tensor"):
+        cuda_ops.gumbel_argmax(logits, t, s, s, bitmask=bm.cpu(), mask_rows=rows)
+    with pytest.raises(ValueError, match="at least one word"):
+        cuda_ops.gumbel_argmax(logits, t, s, s, bitmask=bm[:, :0], mask_rows=rows)
 
 
 # ---------------------------------------------------------------- CUDA graphs

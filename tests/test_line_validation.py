@@ -73,8 +73,8 @@ CRASHERS = [
     ('{"id": "u", "messages": [{"role": "user", "content": "\\udc00"}]}', "invalid_unicode",
      "messages[0].content", []),
     (BATCH.replace('"x"', '"\\ud800"') % '"seed": 1', "invalid_unicode", "body.prompt", []),
-    ('{"id": "d", "prompt": %s%s}' % ("[" * 1000, "]" * 1000), "too_deep", None, ["nested"]),
-    ('{"id": "d", "prompt": %s"x"%s}' % ('{"a":' * 2000, "}" * 2000), "too_deep", None, []),
+    ('{"id": "d", "prompt": ' + "[" * 1000 + "]" * 1000 + "}", "too_deep", None, ["nested"]),
+    ('{"id": "d", "prompt": ' + '{"a":' * 2000 + '"x"' + "}" * 2000 + "}", "too_deep", None, []),
     ('{"custom_id": "u", "url": ["/v1/completions"], "body": {}}', "unsupported_url", "url", []),
     ('{"custom_id": "u", "url": {"a": 1}, "body": {}}', "unsupported_url", "url", []),
     ('{"id": "i", "prompt": "x", "max_tokens": %s}' % ("9" * 5000), "invalid_json", None, ["4300 digits"]),
@@ -123,7 +123,10 @@ IGNORED = [
     ('{"id": "f", "prompt": "x", "max_new_tokens": 5}', "unknown_field", "max_new_tokens", ['"max_tokens"']),
     ('{"id": "f", "prompt": "x", "source": "wiki"}', "unknown_field", "source", ["--template"]),
     ('{"id": "f", "prompt": "x", "messages": []}', "ambiguous_prompt", "prompt", []),
-    (CHAT % '"response_format": {"type": "json_object"}', "unsupported_field", "body.response_format", []),
+    (CHAT % '"logprobs": true', "unsupported_field", "body.logprobs", []),
+    (CHAT % '"guided_decoding_backend": "xgrammar"', "unsupported_field", "body.guided_decoding_backend", []),
+    (CHAT % '"response_fromat": {"type": "json_object"}', "unknown_field", "body.response_fromat",
+     ['did you mean "response_format"']),
     (CHAT % '"tools": [{"type": "function"}]', "unsupported_field", "body.tools", []),
     (CHAT % '"tool_choice": "auto"', "unsupported_field", "body.tool_choice", []),
     (CHAT % '"top_logprobs": 3', "unsupported_field", "body.top_logprobs", []),
@@ -179,7 +182,7 @@ def test_huge_prompts_are_refused_before_tokenizing(llm):
     t = time.perf_counter()
     status, recs = run(llm, [GOOD] + lines + [LAST], max_line_bytes=0)
     assert time.perf_counter() - t < 20
-    for rec, field in zip(recs[1:3], ["prompt", "messages"]):
+    for rec, field in zip(recs[1:3], ["prompt", "messages"], strict=True):
         assert rec["error"]["code"] == "prompt_too_long", rec
         assert f'field "{field}"' in rec["error"]["message"] and "at least" in rec["error"]["message"]
     assert "text" in recs[0] and recs[3]["response"]["status_code"] == 200

@@ -1,6 +1,7 @@
 """The sampler's maths on the CPU, and the fused CUDA kernel against it on the GPU."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,158 @@ def test_apply_penalties_matches_hand_computed_vllm_rules():
     assert out.dtype == torch.float32 and out.shape == (3, 7)
     torch.testing.assert_close(out, torch.tensor(want, **f32), rtol=0, atol=1e-6)
     assert torch.equal(logits, before)  # input left as it was
+
+
+# ---------------------------------------------------------------- structured outputs: the token bitmask
+def pack_bitmask(allowed: np.ndarray, rng: np.random.Generator, words: int | None = None) -> torch.Tensor:
+    """(M, V) bool -> (M, W) int32 in llguidance's layout (token t: bit t & 31 of word t >> 5), packed with numpy
+    (not the code under test). The bits past V are random: the sampler must ignore them."""
+    M, V = allowed.shape
+    W = -(-V // 32) if words is None else words
+    bits = rng.random((M, 32 * W)) < 0.5
+    n = min(V, 32 * W)
+    bits[:, :n] = allowed[:, :n]
+    return torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view("<i4").copy())
+
+
+def random_mask_case(B: int, V: int, seed: int):
+    """Logits, an allowed-token table per bitmask row (some rows with one token allowed), and mask_rows with
+    some rows unconstrained (-1) and two rows sharing a bitmask row."""
+    rng = np.random.default_rng(seed)
+    logits = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * 3)
+    M = B - B // 4
+    allowed = rng.random((M, V)) < rng.uniform(0.02, 0.5, (M, 1))
+    for m in range(0, M, 5):  # one token allowed
+        allowed[m] = False
+        allowed[m, rng.integers(V)] = True
+    allowed[:, 0] |= rng.random(M) < 0.5  # token 0 (the -inf tie rule's pick) sometimes allowed, sometimes not
+    allowed[allowed.sum(1) == 0, rng.integers(V)] = True
+    rows = rng.permutation(M).astype(np.int32)
+    mask_rows = np.full(B, -1, dtype=np.int32)
+    constrained = rng.permutation(B)[:M]
+    mask_rows[constrained] = rows
+    free = np.flatnonzero(mask_rows == -1)
+    if len(free) > 1:
+        mask_rows[free[0]] = rows[0]  # shares a bitmask row with another logits row
+    return logits, allowed, pack_bitmask(allowed, rng), torch.from_numpy(mask_rows)
+
+
+def allowed_of(allowed: np.ndarray, mask_rows: torch.Tensor, V: int) -> np.ndarray:
+    """(B, V) bool: what each logits row may pick (all tokens for an unconstrained row)."""
+    mr = mask_rows.numpy()
+    return np.where(mr[:, None] >= 0, allowed[np.maximum(mr, 0)][:, :V], True)
+
+
+@pytest.mark.parametrize("V", [1000, 97])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_bitmask_sampling_picks_the_best_allowed_token(V, temperature):
+    """Greedy: the argmax over the allowed tokens; temperature 1: the argmax of logits + the request's Gumbel
+    noise over the allowed tokens (both computed with numpy); unconstrained rows exactly as with no mask."""
+    B = 48
+    logits, allowed, bitmask, mask_rows = random_mask_case(B, V, seed=V + int(temperature))
+    b = batch(B, temperature=temperature, steps=torch.arange(B, dtype=torch.int64) * 3)
+    plain = sample(logits.clone(), b)
+    b.bitmask, b.mask_rows = bitmask, mask_rows
+    before = logits.clone()
+    toks = sample(logits, b).numpy()
+    assert torch.equal(logits, before)  # the caller's logits are left as they were
+    ok = allowed_of(allowed, mask_rows, V)
+    score = logits.numpy().astype(np.float64)
+    if temperature:
+        score = score / temperature + gumbel_noise(b.seeds, b.steps, V).numpy()
+    want = np.where(ok, score, -np.inf).argmax(1)
+    assert ok[np.arange(B), toks].all()
+    assert (toks == want).all(), np.flatnonzero(toks != want)
+    free = mask_rows.numpy() < 0
+    assert free.any() and (toks[free] == plain.numpy()[free]).all()
+
+
+@pytest.mark.parametrize("V", [1000, 97])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_unconstrained_mask_rows_change_nothing(V, temperature):
+    """A bitmask with every mask_rows entry -1 samples exactly what no bitmask samples."""
+    B = 32
+    logits, _, bitmask, _ = random_mask_case(B, V, seed=7)
+    b = batch(B, temperature=temperature, top_k=50 if temperature else None)
+    plain = sample(logits.clone(), b)
+    b.bitmask, b.mask_rows = bitmask, torch.full((B,), -1, dtype=torch.int32)
+    assert torch.equal(sample(logits.clone(), b), plain)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.3), dict(min_p=0.3), dict(top_k=20, top_p=0.5)])
+def test_filters_are_judged_over_the_allowed_tokens(kw):
+    """The mask comes before top-k / top-p / min-p (vLLM's order): the pick is allowed, and among the filter's
+    survivors computed over the allowed tokens alone (numpy), even where the unmasked top tokens are all
+    forbidden."""
+    B, V = 64, 1000
+    logits, allowed, bitmask, mask_rows = random_mask_case(B, V, seed=11)
+    ok = allowed_of(allowed, mask_rows, V)
+    b = batch(B, temperature=0.8, **kw)
+    b.bitmask, b.mask_rows = bitmask, mask_rows
+    toks = sample(logits.clone(), b).numpy()
+    x = np.where(ok, logits.numpy().astype(np.float64) / 0.8, -np.inf)
+    for i, t in enumerate(toks):
+        assert ok[i, t], (i, t)
+        order = np.argsort(-x[i], kind="stable")
+        rank = int(np.flatnonzero(order == t)[0])
+        if "top_k" in kw:
+            assert rank < kw["top_k"], (i, rank)
+        p = np.exp(x[i] - x[i].max())
+        p /= p.sum()
+        if "top_p" in kw:
+            assert p[order[:rank]].sum() <= kw["top_p"] + 1e-5, (i, rank)
+        if "min_p" in kw:
+            assert p[t] >= kw["min_p"] * p.max() - 1e-6, (i, p[t])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_with_no_allowed_token_left_gets_minus_one(temperature):
+    """No token allowed, or every allowed logit -inf (in the logits or after min_tokens' ban): -1, as the fused
+    kernel writes, so the runner can fail that request. An unconstrained row of -inf keeps the old rule (0)."""
+    V = 97
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.standard_normal((5, V)).astype(np.float32))
+    allowed = np.zeros((3, V), dtype=bool)
+    allowed[1, [5, 9]] = True
+    allowed[2, 40] = True
+    logits[1, [5, 9]] = float("-inf")  # row 1: its allowed tokens are -inf
+    logits[4] = float("-inf")  # unconstrained row of -inf
+    b = batch(5, temperature=temperature)
+    b.bitmask, b.mask_rows = pack_bitmask(allowed, rng), torch.tensor([0, 1, 2, -1, -1], dtype=torch.int32)
+    toks = sample(logits.clone(), b).tolist()
+    assert toks[0] == -1 and toks[1] == -1 and toks[2] == 40 and toks[4] == 0
+    assert toks[3] == int(logits[3].argmax()) or temperature
+    b.banned = torch.zeros(5, V, dtype=torch.bool)
+    b.banned[2, 40] = True  # min_tokens bans the one allowed token (an end of grammar at EOS)
+    assert sample(logits.clone(), b).tolist()[2] == -1
+
+
+def test_logits_wider_than_the_bitmask_forbid_the_extra_columns():
+    """Padded vocabularies: constrained rows never pick a column at or past 32 W, unconstrained rows still may;
+    bits past V in the last word are ignored."""
+    rng = np.random.default_rng(5)
+    V, W = 150, 3  # 96 tokens covered by the bitmask
+    logits = torch.from_numpy(rng.standard_normal((4, V)).astype(np.float32))
+    logits[:, 96:] += 100.0  # the padding would win if it were allowed
+    allowed = rng.random((2, 96)) < 0.3
+    b = batch(4, temperature=0.0)
+    b.bitmask, b.mask_rows = pack_bitmask(allowed, rng, words=W), torch.tensor([0, -1, 1, -1], dtype=torch.int32)
+    toks = sample(logits.clone(), b).tolist()
+    for row, m in ((0, 0), (2, 1)):
+        assert toks[row] == int(np.where(allowed[m], logits[row, :96].numpy(), -np.inf).argmax())
+    assert toks[1] >= 96 and toks[3] >= 96
+
+
+@pytest.mark.parametrize("V", [1000, 97, 96])
+def test_bitmask_unpacking_agrees_on_both_row_strategies(V):
+    """The GPU's sync-free strategy (every row's words unpacked) and the CPU's (constrained rows only) mask the
+    same logits, and the unpacked bits are numpy's."""
+    from flashgen.engine import sampler
+
+    logits, allowed, bitmask, mask_rows = random_mask_case(24, V, seed=V)
+    a = sampler._mask_every_row(logits, bitmask, mask_rows)
+    c = sampler._mask_constrained_rows(logits, bitmask, mask_rows)
+    assert torch.equal(a, c)
+    ok = allowed_of(allowed, mask_rows, V)
+    assert np.array_equal(np.isfinite(c.numpy()), ok)
+    assert np.array_equal(sampler._unpack_bitmask(bitmask, V).numpy(), allowed)

@@ -1,10 +1,11 @@
 """`flashgen bench throughput`: the field's offline workloads, next to their physical floor measured in the
 same run (HBM bandwidth and matmul rate of this GPU) and, with --compare hf, HF transformers' figure.
 
-Workloads (BENCH.md): nanovllm (256 random prompts of 100-1024 tokens, 100-1024 new tokens each),
+Workloads (defined here; figures in BENCHMARKS.md): nanovllm (256 random prompts of 100-1024 tokens, 100-1024 new tokens each),
 fixed512 (same prompts, 512 new tokens), sharedprefix (512 requests sharing a 2000-token prefix),
-latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens); and longctx (64 prompts of
-256-8192 tokens, 256 new tokens each: decode reads a ragged set of long contexts, attention-bound).
+latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens); longctx (64 prompts of
+256-8192 tokens, 256 new tokens each: decode reads a ragged set of long contexts, attention-bound); and
+structured (JSON-schema-constrained requests against the same requests unconstrained: bench/structured.py).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def make_workload(name: str) -> Workload:
     if name == "longctx":
         prompts = [[random.randint(0, 10000) for _ in range(random.randint(256, 8192))] for _ in range(64)]
         return Workload(name, "qwen3-0.6b", prompts, [256] * 64)
-    raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix, latency8b or longctx")
+    raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix, latency8b, longctx or "
+                     "structured")
 
 
 def measure_ceilings() -> dict:
@@ -161,9 +163,13 @@ def run_hf(w: Workload, model_dir: str, max_new: int) -> dict:
 
 
 def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: int = 512,
-         out_dir: str | None = None, data_parallel: int = 1, **engine_kw) -> dict:
+         out_dir: str | None = None, data_parallel: int = 1, tokenizer: str | None = None, **engine_kw) -> dict:
     from flashgen.bench.synthetic import write_model_dir
 
+    if workload == "structured":
+        from flashgen.bench import structured
+
+        return structured.main(tokenizer, out_dir, **engine_kw)
     if not torch.cuda.is_available():
         raise RuntimeError("flashgen bench throughput needs a CUDA GPU")
     w = make_workload(workload)
@@ -214,7 +220,8 @@ if __name__ == "__main__":
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--data-parallel", type=int, default=1)
+    ap.add_argument("--tokenizer", default=None, help="structured: tokenizer directory (default: the embedded model's)")
     a = ap.parse_args()
-    main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, a.data_parallel, enforce_eager=a.enforce_eager,
+    main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, a.data_parallel, a.tokenizer, enforce_eager=a.enforce_eager,
          block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
          tensor_parallel_size=a.tensor_parallel_size)

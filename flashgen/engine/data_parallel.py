@@ -25,7 +25,8 @@ from flashgen.outputs import RequestOutput
 from flashgen.sampling_params import SamplingParams
 from flashgen.tokenizer import Tokenizer
 
-READY, DONE, FAILED = "ready", "done", "failed"
+READY, DONE, FAILED = "ready", "done", "failed"  # worker -> parent
+ADD, ABORT = "add", "abort"                      # parent -> worker
 
 
 def resolve_data_parallel(value: str | int, config: EngineConfig) -> int:
@@ -74,10 +75,14 @@ def _worker(config: EngineConfig, rank: int, n: int, inq, outq) -> None:
         for m in msgs:
             if m is None:
                 return
+            kind, args = m
+            if kind == ABORT:
+                llm.abort_request(args)
+                continue
             try:
-                llm.add_request(*m)
+                llm.add_request(*args)
             except Exception as e:  # this request's fault only: answer it, keep serving the others
-                failed.append(RequestOutput(m[0], None, [], "", [], "error", error_code="invalid_request",
+                failed.append(RequestOutput(args[0], None, [], "", [], "error", error_code="invalid_request",
                                             error=f"{type(e).__name__}: {e}"))
         if failed:
             outq.put((DONE, rank, (failed, {})))
@@ -139,10 +144,18 @@ class DataParallelLLM:
         # the job's wall time
         work = len(ids) + (params.max_tokens or 256)
         rank = min(range(self.n), key=self._load.__getitem__)
-        self._in[rank].put((request_id, ids, params))
+        self._in[rank].put((ADD, (request_id, ids, params)))
         self._load[rank] += work
         self.dispatched[rank] += 1
         self._owner[request_id] = (rank, work)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a queued or running request; it gives no output."""
+        owner = self._owner.pop(str(request_id), None)
+        if owner is not None:
+            rank, work = owner
+            self._load[rank] -= work
+            self._in[rank].put((ABORT, str(request_id)))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._owner)
@@ -162,8 +175,10 @@ class DataParallelLLM:
             for k, v in delta.items():
                 setattr(self.stats, k, getattr(self.stats, k) + v)
             for o in outs:
-                rank, work = self._owner.pop(o.request_id)
-                self._load[rank] -= work
+                owner = self._owner.pop(o.request_id, None)
+                if owner is None:  # aborted after it had finished in its worker
+                    continue
+                self._load[owner[0]] -= owner[1]
                 done.append(o)
         return done
 

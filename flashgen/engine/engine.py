@@ -5,6 +5,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flashgen.config import EngineConfig
 from flashgen.engine import detokenizer
@@ -16,6 +17,9 @@ from flashgen.models.spec import load_spec
 from flashgen.outputs import RequestOutput
 from flashgen.sampling_params import SamplingParams
 from flashgen.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from flashgen.engine.grammar import Grammars
 
 
 @dataclass
@@ -92,14 +96,35 @@ class Engine:
         self._last: SampledTokens | None = None  # a launched decode step whose tokens are not read yet
         self._seed_rng = random.Random(config.seed)
         self._ids: set[str] = set()
+        self._grammars: Grammars | None = None
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in the engine; ids must be unique")
         text, ids = tokenize_prompt(self.tokenizer, prompt, self.spec.vocab_size, self.max_model_len)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        seq = Sequence(request_id, text, ids, params, self.config.block_size, seed)
+        if params.structured_outputs is not None:
+            seq.matcher = self.grammars().matcher(params.structured_outputs)
         self._ids.add(request_id)
-        self.scheduler.add(Sequence(request_id, text, ids, params, self.config.block_size, seed))
+        self.scheduler.add(seq)
+
+    def grammars(self) -> Grammars:
+        """The compiled-grammar cache, built on the first constrained request."""
+        if self._grammars is None:
+            from flashgen.engine.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer.to_json(), self.spec.vocab_size, self.eos_ids)
+        return self._grammars
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is (waiting, prefilling, decoding, with a step in flight): its blocks and
+        token slot are freed and it gives no output."""
+        seq = self.scheduler.find(request_id)
+        if seq is not None:
+            self.scheduler.abort(seq)
+            self.runner.release(seq)
+            self._ids.discard(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -116,11 +141,12 @@ class Engine:
             outputs += self._process(self._last, None)
             self._last = None
         batch = self.scheduler.schedule()
-        current = self.runner.launch(batch) if batch is not None else None
+        launched = self.runner.launch(batch) if batch is not None else None
         if batch is not None:
             self.scheduler.commit(batch)
         if self._last is not None:  # the host's share of the last step overlaps the GPU's of this one
             outputs += self._process(self._last, batch)
+        current = self.runner.complete(launched) if launched is not None else None  # grammar masks need _last
         self._last = current if current is not None and current.deferrable else None
         if current is not None and self._last is None:
             outputs += self._process(current, None)
@@ -133,6 +159,10 @@ class Engine:
         done = []
         for seq, idx, token in self.scheduler.postprocess(tokens, launched):
             try:
+                if token < 0 and seq.matcher is not None:
+                    raise RequestFailed("no_allowed_token", "no token is both allowed by the output's grammar "
+                                        "(and by min_tokens, which holds back EOS) and finite in the model's "
+                                        "logits; lower min_tokens or check the schema and the weights")
                 if token < 0:
                     raise RequestFailed("non_finite_logits", "the model's logits for this request are not finite "
                                         "(NaN or inf); the checkpoint or the dtype overflows on this prompt: try "
@@ -146,9 +176,14 @@ class Engine:
 
     def _advance(self, seq: Sequence, idx: int, token: int) -> RequestOutput | None:
         self.stats.generated_tokens += 1
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            raise RequestFailed("grammar_error", f"token {token} does not continue the output's grammar: "
+                                f"{seq.matcher.get_error()}")
         delta = detokenizer.detokenize_step(self.tokenizer, seq, token) if seq.params.detokenize else ""
         seq.output_text += delta
         detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta, idx + 1)
+        if not seq.finish_reason and seq.matcher is not None and seq.matcher.is_stopped():
+            seq.finish_reason = "stop"  # the grammar is complete: nothing may follow (ignore_eos included)
         if not seq.finish_reason:
             return None
         if seq.params.detokenize and not isinstance(seq.stop_reason, str):

@@ -7,7 +7,7 @@ gpu_memory_utilization goes to the cache. With tensor parallelism every rank hol
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

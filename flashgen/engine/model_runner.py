@@ -64,6 +64,14 @@ def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype)
     return "cuda" if device.type == "cuda" and ok and dtype != torch.float32 else "torch"
 
 
+class Launched:
+    """A step whose forward is queued: the sequences that sample, their logits until sampled, then the tokens."""
+
+    def __init__(self, done: list[Sequence], logits: torch.Tensor | None, is_prefill: bool):
+        self.done, self.logits, self.is_prefill = done, logits, is_prefill
+        self.tokens: SampledTokens | None = None
+
+
 class ModelRunner:
     """Rank 0 runs in the engine's process; with tensor parallelism, ranks 1..N-1 run `run_worker` in their own
     processes (started through flashgen.engine.tp_worker) and replay every step rank 0 broadcasts."""
@@ -92,7 +100,7 @@ class ModelRunner:
         tp = TPInfo(rank, self.world) if self.world > 1 else None
         self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
                                config.load_format, tp)
-        self.slots, self.graphs = TokenSlots(), None
+        self.slots, self.graphs, self.masks = TokenSlots(), None, None
         self.num_blocks = plan_kv_blocks(config, self.model, max_len, self.execute)
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
         if self.max_model_len < max_len and rank == 0:
@@ -131,9 +139,9 @@ class ModelRunner:
         return self.execute(buf)
 
     @torch.inference_mode()
-    def launch(self, batch: Batch) -> SampledTokens:
-        """Queue one step on the device. The returned future gives one token per sequence whose context is
-        complete after this step, each at the placeholder it reserves in that sequence."""
+    def launch(self, batch: Batch) -> Launched:
+        """Queue one step's forward on the device, and its sampling unless a row needs a grammar mask (which
+        needs the tokens of the step before: see complete)."""
         seqs = batch.seqs
         if not batch.is_prefill:
             # Longest context first: the attention kernel's CTAs are dispatched in batch order, so the long
@@ -141,17 +149,42 @@ class ModelRunner:
             seqs = sorted(seqs, key=len, reverse=True)
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         ids = None if batch.is_prefill else self.slots.decode_inputs(seqs)
-        logits = self._step(pack_step(seqs, batch.is_prefill, self.block_size, ids))
+        step = Launched(done, self._step(pack_step(seqs, batch.is_prefill, self.block_size, ids)), batch.is_prefill)
+        if not any(s.matcher is not None for s in done):
+            self._sample(step)
+        return step
+
+    @torch.inference_mode()
+    def complete(self, step: Launched) -> SampledTokens:
+        """The step's tokens as a future. A step with constrained rows samples here: the engine calls this after
+        reading the previous step's tokens, so every matcher has consumed them and the masks can be filled
+        (on CPU threads, while the GPU still runs the forward)."""
+        if step.tokens is None:
+            self._sample(step)
+        return step.tokens
+
+    def _sample(self, step: Launched) -> None:
+        done, logits = step.done, step.logits
         if logits is None:
-            return SampledTokens([], None, deferrable=False)
+            step.tokens = SampledTokens([], None, deferrable=False)
+            return
         if self.on_logits is not None:
             self.on_logits(done, logits)
         sampling = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
+        if any(s.matcher is not None for s in done):
+            if self.masks is None:
+                from flashgen.engine.grammar import TokenMasks
+
+                self.masks = TokenMasks(self.spec.vocab_size, self.device)
+            sampling.bitmask, sampling.mask_rows = self.masks.fill(done)
         tokens = sample(logits, sampling, fused=self.backend == "cuda")
-        # NOTE: a row whose chosen logit is NaN or inf (a NaN row makes both samplers pick a NaN or index 0) is
-        # reported as token -1, so the engine can fail that request alone. O(B): no second pass over the logits.
-        checked = torch.where(torch.isfinite(logits.gather(1, tokens[:, None])).squeeze(1), tokens, -1)
-        return self.slots.publish(done, tokens, checked, batch.is_prefill)
+        # NOTE: a row whose chosen logit is NaN or inf (a NaN row makes both samplers pick a NaN or index 0), or a
+        # constrained row with no allowed token (the sampler's -1), is reported as token -1, so the engine can
+        # fail that request alone. O(B): no second pass over the logits. The device slot gets a valid id.
+        safe = tokens.clamp(min=0)
+        checked = torch.where((tokens >= 0) & torch.isfinite(logits.gather(1, safe[:, None])).squeeze(1), tokens, -1)
+        step.tokens = self.slots.publish(done, safe, checked, step.is_prefill)
+        step.logits = None
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted: its device token slot is free again."""

@@ -32,7 +32,8 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
     base = _mix32((_mix32(seeds & M32) ^ _mix32((seeds >> 32) & M32)) + steps & M32)
     idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     x = _mix32((_mix32(base[:, None] ^ idx[None, :]) + 0x9E3779B9) & M32)
-    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    # in (0, 1): 2**24 - 1 + 0.5 rounds up to 2**24 in float32, so clamp below 1 (else the noise is +inf)
+    u = (((x >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp(max=1 - 2**-24)
     return -torch.log(-torch.log(u))
 
 
@@ -52,6 +53,9 @@ class SamplingBatch:
     seen_prompt: torch.Tensor | None = None     # (B, V) bool: token occurs in prompt or output
     out_counts: torch.Tensor | None = None      # (B, V) float32: occurrences in the output
     banned: torch.Tensor | None = None          # (B, V) bool: stop tokens masked until min_tokens
+    # structured outputs: both None unless some row is constrained (then unconstrained batches pay nothing)
+    bitmask: torch.Tensor | None = None         # (M, W) int32, W = ceil(V / 32): llguidance's allowed-token bits
+    mask_rows: torch.Tensor | None = None       # (B,) int32: each row's bitmask row, -1 = unconstrained
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -64,6 +68,59 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     if b.frequency is not None:
         logits = logits - b.frequency[:, None] * b.out_counts - b.presence[:, None] * (b.out_counts > 0)
     return logits
+
+
+def _unpack_bitmask(words: torch.Tensor, V: int) -> torch.Tensor:
+    """(R, W) int32 words -> (R, V) bool, True = allowed: token t is bit t & 31 of word t >> 5 (llguidance's
+    layout). Bits past V are ignored; tokens at or past 32 W are not allowed."""
+    R, W = words.shape
+    dev = words.device
+    # bytes first, then bits: one byte per token at the widest instead of an int32
+    by = ((words[:, :, None] >> torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=dev)) & 0xFF).to(torch.uint8)
+    bits = (by[..., None] >> torch.arange(8, dtype=torch.uint8, device=dev)) & 1  # (R, W, 4, 8)
+    n = min(V, 32 * W)
+    if n == V:
+        return bits.view(R, 32 * W)[:, :V] != 0
+    allowed = torch.zeros(R, V, dtype=torch.bool, device=dev)
+    allowed[:, :n] = bits.view(R, 32 * W)[:, :n] != 0
+    return allowed
+
+
+def _mask_every_row(logits: torch.Tensor, bitmask: torch.Tensor, mask_rows: torch.Tensor) -> torch.Tensor:
+    # no host sync: every row's words are unpacked, and the -1 rows' mask nothing
+    drop = ~_unpack_bitmask(bitmask.index_select(0, mask_rows.clamp(min=0)), logits.shape[-1])
+    return logits.masked_fill(drop & (mask_rows >= 0)[:, None], float("-inf"))
+
+
+def _mask_constrained_rows(logits: torch.Tensor, bitmask: torch.Tensor, mask_rows: torch.Tensor) -> torch.Tensor:
+    # the constrained rows alone (finding them reads mask_rows on the host)
+    rows = (mask_rows >= 0).nonzero().squeeze(1)
+    if not rows.numel():
+        return logits
+    allowed = _unpack_bitmask(bitmask.index_select(0, mask_rows[rows]), logits.shape[-1])
+    return logits.index_copy(0, rows, logits.index_select(0, rows).masked_fill(~allowed, float("-inf")))
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor | None,
+                        mask_rows: torch.Tensor | None) -> torch.Tensor:
+    """-inf at the tokens a row's bitmask row does not allow (mask_rows[i]: row i's bitmask row, -1 for none);
+    out of place, unconstrained rows as they were. On the CPU only the constrained rows' bits are unpacked; on
+    a GPU finding those rows would cost a host sync (the sampler never waits for the device), so every row's
+    are."""
+    if bitmask is None or not bitmask.shape[0]:  # no bitmask row: no row can be constrained
+        return logits
+    if logits.device.type == "cpu":
+        return _mask_constrained_rows(logits, bitmask, mask_rows)
+    return _mask_every_row(logits, bitmask, mask_rows)
+
+
+def _no_allowed_token(logits: torch.Tensor, tokens: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """-1 for the constrained rows whose chosen (masked) logit is -inf or NaN: nothing allowed was left, and
+    the argmax fell on an arbitrary token (the fused kernel's rule; O(B))."""
+    if b.bitmask is None:
+        return tokens
+    chosen = logits.gather(1, tokens[:, None]).squeeze(1)
+    return torch.where((b.mask_rows >= 0) & ~(chosen > float("-inf")), -1, tokens)
 
 
 def _filter(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -91,24 +148,31 @@ def _filter(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch.Tensor:
     """logits (B, V), any float dtype -> (B,) int64 tokens. `fused`: one CUDA kernel for noise + argmax, reading
-    the logits in their own dtype when nothing has to change them first (a float32 copy otherwise)."""
+    the logits in their own dtype when nothing has to change them first (a float32 copy otherwise).
+    Rows constrained by b.bitmask draw only allowed tokens, and get -1 when no allowed token is left with a
+    logit above -inf (after penalties, bans and filters), on both paths."""
     filtered = not b.all_greedy and (b.top_k is not None or b.top_p is not None or b.min_p is not None)
     if not (fused and not filtered and b.banned is None and b.rep_penalty is None and b.frequency is None):
         logits = logits.float()
+        if not fused or filtered:
+            # first: top-k / top-p / min-p are judged over the allowed tokens (vLLM's order). The fused kernel
+            # reads the bitmask itself, so with penalties or bans alone it is not applied here.
+            logits = apply_token_bitmask(logits, b.bitmask, b.mask_rows)
     logits = apply_penalties(logits, b)
     if b.banned is not None:
         logits = logits.masked_fill(b.banned, float("-inf"))
-    if b.all_greedy and not fused:
-        return logits.argmax(-1)
     if filtered:
         logits = _filter(logits, b)
     if fused:  # greedy rows too: torch's argmax took 27 us per 128,256-wide row in a batch-1 profile
         from flashgen.ops.cuda_ops import gumbel_argmax
 
-        return gumbel_argmax(logits.contiguous(), b.temperature, b.seeds, b.steps)
+        return gumbel_argmax(logits.contiguous(), b.temperature, b.seeds, b.steps, bitmask=b.bitmask,
+                             mask_rows=b.mask_rows)
+    if b.all_greedy:
+        return _no_allowed_token(logits, logits.argmax(-1), b)
     t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
     sampled = (logits / t[:, None] + gumbel_noise(b.seeds, b.steps, logits.shape[-1])).argmax(-1)
-    return torch.where(b.temperature > 0, sampled, logits.argmax(-1))
+    return _no_allowed_token(logits, torch.where(b.temperature > 0, sampled, logits.argmax(-1)), b)
 
 
 def _as_int64(seed: int) -> int:

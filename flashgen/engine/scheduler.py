@@ -138,6 +138,15 @@ class Scheduler:
         pos = 1 if self.waiting and self.waiting[0].block_table else 0
         self.waiting.insert(pos, seq)
 
+    def find(self, request_id: str) -> Sequence | None:
+        return next((s for q in (self.waiting, self.running) for s in q if s.request_id == request_id), None)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a waiting or running sequence (a step in flight skips it: it is finished)."""
+        (self.running if seq in self.running else self.waiting).remove(seq)
+        seq.status = Status.FINISHED
+        self.block_manager.free(seq)
+
     def finish(self, seq: Sequence, num_tokens: int) -> None:
         """End `seq` with its first `num_tokens` tokens (places reserved after them are dropped)."""
         seq.truncate(num_tokens)

@@ -35,6 +35,7 @@ class Sequence:
         self.num_computed_tokens = 0           # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0          # tokens this step computes (prefill chunk or 1)
         self.output_counts: dict[int, int] = {}  # generated token -> occurrences, for penalties
+        self.matcher = None                    # llguidance matcher of a constrained request (engine.grammar)
         # incremental detokenization (see flashgen.engine.detokenizer)
         ctx = token_ids[-5:]
         self.detok_ids: list[int] = list(ctx)

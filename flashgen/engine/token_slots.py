@@ -20,7 +20,9 @@ class SampledTokens:
 
     def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None, deferrable: bool):
         self.seqs = seqs
-        self.idx = [seq.reserve_token() for seq in seqs]  # where each sequence's token will go
+        # where each sequence's token will go; none for one that finished after this step was launched (its
+        # token is speculative and dropped)
+        self.idx = [None if seq.is_finished else seq.reserve_token() for seq in seqs]
         self.deferrable = deferrable
         self._event = None
         if tokens is None:
@@ -34,10 +36,12 @@ class SampledTokens:
             self._host = tokens
 
     def read(self) -> list[tuple[Sequence, int, int]]:
-        """(sequence, position, token) for each sequence; token -1 marks a non-finite logit."""
+        """(sequence, position, token) for each sequence still expecting one; token -1 marks a non-finite logit
+        (or, for a constrained row, no allowed token)."""
         if self._event is not None:
             self._event.synchronize()
-        return list(zip(self.seqs, self.idx, self._host.tolist()))
+        return [(s, i, t) for s, i, t in zip(self.seqs, self.idx, self._host.tolist(), strict=True)
+                if i is not None]
 
 
 class TokenSlots:
@@ -55,7 +59,7 @@ class TokenSlots:
 
     def enable(self, max_num_seqs: int, device: torch.device) -> None:
         self.tokens = torch.zeros(2 * max_num_seqs + 1, dtype=torch.int64, device=device)
-        self._free = list(range(self.tokens.shape[0] - 1, -1, -1))
+        self._free = list(range(self.tokens.shape[0] - 2, -1, -1))  # the last slot: scratch (see publish)
 
     def decode_inputs(self, seqs: list[Sequence]) -> list[int]:
         """The id column of a packed decode step: slot numbers (the token may still be on the GPU), or ids."""
@@ -71,9 +75,12 @@ class TokenSlots:
         (-1 where the logit was not finite; the slot keeps the sampled id, a valid embedding index)."""
         if self.tokens is not None:
             for s in seqs:
-                if s.seq_id not in self._slot:
+                if s.seq_id not in self._slot and not s.is_finished:
                     self._slot[s.seq_id] = self._free.pop()
-            slots = torch.tensor([self._slot[s.seq_id] for s in seqs], dtype=torch.int64)
+            # a sequence that finished after the step was launched has given its slot back: its token goes to
+            # the scratch slot
+            scratch = self.tokens.shape[0] - 1
+            slots = torch.tensor([self._slot.get(s.seq_id, scratch) for s in seqs], dtype=torch.int64)
             self.tokens[slots.to(self.tokens.device, non_blocking=True)] = tokens
         return SampledTokens(seqs, checked, deferrable=self.on and not is_prefill)
 

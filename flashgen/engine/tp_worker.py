@@ -12,7 +12,7 @@ import atexit
 import multiprocessing as mp
 import os
 import socket
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist

@@ -80,7 +80,7 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
          results, console: Console) -> str:
     job, engine = settings.job, dict(settings.engine)
     log = (lambda s: None) if job["quiet"] else (lambda s: console.print(s, markup=False))
-    defaults = defaults_from_settings(settings.sampling)
+    defaults = defaults_from_settings(settings.sampling, settings.sources)  # reads --json-schema / --grammar
     if defaults["seed"] is None:  # every line gets its own seed (see params.line_seed): none depends on batching
         defaults["seed"] = settings.engine["seed"]
     _check_sampling(defaults, settings)

@@ -19,6 +19,8 @@ from flashgen.jobs import openai_batch
 from flashgen.jobs.errors import FatalError
 from flashgen.jobs.fingerprint import request_hash
 from flashgen.jobs.params import FIELDS, UNSUPPORTED, BadLine, is_neutral, line_overrides, make_params, near_miss, show
+from flashgen.jobs.structured import FIELD_NAMES as STRUCTURED_FIELDS
+from flashgen.jobs.structured import structured_overrides
 from flashgen.jobs.templates import render
 
 
@@ -198,6 +200,7 @@ class LineParser:
                 self._check_fields(line.obj)
                 fields: dict[str, str] = {}
                 overrides = line_overrides(line.obj, fields=fields)
+                overrides.update(structured_overrides(line.obj, fields=fields))  # checked before tokenizing too
                 self.check_stop_ids(overrides, fields)
                 params = make_params(self.defaults, overrides, line.key, fields=fields)
                 ids = self._plain_ids(line.obj, source)
@@ -405,7 +408,7 @@ def _encodable(s: str) -> bool:
 
 
 # Fields a plain line may carry besides data fields.
-_PLAIN_FIELDS = {"id", "prompt", "messages", "prompt_token_ids", *FIELDS}
+_PLAIN_FIELDS = {"id", "prompt", "messages", "prompt_token_ids", *FIELDS, *STRUCTURED_FIELDS}
 _ID_RE = re.compile(rb'"(custom_id|id)"\s*:\s*("(?:[^"\\\n]|\\.){1,200}"|-?\d{1,18})(?=\s*[,}])')
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")

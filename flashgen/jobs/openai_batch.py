@@ -23,6 +23,8 @@ from flashgen.jobs.params import (
     near_miss,
     show,
 )
+from flashgen.jobs.structured import FIELD_NAMES as STRUCTURED_FIELDS
+from flashgen.jobs.structured import structured_overrides
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -85,6 +87,8 @@ def parse(obj: dict, parser: Parser, key: str) -> tuple[str, list[int], Any]:
     overrides = line_overrides(body, where="body.", fields=fields)  # the sampling fields, by their names
     if "max_completion_tokens" in body:  # the newer name wins
         overrides.update(line_overrides(body, {"max_completion_tokens": "max_tokens"}, where="body.", fields=fields))
+    # response_format, and vLLM's structured_outputs / guided_* extras, as vLLM's server takes them in a body
+    overrides.update(structured_overrides(body, "body.", fields))
     parser.check_stop_ids(overrides, fields)
     params = make_params(parser.defaults, overrides, key, "body.", fields=fields)
     if url == CHAT_URL:
@@ -114,7 +118,7 @@ def parse(obj: dict, parser: Parser, key: str) -> tuple[str, list[int], Any]:
 
 def _check_body_fields(body: dict, url: str) -> None:
     """Refuse every body field flashgen would otherwise ignore, unless it changes nothing in the output."""
-    known = {PROMPT_FIELD[url], "max_completion_tokens", *FIELDS}
+    known = {PROMPT_FIELD[url], "max_completion_tokens", *FIELDS, *STRUCTURED_FIELDS}
     for k, v in body.items():
         if k in known or is_neutral(k, v):
             continue

@@ -75,11 +75,13 @@ _WANT = {
 
 # Fields of vLLM / OpenAI requests that flashgen does not implement (yet): refused with `unsupported_field`, never
 # silently ignored. Each stays here until the change that implements it lands.
+# (The structured-output fields — response_format, structured_outputs, guided_* — are read by
+# flashgen.jobs.structured.)
 UNSUPPORTED = {
-    "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs", "response_format", "tools", "tool_choice",
+    "logit_bias", "logprobs", "top_logprobs", "prompt_logprobs", "tools", "tool_choice",
     "functions", "function_call", "stream", "stream_options", "echo", "best_of", "suffix", "n", "use_beam_search",
-    "length_penalty", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding",
-    "structured_outputs", "bad_words", "allowed_token_ids", "include_stop_str_in_output", "logits_processors",
+    "length_penalty", "guided_decoding_backend", "guided_whitespace_pattern", "structural_tag",
+    "bad_words", "allowed_token_ids", "include_stop_str_in_output", "logits_processors",
     "truncate_prompt_tokens", "spaces_between_special_tokens", "reasoning_effort", "modalities", "audio",
     "prediction", "web_search_options", "detokenize", "output_kind",
 }
@@ -90,7 +92,7 @@ HARMLESS = {"model", "user", "metadata", "store", "service_tier", "parallel_tool
 NEUTRAL: dict[str, tuple] = {
     "stream": (False,), "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "prompt_logprobs": (0,),
     "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "tools": ([],), "functions": ([],),
-    "tool_choice": ("none",), "response_format": ({"type": "text"},), "use_beam_search": (False,),
+    "tool_choice": ("none",), "use_beam_search": (False,),
     "include_stop_str_in_output": (False,),
 }
 
@@ -216,9 +218,18 @@ def line_seed(base: int, key: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def defaults_from_settings(sampling: dict[str, Any]) -> dict[str, Any]:
-    """SamplingParams keyword arguments from the [sampling] settings (TOML has no null: -1 / [] mean none)."""
+def defaults_from_settings(sampling: dict[str, Any], sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """SamplingParams keyword arguments from the [sampling] settings (TOML has no null: -1 / [] / "" mean none).
+    The json_schema / regex / choice / grammar settings become `structured_outputs` (only when one is set), read
+    and checked here, before the model loads: FatalError naming the flag or key (`sources`: where each came from)."""
+    from flashgen.jobs.structured import DEFAULT_KEYS, job_default
+
     d = dict(sampling)
+    structured = job_default(d, sources)
+    for k in DEFAULT_KEYS:
+        d.pop(k, None)
+    if structured is not None:
+        d["structured_outputs"] = structured
     d["seed"] = None if d["seed"] < 0 else d["seed"]
     d["stop"] = list(d["stop"]) or None
     d["stop_token_ids"] = list(d["stop_token_ids"]) or None

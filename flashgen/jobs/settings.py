@@ -64,6 +64,13 @@ SAMPLING = {
     "presence_penalty": Option(0.0, "subtracted once from tokens already in the output, in [-2, 2]"),
     "frequency_penalty": Option(0.0, "subtracted per occurrence in the output, in [-2, 2]"),
     "skip_special_tokens": Option(True, "leave special tokens out of the text"),
+    # structured outputs: at most one of the four; a line's response_format / structured_outputs / guided_* wins
+    "json_schema": Option("", "JSON schema file: every line's output is JSON matching it (a line's "
+                          "response_format overrides); \"\" = none"),
+    "regex": Option("", "every line's output matches this regular expression; \"\" = none"),
+    "choice": Option([], "every line's output is exactly one of these strings", kind="list[str]"),
+    "grammar": Option("", "Lark or GBNF grammar file every line's output follows; \"\" = none. At most one of "
+                      "json_schema, regex, choice, grammar"),
 }
 
 JOB = {
@@ -138,7 +145,7 @@ def check_value(section: str, key: str, value: Any, where: str) -> Any:
         if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, elem) for v in value):
             raise bad(f"a list of {'strings' if elem is str else 'integers'}")
         value = list(value)
-    if section == "sampling":  # the same table and checks as a line's fields (TOML has no null: -1 / [])
+    if section == "sampling" and key in FIELDS:  # the same table and checks as a line's fields (TOML: -1 / [])
         spec = FIELDS[key]
         if key == "seed" and value == -1:
             return value

@@ -12,10 +12,16 @@ from flashgen.ops.cuda_checks import KERNEL_DTYPES, check_out, check_tensor, dev
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-                  *, out: torch.Tensor | None = None) -> torch.Tensor:
+                  *, out: torch.Tensor | None = None, bitmask: torch.Tensor | None = None,
+                  mask_rows: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits (float32, bfloat16 or float16) -> (B,) int64 tokens: argmax(logits / T + Gumbel(seed, step,
     token)), plain argmax where T == 0. The noise is flashgen.engine.sampler.gumbel_noise's up to the rounding
-    of fast logarithms; -inf logits never win."""
+    of fast logarithms; -inf logits never win.
+
+    bitmask (M, W) int32 and mask_rows (B,) int32, both or neither: row i draws only among the tokens that
+    bitmask row mask_rows[i] allows (-1: all; token t allowed iff bit t & 31 of word t >> 5; tokens >= 32 W
+    never), and gets -1 when none of them has a logit above -inf. mask_rows entries must be < M (not checked:
+    that would need the values on the host)."""
     check_tensor("logits", logits, (torch.float32, *KERNEL_DTYPES), 2, align=logits.element_size())
     dev = logits.device
     B, V = logits.shape
@@ -25,6 +31,16 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     for name, t in (("temperature", temperature), ("seeds", seeds), ("steps", steps)):
         if t.shape[0] != B:
             fail(name, f"must have one entry per logits row ({B})", f"shape {tuple(t.shape)}")
+    if (bitmask is None) != (mask_rows is None):
+        fail("mask_rows", "must be given with bitmask (both or neither)",
+             f"bitmask {'None' if bitmask is None else 'set'}, mask_rows {'None' if mask_rows is None else 'set'}")
+    if bitmask is not None:
+        check_tensor("bitmask", bitmask, (torch.int32,), 2, dev, align=4)
+        check_tensor("mask_rows", mask_rows, (torch.int32,), 1, dev, align=4)
+        if bitmask.shape[1] == 0:
+            fail("bitmask", "must have at least one word per row", f"shape {tuple(bitmask.shape)}")
+        if mask_rows.shape[0] != B:
+            fail("mask_rows", f"must have one entry per logits row ({B})", f"shape {tuple(mask_rows.shape)}")
     out = check_out(out, (B,), torch.int64, dev)
     if out is None:
         out = torch.empty(B, dtype=torch.int64, device=dev)
@@ -38,9 +54,12 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         part_v = torch.empty((B, S), dtype=torch.float32, device=dev) if S > 1 else None
         part_i = torch.empty((B, S), dtype=torch.int32, device=dev) if S > 1 else None
         counters = split_counters(dev, B, "sampling") if S > 1 else None
-        k = jit.get_kernel("sampling.cu", "gumbel_argmax_kernel", torch.bfloat16 if f32 else logits.dtype, 0,
+        name = "gumbel_argmax_kernel" if bitmask is None else "gumbel_argmax_masked_kernel"
+        k = jit.get_kernel("sampling.cu", name, torch.bfloat16 if f32 else logits.dtype, 0,
                            device_index(logits), 0, (("SAMPLING_F32", int(f32)),))
-        jit.launch(k, (B, S), (512,), (jit.ptr(logits), jit.i32(V), jit.i32(chunk), jit.ptr(temperature),
-                                       jit.ptr(seeds), jit.ptr(steps), jit.ptr(out), jit.ptr(part_v),
-                                       jit.ptr(part_i), jit.ptr(counters)), dev)
+        args = (jit.ptr(logits), jit.i32(V), jit.i32(chunk), jit.ptr(temperature), jit.ptr(seeds), jit.ptr(steps),
+                jit.ptr(out), jit.ptr(part_v), jit.ptr(part_i), jit.ptr(counters))
+        if bitmask is not None:
+            args += (jit.ptr(bitmask), jit.ptr(mask_rows), jit.i32(bitmask.shape[1]))
+        jit.launch(k, (B, S), (512,), args, dev)
     return out

@@ -1,0 +1,201 @@
+"""Structured outputs: grammars compiled by llguidance, one matcher per constrained request, token bitmasks.
+
+Why llguidance: it computes a mask lazily from the grammar's current state (an Earley parser over a lexer built
+on demand), so a new grammar costs well under a millisecond to build and there is no per-schema precompute
+over the vocabulary; it fills the masks of a batch in parallel on its own threads with the GIL released; and
+its wheel has no Python dependencies (xgrammar's pulls in torch and transformers builds of its own choosing).
+
+A grammar is compiled once per distinct content (a hash of its kind and canonical text): the first request
+pays, every later one deep-copies the compiled matcher (tens of microseconds). Masks are int32 words, bit
+(t & 31) of word t >> 5 set where token t is allowed; the sampling kernel reads them on the GPU.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from flashgen.sampling_params import StructuredOutputsParams
+
+COMPILE_SECONDS = 10.0   # a grammar that takes longer to build is refused (its line fails, the job goes on)
+CACHE_ENTRIES = 4096     # compiled grammars kept (least recently used dropped first)
+
+
+def _llg():
+    import llguidance
+
+    return llguidance
+
+
+def canonical(so: StructuredOutputsParams) -> str:
+    """The grammar's identity: its kind and content, JSON with sorted keys (equal schemas hash equal)."""
+    v: Any = getattr(so, so.kind)
+    if so.kind == "json" and isinstance(v, str):
+        v = parse_schema(v)
+    return json.dumps([so.kind, v], sort_keys=True, ensure_ascii=False)
+
+
+def parse_schema(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the JSON schema is not valid JSON ({e.msg} at character {e.pos})") from None
+
+
+def grammar_text(so: StructuredOutputsParams) -> str:
+    """llguidance's grammar for the request (ValueError naming the problem where it is malformed)."""
+    llg = _llg()
+    kind, v = so.kind, getattr(so, so.kind)
+    if kind in ("json", "json_object"):
+        schema = {"type": "object"} if kind == "json_object" else (parse_schema(v) if isinstance(v, str) else v)
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"a JSON schema is an object (or true/false), not {type(schema).__name__}")
+        return llg.LLMatcher.grammar_from_json_schema(schema)
+    if kind == "regex":
+        return llg.LLMatcher.grammar_from_regex(v)
+    if kind == "choice":  # Lark string literals take JSON's escapes
+        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in v))
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return llg.LLMatcher.grammar_from_lark(any_to_lark(v))
+    except Exception as e:  # the GBNF reader raises its own errors for malformed GBNF
+        raise ValueError(f"the grammar does not parse: {e}") from None
+
+
+_problems: OrderedDict[str, str] = OrderedDict()
+_problems_lock = threading.Lock()
+
+
+def grammar_problem(so: StructuredOutputsParams) -> str | None:
+    """What is wrong with the request's grammar (an invalid schema or regex, an unsupported JSON Schema feature,
+    a grammar syntax error), without a tokenizer; None when it is fine. Cached by content."""
+    try:
+        key = _key(so)
+    except ValueError as e:  # JSON text that does not parse
+        return str(e)
+    with _problems_lock:
+        if key in _problems:
+            _problems.move_to_end(key)
+            return _problems[key] or None
+    try:
+        is_error, messages = _llg().LLMatcher.validate_grammar_with_warnings(grammar_text(so))
+        problem = summary(messages[0]) if is_error else ""
+    except ValueError as e:
+        problem = str(e)
+    with _problems_lock:
+        _problems[key] = problem
+        while len(_problems) > CACHE_ENTRIES:
+            _problems.popitem(last=False)
+    return problem or None
+
+
+def summary(message: str) -> str:
+    """llguidance's error on one line: without the caret lines and the excerpts of the grammar it built (the
+    user never wrote that grammar), keeping the reason (e.g. "error: unclosed character class")."""
+    lines = [ln.strip() for ln in message.strip().splitlines()]
+    keep = [ln for ln in lines if ln and set(ln) != {"^"} and not re.match(r"^\d+ \|", ln)]
+    return " ".join(keep)
+
+
+def _key(so: StructuredOutputsParams) -> str:
+    return hashlib.sha256(canonical(so).encode()).hexdigest()
+
+
+class Grammars:
+    """The engine's compiled grammars, bound to its tokenizer: `matcher(so)` gives a fresh matcher for one
+    request. Built on the first constrained request (building llguidance's tokenizer takes ~0.5 s)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: set[int]):
+        llg = _llg()
+        self.vocab_size = vocab_size
+        self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_ids) or None)
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashgen-grammar")
+        self.compile_seconds = 0.0
+        self.compiles = 0
+        self.hits = 0
+
+    def matcher(self, so: StructuredOutputsParams):
+        """A matcher at the start of the request's grammar; ValueError saying what is wrong with it."""
+        key = _key(so)
+        hit = self._compiled.get(key)
+        if hit is None:
+            hit = self._compile(so)
+            self._compiled[key] = hit
+            while len(self._compiled) > CACHE_ENTRIES:
+                self._compiled.popitem(last=False)
+        else:
+            self.hits += 1
+            self._compiled.move_to_end(key)
+        if isinstance(hit, str):
+            raise ValueError(hit)
+        return hit.deep_copy()
+
+    def _compile(self, so: StructuredOutputsParams):
+        """The compiled matcher, or the problem as a string (cached too: the same bad schema fails fast)."""
+        llg = _llg()
+        t0 = time.perf_counter()
+        try:
+            text = grammar_text(so)
+            # NOTE: llguidance builds the grammar with the GIL released; a build past the bound is abandoned
+            # to its thread (it cannot be interrupted) and the request refused.
+            m = self._pool.submit(llg.LLMatcher, self.tokenizer, text, log_level=0).result(COMPILE_SECONDS)
+        except concurrent.futures.TimeoutError:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashgen-grammar")
+            return f"compiling the grammar took more than {COMPILE_SECONDS:g} s; simplify it"
+        except ValueError as e:
+            return str(e)
+        finally:
+            self.compile_seconds += time.perf_counter() - t0
+            self.compiles += 1
+        if m.is_error():
+            return summary(m.get_error())
+        return m
+
+
+class TokenMasks:
+    """Fills the bitmask rows of a step's constrained sequences on llguidance's threads, into pinned host
+    memory, and copies them to the device without a host sync."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.words = (vocab_size + 31) // 32
+        self.device = device
+        self.executor = _llg().LLExecutor()
+        self._host = torch.empty(0, self.words, dtype=torch.int32)
+        self._copied: torch.cuda.Event | None = None
+        self.seconds = 0.0
+        self.rows = 0
+
+    def fill(self, seqs: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(bitmask (M, words) int32, mask_rows (len(seqs),) int32: the bitmask row of each sequence or -1) on
+        the device, for the sequences with a matcher that are not finished; (None, None) when there are none."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None and not s.is_finished]
+        if not rows:
+            return None, None
+        t0 = time.perf_counter()
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copy out of the pinned buffer is done
+        if self._host.shape[0] < len(rows):
+            self._host = torch.empty(max(len(rows), 2 * self._host.shape[0]), self.words, dtype=torch.int32,
+                                     pin_memory=self.device.type == "cuda")
+        self.executor.unsafe_compute_mask_ptr([(seqs[i].matcher, j) for j, i in enumerate(rows)],
+                                              self._host.data_ptr(), self.words * 4, self._host.shape[0])
+        mask_rows = torch.full((len(seqs),), -1, dtype=torch.int32)
+        mask_rows[rows] = torch.arange(len(rows), dtype=torch.int32)
+        bitmask = self._host[:len(rows)].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            bitmask = bitmask.clone()  # the CPU "copy" is a view of the reused buffer
+        self.seconds += time.perf_counter() - t0
+        self.rows += len(rows)
+        return bitmask, mask_rows.to(self.device, non_blocking=True)
