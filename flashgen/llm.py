@@ -1,7 +1,7 @@
 """The public Python API, after vLLM: LLM(model=...).generate(prompts, SamplingParams(...))."""
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
 
 import torch
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from flashgen.models.errors import ModelFileMissing, ModelLoadError, read_json_object
+
+if TYPE_CHECKING:
+    import jinja2
 
 
 def _token_str(v) -> str | None:
@@ -69,7 +73,7 @@ class Tokenizer:
             self._tok.encode("a").ids[:1] != [self.bos_token_id])
         self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._template = None
+        self._template: jinja2.Template | None = None  # compiled on first use
 
     def to_json(self) -> str:
         """tokenizer.json as the tokenizers library serialises it (llguidance builds its token trie from it)."""
@@ -77,8 +81,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self._prepend_bos and ids[:1] != [self.bos_token_id]:
-            ids = [self.bos_token_id] + ids
+        bos = self.bos_token_id
+        if add_special_tokens and self._prepend_bos and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -29,9 +29,10 @@ def main() -> None:
             l2 = two.prompt_logits(prompts[3]).double()
         finally:
             two.close()
-    same = sum(a == b for a, b in zip(out1, out2))
+    same = sum(a == b for a, b in zip(out1, out2, strict=True))
     rel = ((l2 - l1).norm() / l1.norm()).item()
-    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 32) for a, b in zip(out1, out2)]
+    first = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 32)
+             for a, b in zip(out1, out2, strict=True)]
     print(f"TP=2 vs TP=1, Llama-3.1-8B shape, bf16: {same}/16 prompts token-identical for 32 tokens; "
           f"first divergence at tokens {sorted(first)}; prompt logits rel diff {rel:.2e}")
     assert rel < 2e-2, "TP=2 logits differ from TP=1 by more than bf16 rounding"

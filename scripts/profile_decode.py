@@ -18,7 +18,7 @@ a = ap.parse_args()
 w = make_workload(a.workload)
 with tempfile.TemporaryDirectory() as d:
     llm = LLM(model=str(write_model_dir(w.shape, d)), load_format="dummy", dtype="bfloat16")
-    for i, (p, sp) in enumerate(zip(w.prompts, w.sampling_params())):
+    for i, (p, sp) in enumerate(zip(w.prompts, w.sampling_params(), strict=True)):
         llm.add_request(str(i), p, sp)
     for _ in range(a.after):
         llm.step()
@@ -38,4 +38,5 @@ with tempfile.TemporaryDirectory() as d:
     print("linear plans (rows, N, K): time per call and weight bytes per second, cuBLAS and skinny (warps, unroll)")
     for key, times in sorted(cuda_ops.LINEAR_TIMES.items(), key=lambda kv: kv[0][2:]):
         w = key[3] * key[4] * 2
-        print(f"  {key[2:5]}: " + ", ".join(f"{k}: {v * 1e6:.1f} us ({w / v / 1e12:.2f} TB/s)" for k, v in times.items()))
+        print(f"  {key[2:5]}: "
+              + ", ".join(f"{k}: {v * 1e6:.1f} us ({w / v / 1e12:.2f} TB/s)" for k, v in times.items()))

@@ -1,7 +1,7 @@
 """Where a workload's wall time goes, step by step, against each step's own floor.
 
-Runs a `flashgen bench throughput` workload through LLM.add_request/step, records every step's wall time, kind and batch, and
-prints the time by step kind and decode batch size next to the floor of those steps (weights + live KV bytes
+Runs a `flashgen bench throughput` workload through LLM.add_request/step, records every step's wall time, kind and
+batch, and prints the time by step kind and decode batch size next to the floor of those steps (weights + live KV bytes
 over the copy bandwidth for a decode step; 2 * params FLOPs per prompt token over the matmul rate for a
 prefill step), both ceilings measured in the same process. Usage:
   PYTHONPATH=. python3 scripts/step_timeline.py [--workload nanovllm|latency8b|fixed512] [--json FILE]"""
@@ -42,7 +42,7 @@ def main(workload: str, json_path: str | None) -> None:
         runner.launch = launch
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         launched.clear()
-        for i, (p, sp) in enumerate(zip(w.prompts, w.sampling_params())):
+        for i, (p, sp) in enumerate(zip(w.prompts, w.sampling_params(), strict=True)):
             llm.add_request(str(i), p, sp)
         steps = []
         torch.cuda.synchronize()
@@ -60,7 +60,10 @@ def main(workload: str, json_path: str | None) -> None:
 
     def add(key, dt, floor, tokens):
         r = rows.setdefault(key, [0, 0.0, 0.0, 0])
-        r[0] += 1; r[1] += dt; r[2] += floor; r[3] += tokens
+        r[0] += 1
+        r[1] += dt
+        r[2] += floor
+        r[3] += tokens
 
     for dt, info in steps:
         if info is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
 from test_cli_support import gen, tiny_model
 
 ST = "model.safetensors"

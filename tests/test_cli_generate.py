@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import json
 
-from test_cli_support import FAST, PROMPTS, cli, gen, proc, read_jsonl, tiny_model
-
 from flashgen.jobs.errors import ExitCode
+from test_cli_support import FAST, PROMPTS, cli, gen, proc, read_jsonl, tiny_model
 
 
 def test_plain_lines_file_to_file(tmp_path):

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import shutil
 
-from test_cli_support import cli, proc, tiny_model
-
 from flashgen.jobs.errors import ExitCode
+from test_cli_support import cli, proc, tiny_model
 
 
 def test_info_describes_a_checkpoint(tmp_path):

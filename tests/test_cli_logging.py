@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from test_cli_support import FAST, cli, proc, proc_env, tiny_model
 
 NOTE = "a note from the engine"

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-from test_cli_support import cli, proc_env, read_jsonl, tiny_model
 
 from flashgen.jobs.errors import ExitCode
+from test_cli_support import cli, proc_env, read_jsonl, tiny_model
 
 N = 60
 # Slow enough to interrupt mid-run (60 lines x 10 tokens, 2 at a time: 300 engine steps), yet quick.

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "prompts"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(vocab_size: int = 512, max_position_embeddings: int = 2048) -> str:
     from checkpoints import make_checkpoint
 

@@ -128,7 +128,8 @@ def test_stop_strings_cross_token_boundaries_and_are_left_out(llm):
     text = free.text
     assert len(text) > 12
     stop = text[5:9]  # 4 characters that may span tokens
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop, "\x00never"]))[0]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop, "\x00never"])
+    out = llm.generate([ids], sp)[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[:text.find(stop)]
 

@@ -63,12 +63,14 @@ def test_greedy_and_logits_match_hf_bf16(shape, tmp_path):
     l32 = hf(torch.tensor([probe], device="cuda")).logits[0, -1].double()
     ref32 = _greedy(hf, prompts, 64)
 
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
     err, err_hf = rel(l_ours, l32), rel(l16, l32)
     rms = (l_ours - l32).pow(2).mean().sqrt().item()
-    same_hf16 = sum(a == b for a, b in zip(ours, ref16))
-    same_32 = sum(a == b for a, b in zip(ours, ref32))
-    hf_32 = sum(a == b for a, b in zip(ref16, ref32))
+    same_hf16 = sum(a == b for a, b in zip(ours, ref16, strict=True))
+    same_32 = sum(a == b for a, b in zip(ours, ref32, strict=True))
+    hf_32 = sum(a == b for a, b in zip(ref16, ref32, strict=True))
     print(f"\n{shape}: logits rel err vs fp32: flashgen {err:.2e}, HF bf16 {err_hf:.2e} (rms {rms:.2e}); "
           f"64-token greedy identical: flashgen=HF-bf16 {same_hf16}/32, flashgen=fp32 {same_32}/32, "
           f"HF-bf16=fp32 {hf_32}/32")
@@ -76,10 +78,10 @@ def test_greedy_and_logits_match_hf_bf16(shape, tmp_path):
     # HF bf16's own count read 8 to 10 over four runs with the same weights on one machine, so one HF run is no
     # fixed bar; the near-tie check below is the strict one
     assert same_32 >= hf_32 - 3
-    for p, a, b in zip(prompts, ours, ref32):
+    for p, a, b in zip(prompts, ours, ref32, strict=True):
         if a == b:
             continue
-        k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        k = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
         lg = hf(torch.tensor([p + b[:k]], device="cuda")).logits[0, -1].double()
         top = lg.topk(2)
         margin = (top.values[0] - top.values[1]).item()

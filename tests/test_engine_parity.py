@@ -13,16 +13,18 @@ from flashgen import LLM, SamplingParams
 # (arch, kwargs): every family, GQA 1/3/4, head_dim 64/128, tied and untied, rope scaling, bias, q/k norm
 CASES = {
     "llama-gqa1-d64": ("llama", dict(num_heads=2, num_kv_heads=2, head_dim=64)),
-    "llama-gqa3-d64-llama3rope": ("llama", dict(hidden_size=192, num_heads=6, num_kv_heads=2, head_dim=64, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64})),
+    "llama-gqa3-d64-llama3rope": ("llama", dict(hidden_size=192, num_heads=6, num_kv_heads=2, head_dim=64,
+                                                rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                              "original_max_position_embeddings": 64})),
     "llama-gqa4-d128-tied-linear": ("llama", dict(num_heads=4, num_kv_heads=1, head_dim=128, tie_word_embeddings=True,
                                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral-gqa4-d64": ("mistral", dict(num_heads=4, num_kv_heads=1, head_dim=64)),
     "qwen2-gqa1-d64-bias": ("qwen2", dict(hidden_size=128, num_heads=2, num_kv_heads=2, head_dim=64)),
     "qwen2-gqa4-d64-tied": ("qwen2", dict(hidden_size=256, num_heads=4, num_kv_heads=1, head_dim=64,
                                           tie_word_embeddings=True)),
-    "qwen3-gqa3-d128-tied-qknorm": ("qwen3", dict(hidden_size=192, num_heads=3, num_kv_heads=1, head_dim=128, tie_word_embeddings=True)),
+    "qwen3-gqa3-d128-tied-qknorm": ("qwen3", dict(hidden_size=192, num_heads=3, num_kv_heads=1, head_dim=128,
+                                                  tie_word_embeddings=True)),
 }
 
 
@@ -82,6 +84,6 @@ def test_greedy_matches_hf_generate(ckpt, block_size):
     llm = LLM(model=str(path), device="cpu", dtype="float32", block_size=block_size)
     prompts = prompts_of([1, 7, 97, 300], seed=3)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    for ids, out in zip(prompts, outs):
+    for ids, out in zip(prompts, outs, strict=True):
         assert out.token_ids == hf_greedy(hf, ids, 32), f"prompt of {len(ids)} tokens"
         assert out.finish_reason == "length" and len(out.token_ids) == 32

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-from test_cli_support import FAST, cli, gen, proc_env, read_jsonl, tiny_model
 
 from flashgen.jobs.errors import ExitCode
 from flashgen.jobs.idset import IdSet
@@ -21,6 +20,7 @@ from flashgen.jobs.progress import JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import load_settings
 from flashgen.jobs.writer import OrderedWriter
+from test_cli_support import FAST, cli, gen, proc_env, read_jsonl, tiny_model
 
 # Lines slow enough that many are in flight when the signal comes (600 tokens each, 8 at a time), yet fast
 # to start. A drained run would take seconds more than a stopped one.
@@ -143,7 +143,6 @@ def test_non_finite_logits_fail_only_their_line_on_the_gpu(tmp_path):
     """The CUDA path: the fused sampler (a NaN row picks index 0) and pipelined decode (the fault is read one
     step later, while the next step already runs)."""
     from checkpoints import make_checkpoint
-
     from flashgen import LLM
 
     make_checkpoint(tmp_path / "m", hidden_size=128, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=64,
@@ -218,13 +217,13 @@ def test_hostile_lines_in_a_1000_line_job_then_kill_9_and_resume_give_every_id_o
 
     rng = random.Random(0)
     n = 1000
-    bad_at = dict(zip(rng.sample(range(n), len(CRASHERS)), CRASHERS))
+    bad_at = dict(zip(rng.sample(range(n), len(CRASHERS)), CRASHERS, strict=True))
     lines, want_bad = [], {}
     for i in range(n):
         if i in bad_at:
             raw, code = bad_at[i][0], bad_at[i][1]
             # give each hostile line its own id where it has one, so only its class decides its record
-            raw = re.sub(r'"(custom_id|id)": "[a-z]"', lambda m: f'"{m.group(1)}": "bad{i}"', raw, count=1)
+            raw = re.sub(r'"(custom_id|id)": "[a-z]"', lambda m, i=i: f'"{m.group(1)}": "bad{i}"', raw, count=1)
             lines.append(raw)
             want_bad[i] = code
         else:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli_support import FakeTokenizer, gen
 
 from flashgen.jobs.errors import ExitCode
 from flashgen.jobs.inputs import LineError, LineParser, LineRequest, read_lines
 from flashgen.jobs.params import defaults_from_settings
 from flashgen.jobs.settings import load_settings
+from test_cli_support import FakeTokenizer, gen
 
 GOOD = {"id": "good", "prompt": "hello"}
 # (raw line, expected id, error code, substrings the message must contain)

@@ -1,9 +1,8 @@
 """OpenAI Batch API lines in, OpenAI batch output lines out, through the real CLI."""
 from __future__ import annotations
 
-from test_cli_support import gen, tiny_model
-
 from flashgen.jobs.errors import ExitCode
+from test_cli_support import gen, tiny_model
 
 
 def batch_line(cid, url, body, method="POST"):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli_support import FakeLLM, cli, proc_env, read_jsonl, tiny_model
 
 from flashgen.jobs.errors import FatalError
 from flashgen.jobs.idset import IdSet
@@ -19,6 +18,7 @@ from flashgen.jobs.progress import JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import load_settings
 from flashgen.jobs.writer import OrderedWriter
+from test_cli_support import FakeLLM, cli, proc_env, read_jsonl, tiny_model
 
 DEFAULTS = defaults_from_settings(load_settings(None, {}, "/").sampling)
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import inspect
 
-from test_cli_support import REPO, cli, gen, tiny_model
-
 from flashgen.config import EngineConfig
 from flashgen.jobs.errors import ExitCode
 from flashgen.jobs.settings import SCHEMA, read_toml, render_toml
+from test_cli_support import REPO, cli, gen, tiny_model
 
 
 def test_repo_flashgen_toml_lists_every_option_with_its_default():

@@ -4,10 +4,9 @@ from __future__ import annotations
 import io
 import json
 
-from test_cli_support import FAST, cli, read_jsonl, tiny_model
-
 from flashgen.jobs.errors import ExitCode
 from flashgen.jobs.writer import OrderedWriter
+from test_cli_support import FAST, cli, read_jsonl, tiny_model
 
 LINES = [{"id": f"q{i}", "prompt": f"question number {i}"} for i in range(6)]
 

@@ -48,8 +48,9 @@ def _compile(src: str, dtype: str, head_dim: int | None, extra: str, out_dir: st
     name = f"{src[:-3]}_{dtype}_{head_dim}_{extra.replace(',', '_').replace('=', '')}"
     cu = Path(out_dir) / f"{name}.cu"
     cu.write_text(jit._expand_includes(kdir / src))
-    cmd = [NVCC, "--std=c++17", f"-I{kdir}", "--fatbin", *(ARCHS[1:] if src in SM90A_ONLY else ARCHS), "--resource-usage", "-lineinfo",
-           f"-DFG_DTYPE={DTYPES[dtype]}", "-o", str(Path(out_dir) / f"{name}.fatbin"), str(cu)]
+    cmd = [NVCC, "--std=c++17", f"-I{kdir}", "--fatbin", *(ARCHS[1:] if src in SM90A_ONLY else ARCHS),
+           "--resource-usage", "-lineinfo", f"-DFG_DTYPE={DTYPES[dtype]}", "-o", str(Path(out_dir) / f"{name}.fatbin"),
+           str(cu)]
     if head_dim:
         cmd.append(f"-DFG_HEAD_DIM={head_dim}")
     cmd += [f"-D{kv}" for kv in extra.split(",") if kv]

@@ -179,7 +179,7 @@ def _paged_cache(lens, hkv, d, bs, dtype, gen, extra_blocks=5):
     perm = torch.randperm(total, generator=gen, device=DEV).to(torch.int32)
     bt = torch.full((len(lens), width), -1, dtype=torch.int32, device=DEV)
     slots, pos = [], 0
-    for b, (n, k) in enumerate(zip(lens, nblk)):
+    for b, (n, k) in enumerate(zip(lens, nblk, strict=True)):
         bt[b, :k] = perm[pos:pos + k]
         pos += k
         t = torch.arange(n, device=DEV)
@@ -213,7 +213,7 @@ def _refs(q, kc, vc, bt, lens, qlens, scale):
     """Per sequence: (float64 oracle, same-dtype torch run, float64 LSE), concatenated over sequences."""
     kz, vz = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
     o64, obase, lse64, start = [], [], [], 0
-    for b, (n, m) in enumerate(zip(lens, qlens)):
+    for b, (n, m) in enumerate(zip(lens, qlens, strict=True)):
         k = torch_ops.gather_kv(kz, bt[b], n)
         v = torch_ops.gather_kv(vz, bt[b], n)
         qs = q[start:start + m]

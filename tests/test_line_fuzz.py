@@ -11,7 +11,6 @@ import json
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from test_cli_support import tiny_model
 
 from flashgen.jobs.idset import IdSet
 from flashgen.jobs.inputs import LineParser, read_lines
@@ -20,6 +19,7 @@ from flashgen.jobs.progress import JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import load_settings
 from flashgen.jobs.writer import OrderedWriter
+from test_cli_support import tiny_model
 
 MAX_LINE_BYTES = 3000
 MAX_MODEL_LEN = 64
@@ -28,7 +28,7 @@ LINE_CODES = {"invalid_json", "invalid_utf8", "not_an_object", "too_deep", "line
 TOTAL = {"lines": 0}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def engine():
     from flashgen.llm import LLM
 
@@ -202,7 +202,7 @@ def _fuzz_job(raws):
     want = expected_lines(raws)
     assert status in ("ok", "line_errors")
     assert len(recs) == len(want), (len(recs), len(want))
-    for rec, (lineno, raw) in zip(recs, want):
+    for rec, (lineno, raw) in zip(recs, want, strict=True):
         check_record(rec, lineno, raw)
     assert not llm.has_unfinished_requests()
     TOTAL["lines"] += len(want)

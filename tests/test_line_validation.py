@@ -7,7 +7,6 @@ import io
 import json
 
 import pytest
-from test_cli_support import cli, gen, tiny_model
 
 from flashgen.jobs.errors import ExitCode
 from flashgen.jobs.idset import IdSet
@@ -17,6 +16,7 @@ from flashgen.jobs.progress import JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import load_settings
 from flashgen.jobs.writer import OrderedWriter
+from test_cli_support import cli, gen, tiny_model
 
 GOOD = b'{"id": "good", "prompt": "hello"}'
 LAST = b'{"custom_id": "last", "url": "/v1/completions", "body": {"prompt": "bye", "temperature": 1}}'

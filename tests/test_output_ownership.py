@@ -10,14 +10,14 @@ import subprocess
 import sys
 
 import pytest
-import test_jobs_writer as writer_tests
-from test_cli_support import FAST, cli, proc_env, read_jsonl, tiny_model
-from test_jobs_writer import run
 
+import test_jobs_writer as writer_tests
 from flashgen.jobs import generate
 from flashgen.jobs.errors import ExitCode, FatalError
 from flashgen.jobs.lock import OutputLock, lock_path
 from flashgen.jobs.writer import OrderedWriter
+from test_cli_support import FAST, cli, proc_env, read_jsonl, tiny_model
+from test_jobs_writer import run
 
 LINES = [{"id": f"q{i}", "prompt": f"question number {i}"} for i in range(12)]
 

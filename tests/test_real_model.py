@@ -79,7 +79,7 @@ def hf_greedy(model, ids: list[int], **kwargs) -> list[int]:
 def assert_same(llm, ours: list[int], want: list[int], chat) -> None:
     assert len(want) == MAX_TOKENS and len(ours) == MAX_TOKENS
     if ours != want:
-        first = next(i for i, (a, b) in enumerate(zip(ours, want)) if a != b)
+        first = next(i for i, (a, b) in enumerate(zip(ours, want, strict=True)) if a != b)
         dec = lambda ids: llm.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
         pytest.fail(f"{chat[-1]['content']!r}: first difference at generated token {first}\n"
                     f"flashgen: {dec(ours)!r}\nHF:       {dec(want)!r}")
@@ -91,7 +91,7 @@ def test_greedy_ignore_eos_matches_transformers(llm, prompts, hf_model):
     from flashgen import SamplingParams
 
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
-    for chat, ids, out in zip(CHATS, prompts, outs):
+    for chat, ids, out in zip(CHATS, prompts, outs, strict=True):
         assert_same(llm, list(out.token_ids), hf_greedy(hf_model, ids, eos_token_id=None), chat)
 
 
@@ -101,7 +101,7 @@ def test_greedy_min_tokens_matches_transformers(llm, prompts, hf_model):
     from flashgen import SamplingParams
 
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS))
-    for chat, ids, out in zip(CHATS, prompts, outs):
+    for chat, ids, out in zip(CHATS, prompts, outs, strict=True):
         got = list(out.token_ids)
         assert 2 not in got
         assert_same(llm, got, hf_greedy(hf_model, ids, min_new_tokens=MAX_TOKENS), chat)

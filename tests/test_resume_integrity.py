@@ -7,11 +7,11 @@ import json
 import random
 
 import pytest
-from test_cli_support import FAST, cli, read_jsonl, tiny_model
 
 from flashgen.jobs import compact
 from flashgen.jobs.errors import ExitCode
 from flashgen.jobs.fingerprint import KeyHashMap, job_fingerprint, request_hash
+from test_cli_support import FAST, cli, read_jsonl, tiny_model
 
 LINES = [{"id": f"q{i}", "prompt": f"question number {i}"} for i in range(8)]
 

@@ -9,10 +9,12 @@ from flashgen.engine.sampler import SamplingBatch, gumbel_noise, sample
 
 
 def batch(B, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, steps=None):
-    f = lambda v: torch.full((B,), float(v))
+    def full(v):
+        return torch.full((B,), float(v))
+
     return SamplingBatch(
-        temperature=f(temperature), top_k=None if top_k is None else torch.full((B,), top_k),
-        top_p=None if top_p is None else f(top_p), min_p=None if min_p is None else f(min_p),
+        temperature=full(temperature), top_k=None if top_k is None else torch.full((B,), top_k),
+        top_p=None if top_p is None else full(top_p), min_p=None if min_p is None else full(min_p),
         seeds=torch.arange(B, dtype=torch.int64) * 7919 + 1 if seeds is None else seeds,
         steps=torch.zeros(B, dtype=torch.int64) if steps is None else steps, all_greedy=temperature == 0)
 
@@ -30,8 +32,8 @@ def test_filters_keep_only_allowed_tokens():
     torch.manual_seed(0)
     logits = torch.randn(64, 1000) * 3
     for kw, allowed in [
-        (dict(top_k=5), lambda l: l >= l.topk(5).values[-1]),
-        (dict(min_p=0.2), lambda l: (l.softmax(-1) >= 0.2 * l.softmax(-1).max())),
+        (dict(top_k=5), lambda row: row >= row.topk(5).values[-1]),
+        (dict(min_p=0.2), lambda row: (row.softmax(-1) >= 0.2 * row.softmax(-1).max())),
     ]:
         toks = sample(logits.clone(), batch(64, **kw))
         assert all(allowed(logits[i])[t] for i, t in enumerate(toks.tolist())), kw
@@ -98,7 +100,7 @@ def test_apply_penalties_matches_hand_computed_vllm_rules():
     ]
 
     seen, counts, want = [], [], []
-    for logit_row, (prompt, output, rep, pres, freq) in zip(logits_rows, rows):
+    for logit_row, (prompt, output, rep, pres, freq) in zip(logits_rows, rows, strict=True):
         seen_row = [False] * V
         for t in prompt + output:
             seen_row[t] = True

@@ -19,9 +19,8 @@ llguidance = pytest.importorskip("llguidance")
 
 def test_constrained_batch_on_the_cuda_path(tmp_path):
     from checkpoints import make_checkpoint
-    from structured_schemas import CHOICES, REGEXES, SCHEMAS
-
     from flashgen import LLM, SamplingParams, StructuredOutputsParams
+    from structured_schemas import CHOICES, REGEXES, SCHEMAS
 
     d = make_checkpoint(tmp_path / "m", hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=64,
                         intermediate_size=256, vocab_size=512)

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import llguidance
 import pytest
-from checkpoints import make_checkpoint
 from jsonschema import Draft202012Validator, FormatChecker
 from llguidance.gbnf_to_lark import any_to_lark
+
+from checkpoints import make_checkpoint
+from flashgen import LLM, SamplingParams, StructuredOutputsParams
 from structured_schemas import (
     CHOICES,
     GRAMMARS,
@@ -32,8 +34,6 @@ from structured_schemas import (
     UNSUPPORTED,
     UNSUPPORTED_WHY,
 )
-
-from flashgen import LLM, SamplingParams, StructuredOutputsParams
 
 SO = StructuredOutputsParams
 MAX_TOKENS = 192
@@ -312,7 +312,7 @@ def test_checkers_know_good_from_bad():
 
 # -- one big mixed batch ----------------------------------------------------------------------------------------
 def test_mixed_batch_outputs_are_valid(mixed, checker):
-    rows = [(c, sp, o) for c, sp, o in zip(mixed.cases, mixed.params, mixed.outs) if c is not None]
+    rows = [(c, sp, o) for c, sp, o in zip(mixed.cases, mixed.params, mixed.outs, strict=True) if c is not None]
     assert len(rows) == 2 * len(CASES) >= 100
     for case, _, out in rows:
         check_output(checker, case, out)
@@ -333,7 +333,7 @@ def test_mixed_batch_outputs_are_valid(mixed, checker):
     for case, _, out in rows:  # regexes and choices here are finite languages: they end within a few tokens
         if case.kind in ("regex", "choice"):
             assert out.finish_reason == "stop", (case.name, out.text)
-    unconstrained = [o for c, o in zip(mixed.cases, mixed.outs) if c is None]
+    unconstrained = [o for c, o in zip(mixed.cases, mixed.outs, strict=True) if c is None]
     assert unconstrained and all(o.finish_reason in ("stop", "length") for o in unconstrained)
 
 
@@ -359,7 +359,7 @@ def test_unconstrained_rows_ignore_constrained_neighbours(llm, mixed):
 ])
 def test_one_request_at_a_time(llm, mixed, checker, name, temperature):
     """A constrained request alone (batch of 1) is valid and gives what it gave in the big batch."""
-    i = next(i for i, (c, sp) in enumerate(zip(mixed.cases, mixed.params))
+    i = next(i for i, (c, sp) in enumerate(zip(mixed.cases, mixed.params, strict=True))
              if c is not None and c.name == name and sp.temperature == temperature)
     [out] = llm.generate([mixed.prompts[i]], mixed.params[i])
     check_output(checker, BY_NAME[name], out)
@@ -395,7 +395,7 @@ def test_constraints_with_penalties_stops_min_tokens_ignore_eos_and_seeds(llm, c
     rows = _option_mix()
     prompts = [f"Mix {i}:" for i in range(len(rows))]
     outs = llm.generate(prompts, [sp for _, sp in rows])
-    for (case, sp), out in zip(rows, outs):
+    for (case, sp), out in zip(rows, outs, strict=True):
         check_output(checker, case, out, sp)
         if len(out.token_ids) < sp.min_tokens:
             # EOS is held back until min_tokens: an earlier end is the grammar's own (nothing else may follow)
@@ -454,7 +454,7 @@ def test_preempted_constrained_requests_are_valid_and_unchanged(model_dir, llm, 
     prompts, sps = _preempt_requests()
     outs = small.generate(prompts, sps)
     assert small.stats.preemptions > 0
-    for name, sp, out in zip(PREEMPT_CASES, sps, outs):
+    for name, sp, out in zip(PREEMPT_CASES, sps, outs, strict=True):
         check_output(checker, BY_NAME[name], out, sp)
     roomy = llm.generate(prompts, sps)
     assert [(o.token_ids, o.text, o.finish_reason) for o in outs] == \

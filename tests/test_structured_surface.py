@@ -9,9 +9,9 @@ import re
 
 import jsonschema
 import pytest
-from test_cli_support import cli, gen, tiny_model
 
 from flashgen.jobs.errors import ExitCode
+from test_cli_support import cli, gen, tiny_model
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 COLORS = {"type": "string", "enum": ["red", "green", "blue"]}

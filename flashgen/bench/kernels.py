@@ -15,12 +15,14 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import operator
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from flashgen.ops.timing import bench
+from flashgen.ops.timing import bench, fixed, rotating
 
 L2_BYTES = 50 * 2**20
 DEC_SHAPES = [(64, 1024), (64, 4096), (16, 16384), (1, 32768)]  # (batch, context)
@@ -40,13 +42,13 @@ def ceilings(dev) -> dict:
     n = 2**30  # 1 GiB
     a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
-    t = bench(lambda i: b.copy_(a), reps=20, inner=2, graph=False)
+    t = bench(fixed(b.copy_, a), reps=20, inner=2, graph=False)
     copy = 2 * n / t
     del a, b
     m = 8192
     x = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
     y = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
-    t = bench(lambda i: x @ y, reps=10, inner=3, graph=False)
+    t = bench(fixed(operator.matmul, x, y), reps=10, inner=3, graph=False)
     return {"copy_bytes_per_s": copy, "matmul_bf16_flops": 2 * m**3 / t}
 
 
@@ -63,9 +65,9 @@ def _sdpa(backend_name: str):
     return run
 
 
-def _try(fn):
+def _try(fn, *args):
     try:
-        return fn(), None
+        return fn(*args), None
     except Exception as e:  # a backend that refuses a shape is reported, not fatal
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
@@ -77,7 +79,7 @@ def decode(dev, ops, results: dict) -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     for B, L in DEC_SHAPES:
         kv_bytes = 2 * B * L * hkv * d * 2
-        entry = {"batch": B, "context": L, "kv_bytes": kv_bytes}
+        entry: dict[str, Any] = {"batch": B, "context": L, "kv_bytes": kv_bytes}
         ctx = torch.full((B,), L, dtype=torch.int32, device=dev)
         q = torch.randn(B, hq, d, generator=g, device=dev).to(torch.bfloat16)
         for bs in (16, 64):
@@ -85,12 +87,12 @@ def decode(dev, ops, results: dict) -> None:
             kc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
             vc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
             bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, L // bs)
-            t = bench(lambda i: ops.decode_attention(q, kc, vc, ctx, bt, scale), reps=30)
+            t = bench(fixed(ops.decode_attention, q, kc, vc, ctx, bt, scale), reps=30)
             splits = {}
             for s in (1, 2, 4, 8, 16, 32, 64, 128):  # the split-KV heuristic's alternatives
                 if B * hkv * s <= 4 * slots and L // s >= 128:
                     splits[s] = kv_bytes / bench(
-                        lambda i: ops.decode_attention(q, kc, vc, ctx, bt, scale, num_splits=s), reps=20)
+                        fixed(ops.decode_attention, q, kc, vc, ctx, bt, scale, num_splits=s), reps=20)
             entry[f"bs{bs}"] = {
                 "bytes_per_s": kv_bytes / t,
                 "num_splits": ops.decode_num_splits(B, hkv, hq // hkv, L, slots // 2),
@@ -105,20 +107,20 @@ def decode(dev, ops, results: dict) -> None:
         qq = q.view(B, hq, 1, d)
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
             run = _sdpa(name)
-            ref, err = _try(lambda: run(qq, kk, vv, False))
+            ref, err = _try(run, qq, kk, vv, False)
             key = name
             if err:  # no native GQA in this backend: K/V expanded to Hq heads (reads 4x the bytes)
                 entry[name] = {"error": err}
                 key = name + "_expanded_kv"
                 kx, vx = kk.repeat_interleave(hq // hkv, 1), vv.repeat_interleave(hq // hkv, 1)
-                ref, err = _try(lambda: run(qq, kx, vx, False))
+                ref, err = _try(run, qq, kx, vx, False)
                 if err:
                     entry[key] = {"error": err}
                     continue
-                entry[key] = {"bytes_per_s": kv_bytes / bench(lambda i: run(qq, kx, vx, False), reps=30)}
+                entry[key] = {"bytes_per_s": kv_bytes / bench(fixed(run, qq, kx, vx, False), reps=30)}
                 del kx, vx
             else:
-                entry[key] = {"bytes_per_s": kv_bytes / bench(lambda i: run(qq, kk, vv, False), reps=30)}
+                entry[key] = {"bytes_per_s": kv_bytes / bench(fixed(run, qq, kk, vv, False), reps=30)}
             entry[key]["max_abs_diff_vs_ours"] = (ref.view(B, hq, d).float() - ours.float()).abs().max().item()
         del kk, vv
         results["decode"].append(entry)
@@ -137,7 +139,7 @@ def decode_ragged(dev, ops, results: dict) -> None:
         else:
             lens = torch.randint(lo, hi + 1, (B,), generator=torch.Generator().manual_seed(B)).tolist()
         kv_bytes = 2 * sum(lens) * hkv * d * 2
-        entry = {"batch": B, "lens": lens, "kv_bytes": kv_bytes}
+        entry: dict[str, Any] = {"batch": B, "lens": lens, "kv_bytes": kv_bytes}
         ctx = torch.tensor(lens, dtype=torch.int32, device=dev)
         q = torch.randn(B, hq, d, generator=g, device=dev).to(torch.bfloat16)
         for bs in (16, 64):
@@ -147,7 +149,7 @@ def decode_ragged(dev, ops, results: dict) -> None:
             vc = torch.randn(nb, bs, hkv, d, generator=g, device=dev).to(torch.bfloat16)
             bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, per)
             entry[f"bs{bs}"] = {
-                plan: kv_bytes / bench(lambda i: ops.decode_attention(q, kc, vc, ctx, bt, d**-0.5, plan=plan), reps=30)
+                plan: kv_bytes / bench(fixed(ops.decode_attention, q, kc, vc, ctx, bt, d**-0.5, plan=plan), reps=30)
                 for plan in ("auto", "split")}
             del kc, vc
         results["decode_ragged"].append(entry)
@@ -161,7 +163,7 @@ def prefill(dev, ops, results: dict) -> None:
     for L in PREFILL_LENS:
         B = PREFILL_TOKENS // L
         flops = 4 * B * h * d * L * L / 2  # causal: half the (query, key) pairs, as flash-attn counts
-        entry = {"batch": B, "seqlen": L, "flops": flops}
+        entry: dict[str, Any] = {"batch": B, "seqlen": L, "flops": flops}
         q = torch.randn(B * L, h, d, generator=g, device=dev).to(torch.bfloat16)
         cu = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=dev)
         ctx = torch.full((B,), L, dtype=torch.int32, device=dev)
@@ -172,11 +174,11 @@ def prefill(dev, ops, results: dict) -> None:
             vc = torch.randn(nb, bs, h, d, generator=g, device=dev).to(torch.bfloat16)
             bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, L // bs)
             impl = ops.prefill_impl(dev.index)
-            t = bench(lambda i: ops.prefill_attention(q, kc, vc, cu, ctx, bt, L, scale, out=out), reps=10, inner=4)
+            t = bench(fixed(ops.prefill_attention, q, kc, vc, cu, ctx, bt, L, scale, out=out), reps=10, inner=4)
             entry[f"bs{bs}"] = {"flops_per_s": flops / t, "impl": impl}
             if impl != "mma":  # the portable mma.sync kernel on the same data, for comparison
-                entry[f"bs{bs}"]["flops_per_s_mma"] = flops / bench(lambda i: ops.prefill_attention(
-                    q, kc, vc, cu, ctx, bt, L, scale, out=out, impl="mma"), reps=10, inner=4)
+                entry[f"bs{bs}"]["flops_per_s_mma"] = flops / bench(fixed(
+                    ops.prefill_attention, q, kc, vc, cu, ctx, bt, L, scale, out=out, impl="mma"), reps=10, inner=4)
             if bs == 16:
                 ours = ops.prefill_attention(q, kc, vc, cu, ctx, bt, L, scale)
                 order = bt.long().flatten()
@@ -186,11 +188,11 @@ def prefill(dev, ops, results: dict) -> None:
         qq = q.view(B, L, h, d).transpose(1, 2).contiguous()
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
             run = _sdpa(name)
-            ref, err = _try(lambda: run(qq, kk, vv, True))
+            ref, err = _try(run, qq, kk, vv, True)
             if err:
                 entry[name] = {"error": err}
                 continue
-            entry[name] = {"flops_per_s": flops / bench(lambda i: run(qq, kk, vv, True), reps=10, inner=4)}
+            entry[name] = {"flops_per_s": flops / bench(fixed(run, qq, kk, vv, True), reps=10, inner=4)}
             diff = ref.transpose(1, 2).reshape(B * L, h, d).float() - ours.float()
             entry[name]["max_abs_diff_vs_ours"] = diff.abs().max().item()
         del kk, vv, qq, q, out
@@ -201,7 +203,10 @@ def prefill(dev, ops, results: dict) -> None:
 def elementwise(dev, ops, results: dict) -> None:
     g = torch.Generator(device=dev).manual_seed(2)
     bf = torch.bfloat16
-    rnd = lambda *s: torch.randn(*s, generator=g, device=dev).to(bf)  # noqa: E731
+
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g, device=dev).to(bf)
+
     T = 16384
 
     # rope_kv_append, Qwen3-0.6B shape with q/k norm: read qkv, write q + k + v
@@ -216,7 +221,7 @@ def elementwise(dev, ops, results: dict) -> None:
     kc = torch.empty(T // bs, bs, hkv, d, dtype=bf, device=dev)  # (num_blocks, block_size, Hkv, D)
     vc = torch.empty_like(kc)
     qn, kn = rnd(d), rnd(d)
-    t = bench(lambda i: ops.rope_kv_append(qkvs[i % n], pos, cos_sin, slots, kc, vc, qn, kn), reps=20)
+    t = bench(rotating(ops.rope_kv_append, [(qkv, pos, cos_sin, slots, kc, vc, qn, kn) for qkv in qkvs]), reps=20)
     results["elementwise"]["rope_kv_append"] = {"shape": f"T={T} Hq={hq} Hkv={hkv} d={d} qk_norm", "bytes": nbytes,
                                                 "bytes_per_s": nbytes / t}
     del qkvs, kc, vc
@@ -229,18 +234,18 @@ def elementwise(dev, ops, results: dict) -> None:
         res = [rnd(T, H) for _ in range(n)] if fused else [None] * n
         w = rnd(H)
         out, rout = torch.empty(T, H, dtype=bf, device=dev), torch.empty(T, H, dtype=bf, device=dev)
-        t = bench(lambda i: ops.rms_norm(xs[i % n], w, 1e-6, res[i % n], out=out,
-                                         **({"residual_out": rout} if fused else {})), reps=20)
+        sets = [(x, w, 1e-6, r) for x, r in zip(xs, res, strict=True)]
+        t = bench(rotating(ops.rms_norm, sets, out=out, **({"residual_out": rout} if fused else {})), reps=20)
         key = "rms_norm_add" if fused else "rms_norm"
         results["elementwise"][key] = {"shape": f"T={T} hidden={H}", "bytes": nbytes, "bytes_per_s": nbytes / t}
-        del xs, res
+        del xs, res, sets
 
     inter = 3072
     nbytes = 3 * T * inter * 2
     n = _sets(nbytes)
     xs = [rnd(T, 2 * inter) for _ in range(n)]
     out = torch.empty(T, inter, dtype=bf, device=dev)
-    t = bench(lambda i: ops.silu_mul(xs[i % n], out=out), reps=20)
+    t = bench(rotating(ops.silu_mul, [(x,) for x in xs], out=out), reps=20)
     results["elementwise"]["silu_mul"] = {"shape": f"T={T} inter={inter}", "bytes": nbytes, "bytes_per_s": nbytes / t}
 
 
@@ -269,17 +274,17 @@ def table(r: dict) -> str:
 
     for e in r["decode"]:
         for bs in (16, 64):
-            label = "decode B%d L%d bs%d TB/s" % (e["batch"], e["context"], bs)
+            label = f"decode B{e['batch']} L{e['context']} bs{bs} TB/s"
             lines.append(row(label, e, bs, "bytes_per_s", ".2f", copy))
     for e in r.get("decode_ragged", []):
         for bs in (16, 64):
             auto, split = e[f"bs{bs}"]["auto"], e[f"bs{bs}"]["split"]
-            label = "decode ragged B%d L%d-%d bs%d" % (e["batch"], min(e["lens"]), max(e["lens"]), bs)
+            label = f"decode ragged B{e['batch']} L{min(e['lens'])}-{max(e['lens'])} bs{bs}"
             lines.append(f"{label:<34}{auto / 1e12:>12.2f}{'split plan':>14}{split / 1e12:>6.2f}"
                          f"{100 * auto / copy:>9.0f}%")
     for e in r["prefill"]:
         for bs in (16, 64):
-            label = "prefill L%d bs%d %s TFLOP/s" % (e["seqlen"], bs, e[f"bs{bs}"].get("impl", ""))
+            label = f"prefill L{e['seqlen']} bs{bs} {e[f'bs{bs}'].get('impl', '')} TFLOP/s"
             lines.append(row(label, e, bs, "flops_per_s", ".0f", c["matmul_bf16_flops"]))
             if "flops_per_s_mma" in e[f"bs{bs}"]:
                 mma = e[f"bs{bs}"]["flops_per_s_mma"]

@@ -17,13 +17,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 N_REQUESTS = 2048
 MAX_TOKENS = 256
 
-SCHEMA = {
+SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "invoice_id": {"type": "string", "pattern": "^INV-[0-9]{4,8}$"},
@@ -108,14 +109,14 @@ def main(tokenizer_dir: str | None = None, out_dir: str | None = None, **engine_
             g = llm.engine.grammars()
             compiles0, compile_s0 = g.compiles, g.compile_seconds
             masks = llm.engine.runner.masks
-            mask_s0, rows0 = (masks.seconds, masks.rows) if masks is not None else (0.0, 0)
+            assert masks is not None  # made by the warm-up's constrained request
+            mask_s0, rows0 = masks.seconds, masks.rows
             sps = [SamplingParams(temperature=0.6, seed=i, max_tokens=MAX_TOKENS,
                                   structured_outputs=StructuredOutputsParams(json=s)) for i, s in enumerate(schemas)]
             t_con, outs = _run(llm, _prompts(rng, lengths, vocab), sps)
             n_out = [len(o.token_ids) for o in outs]
             stops = sum(o.finish_reason == "stop" for o in outs)
             errors = sum(o.finish_reason == "error" for o in outs)
-            masks = llm.engine.runner.masks
             mask_s, rows = masks.seconds - mask_s0, masks.rows - rows0
             base = [SamplingParams(temperature=0.6, seed=i, max_tokens=n, ignore_eos=True) for i, n in enumerate(n_out)]
             t_free, outs_free = _run(llm, _prompts(rng, lengths, vocab), base)

@@ -1,8 +1,8 @@
 """`flashgen bench throughput`: the field's offline workloads, next to their physical floor measured in the
 same run (HBM bandwidth and matmul rate of this GPU) and, with --compare hf, HF transformers' figure.
 
-Workloads (defined here; figures in BENCHMARKS.md): nanovllm (256 random prompts of 100-1024 tokens, 100-1024 new tokens each),
-fixed512 (same prompts, 512 new tokens), sharedprefix (512 requests sharing a 2000-token prefix),
+Workloads (defined here; figures in BENCHMARKS.md): nanovllm (256 random prompts of 100-1024 tokens, 100-1024 new
+tokens each), fixed512 (same prompts, 512 new tokens), sharedprefix (512 requests sharing a 2000-token prefix),
 latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens); longctx (64 prompts of
 256-8192 tokens, 256 new tokens each: decode reads a ragged set of long contexts, attention-bound); and
 structured (JSON-schema-constrained requests against the same requests unconstrained: bench/structured.py).
@@ -87,11 +87,13 @@ def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict) -> float:
     distinct = distinct_prefix_tokens(w.prompts)
     total_prompt = sum(len(p) for p in w.prompts)
     share = distinct / total_prompt  # fraction of prompt KV that is not a repeat of another prompt's
-    order = sorted(zip(w.max_tokens, map(len, w.prompts)))
+    order = sorted(zip(w.max_tokens, map(len, w.prompts), strict=True))
     total_bytes, live_prompt, live, j = 0.0, total_prompt, len(order), 0
     for t in range(max(w.max_tokens)):
         while j < len(order) and order[j][0] <= t:
-            live_prompt -= order[j][1]; live -= 1; j += 1
+            live_prompt -= order[j][1]
+            live -= 1
+            j += 1
         total_bytes += weight_bytes + kv_tok * (live_prompt * share + live * (t + 1))
     prefill_flops = 2 * (weight_bytes / 2) * distinct
     return total_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
@@ -104,6 +106,7 @@ def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_k
     from flashgen.models.spec import load_spec
 
     t0 = time.perf_counter()
+    llm: LLM | DataParallelLLM
     if data_parallel > 1:
         llm = DataParallelLLM(EngineConfig(model=model_dir, load_format="dummy", dtype="bfloat16", **engine_kw),
                               data_parallel)
@@ -125,8 +128,10 @@ def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_k
     assert ntok == sum(w.max_tokens), "every request must produce exactly max_tokens (ignore_eos)"
     spec = load_spec(model_dir)
     weight_bytes = 2 * sum(math.prod(shape) for shape in expected_shapes(spec).values())  # bf16
-    kv_tokens = (llm.engine.runner.num_blocks * llm.engine.runner.block_size) if data_parallel == 1 else 0
-    backend = llm.engine.runner.backend if data_parallel == 1 else "cuda"
+    if isinstance(llm, LLM):
+        kv_tokens, backend = llm.engine.runner.num_blocks * llm.engine.runner.block_size, llm.engine.runner.backend
+    else:  # data-parallel: the engines (and their KV caches) live in the worker processes
+        kv_tokens, backend = 0, "cuda"
     llm.close()  # stops tensor- or data-parallel workers; a no-op for one process
     return {"output_tokens": ntok, "seconds": wall, "tok_per_s": ntok / wall, "startup_s": startup,
             "prefill_s": llm.stats.prefill_seconds, "decode_s": llm.stats.decode_seconds, "steps": llm.stats.steps,
@@ -188,8 +193,10 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
     par = f", TP={ours['tensor_parallel']}, DP={ours['data_parallel']}" if max(
         ours["tensor_parallel"], ours["data_parallel"]) > 1 else ""
     lines = [f"workload {workload} on {res['device']} ({ours['backend']} backend{par})",
-             f"  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
-             f"  flashgen {ours['tok_per_s']:,.0f} output tok/s ({ours['output_tokens']} tokens in {ours['seconds']:.2f} s;"
+             f"  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+             f"bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
+             f"  flashgen {ours['tok_per_s']:,.0f} output tok/s "
+             f"({ours['output_tokens']} tokens in {ours['seconds']:.2f} s;"
              f" start-up {ours['startup_s']:.1f} s; KV {ours['kv_tokens']} tokens; preemptions {ours['preemptions']})",
              f"  host time in prefill steps {ours['prefill_s']:.2f} s, decode steps {ours['decode_s']:.2f} s, "
              f"{ours['steps']} steps",

@@ -20,13 +20,13 @@ def buckets(max_bs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: DecoderLM, max_bs: int, max_blocks_per_seq: int):
         dev = model.device
-        i32 = dict(dtype=torch.int32, device=dev)
+        i32 = torch.int32
         self.model = model
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(max_bs, **i32)
-        self.slot_mapping = torch.full((max_bs,), -1, **i32)
-        self.context_lens = torch.ones(max_bs, **i32)
-        self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, **i32)
+        self.positions = torch.zeros(max_bs, dtype=i32, device=dev)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=i32, device=dev)
+        self.context_lens = torch.ones(max_bs, dtype=i32, device=dev)
+        self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=i32, device=dev)
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sizes = buckets(max_bs)
@@ -58,6 +58,8 @@ class DecodeGraphs:
         next replay)."""
         n = input_ids.shape[0]
         bs = self.bucket(n)
+        if bs is None:
+            raise ValueError(f"decode batch of {n} is larger than the largest captured graph ({self.sizes[-1]})")
         self.input_ids[:n] = input_ids
         self.positions[:n] = ctx.positions
         self.slot_mapping[:n] = ctx.slot_mapping

@@ -14,7 +14,6 @@ import multiprocessing as mp
 import os
 import queue
 import random
-from pathlib import Path
 
 import torch
 
@@ -191,8 +190,9 @@ class DataParallelLLM:
                     return None
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
                 if dead:
-                    raise RuntimeError(f"data-parallel worker {dead[0]} died (exit code "
-                                       f"{self._procs[dead[0]].exitcode}); its requests are lost from this run")
+                    code = self._procs[dead[0]].exitcode
+                    raise RuntimeError(f"data-parallel worker {dead[0]} died (exit code {code}); its requests are lost "
+                                       "from this run") from None
                 continue
             if kind == DONE:
                 return payload

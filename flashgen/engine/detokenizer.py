@@ -43,7 +43,7 @@ def check_stop(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int,
     p = seq.params
     n_out = n_tokens - seq.num_prompt_tokens
     if n_out >= p.min_tokens:
-        if token in p.stop_token_ids:
+        if p.stop_token_ids and token in p.stop_token_ids:  # a list after SamplingParams.__post_init__
             seq.finish_reason, seq.stop_reason = "stop", token
             return
         if token in eos_ids and not p.ignore_eos:

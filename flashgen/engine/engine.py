@@ -5,10 +5,10 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flashgen.config import EngineConfig
 from flashgen.engine import detokenizer
+from flashgen.engine.grammar import GrammarFailure, Grammars
 from flashgen.engine.model_runner import ModelRunner
 from flashgen.engine.scheduler import Batch, Scheduler
 from flashgen.engine.sequence import Sequence
@@ -17,9 +17,6 @@ from flashgen.models.spec import load_spec
 from flashgen.outputs import RequestOutput
 from flashgen.sampling_params import SamplingParams
 from flashgen.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from flashgen.engine.grammar import Grammars
 
 
 @dataclass
@@ -112,8 +109,6 @@ class Engine:
     def grammars(self) -> Grammars:
         """The compiled-grammar cache, built on the first constrained request."""
         if self._grammars is None:
-            from flashgen.engine.grammar import Grammars
-
             self._grammars = Grammars(self.tokenizer.to_json(), self.spec.vocab_size, self.eos_ids)
         return self._grammars
 
@@ -159,6 +154,8 @@ class Engine:
         done = []
         for seq, idx, token in self.scheduler.postprocess(tokens, launched):
             try:
+                if token < 0 and isinstance(seq.matcher, GrammarFailure):
+                    raise RequestFailed("invalid_grammar", seq.matcher.message)
                 if token < 0 and seq.matcher is not None:
                     raise RequestFailed("no_allowed_token", "no token is both allowed by the output's grammar "
                                         "(and by min_tokens, which holds back EOS) and finite in the model's "
@@ -204,6 +201,7 @@ class Engine:
             self.scheduler.finish(seq, num_tokens)
         self.runner.release(seq)
         self._ids.discard(seq.request_id)
+        assert seq.finish_reason is not None  # set by the stop check, or "error" by _fail
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
             text=seq.output_text, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -27,6 +28,7 @@ from flashgen.sampling_params import StructuredOutputsParams
 COMPILE_SECONDS = 10.0   # a grammar that takes longer to build is refused (its line fails, the job goes on)
 CACHE_ENTRIES = 4096     # compiled grammars kept (least recently used dropped first)
 TEMPLATES = 16           # matchers of one grammar that requests are copied from (see _Templates)
+COMPILE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _llg():
@@ -111,55 +113,75 @@ def _key(so: StructuredOutputsParams) -> str:
 
 
 class Grammars:
-    """The engine's compiled grammars, bound to its tokenizer: `matcher(so)` gives a fresh matcher for one
-    request. Built on the first constrained request (building llguidance's tokenizer takes ~0.5 s)."""
+    """The engine's compiled grammars, bound to its tokenizer. `matcher(so)` checks the grammar at once (a
+    problem is a ValueError) and compiles it on a pool thread (llguidance builds with the GIL released), so a job
+    with a different schema on every line compiles them in parallel while the GPU runs; the first sampling that
+    needs the matcher waits for it (TokenMasks.fill). Built on the first constrained request (building
+    llguidance's tokenizer takes ~0.5 s)."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: set[int]):
         llg = _llg()
         self.vocab_size = vocab_size
         self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_ids) or None)
-        self._compiled: OrderedDict[str, Any] = OrderedDict()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashgen-grammar")
-        self.compile_seconds = 0.0
+        self._compiled: OrderedDict[str, concurrent.futures.Future] = OrderedDict()
+        self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="flashgen-grammar")
+        self.compile_seconds = 0.0  # summed over the pool's threads
         self.compiles = 0
         self.hits = 0
 
-    def matcher(self, so: StructuredOutputsParams):
-        """A matcher at the start of the request's grammar; ValueError saying what is wrong with it."""
+    def matcher(self, so: StructuredOutputsParams) -> PendingMatcher:
+        """The request's matcher, to be resolved when first needed; ValueError saying what is wrong with a grammar
+        llguidance refuses (checked without the tokenizer, cached by content)."""
+        problem = grammar_problem(so)
+        if problem:
+            raise ValueError(problem)
         key = _key(so)
-        hit = self._compiled.get(key)
-        if hit is None:
-            hit = self._compile(so)
-            self._compiled[key] = hit
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            self.compiles += 1
+            compiled = self._compiled[key] = self._pool.submit(self._compile, so)
             while len(self._compiled) > CACHE_ENTRIES:
                 self._compiled.popitem(last=False)
         else:
             self.hits += 1
             self._compiled.move_to_end(key)
-        if isinstance(hit, str):
-            raise ValueError(hit)
-        return hit.next()
+        return PendingMatcher(compiled)
 
-    def _compile(self, so: StructuredOutputsParams):
-        """The compiled matcher, or the problem as a string (cached too: the same bad schema fails fast)."""
-        llg = _llg()
+    def _compile(self, so: StructuredOutputsParams) -> _Templates | str:
+        """(On a pool thread.) The compiled grammar's templates, or the problem as a string (cached too)."""
         t0 = time.perf_counter()
         try:
             text = grammar_text(so)
-            # NOTE: llguidance builds the grammar with the GIL released; a build past the bound is abandoned
-            # to its thread (it cannot be interrupted) and the request refused.
-            m = self._pool.submit(llg.LLMatcher, self.tokenizer, text, log_level=0).result(COMPILE_SECONDS)
-        except concurrent.futures.TimeoutError:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashgen-grammar")
-            return f"compiling the grammar took more than {COMPILE_SECONDS:g} s; simplify it"
+            m = _llg().LLMatcher(self.tokenizer, text, log_level=0)
         except ValueError as e:
             return str(e)
         finally:
             self.compile_seconds += time.perf_counter() - t0
-            self.compiles += 1
-        if m.is_error():
-            return summary(m.get_error())
-        return _Templates(m, text, self.tokenizer)
+        return summary(m.get_error()) if m.is_error() else _Templates(m, text, self.tokenizer)
+
+
+class PendingMatcher:
+    """A request's matcher while its grammar compiles."""
+
+    def __init__(self, compiled: concurrent.futures.Future):
+        self.compiled = compiled
+
+    def resolve(self):
+        """The matcher, or a GrammarFailure (a grammar only the tokenizer-bound build refuses, or a build past
+        COMPILE_SECONDS: abandoned to its thread, which cannot be interrupted)."""
+        try:
+            got = self.compiled.result(COMPILE_SECONDS)
+        except concurrent.futures.TimeoutError:
+            return GrammarFailure(f"compiling the grammar took more than {COMPILE_SECONDS:g} s; simplify it")
+        return GrammarFailure(got) if isinstance(got, str) else got.next()
+
+
+class GrammarFailure:
+    """Stands in for the matcher of a request whose grammar could not be built: its mask allows nothing, so its
+    first sampling fails it alone (the engine reports `message`)."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _Templates:
@@ -199,13 +221,20 @@ class TokenMasks:
         if not rows:
             return None, None
         t0 = time.perf_counter()
+        for i in rows:
+            if isinstance(seqs[i].matcher, PendingMatcher):
+                seqs[i].matcher = seqs[i].matcher.resolve()
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copy out of the pinned buffer is done
         if self._host.shape[0] < len(rows):
             self._host = torch.empty(max(len(rows), 2 * self._host.shape[0]), self.words, dtype=torch.int32,
                                      pin_memory=self.device.type == "cuda")
-        self.executor.unsafe_compute_mask_ptr([(seqs[i].matcher, j) for j, i in enumerate(rows)],
-                                              self._host.data_ptr(), self.words * 4, self._host.shape[0])
+        live = [(seqs[i].matcher, j) for j, i in enumerate(rows) if not isinstance(seqs[i].matcher, GrammarFailure)]
+        for j, i in enumerate(rows):
+            if isinstance(seqs[i].matcher, GrammarFailure):
+                self._host[j] = 0  # nothing allowed: the request fails with its grammar's problem
+        if live:
+            self.executor.unsafe_compute_mask_ptr(live, self._host.data_ptr(), self.words * 4, self._host.shape[0])
         mask_rows = torch.full((len(seqs),), -1, dtype=torch.int32)
         mask_rows[rows] = torch.arange(len(rows), dtype=torch.int32)
         bitmask = self._host[:len(rows)].to(self.device, non_blocking=True)

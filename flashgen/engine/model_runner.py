@@ -12,6 +12,7 @@ import torch
 from flashgen.config import EngineConfig
 from flashgen.engine import tp_worker
 from flashgen.engine.cuda_graphs import DecodeGraphs, run_step
+from flashgen.engine.grammar import TokenMasks
 from flashgen.engine.kv_plan import kv_cache_shape, plan_kv_blocks
 from flashgen.engine.sampler import build_sampling_batch, sample
 from flashgen.engine.scheduler import Batch
@@ -100,7 +101,8 @@ class ModelRunner:
         tp = TPInfo(rank, self.world) if self.world > 1 else None
         self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
                                config.load_format, tp)
-        self.slots, self.graphs, self.masks = TokenSlots(), None, None
+        self.slots, self.graphs = TokenSlots(), None
+        self.masks: TokenMasks | None = None  # grammar bitmasks, made on the first constrained step
         self.num_blocks = plan_kv_blocks(config, self.model, max_len, self.execute)
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
         if self.max_model_len < max_len and rank == 0:
@@ -159,22 +161,18 @@ class ModelRunner:
         """The step's tokens as a future. A step with constrained rows samples here: the engine calls this after
         reading the previous step's tokens, so every matcher has consumed them and the masks can be filled
         (on CPU threads, while the GPU still runs the forward)."""
-        if step.tokens is None:
-            self._sample(step)
-        return step.tokens
+        return step.tokens if step.tokens is not None else self._sample(step)
 
-    def _sample(self, step: Launched) -> None:
+    def _sample(self, step: Launched) -> SampledTokens:
         done, logits = step.done, step.logits
         if logits is None:
             step.tokens = SampledTokens([], None, deferrable=False)
-            return
+            return step.tokens
         if self.on_logits is not None:
             self.on_logits(done, logits)
         sampling = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
         if any(s.matcher is not None for s in done):
             if self.masks is None:
-                from flashgen.engine.grammar import TokenMasks
-
                 self.masks = TokenMasks(self.spec.vocab_size, self.device)
             sampling.bitmask, sampling.mask_rows = self.masks.fill(done)
         tokens = sample(logits, sampling, fused=self.backend == "cuda")
@@ -185,6 +183,7 @@ class ModelRunner:
         checked = torch.where((tokens >= 0) & torch.isfinite(logits.gather(1, safe[:, None])).squeeze(1), tokens, -1)
         step.tokens = self.slots.publish(done, safe, checked, step.is_prefill)
         step.logits = None
+        return step.tokens
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted: its device token slot is free again."""
@@ -196,7 +195,9 @@ class ModelRunner:
         n = len(token_ids)
         seq = Sequence("_score", None, token_ids, None, self.block_size, 0)  # type: ignore[arg-type]
         seq.block_table, seq.num_scheduled_tokens = list(range((n + self.block_size - 1) // self.block_size)), n
-        return self._step(pack_step([seq], True, self.block_size, rows=list(range(n)))).float()
+        logits = self._step(pack_step([seq], True, self.block_size, rows=list(range(n))))
+        assert logits is not None  # every row was asked for
+        return logits.float()
 
     def shutdown(self) -> None:
         if self.workers:

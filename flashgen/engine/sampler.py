@@ -62,10 +62,12 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """vLLM's meanings: repetition over prompt + output (divide positive, multiply negative logits);
     presence and frequency over the output only."""
     if b.rep_penalty is not None:
+        assert b.seen_prompt is not None, "rep_penalty comes with seen_prompt"
         p = b.rep_penalty[:, None].expand_as(logits)
         penalized = torch.where(logits > 0, logits / p, logits * p)
         logits = torch.where(b.seen_prompt, penalized, logits)
     if b.frequency is not None:
+        assert b.presence is not None and b.out_counts is not None, "frequency comes with presence and out_counts"
         logits = logits - b.frequency[:, None] * b.out_counts - b.presence[:, None] * (b.out_counts > 0)
     return logits
 
@@ -109,6 +111,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor | None,
     are."""
     if bitmask is None or not bitmask.shape[0]:  # no bitmask row: no row can be constrained
         return logits
+    if mask_rows is None:
+        raise ValueError("a token bitmask needs mask_rows (each row's bitmask row, -1 for none)")
     if logits.device.type == "cpu":
         return _mask_constrained_rows(logits, bitmask, mask_rows)
     return _mask_every_row(logits, bitmask, mask_rows)
@@ -119,6 +123,7 @@ def _no_allowed_token(logits: torch.Tensor, tokens: torch.Tensor, b: SamplingBat
     the argmax fell on an arbitrary token (the fused kernel's rule; O(B))."""
     if b.bitmask is None:
         return tokens
+    assert b.mask_rows is not None, "bitmask comes with mask_rows"
     chosen = logits.gather(1, tokens[:, None]).squeeze(1)
     return torch.where((b.mask_rows >= 0) & ~(chosen > float("-inf")), -1, tokens)
 
@@ -184,31 +189,31 @@ def _as_int64(seed: int) -> int:
 def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> SamplingBatch:
     """Per-row settings of the sequences about to sample (V: the vocabulary size), as tensors on `dev`."""
     ps = [s.params for s in seqs]
-    f32 = dict(dtype=torch.float32)
+    f32 = torch.float32
     b = SamplingBatch(
-        temperature=torch.tensor([p.temperature for p in ps], **f32),
+        temperature=torch.tensor([p.temperature for p in ps], dtype=f32),
         # top_k above the vocabulary means all tokens: clamp, so no value can index past the logits
         top_k=torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in ps])
         if any(0 < p.top_k < V for p in ps) else None,
-        top_p=torch.tensor([p.top_p for p in ps], **f32) if any(p.top_p < 1 for p in ps) else None,
-        min_p=torch.tensor([p.min_p for p in ps], **f32) if any(p.min_p > 0 for p in ps) else None,
+        top_p=torch.tensor([p.top_p for p in ps], dtype=f32) if any(p.top_p < 1 for p in ps) else None,
+        min_p=torch.tensor([p.min_p for p in ps], dtype=f32) if any(p.min_p > 0 for p in ps) else None,
         seeds=torch.tensor([_as_int64(s.seed) for s in seqs], dtype=torch.int64),
         steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
         all_greedy=all(p.temperature == 0 for p in ps),
     )
     if any(p.repetition_penalty != 1 for p in ps):
-        b.rep_penalty = torch.tensor([p.repetition_penalty for p in ps], **f32)
+        b.rep_penalty = torch.tensor([p.repetition_penalty for p in ps], dtype=f32)
         b.seen_prompt = torch.zeros(len(seqs), V, dtype=torch.bool)
         for i, s in enumerate(seqs):
             b.seen_prompt[i, torch.tensor(s.token_ids, dtype=torch.int64)] = True
     if any(p.presence_penalty or p.frequency_penalty for p in ps):
-        b.presence = torch.tensor([p.presence_penalty for p in ps], **f32)
-        b.frequency = torch.tensor([p.frequency_penalty for p in ps], **f32)
-        b.out_counts = torch.zeros(len(seqs), V, **f32)
+        b.presence = torch.tensor([p.presence_penalty for p in ps], dtype=f32)
+        b.frequency = torch.tensor([p.frequency_penalty for p in ps], dtype=f32)
+        b.out_counts = torch.zeros(len(seqs), V, dtype=f32)
         for i, s in enumerate(seqs):
             if s.output_counts:
                 b.out_counts[i, torch.tensor(list(s.output_counts))] = torch.tensor(
-                    list(s.output_counts.values()), **f32)
+                    list(s.output_counts.values()), dtype=f32)
     banned = [(i, s) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
     if banned:
         b.banned = torch.zeros(len(seqs), V, dtype=torch.bool)

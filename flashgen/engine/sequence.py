@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import Any
 
 from flashgen.sampling_params import SamplingParams
-
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (pipelined decode); replaced when it is read
 
@@ -35,7 +35,8 @@ class Sequence:
         self.num_computed_tokens = 0           # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0          # tokens this step computes (prefill chunk or 1)
         self.output_counts: dict[int, int] = {}  # generated token -> occurrences, for penalties
-        self.matcher = None                    # llguidance matcher of a constrained request (engine.grammar)
+        # a constrained request's llguidance matcher, while its grammar compiles a PendingMatcher (engine.grammar)
+        self.matcher: Any = None
         # incremental detokenization (see flashgen.engine.detokenizer)
         ctx = token_ids[-5:]
         self.detok_ids: list[int] = list(ctx)

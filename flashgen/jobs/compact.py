@@ -16,8 +16,8 @@ import contextlib
 import os
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 CHUNK = 1 << 20
 _MAGIC = b"FGJRNL01"

@@ -91,6 +91,6 @@ class KeyHashMap:
             self._vals = np.zeros(2 * len(self._vals), dtype=np.uint64)
             self._n = 0
             for start in range(0, len(old_k), 4096):
-                for k, v in zip(old_k[start:start + 4096].tolist(), old_v[start:start + 4096].tolist()):
+                for k, v in zip(old_k[start:start + 4096].tolist(), old_v[start:start + 4096].tolist(), strict=True):
                     self._put(k, v, overwrite=True)
         return True

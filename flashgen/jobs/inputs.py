@@ -79,6 +79,7 @@ def read_lines(stream: BinaryIO,
                max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | LongLine]]:
     """(1-based line number, raw bytes) for each non-blank line, read lazily: memory stays flat on any size. A line
     longer than `max_line_bytes` (0: no limit) is skipped without holding it and yields a LongLine instead."""
+    lines: Iterator[bytes | LongLine]
     if not hasattr(stream, "readline") or max_line_bytes <= 0:
         lines = iter(stream)
     else:
@@ -128,7 +129,7 @@ class LineParser:
         self.fingerprint = fingerprint  # the settings that change a line's result (flashgen.jobs.fingerprint)
 
     # ---- phase 1: the id -------------------------------------------------------------------------------------
-    def head(self, lineno: int, raw: bytes) -> Line:
+    def head(self, lineno: int, raw: bytes | LongLine) -> Line:
         def fail(code: str, message: str, obj=None, field=None, batch=None) -> Line:
             id_value, guessed, own = _guess_id(obj, lineno)
             batch = guessed if batch is None else batch
@@ -191,28 +192,27 @@ class LineParser:
     def build(self, line: Line) -> LineRequest | LineError:
         if line.error:
             return line.error
+        obj = line.obj
+        assert obj is not None, "a line that head() did not fail has its object"
         try:
             if line.batch:
-                kind, ids, params = openai_batch.parse(line.obj, self, line.key)
+                kind, ids, params = openai_batch.parse(obj, self, line.key)
             else:
                 kind = None
-                source = self._prompt_field(line.obj)
-                self._check_fields(line.obj)
+                source = self._prompt_field(obj)
+                self._check_fields(obj)
                 fields: dict[str, str] = {}
-                overrides = line_overrides(line.obj, fields=fields)
-                overrides.update(structured_overrides(line.obj, fields=fields))  # checked before tokenizing too
+                overrides = line_overrides(obj, fields=fields)
+                overrides.update(structured_overrides(obj, fields=fields))  # checked before tokenizing too
                 self.check_stop_ids(overrides, fields)
                 params = make_params(self.defaults, overrides, line.key, fields=fields)
-                ids = self._plain_ids(line.obj, source)
+                ids = self._plain_ids(obj, source)
         except BadLine as b:
             return self.error(line, b.code, b.message, b.field)
-        return LineRequest(line.lineno, line.id, line.key, kind, ids, params,
-                           request_hash(line.obj, self.fingerprint))
+        return LineRequest(line.lineno, line.id, line.key, kind, ids, params, request_hash(obj, self.fingerprint))
 
     def error(self, line: Line | LineRequest, code: str, message: str, field: str | None = None) -> LineError:
-        batch = getattr(line, "batch", None)
-        if batch is None:
-            batch = line.kind is not None
+        batch = line.batch if isinstance(line, Line) else line.kind is not None
         return LineError(line.lineno, line.id, line.key, batch, code, f"line {line.lineno}: {message}", field)
 
     def _prompt_field(self, obj: dict) -> str | None:
@@ -306,8 +306,9 @@ class LineParser:
                           where)
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+            parts = [p["text"] for p in content
+                     if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)]
+            if len(parts) != len(content):
                 raise BadLine("invalid_field", f'field "{where}.content" is {show(content)}; only text parts '
                               '{"type": "text", "text": "..."} are supported', f"{where}.content")
             content = "".join(parts)
@@ -418,7 +419,7 @@ _SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 def _sniff_id(head: bytes) -> tuple[Any, bool]:
     """(id, is a batch line) found by a cheap search of a line's first bytes (None: no id found); for lines too long
     or too deep to parse. custom_id wins, as it does for a parsed line."""
-    found = {}
+    found: dict[bytes, bytes] = {}
     for m in _ID_RE.finditer(head):
         found.setdefault(m.group(1), m.group(2))
     batch = b"custom_id" in found or b'"body"' in head
@@ -435,6 +436,7 @@ def _sniff_id(head: bytes) -> tuple[Any, bool]:
 def _with_id(line: Line, id_value: Any) -> Line:
     """`line` (a failed one) carrying a sniffed id. The id is a guess, so it claims nothing (own_id False)."""
     err = line.error
+    assert err is not None, "only a failed line gets a sniffed id"
     err.id, err.key = id_value, key_of(id_value)
     line.id, line.key = err.id, err.key
     return line

@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 from flashgen.jobs.errors import FatalError
 
-try:
+if sys.platform != "win32":
     import fcntl
-except ImportError:  # pragma: no cover - no flock (Windows): jobs are not protected from each other
+else:  # pragma: no cover - no flock (Windows): jobs are not protected from each other
     fcntl = None
 
 
@@ -35,7 +36,7 @@ class OutputLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         """Take the lock or raise FatalError naming the output file and the job that holds it."""
         if fcntl is None or self._fd is not None:
             return self
@@ -78,7 +79,7 @@ class OutputLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import signal
 import traceback
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from flashgen.jobs.errors import FatalError, Interrupted
+from flashgen.jobs.fingerprint import KeyHashMap
 from flashgen.jobs.idset import IdSet
-from flashgen.jobs.inputs import LineError, LineParser, LineRequest
+from flashgen.jobs.inputs import LineError, LineParser, LineRequest, LongLine
 from flashgen.jobs.params import show
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.records import error_record, result_record
@@ -39,11 +40,11 @@ class Runner:
         self.model_name = getattr(llm, "model_name", "")
         self._meta: dict[str, tuple[int, LineRequest, int]] = {}   # engine request id -> (seq, request, n_prompt)
         self._seen = IdSet()
-        self._done = IdSet()
+        self._done: IdSet | KeyHashMap = IdSet()
         self._signal_handled = False
         self.max_seen_in_flight = 0                                 # for tests: the window really bounds reading
 
-    def classify(self, lineno: int, raw: bytes) -> object:
+    def classify(self, lineno: int, raw: bytes | LongLine) -> object:
         """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
         gets a duplicate_id error record (carrying that id) and does not run. An unreadable line's stand-in id
         (its line number) claims nothing, so it cannot make a good line with that id a duplicate."""
@@ -59,7 +60,7 @@ class Runner:
             return SKIP
         return self.parser.build(line)
 
-    def run(self, lines: Iterator[tuple[int, bytes]], done: IdSet) -> str:
+    def run(self, lines: Iterator[tuple[int, bytes | LongLine]], done: IdSet | KeyHashMap) -> str:
         """Run every line; return the status: ok | line_errors | max_errors | interrupted."""
         self._done = done
         source = LineSource(lines, maxsize=min(self.max_in_flight, 1024))
@@ -83,6 +84,7 @@ class Runner:
                                  f"stopped reading input; finishing {len(self._meta)} lines in flight")
                 self.max_seen_in_flight = max(self.max_seen_in_flight, self.writer.pending)
                 if self.signals.abort:
+                    assert self.signals.requested is not None, "abort is a second signal"
                     raise Interrupted(self.signals.requested)
                 if not self.llm.has_unfinished_requests():
                     if exhausted or stop:
@@ -140,15 +142,17 @@ class Runner:
         seq = self.writer.reserve()
         if isinstance(item, LineRequest):
             rid = str(seq)
+            ids = item.prompt_ids
+            assert ids is not None, "dropped only once the engine has them"
             try:
-                self.llm.add_request(rid, item.prompt_ids, item.params)
+                self.llm.add_request(rid, ids, item.params)
             except ValueError as e:  # the engine's own checks (e.g. context length): this line's error
                 item = self.parser.error(item, "invalid_request", str(e))
             except Exception as e:  # anything else raised for this one request is still only this line's
                 item = self.parser.error(item, "engine_error", f"the engine refused this request: "
                                          f"{type(e).__name__}: {e}")
             else:
-                n_prompt = len(item.prompt_ids)
+                n_prompt = len(ids)
                 item.prompt_ids = None  # the engine has them; do not hold them twice
                 self._meta[rid] = (seq, item, n_prompt)
                 return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,9 @@ from flashgen.jobs.errors import FatalError
 from flashgen.jobs.inputs import DEFAULT_MAX_LINE_BYTES
 from flashgen.jobs.params import FIELDS, Field, FieldError, check_field
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover - py3.10 falls back to the tomli backport
+else:  # pragma: no cover - py3.10 falls back to the tomli backport
     import tomli as tomllib
 
 

@@ -37,7 +37,7 @@ class SignalGuard:
         self.graceful = False               # True while the run loop can stop cleanly; else signals abort
         self._old: dict = {}
 
-    def __enter__(self) -> "SignalGuard":
+    def __enter__(self) -> SignalGuard:
         if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
             for s in SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)

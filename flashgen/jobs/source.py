@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flashgen.jobs.inputs import LongLine
 
 EOF = object()    # the input is finished
 EMPTY = object()  # nothing read yet; ask again
@@ -20,7 +24,7 @@ class InputError(Exception):
 
 
 class LineSource:
-    def __init__(self, lines: Iterator[tuple[int, bytes]], maxsize: int = 256):
+    def __init__(self, lines: Iterator[tuple[int, bytes | LongLine]], maxsize: int = 256):
         self._q: queue.Queue = queue.Queue(maxsize)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, args=(lines,), name="flashgen-input", daemon=True)
@@ -35,7 +39,7 @@ class LineSource:
                 continue
         return False
 
-    def _pump(self, lines: Iterator[tuple[int, bytes]]) -> None:
+    def _pump(self, lines: Iterator[tuple[int, bytes | LongLine]]) -> None:
         try:
             for item in lines:
                 if not self._put(item):

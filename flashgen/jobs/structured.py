@@ -205,7 +205,7 @@ def _kind(kind: str, v: Any, path: str) -> StructuredOutputsParams:
     else:
         if not isinstance(v, str) or not v.strip():
             raise BadLine("invalid_field", f'field "{path}" is {show(v)}; {_USE[kind]}', path)
-        so = StructuredOutputsParams(**{kind: v})
+        so = StructuredOutputsParams(regex=v) if kind == "regex" else StructuredOutputsParams(grammar=v)
     problem = problem_of(so)
     if problem:
         raise BadLine("invalid_grammar", f'field "{path}" is {show(v)}: {problem}', path)
@@ -315,7 +315,9 @@ def _schema_file(path: str, label: str) -> StructuredOutputsParams:
         raise FatalError(f"{label}: holds {show(obj)}, not a JSON schema (an object)")
     try:
         if obj.get("type") == "json_schema" and isinstance(obj.get("json_schema"), dict):
-            return response_format(obj, "")  # the whole response_format object
+            so = response_format(obj, "")  # the whole response_format object
+            assert so is not None, 'a response_format of type "json_schema" constrains'
+            return so
         if (set(obj) <= set(JSON_SCHEMA_KEYS) and {"name", "schema"} <= set(obj) and isinstance(obj["schema"], dict)
                 and isinstance(obj["name"], str)):
             return json_schema_object(obj, "")  # OpenAI's json_schema object

@@ -17,16 +17,17 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from flashgen.jobs import compact
 from flashgen.jobs.errors import FatalError
 from flashgen.jobs.fingerprint import KeyHashMap, hash_value, request_hash
 from flashgen.jobs.idset import IdSet
-from flashgen.jobs.inputs import LineParser, read_lines
+from flashgen.jobs.inputs import LineParser, LongLine, read_lines
 from flashgen.jobs.lock import OutputLock
 from flashgen.jobs.records import is_error, record_key
 
@@ -81,7 +82,8 @@ class OutputPlan:
         key = record_key(rec)
         return key is None or self.verdict(rec, key) == "keep"
 
-    def watch(self, lines: Iterator[tuple[int, bytes]], log: Callable[[str], None]) -> Iterator[tuple[int, bytes]]:
+    def watch(self, lines: Iterator[tuple[int, bytes | LongLine]],
+              log: Callable[[str], None]) -> Iterator[tuple[int, bytes | LongLine]]:
         """Input from stdin on --resume: it cannot be read twice, so nothing was compared before the run. Pass the
         lines through and warn about each done line whose request hash differs from its result's: that result is
         kept (the line does not run again)."""
@@ -136,8 +138,8 @@ def plan_output(output: str | None, input_path: str | None, *, overwrite: bool, 
         raise FatalError(f"--resume keeps {output} and appends to it, --overwrite replaces it; choose one")
     check_writable(output, "output")  # before the lock and the model: a read-only path costs a second
     path = Path(output)
-    from_file = input_path not in (None, "-")
-    if from_file and path.exists() and os.path.samefile(input_path, path):
+    in_file = input_path if input_path not in (None, "-") else None  # None: stdin
+    if in_file is not None and path.exists() and os.path.samefile(in_file, path):
         raise FatalError(f"output {output} is the input file; write the results to another file")
     lock = OutputLock(path, output).acquire()  # before anything reads, truncates or compacts the file
     try:
@@ -151,7 +153,7 @@ def plan_output(output: str | None, input_path: str | None, *, overwrite: bool, 
             _remove_old_temp(path)
         has_data = path.is_file() and path.stat().st_size > 0
         if resume and has_data:
-            plan = _scan(path, input_path if from_file else None, fingerprint)
+            plan = _scan(path, in_file, fingerprint)
         elif has_data and not overwrite:
             raise FatalError(
                 f"output file {output} already exists; pass --resume to finish an interrupted job into it, "

@@ -73,12 +73,14 @@ class DecoderLM:
         old = (self.embed, self.final_norm, self.lm_head, self.layers)
         self._set_weights({k: sd[k].to(self.dtype) for k in expected_shapes(self.spec)})
         new = (self.embed, self.final_norm, self.lm_head, self.layers)
-        for o, n in zip(old[:3], new[:3]):
+        for o, n in zip(old[:3], new[:3], strict=True):
             o.copy_(n)
-        for lo, ln in zip(old[3], new[3]):
+        for lo, ln in zip(old[3], new[3], strict=True):
             for k, v in ln.items():
                 if v is not None:
-                    lo[k].copy_(v)
+                    dst = lo[k]
+                    assert dst is not None, k  # the same spec: the same optional weights
+                    dst.copy_(v)
         self.embed, self.final_norm, self.lm_head, self.layers = old
 
     def bind_kv_cache(self, kv: torch.Tensor) -> None:
@@ -113,6 +115,7 @@ class DecoderLM:
             h = ops.linear(ops.silu_mul(ops.linear(x, L["gate_up"])), L["down"])
             if self.tp:
                 h = all_reduce(h)
+        assert residual is not None, "a model has layers"
         return h, residual
 
     @torch.inference_mode()

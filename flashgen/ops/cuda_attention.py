@@ -15,8 +15,18 @@ import warnings
 import torch
 
 from flashgen.ops import jit, tma
-from flashgen.ops.cuda_checks import (KERNEL_DTYPES, check_block_tables, check_cache, check_out, check_shape,
-                                      check_tensor, choose, device_index, fail, num_sms)
+from flashgen.ops.cuda_checks import (
+    KERNEL_DTYPES,
+    check_block_tables,
+    check_cache,
+    check_out,
+    check_shape,
+    check_tensor,
+    choose,
+    device_index,
+    fail,
+    num_sms,
+)
 
 ATTN_HEAD_DIMS = (64, 128)
 # prefill tiles per head_dim: (16-row m-tiles per warp, keys per tile); kernels/prefill_attention.cu
@@ -47,6 +57,14 @@ def prefill_smem_bytes(head_dim: int, tile: tuple[int, int]) -> int:
     mt, bn = tile
     q_tile = 64 * mt * head_dim * 2 if mt == 2 else 0  # MT == 1 stages Q in stage 1's buffers
     return q_tile + 4 * bn * head_dim * 2  # + 2 stages x (K + V)
+
+
+def _tile_choice(tile: tuple[int, int] | list[int]) -> tuple[int, int]:
+    """`tile` (a tuple or list) as the entry of PREFILL_TILE_CHOICES it equals; a ValueError if none."""
+    for choice in PREFILL_TILE_CHOICES:
+        if choice == tuple(tile):
+            return choice
+    fail("tile", f"must be one of {PREFILL_TILE_CHOICES}", tile)
 
 
 def prefill_impl(device_index: int) -> str:
@@ -92,16 +110,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         impl = "mma" if tile is not None else prefill_impl(di)
     if impl not in PREFILL_IMPLS:
         fail("impl", f"must be one of {PREFILL_IMPLS}", impl)
+    mma_tile = PREFILL_TILES[d]  # the mma kernel's (m-tiles per warp, keys per tile)
     if impl == "wgmma":
         if tile is not None:
             fail("tile", "applies to the mma kernel only (impl='mma')", tile)
         arch = jit.device_arch(di)
         if arch != WGMMA_ARCH:
             fail("impl", f"'wgmma' needs a Hopper GPU ({WGMMA_ARCH}); {dev} is {arch}", impl)
-    else:
-        tile = PREFILL_TILES[d] if tile is None else tuple(tile)
-        if tile not in PREFILL_TILE_CHOICES:
-            fail("tile", f"must be one of {PREFILL_TILE_CHOICES}", tile)
+    elif tile is not None:
+        mma_tile = _tile_choice(tile)
     if not (B and max_seqlen_q and q.shape[0]):
         return out
     if impl == "wgmma":
@@ -121,9 +138,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
                                      softmax_scale, out=out, impl="mma")
     else:
-        smem, block_m = prefill_smem_bytes(d, tile), 64 * tile[0]
+        smem, block_m = prefill_smem_bytes(d, mma_tile), 64 * mma_tile[0]
         k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
-                           (("PF_MT", tile[0]), ("PF_BN", tile[1])))
+                           (("PF_MT", mma_tile[0]), ("PF_BN", mma_tile[1])))
     mblocks = -(-max_seqlen_q // block_m)
     args = (jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(cu_seqlens_q), jit.ptr(context_lens),
             jit.ptr(block_tables), jit.i32(block_tables.stride(0)), jit.ptr(out), jit.i32(hq), jit.i32(hkv),

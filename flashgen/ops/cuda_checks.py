@@ -6,6 +6,7 @@ Importing this module needs neither CuPy nor a GPU.
 from __future__ import annotations
 
 import functools
+from typing import NoReturn
 
 import torch
 
@@ -13,7 +14,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # what the kernels run in: mode
 
 
 # ---------------------------------------------------------------- argument checks
-def fail(name: str, what: str, value) -> None:
+def fail(name: str, what: str, value) -> NoReturn:
     raise ValueError(f"{name} {what}, got {value}")
 
 

@@ -8,8 +8,16 @@ from __future__ import annotations
 import torch
 
 from flashgen.ops import jit
-from flashgen.ops.cuda_checks import (KERNEL_DTYPES, check_cache, check_out, check_shape, check_tensor, device_index,
-                                      fail, num_sms)
+from flashgen.ops.cuda_checks import (
+    KERNEL_DTYPES,
+    check_cache,
+    check_out,
+    check_shape,
+    check_tensor,
+    device_index,
+    fail,
+    num_sms,
+)
 
 RMS_MAX_HIDDEN = 8 * 4 * 1024  # kernels/norms.cu: RMS_VPT vectors of 8 per thread, 1024 threads
 
@@ -95,7 +103,7 @@ def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
     if (q_norm is None) != (k_norm is None):
         fail("q_norm/k_norm", "must both be given or both be None",
              f"q_norm {type(q_norm).__name__}, k_norm {type(k_norm).__name__}")
-    if q_norm is not None:
+    if q_norm is not None and k_norm is not None:
         for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
             check_tensor(name, w, (qkv.dtype,), 1, dev)
             check_shape(name, w, (d,))

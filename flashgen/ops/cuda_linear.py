@@ -11,7 +11,7 @@ import torch
 
 from flashgen.ops import jit
 from flashgen.ops.cuda_checks import KERNEL_DTYPES, check_out, check_shape, check_tensor, choose, device_index, fail
-from flashgen.ops.timing import bench
+from flashgen.ops.timing import bench, rotating
 
 SKINNY_MAX_ROWS = 8  # kernels/skinny_gemm.cu: the rows are the n = 8 of an m16n8k16 product
 # (warps per CTA, k steps in flight per lane) of the skinny kernel that linear_plan measures against cuBLAS
@@ -74,13 +74,13 @@ def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     x = torch.randn((rows, K), generator=g, device=weight.device).to(weight.dtype)
     out = torch.empty((rows, N), dtype=weight.dtype, device=weight.device)
     calls = max(copies, 4)
-    times = {"cublas": bench(lambda i: torch.nn.functional.linear(x, ws[i % copies], bias), reps=7, inner=calls,
-                             warmup=1)}
+    sets = [(x, w, bias) for w in ws]  # call i reads weight copy i % copies
+    times: dict[str | tuple[int, int], float] = {
+        "cublas": bench(rotating(torch.nn.functional.linear, sets), reps=7, inner=calls, warmup=1)}
     for v in SKINNY_VARIANTS:
-        times[v] = bench(lambda i, v=v: skinny_gemm(x, ws[i % copies], bias, out=out, warps=v[0], unroll=v[1]),
-                         reps=7, inner=calls, warmup=1)
-    best = min(times, key=times.get)
-    plan = None if best == "cublas" else best
+        times[v] = bench(rotating(skinny_gemm, sets, out=out, warps=v[0], unroll=v[1]), reps=7, inner=calls, warmup=1)
+    best = min(times, key=times.__getitem__)
+    plan = None if isinstance(best, str) else best  # "cublas", or a skinny variant
     _LINEAR_PLAN[key], LINEAR_TIMES[key] = plan, times
     return plan
 

@@ -27,11 +27,29 @@ from __future__ import annotations
 # The backend's public names: the ops, and the constants callers choose or parametrize with. Private state
 # and helpers live in (and are reached through) their own modules.
 from flashgen.ops.cuda_attention import (  # noqa: F401
-    ATTN_HEAD_DIMS, DECODE_MAX_SPLITS, DECODE_PLANS, PREFILL_IMPLS, PREFILL_SM90_SMEM, PREFILL_TILE_CHOICES,
-    PREFILL_TILES, WGMMA_ARCH, decode_attention, decode_num_splits, decode_plan, prefill_attention, prefill_impl,
-    prefill_smem_bytes)
+    ATTN_HEAD_DIMS,
+    DECODE_MAX_SPLITS,
+    DECODE_PLANS,
+    PREFILL_IMPLS,
+    PREFILL_SM90_SMEM,
+    PREFILL_TILE_CHOICES,
+    PREFILL_TILES,
+    WGMMA_ARCH,
+    decode_attention,
+    decode_num_splits,
+    decode_plan,
+    prefill_attention,
+    prefill_impl,
+    prefill_smem_bytes,
+)
 from flashgen.ops.cuda_checks import KERNEL_DTYPES  # noqa: F401
 from flashgen.ops.cuda_elementwise import RMS_MAX_HIDDEN, rms_norm, rope_kv_append, silu_mul  # noqa: F401
 from flashgen.ops.cuda_linear import (  # noqa: F401
-    LINEAR_TIMES, SKINNY_MAX_ROWS, SKINNY_VARIANTS, linear, linear_plan, skinny_gemm)
+    LINEAR_TIMES,
+    SKINNY_MAX_ROWS,
+    SKINNY_VARIANTS,
+    linear,
+    linear_plan,
+    skinny_gemm,
+)
 from flashgen.ops.cuda_sampling import gumbel_argmax  # noqa: F401

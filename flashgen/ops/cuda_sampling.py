@@ -4,6 +4,8 @@ Importing this module needs neither CuPy nor a GPU; calling an op does.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from flashgen.ops import jit
@@ -34,7 +36,7 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     if (bitmask is None) != (mask_rows is None):
         fail("mask_rows", "must be given with bitmask (both or neither)",
              f"bitmask {'None' if bitmask is None else 'set'}, mask_rows {'None' if mask_rows is None else 'set'}")
-    if bitmask is not None:
+    if bitmask is not None and mask_rows is not None:
         check_tensor("bitmask", bitmask, (torch.int32,), 2, dev, align=4)
         check_tensor("mask_rows", mask_rows, (torch.int32,), 1, dev, align=4)
         if bitmask.shape[1] == 0:
@@ -57,8 +59,8 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         name = "gumbel_argmax_kernel" if bitmask is None else "gumbel_argmax_masked_kernel"
         k = jit.get_kernel("sampling.cu", name, torch.bfloat16 if f32 else logits.dtype, 0,
                            device_index(logits), 0, (("SAMPLING_F32", int(f32)),))
-        args = (jit.ptr(logits), jit.i32(V), jit.i32(chunk), jit.ptr(temperature), jit.ptr(seeds), jit.ptr(steps),
-                jit.ptr(out), jit.ptr(part_v), jit.ptr(part_i), jit.ptr(counters))
+        args: tuple[Any, ...] = (jit.ptr(logits), jit.i32(V), jit.i32(chunk), jit.ptr(temperature), jit.ptr(seeds),
+                                 jit.ptr(steps), jit.ptr(out), jit.ptr(part_v), jit.ptr(part_i), jit.ptr(counters))
         if bitmask is not None:
             args += (jit.ptr(bitmask), jit.ptr(mask_rows), jit.i32(bitmask.shape[1]))
         jit.launch(k, (B, S), (512,), args, dev)

@@ -16,8 +16,9 @@ import os
 import re
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -110,7 +111,7 @@ def _module(source: str, dtype_code: int, head_dim: int, defines: tuple, arch: s
     # NOTE: CuPy appends the architecture option (-arch=sm_<cc> of the current device) itself, unless `arch`
     # names an arch-specific target (sm_90a), set through _nvrtc_target; `arch` is part of the cache key so
     # that a process driving different GPUs keeps one module per architecture.
-    options = ("--std=c++17", f"-I{kdir}", f"-DFG_DTYPE={dtype_code}", "-lineinfo")
+    options: tuple[str, ...] = ("--std=c++17", f"-I{kdir}", f"-DFG_DTYPE={dtype_code}", "-lineinfo")
     if head_dim:
         options += (f"-DFG_HEAD_DIM={head_dim}",)
     options += tuple(f"-D{k}={v}" for k, v in defines)

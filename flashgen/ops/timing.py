@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+
+
+def fixed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> Callable[[int], object]:
+    """bench's fn(i) for a call with the same inputs every time: fn(*args, **kwargs). The arguments are bound
+    now, not looked up when bench calls it, so a loop times this iteration's tensors and can free them (del)
+    once bench has returned."""
+    return lambda i: fn(*args, **kwargs)
+
+
+def rotating(fn: Callable[..., object], sets: Sequence[tuple], **kwargs: Any) -> Callable[[int], object]:
+    """bench's fn(i) for rotating inputs: fn(*sets[i % len(sets)], **kwargs), one tuple of positional
+    arguments per input set (so that repeated calls cannot be served from L2); bound now, as in fixed()."""
+    return lambda i: fn(*sets[i % len(sets)], **kwargs)
 
 
 def bench(fn: Callable[[int], object], reps: int = 30, inner: int = 10, warmup: int = 3, graph: bool = True) -> float:
@@ -22,7 +36,13 @@ def bench(fn: Callable[[int], object], reps: int = 30, inner: int = 10, warmup: 
             fn(i)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    run, per = (lambda: [fn(i) for i in range(inner)]), inner
+
+    def eager() -> None:
+        for i in range(inner):
+            fn(i)
+
+    run: Callable[[], object] = eager
+    per = inner
     if graph:
         try:
             g = torch.cuda.CUDAGraph()
@@ -43,4 +63,4 @@ def bench(fn: Callable[[int], object], reps: int = 30, inner: int = 10, warmup: 
         run()
         ends[i].record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3 / per
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)) / 1e3 / per

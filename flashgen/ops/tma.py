@@ -11,7 +11,7 @@ import ctypes
 import functools
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

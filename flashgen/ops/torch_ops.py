@@ -67,7 +67,9 @@ def rope_kv_append(
     T = qkv.shape[0]
     hq = qkv.shape[1] // d - 2 * hkv
     q, k, v = qkv.view(T, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)  # (T, H*, D)
-    if q_norm is not None:
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm must both be given or both be None")
+    if q_norm is not None and k_norm is not None:
         q = rms_norm(q, q_norm, norm_eps)
         k = rms_norm(k, k_norm, norm_eps)
     cs = cos_sin[positions.long()].to(qkv.dtype)  # (T, D)

@@ -8,8 +8,8 @@ SDPA CUDNN on contiguous K/V last. Needs a Hopper GPU.
 import cupy as cp
 import torch
 
-from flashgen.ops.timing import bench
 from decode_read_probe import HKV, D, cudnn, launch, paged_cases, read_ldg  # this folder (sys.path[0])
+from flashgen.ops.timing import bench, fixed
 
 SRC = r'''
 typedef unsigned int u32; typedef unsigned long long u64;
@@ -21,8 +21,8 @@ __device__ __forceinline__ void wait(u32 bar, int par) {
   u32 done; do { asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0,1,0,p;}"
       : "=r"(done) : "r"(bar), "r"(par) : "memory"); } while (!done);
 }
-extern "C" __global__ void readbulk(const char* __restrict__ kc, const char* __restrict__ vc, const int* __restrict__ bt,
-    int L, int log2bs, int hkv, int splits, int hpc, int ns, unsigned* out) {
+extern "C" __global__ void readbulk(const char* __restrict__ kc, const char* __restrict__ vc,
+    const int* __restrict__ bt, int L, int log2bs, int hkv, int splits, int hpc, int ns, unsigned* out) {
   extern __shared__ __align__(128) unsigned char sm[];
   __shared__ __align__(8) u64 bars[16];
   if (threadIdx.x != 0) return;
@@ -79,7 +79,7 @@ def main():
                             continue
                         args = (kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), cp.int32(L), cp.int32(bs.bit_length() - 1),
                                 cp.int32(HKV), cp.int32(splits), cp.int32(hpc), cp.int32(ns), out.data_ptr())
-                        bw = kvb / bench(lambda i: launch(bulk, (splits, HKV // hpc, B), (32,), args, shared_mem=smem),
+                        bw = kvb / bench(fixed(launch, bulk, (splits, HKV // hpc, B), (32,), args, shared_mem=smem),
                                          reps=20) / 1e12
                         best = max(best, (bw, splits))
                     res.append(f"bulk hpc{hpc} ns{ns} {best[0]:.3f}(s{best[1]})")

@@ -46,17 +46,23 @@ hf.float()
 with torch.no_grad():
     l32 = hf(torch.tensor([ids], device="cuda")).logits[0].double()
 ref32 = hf_greedy(hf)
-e = lambda a, b: ((a - b).norm() / b.norm()).item()
-print(f"{shape} backend={backend} std={std}: logits rel err vs fp32: ours {e(ours, l32):.3e}  HF-bf16 {e(l16, l32):.3e}")
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+print(f"{shape} backend={backend} std={std}: logits rel err vs fp32: ours {rel_err(ours, l32):.3e}  "
+      f"HF-bf16 {rel_err(l16, l32):.3e}")
 print(f"  logits std {l32.std().item():.3f}; top1-top2 margin median "
       f"{(l32.topk(2).values[:, 0] - l32.topk(2).values[:, 1]).median().item():.4f}")
-same_hf = sum(o.token_ids == r for o, r in zip(outs, ref16))
-same_32 = sum(o.token_ids == r for o, r in zip(outs, ref32))
-hf_vs_32 = sum(a == b for a, b in zip(ref16, ref32))
+same_hf = sum(o.token_ids == r for o, r in zip(outs, ref16, strict=True))
+same_32 = sum(o.token_ids == r for o, r in zip(outs, ref32, strict=True))
+hf_vs_32 = sum(a == b for a, b in zip(ref16, ref32, strict=True))
 print(f"  identical 64 tokens: ours=HFbf16 {same_hf}/32, ours=HFfp32 {same_32}/32, HFbf16=HFfp32 {hf_vs_32}/32")
-for o, r, p in list(zip(outs, ref32, prompts))[:32]:
+for o, r, p in list(zip(outs, ref32, prompts, strict=True))[:32]:
     if o.token_ids != r:
-        k = next(i for i, (a, b) in enumerate(zip(o.token_ids, r)) if a != b)
+        k = next(i for i, (a, b) in enumerate(zip(o.token_ids, r, strict=True)) if a != b)
         seq = p + r[:k]
         with torch.no_grad():
             lg = hf(torch.tensor([seq], device="cuda")).logits[0, -1].double()
