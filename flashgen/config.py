@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the dtypes flashgen runs in; models.spec.DTYPES maps them
-DTYPES = ("auto", *DTYPE_NAMES)  # EngineConfig.dtype's choices: auto picks one of DTYPE_NAMES
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # EngineConfig.dtype's choices: auto picks one of DTYPE_NAMES
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "cuda")
 
@@ -46,8 +46,8 @@ class EngineConfig:
 
         if not self.model:
             raise bad("model", self.model, "give a model directory or a known model name")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", self.dtype, f"use one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise bad("dtype", self.dtype, f"use one of {', '.join(DTYPE_CHOICES)}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise bad("device", self.device, "use auto, cuda, cuda:N or cpu")
         if self.backend not in BACKENDS:

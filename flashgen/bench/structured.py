@@ -73,11 +73,11 @@ def model_dir(path: str, tokenizer_dir: Path) -> Path:
     return d
 
 
-def _prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[list[int]]:
+def random_prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
-def _run(llm, prompts, params) -> tuple[float, list]:
+def timed_generate(llm, prompts, params) -> tuple[float, list]:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -113,13 +113,13 @@ def main(tokenizer_dir: str | None = None, out_dir: str | None = None, **engine_
             mask_s0, rows0 = masks.seconds, masks.rows
             sps = [SamplingParams(temperature=0.6, seed=i, max_tokens=MAX_TOKENS,
                                   structured_outputs=StructuredOutputsParams(json=s)) for i, s in enumerate(schemas)]
-            t_con, outs = _run(llm, _prompts(rng, lengths, vocab), sps)
+            t_con, outs = timed_generate(llm, random_prompts(rng, lengths, vocab), sps)
             n_out = [len(o.token_ids) for o in outs]
             stops = sum(o.finish_reason == "stop" for o in outs)
             errors = sum(o.finish_reason == "error" for o in outs)
             mask_s, rows = masks.seconds - mask_s0, masks.rows - rows0
             base = [SamplingParams(temperature=0.6, seed=i, max_tokens=n, ignore_eos=True) for i, n in enumerate(n_out)]
-            t_free, outs_free = _run(llm, _prompts(rng, lengths, vocab), base)
+            t_free, outs_free = timed_generate(llm, random_prompts(rng, lengths, vocab), base)
             assert [len(o.token_ids) for o in outs_free] == n_out, "the baseline must produce the same lengths"
             tokens = sum(n_out)
             r = {"constrained_s": t_con, "unconstrained_s": t_free, "output_tokens": tokens,

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import llguidance
 import torch
 
 from flashgen import LLM, SamplingParams, StructuredOutputsParams
@@ -57,23 +58,23 @@ def main(tokenizer_dir: str) -> None:
 
         def fresh(self, s):
             deep(self, s)  # validates and counts
-            return G._llg().LLMatcher(self.tokenizer, G.grammar_text(s), log_level=0)
+            return llguidance.LLMatcher(self.tokenizer, G.grammar_text(s), log_level=0)
 
         n_out = None
         for name in ("deep copies", "fresh matchers", "deep copies, 4 mask threads"):
             G.Grammars.matcher = fresh if name == "fresh matchers" else deep
-            llm.engine.runner.masks.executor = G._llg().LLExecutor(4 if "4 mask" in name else None)
+            llm.engine.runner.masks.executor = llguidance.LLExecutor(4 if "4 mask" in name else None)
             TIMES.clear()
             sps = [SamplingParams(temperature=0.6, seed=i, max_tokens=st.MAX_TOKENS, structured_outputs=so)
                    for i in range(n)]
-            t, outs = st._run(llm, st._prompts(rng, lengths, vocab), sps)
+            t, outs = st.timed_generate(llm, st.random_prompts(rng, lengths, vocab), sps)
             n_out = [len(o.token_ids) for o in outs]
             print(f"{name}: {sum(n_out) / t:,.0f} tok/s in {t:.2f} s; host: " +
                   ", ".join(f"{k} {v:.2f} s" for k, v in TIMES.items()), flush=True)
         G.Grammars.matcher = deep
         TIMES.clear()
         base = [SamplingParams(temperature=0.6, seed=i, max_tokens=m, ignore_eos=True) for i, m in enumerate(n_out)]
-        t, _ = st._run(llm, st._prompts(rng, lengths, vocab), base)
+        t, _ = st.timed_generate(llm, st.random_prompts(rng, lengths, vocab), base)
         print(f"unconstrained, same lengths: {sum(n_out) / t:,.0f} tok/s in {t:.2f} s; host: " +
               ", ".join(f"{k} {v:.2f} s" for k, v in TIMES.items()), flush=True)
         del grammars
