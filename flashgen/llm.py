@@ -127,4 +127,4 @@ class LLM:
         """(len, vocab) float32 logits at every prompt position (prefill through the paged path)."""
         if self.has_unfinished_requests():
             raise RuntimeError("prompt_logits() needs an idle engine")
-        return self.engine.runner.prompt_logits(list(token_ids))
+        return self.engine.prompt_logits(list(token_ids))

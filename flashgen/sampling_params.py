@@ -1,6 +1,7 @@
 """Per-request sampling parameters, with vLLM's names and meanings."""
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -11,6 +12,9 @@ SEED_RANGE = (0, 2**64)
 
 
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI allows
+MAX_N = 128        # samples per request
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True   # False: token ids only (benchmarks); stop strings need text
     structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice or grammar
+    logprobs: int | None = None       # per generated token: its logprob and the top `logprobs` (0..20); None: off
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (0..20); None: off
+    logprobs_mode: str = "raw_logprobs"  # raw_logprobs: log-softmax of the model's logits (vLLM's default);
+    #                                      processed_logprobs: after temperature, penalties, bias and filters
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI)
+    allowed_token_ids: list[int] | None = None  # only these tokens may be generated (vLLM)
+    n: int = 1                        # samples of the prompt (1..128), prefilled once; sample i's seed: sample_seed
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -123,6 +134,25 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, getattr(self, name), "use a number in [-2, 2]")
+        if not (is_int(self.n) and 1 <= self.n <= MAX_N):
+            raise bad("n", self.n, f"use an integer in [1, {MAX_N}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not (is_int(v) and 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, v, f"use an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise bad("logprobs_mode", self.logprobs_mode, f"use one of {', '.join(LOGPROBS_MODES)}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    is_int(k) and k >= 0 and isinstance(v, numbers.Real) and not isinstance(v, bool)
+                    and _finite(v) and -100 <= v <= 100 for k, v in self.logit_bias.items()):
+                raise bad("logit_bias", self.logit_bias, "use {token id: bias} with biases in [-100, 100]")
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(is_int(t) and t >= 0 for t in ids):
+                raise bad("allowed_token_ids", ids, "use a non-empty list of token ids (integers >= 0) or None")
+            self.allowed_token_ids = [int(t) for t in ids]
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise bad("structured_outputs", so, "use StructuredOutputsParams(json=..., regex=..., choice=..., "
@@ -137,6 +167,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Sample `index`'s seed from the request's: sample 0 keeps it (n = 1 samples as before), the others hash
+    (seed, index), so a sample's text never depends on n, on batching or on a resumed run."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}\x00{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def is_int(v) -> bool:

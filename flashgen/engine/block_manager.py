@@ -59,7 +59,7 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give `seq` blocks for all its tokens, reusing cached full blocks of the same prefix."""
         assert not seq.block_table
-        prev, miss, cached = -1, not self.prefix_caching, 0
+        prev, miss, cached = -1, not (self.prefix_caching and seq.prefix_cache_ok), 0
         for i in range(seq.num_blocks):
             tokens = seq.block_tokens(i)
             h = block_hash(tokens, prev) if len(tokens) == self.block_size else -1
@@ -91,6 +91,15 @@ class BlockManager:
                 self.free_set.add(block_id)
         seq.block_table = []
         seq.num_cached_tokens = seq.num_computed_tokens = 0
+
+    def forget(self, block_ids) -> None:
+        """These (free) blocks' contents changed: drop their prefix-cache identity."""
+        for i in block_ids:
+            block = self.blocks[i]
+            assert block.ref_count == 0, "only free blocks can be rewritten"
+            if block.hash != -1 and self.hash_to_block.get(block.hash) == i:
+                del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = -1, ()
 
     def can_append(self, seq: Sequence) -> bool:
         # the token to compute sits at position len-1; it opens a new block when (len-1) % block_size == 0

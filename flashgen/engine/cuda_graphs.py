@@ -7,6 +7,8 @@ batch are padding: they write no KV (slot -1) and attend to one token.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from flashgen.models.decoder import DecoderLM, StepContext
@@ -74,12 +76,16 @@ class DecodeGraphs:
 
 
 def run_step(model: DecoderLM, graphs: DecodeGraphs | None, input_ids: torch.Tensor, ctx: StepContext,
-             rows: torch.Tensor) -> torch.Tensor | None:
+             rows: torch.Tensor, on_hidden: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+             ) -> torch.Tensor | None:
     """Logits (model dtype) of the `rows` to sample, or None when there are none: a decode batch that fits a
-    captured bucket replays its graph (all its rows), anything else runs eagerly."""
+    captured bucket replays its graph (all its rows), anything else runs eagerly. `on_hidden(hidden, residual)`
+    (eager steps) sees every token's hidden state first (prompt logprobs)."""
     if not ctx.is_prefill and graphs is not None and graphs.bucket(input_ids.shape[0]) is not None:
         return graphs.run(input_ids, ctx)
     hidden, residual = model.forward(input_ids, ctx)
+    if on_hidden is not None:
+        on_hidden(hidden, residual)
     if rows.numel() == 0:
         return None
     return model.logits(hidden[rows], residual[rows])

@@ -1,21 +1,25 @@
 """Engine.step(): schedule -> launch -> process the previous step's tokens, the whole data path in a few lines."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from flashgen.config import EngineConfig
 from flashgen.engine import detokenizer
 from flashgen.engine.grammar import GrammarFailure, Grammars
+from flashgen.engine.logprobs import unpack_logprobs
 from flashgen.engine.model_runner import ModelRunner
 from flashgen.engine.scheduler import Batch, Scheduler
 from flashgen.engine.sequence import Sequence
 from flashgen.engine.token_slots import SampledTokens
 from flashgen.models.spec import load_spec
-from flashgen.outputs import RequestOutput
-from flashgen.sampling_params import SamplingParams
+from flashgen.outputs import CompletionOutput, RequestOutput
+from flashgen.sampling_params import SamplingParams, sample_seed
 from flashgen.tokenizer import Tokenizer
 
 
@@ -78,6 +82,14 @@ def tokenize_prompt(tok: Tokenizer, prompt: str | list[int], vocab_size: int, ma
     return text, ids
 
 
+def check_vocab_ids(params: SamplingParams, vocab_size: int) -> None:
+    """ValueError naming the field when logit_bias or allowed_token_ids holds a token id outside the vocabulary."""
+    for name, ids in (("logit_bias", list(params.logit_bias or ())), ("allowed_token_ids", params.allowed_token_ids)):
+        bad = next((t for t in ids or () if t >= vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -94,17 +106,33 @@ class Engine:
         self._seed_rng = random.Random(config.seed)
         self._ids: set[str] = set()
         self._grammars: Grammars | None = None
+        self._texts: dict[int, str] = {}
+        self._samples: dict[str, list[CompletionOutput | None]] = {}  # request id -> its finished samples
+        # request id -> its finished sample 0 (prompt, prompt logprobs) and its prefix-cache hits
+        self._first: dict[str, tuple[Sequence, int]] = {}
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in the engine; ids must be unique")
         text, ids = tokenize_prompt(self.tokenizer, prompt, self.spec.vocab_size, self.max_model_len)
+        check_vocab_ids(params, self.spec.vocab_size)
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            raise ValueError("prompt_logprobs is not supported with tensor_parallel_size > 1 yet; run the job on "
+                             "one GPU per engine (--data-parallel) for prompt logprobs")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        seq = Sequence(request_id, text, ids, params, self.config.block_size, seed)
+        # n samples are n sequences of one prompt, added together: the first allocates the prompt's blocks and
+        # the others share its full blocks through the prefix cache (computing only the last partial block);
+        # the prompt's logprobs are computed once, by sample 0
+        later = dataclasses.replace(params, prompt_logprobs=None) if params.n > 1 else params
+        seqs = [Sequence(request_id, text, ids, params if i == 0 else later, self.config.block_size,
+                         sample_seed(seed, i), index=i) for i in range(params.n)]
         if params.structured_outputs is not None:
-            seq.matcher = self.grammars().matcher(params.structured_outputs)
+            for seq in seqs:
+                seq.matcher = self.grammars().matcher(params.structured_outputs)
         self._ids.add(request_id)
-        self.scheduler.add(seq)
+        self._samples[request_id] = [None] * params.n
+        for seq in seqs:
+            self.scheduler.add(seq)
 
     def grammars(self) -> Grammars:
         """The compiled-grammar cache, built on the first constrained request."""
@@ -115,11 +143,19 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is (waiting, prefilling, decoding, with a step in flight): its blocks and
         token slot are freed and it gives no output."""
-        seq = self.scheduler.find(request_id)
-        if seq is not None:
+        while (seq := self.scheduler.find(request_id)) is not None:
             self.scheduler.abort(seq)
             self.runner.release(seq)
-            self._ids.discard(request_id)
+        self._ids.discard(request_id)
+        self._samples.pop(request_id, None)
+        self._first.pop(request_id, None)
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """(len, vocab) float32 logits at every position of `token_ids` (idle engine). The pass writes KV blocks
+        0..: the prefix cache forgets what they held."""
+        logits = self.runner.prompt_logits(token_ids)
+        self.scheduler.forget_cached(-(-len(token_ids) // self.config.block_size))
+        return logits
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -152,7 +188,13 @@ class Engine:
         """A step's tokens: detokenize, check stops, finish sequences. A fault of one request (non-finite logits,
         an exception in its detokenizer or stop check) fails that request alone."""
         done = []
-        for seq, idx, token in self.scheduler.postprocess(tokens, launched):
+        for seq, pos, rows in tokens.read_prompt_logprobs():
+            k = seq.params.prompt_logprobs or 0
+            for j, row in enumerate(rows):
+                if pos + j + 1 == len(seq.prompt_logprobs):  # a recomputed chunk adds nothing twice
+                    target = seq.token_ids[pos + j + 1]
+                    seq.prompt_logprobs.append(unpack_logprobs(row, target, k, self._token_text))
+        for seq, idx, token, lp in self.scheduler.postprocess(tokens, launched):
             try:
                 if token < 0 and isinstance(seq.matcher, GrammarFailure):
                     raise RequestFailed("invalid_grammar", seq.matcher.message)
@@ -164,15 +206,19 @@ class Engine:
                     raise RequestFailed("non_finite_logits", "the model's logits for this request are not finite "
                                         "(NaN or inf); the checkpoint or the dtype overflows on this prompt: try "
                                         "--dtype float32 or check the weights")
-                out = self._advance(seq, idx, token)
+                out = self._advance(seq, idx, token, lp)
             except Exception as e:
                 out = self._fail(seq, idx, e)
             if out is not None:
                 done.append(out)
         return done
 
-    def _advance(self, seq: Sequence, idx: int, token: int) -> RequestOutput | None:
+    def _advance(self, seq: Sequence, idx: int, token: int, lp: list[float] | None) -> RequestOutput | None:
         self.stats.generated_tokens += 1
+        if lp is not None:
+            entry = unpack_logprobs(lp, token, seq.params.logprobs or 0, self._token_text)
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += entry[token].logprob
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             raise RequestFailed("grammar_error", f"token {token} does not continue the output's grammar: "
                                 f"{seq.matcher.get_error()}")
@@ -187,7 +233,7 @@ class Engine:
             seq.output_text += detokenizer.flush(self.tokenizer, seq)
         return self._retire(seq, idx + 1)
 
-    def _fail(self, seq: Sequence, idx: int, e: Exception) -> RequestOutput:
+    def _fail(self, seq: Sequence, idx: int, e: Exception) -> RequestOutput | None:
         """End one request with an error; its blocks and token slot are freed and every other request goes on."""
         code, message = (e.code, e.message) if isinstance(e, RequestFailed) else \
             ("engine_error", f"serving this request raised {type(e).__name__}: {e}")
@@ -195,17 +241,44 @@ class Engine:
         return self._retire(seq, idx, code, message)  # without the unread token and any after it
 
     def _retire(self, seq: Sequence, num_tokens: int, error_code: str | None = None,
-                error: str | None = None) -> RequestOutput:
-        cached = seq.num_cached_tokens
+                error: str | None = None) -> RequestOutput | None:
+        """Finish one sample; the request's output once its last sample is done."""
+        cached = seq.num_cached_tokens  # freeing the blocks resets it
         if not seq.is_finished:
             self.scheduler.finish(seq, num_tokens)
         self.runner.release(seq)
-        self._ids.discard(seq.request_id)
         assert seq.finish_reason is not None  # set by the stop check, or "error" by _fail
+        samples = self._samples[seq.request_id]
+        want_lp = seq.params.logprobs is not None
+        samples[seq.index] = CompletionOutput(
+            index=seq.index, text=seq.output_text, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason, logprobs=seq.logprobs if want_lp else None,
+            cumulative_logprob=seq.cumulative_logprob if want_lp else None, error_code=error_code, error=error)
+        if seq.index == 0:
+            self._first[seq.request_id] = (seq, cached)
+        if any(c is None for c in samples):
+            return None
+        done = [c for c in samples if c is not None]
+        first, first_cached = self._first.pop(seq.request_id)
+        failed = next((c for c in done if c.error_code is not None), None)
+        del self._samples[seq.request_id]
+        self._ids.discard(seq.request_id)
+        c0 = done[0]
         return RequestOutput(
-            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-            text=seq.output_text, token_ids=seq.output_token_ids, finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason, num_cached_tokens=cached, error_code=error_code, error=error)
+            request_id=first.request_id, prompt=first.prompt,
+            prompt_token_ids=first.token_ids[:first.num_prompt_tokens], text=c0.text, token_ids=c0.token_ids,
+            finish_reason="error" if failed else c0.finish_reason, stop_reason=c0.stop_reason,
+            num_cached_tokens=first_cached, error_code=failed.error_code if failed else None,
+            error=failed.error if failed else None, logprobs=c0.logprobs,
+            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+            cumulative_logprob=c0.cumulative_logprob, outputs=done)
+
+    def _token_text(self, token: int) -> str | None:
+        """A token's own text (special tokens included), cached: logprobs name up to 21 tokens per position."""
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
 
 
 class RequestFailed(Exception):

@@ -6,6 +6,7 @@ eager dispatch), token_slots (where sampled tokens wait for the host), tp_worker
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -14,7 +15,8 @@ from flashgen.engine import tp_worker
 from flashgen.engine.cuda_graphs import DecodeGraphs, run_step
 from flashgen.engine.grammar import TokenMasks
 from flashgen.engine.kv_plan import kv_cache_shape, plan_kv_blocks
-from flashgen.engine.sampler import build_sampling_batch, sample
+from flashgen.engine.logprobs import pack_logprobs
+from flashgen.engine.sampler import SamplingBatch, build_sampling_batch, processed_logits, sample
 from flashgen.engine.scheduler import Batch
 from flashgen.engine.sequence import Sequence
 from flashgen.engine.step_packing import pack_step, unpack_step
@@ -25,6 +27,7 @@ from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import cuda_backend_available, get_ops
 
 log = logging.getLogger(__name__)
+PROMPT_LP_ROWS = 256  # prompt positions whose logits are computed at once for prompt logprobs
 
 
 def pick_device(config: EngineConfig, rank: int = 0) -> torch.device:
@@ -71,6 +74,7 @@ class Launched:
     def __init__(self, done: list[Sequence], logits: torch.Tensor | None, is_prefill: bool):
         self.done, self.logits, self.is_prefill = done, logits, is_prefill
         self.tokens: SampledTokens | None = None
+        self.prompt_lp: list = []  # (sequence, first position, packed prompt logprobs) of this step
 
 
 class ModelRunner:
@@ -128,17 +132,44 @@ class ModelRunner:
     def async_capable(self) -> bool:
         return self.slots.on
 
-    def execute(self, buf: torch.Tensor) -> torch.Tensor | None:
+    def execute(self, buf: torch.Tensor, on_hidden=None) -> torch.Tensor | None:
         """Run one packed step (see step_packing) on this rank: (rows, vocab) logits, model dtype, or None."""
         input_ids, ctx, rows = unpack_step(buf, self.device)
         if not ctx.is_prefill:
             input_ids = self.slots.gather(input_ids)
-        return run_step(self.model, self.graphs, input_ids, ctx, rows)
+        return run_step(self.model, self.graphs, input_ids, ctx, rows, on_hidden)
 
-    def _step(self, buf: torch.Tensor) -> torch.Tensor | None:
+    def _step(self, buf: torch.Tensor, on_hidden=None) -> torch.Tensor | None:
         if self.workers:
             tp_worker.broadcast_step(buf, self.device)
-        return self.execute(buf)
+        return self.execute(buf, on_hidden)
+
+    def _prompt_logprobs(self, seqs: list[Sequence], out: list) -> Callable | None:
+        """A hook for run_step that computes the prompt logprobs of the prefill chunks asking for them, in slices
+        of PROMPT_LP_ROWS positions (never a whole prompt's logits at once), appending (seq, first position,
+        packed rows) to `out`; None when no sequence asks."""
+        spans = []
+        row = 0
+        for s in seqs:
+            start, n = s.num_computed_tokens, s.num_scheduled_tokens
+            k = s.params.prompt_logprobs if s.params is not None else None
+            # position p predicts token p + 1; positions done before a preemption are not redone
+            first, end = max(start, len(s.prompt_logprobs) - 1), min(start + n, s.num_prompt_tokens - 1)
+            if k is not None and first < end:
+                spans.append((s, row + first - start, first, end - first, k))
+            row += n
+        if not spans:
+            return None
+
+        def hook(hidden: torch.Tensor, residual: torch.Tensor) -> None:
+            for s, r0, p0, n, k in spans:
+                targets = torch.tensor(s.token_ids[p0 + 1:p0 + 1 + n], dtype=torch.int64).to(self.device)
+                for a in range(0, n, PROMPT_LP_ROWS):
+                    b = min(n, a + PROMPT_LP_ROWS)
+                    x = self.model.logits(hidden[r0 + a:r0 + b], residual[r0 + a:r0 + b])
+                    out.append((s, p0 + a, pack_logprobs(x, targets[a:b], k)))
+
+        return hook
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> Launched:
@@ -151,7 +182,11 @@ class ModelRunner:
             seqs = sorted(seqs, key=len, reverse=True)
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         ids = None if batch.is_prefill else self.slots.decode_inputs(seqs)
-        step = Launched(done, self._step(pack_step(seqs, batch.is_prefill, self.block_size, ids)), batch.is_prefill)
+        prompt_lp: list = []
+        hook = self._prompt_logprobs(seqs, prompt_lp) if batch.is_prefill else None
+        step = Launched(done, self._step(pack_step(seqs, batch.is_prefill, self.block_size, ids), hook),
+                        batch.is_prefill)
+        step.prompt_lp = prompt_lp
         if not any(s.matcher is not None for s in done):
             self._sample(step)
         return step
@@ -166,7 +201,7 @@ class ModelRunner:
     def _sample(self, step: Launched) -> SampledTokens:
         done, logits = step.done, step.logits
         if logits is None:
-            step.tokens = SampledTokens([], None, deferrable=False)
+            step.tokens = SampledTokens([], None, False, prompt_lp=step.prompt_lp)
             return step.tokens
         if self.on_logits is not None:
             self.on_logits(done, logits)
@@ -181,9 +216,25 @@ class ModelRunner:
         # fail that request alone. O(B): no second pass over the logits. The device slot gets a valid id.
         safe = tokens.clamp(min=0)
         checked = torch.where((tokens >= 0) & torch.isfinite(logits.gather(1, safe[:, None])).squeeze(1), tokens, -1)
-        step.tokens = self.slots.publish(done, safe, checked, step.is_prefill)
+        lp_rows = [i for i, s in enumerate(done) if s.params.logprobs is not None]
+        lp = self._logprobs(logits, sampling, safe, done, lp_rows) if lp_rows else None
+        step.tokens = self.slots.publish(done, safe, checked, step.is_prefill, lp, lp_rows, step.prompt_lp)
         step.logits = None
         return step.tokens
+
+    def _logprobs(self, logits: torch.Tensor, sampling: SamplingBatch, tokens: torch.Tensor, done: list[Sequence],
+                  rows: list[int]) -> torch.Tensor:
+        """pack_logprobs for `rows` of the step: over the model's raw logits, or, for processed_logprobs, over
+        the distribution the token was drawn from."""
+        k = max(done[i].params.logprobs or 0 for i in rows)
+        idx = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        x = logits.index_select(0, idx)
+        processed = [j for j, i in enumerate(rows) if done[i].params.logprobs_mode == "processed_logprobs"]
+        if processed:
+            x = x.float()
+            sel = torch.tensor(processed, dtype=torch.int64).to(self.device, non_blocking=True)
+            x[sel] = processed_logits(logits, sampling).index_select(0, idx[sel])
+        return pack_logprobs(x, tokens.index_select(0, idx), k)
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted: its device token slot is free again."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 M32 = 0xFFFFFFFF
 
@@ -56,6 +58,13 @@ class SamplingBatch:
     # structured outputs: both None unless some row is constrained (then unconstrained batches pay nothing)
     bitmask: torch.Tensor | None = None         # (M, W) int32, W = ceil(V / 32): llguidance's allowed-token bits
     mask_rows: torch.Tensor | None = None       # (B,) int32: each row's bitmask row, -1 = unconstrained
+    # logit_bias, sparse: both None unless some row has a non-zero bias
+    bias_index: torch.Tensor | None = None      # (2, N) int64: [logits row; token id] of each bias
+    bias_values: torch.Tensor | None = None     # (N,) float32: added to those logits
+    # allowed_token_ids, in the bitmask's layout but apart from it (the runner sets bitmask / mask_rows from the
+    # grammar after build_sampling_batch; merge_masks ANDs the two): both None unless some row has the list
+    allowed_bitmask: torch.Tensor | None = None  # (M2, W) int32, W = ceil(V / 32): bit t & 31 of word t >> 5
+    allowed_rows: torch.Tensor | None = None     # (B,) int32: each row's allowed_bitmask row, -1 = any token
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -118,14 +127,53 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor | None,
     return _mask_every_row(logits, bitmask, mask_rows)
 
 
-def _no_allowed_token(logits: torch.Tensor, tokens: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+def _rows_or_all(words: torch.Tensor, rows: torch.Tensor, W: int) -> torch.Tensor:
+    """(B, W) int32: row i's words (zero-padded to W words: tokens past a bitmask's width are not allowed), or
+    all bits set where rows[i] is -1."""
+    w = words.index_select(0, rows.clamp(min=0))
+    if w.shape[1] < W:
+        w = F.pad(w, (0, W - w.shape[1]))
+    return torch.where(rows[:, None] >= 0, w, -1)
+
+
+def merge_masks(b: SamplingBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (bitmask, mask_rows) pair sample() and processed_logits() use: the grammar's (b.bitmask,
+    b.mask_rows) and allowed_token_ids' (b.allowed_bitmask, b.allowed_rows), ANDed where a row has both. With
+    one of them alone it is returned as it is (no allowed_token_ids: exactly the grammar's pair); with both,
+    one merged bitmask row per logits row (B, max W), built on the device with no host sync. b is not changed."""
+    if b.allowed_bitmask is None:
+        return b.bitmask, b.mask_rows
+    if b.allowed_rows is None:
+        raise ValueError("allowed_bitmask needs allowed_rows (each row's allowed_bitmask row, -1 for none)")
+    if b.bitmask is None or not b.bitmask.shape[0]:
+        return b.allowed_bitmask, b.allowed_rows
+    if b.mask_rows is None:
+        raise ValueError("a token bitmask needs mask_rows (each row's bitmask row, -1 for none)")
+    W = max(b.bitmask.shape[1], b.allowed_bitmask.shape[1])
+    words = _rows_or_all(b.bitmask, b.mask_rows, W) & _rows_or_all(b.allowed_bitmask, b.allowed_rows, W)
+    own = torch.arange(words.shape[0], dtype=torch.int32, device=words.device)
+    return words, torch.where((b.mask_rows >= 0) | (b.allowed_rows >= 0), own, -1)
+
+
+def apply_logit_bias(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """float32 logits + each row's logit_bias (sparse: one index_add over the N biases, no dense (B, V) bias);
+    out of place."""
+    if b.bias_index is None:
+        return logits
+    assert b.bias_values is not None, "bias_index comes with bias_values"
+    flat = b.bias_index[0] * logits.shape[1] + b.bias_index[1]
+    return logits.reshape(-1).index_add(0, flat, b.bias_values).view(logits.shape)
+
+
+def _no_allowed_token(logits: torch.Tensor, tokens: torch.Tensor, bitmask: torch.Tensor | None,
+                      mask_rows: torch.Tensor | None) -> torch.Tensor:
     """-1 for the constrained rows whose chosen (masked) logit is -inf or NaN: nothing allowed was left, and
     the argmax fell on an arbitrary token (the fused kernel's rule; O(B))."""
-    if b.bitmask is None:
+    if bitmask is None:
         return tokens
-    assert b.mask_rows is not None, "bitmask comes with mask_rows"
+    assert mask_rows is not None, "bitmask comes with mask_rows"
     chosen = logits.gather(1, tokens[:, None]).squeeze(1)
-    return torch.where((b.mask_rows >= 0) & ~(chosen > float("-inf")), -1, tokens)
+    return torch.where((mask_rows >= 0) & ~(chosen > float("-inf")), -1, tokens)
 
 
 def _filter(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -151,39 +199,108 @@ def _filter(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch.Tensor:
-    """logits (B, V), any float dtype -> (B,) int64 tokens. `fused`: one CUDA kernel for noise + argmax, reading
-    the logits in their own dtype when nothing has to change them first (a float32 copy otherwise).
-    Rows constrained by b.bitmask draw only allowed tokens, and get -1 when no allowed token is left with a
-    logit above -inf (after penalties, bans and filters), on both paths."""
-    filtered = not b.all_greedy and (b.top_k is not None or b.top_p is not None or b.min_p is not None)
-    if not (fused and not filtered and b.banned is None and b.rep_penalty is None and b.frequency is None):
-        logits = logits.float()
-        if not fused or filtered:
-            # first: top-k / top-p / min-p are judged over the allowed tokens (vLLM's order). The fused kernel
-            # reads the bitmask itself, so with penalties or bans alone it is not applied here.
-            logits = apply_token_bitmask(logits, b.bitmask, b.mask_rows)
+def _has_filters(b: SamplingBatch) -> bool:
+    return b.top_k is not None or b.top_p is not None or b.min_p is not None
+
+
+def _changes_logits(b: SamplingBatch) -> bool:
+    """Something besides the mask, the temperature and the filters changes the logits (a float32 copy)."""
+    return b.bias_index is not None or b.banned is not None or b.rep_penalty is not None or b.frequency is not None
+
+
+def _pre_temperature(logits: torch.Tensor, b: SamplingBatch, bitmask: torch.Tensor | None,
+                     mask_rows: torch.Tensor | None, *, mask: bool, filters: bool) -> torch.Tensor:
+    """float32 logits with everything before the temperature applied, out of place, in vLLM's order: logit_bias
+    (a logits processor in vLLM, before penalties), the token mask (`mask`: grammar and allowed_token_ids; the
+    fused kernel reads it itself), repetition / presence / frequency penalties, min_tokens' bans, then (`filters`)
+    top-k / top-p / min-p judged on the temperature-scaled distribution over the tokens left. The bias and the
+    mask commute (a masked token is -inf whatever its bias), and so do the penalties and the bans."""
+    logits = apply_logit_bias(logits.float(), b)
+    if mask:
+        logits = apply_token_bitmask(logits, bitmask, mask_rows)
     logits = apply_penalties(logits, b)
     if b.banned is not None:
         logits = logits.masked_fill(b.banned, float("-inf"))
-    if filtered:
+    if filters:
         logits = _filter(logits, b)
+    return logits
+
+
+def _scaled(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """logits / T per row, greedy rows (T = 0) divided by 1."""
+    if b.all_greedy:
+        return logits
+    t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+    return logits / t[:, None]
+
+
+def processed_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """(B, V) float32: the logits after everything sample() applies before it draws (logit_bias, the grammar and
+    allowed_token_ids masks, penalties, bans, temperature (1 for greedy rows), top-k / top-p / min-p with -inf
+    for the dropped tokens), so that log_softmax of a row is the distribution its token was drawn from (vLLM's
+    processed_logprobs), and its argmax is a greedy row's pick. The filters apply to greedy rows too, so a row's
+    result never depends on its neighbours (sample() skips them when every row is greedy: they never drop a
+    row's maximum, so only exactly tied maxima could pick differently). The caller's logits are not changed."""
+    bitmask, mask_rows = merge_masks(b)
+    return _scaled(_pre_temperature(logits, b, bitmask, mask_rows, mask=True, filters=_has_filters(b)), b)
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch.Tensor:
+    """logits (B, V), any float dtype -> (B,) int64 tokens. `fused`: one CUDA kernel for noise + argmax, reading
+    the logits in their own dtype when nothing has to change them first (a float32 copy otherwise: logit_bias,
+    penalties, bans or filters).
+    Rows constrained by b.bitmask (the grammar's) or b.allowed_bitmask (allowed_token_ids; both: their
+    intersection, see merge_masks) draw only allowed tokens, and get -1 when no allowed token is left with a
+    logit above -inf (after bias, penalties, bans and filters), on both paths. The non-fused path draws from
+    processed_logits' distribution (the same code)."""
+    bitmask, mask_rows = merge_masks(b)
+    filtered = not b.all_greedy and _has_filters(b)
     if fused:  # greedy rows too: torch's argmax took 27 us per 128,256-wide row in a batch-1 profile
         from flashgen.ops.cuda_ops import gumbel_argmax
 
-        return gumbel_argmax(logits.contiguous(), b.temperature, b.seeds, b.steps, bitmask=b.bitmask,
-                             mask_rows=b.mask_rows)
+        if filtered or _changes_logits(b):
+            # filters are judged over the allowed tokens, so they need the mask first (vLLM's order); with bias,
+            # penalties or bans alone the kernel applies the mask (it reads the bitmask itself either way) and
+            # the temperature
+            logits = _pre_temperature(logits, b, bitmask, mask_rows, mask=filtered, filters=filtered)
+        return gumbel_argmax(logits.contiguous(), b.temperature, b.seeds, b.steps, bitmask=bitmask,
+                             mask_rows=mask_rows)
+    pre = _pre_temperature(logits, b, bitmask, mask_rows, mask=True, filters=filtered)
+    x = _scaled(pre, b)  # processed_logits(logits, b), less the filters when every row is greedy
+    greedy = x.argmax(-1)
     if b.all_greedy:
-        return _no_allowed_token(logits, logits.argmax(-1), b)
-    t = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-    sampled = (logits / t[:, None] + gumbel_noise(b.seeds, b.steps, logits.shape[-1])).argmax(-1)
-    return _no_allowed_token(logits, torch.where(b.temperature > 0, sampled, logits.argmax(-1)), b)
+        return _no_allowed_token(pre, greedy, bitmask, mask_rows)
+    sampled = (x + gumbel_noise(b.seeds, b.steps, x.shape[-1])).argmax(-1)
+    return _no_allowed_token(pre, torch.where(b.temperature > 0, sampled, greedy), bitmask, mask_rows)
 
 
 def _as_int64(seed: int) -> int:
     """A seed in [0, 2**64) as the int64 with the same 64 bits (the hash reads the bits, so no two seeds collide)."""
     seed &= (1 << 64) - 1
     return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _allowed_bitmask(ps: list, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """allowed_token_ids as (M2, ceil(V / 32)) int32 words in llguidance's layout (ids outside [0, V) dropped:
+    they never occur) and (B,) int32 rows (-1: any token), on the host. Rows whose params carry the same list
+    object (a request's n samples) share a bitmask row."""
+    W = (V + 31) // 32
+    rows = np.full(len(ps), -1, dtype=np.int32)
+    packed: list[np.ndarray] = []
+    seen: dict[int, int] = {}  # id of a list -> its bitmask row
+    for i, p in enumerate(ps):
+        if p.allowed_token_ids is None:
+            continue
+        if id(p.allowed_token_ids) not in seen:
+            seen[id(p.allowed_token_ids)] = len(packed)
+            ids = np.asarray(p.allowed_token_ids, dtype=np.int64)
+            ids = ids[(ids >= 0) & (ids < V)]
+            w = np.zeros(W, dtype=np.uint32)
+            np.bitwise_or.at(w, ids >> 5, (1 << (ids & 31)).astype(np.uint32))
+            packed.append(w)
+        rows[i] = seen[id(p.allowed_token_ids)]
+    words = np.stack(packed)
+    return torch.from_numpy(words.view(np.int32)), torch.from_numpy(rows)
 
 
 def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> SamplingBatch:
@@ -220,8 +337,16 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> Sampling
         for i, s in banned:
             stop = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else eos_ids)
             b.banned[i, [t for t in stop if 0 <= t < V]] = True  # ids outside the vocabulary never occur
+    biases = [(i, t, v) for i, p in enumerate(ps) if p.logit_bias for t, v in p.logit_bias.items()
+              if v and 0 <= t < V]  # a zero bias changes nothing; ids outside the vocabulary never occur
+    if biases:
+        b.bias_index = torch.tensor([[i for i, _, _ in biases], [t for _, t, _ in biases]], dtype=torch.int64)
+        b.bias_values = torch.tensor([v for _, _, v in biases], dtype=f32)
+    if any(p.allowed_token_ids is not None for p in ps):
+        b.allowed_bitmask, b.allowed_rows = _allowed_bitmask(ps, V)
     for f in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps", "rep_penalty", "presence",
-              "frequency", "seen_prompt", "out_counts", "banned"):
+              "frequency", "seen_prompt", "out_counts", "banned", "bias_index", "bias_values", "allowed_bitmask",
+              "allowed_rows"):
         v = getattr(b, f)
         if v is not None:
             setattr(b, f, v.to(dev, non_blocking=True))

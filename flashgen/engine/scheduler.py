@@ -31,7 +31,7 @@ class Batch:
 class StepTokens(Protocol):
     """A launched step's sampled tokens (see token_slots.SampledTokens)."""
 
-    def read(self) -> list[tuple[Sequence, int, int]]: ...
+    def read(self) -> list[tuple[Sequence, int, int, list[float] | None]]: ...
 
 
 class Scheduler:
@@ -112,21 +112,22 @@ class Scheduler:
                 batch.cached_tokens += seq.num_cached_tokens
             seq.num_computed_tokens += seq.num_scheduled_tokens
 
-    def postprocess(self, tokens: StepTokens, launched: Batch | None) -> list[tuple[Sequence, int, int]]:
-        """Read a step's tokens into their sequences; (sequence, position, token) for the unfinished ones, token
-        -1 (not stored) where the logit was not finite. `launched`: the batch already queued after that step,
-        whose K/V writes make a block completed by a read token safe to share."""
+    def postprocess(self, tokens: StepTokens,
+                    launched: Batch | None) -> list[tuple[Sequence, int, int, list[float] | None]]:
+        """Read a step's tokens into their sequences; (sequence, position, token, packed logprobs) for the
+        unfinished ones, token -1 (not stored) where the logit was not finite. `launched`: the batch already
+        queued after that step, whose K/V writes make a block completed by a read token safe to share."""
         bs = self.block_manager.block_size
         after = {s.seq_id for s in launched.seqs} if launched is not None else set()
         read = []
-        for seq, idx, token in tokens.read():
+        for seq, idx, token, lp in tokens.read():
             if seq.is_finished:  # ended by the step before; this token was computed speculatively
                 continue
             if token >= 0:
                 seq.set_token(idx, token)
                 if (idx + 1) % bs == 0 and seq.seq_id in after:
                     self.block_manager.register_full_block(seq, idx // bs)
-            read.append((seq, idx, token))
+            read.append((seq, idx, token, lp))
         return read
 
     def _preempt(self, seq: Sequence) -> None:
@@ -137,6 +138,10 @@ class Scheduler:
         # NOTE: a partly prefilled head of `waiting` owns blocks and must finish first, or it could starve us.
         pos = 1 if self.waiting and self.waiting[0].block_table else 0
         self.waiting.insert(pos, seq)
+
+    def forget_cached(self, num_blocks: int) -> None:
+        """Blocks 0..num_blocks-1 were overwritten outside the scheduler (LLM.prompt_logits): no prefix hit."""
+        self.block_manager.forget(range(num_blocks))
 
     def find(self, request_id: str) -> Sequence | None:
         return next((s for q in (self.waiting, self.running) for s in q if s.request_id == request_id), None)

@@ -5,6 +5,7 @@ import enum
 import itertools
 from typing import Any
 
+from flashgen.outputs import Logprob
 from flashgen.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (pipelined decode); replaced when it is read
@@ -20,9 +21,10 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, request_id: str, prompt: str | None, token_ids: list[int], params: SamplingParams,
-                 block_size: int, seed: int):
+                 block_size: int, seed: int, index: int = 0):
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
+        self.index = index                     # which of the request's n samples this is
         self.prompt = prompt
         self.token_ids = list(token_ids)       # prompt + generated
         self.num_prompt_tokens = len(token_ids)
@@ -37,6 +39,10 @@ class Sequence:
         self.output_counts: dict[int, int] = {}  # generated token -> occurrences, for penalties
         # a constrained request's llguidance matcher, while its grammar compiles a PendingMatcher (engine.grammar)
         self.matcher: Any = None
+        self.logprobs: list[dict[int, Logprob]] = []  # params.logprobs: one entry per generated token
+        self.cumulative_logprob = 0.0
+        # params.prompt_logprobs: entry p for prompt token p (None for the first: nothing predicts it)
+        self.prompt_logprobs: list[dict[int, Logprob] | None] = [None]
         # incremental detokenization (see flashgen.engine.detokenizer)
         ctx = token_ids[-5:]
         self.detok_ids: list[int] = list(ctx)
@@ -70,6 +76,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def prefix_cache_ok(self) -> bool:
+        """Whether cached prompt blocks may stand in for computing them: not while prompt logprobs (which
+        need every prompt position's logits) are still to be computed."""
+        p = self.params
+        return p is None or p.prompt_logprobs is None or len(self.prompt_logprobs) >= self.num_prompt_tokens
 
     def reserve_token(self) -> int:
         """Hold the place of a token a launched step will sample; its index."""

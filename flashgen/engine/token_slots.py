@@ -13,34 +13,54 @@ import torch
 from flashgen.engine.sequence import Sequence
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, queued on the current stream (the CPU tensor itself on the CPU)."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 class SampledTokens:
     """The tokens of one launched step, read back without blocking the GPU: a pinned host copy and an event
     (CUDA), or the values themselves (CPU). `deferrable`: the engine may read them after launching the next
-    step (only decode steps with device slots)."""
+    step (only decode steps with device slots). `logprobs`: for the rows in `lp_rows`, what
+    engine.logprobs.pack_logprobs computed (copied with the tokens)."""
 
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None, deferrable: bool):
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None, deferrable: bool,
+                 logprobs: torch.Tensor | None = None, lp_rows: list[int] | None = None,
+                 prompt_lp: list | None = None):
         self.seqs = seqs
         # where each sequence's token will go; none for one that finished after this step was launched (its
         # token is speculative and dropped)
         self.idx = [None if seq.is_finished else seq.reserve_token() for seq in seqs]
         self.deferrable = deferrable
         self._event = None
-        if tokens is None:
-            self._host = torch.empty(0, dtype=torch.int64)
-        elif tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+        self._host = torch.empty(0, dtype=torch.int64) if tokens is None else _to_host(tokens)
+        self._lp = None if logprobs is None else _to_host(logprobs)
+        self._lp_rows = lp_rows or []
+        self._prompt_lp = [(s, p, _to_host(t)) for s, p, t in prompt_lp or []]
+        if (tokens is not None and tokens.is_cuda) or any(t.is_cuda for _, _, t in prompt_lp or []):
             self._event = torch.cuda.Event()
             self._event.record()
-        else:
-            self._host = tokens
 
-    def read(self) -> list[tuple[Sequence, int, int]]:
-        """(sequence, position, token) for each sequence still expecting one; token -1 marks a non-finite logit
-        (or, for a constrained row, no allowed token)."""
+    def read_prompt_logprobs(self) -> list[tuple[Sequence, int, list[list[float]]]]:
+        """(sequence, first prompt position, packed rows) of the prompt logprobs this step computed."""
         if self._event is not None:
             self._event.synchronize()
-        return [(s, i, t) for s, i, t in zip(self.seqs, self.idx, self._host.tolist(), strict=True)
+        return [(s, p, t.tolist()) for s, p, t in self._prompt_lp]
+
+    def read(self) -> list[tuple[Sequence, int, int, list[float] | None]]:
+        """(sequence, position, token, packed logprobs or None) for each sequence still expecting a token; token
+        -1 marks a non-finite logit (or, for a constrained row, no allowed token)."""
+        if self._event is not None:
+            self._event.synchronize()
+        lps: list[list[float] | None] = [None] * len(self.seqs)
+        if self._lp is not None:
+            for r, values in zip(self._lp_rows, self._lp.tolist(), strict=True):
+                lps[r] = values
+        return [(s, i, t, lp) for s, i, t, lp in zip(self.seqs, self.idx, self._host.tolist(), lps, strict=True)
                 if i is not None]
 
 
@@ -69,8 +89,9 @@ class TokenSlots:
         """Turn a decode step's unpacked id column into token ids (on the device)."""
         return self.tokens[input_ids] if self.tokens is not None else input_ids
 
-    def publish(self, seqs: list[Sequence], tokens: torch.Tensor, checked: torch.Tensor,
-                is_prefill: bool) -> SampledTokens:
+    def publish(self, seqs: list[Sequence], tokens: torch.Tensor, checked: torch.Tensor, is_prefill: bool,
+                logprobs: torch.Tensor | None = None, lp_rows: list[int] | None = None,
+                prompt_lp: list | None = None) -> SampledTokens:
         """Store a step's sampled `tokens` in the sequences' slots and return the future of the `checked` ones
         (-1 where the logit was not finite; the slot keeps the sampled id, a valid embedding index)."""
         if self.tokens is not None:
@@ -82,7 +103,7 @@ class TokenSlots:
             scratch = self.tokens.shape[0] - 1
             slots = torch.tensor([self._slot.get(s.seq_id, scratch) for s in seqs], dtype=torch.int64)
             self.tokens[slots.to(self.tokens.device, non_blocking=True)] = tokens
-        return SampledTokens(seqs, checked, deferrable=self.on and not is_prefill)
+        return SampledTokens(seqs, checked, self.on and not is_prefill, logprobs, lp_rows, prompt_lp)
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted: its slot is free again."""
