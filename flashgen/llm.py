@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from typing import cast
 
 import torch
 
@@ -118,6 +119,22 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in input order."""
         return generate_all(self, prompts, sampling_params)
+
+    def chat(
+        self,
+        messages: Seq[dict] | Seq[Seq[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate a reply to one conversation (a list of {"role", "content"} messages) or to each of a list of
+        them, through the model's chat template; `prompt` in each output is the rendered template."""
+        one = bool(messages) and isinstance(messages[0], dict)
+        convs = cast("list[list[dict]]", [list(messages)] if one else [list(c) for c in messages])
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(conv, add_generation_prompt=True) for conv in convs]
+        outs = generate_all(self, [tok.encode(t, add_special_tokens=False) for t in texts], sampling_params)
+        for out, text in zip(outs, texts, strict=True):
+            out.prompt = text
+        return outs
 
     def close(self) -> None:
         """Stop tensor-parallel workers (if any); the object is unusable afterwards."""

@@ -153,3 +153,41 @@ def test_prompt_logits_leave_the_prefix_cache_honest(model_dir):
     again = llm.generate(ps, sp)
     assert [o.token_ids for o in again] == [o.token_ids for o in first]
     assert any(o.num_cached_tokens == 0 for o in again)  # the overwritten blocks were not served
+
+
+def test_logprobs_equal_hf_transformers_log_softmax(model_dir):
+    """The issue's oracle: HF transformers' own forward (fp32, CPU) of prompt + generated tokens."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = LLM(model=model_dir, device="cpu", dtype="float32", block_size=16)
+    ps = prompts(4, seed=13)
+    sps = [SamplingParams(temperature=1.0, seed=i, max_tokens=10, ignore_eos=True, logprobs=5, prompt_logprobs=5)
+           for i in range(4)]
+    for out in llm.generate(ps, sps):
+        ids = out.prompt_token_ids + out.token_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+        n = len(out.prompt_token_ids)
+        for p in range(1, n):
+            entry = out.prompt_logprobs[p]
+            assert abs(entry[ids[p]].logprob - ref[p - 1, ids[p]].item()) <= 1e-4
+            top = set(ref[p - 1].topk(5).indices.tolist())
+            assert {t for t, e in entry.items() if e.rank <= 5} == top  # top-5 sets equal (random logits: no ties)
+        for j, tok in enumerate(out.token_ids):
+            entry = out.logprobs[j]
+            assert abs(entry[tok].logprob - ref[n - 1 + j, tok].item()) <= 1e-4
+            assert {t for t, e in entry.items() if e.rank <= 5} >= set(ref[n - 1 + j].topk(5).indices.tolist())
+
+
+def test_chat_renders_the_template_and_generates(llm):
+    conv = [{"role": "user", "content": "Name a colour."}]
+    [one] = llm.chat(conv, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    text = llm.tokenizer.apply_chat_template(conv, add_generation_prompt=True)
+    assert one.prompt == text
+    [same] = llm.generate([llm.tokenizer.encode(text, add_special_tokens=False)],
+                          SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert one.token_ids == same.token_ids
+    two = llm.chat([conv, conv + [{"role": "assistant", "content": "Red."}, {"role": "user", "content": "More."}]],
+                   SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(two) == 2 and two[0].token_ids == one.token_ids[:4]
