@@ -104,8 +104,8 @@ def test_parser_ids_and_seeds(parser):
 
 
 def test_parser_openai_errors(parser):
-    err = parse(parser, {"custom_id": "n", "url": "/v1/completions", "body": {"prompt": "hi", "n": 2}})
-    assert isinstance(err, LineError) and err.code == "unsupported_param" and err.batch
+    err = parse(parser, {"custom_id": "n", "url": "/v1/completions", "body": {"prompt": "hi", "n": 0}})
+    assert isinstance(err, LineError) and err.code == "invalid_param" and err.batch and err.field == "body.n"
     err = parse(parser, {"custom_id": "m", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}})
     assert err.code == "invalid_method" and '"GET"' in err.message
     err = parse(parser, {"custom_id": "p", "url": "/v1/completions", "body": {"prompt": {"a": 1}}})

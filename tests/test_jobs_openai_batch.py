@@ -50,12 +50,12 @@ def test_bad_batch_lines_get_400_and_error(tmp_path):
         batch_line("url", "/v1/embeddings", {"input": "x"}),
         batch_line("body", "/v1/chat/completions", "not an object"),
         batch_line("nomsg", "/v1/chat/completions", {"model": "m"}),
-        batch_line("n", "/v1/completions", {"prompt": "x", "n": 3}),
+        batch_line("n", "/v1/completions", {"prompt": "x", "n": 129}),  # n is 1..128
         {"method": "POST", "url": "/v1/completions", "body": {"prompt": "no custom_id"}},
     ]
     r, recs = gen(tmp_path, lines)
     assert r.exit_code == ExitCode.LINE_ERRORS
-    codes = ["unsupported_url", "invalid_field", "missing_prompt", "unsupported_param", "invalid_id"]
+    codes = ["unsupported_url", "invalid_field", "missing_prompt", "invalid_param", "invalid_id"]
     for rec, code, cid in zip(recs, codes, ["url", "body", "nomsg", "n", 5], strict=True):
         assert rec["custom_id"] == cid
         assert rec["error"]["code"] == code and rec["error"]["message"].startswith("line ")

@@ -117,19 +117,19 @@ def test_non_finite_numbers_are_refused(llm, raw, field):
 
 # 3. silently ignored fields are refused, naming them
 IGNORED = [
-    ('{"id": "f", "prompt": "x", "logit_bias": {"5": 10}}', "unsupported_field", "logit_bias", []),
-    ('{"id": "f", "prompt": "x", "logprobs": true}', "unsupported_field", "logprobs", []),
+    ('{"id": "f", "prompt": "x", "logit_bias": {"5": 10, "x": 1}}', "invalid_field", "logit_bias", ["not a token id"]),
+    ('{"id": "f", "prompt": "x", "logprobs": true}', "invalid_field", "logprobs", ["chat form"]),
     ('{"id": "f", "prompt": "x", "temprature": 0.5}', "unknown_field", "temprature", ['did you mean "temperature"']),
     ('{"id": "f", "prompt": "x", "max_new_tokens": 5}', "unknown_field", "max_new_tokens", ['"max_tokens"']),
     ('{"id": "f", "prompt": "x", "source": "wiki"}', "unknown_field", "source", ["--template"]),
     ('{"id": "f", "prompt": "x", "messages": []}', "ambiguous_prompt", "prompt", []),
-    (CHAT % '"logprobs": true', "unsupported_field", "body.logprobs", []),
+    (CHAT % '"logprobs": 3', "invalid_field", "body.logprobs", ["true or false"]),
     (CHAT % '"guided_decoding_backend": "xgrammar"', "unsupported_field", "body.guided_decoding_backend", []),
     (CHAT % '"response_fromat": {"type": "json_object"}', "unknown_field", "body.response_fromat",
      ['did you mean "response_format"']),
     (CHAT % '"tools": [{"type": "function"}]', "unsupported_field", "body.tools", []),
     (CHAT % '"tool_choice": "auto"', "unsupported_field", "body.tool_choice", []),
-    (CHAT % '"top_logprobs": 3', "unsupported_field", "body.top_logprobs", []),
+    (CHAT % '"top_logprobs": 3', "invalid_param", "body.top_logprobs", ['"logprobs": true']),
     (CHAT % '"stream": true', "unsupported_field", "body.stream", []),
     (BATCH % '"echo": true', "unsupported_field", "body.echo", []),
     (BATCH % '"best_of": 3', "unsupported_field", "body.best_of", []),
@@ -164,7 +164,7 @@ def test_data_fields_with_template_or_field(llm, tmp_path):
     tpl = load_template(str(tmp_path / "t.j2"))
     lines = [b'{"id": 1, "question": "why", "n": 3, "source": "wiki"}',  # n is the template's: data
              b'{"id": 2, "question": "why", "n": 3, "temprature": 0}',
-             b'{"id": 3, "question": "why", "n": 3, "logit_bias": {"1": 1}}']
+             b'{"id": 3, "question": "why", "n": 3, "best_of": 2}']
     status, recs = run(llm, lines, template=tpl, template_name="t.j2")
     assert "text" in recs[0] and recs[1]["error"]["code"] == "unknown_field"
     assert recs[2]["error"]["code"] == "unsupported_field" and status == "line_errors"

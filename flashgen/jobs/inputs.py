@@ -18,7 +18,20 @@ from typing import Any, BinaryIO
 from flashgen.jobs import openai_batch
 from flashgen.jobs.errors import FatalError
 from flashgen.jobs.fingerprint import request_hash
-from flashgen.jobs.params import FIELDS, UNSUPPORTED, BadLine, is_neutral, line_overrides, make_params, near_miss, show
+from flashgen.jobs.params import (
+    CHAT_LOGPROB_FIELDS,
+    FIELDS,
+    SAMPLE_FIELDS,
+    UNSUPPORTED,
+    BadLine,
+    is_neutral,
+    line_overrides,
+    logprob_overrides,
+    make_params,
+    near_miss,
+    sample_overrides,
+    show,
+)
 from flashgen.jobs.structured import FIELD_NAMES as STRUCTURED_FIELDS
 from flashgen.jobs.structured import structured_overrides
 from flashgen.jobs.templates import render
@@ -204,7 +217,10 @@ class LineParser:
                 fields: dict[str, str] = {}
                 overrides = line_overrides(obj, fields=fields)
                 overrides.update(structured_overrides(obj, fields=fields))  # checked before tokenizing too
-                self.check_stop_ids(overrides, fields)
+                overrides.update(logprob_overrides(obj, fields=fields))
+                if "n" not in self.data_fields:  # a --template that reads "n" keeps it as its data, as before
+                    overrides.update(sample_overrides(obj, fields=fields))
+                self.check_token_ids(overrides, fields)
                 params = make_params(self.defaults, overrides, line.key, fields=fields)
                 ids = self._plain_ids(obj, source)
         except BadLine as b:
@@ -252,14 +268,17 @@ class LineParser:
                               '(a line has "id", "prompt" / "messages" / "prompt_token_ids" and sampling fields '
                               "such as \"max_tokens\"), or use --template / --field, which read other fields", k)
 
-    def check_stop_ids(self, overrides: dict[str, Any], fields: dict[str, str]) -> None:
-        """stop_token_ids must be token ids of this model."""
-        for i, t in enumerate(overrides.get("stop_token_ids") or []):
-            if not 0 <= t < self.vocab_size:
-                name = fields.get("stop_token_ids", "stop_token_ids")
-                raise BadLine("invalid_token_id", f'field "{name}" has {show(t)} at index {i}, not a token id of '
-                              f"this model (integers 0..{self.vocab_size - 1}); use ids from the model's tokenizer",
-                              name)
+    def check_token_ids(self, overrides: dict[str, Any], fields: dict[str, str]) -> None:
+        """The token ids of stop_token_ids, allowed_token_ids and logit_bias (its keys) must be of this model."""
+        for key in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+            for i, t in enumerate(overrides.get(key) or ()):
+                if not 0 <= t < self.vocab_size:
+                    name = fields.get(key, key)
+                    at = f'the key "{t}"' if key == "logit_bias" else f"{show(t)} at index {i}"
+                    raise BadLine("invalid_token_id", f'field "{name}" has {at}, not a token id of this model '
+                                  f"(integers 0..{self.vocab_size - 1}); use ids from the model's tokenizer", name)
+
+    check_stop_ids = check_token_ids  # its former name
 
     def _plain_ids(self, obj: dict, source: str | None) -> list[int]:
         if source is None:
@@ -409,7 +428,8 @@ def _encodable(s: str) -> bool:
 
 
 # Fields a plain line may carry besides data fields.
-_PLAIN_FIELDS = {"id", "prompt", "messages", "prompt_token_ids", *FIELDS, *STRUCTURED_FIELDS}
+_PLAIN_FIELDS = {"id", "prompt", "messages", "prompt_token_ids", *FIELDS, *STRUCTURED_FIELDS, *SAMPLE_FIELDS,
+                 *CHAT_LOGPROB_FIELDS}  # top_logprobs: read to say that a plain line has "logprobs": K
 _ID_RE = re.compile(rb'"(custom_id|id)"\s*:\s*("(?:[^"\\\n]|\\.){1,200}"|-?\d{1,18})(?=\s*[,}])')
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")

@@ -14,6 +14,7 @@ from flashgen.jobs.errors import FatalError, Interrupted
 from flashgen.jobs.fingerprint import KeyHashMap
 from flashgen.jobs.idset import IdSet
 from flashgen.jobs.inputs import LineError, LineParser, LineRequest, LongLine
+from flashgen.jobs.openai_batch import completion_tokens
 from flashgen.jobs.params import show
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.records import error_record, result_record
@@ -93,6 +94,9 @@ class Runner:
                 for out in self.llm.step():
                     self._finish(out)
                 self._report()
+            if stop == "interrupted" and not exhausted and not self._meta:
+                # every line read before the signal is answered: if the input had no more, the job is complete
+                exhausted = source.get(wait=True) is EOF
         except Interrupted:
             self.writer.flush_finished()
             return "interrupted"
@@ -168,7 +172,7 @@ class Runner:
             self.stats.add_error(err.code)
             self.writer.put(seq, error_record(err))
             return
-        self.stats.add_ok(n_prompt, len(out.token_ids))
+        self.stats.add_ok(n_prompt, completion_tokens(out))  # every sample's tokens (n > 1)
         self.writer.put(seq, result_record(req, out, n_prompt, self.model_name, self.return_token_ids))
 
     def _report(self) -> None:
