@@ -14,6 +14,8 @@
 #   structured     structured outputs: the bitmask kernel tests, the CUDA-path engine test, and the structured
 #                  workload (needs llguidance; TOKENIZER=DIR for the real BPE vocabulary, default the embedded
 #                  model's)
+#   sampling       logprobs, prompt logprobs and n: the GPU logprobs test and the logprobs, prompt_logprobs and
+#                  samples workloads (each against the same work without the feature)
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
@@ -93,6 +95,15 @@ structured() {
     grep -h -A3 "^workload structured" "$LOG"/tp-structured.log >> "$LOG/engine-table.txt" || true
 }
 
+sampling() {
+    step sampling-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/test_logprobs_gpu.py
+    local w
+    for w in logprobs prompt_logprobs samples; do
+        step "tp-$w" "$PY" -m flashgen.bench.throughput --workload "$w" --out-dir "$LOG"
+        grep -h -A2 "^workload $w" "$LOG/tp-$w.log" >> "$LOG/engine-table.txt" || true
+    done
+}
+
 multi() {
     step tp-parity "$PY" scripts/multi_gpu_check.py
     step tp-nanovllm-dp2 "$PY" -m flashgen.bench.throughput --workload nanovllm --data-parallel 2 --out-dir "$LOG"
@@ -126,9 +137,10 @@ for section in "$@"; do
         engine) engine_tests; throughput ;;
         all) kernel_tests; sanitize; kernel_bench; engine_tests; throughput ;;
         structured) structured ;;
+        sampling) sampling ;;
         multi) multi ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, multi, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, sampling, multi, ab)" >&2; exit 2 ;;
     esac
 done
 

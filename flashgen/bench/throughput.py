@@ -5,7 +5,8 @@ Workloads (defined here; figures in BENCHMARKS.md): nanovllm (256 random prompts
 tokens each), fixed512 (same prompts, 512 new tokens), sharedprefix (512 requests sharing a 2000-token prefix),
 latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens); longctx (64 prompts of
 256-8192 tokens, 256 new tokens each: decode reads a ragged set of long contexts, attention-bound); and
-structured (JSON-schema-constrained requests against the same requests unconstrained: bench/structured.py).
+structured (JSON-schema-constrained requests against the same requests unconstrained: bench/structured.py);
+logprobs, prompt_logprobs and samples (each feature against the same work without it: bench/sampling_extras.py).
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def make_workload(name: str) -> Workload:
     if name == "longctx":
         prompts = [[random.randint(0, 10000) for _ in range(random.randint(256, 8192))] for _ in range(64)]
         return Workload(name, "qwen3-0.6b", prompts, [256] * 64)
-    raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix, latency8b, longctx or "
-                     "structured")
+    raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix, latency8b, longctx, "
+                     "structured, logprobs, prompt_logprobs or samples")
 
 
 def measure_ceilings() -> dict:
@@ -175,6 +176,10 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
         from flashgen.bench import structured
 
         return structured.main(tokenizer, out_dir, **engine_kw)
+    from flashgen.bench import sampling_extras
+
+    if workload in sampling_extras.WORKLOADS:
+        return sampling_extras.main(workload, out_dir, **engine_kw)
     if not torch.cuda.is_available():
         raise RuntimeError("flashgen bench throughput needs a CUDA GPU")
     w = make_workload(workload)
