@@ -40,13 +40,20 @@ def test_sample_i_is_the_single_request_with_seed_i(llm):
     assert [c.token_ids for c in fewer.outputs] == [c.token_ids for c in out.outputs[:2]]  # n changes no sample
 
 
-def test_the_prompt_is_prefilled_once(model_dir):
-    llm = LLM(model=model_dir, device="cpu", dtype="float32", block_size=16)
-    p = prompt(200, seed=1)  # 12 full blocks + 8 tokens
-    llm.generate([p], SamplingParams(temperature=1.0, seed=3, n=8, max_tokens=4, ignore_eos=True))
-    # sample 0 computes the prompt; each other sample only its last, partial block
-    assert llm.stats.prompt_tokens == 200 + 7 * 8
-    assert llm.stats.cached_tokens == 7 * 192
+@pytest.mark.parametrize("length,chunk", [(200, 16384), (192, 16384), (5, 16384), (300, 64)])
+def test_the_prompt_is_prefilled_once(model_dir, length, chunk):
+    """Sample 0 computes the prompt (in chunks when it is longer than the token budget); samples 1..7 share its
+    blocks, the last one copied, and compute only the last prompt token (whose logits start them)."""
+    llm = LLM(model=model_dir, device="cpu", dtype="float32", block_size=16, max_num_batched_tokens=chunk)
+    p = prompt(length, seed=1)
+    sp = SamplingParams(temperature=1.0, seed=3, n=8, max_tokens=6, ignore_eos=True)
+    [out] = llm.generate([p], sp)
+    assert llm.stats.prompt_tokens == length + 7
+    assert llm.stats.cached_tokens == 7 * (length - 1)
+    alone = LLM(model=model_dir, device="cpu", dtype="float32", block_size=16, enable_prefix_caching=False)
+    singles = alone.generate([p] * 8, [SamplingParams(temperature=1.0, seed=sample_seed(3, i), max_tokens=6,
+                                                      ignore_eos=True) for i in range(8)])
+    assert [c.token_ids for c in out.outputs] == [o.token_ids for o in singles]
 
 
 def test_n_with_logprobs_prompt_logprobs_and_a_grammar(llm):
@@ -85,3 +92,23 @@ def test_a_refused_request_leaves_no_sample_behind(llm):
 def test_n_out_of_range_is_refused(n):
     with pytest.raises(ValueError, match="n="):
         SamplingParams(n=n)
+
+
+def test_fork_shares_all_but_the_last_block_and_needs_one_free():
+    from flashgen.engine.block_manager import BlockManager
+    from flashgen.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sp = SamplingParams()
+    leader, follower = (Sequence("r", None, list(range(10, 20)), sp, 4, 0, index=i) for i in range(2))
+    bm.allocate(leader)  # 10 tokens: 3 blocks
+    copies: list[tuple[int, int]] = []
+    assert bm.fork(leader, follower, copies)
+    assert follower.block_table[:2] == leader.block_table[:2] and follower.block_table[2] != leader.block_table[2]
+    assert copies == [(leader.block_table[2], follower.block_table[2])]
+    assert [bm.blocks[b].ref_count for b in leader.block_table] == [2, 2, 1]
+    third = Sequence("r", None, list(range(10, 20)), sp, 4, 0, index=2)
+    assert not bm.fork(leader, third, copies) and third.block_table == []  # no free block: nothing taken
+    bm.free(follower)
+    bm.free(leader)
+    assert bm.num_free_blocks == 4

@@ -92,6 +92,19 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = seq.num_computed_tokens = 0
 
+    def fork(self, src: Sequence, dst: Sequence, copies: list[tuple[int, int]]) -> bool:
+        """Give `dst` (the same prompt as `src`, whose prompt is computed) `src`'s blocks, the last one a copy
+        (appended to `copies` as (src block, dst block)); False, with nothing taken, when no block is free."""
+        n = (dst.num_tokens + self.block_size - 1) // self.block_size
+        if not self.free_set or n > len(src.block_table):
+            return False
+        for block_id in src.block_table[:n - 1]:
+            self.blocks[block_id].ref_count += 1
+        last = self._take_free()
+        dst.block_table = src.block_table[:n - 1] + [last.block_id]
+        copies.append((src.block_table[n - 1], last.block_id))
+        return True
+
     def forget(self, block_ids) -> None:
         """These (free) blocks' contents changed: drop their prefix-cache identity."""
         for i in block_ids:

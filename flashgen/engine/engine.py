@@ -101,6 +101,7 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.scheduler = Scheduler(config, self.runner.num_blocks, self.max_model_len)
         self.scheduler.on_preempt = self.runner.release
+        self.scheduler.on_copy = self.runner.copy_blocks
         self.stats = EngineStats()
         self._last: SampledTokens | None = None  # a launched decode step whose tokens are not read yet
         self._seed_rng = random.Random(config.seed)
@@ -120,9 +121,8 @@ class Engine:
             raise ValueError("prompt_logprobs is not supported with tensor_parallel_size > 1 yet; run the job on "
                              "one GPU per engine (--data-parallel) for prompt logprobs")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        # n samples are n sequences of one prompt, added together: the first allocates the prompt's blocks and
-        # the others share its full blocks through the prefix cache (computing only the last partial block);
-        # the prompt's logprobs are computed once, by sample 0
+        # n samples are n sequences of one prompt: sample 0 computes the prompt (and its logprobs, once), the
+        # others share its blocks when it is done
         later = dataclasses.replace(params, prompt_logprobs=None) if params.n > 1 else params
         seqs = [Sequence(request_id, text, ids, params if i == 0 else later, self.config.block_size,
                          sample_seed(seed, i), index=i) for i in range(params.n)]
@@ -131,6 +131,9 @@ class Engine:
                 seq.matcher = self.grammars().matcher(params.structured_outputs)
         self._ids.add(request_id)
         self._samples[request_id] = [None] * params.n
+        if self.config.tensor_parallel_size == 1:  # the others fork from sample 0 (Scheduler._fork); with
+            seqs[0].followers = seqs[1:]            # tensor parallelism, where a block copy would have to reach
+            seqs = seqs[:1]                         # every rank, they share its full blocks by prefix caching
         for seq in seqs:
             self.scheduler.add(seq)
 

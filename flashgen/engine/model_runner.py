@@ -236,6 +236,12 @@ class ModelRunner:
             x[sel] = processed_logits(logits, sampling).index_select(0, idx[sel])
         return pack_logprobs(x, tokens.index_select(0, idx), k)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV blocks (src -> dst, all layers, K and V), queued after the step that wrote the sources."""
+        src = torch.tensor([a for a, _ in pairs], dtype=torch.int64).to(self.device, non_blocking=True)
+        dst = torch.tensor([b for _, b in pairs], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted: its device token slot is free again."""
         self.slots.release(seq)

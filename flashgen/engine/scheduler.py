@@ -44,6 +44,7 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.on_preempt = lambda seq: None  # the runner frees the sequence's device-side token slot
+        self.on_copy = lambda pairs: None   # the runner copies KV blocks (src, dst) for forked samples
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -111,6 +112,22 @@ class Scheduler:
             if batch.is_prefill and seq.num_computed_tokens == seq.num_cached_tokens:
                 batch.cached_tokens += seq.num_cached_tokens
             seq.num_computed_tokens += seq.num_scheduled_tokens
+            if seq.followers and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._fork(seq)
+
+    def _fork(self, leader: Sequence) -> None:
+        """The leader's prompt is computed (its last chunk is launched): its other samples share its blocks, the
+        last one copied (each sample writes its own next tokens there), and wait at the head of `waiting` to
+        compute only their last prompt token (its logits start their generation). Without a free block for the
+        copy a sample takes the ordinary path (prefix-cache hits on the leader's full blocks)."""
+        copies: list[tuple[int, int]] = []
+        followers, leader.followers = leader.followers, []
+        for f in followers:
+            if self.block_manager.fork(leader, f, copies):
+                f.num_cached_tokens = f.num_computed_tokens = f.num_tokens - 1
+        if copies:
+            self.on_copy(copies)
+        self.waiting.extendleft(reversed(followers))
 
     def postprocess(self, tokens: StepTokens,
                     launched: Batch | None) -> list[tuple[Sequence, int, int, list[float] | None]]:

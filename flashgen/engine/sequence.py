@@ -25,6 +25,7 @@ class Sequence:
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.index = index                     # which of the request's n samples this is
+        self.followers: list[Sequence] = []    # samples 1..n-1, forked from this one once its prompt is computed
         self.prompt = prompt
         self.token_ids = list(token_ids)       # prompt + generated
         self.num_prompt_tokens = len(token_ids)
