@@ -9,6 +9,7 @@ import logging
 import sys
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 from flashgen.log import log_to_stderr
 
@@ -27,20 +28,54 @@ EXIT_CODES = """Exit codes: 0 every line succeeded; 1 finished, but some lines g
 (SIGINT/SIGTERM/SIGHUP): run again with --resume; 141 the reader of stdout went away (| head)."""
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from flashgen import __version__
+
+        typer.echo(f"flashgen {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _logging() -> None:
+def _logging(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the flashgen version and exit."),
+) -> None:
     # (A comment: a docstring would replace the app's help.) Every command sends the library's log records, INFO
     # and up, to stderr; `generate --quiet` keeps warnings only.
     log_to_stderr(logging.INFO)
 
 
-@app.command(epilog=EXIT_CODES)
+class _ShowDefaults(TyperCommand):
+    """`generate --help` shows each option's built-in default. The options themselves default to None ("not
+    given", see the module docstring), so the defaults are read from the settings schema, only when help is shown
+    (the schema's imports would slow every start)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from flashgen.jobs.settings import SCHEMA
+
+        for param in self.params:
+            if not isinstance(param, TyperOption) or isinstance(param.show_default, str) or param.name is None:
+                continue
+            opt = next((SCHEMA[s][param.name] for s in ("sampling", "job", "engine") if param.name in SCHEMA[s]),
+                       None)
+            if opt is None or opt.default in ("", []):
+                continue
+            value = opt.default
+            if isinstance(value, bool) and param.secondary_opts:  # --chat/--no-chat: the flag that is the default
+                param.show_default = (param.opts if value else param.secondary_opts)[0].lstrip("-")
+            elif not isinstance(value, bool):
+                param.show_default = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        super().format_help(ctx, formatter)
+
+
+@app.command(epilog=EXIT_CODES, cls=_ShowDefaults)
 def generate(
     input: str | None = typer.Argument(None, metavar="INPUT", help="JSONL input file; - or nothing for stdin.",
                                         show_default=False),
     output: str | None = typer.Option(None, "--output", "-o", help="JSONL output file; - or nothing for stdout."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model directory, .gguf file or known name.",
-                                     rich_help_panel=ENGINE),
+    model: str | None = typer.Option(None, "--model", "-m", rich_help_panel=ENGINE,
+                                     help="Model directory, .gguf file, known name or Hub id org/name[@revision]."),
     config: str | None = typer.Option(None, "--config", "-c", help="TOML config file (see flashgen.toml)."),
     show_config: bool = typer.Option(False, "--show-config", help="Print the merged settings as TOML and exit."),
     # sampling defaults
@@ -106,6 +141,9 @@ def generate(
                                      rich_help_panel=JOB),
     chat: bool | None = typer.Option(None, "--chat/--no-chat", show_default=False, rich_help_panel=JOB,
                                      help="Wrap text prompts in the model's chat template."),
+    system: str | None = typer.Option(None, "--system", metavar="TEXT", rich_help_panel=JOB,
+                                      help="System message for every chat prompt (messages lines, and text prompts "
+                                           "with --chat); a line's own system message wins."),
     return_token_ids: bool | None = typer.Option(None, "--return-token-ids/--no-return-token-ids",
                                                  show_default=False, help="Add generated token ids to each line.",
                                                  rich_help_panel=JOB),
@@ -142,7 +180,7 @@ def generate(
                          repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                          frequency_penalty=frequency_penalty, json_schema=json_schema, regex=regex,
                          choice=choice or None, grammar=grammar),
-        "job": dict(resume=resume, order=order, template=template, field=field, chat=chat,
+        "job": dict(resume=resume, order=order, template=template, field=field, chat=chat, system=system,
                     return_token_ids=return_token_ids, max_errors=max_errors, max_in_flight=max_in_flight,
                     progress=None if progress is None else ("on" if progress else "off"), stats_json=stats_json,
                     quiet=quiet, data_parallel=data_parallel, max_line_bytes=max_line_bytes, drain=drain),
@@ -155,7 +193,7 @@ def generate(
 
 @app.command()
 def info(
-    model: str = typer.Argument(..., help="Model directory, .gguf file or known name."),
+    model: str = typer.Argument(..., help="Model directory, .gguf file, known name or Hub id org/name[@revision]."),
     memory_gb: float | None = typer.Option(None, help="Memory budget in GiB: how much KV cache fits."),
     dtype: str | None = typer.Option(None, help="Size weights and KV cache for this dtype."),
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
@@ -188,6 +226,46 @@ def convert_gguf(
     except (OSError, ValueError) as e:
         _fail(f"cannot convert {gguf_file}: {e}")
     typer.echo(f"flashgen: wrote {path}", err=True)
+
+
+@app.command()
+def models(
+    json_out: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+) -> None:
+    """List the known model names and the models in the Hugging Face Hub cache (HF_HOME / HF_HUB_CACHE)."""
+    import json
+
+    from flashgen.models.default_model import DEFAULT_MODEL, KNOWN_MODELS
+    from flashgen.models.hub import HubModelError, cached_models, hub_cache_dir
+
+    try:
+        cached, cache = cached_models(), hub_cache_dir()
+    except HubModelError as e:
+        _fail(str(e))
+    except (OSError, ValueError) as e:  # an unreadable or corrupted cache
+        _fail(f"cannot read the Hugging Face Hub cache: {e}")
+    if json_out:
+        typer.echo(json.dumps({
+            "known": [{"name": n, "default": n == DEFAULT_MODEL, "package": k.requirement}
+                      for n, k in sorted(KNOWN_MODELS.items())],
+            "hub_cache": cache,
+            "cached": [{"repo_id": m.repo_id, "revision": m.revision, "commit": m.commit, "size": m.size,
+                        "path": m.path, "safetensors": m.has_safetensors, "tokenizer_json": m.has_tokenizer,
+                        "loadable": m.loadable} for m in cached],
+        }, indent=2))
+        return
+    typer.echo("Known names:")
+    for name, known in sorted(KNOWN_MODELS.items()):
+        typer.echo(f"  {name}{' (default)' if name == DEFAULT_MODEL else ''}  [package {known.requirement}]")
+    typer.echo(f"Hugging Face Hub cache ({cache}):")
+    if not cached:
+        typer.echo("  (no models; --model org/name fetches one)")
+    width = max((len(m.repo_id) for m in cached), default=0)
+    for m in cached:
+        missing = [f for f, ok in (("config.json", m.has_config), ("*.safetensors", m.has_safetensors),
+                                   ("tokenizer.json", m.has_tokenizer)) if not ok]
+        state = "ready" if not missing else "not loadable: no " + ", ".join(missing)
+        typer.echo(f"  {m.repo_id:<{width}}  {m.revision:<12}  {m.size:>9}  {state}")
 
 
 bench_app = typer.Typer(help="Benchmarks on a CUDA GPU: figures next to ceilings and peers measured in the same run.",

@@ -14,7 +14,8 @@ from flashgen.tokenizer import Tokenizer
 
 
 def resolve_model_name(model: str | None) -> str:
-    """A model directory for `model`: a directory as is, a known name or .gguf file converted once."""
+    """A model directory for `model`: a directory as is, a known name or .gguf file converted once, a Hugging Face
+    Hub id `org/name[@revision]` fetched once into the Hub cache."""
     try:
         from flashgen.models.default_model import resolve_model
     except ImportError:  # the default-model module is optional for plain directories

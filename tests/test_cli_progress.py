@@ -14,7 +14,7 @@ def test_progress_bar_and_summary_go_to_stderr(tmp_path):
     assert r.exit_code == 1
     assert len(r.stdout.splitlines()) == 6 and all(json.loads(line) for line in r.stdout.splitlines())
     assert "6/? lines" in r.stderr and "tok/s" in r.stderr  # the last frame; stdin: no total
-    assert "6 lines: 5 ok, 1 errors (invalid_json 1)" in r.stderr and "exit 1" in r.stderr
+    assert "6 lines: 5 ok, 1 error (invalid_json 1)" in r.stderr and "exit 1" in r.stderr
 
 
 def test_progress_is_off_when_stderr_is_not_a_terminal(tmp_path):

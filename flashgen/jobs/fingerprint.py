@@ -2,9 +2,9 @@
 
 Every result record carries `request_hash`: 12 hex characters of BLAKE2b over the input line's JSON object in
 canonical form (keys sorted, no ASCII escaping, lone surrogates escaped) and the job fingerprint, a digest of the
-settings that change what a line produces: the sampling defaults, the --template file's content, --field and
---chat (not the model path: pointing at a moved copy of the same model must not rerun a whole job). --resume
-compares it with the input line's to find results made from a line or from settings that have changed since.
+settings that change what a line produces: the sampling defaults, the --template file's content, --field,
+--chat and --system (not the model path: pointing at a moved copy of the same model must not rerun a whole job).
+--resume compares it with the input line's to find results made from a line or from settings that have changed since.
 Formatting changes (spacing, key order) of the input line do not change the hash.
 """
 from __future__ import annotations
@@ -22,9 +22,11 @@ HASH_CHARS = 12
 
 
 def job_fingerprint(sampling_defaults: dict[str, Any], template_path: str = "", field: str = "",
-                    chat: bool = False) -> str:
+                    chat: bool = False, system: str = "") -> str:
     template = hashlib.sha256(Path(template_path).read_bytes()).hexdigest() if template_path else ""
-    doc = {"sampling": sampling_defaults, "template": template, "field": field, "chat": bool(chat)}
+    doc: dict[str, Any] = {"sampling": sampling_defaults, "template": template, "field": field, "chat": bool(chat)}
+    if system:  # only when set: the hashes of results made without --system stay what they were
+        doc["system"] = system
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from flashgen.jobs.compress import compression_of, open_read
 from flashgen.jobs.errors import ExitCode, FatalError, Interrupted
 from flashgen.jobs.fingerprint import job_fingerprint
 from flashgen.jobs.inputs import LineParser, read_lines
@@ -97,7 +98,7 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
         check_writable(job["stats_json"], "--stats-json")  # now, not after the whole job (the output: plan_output)
     in_stream, total = _open_input(input_path)
     # what changes a line's result besides the line itself: stored with each result, checked by --resume
-    fingerprint = job_fingerprint(defaults, job["template"], job["field"], job["chat"])
+    fingerprint = job_fingerprint(defaults, job["template"], job["field"], job["chat"], job["system"])
     plan = plan_output(output_path, input_path, overwrite=overwrite, resume=job["resume"],
                        fingerprint=fingerprint)
     try:  # the output file stays locked until the job ends, however it ends
@@ -113,7 +114,7 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
         stats.model = getattr(llm, "model_name", model or "")
         parser = LineParser(llm.tokenizer, llm.max_model_len, defaults, template=template,
                             template_name=job["template"], field=job["field"], chat=job["chat"],
-                            fingerprint=fingerprint)
+                            fingerprint=fingerprint, system=job["system"])
         writer = OrderedWriter(open_output(plan, results), job["order"], path=plan.path)
         show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
         progress = JobProgress(show and not job["quiet"], total, console)
@@ -168,20 +169,28 @@ def _open_input(input_path: str | None):
     if not p.is_file():
         raise FatalError(f"input file {input_path} does not exist" if not p.exists() else
                          f"input {input_path} is not a file; give a JSONL file or - for stdin")
+    total = _count_lines(p) if p.stat().st_size else 0  # a compressed file that is not one fails here, at once
     try:
-        f = open(p, "rb")
+        f = open_read(p)
     except OSError as e:
         raise FatalError(f"cannot read input file {input_path}: {e.strerror}") from None
-    return f, _count_lines(p) if p.stat().st_size else 0
+    return f, total
 
 
 def _count_lines(path: Path) -> int:
-    """Lines in a regular file: cheap (one pass of counting newlines, ~1 s per GB), and it gives the bar a total."""
+    """Lines in a regular file: cheap (one pass of counting newlines, ~1 s per GB), and it gives the bar a total.
+    A compressed file (.gz, .bz2, .zst) is counted decompressed."""
     n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
+    try:
+        with open_read(path) as f:
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+    except (OSError, EOFError, ValueError) as e:
+        kind = compression_of(path)
+        what = f"a valid .{kind} file" if kind else "readable"
+        raise FatalError(f"cannot read input file {path}: {getattr(e, 'strerror', None) or e}"
+                         + (f" (it is named .{kind} but is not {what})" if kind else "")) from None
     return n + (last != b"\n")
 
 

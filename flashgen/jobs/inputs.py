@@ -124,13 +124,15 @@ def _bounded_lines(stream: BinaryIO, limit: int) -> Iterator[bytes | LongLine]:
 
 class LineParser:
     def __init__(self, tokenizer, max_model_len: int, defaults: dict[str, Any], *, template=None,
-                 template_name: str = "", field: str = "", chat: bool = False, fingerprint: str = ""):
+                 template_name: str = "", field: str = "", chat: bool = False, fingerprint: str = "",
+                 system: str = ""):
         self.tok = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = tokenizer.vocab_size
         self.defaults = defaults
         self.template, self.template_name = template, template_name
         self.field, self.chat = field, chat
+        self.system = system      # --system: put first in chat prompts whose messages have no system message
         # Fields a line may carry besides the known ones: with --template / --field lines carry data fields.
         self.data_fields = _template_fields(template) | ({field} if field else set())
         self.allow_data = template is not None or bool(field)
@@ -309,6 +311,8 @@ class LineParser:
                           f'field "{field}" is {show(messages)}; use a non-empty list of '
                           '{"role": ..., "content": ...} objects', field)
         msgs = [self._message(m, f"{field}[{i}]") for i, m in enumerate(messages)]
+        if self.system and msgs[0]["role"] != "system":  # the line's own system message wins
+            msgs.insert(0, {"role": "system", "content": self.system})
         try:
             text = self.tok.apply_chat_template(msgs, add_generation_prompt=True)
         except ValueError as e:

@@ -178,4 +178,7 @@ class Runner:
     def _report(self) -> None:
         self.stats.read_engine(getattr(self.llm, "stats", None))
         if self.progress is not None:
-            self.progress.update(self.stats.lines + self.stats.skipped, self.stats)
+            engine = getattr(self.llm, "stats", None)
+            generated = getattr(engine, "generated_tokens", None)
+            self.progress.update(self.stats.lines + self.stats.skipped, self.stats,
+                                 generated if isinstance(generated, int) else None)

@@ -85,6 +85,8 @@ JOB = {
     "template": Option("", "Jinja template file that renders each line's prompt from its fields"),
     "field": Option("", "take the prompt text from this JSONL field instead of \"prompt\""),
     "chat": Option(False, "wrap text prompts as one user message in the model's chat template"),
+    "system": Option("", "system message put first in every chat prompt (messages lines; text prompts with chat); "
+                     "a line whose messages start with a system message keeps its own; \"\" = none"),
     "resume": Option(False, "skip ids already in the output file and append the rest"),
     "progress": Option("auto", "auto = progress bar when stderr is a terminal; on; off", choices=("auto", "on", "off")),
     "stats_json": Option("", "write the final summary as JSON to this file"),

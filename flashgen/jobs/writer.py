@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import BinaryIO
 
 from flashgen.jobs import compact
+from flashgen.jobs.compress import check_supported, compression_of, open_read, open_write
 from flashgen.jobs.errors import FatalError
 from flashgen.jobs.fingerprint import KeyHashMap, hash_value, request_hash
 from flashgen.jobs.idset import IdSet
@@ -136,6 +137,12 @@ def plan_output(output: str | None, input_path: str | None, *, overwrite: bool, 
         return OutputPlan(None)
     if resume and overwrite:
         raise FatalError(f"--resume keeps {output} and appends to it, --overwrite replaces it; choose one")
+    if resume and compression_of(output):
+        raise FatalError(f"--resume cannot continue the compressed output {output}: resuming drops old error "
+                         "records and a torn last line in place and appends, which a compressed file cannot take "
+                         "safely. Decompress it to a plain .jsonl file and resume into that, or --overwrite it "
+                         "(write a plain output when a job may need resuming, and compress it afterwards)")
+    check_supported(output)
     check_writable(output, "output")  # before the lock and the model: a read-only path costs a second
     path = Path(output)
     in_file = input_path if input_path not in (None, "-") else None  # None: stdin
@@ -232,14 +239,14 @@ def _prescan(input_path: str, fingerprint: str) -> KeyHashMap:
     readable id) is not the line's own, so it is left out."""
     head, hashes = _head_parser().head, KeyHashMap()
     try:
-        with open(input_path, "rb") as f:
+        with open_read(input_path) as f:
             for lineno, raw in read_lines(f):
                 line = head(lineno, raw)
                 if line.own_id:
                     value = 0 if line.error else hash_value(request_hash(line.obj, fingerprint))
                     hashes.put_first(line.key, value)
-    except OSError as e:
-        raise FatalError(f"cannot read input file {input_path}: {e.strerror or e}") from None
+    except (OSError, EOFError) as e:
+        raise FatalError(f"cannot read input file {input_path}: {getattr(e, 'strerror', None) or e}") from None
     return hashes
 
 
@@ -283,6 +290,8 @@ def open_output(plan: OutputPlan, stdout: BinaryIO | None = None) -> BinaryIO:
                          f"(it first finishes this compaction from {compact.journal_path(plan.path)})") from None
     plan.input_hashes = None  # no longer needed: free its memory
     try:
+        if compression_of(plan.path):  # never on resume (plan_output refuses it)
+            return open_write(plan.path)
         # Unbuffered: every record reaches the OS in the write that carries it.
         return open(plan.path, "ab" if plan.resume else "wb", buffering=0)
     except OSError as e:
@@ -359,10 +368,13 @@ class OrderedWriter:
     def _fail(self, e: OSError) -> FatalError:
         """The write of a record failed, perhaps half done: cut the file back to its last whole line."""
         try:
+            if compression_of(self.path):  # the offsets are of the uncompressed records: nothing to cut at
+                raise ValueError("compressed")
             os.ftruncate(self.stream.fileno(), self._good)
             cut = "it was cut back to its last whole line"
         except (OSError, ValueError, AttributeError):
-            cut = "its last line may be partial (--resume drops it)"
+            cut = ("the compressed file may end in a partial record" if compression_of(self.path) else
+                   "its last line may be partial (--resume drops it)")
         why = e.strerror or str(e)
         return FatalError(f"cannot write the output file {self.path}: {why}; {cut}, and the {self.written:,} "
                           f"records this run wrote before are kept; {_fix(e)}")

