@@ -211,6 +211,19 @@ def info(
     typer.echo(json.dumps(d, indent=2) if json_out else format_info(d))
 
 
+@app.command()
+def doctor(
+    json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
+) -> None:
+    """What will run here: GPU, driver, CUDA, torch, CuPy, NVRTC, the backend auto picks, the kernel cache."""
+    import json
+
+    from flashgen.doctor import diagnose, format_doctor
+
+    d = diagnose()
+    typer.echo(json.dumps(d, indent=2) if json_out else format_doctor(d))
+
+
 @app.command("convert-gguf")
 def convert_gguf(
     gguf_file: str = typer.Argument(..., help="The .gguf file."),

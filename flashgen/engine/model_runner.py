@@ -24,7 +24,7 @@ from flashgen.engine.token_slots import SampledTokens, TokenSlots
 from flashgen.models.decoder import DecoderLM
 from flashgen.models.spec import DTYPES, ModelSpec
 from flashgen.models.tensor_parallel import TPInfo
-from flashgen.ops import cuda_backend_available, get_ops
+from flashgen.ops import CUDA_FIX, cuda_backend_available, get_ops
 
 log = logging.getLogger(__name__)
 PROMPT_LP_ROWS = 256  # prompt positions whose logits are computed at once for prompt logprobs
@@ -61,10 +61,14 @@ def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype)
     ok, why = cuda_backend_available()
     if config.backend == "cuda":
         if device.type != "cuda" or not ok:
-            raise RuntimeError(f"backend='cuda' cannot run here: {why or 'the device is the CPU'}")
+            fix = f" ({CUDA_FIX})" if device.type == "cuda" else ""
+            raise RuntimeError(f"backend='cuda' cannot run here: {why or 'the device is the CPU'}{fix}")
         if dtype == torch.float32:
             raise RuntimeError("backend='cuda' runs bfloat16 and float16; use --dtype bfloat16 or backend torch")
         return "cuda"
+    if device.type == "cuda" and not ok:  # one line at start-up: a GPU must not run the reference ops unnoticed
+        log.warning("CUDA GPU found but the CUDA kernels cannot run (%s); running the slow torch reference ops. "
+                    "Fix: %s; or pass --backend torch to choose the reference ops explicitly", why, CUDA_FIX)
     return "cuda" if device.type == "cuda" and ok and dtype != torch.float32 else "torch"
 
 

@@ -23,16 +23,34 @@ def get_ops(backend: str) -> ModuleType:
     return importlib.import_module(BACKENDS[backend])
 
 
+CUDA_FIX = ("pip install 'flashgen[cuda13]' (driver for CUDA 13) or 'flashgen[cuda12]' (CUDA 12); "
+            "`flashgen doctor` shows which")
+
+
 def cuda_backend_available() -> tuple[bool, str]:
-    """(True, "") when the CUDA kernels can run here, else (False, the reason)."""
+    """(True, "") when the CUDA kernels can run here, else (False, the reason): no CUDA device, no CuPy, or a
+    CuPy whose NVRTC (the run-time compiler the kernels are built with) cannot be loaded. CUDA_FIX says how to
+    install the missing pieces."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency
         return False, "torch is not installed"
     if not torch.cuda.is_available():
         return False, "no CUDA device is visible"
+    ok, why = nvrtc_version()
+    return (True, "") if ok else (False, why)
+
+
+def nvrtc_version() -> tuple[bool, str]:
+    """(True, "12.8") when CuPy imports and loads NVRTC, else (False, why not). Needs no GPU."""
     try:
-        import cupy  # noqa: F401
+        import cupy
     except ImportError:
-        return False, "cupy is not installed (pip install 'flashgen[cuda13]' or 'flashgen[cuda12]')"
-    return True, ""
+        return False, "cupy is not installed"
+    except Exception as e:  # a broken CuPy install raises more than ImportError
+        return False, f"cupy fails to import: {e}"
+    try:
+        major, minor = cupy.cuda.nvrtc.getVersion()
+    except Exception as e:  # a missing libnvrtc is a RuntimeError, a CUDA error, ...
+        return False, f"cupy {getattr(cupy, '__version__', '?')} cannot load NVRTC: {e}"
+    return True, f"{major}.{minor}"
