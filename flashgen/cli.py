@@ -228,12 +228,15 @@ def doctor(
 def convert_gguf(
     gguf_file: str = typer.Argument(..., help="The .gguf file."),
     out_dir: str = typer.Argument(..., help="The HF checkpoint directory to create (must not exist or be empty)."),
+    dtype: str = typer.Option("bfloat16", "--dtype",
+                              help="dtype of the written weights: bfloat16, float16 or float32 (4x the size of a "
+                                   "4-bit GGUF, 2x bfloat16)."),
 ) -> None:
     """Convert a GGUF file into a HuggingFace checkpoint directory flashgen can load."""
     from flashgen.gguf_convert import convert_gguf as convert
 
     try:
-        path = convert(gguf_file, out_dir)
+        path = convert(gguf_file, out_dir, dtype=dtype)
     except ImportError as e:
         _fail(f"converting GGUF needs the gguf package: pip install 'flashgen[gguf]' ({e})")
     except (OSError, ValueError) as e:

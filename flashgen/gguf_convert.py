@@ -1,10 +1,12 @@
-"""Convert a llama-architecture GGUF file into a HuggingFace checkpoint directory.
+"""Convert a llama, qwen2 or qwen3 GGUF file into a HuggingFace checkpoint directory.
 
 flashgen only loads HF directories, but small models are often shipped as GGUF. This module reads a GGUF
-with the `gguf` package, dequantizes every tensor to float32 and writes what an HF checkpoint holds:
+with the `gguf` package, dequantizes every tensor (F32/F16/BF16, the legacy Q4_0..Q8_0 and the K-quants
+Q2_K..Q6_K, whatever the installed `gguf` can dequantize) and writes what an HF checkpoint holds:
 
-    config.json               LlamaForCausalLM, from the `llama.*` metadata
-    model.safetensors         HF tensor names; Q/K rows put back in HF's rotary layout
+    config.json               Llama/Qwen2/Qwen3ForCausalLM, from the `<arch>.*` metadata
+    model.safetensors         HF tensor names, in bfloat16 unless another dtype is asked for; llama's Q/K rows
+                              put back in HF's rotary layout
     tokenizer.json            byte-level BPE built with `tokenizers` from the `tokenizer.ggml.*` metadata
     tokenizer_config.json     special tokens, chat template, add_bos_token
     generation_config.json    bos/eos/pad ids
@@ -30,7 +32,15 @@ from flashgen.models.spec import ModelSpec, spec_from_config
 
 __all__ = ["convert_gguf", "GGUFConversionError"]
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# GGUF `general.architecture` -> (HF architecture, HF model_type). llama.cpp permutes the Q/K rows of llama only.
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+# What `--dtype` accepts: the dtype model.safetensors is written in (config.json's torch_dtype says the same).
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 
 # llama.cpp's `tokenizer.ggml.token_type` values (gguf.TokenType); spelled out so the intent reads here.
 TOKEN_CONTROL = 3
@@ -115,8 +125,8 @@ def _architecture(reader, path: Path) -> str:
     return arch
 
 
-def _model_config(reader, path: Path, n_vocab: int, tied: bool) -> dict:
-    """config.json for LlamaForCausalLM, from the `<arch>.*` metadata."""
+def _model_config(reader, path: Path, n_vocab: int, tied: bool, dtype: str = "float32") -> dict:
+    """config.json for the HF class of the GGUF's architecture, from the `<arch>.*` metadata."""
     arch = _architecture(reader, path)
     k = lambda name: f"{arch}.{name}"  # noqa: E731
     hidden = _int_field(reader, k("embedding_length"), path)
@@ -127,12 +137,12 @@ def _model_config(reader, path: Path, n_vocab: int, tied: bool) -> dict:
     if rope_dim != head_dim:
         raise GGUFConversionError(
             f"{path}: metadata field {k('rope.dimension_count')!r} is {rope_dim}, but head_dim is {head_dim}; "
-            "partial rotary embeddings are not supported by LlamaForCausalLM"
+            f"partial rotary embeddings are not supported by {ARCHITECTURES[arch][0]}"
         )
     vocab = _int_field(reader, k("vocab_size"), path, n_vocab)
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[arch][0]],
+        "model_type": ARCHITECTURES[arch][1],
         "hidden_size": hidden,
         "intermediate_size": _int_field(reader, k("feed_forward_length"), path),
         "num_hidden_layers": _int_field(reader, k("block_count"), path),
@@ -146,12 +156,14 @@ def _model_config(reader, path: Path, n_vocab: int, tied: bool) -> dict:
         "max_position_embeddings": _int_field(reader, k("context_length"), path),
         "vocab_size": vocab,
         "tie_word_embeddings": tied,
-        "attention_bias": False,
+        "attention_bias": arch == "qwen2",  # Qwen2 always has q/k/v biases (its HF config has no such key)
         "mlp_bias": False,
-        # Dequantized weights are float32; `dtype` is the transformers>=5 spelling of the same field.
-        "torch_dtype": "float32",
-        "dtype": "float32",
+        # The dtype model.safetensors is written in; `dtype` is the transformers>=5 spelling of the same field.
+        "torch_dtype": dtype,
+        "dtype": dtype,
     }
+    if arch != "llama":
+        cfg["use_sliding_window"] = False
     for name in ("bos_token_id", "eos_token_id", "padding_token_id"):
         token_id = _field(reader, f"tokenizer.ggml.{name}", path, None)
         if token_id is not None:
@@ -176,6 +188,8 @@ def _rope_scaling(reader, path: Path, arch: str) -> dict | None:
 
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -197,19 +211,19 @@ def _hf_name(gguf_name: str, path: Path) -> str | None:
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight":
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in ("weight", "bias"):
         if parts[2] == "attn_rot_embd":  # old files store RoPE's inverse frequencies; HF derives them from rope_theta
             return None
-        if parts[2] in _LAYER_TENSORS:
-            return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.weight"
+        if parts[2] in _LAYER_TENSORS:  # a bias the model has no place for is refused by _convert_tensors
+            return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}"
     if gguf_name == "rope_freqs.weight":
         raise GGUFConversionError(
             f"{path}: tensor 'rope_freqs.weight' holds Llama-3.1-style RoPE frequency scaling, which this converter "
             "cannot express in config.json; convert the original HF checkpoint instead"
         )
     raise GGUFConversionError(
-        f"{path}: tensor {gguf_name!r} has no LlamaForCausalLM counterpart (biases and extra tensors are not "
-        "supported); convert the original HF checkpoint instead"
+        f"{path}: tensor {gguf_name!r} has no HF counterpart in the supported architectures (extra tensors are "
+        "not supported); convert the original HF checkpoint instead"
     )
 
 
@@ -241,10 +255,14 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
     return np.array(w, dtype=np.float32, copy=True)
 
 
-def _convert_tensors(reader, path: Path, spec: ModelSpec) -> dict:
-    """All weights as float32 torch tensors under their HF names, checked against the shapes `spec` implies."""
+def _convert_tensors(reader, path: Path, spec: ModelSpec, dtype: str = "float32") -> dict:
+    """All weights as `dtype` torch tensors under their HF names, checked against the shapes `spec` implies.
+
+    Each tensor is dequantized to float32 and cast right away, so at most one float32 tensor is held at a time."""
     import torch
 
+    torch_dtype = getattr(torch, dtype)
+    permute = spec.family in ("llama", "mistral")  # llama.cpp interleaves Q/K rows for llama only
     want = expected_shapes(spec)
     out = {}
     for tensor in reader.tensors:
@@ -252,13 +270,13 @@ def _convert_tensors(reader, path: Path, spec: ModelSpec) -> dict:
         if name is None:
             continue
         w = _dequantize(tensor, path)
-        if name.endswith("q_proj.weight"):
+        if permute and name.endswith("q_proj.weight"):
             w = _undo_rotary_permutation(w, spec.num_heads)
-        elif name.endswith("k_proj.weight"):
+        elif permute and name.endswith("k_proj.weight"):
             w = _undo_rotary_permutation(w, spec.num_kv_heads)
         if name not in want:
             raise GGUFConversionError(
-                f"{path}: tensor {tensor.name!r} ({name}) is not expected for a model with "
+                f"{path}: tensor {tensor.name!r} ({name}) is not expected for a {spec.architecture} model with "
                 f"num_hidden_layers={spec.num_layers}"
             )
         if tuple(w.shape) != want[name]:
@@ -266,7 +284,7 @@ def _convert_tensors(reader, path: Path, spec: ModelSpec) -> dict:
                 f"{path}: tensor {tensor.name!r} has shape {list(w.shape)}, expected {list(want[name])} from the "
                 "metadata; the file is inconsistent"
             )
-        out[name] = torch.from_numpy(w)
+        out[name] = torch.from_numpy(w).to(torch_dtype)
     missing = sorted(set(want) - set(out))
     if missing:
         raise GGUFConversionError(f"{path}: tensors for {missing[:3]} ({len(missing)} in all) are missing")
@@ -462,19 +480,19 @@ def _open(path: Path):
         raise GGUFConversionError(f"{path}: not a readable GGUF file ({e})") from None
 
 
-def _write_dir(tmp: Path, reader, path: Path) -> None:
+def _write_dir(tmp: Path, reader, path: Path, dtype: str) -> None:
     from safetensors.torch import save_file
 
     _architecture(reader, path)  # first: an unsupported model should not be blamed on its tokenizer
     meta = _tokenizer_metadata(reader, path)
     tied = all(t.name != "output.weight" for t in reader.tensors)
-    cfg = _model_config(reader, path, len(meta["tokens"]), tied)
+    cfg = _model_config(reader, path, len(meta["tokens"]), tied, dtype)
     try:  # the config flashgen will load: a model it would refuse is refused here, naming the GGUF
         spec = spec_from_config(cfg, path)
     except ModelLoadError as e:
         raise GGUFConversionError(str(e)) from None
     tokenizer = _build_tokenizer(meta, path)  # before the weights: a tokenizer problem fails fast
-    tensors = _convert_tensors(reader, path, spec)
+    tensors = _convert_tensors(reader, path, spec, dtype)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(str(tmp / "tokenizer.json"))
     dump = lambda name, obj: (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")  # noqa: E731
@@ -493,13 +511,18 @@ def _apply_umask(directory: Path) -> None:
         os.chmod(f, 0o666 & ~mask)
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Dequantize a llama-architecture GGUF into an HF checkpoint directory `out_dir`; returns its path.
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Dequantize a llama, qwen2 or qwen3 GGUF into an HF checkpoint directory `out_dir`; returns its path.
 
+    `dtype` (one of OUTPUT_DTYPES) is what model.safetensors holds. This function keeps float32 as its default,
+    because the cached default model (`resolve_model`) is converted through it and compared exactly against
+    transformers; the `flashgen convert-gguf` command defaults to bfloat16 (half the size of float32).
     `out_dir` must not exist yet (or be empty). Raises GGUFConversionError naming the file, the metadata field
     or tensor and its value when the file uses something this converter does not support. All weights are held
-    in memory as float32 before they are written (0.5 GB for the default 135M model).
+    in memory in `dtype` before they are written (0.5 GB in float32 for the default 135M model).
     """
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(OUTPUT_DTYPES)}")
     path = Path(gguf_path)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -509,7 +532,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     # Same parent, so the final rename is atomic and never crosses file systems.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_dir(tmp, reader, path)
+        _write_dir(tmp, reader, path, dtype)
         _apply_umask(tmp)
         if out.is_dir():
             out.rmdir()  # empty, checked above

@@ -331,7 +331,7 @@ def tiny_vocab():
     return tokens, types, ["h e", "Ġ t", "Ġt he"]
 
 
-def tiny_hf_weights(vocab: int, seed: int = 0) -> dict:
+def tiny_hf_weights(vocab: int, seed: int = 0, arch: str = "llama") -> dict:
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -346,7 +346,16 @@ def tiny_hf_weights(vocab: int, seed: int = 0) -> dict:
                 p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, q),
                 p + "mlp.gate_proj.weight": w(ff, h), p + "mlp.up_proj.weight": w(ff, h),
                 p + "mlp.down_proj.weight": w(h, ff)}
+        if arch == "qwen2":
+            out |= {p + "self_attn.q_proj.bias": w(q), p + "self_attn.k_proj.bias": w(kv),
+                    p + "self_attn.v_proj.bias": w(kv)}
+        if arch == "qwen3":
+            out |= {p + "self_attn.q_norm.weight": 1 + w(d), p + "self_attn.k_norm.weight": 1 + w(d)}
     return out
+
+
+# Byte offsets of the float16 scale fields in one block of each K-quant (ggml-common.h's block_q*_K layouts).
+K_QUANT_F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def quantized_bytes(t, qtype):
@@ -356,6 +365,15 @@ def quantized_bytes(t, qtype):
     try:
         return gguf.quants.quantize(t, qtype)
     except NotImplementedError:
+        if qtype.name in K_QUANT_F16_FIELDS:
+            # gguf dequantizes K-quants but cannot quantize to them: random blocks with small, finite scales are
+            # valid K-quant data (their values, not t's, are what the file then holds)
+            block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+            rng = np.random.default_rng(t.size)
+            raw = rng.integers(0, 256, (t.shape[0], t.shape[1] // block, nbytes), dtype=np.uint8)
+            for off in K_QUANT_F16_FIELDS[qtype.name]:
+                raw[..., off:off + 2] = rng.uniform(1e-3, 1e-2, raw.shape[:2] + (1,)).astype(np.float16).view(np.uint8)
+            return raw.reshape(t.shape[0], -1)
         # gguf cannot quantize this type (Q8_1): zero blocks of the right size still make a well-formed file
         block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
         return np.zeros((t.shape[0], t.shape[1] // block * nbytes), dtype=np.uint8)
@@ -375,6 +393,8 @@ def write_tiny_gguf(path: Path, hf: dict, *, arch="llama", pre="default", qtype=
     w.add_head_count(TINY["heads"])
     w.add_head_count_kv(TINY["kv_heads"])
     w.add_rope_dimension_count(TINY["head_dim"])
+    w.add_key_length(TINY["head_dim"])
+    w.add_value_length(TINY["head_dim"])
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_tokenizer_model("gpt2")
@@ -391,17 +411,18 @@ def write_tiny_gguf(path: Path, hf: dict, *, arch="llama", pre="default", qtype=
     gg = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    gg |= {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     for name, t in hf.items():
         if name == "lm_head.weight" and not untied:
             continue
         if name.startswith("model.layers."):
             _, _, i, rest = name.split(".", 3)
-            module = rest.rsplit(".", 1)[0]
-            if module == "self_attn.q_proj":
+            module, kind = rest.rsplit(".", 1)
+            if arch == "llama" and module == "self_attn.q_proj":  # llama.cpp permutes llama's q/k rows only
                 t = llama_cpp_permute(t, TINY["heads"])
-            elif module == "self_attn.k_proj":
+            elif arch == "llama" and module == "self_attn.k_proj":
                 t = llama_cpp_permute(t, TINY["kv_heads"])
-            gname = f"blk.{i}.{gg[module]}.weight"
+            gname = f"blk.{i}.{gg[module]}.{kind}"
             if qtype is not None and t.ndim == 2:
                 w.add_tensor(gname, quantized_bytes(t, qtype), raw_dtype=qtype)
                 continue
@@ -524,3 +545,142 @@ def test_describe_model(converted, hf_from_gguf):
     assert "134.5M" in table and "LlamaForCausalLM" in table and "9 / 3 / 64" in table
     with pytest.raises(ValueError, match="int4"):
         describe_model(str(converted), dtype="int4")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output dtype, K-quants, qwen2/qwen3: each checked against transformers' own GGUF loader on a tiny file
+# ---------------------------------------------------------------------------------------------------------------
+
+def _transformers_reference(gguf_path: Path) -> dict:
+    """transformers reading the GGUF itself (offline: a local file), float32 state dict."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    return model.state_dict()
+
+
+def test_cli_writes_bfloat16_by_default_and_float32_on_request(tmp_path):
+    """`flashgen convert-gguf` writes bfloat16 (config.json says so) within bf16 rounding of the float32 values;
+    --dtype float32 gives them back exactly; a dtype outside the list is refused."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from flashgen.cli import app
+
+    tokens, _, _ = tiny_vocab()
+    hf = tiny_hf_weights(len(tokens))
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", hf)
+    runner = CliRunner()
+    for args, dtype in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32),
+                        (["--dtype", "float16"], torch.float16)):
+        out = tmp_path / f"out-{dtype}"
+        result = runner.invoke(app, ["convert-gguf", str(path), str(out), *args])
+        assert result.exit_code == 0, result.output
+        name = str(dtype).removeprefix("torch.")
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["torch_dtype"] == cfg["dtype"] == name
+        ours = load_file(out / "model.safetensors")
+        assert set(ours) == set(hf)
+        for key, want in hf.items():
+            assert ours[key].dtype == dtype, key
+            ref = torch.from_numpy(want)
+            if dtype == torch.float32:
+                torch.testing.assert_close(ours[key], ref, rtol=0, atol=0, msg=key)
+            else:  # exactly float32 -> dtype rounding
+                torch.testing.assert_close(ours[key], ref.to(dtype), rtol=0, atol=0, msg=key)
+                torch.testing.assert_close(ours[key].float(), ref, rtol=2 ** -7, atol=1e-6, msg=key)
+    bf16 = (tmp_path / "out-torch.bfloat16" / "model.safetensors").stat().st_size
+    assert bf16 < 0.6 * (tmp_path / "out-torch.float32" / "model.safetensors").stat().st_size
+    result = runner.invoke(app, ["convert-gguf", str(path), str(tmp_path / "bad"), "--dtype", "int8"])
+    assert result.exit_code != 0 and "int8" in result.output and not (tmp_path / "bad").exists()
+    assert np.isfinite(load_file(tmp_path / "out-torch.bfloat16" / "model.safetensors")[
+        "lm_head.weight"].float().numpy()).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_match_transformers_and_gguf(tmp_path, monkeypatch, qtype):
+    """K-quant projections (256-wide blocks, so a wider tiny model): our float32 conversion equals both the gguf
+    package's dequantization (q/k rows un-permuted) and transformers' loader, bit for bit."""
+    import gguf
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    from flashgen.gguf_convert import convert_gguf
+
+    monkeypatch.setitem(TINY, "hidden", 256)
+    monkeypatch.setitem(TINY, "ff", 256)
+    monkeypatch.setitem(TINY, "head_dim", 64)
+    tokens, _, _ = tiny_vocab()
+    qt = gguf.GGMLQuantizationType[qtype]
+    path = write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", tiny_hf_weights(len(tokens), seed=2), qtype=qt)
+    reader = gguf.GGUFReader(path)
+    stored = {t.name: t for t in reader.tensors}
+    assert stored["blk.0.ffn_down.weight"].tensor_type == qt
+    ours = load_file(convert_gguf(path, tmp_path / "out", dtype="float32") / "model.safetensors")
+    t = stored["blk.1.attn_k.weight"]
+    ref_k = dequantize(t.data, t.tensor_type)
+    assert np.isfinite(ref_k).all() and np.abs(ref_k).max() > 0
+    np.testing.assert_array_equal(llama_cpp_permute(ours["model.layers.1.self_attn.k_proj.weight"].numpy(),
+                                                    TINY["kv_heads"]), ref_k)
+    t = stored["blk.0.ffn_down.weight"]
+    np.testing.assert_array_equal(ours["model.layers.0.mlp.down_proj.weight"].numpy(),
+                                  dequantize(t.data, t.tensor_type))
+    ref = _transformers_reference(path)
+    assert set(ours) == set(ref)
+    for name, w in ours.items():
+        torch.testing.assert_close(w, ref[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch, hf_class", [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+@pytest.mark.parametrize("qtype", [None, "Q8_0"])
+def test_qwen_architectures_match_transformers(tmp_path, monkeypatch, arch, hf_class, qtype):
+    """qwen2 (q/k/v biases) and qwen3 (q/k RMS norms), whose q/k rows llama.cpp leaves unpermuted: same weights as
+    transformers' GGUF loader, F32 ones equal to the original; the directory loads in flashgen's config checks
+    and in transformers, whose logits match the GGUF reference."""
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from flashgen.gguf_convert import convert_gguf
+    from flashgen.models.spec import load_spec
+
+    if arch == "qwen3":  # transformers' GGUF loader ignores qwen3.attention.key_length: Qwen3Config's head_dim, 128
+        monkeypatch.setitem(TINY, "head_dim", 128)
+        monkeypatch.setitem(TINY, "heads", 2)
+        monkeypatch.setitem(TINY, "kv_heads", 1)
+    tokens, _, _ = tiny_vocab()
+    hf = tiny_hf_weights(len(tokens), seed=3, arch=arch)
+    qt = gguf.GGMLQuantizationType[qtype] if qtype else None
+    path = write_tiny_gguf(tmp_path / f"tiny-{arch}.gguf", hf, arch=arch, qtype=qt)
+    out = convert_gguf(path, tmp_path / "out", dtype="float32")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [hf_class] and cfg["model_type"] == arch
+    spec = load_spec(out)
+    assert spec.family == arch and spec.qkv_bias == (arch == "qwen2") and spec.qk_norm == (arch == "qwen3")
+    ours = load_file(out / "model.safetensors")
+    assert set(ours) == set(hf)
+    if qt is None:
+        for name, want in hf.items():
+            np.testing.assert_array_equal(ours[name].numpy(), want, err_msg=name)
+    ref = _transformers_reference(path)
+    assert set(ours) == set(ref)
+    for name, w in ours.items():
+        torch.testing.assert_close(w, ref[name], rtol=0, atol=0, msg=name)
+
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(model).__name__ == hf_class
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 5, 17, 200, 3, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-5, atol=1e-5)
