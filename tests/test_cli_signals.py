@@ -5,12 +5,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from flashgen.jobs.errors import ExitCode
-from test_cli_support import cli, proc_env, read_jsonl, tiny_model
+from test_cli_support import cli, proc_env, read_jsonl, tiny_model, wait_for_lines
 
 N = 60
 # Slow enough to interrupt mid-run (60 lines x 10 tokens, 2 at a time: 300 engine steps), yet quick.
@@ -33,17 +32,6 @@ def start(src, out, cwd, stdin=None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "flashgen", "generate", str(src), "-o", str(out), "--model", tiny_model(), *ARGS]
     return subprocess.Popen(cmd, cwd=cwd, env=proc_env(), stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-
-
-def wait_for_lines(p: subprocess.Popen, out, n: int, timeout: float = 90) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if out.exists() and out.read_bytes().count(b"\n") >= n:
-            return
-        assert p.poll() is None, f"exited early: {p.returncode} {p.stderr.read().decode()}"
-        time.sleep(0.005)
-    p.kill()
-    raise AssertionError("no output in time")
 
 
 def resume_and_compare(src, out, want, cwd):

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,35 @@ def proc(args: list[str], cwd: str | Path, **kw) -> subprocess.CompletedProcess:
     """Run `python -m flashgen` as a separate process (for stdout purity and signals)."""
     return subprocess.run([sys.executable, "-m", "flashgen", *map(str, args)], cwd=cwd, env=proc_env(),
                           capture_output=True, timeout=120, **kw)
+
+
+def wait_for_lines(p: subprocess.Popen, out, n: int, timeout: float = 90) -> None:
+    """Wait until the running job `p` has written `n` lines to `out` (it must not exit first)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if out.exists() and out.read_bytes().count(b"\n") >= n:
+            return
+        assert p.poll() is None, f"exited early: {p.returncode} {p.stderr.read().decode()}"
+        time.sleep(0.005)
+    p.kill()
+    raise AssertionError("no output in time")
+
+
+# Lines of each format, with a short prompt, for the parsing tests
+CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+
+
+def native(**fields) -> dict:
+    return {"id": "n", "prompt": "hi", **fields}
+
+
+def chat(**body) -> dict:
+    return {"custom_id": "c", "method": "POST", "url": CHAT_URL,
+            "body": {"messages": [{"role": "user", "content": "hi"}], **body}}
+
+
+def completion(**body) -> dict:
+    return {"custom_id": "m", "method": "POST", "url": COMPLETIONS_URL, "body": {"prompt": "hi", **body}}
 
 
 class FakeTokenizer:

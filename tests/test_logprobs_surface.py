@@ -16,22 +16,7 @@ from flashgen.jobs.records import result_record
 from flashgen.jobs.settings import load_settings
 from flashgen.outputs import Logprob, RequestOutput
 from flashgen.sampling_params import SamplingParams
-from test_cli_support import FakeTokenizer, gen
-
-CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
-
-
-def native(**fields) -> dict:
-    return {"id": "n", "prompt": "hi", **fields}
-
-
-def chat(**body) -> dict:
-    return {"custom_id": "c", "method": "POST", "url": CHAT_URL,
-            "body": {"messages": [{"role": "user", "content": "hi"}], **body}}
-
-
-def completion(**body) -> dict:
-    return {"custom_id": "m", "method": "POST", "url": COMPLETIONS_URL, "body": {"prompt": "hi", **body}}
+from test_cli_support import FakeTokenizer, chat, completion, gen, native
 
 
 @pytest.fixture

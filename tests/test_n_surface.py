@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -26,22 +25,22 @@ from flashgen.jobs.settings import load_settings
 from flashgen.jobs.writer import OrderedWriter
 from flashgen.outputs import CompletionOutput, Logprob, RequestOutput
 from flashgen.sampling_params import SamplingParams, sample_seed
-from test_cli_support import FAST, FakeLLM, FakeTokenizer, cli, gen, proc_env, read_jsonl, tiny_model
-
-CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
-
-
-def native(**fields) -> dict:
-    return {"id": "n", "prompt": "hi", **fields}
-
-
-def chat(**body) -> dict:
-    return {"custom_id": "c", "method": "POST", "url": CHAT_URL,
-            "body": {"messages": [{"role": "user", "content": "hi"}], **body}}
-
-
-def completion(**body) -> dict:
-    return {"custom_id": "m", "method": "POST", "url": COMPLETIONS_URL, "body": {"prompt": "hi", **body}}
+from test_cli_support import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    FAST,
+    FakeLLM,
+    FakeTokenizer,
+    chat,
+    cli,
+    completion,
+    gen,
+    native,
+    proc_env,
+    read_jsonl,
+    tiny_model,
+    wait_for_lines,
+)
 
 
 def defaults() -> dict:
@@ -477,17 +476,6 @@ def check_resumed(out, want):
     for k, samples in got.items():
         assert [s[0] for s in samples] == list(range(N_SAMPLES)), (k, samples)  # all n samples, by index
     assert got == want  # and each is the uninterrupted run's
-
-
-def wait_for_lines(p: subprocess.Popen, out, n: int, timeout: float = 90) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if out.exists() and out.read_bytes().count(b"\n") >= n:
-            return
-        assert p.poll() is None, f"exited early: {p.returncode} {p.stderr.read().decode()}"
-        time.sleep(0.005)
-    p.kill()
-    raise AssertionError("no output in time")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

@@ -12,19 +12,12 @@ from __future__ import annotations
 import gc
 import random
 import tempfile
-import time
 
 import torch
 
+from flashgen.bench.throughput import timed_generate
+
 WORKLOADS = ("logprobs", "prompt_logprobs", "samples")
-
-
-def _timed(llm, prompts, params) -> tuple[float, list]:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, outs
 
 
 def _free(llm) -> None:
@@ -55,8 +48,8 @@ def main(workload: str, out_dir: str | None = None, **engine_kw) -> dict:
             base = w.sampling_params()
             with_lp = [SamplingParams(temperature=w.temperature, max_tokens=m, ignore_eos=True, detokenize=False,
                                       logprobs=5) for m in w.max_tokens]
-            t_plain, outs = _timed(llm, w.prompts, base)
-            t_lp, outs_lp = _timed(llm, [[t + 1 for t in p] for p in w.prompts], with_lp)  # no cache hits
+            t_plain, outs = timed_generate(llm, w.prompts, base)
+            t_lp, outs_lp = timed_generate(llm, [[t + 1 for t in p] for p in w.prompts], with_lp)  # no cache hits
             assert all(len(o.logprobs) == len(o.token_ids) for o in outs_lp)
             tokens = sum(len(o.token_ids) for o in outs)
             res.update(plain_tok_per_s=tokens / t_plain, logprobs_tok_per_s=tokens / t_lp, ratio=t_plain / t_lp)
@@ -66,9 +59,9 @@ def main(workload: str, out_dir: str | None = None, **engine_kw) -> dict:
             llm = LLM(**kw)
             prompts = [[rng.randrange(10000) for _ in range(16384)] for _ in range(16)]
             llm.generate([[1] * 64], SamplingParams(max_tokens=1, prompt_logprobs=1))
-            t_plain, _ = _timed(llm, prompts, SamplingParams(max_tokens=1, detokenize=False))
+            t_plain, _ = timed_generate(llm, prompts, SamplingParams(max_tokens=1, detokenize=False))
             shifted = [[t + 1 for t in p] for p in prompts]
-            t_lp, outs = _timed(llm, shifted, SamplingParams(max_tokens=1, prompt_logprobs=1))
+            t_lp, outs = timed_generate(llm, shifted, SamplingParams(max_tokens=1, prompt_logprobs=1))
             assert all(len(o.prompt_logprobs) == 16384 for o in outs)
             n_tok = 16 * 16384
             res.update(plain_prompt_tok_per_s=n_tok / t_plain, logprobs_prompt_tok_per_s=n_tok / t_lp,
@@ -85,14 +78,14 @@ def main(workload: str, out_dir: str | None = None, **engine_kw) -> dict:
             separate = LLM(**kw, enable_prefix_caching=False)
             separate.generate([[1] * 64], SamplingParams(max_tokens=4))
             p0 = separate.stats.prompt_tokens
-            t_sep, outs = _timed(separate, [p for p in prompts for _ in range(8)],
+            t_sep, outs = timed_generate(separate, [p for p in prompts for _ in range(8)],
                                  [sp(8 * i + j) for i in range(256) for j in range(8)])
             sep_prompt = separate.stats.prompt_tokens - p0
             _free(separate)
             grouped = LLM(**kw)
             grouped.generate([[1] * 64], SamplingParams(max_tokens=4))
             p0 = grouped.stats.prompt_tokens
-            t_n, outs_n = _timed(grouped, prompts, [sp(i, n=8) for i in range(256)])
+            t_n, outs_n = timed_generate(grouped, prompts, [sp(i, n=8) for i in range(256)])
             n_prompt = grouped.stats.prompt_tokens - p0
             tokens = sum(len(c.token_ids) for o in outs_n for c in o.outputs)
             assert tokens == sum(len(o.token_ids) for o in outs) == 256 * 8 * 512

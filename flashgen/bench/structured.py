@@ -15,11 +15,12 @@ import copy
 import random
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from flashgen.bench.throughput import timed_generate
 
 N_REQUESTS = 2048
 MAX_TOKENS = 256
@@ -67,7 +68,7 @@ def model_dir(path: str, tokenizer_dir: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, d / name)
-    vocab = Tokenizer(d)._tok.get_vocab_size(with_added_tokens=True)
+    vocab = Tokenizer(d).vocab_size
     cfg = {**SHAPES["qwen3-0.6b"], "vocab_size": vocab, "torch_dtype": "bfloat16", "hidden_act": "silu"}
     (d / "config.json").write_text(json.dumps(cfg))
     return d
@@ -75,14 +76,6 @@ def model_dir(path: str, tokenizer_dir: Path) -> Path:
 
 def random_prompts(rng: random.Random, lengths: list[int], vocab: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
-
-
-def timed_generate(llm, prompts, params) -> tuple[float, list]:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, outs
 
 
 def main(tokenizer_dir: str | None = None, out_dir: str | None = None, **engine_kw) -> dict:

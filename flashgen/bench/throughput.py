@@ -55,6 +55,15 @@ def make_workload(name: str) -> Workload:
                      "structured, logprobs, prompt_logprobs or samples")
 
 
+def timed_generate(llm, prompts, params) -> tuple[float, list]:
+    """(wall seconds, outputs) of one llm.generate, the GPU idle before and after the clock."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, outs
+
+
 def measure_ceilings() -> dict:
     """Copy bandwidth (bytes read + written) and bf16 matmul rate of this GPU, measured now (the kernel
     benchmark's ceilings, under this module's key names)."""

@@ -229,10 +229,12 @@ class TokenMasks:
         if self._host.shape[0] < len(rows):
             self._host = torch.empty(max(len(rows), 2 * self._host.shape[0]), self.words, dtype=torch.int32,
                                      pin_memory=self.device.type == "cuda")
-        live = [(seqs[i].matcher, j) for j, i in enumerate(rows) if not isinstance(seqs[i].matcher, GrammarFailure)]
+        live = []
         for j, i in enumerate(rows):
             if isinstance(seqs[i].matcher, GrammarFailure):
                 self._host[j] = 0  # nothing allowed: the request fails with its grammar's problem
+            else:
+                live.append((seqs[i].matcher, j))
         if live:
             self.executor.unsafe_compute_mask_ptr(live, self._host.data_ptr(), self.words * 4, self._host.shape[0])
         mask_rows = torch.full((len(seqs),), -1, dtype=torch.int32)

@@ -280,7 +280,6 @@ class LineParser:
                     raise BadLine("invalid_token_id", f'field "{name}" has {at}, not a token id of this model '
                                   f"(integers 0..{self.vocab_size - 1}); use ids from the model's tokenizer", name)
 
-    check_stop_ids = check_token_ids  # its former name
 
     def _plain_ids(self, obj: dict, source: str | None) -> list[int]:
         if source is None:

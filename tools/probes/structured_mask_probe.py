@@ -20,6 +20,7 @@ import torch
 
 from flashgen import LLM, SamplingParams, StructuredOutputsParams
 from flashgen.bench import structured as st
+from flashgen.bench.throughput import timed_generate
 from flashgen.engine import engine as engine_mod
 from flashgen.engine import grammar as G
 from flashgen.engine import model_runner as mr
@@ -67,14 +68,14 @@ def main(tokenizer_dir: str) -> None:
             TIMES.clear()
             sps = [SamplingParams(temperature=0.6, seed=i, max_tokens=st.MAX_TOKENS, structured_outputs=so)
                    for i in range(n)]
-            t, outs = st.timed_generate(llm, st.random_prompts(rng, lengths, vocab), sps)
+            t, outs = timed_generate(llm, st.random_prompts(rng, lengths, vocab), sps)
             n_out = [len(o.token_ids) for o in outs]
             print(f"{name}: {sum(n_out) / t:,.0f} tok/s in {t:.2f} s; host: " +
                   ", ".join(f"{k} {v:.2f} s" for k, v in TIMES.items()), flush=True)
         G.Grammars.matcher = deep
         TIMES.clear()
         base = [SamplingParams(temperature=0.6, seed=i, max_tokens=m, ignore_eos=True) for i, m in enumerate(n_out)]
-        t, _ = st.timed_generate(llm, st.random_prompts(rng, lengths, vocab), base)
+        t, _ = timed_generate(llm, st.random_prompts(rng, lengths, vocab), base)
         print(f"unconstrained, same lengths: {sum(n_out) / t:,.0f} tok/s in {t:.2f} s; host: " +
               ", ".join(f"{k} {v:.2f} s" for k, v in TIMES.items()), flush=True)
         del grammars
