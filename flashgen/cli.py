@@ -133,6 +133,10 @@ def generate(
     # job
     resume: bool | None = typer.Option(None, "--resume/--no-resume", show_default=False, rich_help_panel=JOB,
                                        help="Skip ids already in the output file; append the rest."),
+    shard: str | None = typer.Option(None, "--shard", metavar="K/N", rich_help_panel=JOB,
+                                     help="Run shard K of N: the input lines whose 0-based index (blank lines not "
+                                          "counted) % N == K; auto = from a Slurm job array. {shard} in -o becomes "
+                                          "KK-of-NN; flashgen merge joins the outputs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file.", rich_help_panel=JOB),
     order: str | None = typer.Option(None, help="input (default) or completion.", rich_help_panel=JOB),
     template: str | None = typer.Option(None, help="Jinja file rendering each prompt from the line's fields.",
@@ -159,6 +163,11 @@ def generate(
                                       help="No summary or notes on stderr (errors still)."),
     data_parallel: str | None = typer.Option(None, help="Engine processes, one per GPU; auto = one per GPU.",
                                              rich_help_panel=JOB),
+    ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", rich_help_panel=JOB,
+                                   help="Run the job over a Ray cluster (pip install 'flashgen[ray]'): auto = the "
+                                        "running cluster, local = start one here, or the cluster's address."),
+    ray_actors: int | None = typer.Option(None, rich_help_panel=JOB,
+                                          help="Engines (Ray actors) of a --ray job (0 = one per GPU of the cluster)."),
     max_line_bytes: int | None = typer.Option(None, help="Longer input lines get a line_too_long error record "
                                               "(default 64 MiB; 0 = no limit).", rich_help_panel=JOB),
     drain: bool | None = typer.Option(None, "--drain/--no-drain", show_default=False, rich_help_panel=JOB,
@@ -181,13 +190,48 @@ def generate(
                          frequency_penalty=frequency_penalty, json_schema=json_schema, regex=regex,
                          choice=choice or None, grammar=grammar),
         "job": dict(resume=resume, order=order, template=template, field=field, chat=chat, system=system,
-                    return_token_ids=return_token_ids, max_errors=max_errors, max_in_flight=max_in_flight,
+                    return_token_ids=return_token_ids, max_errors=max_errors, max_in_flight=max_in_flight, shard=shard,
                     progress=None if progress is None else ("on" if progress else "off"), stats_json=stats_json,
-                    quiet=quiet, data_parallel=data_parallel, max_line_bytes=max_line_bytes, drain=drain),
+                    quiet=quiet, data_parallel=data_parallel, max_line_bytes=max_line_bytes, drain=drain,
+                    ray=ray, ray_actors=ray_actors),
     }
     if _quiet(config, flags):
         log_to_stderr(logging.WARNING)
     code = run_generate(input, output, config, flags, overwrite=overwrite, show_config=show_config)
+    raise typer.Exit(code)
+
+
+MERGE_EXIT_CODES = """Exit codes: 0 every input line's record was written; 2 fatal error (bad arguments, unreadable
+files, no --input); 4 incomplete: input lines without a record, ids with more records than input lines, or records
+of no input line (nothing is written; with --allow-missing the lines that have a record are written, and missing
+lines still exit 4)."""
+
+
+@app.command(epilog=MERGE_EXIT_CODES)
+def merge(
+    shard_outputs: list[str] = typer.Argument(  # noqa: B008 - typer's declaration of the argument, never mutated
+        ..., metavar="SHARD_OUTPUT", show_default=False,
+        help="The shards' output files, globs (quote them: 'out.*-of-08.jsonl') or directories (their .jsonl files)."),
+    output: str | None = typer.Option(None, "--output", "-o",
+                                      help="Merged JSONL file (.gz, .bz2, .zst: compressed); - or nothing for stdout."),
+    input: str | None = typer.Option(None, "--input", "-i", metavar="FILE",
+                                     help="The input file the shards read: it gives the order, and the lines every "
+                                          "record is checked against (required)."),
+    allow_missing: bool = typer.Option(False, "--allow-missing",
+                                       help="Write the lines that have a record even if some have none (exit 4)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    max_line_bytes: int | None = typer.Option(None, help="The job's --max-line-bytes, if it set one (ids of overlong "
+                                              "lines are found as the job found them)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary on stderr (problems still)."),
+) -> None:
+    """Join the outputs of `generate --shard K/N` into one output in input order, checking that every input line
+    has exactly one record."""
+    from flashgen.jobs.inputs import DEFAULT_MAX_LINE_BYTES
+    from flashgen.jobs.merge import run_merge
+
+    code = run_merge(shard_outputs, output, input, allow_missing=allow_missing, overwrite=overwrite,
+                     max_line_bytes=DEFAULT_MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes,
+                     quiet=quiet)
     raise typer.Exit(code)
 
 

@@ -14,6 +14,7 @@ class ExitCode(enum.IntEnum):
     LINE_ERRORS = 1    # the job finished, but some lines got error records instead of results
     FATAL = 2          # nothing more could run: bad flags, config, model, input or output file, engine failure
     MAX_ERRORS = 3     # stopped early because --max-errors bad lines were seen; fix the input, then --resume
+    INCOMPLETE = 4     # flashgen merge: input lines without a record, ids with several, or records of no input line
     INTERRUPTED = 130  # SIGINT, SIGTERM or SIGHUP: finished lines are saved; run again with --resume
     PIPE_CLOSED = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, as other Unix tools exit
 

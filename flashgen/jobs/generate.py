@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from flashgen.jobs.params import defaults_from_settings
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import Settings, load_settings, render_toml
+from flashgen.jobs.shard import Shard, count_lines, expand, parse_shard
 from flashgen.jobs.signals import SignalGuard
 from flashgen.jobs.writer import OrderedWriter, check_writable, open_output, plan_output
 
@@ -45,7 +47,17 @@ def run_generate(input_path: str | None, output_path: str | None, config_file: s
                 results.write(render_toml(settings).encode())
                 results.flush()
                 return ExitCode.OK
-            stats.status = _run(settings, input_path, output_path, overwrite, stats, signals, results, console)
+            shard = parse_shard(job["shard"])  # a bad --shard (or a missing Slurm variable) costs a second
+            if shard is not None and job.get("ray"):
+                raise FatalError(f"--shard {job['shard']} and --ray both spread one job over machines; use one: "
+                                 "--ray for a Ray cluster, --shard for a job array (one job per shard)")
+            if output_path not in (None, "-"):
+                output_path = stats.output = expand(output_path, shard, "output")
+            if job["stats_json"]:
+                job["stats_json"] = expand(job["stats_json"], shard, "--stats-json")
+            stats.shard = shard.spec if shard else ""
+            stats.status = _run(settings, input_path, output_path, overwrite, stats, signals, results, console,
+                                shard)
         except FatalError as e:
             console.print(f"flashgen: error: {e}", markup=False)
             stats.status = "fatal"
@@ -78,9 +90,82 @@ def run_generate(input_path: str | None, output_path: str | None, config_file: s
 
 
 def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats, signals: SignalGuard,
-         results, console: Console) -> str:
-    job, engine = settings.job, dict(settings.engine)
+         results, console: Console, shard: Shard | None = None) -> str:
+    job = settings.job
     log = (lambda s: None) if job["quiet"] else (lambda s: console.print(s, markup=False))
+    setup = prepare(settings)
+    model, engine = setup.model, setup.engine
+    if job["ray"]:  # before the output is locked: a job that cannot run on Ray costs a second
+        from flashgen.ray import check_ray_job
+
+        check_ray_job(settings, input_path)
+    if job["stats_json"]:
+        check_writable(job["stats_json"], "--stats-json")  # now, not after the whole job (the output: plan_output)
+    in_stream, total = _open_input(input_path, shard, job["max_line_bytes"])
+    # What changes a line's result besides the line itself: stored with each result, checked by --resume. Not the
+    # shard: a line's result does not depend on which shard ran it, so merged shards equal one job's output and a
+    # re-sharded job resumes from the same results.
+    fingerprint = setup.fingerprint
+    plan = plan_output(output_path, input_path, overwrite=overwrite, resume=job["resume"],
+                       fingerprint=fingerprint, shard=shard)
+    try:  # the output file stays locked until the job ends, however it ends
+        if plan.resume:
+            log(f"flashgen: resuming {plan.name}: {plan.n_done:,} lines already done"
+                + (f"; {plan.n_errors:,} error records dropped to run those lines again" if plan.n_errors else "")
+                + ("; a torn last line dropped" if plan.torn else ""))
+        for note in plan.notes:
+            log(note)
+        if shard is not None:
+            log(f"flashgen: shard {shard.spec}: input lines {shard.k}, {shard.k + shard.n}, {shard.k + 2 * shard.n}, "
+                "... (0-based, blank lines not counted)" + (f", {total:,} lines" if total is not None else ""))
+        if job["ray"]:  # the actors read the input file themselves (flashgen.ray)
+            in_stream.close()
+            from flashgen.ray import run_on_ray
+
+            stats.model = model or ""
+            return run_on_ray(settings, setup, str(input_path), plan, results, stats, signals, console, log, total)
+        llm = _load_model(model, engine, job["data_parallel"])
+        if hasattr(llm, "describe"):
+            log(f"flashgen: {llm.describe()}")
+        stats.model = getattr(llm, "model_name", model or "")
+        parser = make_parser(llm, setup, job)
+        writer = OrderedWriter(open_output(plan, results), job["order"], path=plan.path)
+        show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
+        progress = JobProgress(show and not job["quiet"], total, console)
+        runner = Runner(llm, parser, writer, stats,
+                        max_in_flight=job["max_in_flight"] or 4 * engine["max_num_seqs"],
+                        max_errors=job["max_errors"], return_token_ids=job["return_token_ids"], progress=progress,
+                        signals=signals, drain=job["drain"], log=log)
+        stats.started = True
+        lines = read_lines(in_stream, job["max_line_bytes"])
+        if shard is not None:
+            lines = shard.select(lines)
+        try:
+            return runner.run(plan.watch(lines, log), plan.done)
+        finally:
+            progress.stop()
+            if plan.path is not None:
+                writer.stream.close()
+            if total is not None:  # a file; stdin is left alone, the reader thread may still be blocked on it
+                in_stream.close()
+    finally:
+        plan.release()
+
+
+@dataclass
+class JobSetup:
+    """What a job's settings resolve to before any model loads: shared by `flashgen generate` and the Ray actors
+    (flashgen.ray), so both check the same things and parse lines the same way."""
+    model: str | None         # None: the embedded default model
+    engine: dict[str, Any]    # EngineConfig's keyword arguments, model left out
+    defaults: dict[str, Any]  # SamplingParams keyword arguments: the sampling defaults every line starts from
+    template: Any             # the compiled --template, or None
+    fingerprint: str          # what changes a line's result besides the line (flashgen.jobs.fingerprint)
+
+
+def prepare(settings: Settings) -> JobSetup:
+    """Check the sampling defaults, engine options and template, and resolve them; FatalError naming the fix."""
+    job, engine = settings.job, dict(settings.engine)
     defaults = defaults_from_settings(settings.sampling, settings.sources)  # reads --json-schema / --grammar
     if defaults["seed"] is None:  # every line gets its own seed (see params.line_seed): none depends on batching
         defaults["seed"] = settings.engine["seed"]
@@ -94,45 +179,15 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
         from flashgen.jobs.templates import load_template
 
         template = load_template(job["template"])
-    if job["stats_json"]:
-        check_writable(job["stats_json"], "--stats-json")  # now, not after the whole job (the output: plan_output)
-    in_stream, total = _open_input(input_path)
-    # what changes a line's result besides the line itself: stored with each result, checked by --resume
     fingerprint = job_fingerprint(defaults, job["template"], job["field"], job["chat"], job["system"])
-    plan = plan_output(output_path, input_path, overwrite=overwrite, resume=job["resume"],
-                       fingerprint=fingerprint)
-    try:  # the output file stays locked until the job ends, however it ends
-        if plan.resume:
-            log(f"flashgen: resuming {plan.name}: {plan.n_done:,} lines already done"
-                + (f"; {plan.n_errors:,} error records dropped to run those lines again" if plan.n_errors else "")
-                + ("; a torn last line dropped" if plan.torn else ""))
-        for note in plan.notes:
-            log(note)
-        llm = _load_model(model, engine, job["data_parallel"])
-        if hasattr(llm, "describe"):
-            log(f"flashgen: {llm.describe()}")
-        stats.model = getattr(llm, "model_name", model or "")
-        parser = LineParser(llm.tokenizer, llm.max_model_len, defaults, template=template,
-                            template_name=job["template"], field=job["field"], chat=job["chat"],
-                            fingerprint=fingerprint, system=job["system"])
-        writer = OrderedWriter(open_output(plan, results), job["order"], path=plan.path)
-        show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
-        progress = JobProgress(show and not job["quiet"], total, console)
-        runner = Runner(llm, parser, writer, stats,
-                        max_in_flight=job["max_in_flight"] or 4 * engine["max_num_seqs"],
-                        max_errors=job["max_errors"], return_token_ids=job["return_token_ids"], progress=progress,
-                        signals=signals, drain=job["drain"], log=log)
-        stats.started = True
-        try:
-            return runner.run(plan.watch(read_lines(in_stream, job["max_line_bytes"]), log), plan.done)
-        finally:
-            progress.stop()
-            if plan.path is not None:
-                writer.stream.close()
-            if total is not None:  # a file; stdin is left alone, the reader thread may still be blocked on it
-                in_stream.close()
-    finally:
-        plan.release()
+    return JobSetup(model, engine, defaults, template, fingerprint)
+
+
+def make_parser(llm, setup: JobSetup, job: dict[str, Any]) -> LineParser:
+    """The line parser of a job, over a loaded model's tokenizer."""
+    return LineParser(llm.tokenizer, llm.max_model_len, setup.defaults, template=setup.template,
+                      template_name=job["template"], field=job["field"], chat=job["chat"],
+                      fingerprint=setup.fingerprint, system=job["system"])
 
 
 def _check_sampling(defaults: dict, settings: Settings) -> None:
@@ -156,8 +211,9 @@ def _check_engine(model: str | None, engine: dict, settings: Settings) -> None:
         raise FatalError(f"{e}" + (f" (set by {where})" if where else "")) from None
 
 
-def _open_input(input_path: str | None):
-    """The input stream and its line count (None for stdin: counting would mean reading it all first)."""
+def _open_input(input_path: str | None, shard: Shard | None = None, max_line_bytes: int = 0):
+    """The input stream and its line count (None for stdin: counting would mean reading it all first); with a
+    shard, the count of the shard's lines."""
     if input_path in (None, "-"):
         if sys.stdin is None or sys.stdin.isatty():
             raise FatalError("no input: give a JSONL file, or pipe JSONL lines into stdin")
@@ -174,6 +230,13 @@ def _open_input(input_path: str | None):
         f = open_read(p)
     except OSError as e:
         raise FatalError(f"cannot read input file {input_path}: {e.strerror}") from None
+    if shard is not None and total:
+        try:  # the lines the shard's index counts (blank lines are not lines), not newlines: one more pass
+            with open_read(p) as g:
+                total = count_lines(g, shard, max_line_bytes)
+        except (OSError, EOFError, ValueError) as e:
+            f.close()
+            raise FatalError(f"cannot read input file {input_path}: {getattr(e, 'strerror', None) or e}") from None
     return f, total
 
 

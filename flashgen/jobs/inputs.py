@@ -88,16 +88,17 @@ class LongLine:
     limit: int
 
 
-def read_lines(stream: BinaryIO,
-               max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | LongLine]]:
+def read_lines(stream: BinaryIO, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+               start: int = 1) -> Iterator[tuple[int, bytes | LongLine]]:
     """(1-based line number, raw bytes) for each non-blank line, read lazily: memory stays flat on any size. A line
-    longer than `max_line_bytes` (0: no limit) is skipped without holding it and yields a LongLine instead."""
+    longer than `max_line_bytes` (0: no limit) is skipped without holding it and yields a LongLine instead.
+    `start`: the number of the stream's first line (a stream that starts inside a file: flashgen.ray)."""
     lines: Iterator[bytes | LongLine]
     if not hasattr(stream, "readline") or max_line_bytes <= 0:
         lines = iter(stream)
     else:
         lines = _bounded_lines(stream, max_line_bytes)
-    for lineno, raw in enumerate(lines, 1):
+    for lineno, raw in enumerate(lines, start):
         if isinstance(raw, LongLine):
             yield lineno, raw
             continue
@@ -228,6 +229,13 @@ class LineParser:
         except BadLine as b:
             return self.error(line, b.code, b.message, b.field)
         return LineRequest(line.lineno, line.id, line.key, kind, ids, params, request_hash(obj, self.fingerprint))
+
+    def duplicate(self, line: Line) -> LineError:
+        """The error record of a line whose id an earlier line has (that line keeps the id; this one does not run).
+        One place for its text: `flashgen merge` writes it for such lines that sharding put in different shards."""
+        name = "custom_id" if line.batch else "id"
+        return self.error(line, "duplicate_id", f'field "{name}" is {show(line.id)}, which an earlier line already '
+                          "has; give each line a unique id (this line did not run)", name)
 
     def error(self, line: Line | LineRequest, code: str, message: str, field: str | None = None) -> LineError:
         batch = line.batch if isinstance(line, Line) else line.kind is not None

@@ -19,6 +19,7 @@ class JobStats:
     model: str = ""
     input: str = ""
     output: str = ""
+    shard: str = ""                # "K/N" of a sharded job (--shard); left out of the JSON when not sharded
     lines: int = 0                 # lines answered in this run (results + error records)
     ok: int = 0
     errors: int = 0
@@ -61,6 +62,8 @@ class JobStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("_t0")
+        if not d["shard"]:
+            d.pop("shard")
         return d
 
     def summary(self) -> str:

@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterator
 from flashgen.jobs.errors import FatalError, Interrupted
 from flashgen.jobs.fingerprint import KeyHashMap
 from flashgen.jobs.idset import IdSet
-from flashgen.jobs.inputs import LineError, LineParser, LineRequest, LongLine
+from flashgen.jobs.inputs import Line, LineError, LineParser, LineRequest, LongLine
 from flashgen.jobs.openai_batch import completion_tokens
-from flashgen.jobs.params import show
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.records import error_record, result_record
 from flashgen.jobs.signals import SignalGuard
@@ -23,6 +22,27 @@ from flashgen.jobs.source import EMPTY, EOF, InputError, LineSource
 from flashgen.jobs.writer import OrderedWriter
 
 SKIP = object()  # a line whose id already has a result in the output (--resume)
+
+
+class LineScreen:
+    """Phase 1 of a line against the lines before it: the line's own error, a duplicate id, or SKIP (done already,
+    --resume); else the line itself, to build. It must see a job's lines in input order: the Runner's do, and so
+    do the Ray driver's (flashgen.ray), which screens the whole input before the actors build the rest."""
+
+    def __init__(self, parser: LineParser, done: IdSet | KeyHashMap | None = None):
+        self.parser = parser
+        self.seen = IdSet()
+        self.done: IdSet | KeyHashMap = done if done is not None else IdSet()
+
+    def __call__(self, line: Line) -> Line | LineError | object:
+        first = self.seen.add(line.key) if line.own_id else True
+        if line.error:
+            return line.error
+        if not first:
+            return self.parser.duplicate(line)
+        if line.key in self.done:
+            return SKIP
+        return line
 
 
 class Runner:
@@ -40,8 +60,7 @@ class Runner:
         self.log = log
         self.model_name = getattr(llm, "model_name", "")
         self._meta: dict[str, tuple[int, LineRequest, int]] = {}   # engine request id -> (seq, request, n_prompt)
-        self._seen = IdSet()
-        self._done: IdSet | KeyHashMap = IdSet()
+        self._screen = LineScreen(parser)
         self._signal_handled = False
         self.max_seen_in_flight = 0                                 # for tests: the window really bounds reading
 
@@ -49,21 +68,12 @@ class Runner:
         """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
         gets a duplicate_id error record (carrying that id) and does not run. An unreadable line's stand-in id
         (its line number) claims nothing, so it cannot make a good line with that id a duplicate."""
-        line = self.parser.head(lineno, raw)
-        first = self._seen.add(line.key) if line.own_id else True
-        if line.error:
-            return line.error
-        if not first:
-            name = "custom_id" if line.batch else "id"
-            return self.parser.error(line, "duplicate_id", f'field "{name}" is {show(line.id)}, which an earlier '
-                                     "line already has; give each line a unique id (this line did not run)", name)
-        if line.key in self._done:
-            return SKIP
-        return self.parser.build(line)
+        item = self._screen(self.parser.head(lineno, raw))
+        return self.parser.build(item) if isinstance(item, Line) else item
 
     def run(self, lines: Iterator[tuple[int, bytes | LongLine]], done: IdSet | KeyHashMap) -> str:
         """Run every line; return the status: ok | line_errors | max_errors | interrupted."""
-        self._done = done
+        self._screen.done = done
         source = LineSource(lines, maxsize=min(self.max_in_flight, 1024))
         exhausted, stop = False, None
         self.signals.graceful = True

@@ -88,12 +88,18 @@ JOB = {
     "system": Option("", "system message put first in every chat prompt (messages lines; text prompts with chat); "
                      "a line whose messages start with a system message keeps its own; \"\" = none"),
     "resume": Option(False, "skip ids already in the output file and append the rest"),
+    "shard": Option("", "K/N = run only the input lines whose 0-based index (blank lines not counted) % N == K; "
+                    "auto = from a Slurm job array's SLURM_ARRAY_TASK_* variables; \"\" = every line"),
     "progress": Option("auto", "auto = progress bar when stderr is a terminal; on; off", choices=("auto", "on", "off")),
     "stats_json": Option("", "write the final summary as JSON to this file"),
     "quiet": Option(False, "no summary or notes on stderr (errors still go there)"),
     "drain": Option(False, "on SIGINT/SIGTERM/SIGHUP finish the lines in flight first; false = drop them at "
                     "once (--resume reruns them)"),
     "data_parallel": Option("1", "engine processes fed by this job, one per GPU (auto = one per visible GPU)"),
+    "ray": Option("", "run the job over a Ray cluster with Ray Data: auto = the running cluster, local = start one "
+                  "here, or the cluster's address; \"\" = no Ray (needs flashgen[ray])"),
+    "ray_actors": Option(0, "engines (Ray actors) of a --ray job; 0 = one per GPU of the cluster (tensor_parallel_size "
+                         "GPUs each), or on a cluster without GPUs one per 4 CPUs", range=Field("int", 0)),
 }
 
 SCHEMA: dict[str, dict[str, Option]] = {"engine": _engine_options(), "sampling": SAMPLING, "job": JOB}

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from flashgen.jobs import compact
 from flashgen.jobs.compress import check_supported, compression_of, open_read, open_write
@@ -31,6 +31,9 @@ from flashgen.jobs.idset import IdSet
 from flashgen.jobs.inputs import LineParser, LongLine, read_lines
 from flashgen.jobs.lock import OutputLock
 from flashgen.jobs.records import is_error, record_key
+
+if TYPE_CHECKING:
+    from flashgen.jobs.shard import Shard
 
 SHOW_IDS = 5  # ids named in a resume note
 
@@ -128,9 +131,11 @@ def check_writable(path: str, what: str) -> None:
 
 
 def plan_output(output: str | None, input_path: str | None, *, overwrite: bool, resume: bool,
-                fingerprint: str = "") -> OutputPlan:
+                fingerprint: str = "", shard: Shard | None = None) -> OutputPlan:
     """Decide what happens to the output before the model loads, so a refusal costs nothing. A file output is
-    locked here for the job's lifetime: the caller must `release()` the plan however the job ends."""
+    locked here for the job's lifetime: the caller must `release()` the plan however the job ends. With a
+    `shard`, resume compares the output with the shard's input lines only: the other shards' lines are neither
+    its stale results nor its missing ones, and a result of a line of another shard is foreign."""
     if output in (None, "-"):
         if resume:
             raise FatalError("--resume needs an output file (-o FILE): results on stdout cannot be read back")
@@ -160,7 +165,7 @@ def plan_output(output: str | None, input_path: str | None, *, overwrite: bool, 
             _remove_old_temp(path)
         has_data = path.is_file() and path.stat().st_size > 0
         if resume and has_data:
-            plan = _scan(path, in_file, fingerprint)
+            plan = _scan(path, in_file, fingerprint, shard)
         elif has_data and not overwrite:
             raise FatalError(
                 f"output file {output} already exists; pass --resume to finish an interrupted job into it, "
@@ -177,12 +182,12 @@ def plan_output(output: str | None, input_path: str | None, *, overwrite: bool, 
         raise
 
 
-def _scan(path: Path, input_path: str | None, fingerprint: str) -> OutputPlan:
+def _scan(path: Path, input_path: str | None, fingerprint: str, shard: Shard | None = None) -> OutputPlan:
     """Read an earlier run's output: ids with a result are done; error records, stale results and a torn tail
     are dropped (see OutputPlan.verdict)."""
     plan = OutputPlan(path, resume=True, fingerprint=fingerprint)
     if input_path is not None:
-        plan.input_hashes = _prescan(input_path, fingerprint)
+        plan.input_hashes = _prescan(input_path, fingerprint, shard)
     else:
         plan.done = KeyHashMap()  # with each done id its record's hash, for the warnings of `watch`
     with open(path, "rb") as f:
@@ -228,19 +233,21 @@ def _scan(path: Path, input_path: str | None, fingerprint: str) -> OutputPlan:
         plan.notes.append(f"flashgen: {plan.n_stale:,} results were made from input lines or settings that changed "
                           f"since (ids {_ids(plan.stale_ids, plan.n_stale)}): dropped, those lines run again")
     if plan.n_foreign:
-        plan.notes.append(f"flashgen: {plan.n_foreign:,} results in {path} have ids that are not in {input_path} "
+        where = f"shard {shard.spec} of {input_path}" if shard else input_path
+        plan.notes.append(f"flashgen: {plan.n_foreign:,} results in {path} have ids that are not in {where} "
                           f"(ids {_ids(plan.foreign_ids, plan.n_foreign)}): kept")
     return plan
 
 
-def _prescan(input_path: str, fingerprint: str) -> KeyHashMap:
-    """key -> request hash of every line of the input file: JSON and id only, no tokenization; memory 16-32 bytes
-    a line. A line that cannot be read has no hash (0); a stand-in id (the line number of a line without a
-    readable id) is not the line's own, so it is left out."""
+def _prescan(input_path: str, fingerprint: str, shard: Shard | None = None) -> KeyHashMap:
+    """key -> request hash of every line of the input file (of the shard's lines only, with a shard): JSON and id
+    only, no tokenization; memory 16-32 bytes a line. A line that cannot be read has no hash (0); a stand-in id
+    (the line number of a line without a readable id) is not the line's own, so it is left out."""
     head, hashes = _head_parser().head, KeyHashMap()
     try:
         with open_read(input_path) as f:
-            for lineno, raw in read_lines(f):
+            lines = read_lines(f)
+            for lineno, raw in (lines if shard is None else shard.select(lines)):
                 line = head(lineno, raw)
                 if line.own_id:
                     value = 0 if line.error else hash_value(request_hash(line.obj, fingerprint))
@@ -329,8 +336,10 @@ class OrderedWriter:
         return self.reserved - 1
 
     def put(self, seq: int, record: dict) -> None:
-        # backslashreplace: a lone surrogate becomes a \udXXX escape, which is still valid JSON.
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+        self.put_encoded(seq, encode(record))
+
+    def put_encoded(self, seq: int, data: bytes) -> None:
+        """`put` of a record encoded already (by `encode`, e.g. in a Ray actor: flashgen.ray)."""
         if not self.in_order:
             self._write(data)
             return
@@ -378,6 +387,11 @@ class OrderedWriter:
         why = e.strerror or str(e)
         return FatalError(f"cannot write the output file {self.path}: {why}; {cut}, and the {self.written:,} "
                           f"records this run wrote before are kept; {_fix(e)}")
+
+
+def encode(record: dict) -> bytes:
+    """One output line. backslashreplace: a lone surrogate becomes a \\udXXX escape, which is still valid JSON."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
 
 
 def _size(stream: BinaryIO) -> int:
