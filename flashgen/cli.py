@@ -119,6 +119,8 @@ def generate(
     max_model_len: int | None = typer.Option(None, help="Context length (0 = the model's).",
                                              rich_help_panel=ENGINE),
     kv_cache_gb: float | None = typer.Option(None, help="KV cache size in GiB (0 = auto).", rich_help_panel=ENGINE),
+    kv_cache_dtype: str | None = typer.Option(None, help="auto (the model's dtype) or fp8: twice the tokens fit.",
+                                              rich_help_panel=ENGINE),
     gpu_memory_utilization: float | None = typer.Option(None, help="Fraction of GPU memory to use.",
                                                         rich_help_panel=ENGINE),
     enable_prefix_caching: bool | None = typer.Option(None, "--enable-prefix-caching/--no-enable-prefix-caching",
@@ -180,7 +182,7 @@ def generate(
     flags = {
         "engine": dict(model=model, dtype=dtype, device=device, backend=backend, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                       max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
+                       max_model_len=max_model_len, kv_cache_gb=kv_cache_gb, kv_cache_dtype=kv_cache_dtype,
                        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        load_format=load_format),

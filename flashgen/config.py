@@ -12,6 +12,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")  # the dtypes flashgen runs in;
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # EngineConfig.dtype's choices: auto picks one of DTYPE_NAMES
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "cuda")
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto = the model's dtype; fp8 = float8 e4m3 with per-layer scales
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -33,6 +34,8 @@ class EngineConfig:
     max_model_len: int = _opt(0, "0 = the model's max_position_embeddings, capped by the KV cache")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + activations + KV cache")
     kv_cache_gb: float = _opt(0.0, "0 = auto (GPU: free memory; CPU: 2 GiB, at most what max_num_seqs need)")
+    kv_cache_dtype: str = _opt("auto", "auto = the model's dtype; fp8 = float8 e4m3 with a scale per layer for K "
+                               "and for V (from the checkpoint, else measured at start-up): twice the tokens fit")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool = _opt(False, "true = no CUDA graphs")
     # in the Python API: seeds the requests that carry no seed of their own
@@ -65,6 +68,8 @@ class EngineConfig:
             raise bad("gpu_memory_utilization", self.gpu_memory_utilization, "use a fraction in [0.05, 1]")
         if self.kv_cache_gb < 0:
             raise bad("kv_cache_gb", self.kv_cache_gb, "use 0 (auto) or a positive size in GiB")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", self.kv_cache_dtype, "use auto (the model's dtype) or fp8")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", self.load_format, "use auto (read the weights) or dummy (random weights)")
         if self.tensor_parallel_size < 1:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from flashgen.models.loader import ST_FLOATS, index_checkpoint
 from flashgen.models.spec import DTYPES, ModelSpec, load_spec
 
@@ -72,6 +74,7 @@ def describe_model(path: str, dtype: str | None = None, memory_gb: float | None 
         "max_position_embeddings": spec.max_position_embeddings,
         "tie_word_embeddings": spec.tie_word_embeddings,
         "kv_bytes_per_token": kv_per_token,
+        "kv_bytes_per_token_fp8": spec.kv_bytes_per_token(torch.float8_e4m3fn),  # --kv-cache-dtype fp8
         "weight_bytes": params * DTYPES[run_dtype].itemsize,
         "stored_bytes": stored_bytes,
     }
@@ -80,6 +83,7 @@ def describe_model(path: str, dtype: str | None = None, memory_gb: float | None 
         info["memory_gb"] = memory_gb
         info["kv_cache_tokens"] = max(0, int(free // kv_per_token))
         info["full_length_sequences"] = info["kv_cache_tokens"] // spec.max_position_embeddings
+        info["kv_cache_tokens_fp8"] = max(0, int(free // info["kv_bytes_per_token_fp8"]))
     return info
 
 
@@ -111,10 +115,12 @@ def format_info(d: dict) -> str:
         ("vocab size", d["vocab_size"]),
         ("max position embeddings", d["max_position_embeddings"]),
         ("weights", _human_bytes(d["weight_bytes"])),
-        ("KV cache per token", _human_bytes(d["kv_bytes_per_token"])),
+        ("KV cache per token", f"{_human_bytes(d['kv_bytes_per_token'])} "
+                               f"(--kv-cache-dtype fp8: {_human_bytes(d['kv_bytes_per_token_fp8'])})"),
     ]
     if "kv_cache_tokens" in d:
         rows.append((f"KV cache in {d['memory_gb']:g} GiB", f"{d['kv_cache_tokens']:,} tokens "
-                     f"({d['full_length_sequences']:,} sequences of {d['max_position_embeddings']:,})"))
+                     f"({d['full_length_sequences']:,} sequences of {d['max_position_embeddings']:,}); "
+                     f"{d['kv_cache_tokens_fp8']:,} with --kv-cache-dtype fp8"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

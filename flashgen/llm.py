@@ -87,7 +87,15 @@ class LLM:
         r, spec = self.engine.runner, self.engine.spec
         return (f"{spec.architecture} {str(r.dtype).replace('torch.', '')} on {r.device} ({r.backend} kernels"
                 f"{', CUDA graphs' if r.graphs is not None else ''}); KV cache {r.num_blocks * r.block_size:,} "
-                f"tokens in {r.num_blocks:,} blocks of {r.block_size}; max_model_len {self.max_model_len:,}")
+                f"tokens in {r.num_blocks:,} blocks of {r.block_size}{self._kv_note()}; max_model_len "
+                f"{self.max_model_len:,}")
+
+    def _kv_note(self) -> str:
+        r = self.engine.runner
+        if r.kv_dtype == r.dtype:
+            return ""
+        name = str(r.dtype).replace("torch.", "")
+        return f" (fp8 e4m3, {r.model.kv_scales_from} scales: {r.dtype.itemsize}x the tokens of a {name} cache)"
 
     @property
     def stats(self) -> EngineStats:

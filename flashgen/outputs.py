@@ -1,6 +1,7 @@
 """What the engine hands back for each finished request."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -25,7 +26,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str               # "stop", "length" or "error"
     stop_reason: str | int | None = None
-    logprobs: list[PositionLogprobs] | None = None
+    logprobs: Sequence[PositionLogprobs] | None = None  # a list, or the engine's lazy LogprobsList
     cumulative_logprob: float | None = None
     error_code: str | None = None
     error: str | None = None
@@ -43,8 +44,8 @@ class RequestOutput:
     num_cached_tokens: int = 0       # prompt tokens served from the prefix cache
     error_code: str | None = None    # finish_reason "error": what went wrong with this request alone
     error: str | None = None         #   (e.g. "non_finite_logits"), and a message saying so; others ran on
-    logprobs: list[PositionLogprobs] | None = None  # SamplingParams.logprobs: one entry per generated token
-    prompt_logprobs: list[PositionLogprobs | None] | None = None  # SamplingParams.prompt_logprobs: per prompt
+    logprobs: Sequence[PositionLogprobs] | None = None  # SamplingParams.logprobs: one entry per generated token
+    prompt_logprobs: Sequence[PositionLogprobs | None] | None = None  # SamplingParams.prompt_logprobs: per prompt
     #                                                   token, None for the first (nothing predicts it)
     cumulative_logprob: float | None = None  # sum of the generated tokens' logprobs (with logprobs on)
     # every sample (SamplingParams.n), by index; the fields above are sample 0's. A request is an "error" when

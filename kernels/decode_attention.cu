@@ -40,7 +40,26 @@
 // Memory traffic: K and V of every context token once (2 * ctx * Hkv * D * sizeof(dtype) per sequence),
 //   plus q, the block tables, the context lengths (the balanced plan: all of them per CTA, L2 hits) and,
 //   for pairs cut between CTAs, 4 * (D + 1) bytes per piece and head written and re-read.
+// FG_KV_FP8=1: the cache is float8 e4m3 (fp8.cuh). A thread loads the same elements as 8-byte chunks and
+//   converts them to the activation dtype when its step's math begins (the loads of the next step stay in
+//   flight); K's scale is folded into scale_log2 by the wrapper, V's multiplies the output (v_scale).
 #include "common.cuh"
+
+#ifndef FG_KV_FP8
+#define FG_KV_FP8 0
+#endif
+#if FG_KV_FP8
+#include "fp8.cuh"
+typedef fp8_t kv_t;
+typedef uint2 kvw_t;  // one load: 8 elements
+FG_INLINE kvw_t ld_kv(const kv_t* p) { return ld_v2_stream(p); }
+FG_INLINE uint4 kv_expand(const kvw_t& w) { return e4m3x8_to_scalar8(w); }
+#else
+typedef scalar_t kv_t;
+typedef uint4 kvw_t;
+FG_INLINE kvw_t ld_kv(const kv_t* p) { return ld_v4_stream(p); }
+FG_INLINE uint4 kv_expand(const kvw_t& w) { return w; }
+#endif
 
 #ifndef FG_HEAD_DIM
 #define FG_HEAD_DIM 128
@@ -60,33 +79,33 @@ FG_INLINE u32 word(const uint4& v, int i) {
 }
 
 struct KVStep {
-    uint4 k[2][KCH];  // tokens g, g + 8: dims 32 j + 8 c .. + 7
-    uint4 v[4][VCH];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9: dims 64 j + 8 g .. + 7
+    kvw_t k[2][KCH];  // tokens g, g + 8: dims 32 j + 8 c .. + 7
+    kvw_t v[4][VCH];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9: dims 64 j + 8 g .. + 7
 };
 
-FG_INLINE void load_step(KVStep& r, const scalar_t* __restrict__ k_cache, const scalar_t* __restrict__ v_cache,
+FG_INLINE void load_step(KVStep& r, const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
                          i64 page_row0, int t0, int last, int bs_mask, i64 row_stride, i64 head_off, int g,
                          int c) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int tok = min(t0 + g + 8 * i, last);
-        const scalar_t* p = k_cache + (page_row0 + (tok & bs_mask)) * row_stride + head_off + 8 * c;
+        const kv_t* p = k_cache + (page_row0 + (tok & bs_mask)) * row_stride + head_off + 8 * c;
 #pragma unroll
-        for (int j = 0; j < KCH; ++j) r.k[i][j] = ld_v4_stream(p + 32 * j);
+        for (int j = 0; j < KCH; ++j) r.k[i][j] = ld_kv(p + 32 * j);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int tok = min(t0 + 2 * c + (i & 1) + 8 * (i >> 1), last);
-        const scalar_t* p = v_cache + (page_row0 + (tok & bs_mask)) * row_stride + head_off + 8 * g;
+        const kv_t* p = v_cache + (page_row0 + (tok & bs_mask)) * row_stride + head_off + 8 * g;
 #pragma unroll
-        for (int j = 0; j < VCH; ++j) r.v[i][j] = ld_v4_stream(p + 64 * j);
+        for (int j = 0; j < VCH; ++j) r.v[i][j] = ld_kv(p + 64 * j);
     }
 }
 
 // The warps' share of tokens [start, end) of sequence b for kv head kvh and query heads head0 .. head0 + nh - 1
 // (warp w takes the 16-token steps w, w + 4, ...); each leaves its (O, m, l) in shared memory.
-FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k_cache,
-                             const scalar_t* __restrict__ v_cache, const int* __restrict__ bt, int b, int kvh,
+FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restrict__ k_cache,
+                             const kv_t* __restrict__ v_cache, const int* __restrict__ bt, int b, int kvh,
                              int head0, int nh, int start, int end, int hq, int hkv, int log2_bs, float scale_log2,
                              float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS], float (*s_l)[DEC_HEADS]) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -134,10 +153,11 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const scalar_t* __r
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int j = 0; j < KCH; ++j) {
+            const uint4 k0 = kv_expand(cur.k[0][j]), k1 = kv_expand(cur.k[1][j]);
             u32 a[4];
-            a[0] = cur.k[0][j].x; a[1] = cur.k[1][j].x; a[2] = cur.k[0][j].y; a[3] = cur.k[1][j].y;
+            a[0] = k0.x; a[1] = k1.x; a[2] = k0.y; a[3] = k1.y;
             mma_16816(s, a, qf[2 * j]);
-            a[0] = cur.k[0][j].z; a[1] = cur.k[1][j].z; a[2] = cur.k[0][j].w; a[3] = cur.k[1][j].w;
+            a[0] = k0.z; a[1] = k1.z; a[2] = k0.w; a[3] = k1.w;
             mma_16816(s, a, qf[2 * j + 1]);
         }
         const bool v0 = t0 + g < end, v1 = t0 + g + 8 < end;
@@ -175,10 +195,12 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const scalar_t* __r
         // O^T += V^T . P^T; m-tile 4 j + i covers dims 64 j + 8 g + 2 i (row g) and + 1 (row g + 8).
 #pragma unroll
         for (int j = 0; j < VCH; ++j) {
+            const uint4 v0 = kv_expand(cur.v[0][j]), v1 = kv_expand(cur.v[1][j]);
+            const uint4 v2 = kv_expand(cur.v[2][j]), v3 = kv_expand(cur.v[3][j]);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const u32 wa = word(cur.v[0][j], i), wb = word(cur.v[1][j], i);
-                const u32 wc = word(cur.v[2][j], i), wd = word(cur.v[3][j], i);
+                const u32 wa = word(v0, i), wb = word(v1, i);
+                const u32 wc = word(v2, i), wd = word(v3, i);
                 u32 a[4];
                 a[0] = pack_lo(wa, wb);
                 a[1] = pack_hi(wa, wb);
@@ -234,7 +256,7 @@ FG_INLINE void finish_piece(scalar_t* __restrict__ out, float* __restrict__ lse_
                             float* __restrict__ part_lse, int* counter, int b, int hq, int head0, int nh, bool whole,
                             int slot, int c0, int c1, bool balanced, int S, int pstart,
                             const float (*s_o)[DEC_HEADS][D], const float (*s_m)[DEC_HEADS],
-                            const float (*s_l)[DEC_HEADS]) {
+                            const float (*s_l)[DEC_HEADS], float v_scale) {
     const int tid = threadIdx.x;
     for (int i = tid; i < nh * (D / 8); i += blockDim.x) {
         const int h = i / (D / 8), d0 = (i % (D / 8)) * 8;
@@ -251,7 +273,7 @@ FG_INLINE void finish_piece(scalar_t* __restrict__ out, float* __restrict__ lse_
 #pragma unroll
             for (int x = 0; x < 8; ++x) acc[x] += s_o[w][h][d0 + x] * sc;
         }
-        const float inv = 1.f / ll;
+        const float inv = v_scale / ll;  // v_scale: the FP8 cache's V scale (1 otherwise); partials carry it too
 #pragma unroll
         for (int x = 0; x < 8; ++x) acc[x] *= inv;
         const int head = head0 + h;
@@ -296,8 +318,8 @@ FG_INLINE void finish_piece(scalar_t* __restrict__ out, float* __restrict__ lse_
 
 extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2)
 decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
-                        const scalar_t* __restrict__ k_cache,  // (num_blocks, block_size, Hkv, D)
-                        const scalar_t* __restrict__ v_cache,
+                        const kv_t* __restrict__ k_cache,      // (num_blocks, block_size, Hkv, D)
+                        const kv_t* __restrict__ v_cache,
                         const int* __restrict__ context_lens,  // (B,)
                         const int* __restrict__ block_tables,  // (B, bt_stride)
                         int bt_stride,
@@ -310,7 +332,8 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         int batch, int hq, int hkv, int log2_bs, float scale_log2,
                         int num_splits,                        // grid (num_splits, Hkv * ceil(G / 8), B)
                         int plan,                              // 0 auto, 1 split, 2 balanced
-                        int slots) {                           // CTAs resident at once (auto's estimate)
+                        int slots,                             // CTAs resident at once (auto's estimate)
+                        float v_scale) {                       // multiplies the output (FP8 cache; else 1)
     __shared__ __align__(16) float s_o[DEC_WARPS][DEC_HEADS][D];
     __shared__ float s_m[DEC_WARPS][DEC_HEADS];
     __shared__ float s_l[DEC_WARPS][DEC_HEADS];
@@ -387,7 +410,8 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                       min(e * DEC_STEP, ctx), hq, hkv, log2_bs, scale_log2, s_o, s_m, s_l);
         __syncthreads();
         finish_piece(out, lse_out, part_o, part_lse, pair_counters + p, b, hq, head0, nh, a == 0 && e == nst,
-                     2 * cta, p * num_splits, p * num_splits + ceil_div(nst, chunk) - 1, false, 0, 0, s_o, s_m, s_l);
+                     2 * cta, p * num_splits, p * num_splits + ceil_div(nst, chunk) - 1, false, 0, 0, s_o, s_m, s_l,
+                     v_scale);
         return;
     }
     total *= per_b;  // steps of all pairs (the wrapper keeps it below 2^30)
@@ -439,7 +463,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
 
         finish_piece(out, lse_out, part_o, part_lse, pair_counters + (i64)b * per_b + j, b, hq, head0, nh,
                      a == 0 && e == nst, 2 * cta + (pstart > start ? 1 : 0), pstart / S, (pend - 1) / S, true, S,
-                     pstart, s_o, s_m, s_l);
+                     pstart, s_o, s_m, s_l, v_scale);
         __syncthreads();
     }
     for (int e = cta; e < batch; e += ncta)  // empty contexts: zeros, from CTA b % gridDim.x

@@ -11,9 +11,22 @@
 // times the norm weight, rotation in float32, one rounding to the storage dtype. q heads go to q_out
 // (T, Hq, D); k and v heads go to k_cache / v_cache[slot] (slot = block * block_size + offset, flat over
 // (num_blocks * block_size, Hkv, D)), skipped when slot < 0.
+// FG_KV_FP8=1: the cache is float8 e4m3 (fp8.cuh): k and v are stored as round(x / k_scale), round(x / v_scale),
+// k first rounded to the activation dtype as the torch reference computes it.
 // Memory traffic: read (Hq + 2 Hkv) * D scalars + D floats of cos_sin (L1/L2-resident) per token, write
-// the same number of scalars: 2 * (Hq + 2 Hkv) * D * sizeof(dtype) bytes per token in all.
+// the same number of scalars: 2 * (Hq + 2 Hkv) * D * sizeof(dtype) bytes per token in all (k and v: half that
+// with FP8).
 #include "common.cuh"
+
+#ifndef FG_KV_FP8
+#define FG_KV_FP8 0
+#endif
+#if FG_KV_FP8
+#include "fp8.cuh"
+typedef fp8_t kv_t;
+#else
+typedef scalar_t kv_t;
+#endif
 
 #ifndef FG_HEAD_DIM
 #define FG_HEAD_DIM 128
@@ -24,21 +37,39 @@
 
 static_assert(D % 16 == 0 && D >= 32 && D <= 512, "head_dim must be a multiple of 16 in [32, 512]");
 
+#if FG_KV_FP8
+// 8 values / scale -> 8 e4m3 bytes (an IEEE division, as the reference's)
+FG_INLINE void store_fp8(kv_t* dst, const float* x, float scale) {
+    float y[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) y[e] = __fdiv_rn(x[e], scale);
+    *reinterpret_cast<uint2*>(dst) = pack8_e4m3(y, 1.f);
+}
+#endif
+
 FG_INLINE i64 load_index(const void* p, int is_i64, int t) {
     return is_i64 ? reinterpret_cast<const i64*>(p)[t] : (i64) reinterpret_cast<const int*>(p)[t];
 }
 
 // One head of one token: x0/x1 are the thread's two 8-vectors (see the layout above).
 FG_INLINE void rope_head(int h, uint4 r0, uint4 r1, i64 tok, i64 slot, int hq, int hkv, int off0, int off1,
-                         const float* c, const float* s, scalar_t* __restrict__ k_cache,
-                         scalar_t* __restrict__ v_cache, scalar_t* __restrict__ q_out,
+                         const float* c, const float* s, kv_t* __restrict__ k_cache,
+                         kv_t* __restrict__ v_cache, scalar_t* __restrict__ q_out,
                          const scalar_t* __restrict__ q_norm, const scalar_t* __restrict__ k_norm, float eps,
-                         int interleaved) {
+                         int interleaved, float k_scale, float v_scale) {
     if (h >= hq + hkv) {  // v head: copied into the cache as is
         if (slot >= 0) {
-            scalar_t* dst = v_cache + (slot * hkv + (h - hq - hkv)) * D;
+            kv_t* dst = v_cache + (slot * hkv + (h - hq - hkv)) * D;
+#if FG_KV_FP8
+            float f0[8], f1[8];
+            unpack8(r0, f0);
+            unpack8(r1, f1);
+            store_fp8(dst + off0, f0, v_scale);
+            store_fp8(dst + off1, f1, v_scale);
+#else
             st_v4(dst + off0, r0);
             st_v4(dst + off1, r1);
+#endif
         }
         return;
     }
@@ -84,9 +115,16 @@ FG_INLINE void rope_head(int h, uint4 r0, uint4 r1, i64 tok, i64 slot, int hq, i
         st_v4(dst + off0, o0);
         st_v4(dst + off1, o1);
     } else if (slot >= 0) {
-        scalar_t* dst = k_cache + (slot * hkv + (h - hq)) * D;
+        kv_t* dst = k_cache + (slot * hkv + (h - hq)) * D;
+#if FG_KV_FP8
+        unpack8(o0, y0);  // k in the activation dtype first, as the reference rounds it
+        unpack8(o1, y1);
+        store_fp8(dst + off0, y0, k_scale);
+        store_fp8(dst + off1, y1, k_scale);
+#else
         st_v4(dst + off0, o0);
         st_v4(dst + off1, o1);
+#endif
     }
 }
 
@@ -95,11 +133,12 @@ rope_kv_append_kernel(const scalar_t* __restrict__ qkv,
                       const void* __restrict__ positions, int pos_i64,
                       const float* __restrict__ cos_sin,
                       const void* __restrict__ slot_mapping, int slot_i64,
-                      scalar_t* __restrict__ k_cache, scalar_t* __restrict__ v_cache,
+                      kv_t* __restrict__ k_cache, kv_t* __restrict__ v_cache,
                       scalar_t* __restrict__ q_out,
                       const scalar_t* __restrict__ q_norm,  // (D,) or null
                       const scalar_t* __restrict__ k_norm,  // (D,) or null
-                      float eps, int hq, int hkv, int interleaved) {
+                      float eps, int hq, int hkv, int interleaved,
+                      float k_scale, float v_scale) {       // FP8 cache: stored = x / scale (else unused)
     const int tok = blockIdx.x;
     const int nheads = hq + 2 * hkv;
     const int t = threadIdx.x % TPH;  // lane within the head
@@ -136,10 +175,10 @@ rope_kv_append_kernel(const scalar_t* __restrict__ qkv,
 
     for (;;) {
         rope_head(h, a0, a1, tok, slot, hq, hkv, off0, off1, c, s, k_cache, v_cache, q_out, q_norm, k_norm,
-                  eps, interleaved);
+                  eps, interleaved, k_scale, v_scale);
         if (two)
             rope_head(h + hstep, b0, b1, tok, slot, hq, hkv, off0, off1, c, s, k_cache, v_cache, q_out, q_norm,
-                      k_norm, eps, interleaved);
+                      k_norm, eps, interleaved, k_scale, v_scale);
         h += 2 * hstep;
         if (h >= nheads) break;
         a0 = ld_v4(row + h * D + off0);

@@ -16,6 +16,7 @@
 #                  model's)
 #   sampling       logprobs, prompt logprobs and n: the GPU logprobs test and the logprobs, prompt_logprobs and
 #                  samples workloads (each against the same work without the feature)
+#   fp8            the FP8 KV cache: its kernel tests, then nanovllm with a bf16 and with an FP8 KV cache
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
@@ -42,7 +43,8 @@ step() {  # step NAME CMD...: run, tee the log, record the status
 }
 
 kernel_tests() {
-    step kernel-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu.py
+    step kernel-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu.py \
+        tests/test_kv_fp8_gpu.py
 }
 
 sanitize() {
@@ -104,6 +106,13 @@ sampling() {
     done
 }
 
+fp8() {
+    step fp8-tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kv_fp8_gpu.py
+    step tp-nanovllm "$PY" -m flashgen.bench.throughput --workload nanovllm --out-dir "$LOG"
+    step tp-nanovllm-fp8kv "$PY" -m flashgen.bench.throughput --workload nanovllm --kv-cache-dtype fp8 --out-dir "$LOG"
+    grep -h -A5 "^workload nanovllm" "$LOG"/tp-nanovllm*.log >> "$LOG/engine-table.txt" || true
+}
+
 multi() {
     step tp-parity "$PY" scripts/multi_gpu_check.py
     step tp-nanovllm-dp2 "$PY" -m flashgen.bench.throughput --workload nanovllm --data-parallel 2 --out-dir "$LOG"
@@ -138,9 +147,10 @@ for section in "$@"; do
         all) kernel_tests; sanitize; kernel_bench; engine_tests; throughput ;;
         structured) structured ;;
         sampling) sampling ;;
+        fp8) fp8 ;;
         multi) multi ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, sampling, multi, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, sampling, fp8, multi, ab)" >&2; exit 2 ;;
     esac
 done
 

@@ -23,20 +23,24 @@ from flashgen.ops import cuda_ops, jit
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
 SM90A_ONLY = {"prefill_attention_sm90.cu"}  # wgmma: Hopper's arch-specific target only
+FP8_ARCHS = ("-gencode=arch=compute_89,code=sm_89", "-gencode=arch=compute_90a,code=sm_90a")  # e4m3 cvt: sm_89+
 DTYPES = {"bf16": 0, "fp16": 1}
 # source -> [(head_dim or None, extra defines)]: every variant cuda_ops can launch
 SOURCES = {
     "norms.cu": [(None, "")],
     "sampling.cu": [(None, "SAMPLING_F32=1"), (None, "SAMPLING_F32=0")],
     "skinny_gemm.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
-    "rope_kv_append.cu": [(64, ""), (128, ""), (256, "")],
-    "decode_attention.cu": [(64, ""), (128, "")],
+    "rope_kv_append.cu": [(64, ""), (128, ""), (256, ""), (64, "FG_KV_FP8=1"), (128, "FG_KV_FP8=1"),
+                          (256, "FG_KV_FP8=1")],
+    "decode_attention.cu": [(64, ""), (128, ""), (64, "FG_KV_FP8=1"), (128, "FG_KV_FP8=1")],
+    "kv_fp8.cu": [(None, "")],
+    "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS
                              for mt, bn in cuda_ops.PREFILL_TILE_CHOICES],
     "prefill_attention_sm90.cu": [(d, "") for d in cuda_ops.ATTN_HEAD_DIMS],
 }
 VARIANTS = [(src, dt, d, extra) for src, vs in SOURCES.items() for dt in DTYPES for d, extra in vs
-            if not (extra == "SAMPLING_F32=1" and dt == "fp16")]  # float32 logits: one variant
+            if not (("SAMPLING_F32=1" in extra or "LP_F32=1" in extra) and dt == "fp16")]  # float32: one variant
 
 
 def test_every_kernel_source_is_compiled():
@@ -48,7 +52,9 @@ def _compile(src: str, dtype: str, head_dim: int | None, extra: str, out_dir: st
     name = f"{src[:-3]}_{dtype}_{head_dim}_{extra.replace(',', '_').replace('=', '')}"
     cu = Path(out_dir) / f"{name}.cu"
     cu.write_text(jit._expand_includes(kdir / src))
-    cmd = [NVCC, "--std=c++17", f"-I{kdir}", "--fatbin", *(ARCHS[1:] if src in SM90A_ONLY else ARCHS),
+    fp8 = src == "kv_fp8.cu" or "FG_KV_FP8=1" in extra
+    archs = ARCHS[1:] if src in SM90A_ONLY else FP8_ARCHS if fp8 else ARCHS
+    cmd = [NVCC, "--std=c++17", f"-I{kdir}", "--fatbin", *archs,
            "--resource-usage", "-lineinfo", f"-DFG_DTYPE={DTYPES[dtype]}", "-o", str(Path(out_dir) / f"{name}.fatbin"),
            str(cu)]
     if head_dim:

@@ -47,3 +47,30 @@ def test_logprobs_within_hf_bf16s_own_error(tmp_path):
     # the same precision as HF bf16, not bit-equal: mean and tail within 2x of HF's own error (plus a floor)
     assert ours_t.mean() <= 2 * theirs_t.mean() + 1e-3, (ours_t.mean(), theirs_t.mean())
     assert ours_t.max() <= 2 * theirs_t.max() + 1e-2, (ours_t.max(), theirs_t.max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,V", [(1, 97), (7, 1000), (300, 32000), (33, 151936), (5, 50257)])
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+def test_logprobs_kernel_matches_the_torch_pack(dtype, R, V, k):
+    """kernels/logprobs.cu against pack_logprobs' torch code on random logits with ties (values rounded to a
+    coarse grid), a -inf logit, strided rows and a token -1: logprobs within float32 rounding, ranks exact, the
+    top-k values exact and its ids holding exactly those values (the order of equal logits may differ)."""
+    from flashgen.engine.logprobs import pack_logprobs
+
+    g = torch.Generator(device="cuda").manual_seed(R * 1000 + V + k)
+    wide = (torch.randn((R, V + 3), generator=g, device="cuda") * 4).round(decimals=1).to(dtype)
+    wide[0, 5 % V] = float("-inf")
+    x = wide[:, :V]  # rows V + 3 apart: strided
+    tokens = torch.randint(0, V, (R,), generator=g, device="cuda")
+    tokens[-1] = -1
+    got = pack_logprobs(x, tokens, k, fused=True)
+    ref = pack_logprobs(x, tokens, k)
+    assert got.shape == ref.shape == (R, 2 + 2 * k)
+    torch.testing.assert_close(got[:, 0], ref[:, 0], rtol=0, atol=2e-5)
+    assert torch.equal(got[:, 1], ref[:, 1]), "ranks differ"
+    if k:
+        torch.testing.assert_close(got[:, 2:2 + k], ref[:, 2:2 + k], rtol=0, atol=2e-5)
+        ids = got[:, 2 + k:].long()
+        assert torch.equal(x.float().gather(1, ids), x.float().topk(k, -1).values), "top-k ids hold other values"
+        assert all(len(set(r)) == k for r in ids.tolist()), "a top-k id repeats"

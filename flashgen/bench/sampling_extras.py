@@ -82,6 +82,9 @@ def main(workload: str, out_dir: str | None = None, **engine_kw) -> dict:
                                  [sp(8 * i + j) for i in range(256) for j in range(8)])
             sep_prompt = separate.stats.prompt_tokens - p0
             _free(separate)
+            del separate  # the caller's reference holds the KV cache too: gone before the next engine plans its own
+            gc.collect()
+            torch.cuda.empty_cache()
             grouped = LLM(**kw)
             grouped.generate([[1] * 64], SamplingParams(max_tokens=4))
             p0 = grouped.stats.prompt_tokens

@@ -89,11 +89,12 @@ def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
     return n
 
 
-def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict) -> float:
+def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict, kv_dtype: torch.dtype = torch.bfloat16
+                  ) -> float:
     """Everything resident, every step at the ceiling: per decode step all weights plus the live sequences'
-    distinct KV (a shared prefix once) over the copy bandwidth; prefill as 2 * params FLOPs per distinct
-    prompt token over the matmul rate."""
-    kv_tok = spec.kv_bytes_per_token(torch.bfloat16)
+    distinct KV (a shared prefix once, `kv_dtype` bytes per element) over the copy bandwidth; prefill as
+    2 * params FLOPs per distinct prompt token over the matmul rate."""
+    kv_tok = spec.kv_bytes_per_token(kv_dtype)
     distinct = distinct_prefix_tokens(w.prompts)
     total_prompt = sum(len(p) for p in w.prompts)
     share = distinct / total_prompt  # fraction of prompt KV that is not a repeat of another prompt's
@@ -196,7 +197,8 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
     with tempfile.TemporaryDirectory() as d:
         model_dir = str(write_model_dir(w.shape, d))
         ours = run_flashgen(w, model_dir, data_parallel, **engine_kw)
-        floor = floor_seconds(w, ours.pop("spec"), ours["weight_bytes"], ceil)
+        kv_dtype = torch.float8_e4m3fn if engine_kw.get("kv_cache_dtype") == "fp8" else torch.bfloat16
+        floor = floor_seconds(w, ours.pop("spec"), ours["weight_bytes"], ceil, kv_dtype)
         res = {"workload": workload, "device": torch.cuda.get_device_name(), **ceil, **ours,
                "floor_s": floor, "floor_tok_per_s": ours["output_tokens"] / floor,
                "pct_of_floor": 100 * floor / ours["seconds"]}
@@ -206,7 +208,8 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
             res["speedup_vs_hf"] = ours["tok_per_s"] / res["hf"]["tok_per_s"]
     par = f", TP={ours['tensor_parallel']}, DP={ours['data_parallel']}" if max(
         ours["tensor_parallel"], ours["data_parallel"]) > 1 else ""
-    lines = [f"workload {workload} on {res['device']} ({ours['backend']} backend{par})",
+    kv = ", FP8 KV cache" if engine_kw.get("kv_cache_dtype") == "fp8" else ""
+    lines = [f"workload {workload} on {res['device']} ({ours['backend']} backend{par}{kv})",
              f"  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
              f"bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
              f"  flashgen {ours['tok_per_s']:,.0f} output tok/s "
@@ -220,7 +223,8 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
                      f" flashgen {res['speedup_vs_hf']:.1f}x")
     print("\n".join(lines), flush=True)
     if out_dir:
-        tag = workload + (f"_tp{ours['tensor_parallel']}_dp{ours['data_parallel']}" if par else "")
+        tag = workload + (f"_tp{ours['tensor_parallel']}_dp{ours['data_parallel']}" if par else "") + (
+            "_fp8kv" if kv else "")
         with open(f"{out_dir}/throughput_{tag}.json", "w") as f:
             json.dump(res, f, indent=1, default=str)
     return res
@@ -241,8 +245,9 @@ if __name__ == "__main__":
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--data-parallel", type=int, default=1)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     ap.add_argument("--tokenizer", default=None, help="structured: tokenizer directory (default: the embedded model's)")
     a = ap.parse_args()
     main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, a.data_parallel, a.tokenizer, enforce_eager=a.enforce_eager,
          block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
-         tensor_parallel_size=a.tensor_parallel_size)
+         tensor_parallel_size=a.tensor_parallel_size, kv_cache_dtype=a.kv_cache_dtype)

@@ -12,7 +12,6 @@ import torch
 from flashgen.config import EngineConfig
 from flashgen.engine import detokenizer
 from flashgen.engine.grammar import GrammarFailure, Grammars
-from flashgen.engine.logprobs import unpack_logprobs
 from flashgen.engine.model_runner import ModelRunner
 from flashgen.engine.scheduler import Batch, Scheduler
 from flashgen.engine.sequence import Sequence
@@ -196,7 +195,7 @@ class Engine:
             for j, row in enumerate(rows):
                 if pos + j + 1 == len(seq.prompt_logprobs):  # a recomputed chunk adds nothing twice
                     target = seq.token_ids[pos + j + 1]
-                    seq.prompt_logprobs.append(unpack_logprobs(row, target, k, self._token_text))
+                    seq.prompt_logprobs.append_row(row, target, k, self._token_text)
         for seq, idx, token, lp in self.scheduler.postprocess(tokens, launched):
             try:
                 if token < 0 and isinstance(seq.matcher, GrammarFailure):
@@ -219,9 +218,8 @@ class Engine:
     def _advance(self, seq: Sequence, idx: int, token: int, lp: list[float] | None) -> RequestOutput | None:
         self.stats.generated_tokens += 1
         if lp is not None:
-            entry = unpack_logprobs(lp, token, seq.params.logprobs or 0, self._token_text)
-            seq.logprobs.append(entry)
-            seq.cumulative_logprob += entry[token].logprob
+            seq.logprobs.append_row(lp, token, seq.params.logprobs or 0, self._token_text)
+            seq.cumulative_logprob += lp[0]  # the chosen token's logprob (pack_logprobs' first column)
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             raise RequestFailed("grammar_error", f"token {token} does not continue the output's grammar: "
                                 f"{seq.matcher.get_error()}")

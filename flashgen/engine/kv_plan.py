@@ -26,7 +26,7 @@ def kv_cache_shape(model: DecoderLM, num_blocks: int, block_size: int) -> tuple[
 
 def plan_kv_blocks(config: EngineConfig, model: DecoderLM, max_len: int, execute: Callable) -> int:
     """Blocks for the KV cache; `execute` runs a packed step (used to measure the activation peak)."""
-    per_token = model.spec.kv_bytes_per_token(model.dtype, model.num_kv_heads_local)
+    per_token = model.spec.kv_bytes_per_token(model.kv_dtype, model.num_kv_heads_local)
     per_block = per_token * config.block_size
     need = config.max_num_seqs * max_len * per_token
     if config.kv_cache_gb:
@@ -59,7 +59,7 @@ def profile_activations(config: EngineConfig, model: DecoderLM, max_len: int, ex
     seq_len = min(T, max_len)
     nseq = (T + seq_len - 1) // seq_len
     blocks_per_seq = (seq_len + bs - 1) // bs
-    scratch = torch.zeros(kv_cache_shape(model, nseq * blocks_per_seq, bs), dtype=model.dtype, device=device)
+    scratch = torch.zeros(kv_cache_shape(model, nseq * blocks_per_seq, bs), dtype=model.kv_dtype, device=device)
     model.bind_kv_cache(scratch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
@@ -80,3 +80,42 @@ def profile_activations(config: EngineConfig, model: DecoderLM, max_len: int, ex
     model.k_caches, model.v_caches = [], []
     torch.cuda.empty_cache()
     return int(peak * 1.1) + (256 << 20)  # headroom for allocator fragmentation and graph pools
+
+
+CALIBRATION_TOKENS = 512   # tokens of the start-up calibration prefill
+CALIBRATION_HEADROOM = 4   # the calibration's largest |K| (|V|) is stored as 448 / 4: room for larger values later
+
+
+def calibrate_kv_scales(config: EngineConfig, model: DecoderLM, max_len: int, execute: Callable) -> None:
+    """Measure the FP8 KV-cache scales at start-up, for a checkpoint that brings none: one prefill of
+    CALIBRATION_TOKENS seeded random token ids on a scratch cache in the model's own dtype, then per layer
+    scale = max|K| * CALIBRATION_HEADROOM / 448 (and the same for V). E4M3 keeps its relative precision over
+    2^15 of range, so the headroom costs nothing for typical values but keeps a token that is larger than any
+    the calibration saw from saturating. Random ids are enough: the large K/V values of these models come from a
+    few channels and from the first position (the attention sink), not from particular tokens."""
+    from flashgen.ops.torch_ops import FP8_MAX
+
+    bs, device, spec = config.block_size, model.device, model.spec
+    n = min(CALIBRATION_TOKENS, max_len, config.max_num_batched_tokens)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist()
+    nblk = (n + bs - 1) // bs
+    scratch = torch.zeros(kv_cache_shape(model, nblk, bs), dtype=model.dtype, device=device)
+    model.bind_kv_cache(scratch)
+    s = Sequence("_calibrate", None, ids, None, bs, 0)  # type: ignore[arg-type]
+    s.block_table, s.num_scheduled_tokens = list(range(nblk)), n
+    execute(pack_step([s], True, bs, rows=[]))
+    amax = scratch.flatten(2).abs().amax(-1).float()  # (2, layers)
+    if config.tensor_parallel_size > 1:  # every rank holds other heads: one scale per layer for all of them
+        import torch.distributed as dist
+
+        t = amax.to(device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        amax = t
+    scales = (amax.cpu().clamp(min=1e-6) * CALIBRATION_HEADROOM / FP8_MAX).tolist()
+    model.k_scales, model.v_scales = scales[0], scales[1]
+    model.kv_scales_from = "calibrated"
+    model.k_caches, model.v_caches = [], []
+    del scratch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -7,14 +7,22 @@ sync beyond reading the tokens. The engine unpacks them into RequestOutput.logpr
 """
 from __future__ import annotations
 
+from collections import abc
+
 import torch
 
 from flashgen.outputs import Logprob
 
 
-def pack_logprobs(x: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+def pack_logprobs(x: torch.Tensor, tokens: torch.Tensor, k: int, fused: bool = False) -> torch.Tensor:
     """x (R, V) logits of the rows (any float dtype), tokens (R,) the chosen ids -> (R, 2 + 2k) float32:
-    chosen logprob, rank, then the top-k logprobs and the top-k ids (exact in float32 below 2**24)."""
+    chosen logprob, rank, then the top-k logprobs and the top-k ids (exact in float32 below 2**24). `fused`
+    (the CUDA backend): one kernel pass over the logits in their own dtype (flashgen.ops.cuda_sampling
+    .logprobs_pack); this function's torch code is its reference."""
+    if fused:
+        from flashgen.ops.cuda_sampling import logprobs_pack
+
+        return logprobs_pack(x, tokens, k)
     x = x.float()
     lse = torch.logsumexp(x, -1, keepdim=True)
     chosen = x.gather(1, tokens.clamp(min=0)[:, None])
@@ -36,3 +44,52 @@ def unpack_logprobs(row: list[float], token: int, k: int, text) -> dict[int, Log
         if tid not in out:
             out[tid] = Logprob(row[2 + j], j + 1, text(tid))
     return out
+
+
+class LogprobsList(abc.Sequence):
+    """A request's logprobs (or prompt logprobs) as vLLM gives them, a list of {token id: Logprob} per position
+    (None where the engine has nothing), kept as the packed rows the GPU sent: a position's dict and its tokens'
+    texts are made when it is first read. Building 6 to 21 Logprob objects and texts per token on the engine's
+    thread cost more than the GPU work (BENCHMARKS.md, "Logprobs"); a caller that never reads a position never
+    pays for it. Pickles (for data-parallel engines) as a plain list; equal to a list of the same entries."""
+
+    def __init__(self, entries: list | None = None):
+        self._rows: list = list(entries or [])  # a packed row (list[float]), a built dict, or None
+        self._tokens: list[int] = [-1] * len(self._rows)
+        self._k, self._text = 0, None
+
+    def append_row(self, row: list[float], token: int, k: int, text) -> None:
+        """One position: its packed row (pack_logprobs), its token, the request's k and a token-text function."""
+        self._rows.append(row)
+        self._tokens.append(token)
+        self._k, self._text = k, text
+
+    def append(self, entry: dict[int, Logprob] | None) -> None:
+        self._rows.append(entry)
+        self._tokens.append(-1)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _get(self, i: int) -> dict[int, Logprob] | None:
+        row = self._rows[i]
+        if isinstance(row, list):
+            row = self._rows[i] = unpack_logprobs(row, self._tokens[i], self._k, self._text)
+        return row
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(len(self)))]
+        return self._get(i if i >= 0 else i + len(self))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, abc.Sequence) and len(self) == len(other) and all(
+            a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+    def __reduce__(self):
+        return (list, (list(self),))

@@ -14,7 +14,7 @@ from flashgen.config import EngineConfig
 from flashgen.engine import tp_worker
 from flashgen.engine.cuda_graphs import DecodeGraphs, run_step
 from flashgen.engine.grammar import TokenMasks
-from flashgen.engine.kv_plan import kv_cache_shape, plan_kv_blocks
+from flashgen.engine.kv_plan import calibrate_kv_scales, kv_cache_shape, plan_kv_blocks
 from flashgen.engine.logprobs import pack_logprobs
 from flashgen.engine.sampler import SamplingBatch, build_sampling_batch, processed_logits, sample
 from flashgen.engine.scheduler import Batch
@@ -27,7 +27,9 @@ from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import CUDA_FIX, cuda_backend_available, get_ops
 
 log = logging.getLogger(__name__)
-PROMPT_LP_ROWS = 256  # prompt positions whose logits are computed at once for prompt logprobs
+# prompt positions whose logits are computed at once for prompt logprobs: (512, vocab) in the model's dtype is no
+# more than the (max_num_seqs, vocab) float32 logits plan_kv_blocks measured room for at the default 256
+PROMPT_LP_ROWS = 512
 
 
 def pick_device(config: EngineConfig, rank: int = 0) -> torch.device:
@@ -72,6 +74,20 @@ def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype)
     return "cuda" if device.type == "cuda" and ok and dtype != torch.float32 else "torch"
 
 
+def pick_kv_dtype(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: the model's, or float8_e4m3fn (--kv-cache-dtype fp8) where the device converts to
+    and from it in hardware (compute capability 8.9 and later) or on the CPU (the torch reference)."""
+    if config.kv_cache_dtype != "fp8":
+        return dtype
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise RuntimeError(f"kv_cache_dtype='fp8' needs a GPU with FP8 (compute capability 8.9 or later: Ada, "
+                               f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: use "
+                               "kv_cache_dtype='auto'")
+    return torch.float8_e4m3fn
+
+
 class Launched:
     """A step whose forward is queued: the sequences that sample, their logits until sampled, then the tokens."""
 
@@ -107,16 +123,19 @@ class ModelRunner:
             log.warning("model uses a sliding window of %d tokens; max_model_len capped to it", spec.sliding_window)
             max_len = spec.sliding_window
         tp = TPInfo(rank, self.world) if self.world > 1 else None
+        self.kv_dtype = pick_kv_dtype(config, self.device, self.dtype)
         self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
-                               config.load_format, tp)
+                               config.load_format, tp, self.kv_dtype)
         self.slots, self.graphs = TokenSlots(), None
         self.masks: TokenMasks | None = None  # grammar bitmasks, made on the first constrained step
+        if self.kv_dtype == torch.float8_e4m3fn and self.model.kv_scales_from != "checkpoint":
+            calibrate_kv_scales(config, self.model, max_len, self.execute)
         self.num_blocks = plan_kv_blocks(config, self.model, max_len, self.execute)
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
         if self.max_model_len < max_len and rank == 0:
             log.warning("KV cache holds %d tokens; max_model_len capped from %d", self.max_model_len, max_len)
-        self.kv_cache = torch.zeros(kv_cache_shape(self.model, self.num_blocks, self.block_size), dtype=self.dtype,
-                                    device=self.device)
+        self.kv_cache = torch.zeros(kv_cache_shape(self.model, self.num_blocks, self.block_size),
+                                    dtype=self.kv_dtype, device=self.device)
         self.model.bind_kv_cache(self.kv_cache)
         self.on_logits = None  # tests hook: called with (seqs, logits) before sampling; may change logits
         # Pipelined decode (CUDA, one process): a decode step can start before the host has read the previous
@@ -171,7 +190,7 @@ class ModelRunner:
                 for a in range(0, n, PROMPT_LP_ROWS):
                     b = min(n, a + PROMPT_LP_ROWS)
                     x = self.model.logits(hidden[r0 + a:r0 + b], residual[r0 + a:r0 + b])
-                    out.append((s, p0 + a, pack_logprobs(x, targets[a:b], k)))
+                    out.append((s, p0 + a, pack_logprobs(x, targets[a:b], k, self.backend == "cuda")))
 
         return hook
 
@@ -238,13 +257,14 @@ class ModelRunner:
             x = x.float()
             sel = torch.tensor(processed, dtype=torch.int64).to(self.device, non_blocking=True)
             x[sel] = processed_logits(logits, sampling).index_select(0, idx[sel])
-        return pack_logprobs(x, tokens.index_select(0, idx), k)
+        return pack_logprobs(x, tokens.index_select(0, idx), k, self.backend == "cuda")
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy KV blocks (src -> dst, all layers, K and V), queued after the step that wrote the sources."""
         src = torch.tensor([a for a, _ in pairs], dtype=torch.int64).to(self.device, non_blocking=True)
         dst = torch.tensor([b for _, b in pairs], dtype=torch.int64).to(self.device, non_blocking=True)
-        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        cache = self.kv_cache.view(torch.uint8) if self.kv_cache.dtype.itemsize == 1 else self.kv_cache
+        cache[:, :, dst] = cache[:, :, src]  # FP8 as bytes: index copies of float8 are not on every torch
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted: its device token slot is free again."""

@@ -5,7 +5,7 @@ import enum
 import itertools
 from typing import Any
 
-from flashgen.outputs import Logprob
+from flashgen.engine.logprobs import LogprobsList
 from flashgen.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (pipelined decode); replaced when it is read
@@ -40,10 +40,10 @@ class Sequence:
         self.output_counts: dict[int, int] = {}  # generated token -> occurrences, for penalties
         # a constrained request's llguidance matcher, while its grammar compiles a PendingMatcher (engine.grammar)
         self.matcher: Any = None
-        self.logprobs: list[dict[int, Logprob]] = []  # params.logprobs: one entry per generated token
+        self.logprobs = LogprobsList()  # params.logprobs: one entry per generated token
         self.cumulative_logprob = 0.0
         # params.prompt_logprobs: entry p for prompt token p (None for the first: nothing predicts it)
-        self.prompt_logprobs: list[dict[int, Logprob] | None] = [None]
+        self.prompt_logprobs = LogprobsList([None])
         # incremental detokenization (see flashgen.engine.detokenizer)
         ctx = token_ids[-5:]
         self.detok_ids: list[int] = list(ctx)

@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from flashgen.models.loader import dummy_weights, expected_shapes, fuse_layer_weights, load_weights
+from flashgen.models.loader import dummy_weights, expected_shapes, fuse_layer_weights, load_kv_scales, load_weights
 from flashgen.models.spec import ModelSpec, rope_cos_sin
 from flashgen.models.tensor_parallel import TPInfo, all_reduce, gather_logits, shard_layer, shard_vocab
 
@@ -32,8 +32,15 @@ class StepContext:
 
 class DecoderLM:
     def __init__(self, model_dir: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 ops: ModuleType, max_positions: int, load_format: str = "auto", tp: TPInfo | None = None):
+                 ops: ModuleType, max_positions: int, load_format: str = "auto", tp: TPInfo | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.spec, self.dtype, self.device, self.ops = spec, dtype, device, ops
+        # the KV cache's dtype: the model's, or float8_e4m3fn with a float32 scale per layer for K and for V
+        # (docs/design.md, "FP8 KV cache"): from the checkpoint when it has them, else set by calibrate_kv_scales
+        self.kv_dtype = kv_dtype or dtype
+        self.k_scales = [1.0] * spec.num_layers
+        self.v_scales = [1.0] * spec.num_layers
+        self.kv_scales_from = "default"
         self.tp = tp if tp is not None and tp.world > 1 else None
         if self.tp:
             self.tp.check(spec)
@@ -43,6 +50,11 @@ class DecoderLM:
         else:
             # NOTE: with tensor parallelism each rank reads the full tensors on the CPU and keeps its slice
             w = load_weights(model_dir, spec, dtype, "cpu" if self.tp else device)
+            if self.kv_dtype == torch.float8_e4m3fn:
+                scales = load_kv_scales(model_dir, spec)
+                if scales is not None:
+                    self.k_scales, self.v_scales = scales
+                    self.kv_scales_from = "checkpoint"
         self._set_weights(w)
         self.cos_sin = rope_cos_sin(spec, max_positions, device)
         self.scale = spec.head_dim ** -0.5
@@ -100,14 +112,17 @@ class DecoderLM:
             else:
                 x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps, residual)
             qkv = ops.linear(x, L["qkv"], L["qkv_bias"])  # (T, (Hq + 2 Hkv) * D)
+            ks, vs = self.k_scales[i], self.v_scales[i]
             q = ops.rope_kv_append(qkv, ctx.positions, self.cos_sin, ctx.slot_mapping, self.k_caches[i],
-                                   self.v_caches[i], L["q_norm"], L["k_norm"], spec.rms_norm_eps)
+                                   self.v_caches[i], L["q_norm"], L["k_norm"], spec.rms_norm_eps, k_scale=ks,
+                                   v_scale=vs)
             if ctx.is_prefill:
                 o = ops.prefill_attention(q, self.k_caches[i], self.v_caches[i], ctx.cu_seqlens_q,
-                                          ctx.context_lens, ctx.block_tables, ctx.max_seqlen_q, self.scale)
+                                          ctx.context_lens, ctx.block_tables, ctx.max_seqlen_q, self.scale,
+                                          k_scale=ks, v_scale=vs)
             else:
                 o = ops.decode_attention(q, self.k_caches[i], self.v_caches[i], ctx.context_lens,
-                                         ctx.block_tables, self.scale)
+                                         ctx.block_tables, self.scale, k_scale=ks, v_scale=vs)
             h = ops.linear(o.reshape(T, -1), L["o"])
             if self.tp:
                 h = all_reduce(h)

@@ -149,6 +149,37 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+KV_SCALE_NAMES = (("self_attn.k_scale", "self_attn.v_scale"),            # compressed-tensors, vLLM, ModelOpt
+                  ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),  # older FP8 exports
+                  ("self_attn.kv_scale", "self_attn.kv_scale"))          # one scale for both (older vLLM)
+
+
+def load_kv_scales(model_dir: str | Path, spec: ModelSpec) -> tuple[list[float], list[float]] | None:
+    """The checkpoint's per-layer FP8 KV-cache scales (K, V), or None when it has none. Scalars (or one-element
+    tensors) named as in KV_SCALE_NAMES for every layer; a checkpoint that has them for some layers only, or a
+    scale that is not a positive finite number, is refused."""
+    files, headers, where = index_checkpoint(Path(model_dir))
+    for k_name, v_name in KV_SCALE_NAMES:
+        first = f"model.layers.0.{k_name}"
+        if first not in files:
+            continue
+        out: tuple[list[float], list[float]] = ([], [])
+        for i in range(spec.num_layers):
+            for j, name in enumerate((k_name, v_name)):
+                full = f"model.layers.{i}.{name}"
+                if full not in files:
+                    raise ModelLoadError(f"{where}: {first!r} is there but {full!r} is missing; the checkpoint's "
+                                         f"KV-cache scales must cover every layer: {REDOWNLOAD}")
+                with safe_open(files[full], framework="pt", device="cpu") as h:
+                    t = h.get_tensor(full).float()
+                if t.numel() != 1 or not bool(torch.isfinite(t).all()) or float(t) <= 0:
+                    raise ModelLoadError(f"{files[full]}: {full!r} must be one positive finite number, not "
+                                         f"{t.flatten()[:4].tolist()}; {REDOWNLOAD}")
+                out[j].append(float(t))
+        return out
+    return None
+
+
 def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """All weights by HF name, on `device` in `dtype`, each checked against `expected_shapes` (from the headers,
     before anything is read) and for NaN / inf (after, on `device`, with one host sync for all of them)."""

@@ -19,6 +19,7 @@ from flashgen.ops.cuda_checks import (
     KERNEL_DTYPES,
     check_block_tables,
     check_cache,
+    check_kv_scale,
     check_out,
     check_shape,
     check_tensor,
@@ -81,13 +82,15 @@ _WGMMA_FAILED: dict[int, str] = {}  # device -> why the sm_90a build failed (aut
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       context_lens: torch.Tensor, block_tables: torch.Tensor, max_seqlen_q: int,
-                      softmax_scale: float, *, out: torch.Tensor | None = None,
-                      tile: tuple[int, int] | None = None, impl: str | None = None) -> torch.Tensor:
+                      softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0, *,
+                      out: torch.Tensor | None = None, tile: tuple[int, int] | None = None,
+                      impl: str | None = None) -> torch.Tensor:
     """Varlen causal attention over the paged cache. q (total_q, Hq, D); sequence b owns q rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to its first context_lens[b] cached tokens (its new tokens
     included), the mask aligned bottom-right; needs context_lens[b] >= q_len_b and max_seqlen_q >= every
     q_len_b. Returns (total_q, Hq, D). `impl` picks the kernel (PREFILL_IMPLS; default prefill_impl());
-    `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES; for benchmarks)."""
+    `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES; for benchmarks).
+    An FP8 cache's pages are first dequantized (times k_scale, v_scale) into a scratch cache: see _prefill_fp8."""
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
@@ -121,6 +124,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         mma_tile = _tile_choice(tile)
     if not (B and max_seqlen_q and q.shape[0]):
         return out
+    if k_cache.dtype == torch.float8_e4m3fn:
+        return _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
+                            softmax_scale, check_kv_scale("k_scale", k_scale, True),
+                            check_kv_scale("v_scale", v_scale, True), out, tile, impl)
     if impl == "wgmma":
         smem, block_m = PREFILL_SM90_SMEM[d], 128
         try:
@@ -154,6 +161,44 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     else:
         # grid (m-blocks, Hq, B), 4 warps
         jit.launch(k, (mblocks, hq, B), (128,), (*args, jit.i32(mblocks)), dev, shared_mem=smem)
+    return out
+
+
+FP8_SCRATCH_BYTES = 256 << 20  # most bytes of dequantized K + V one prefill launch reads (more: in groups)
+_FP8_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, softmax_scale,
+                 k_scale, v_scale, out, tile, impl) -> torch.Tensor:
+    """Prefill over an FP8 cache: the pages the batch reads are dequantized into a scratch cache of q's dtype
+    (kernels/kv_fp8.cu), which the bf16/fp16 kernels then read through their own block tables; sequences go
+    in groups of at most FP8_SCRATCH_BYTES of scratch. Prefill is compute-bound, so the extra pass over the
+    context costs little (BENCHMARKS.md, "FP8 KV cache"); no host sync: the grid covers every page of the
+    block tables and the kernel skips those past a sequence's context. The scratch is kept per device and
+    geometry (its address, and so the Hopper kernel's TMA maps, stay the same from call to call)."""
+    dev = q.device
+    nb_total, bs, hkv, d = k_cache.shape
+    B, width = block_tables.shape
+    page = bs * hkv * d
+    group = max(1, min(B, FP8_SCRATCH_BYTES // (2 * page * q.element_size() * max(width, 1))))
+    pages = group * width
+    key = (dev, q.dtype, bs, hkv, d)
+    buf = _FP8_SCRATCH.get(key)
+    if buf is None or buf.shape[1] < pages:
+        if buf is not None:  # the old scratch (and its TMA maps) go: rebuilt larger
+            del _FP8_SCRATCH[key], buf
+        buf = _FP8_SCRATCH[key] = torch.empty((2, pages, bs, hkv, d), dtype=q.dtype, device=dev)
+    tables = torch.arange(pages, dtype=torch.int32, device=dev).view(group, width)
+    kern = jit.get_kernel("kv_fp8.cu", "kv_dequant_pages_kernel", q.dtype, d, device_index(q))
+    for g0 in range(0, B, group):
+        n = min(group, B - g0)
+        bt, ctx = block_tables[g0:g0 + n], context_lens[g0:g0 + n]
+        jit.launch(kern, (width, n), (256,), (
+            jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(buf[0]), jit.ptr(buf[1]), jit.ptr(bt),
+            jit.i32(block_tables.stride(0)), jit.ptr(ctx), jit.i32(width), jit.i32(bs.bit_length() - 1),
+            jit.i32(page), jit.f32(k_scale), jit.f32(v_scale)), dev)
+        prefill_attention(q, buf[0], buf[1], cu_seqlens_q[g0:g0 + n + 1], ctx, tables[:n], max_seqlen_q,
+                          softmax_scale, out=out, tile=tile, impl=impl)
     return out
 
 
@@ -202,8 +247,9 @@ def decode_plan(plan: str | None = None) -> str:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
-                     block_tables: torch.Tensor, softmax_scale: float, *, out: torch.Tensor | None = None,
-                     return_lse: bool = False, num_splits: int | None = None, plan: str | None = None):
+                     block_tables: torch.Tensor, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                     *, out: torch.Tensor | None = None, return_lse: bool = False, num_splits: int | None = None,
+                     plan: str | None = None):
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
     b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
     LSE of the scaled scores).
@@ -216,7 +262,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     "split" when the grid is over two waves, when the mean length is within 5% of the longest, or when the
     batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
     batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
-    context lengths only, never on timing."""
+    context lengths only, never on timing. An FP8 cache is read as it is (k_scale folded into the softmax scale,
+    v_scale into the output)."""
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
@@ -252,10 +299,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
             part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
         counters = split_counters(dev, pairs)
-        k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di)
+        fp8 = k_cache.dtype == torch.float8_e4m3fn
+        k_scale, v_scale = check_kv_scale("k_scale", k_scale, fp8), check_kv_scale("v_scale", v_scale, fp8)
+        k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di,
+                           defines=(("FG_KV_FP8", 1),) if fp8 else ())
         jit.launch(k, (num_splits, pairs // B, B), (128,), (
             jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
             jit.i32(block_tables.stride(0)), jit.ptr(out), jit.ptr(lse), jit.ptr(part_o), jit.ptr(part_lse),
             jit.ptr(counters), jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
-            jit.f32(softmax_scale * math.log2(math.e)), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms)), dev)
+            jit.f32(softmax_scale * k_scale * math.log2(math.e)), jit.i32(num_splits), jit.i32(code),
+            jit.i32(2 * sms), jit.f32(v_scale)), dev)
     return (out, lse) if return_lse else out

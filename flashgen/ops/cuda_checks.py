@@ -6,6 +6,7 @@ Importing this module needs neither CuPy nor a GPU.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NoReturn
 
 import torch
@@ -58,14 +59,25 @@ def check_out(out, like_shape: tuple, dtype: torch.dtype, device: torch.device, 
 
 
 def check_cache(k_cache, v_cache, dtype, device) -> tuple[int, int, int]:
-    check_tensor("k_cache", k_cache, (dtype,), 4, device)
-    check_tensor("v_cache", v_cache, (dtype,), 4, device)
+    """A paged cache in the activation dtype, or an FP8 one (float8_e4m3fn; see kernels/fp8.cuh)."""
+    check_tensor("k_cache", k_cache, (dtype, torch.float8_e4m3fn), 4, device)
+    check_tensor("v_cache", v_cache, (k_cache.dtype,), 4, device)
     if k_cache.shape != v_cache.shape:
         fail("v_cache", f"must have k_cache's shape {tuple(k_cache.shape)}", f"shape {tuple(v_cache.shape)}")
     _, bs, hkv, d = k_cache.shape
     if bs < 16 or bs & (bs - 1):
         fail("k_cache", "block size (dim 1) must be a power of two >= 16", bs)
     return bs, hkv, d
+
+
+def check_kv_scale(name: str, scale: float, fp8: bool) -> float:
+    """An FP8 cache's scale: a positive finite float (1.0, and ignored, for other caches)."""
+    if not fp8:
+        return 1.0
+    scale = float(scale)
+    if not (scale > 0 and math.isfinite(scale)):
+        fail(name, "must be a positive finite number (the FP8 cache stores x / scale)", scale)
+    return scale
 
 
 def check_block_tables(block_tables, batch: int, device) -> None:

@@ -11,6 +11,7 @@ from flashgen.ops import jit
 from flashgen.ops.cuda_checks import (
     KERNEL_DTYPES,
     check_cache,
+    check_kv_scale,
     check_out,
     check_shape,
     check_tensor,
@@ -80,10 +81,11 @@ def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tenso
 # ---------------------------------------------------------------- rope + kv append
 def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, slot_mapping: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, q_norm: torch.Tensor | None = None,
-                   k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, interleaved: bool = False, *,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, interleaved: bool = False,
+                   k_scale: float = 1.0, v_scale: float = 1.0, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D) rotated; rotated k and v written to their cache slots
-    (slot -1: not written). Qwen3's per-head RMSNorm (q_norm, k_norm: (D,)) runs before the rotation."""
+    (slot -1: not written). Qwen3's per-head RMSNorm (q_norm, k_norm: (D,)) runs before the rotation. An FP8
+    cache (float8_e4m3fn) stores k / k_scale and v / v_scale, rounded to nearest and saturated."""
     check_tensor("qkv", qkv, KERNEL_DTYPES, 2)
     dev = qkv.device
     bs, hkv, d = check_cache(k_cache, v_cache, qkv.dtype, dev)
@@ -111,10 +113,13 @@ def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
     if out is None:
         out = torch.empty((T, hq, d), dtype=qkv.dtype, device=dev)
     if T:
-        k = jit.get_kernel("rope_kv_append.cu", "rope_kv_append_kernel", qkv.dtype, d, device_index(qkv))
+        fp8 = k_cache.dtype == torch.float8_e4m3fn
+        k = jit.get_kernel("rope_kv_append.cu", "rope_kv_append_kernel", qkv.dtype, d, device_index(qkv),
+                           defines=(("FG_KV_FP8", 1),) if fp8 else ())
         jit.launch(k, (T,), (128,), (  # ROPE_THREADS in kernels/rope_kv_append.cu
             jit.ptr(qkv), jit.ptr(positions), jit.i32(positions.dtype == torch.int64), jit.ptr(cos_sin),
             jit.ptr(slot_mapping), jit.i32(slot_mapping.dtype == torch.int64), jit.ptr(k_cache),
             jit.ptr(v_cache), jit.ptr(out), jit.ptr(q_norm), jit.ptr(k_norm), jit.f32(norm_eps), jit.i32(hq),
-            jit.i32(hkv), jit.i32(bool(interleaved))), dev)
+            jit.i32(hkv), jit.i32(bool(interleaved)), jit.f32(check_kv_scale("k_scale", k_scale, fp8)),
+            jit.f32(check_kv_scale("v_scale", v_scale, fp8))), dev)
     return out

@@ -65,3 +65,32 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
             args += (jit.ptr(bitmask), jit.ptr(mask_rows), jit.i32(bitmask.shape[1]))
         jit.launch(k, (B, S), (512,), args, dev)
     return out
+
+
+LOGPROBS_MAX_K = 20
+LOGPROBS_K_VARIANTS = (5, 20)  # the kernel's register lists: the smallest that holds k is launched
+
+
+def logprobs_pack(x: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """flashgen.engine.logprobs.pack_logprobs in one pass over the logits (kernels/logprobs.cu): x (R, V)
+    (float32, bfloat16 or float16; rows may be strided), tokens (R,) int64 -> (R, 2 + 2k) float32: the chosen
+    token's logprob, its rank, the top-k logprobs and their ids."""
+    check_tensor("x", x, (torch.float32, *KERNEL_DTYPES), 2, contiguous=False, align=x.element_size())
+    dev = x.device
+    R, V = x.shape
+    if x.stride(1) != 1:
+        fail("x", "must have contiguous rows", f"strides {x.stride()}")
+    check_tensor("tokens", tokens, (torch.int64,), 1, dev, align=8)
+    if tokens.shape[0] != R:
+        fail("tokens", f"must have one entry per row of x ({R})", f"shape {tuple(tokens.shape)}")
+    if not 0 <= k <= LOGPROBS_MAX_K:
+        fail("k", f"must be in [0, {LOGPROBS_MAX_K}]", k)
+    out = torch.empty((R, 2 + 2 * k), dtype=torch.float32, device=dev)
+    if R and V:
+        f32 = x.dtype == torch.float32
+        lk = next(v for v in LOGPROBS_K_VARIANTS if v >= max(k, 1))
+        kern = jit.get_kernel("logprobs.cu", "logprobs_pack_kernel", torch.bfloat16 if f32 else x.dtype, 0,
+                              device_index(x), 0, (("LP_F32", int(f32)), ("LP_K", lk)))
+        jit.launch(kern, (R,), (512,), (jit.ptr(x), jit.i64(x.stride(0)), jit.i32(V), jit.ptr(tokens), jit.i32(k),
+                                        jit.ptr(out)), dev)
+    return out

@@ -7,6 +7,10 @@ Shapes follow docs/design.md, "Ops: one contract, two backends" (flash-attn conv
   cos_sin          : (max_positions, head_dim) float32, [:, :head_dim/2] = cos, [:, head_dim/2:] = sin
 Arithmetic mirrors HF transformers' modelling code (same op order, same dtypes) so float32 runs agree to
 rounding; slow but obviously right.
+
+FP8 KV cache (k_cache.dtype float8_e4m3fn): a cached value is round(x / scale) saturated to +-448, read back as
+fp8 * scale, with one float32 scale per layer for K (`k_scale`) and one for V (`v_scale`); see
+docs/design.md, "FP8 KV cache". With a bf16/fp16/fp32 cache the scales are ignored.
 """
 from __future__ import annotations
 
@@ -58,10 +62,13 @@ def rope_kv_append(
     k_norm: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
     interleaved: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D), rotated; rotated k and v written to their cache slots.
 
-    Qwen3's per-head RMSNorm (`q_norm`, `k_norm`: (D,)) runs before the rotation, as in HF.
+    Qwen3's per-head RMSNorm (`q_norm`, `k_norm`: (D,)) runs before the rotation, as in HF. An FP8 cache stores
+    k / k_scale and v / v_scale (see the module's docstring).
     """
     _, _, hkv, d = k_cache.shape
     T = qkv.shape[0]
@@ -79,9 +86,31 @@ def rope_kv_append(
     keep = slots >= 0
     flat_k = k_cache.view(-1, hkv, d)
     flat_v = v_cache.view(-1, hkv, d)
-    flat_k[slots[keep]] = k[keep].to(k_cache.dtype)
-    flat_v[slots[keep]] = v[keep].to(v_cache.dtype)
+    flat_k[slots[keep]] = to_cache(k[keep], k_cache.dtype, k_scale)
+    flat_v[slots[keep]] = to_cache(v[keep], v_cache.dtype, v_scale)
     return q.contiguous()
+
+
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == torch.float8_e4m3fn
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Values as the cache stores them: x itself in the cache's dtype, or for FP8 x / scale rounded to nearest
+    and saturated (the kernels' cvt.rn.satfinite), computed in float32."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Cached values in `dtype`: FP8 ones times their scale (exact in float32, then one rounding)."""
+    if not is_fp8(x.dtype):
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -115,6 +144,8 @@ def prefill_attention(
     block_tables: torch.Tensor,
     max_seqlen_q: int,
     softmax_scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Varlen causal attention. q (total_q, Hq, D); sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
     and attends to its first context_lens[b] cached tokens (its new tokens included, already appended), the
@@ -128,7 +159,8 @@ def prefill_attention(
             continue
         k = gather_kv(k_cache, block_tables[b], n)
         v = gather_kv(v_cache, block_tables[b], n)
-        out[s:e] = _attend(q[s:e], k.to(q.dtype), v.to(q.dtype), softmax_scale, n - (e - s))
+        k, v = from_cache(k, q.dtype, k_scale), from_cache(v, q.dtype, v_scale)
+        out[s:e] = _attend(q[s:e], k, v, softmax_scale, n - (e - s))
     return out
 
 
@@ -139,6 +171,8 @@ def decode_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     softmax_scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of
     sequence b (the new token's own k/v included). Returns (B, Hq, D)."""
@@ -147,8 +181,8 @@ def decode_attention(
     max_len = int(context_lens.max()) if B else 0
     nblk = (max_len + bs - 1) // bs
     tables = block_tables[:, :nblk].long().clamp(min=0)
-    k = k_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)  # (B, L, Hkv, D)
-    v = v_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)
+    k = from_cache(k_cache[tables].flatten(1, 2)[:, :max_len], q.dtype, k_scale)  # (B, L, Hkv, D)
+    v = from_cache(v_cache[tables].flatten(1, 2)[:, :max_len], q.dtype, v_scale)
     group = hq // hkv
     qg = q.view(B, hkv, group, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), k.float()) * softmax_scale

@@ -1,0 +1,35 @@
+// kv_fp8.cu: the FP8 KV cache's pages that a prefill batch reads, dequantized into a scratch cache of the
+// activation dtype, where the prefill kernels (mma and wgmma) read them as they read a bf16/fp16 cache.
+//
+// Prefill is compute-bound (each K/V element is reused by a whole tile of queries), so one extra pass over the
+// batch's context (read 1 byte, write 2, per element) costs little next to the attention itself; decode, which
+// is bandwidth-bound, reads the FP8 cache directly (decode_attention.cu, FG_KV_FP8).
+// Grid (pages per sequence = width, sequences); page x of sequence b goes to scratch page b * width + x, and only
+// pages holding context (x * block_size < context_lens[b]) are converted. 256 threads, 8 elements per thread
+// per iteration: value = fp8 * scale, rounded once to the activation dtype (the torch reference's from_cache).
+#include "common.cuh"
+#include "fp8.cuh"
+
+extern "C" __global__ void __launch_bounds__(256)
+kv_dequant_pages_kernel(const fp8_t* __restrict__ k_cache, const fp8_t* __restrict__ v_cache,
+                        scalar_t* __restrict__ k_out, scalar_t* __restrict__ v_out,
+                        const int* __restrict__ block_tables, int bt_stride, const int* __restrict__ context_lens,
+                        int width, int log2_bs, int page_elems, float k_scale, float v_scale) {
+    const int x = blockIdx.x, b = blockIdx.y;
+    if ((x << log2_bs) >= context_lens[b]) return;
+    const i64 src = (i64)block_tables[(i64)b * bt_stride + x] * page_elems;
+    const i64 dst = ((i64)b * width + x) * page_elems;
+    for (int i = 8 * threadIdx.x; i < page_elems; i += 8 * blockDim.x) {
+        const uint2 kw = *reinterpret_cast<const uint2*>(k_cache + src + i);
+        const uint2 vw = *reinterpret_cast<const uint2*>(v_cache + src + i);
+        float f[8];
+        unpack8(e4m3x8_to_scalar8(kw), f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] *= k_scale;
+        st_v4(k_out + dst + i, pack8(f));
+        unpack8(e4m3x8_to_scalar8(vw), f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] *= v_scale;
+        st_v4(v_out + dst + i, pack8(f));
+    }
+}
