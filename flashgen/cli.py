@@ -121,6 +121,9 @@ def generate(
     kv_cache_gb: float | None = typer.Option(None, help="KV cache size in GiB (0 = auto).", rich_help_panel=ENGINE),
     kv_cache_dtype: str | None = typer.Option(None, help="auto (the model's dtype) or fp8: twice the tokens fit.",
                                               rich_help_panel=ENGINE),
+    quantization: str | None = typer.Option(None, help="Weights: auto (as the checkpoint is; FP8 checkpoints run "
+                                            "FP8) or fp8 (quantize the linear layers at load).",
+                                            rich_help_panel=ENGINE),
     gpu_memory_utilization: float | None = typer.Option(None, help="Fraction of GPU memory to use.",
                                                         rich_help_panel=ENGINE),
     enable_prefix_caching: bool | None = typer.Option(None, "--enable-prefix-caching/--no-enable-prefix-caching",
@@ -183,6 +186,7 @@ def generate(
         "engine": dict(model=model, dtype=dtype, device=device, backend=backend, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                        max_model_len=max_model_len, kv_cache_gb=kv_cache_gb, kv_cache_dtype=kv_cache_dtype,
+                       quantization=quantization,
                        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        load_format=load_format),
@@ -242,6 +246,7 @@ def info(
     model: str = typer.Argument(..., help="Model directory, .gguf file, known name or Hub id org/name[@revision]."),
     memory_gb: float | None = typer.Option(None, help="Memory budget in GiB: how much KV cache fits."),
     dtype: str | None = typer.Option(None, help="Size weights and KV cache for this dtype."),
+    quantization: str | None = typer.Option(None, help="fp8: size the weights as --quantization fp8 runs them."),
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
 ) -> None:
     """Describe a model: shape, parameters, memory for weights and KV cache."""
@@ -251,7 +256,7 @@ def info(
     from flashgen.models.default_model import resolve_model
 
     try:
-        d = describe_model(resolve_model(model), dtype=dtype, memory_gb=memory_gb)
+        d = describe_model(resolve_model(model), dtype=dtype, memory_gb=memory_gb, quantization=quantization)
     except (OSError, ValueError) as e:
         _fail(f"cannot describe model {model}: {e}")
     typer.echo(json.dumps(d, indent=2) if json_out else format_info(d))

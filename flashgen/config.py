@@ -13,6 +13,7 @@ DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # EngineConfig.dtype's choices: auto pic
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "cuda")
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto = the model's dtype; fp8 = float8 e4m3 with per-layer scales
+QUANTIZATIONS = ("auto", "fp8")  # auto = as the checkpoint is (FP8 or not); fp8 = quantize the weights at load
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -36,6 +37,9 @@ class EngineConfig:
     kv_cache_gb: float = _opt(0.0, "0 = auto (GPU: free memory; CPU: 2 GiB, at most what max_num_seqs need)")
     kv_cache_dtype: str = _opt("auto", "auto = the model's dtype; fp8 = float8 e4m3 with a scale per layer for K "
                                "and for V (from the checkpoint, else measured at start-up): twice the tokens fit")
+    quantization: str = _opt("auto", "weights: auto = as the checkpoint is (an FP8 checkpoint runs FP8); fp8 = "
+                             "quantize a bf16/fp16/fp32 checkpoint's linear layers to float8 e4m3 at load, a scale "
+                             "per output channel: half the weight memory of bf16 (needs FP8: compute capability 8.9+)")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool = _opt(False, "true = no CUDA graphs")
     # in the Python API: seeds the requests that carry no seed of their own
@@ -70,6 +74,8 @@ class EngineConfig:
             raise bad("kv_cache_gb", self.kv_cache_gb, "use 0 (auto) or a positive size in GiB")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", self.kv_cache_dtype, "use auto (the model's dtype) or fp8")
+        if self.quantization not in QUANTIZATIONS:
+            raise bad("quantization", self.quantization, "use auto (as the checkpoint is) or fp8 (FP8 weights)")
         if self.load_format not in ("auto", "dummy"):
             raise bad("load_format", self.load_format, "use auto (read the weights) or dummy (random weights)")
         if self.tensor_parallel_size < 1:

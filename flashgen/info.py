@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from flashgen.models.loader import ST_FLOATS, index_checkpoint
+from flashgen.models.loader import FP8_ST, ST_FLOATS, index_checkpoint, is_projection
+from flashgen.models.moe import active_parameters
 from flashgen.models.spec import DTYPES, ModelSpec, load_spec
 
 __all__ = ["describe_model", "format_info"]
@@ -34,6 +36,23 @@ def _tensor_stats(headers: dict[Path, dict]) -> tuple[int, int, list[str]]:
     return params, stored, sorted(dtypes)
 
 
+def _fp8_weight_bytes(headers: dict[Path, dict], itemsize: int, quantize: bool) -> int:
+    """Weight bytes as the engine holds FP8 weights: the projections (stored F8_E4M3, or all of them with
+    `quantize`) at 1 byte per parameter plus a float32 scale per output row, every other weight in the run dtype;
+    scale tensors are counted with their weights, a checkpoint's activation and KV scales not at all."""
+    total = 0
+    for header in headers.values():
+        for name, info in header.items():
+            if name.endswith("_scale"):
+                continue
+            n = math.prod(info["shape"])
+            if is_projection(name) and (quantize or info["dtype"] == FP8_ST):
+                total += n + 4 * info["shape"][0]
+            else:
+                total += n * itemsize
+    return total
+
+
 def _run_dtype(requested: str | None, spec: ModelSpec) -> str:
     """The dtype to size weights and KV cache for: the request, else config.json's torch_dtype as load_spec
     reads it."""
@@ -46,12 +65,14 @@ def _run_dtype(requested: str | None, spec: ModelSpec) -> str:
     return name
 
 
-def describe_model(path: str, dtype: str | None = None, memory_gb: float | None = None) -> dict:
+def describe_model(path: str, dtype: str | None = None, memory_gb: float | None = None,
+                   quantization: str | None = None) -> dict:
     """Shape and memory needs of the checkpoint in directory `path`, read by load_spec and the loader's header
     checks, so `flashgen info` and the engine agree on the numbers and refuse the same broken files.
 
     dtype: the dtype to size weights and KV cache for (default: config.json's torch_dtype). memory_gb: a memory
-    budget in GiB; the result then says how many tokens of KV cache fit in it next to the weights.
+    budget in GiB; the result then says how many tokens of KV cache fit in it next to the weights. quantization:
+    "fp8" sizes the weights as --quantization fp8 runs them (an FP8 checkpoint is sized so in any case).
     """
     model_dir = Path(path)
     spec = load_spec(model_dir)
@@ -59,7 +80,11 @@ def describe_model(path: str, dtype: str | None = None, memory_gb: float | None 
     params, stored_bytes, stored_dtypes = _tensor_stats(headers)
     run_dtype = _run_dtype(dtype, spec)
     kv_per_token = spec.kv_bytes_per_token(DTYPES[run_dtype])
-    info = {
+    if quantization not in (None, "", "auto", "fp8"):
+        raise ValueError(f"quantization={quantization!r} is not supported; use auto or fp8")
+    fp8 = spec.quant is not None or quantization == "fp8"
+    itemsize = DTYPES[run_dtype].itemsize
+    info: dict[str, Any] = {
         "path": str(model_dir),
         "architecture": spec.architecture,
         "parameters": params,
@@ -75,9 +100,13 @@ def describe_model(path: str, dtype: str | None = None, memory_gb: float | None 
         "tie_word_embeddings": spec.tie_word_embeddings,
         "kv_bytes_per_token": kv_per_token,
         "kv_bytes_per_token_fp8": spec.kv_bytes_per_token(torch.float8_e4m3fn),  # --kv-cache-dtype fp8
-        "weight_bytes": params * DTYPES[run_dtype].itemsize,
+        "weights": "fp8" if fp8 else run_dtype,  # the linear layers' format; the rest runs in dtype
+        "weight_bytes": _fp8_weight_bytes(headers, itemsize, quantization == "fp8") if fp8 else params * itemsize,
         "stored_bytes": stored_bytes,
     }
+    if spec.moe is not None:  # a token runs through its top_k experts only
+        info.update(num_experts=spec.moe.num_experts, experts_per_token=spec.moe.top_k,
+                    active_parameters=active_parameters(spec, params))
     if memory_gb is not None:
         free = memory_gb * _GIB - info["weight_bytes"]
         info["memory_gb"] = memory_gb
@@ -108,13 +137,17 @@ def format_info(d: dict) -> str:
         ("model", d["path"]),
         ("architecture", d["architecture"]),
         ("parameters", _human_count(d["parameters"])),
+        *([("active parameters per token", f"{_human_count(d['active_parameters'])} ({d['experts_per_token']} of "
+            f"{d['num_experts']} experts)")] if "active_parameters" in d else []),
         ("dtype", f"{d['dtype']} (stored: {', '.join(d['stored_dtypes'])})"),
         ("layers", d["num_layers"]),
         ("heads / kv heads / head_dim", f"{d['num_heads']} / {d['num_kv_heads']} / {d['head_dim']}"),
         ("hidden size", d["hidden_size"]),
         ("vocab size", d["vocab_size"]),
         ("max position embeddings", d["max_position_embeddings"]),
-        ("weights", _human_bytes(d["weight_bytes"])),
+        ("weights", _human_bytes(d["weight_bytes"]) + (
+            f" (FP8 e4m3 linear layers with float32 scales; embeddings, norms and lm_head in {d['dtype']})"
+            if d.get("weights") == "fp8" else "")),
         ("KV cache per token", f"{_human_bytes(d['kv_bytes_per_token'])} "
                                f"(--kv-cache-dtype fp8: {_human_bytes(d['kv_bytes_per_token_fp8'])})"),
     ]

@@ -85,10 +85,19 @@ class LLM:
     def describe(self) -> str:
         """One line for the start-up log: what runs where, and how many tokens the KV cache holds."""
         r, spec = self.engine.runner, self.engine.spec
-        return (f"{spec.architecture} {str(r.dtype).replace('torch.', '')} on {r.device} ({r.backend} kernels"
+        return (f"{spec.architecture} {str(r.dtype).replace('torch.', '')}{self._weights_note()} on {r.device} "
+                f"({r.backend} kernels"
                 f"{', CUDA graphs' if r.graphs is not None else ''}); KV cache {r.num_blocks * r.block_size:,} "
                 f"tokens in {r.num_blocks:,} blocks of {r.block_size}{self._kv_note()}; max_model_len "
                 f"{self.max_model_len:,}")
+
+    def _weights_note(self) -> str:
+        how = self.engine.runner.model.weights_fp8
+        if not how:
+            return ""
+        spec = self.engine.spec
+        source = f"the checkpoint's, {spec.quant.method}" if how == "checkpoint" and spec.quant else "quantized at load"
+        return f" with FP8 weights (e4m3, a scale per output channel; {source})"
 
     def _kv_note(self) -> str:
         r = self.engine.runner

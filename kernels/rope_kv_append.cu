@@ -6,14 +6,18 @@
 //   NeoX (default, HF rotate_half): thread t of a head holds x[8t .. 8t+7] and x[D/2 + 8t .. D/2 + 8t+7],
 //     the two halves of its 8 rotation pairs;
 //   interleaved (GPT-J): thread t holds x[16t .. 16t+15], 8 adjacent pairs.
-//   In both layouts thread t uses cos/sin[8t .. 8t+7] (cos_sin row: D/2 cos, then D/2 sin, float32).
+//   In both layouts thread t uses cos/sin[8t .. 8t+7] (cos_sin row: R/2 cos, then R/2 sin, float32).
+// Partial rotary (Phi-4-mini's partial_rotary_factor): only the first R = rot_dim dims of a head rotate (R a
+//   multiple of 16, R <= D; R = D is the full rotation). Threads t < R/16 hold rotation pairs as above with R in
+//   place of D (NeoX: x[8t ..] and x[R/2 + 8t ..]); threads t >= R/16 hold x[16t .. 16t+15], dims R .. D-1,
+//   which pass through unrotated (still normalised by the q/k norm, which sums over all TPH lanes).
 // Per head: optional RMSNorm over D (float32 sum of squares reduced over the TPH lanes by shuffles),
 // times the norm weight, rotation in float32, one rounding to the storage dtype. q heads go to q_out
 // (T, Hq, D); k and v heads go to k_cache / v_cache[slot] (slot = block * block_size + offset, flat over
 // (num_blocks * block_size, Hkv, D)), skipped when slot < 0.
 // FG_KV_FP8=1: the cache is float8 e4m3 (fp8.cuh): k and v are stored as round(x / k_scale), round(x / v_scale),
 // k first rounded to the activation dtype as the torch reference computes it.
-// Memory traffic: read (Hq + 2 Hkv) * D scalars + D floats of cos_sin (L1/L2-resident) per token, write
+// Memory traffic: read (Hq + 2 Hkv) * D scalars + R floats of cos_sin (L1/L2-resident) per token, write
 // the same number of scalars: 2 * (Hq + 2 Hkv) * D * sizeof(dtype) bytes per token in all (k and v: half that
 // with FP8).
 #include "common.cuh"
@@ -46,6 +50,10 @@ FG_INLINE void store_fp8(kv_t* dst, const float* x, float scale) {
     *reinterpret_cast<uint2*>(dst) = pack8_e4m3(y, 1.f);
 }
 #endif
+
+// cos = 1, sin = 0 for the lanes of a head past rot_dim (partial rotary): their dims pass through unrotated
+__device__ __align__(16) const float ROPE_IDENTITY[16] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f,
+                                                         0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 
 FG_INLINE i64 load_index(const void* p, int is_i64, int t) {
     return is_i64 ? reinterpret_cast<const i64*>(p)[t] : (i64) reinterpret_cast<const int*>(p)[t];
@@ -138,15 +146,17 @@ rope_kv_append_kernel(const scalar_t* __restrict__ qkv,
                       const scalar_t* __restrict__ q_norm,  // (D,) or null
                       const scalar_t* __restrict__ k_norm,  // (D,) or null
                       float eps, int hq, int hkv, int interleaved,
-                      float k_scale, float v_scale) {       // FP8 cache: stored = x / scale (else unused)
+                      float k_scale, float v_scale,         // FP8 cache: stored = x / scale (else unused)
+                      int rot_dim) {                        // rotated dims per head (R), a multiple of 16 <= D
     const int tok = blockIdx.x;
     const int nheads = hq + 2 * hkv;
     const int t = threadIdx.x % TPH;  // lane within the head
     const int hstep = ROPE_THREADS / TPH;
     const scalar_t* row = qkv + (i64)tok * nheads * D;
-    // Element offsets of this thread's two 8-vectors within a head.
-    const int off0 = interleaved ? 16 * t : 8 * t;
-    const int off1 = interleaved ? 16 * t + 8 : D / 2 + 8 * t;
+    // Element offsets of this thread's two 8-vectors within a head (uniform per lane, see the layout above).
+    const bool rot = t < rot_dim / 16;
+    const int off0 = (interleaved || !rot) ? 16 * t : 8 * t;
+    const int off1 = (interleaved || !rot) ? 16 * t + 8 : rot_dim / 2 + 8 * t;
 
     // Two heads per thread and iteration, their four loads issued together (more bytes in flight).
     // NOTE: loop bounds and `two` are uniform over each group of TPH lanes (ROPE_THREADS is a multiple
@@ -163,12 +173,15 @@ rope_kv_append_kernel(const scalar_t* __restrict__ qkv,
     const i64 pos = load_index(positions, pos_i64, tok);
     const i64 slot = load_index(slot_mapping, slot_i64, tok);
 
-    // cos/sin of this thread's 8 pairs: the same for every head of the token.
-    const float* cs = cos_sin + pos * D;
+    // cos/sin of this thread's 8 pairs: the same for every head of the token. Lanes past rot_dim rotate by 0
+    // (cos 1, sin 0 from ROPE_IDENTITY: x * 1 - y * 0 is x exactly for finite values), so every lane runs the
+    // same code and the same loads (a branch here cost registers and spilled in the FP8 variants).
+    const float* cc = rot ? cos_sin + pos * rot_dim + 8 * t : ROPE_IDENTITY;
+    const float* ss = rot ? cos_sin + pos * rot_dim + rot_dim / 2 + 8 * t : ROPE_IDENTITY + 8;
     float c[8], s[8];
     {
-        float4 p = ld_f4(cs + 8 * t), q = ld_f4(cs + 8 * t + 4);
-        float4 e = ld_f4(cs + D / 2 + 8 * t), f = ld_f4(cs + D / 2 + 8 * t + 4);
+        float4 p = ld_f4(cc), q = ld_f4(cc + 4);
+        float4 e = ld_f4(ss), f = ld_f4(ss + 4);
         c[0] = p.x; c[1] = p.y; c[2] = p.z; c[3] = p.w; c[4] = q.x; c[5] = q.y; c[6] = q.z; c[7] = q.w;
         s[0] = e.x; s[1] = e.y; s[2] = e.z; s[3] = e.w; s[4] = f.x; s[5] = f.y; s[6] = f.z; s[7] = f.w;
     }

@@ -17,6 +17,8 @@
 #   sampling       logprobs, prompt logprobs and n: the GPU logprobs test and the logprobs, prompt_logprobs and
 #                  samples workloads (each against the same work without the feature)
 #   fp8            the FP8 KV cache: its kernel tests, then nanovllm with a bf16 and with an FP8 KV cache
+#   trtllm         TensorRT-LLM's fixed-length workloads on the 8B shape, bf16 and then FP8 weights + FP8 KV, each next
+#                  to its floor; TRTLLM="trtllm128 trtllm1000 trtllm5000" (the default) picks them: one or two fit a call
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
@@ -113,6 +115,19 @@ fp8() {
     grep -h -A5 "^workload nanovllm" "$LOG"/tp-nanovllm*.log >> "$LOG/engine-table.txt" || true
 }
 
+trtllm() {
+    local w
+    for w in ${TRTLLM:-trtllm128 trtllm1000 trtllm5000}; do
+        # 128/128: as many sequences as the cache holds (TensorRT-LLM's figure uses a large batch too)
+        local seqs=256
+        [ "$w" = trtllm128 ] && seqs=1024
+        step "tp-$w" "$PY" -m flashgen.bench.throughput --workload "$w" --max-num-seqs "$seqs" --out-dir "$LOG"
+        step "tp-$w-fp8" "$PY" -m flashgen.bench.throughput --workload "$w" --max-num-seqs "$seqs" \
+            --quantization fp8 --kv-cache-dtype fp8 --out-dir "$LOG"
+        grep -h -A5 "^workload $w" "$LOG/tp-$w.log" "$LOG/tp-$w-fp8.log" >> "$LOG/engine-table.txt" || true
+    done
+}
+
 multi() {
     step tp-parity "$PY" scripts/multi_gpu_check.py
     step tp-nanovllm-dp2 "$PY" -m flashgen.bench.throughput --workload nanovllm --data-parallel 2 --out-dir "$LOG"
@@ -148,9 +163,10 @@ for section in "$@"; do
         structured) structured ;;
         sampling) sampling ;;
         fp8) fp8 ;;
+        trtllm) trtllm ;;
         multi) multi ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, sampling, fp8, multi, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, sampling, fp8, trtllm, multi, ab)" >&2; exit 2 ;;
     esac
 done
 

@@ -49,6 +49,9 @@ ARCHS = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 
@@ -69,9 +72,13 @@ def make_checkpoint(
     dtype: str = "float32",
     seed: int = 0,
     init_std: float = 0.08,
+    **extra,
 ) -> Path:
     """Write a random `arch` checkpoint to `path` and return it. `init_std` > HF's 0.02 keeps greedy argmax
-    margins well above float32 rounding, so token-identity tests are meaningful rather than tie-breaking."""
+    margins well above float32 rounding, so token-identity tests are meaningful rather than tie-breaking.
+    `extra`: further config fields of the family (phi3: partial_rotary_factor, original_max_position_embeddings;
+    qwen3_moe: num_experts, num_experts_per_tok, moe_intermediate_size, norm_topk_prob, mlp_only_layers,
+    decoder_sparse_step; mixtral: num_local_experts, num_experts_per_tok)."""
     import torch
     import transformers
 
@@ -92,6 +99,13 @@ def make_checkpoint(
         assert hidden_size // num_heads == head_dim, "Qwen2 derives head_dim from hidden_size / heads"
     elif arch == "qwen3":
         cfg = transformers.Qwen3Config(head_dim=head_dim, **common)
+    elif arch == "phi3":
+        assert hidden_size // num_heads == head_dim, "Phi-3 derives head_dim from hidden_size / heads"
+        cfg = transformers.Phi3Config(rope_scaling=rope_scaling, pad_token_id=0, **common, **extra)
+    elif arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(head_dim=head_dim, **common, **extra)
+    elif arch == "mixtral":
+        cfg = transformers.MixtralConfig(head_dim=head_dim, sliding_window=None, **common, **extra)
     else:
         raise ValueError(f"unknown test arch {arch!r}; use one of {sorted(ARCHS)}")
     torch.manual_seed(seed)

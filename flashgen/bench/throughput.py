@@ -3,7 +3,9 @@ same run (HBM bandwidth and matmul rate of this GPU) and, with --compare hf, HF 
 
 Workloads (defined here; figures in BENCHMARKS.md): nanovllm (256 random prompts of 100-1024 tokens, 100-1024 new
 tokens each), fixed512 (same prompts, 512 new tokens), sharedprefix (512 requests sharing a 2000-token prefix),
-latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens); longctx (64 prompts of
+latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens); trtllm128, trtllm1000, trtllm5000
+(Llama-3.1-8B shape: 3000 requests of 128 tokens in and out, 600 of 1000/1000, 200 of 5000/500, as TensorRT-LLM's
+published H100 table; with --quantization fp8 --kv-cache-dtype fp8 for its FP8 rows); longctx (64 prompts of
 256-8192 tokens, 256 new tokens each: decode reads a ragged set of long contexts, attention-bound); and
 structured (JSON-schema-constrained requests against the same requests unconstrained: bench/structured.py);
 logprobs, prompt_logprobs and samples (each feature against the same work without it: bench/sampling_extras.py).
@@ -36,6 +38,10 @@ class Workload:
                 for m in self.max_tokens]
 
 
+# name -> (input tokens, output tokens, requests): the three fixed-length rows TensorRT-LLM publishes for one H100
+TRTLLM = {"trtllm128": (128, 128, 3000), "trtllm1000": (1000, 1000, 600), "trtllm5000": (5000, 500, 200)}
+
+
 def make_workload(name: str) -> Workload:
     random.seed(0)
     if name in ("nanovllm", "fixed512"):
@@ -48,11 +54,15 @@ def make_workload(name: str) -> Workload:
         return Workload(name, "qwen3-0.6b", prompts, [128] * 512)
     if name == "latency8b":
         return Workload(name, "llama-3.1-8b", [[random.randint(0, 10000) for _ in range(512)]], [128], 0.0)
+    if name in TRTLLM:  # TensorRT-LLM's fixed-length workloads (input/output tokens x requests) on the 8B shape
+        n_in, n_out, n = TRTLLM[name]
+        return Workload(name, "llama-3.1-8b", [[random.randint(0, 10000) for _ in range(n_in)] for _ in range(n)],
+                        [n_out] * n)
     if name == "longctx":
         prompts = [[random.randint(0, 10000) for _ in range(random.randint(256, 8192))] for _ in range(64)]
         return Workload(name, "qwen3-0.6b", prompts, [256] * 64)
     raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix, latency8b, longctx, "
-                     "structured, logprobs, prompt_logprobs or samples")
+                     f"{', '.join(TRTLLM)}, structured, logprobs, prompt_logprobs or samples")
 
 
 def timed_generate(llm, prompts, params) -> tuple[float, list]:
@@ -110,6 +120,11 @@ def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict, kv_dtype: to
     return total_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
 
 
+def _is_projection(name: str) -> bool:
+    """A decoder layer's linear weight (what FP8 quantization stores in 1 byte); not embeddings, norms, lm_head."""
+    return name.startswith("model.layers.") and name.endswith("proj.weight")
+
+
 def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_kw) -> dict:
     from flashgen import LLM, EngineConfig, SamplingParams
     from flashgen.engine.data_parallel import DataParallelLLM
@@ -138,7 +153,9 @@ def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_k
     ntok = sum(len(o.token_ids) for o in outs)
     assert ntok == sum(w.max_tokens), "every request must produce exactly max_tokens (ignore_eos)"
     spec = load_spec(model_dir)
-    weight_bytes = 2 * sum(math.prod(shape) for shape in expected_shapes(spec).values())  # bf16
+    fp8 = engine_kw.get("quantization") == "fp8"  # the layers' projections at 1 byte, the rest in bf16
+    weight_bytes = sum(math.prod(shape) * (1 if fp8 and _is_projection(name) else 2)
+                       for name, shape in expected_shapes(spec).items())
     if isinstance(llm, LLM):
         kv_tokens, backend = llm.engine.runner.num_blocks * llm.engine.runner.block_size, llm.engine.runner.backend
     else:  # data-parallel: the engines (and their KV caches) live in the worker processes
@@ -208,7 +225,8 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
             res["speedup_vs_hf"] = ours["tok_per_s"] / res["hf"]["tok_per_s"]
     par = f", TP={ours['tensor_parallel']}, DP={ours['data_parallel']}" if max(
         ours["tensor_parallel"], ours["data_parallel"]) > 1 else ""
-    kv = ", FP8 KV cache" if engine_kw.get("kv_cache_dtype") == "fp8" else ""
+    kv = (", FP8 weights" if engine_kw.get("quantization") == "fp8" else "") + (
+        ", FP8 KV cache" if engine_kw.get("kv_cache_dtype") == "fp8" else "")
     lines = [f"workload {workload} on {res['device']} ({ours['backend']} backend{par}{kv})",
              f"  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
              f"bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
@@ -224,7 +242,8 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
     print("\n".join(lines), flush=True)
     if out_dir:
         tag = workload + (f"_tp{ours['tensor_parallel']}_dp{ours['data_parallel']}" if par else "") + (
-            "_fp8kv" if kv else "")
+            "_fp8w" if engine_kw.get("quantization") == "fp8" else "") + (
+            "_fp8kv" if engine_kw.get("kv_cache_dtype") == "fp8" else "")
         with open(f"{out_dir}/throughput_{tag}.json", "w") as f:
             json.dump(res, f, indent=1, default=str)
     return res
@@ -246,8 +265,11 @@ if __name__ == "__main__":
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--data-parallel", type=int, default=1)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    ap.add_argument("--quantization", default=None, choices=("auto", "fp8"), help="fp8: FP8 weights, quantized at load")
+    ap.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     ap.add_argument("--tokenizer", default=None, help="structured: tokenizer directory (default: the embedded model's)")
     a = ap.parse_args()
     main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, a.data_parallel, a.tokenizer, enforce_eager=a.enforce_eager,
          block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
-         tensor_parallel_size=a.tensor_parallel_size, kv_cache_dtype=a.kv_cache_dtype)
+         tensor_parallel_size=a.tensor_parallel_size, kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
+         **({"quantization": a.quantization} if a.quantization else {}))

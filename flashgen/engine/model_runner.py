@@ -88,6 +88,21 @@ def pick_kv_dtype(config: EngineConfig, device: torch.device, dtype: torch.dtype
     return torch.float8_e4m3fn
 
 
+def check_fp8_weights(config: EngineConfig, spec: ModelSpec, device: torch.device) -> bool:
+    """Whether the weights run FP8 (an FP8 checkpoint, or --quantization fp8): refused at start-up, before a weight
+    is read, on a GPU without FP8 GEMMs (compute capability below 8.9); the CPU runs the torch reference."""
+    fp8 = config.quantization == "fp8" or spec.quant is not None
+    if fp8 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            what, fix = (("quantization='fp8'", "use quantization='auto'") if spec.quant is None else
+                         (f"this checkpoint's FP8 weights (quantization_config.quant_method={spec.quant.method!r})",
+                          "use the model's unquantized checkpoint"))
+            raise RuntimeError(f"{what} needs a GPU with FP8 (compute capability 8.9 or later: Ada, Hopper, "
+                               f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: {fix}")
+    return fp8
+
+
 class Launched:
     """A step whose forward is queued: the sequences that sample, their logits until sampled, then the tokens."""
 
@@ -124,8 +139,9 @@ class ModelRunner:
             max_len = spec.sliding_window
         tp = TPInfo(rank, self.world) if self.world > 1 else None
         self.kv_dtype = pick_kv_dtype(config, self.device, self.dtype)
+        check_fp8_weights(config, spec, self.device)
         self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
-                               config.load_format, tp, self.kv_dtype)
+                               config.load_format, tp, self.kv_dtype, config.quantization)
         self.slots, self.graphs = TokenSlots(), None
         self.masks: TokenMasks | None = None  # grammar bitmasks, made on the first constrained step
         if self.kv_dtype == torch.float8_e4m3fn and self.model.kv_scales_from != "checkpoint":
@@ -142,8 +158,9 @@ class ModelRunner:
         # step's tokens (see TokenSlots).
         if self.device.type == "cuda" and self.world == 1:
             self.enable_pipelining()
-        # NOTE: the torch reference reads context lengths on the host, so only the CUDA kernels are capturable.
-        if self.device.type == "cuda" and self.backend == "cuda" and not config.enforce_eager:
+        # NOTE: the torch reference reads context lengths on the host, so only the CUDA kernels are capturable; so
+        # does ops.moe's per-expert loop (its token counts), so MoE models decode eagerly (docs/design.md)
+        if self.device.type == "cuda" and self.backend == "cuda" and not config.enforce_eager and spec.moe is None:
             max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks)
 

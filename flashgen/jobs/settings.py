@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flashgen.config import BACKENDS, DTYPE_CHOICES, KV_CACHE_DTYPES, EngineConfig
+from flashgen.config import BACKENDS, DTYPE_CHOICES, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 from flashgen.jobs.errors import FatalError
 from flashgen.jobs.inputs import DEFAULT_MAX_LINE_BYTES
 from flashgen.jobs.params import FIELDS, Field, FieldError, check_field
@@ -41,7 +41,8 @@ class Option:
         return {bool: "bool", int: "int", float: "float", str: "str"}[type(self.default)]
 
 
-ENGINE_CHOICES = {"dtype": DTYPE_CHOICES, "backend": BACKENDS, "kv_cache_dtype": KV_CACHE_DTYPES}
+ENGINE_CHOICES = {"dtype": DTYPE_CHOICES, "backend": BACKENDS, "kv_cache_dtype": KV_CACHE_DTYPES,
+                  "quantization": QUANTIZATIONS}
 
 
 def _engine_options() -> dict[str, Option]:

@@ -1,9 +1,10 @@
-"""The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3.
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Phi-3 / Phi-4, Qwen3-MoE and Mixtral.
 
-The four families differ only in flags of ModelSpec (q/k/v bias, per-head q/k RMSNorm, rope scaling), so one
-model class runs them all. Attention, the fused elementwise steps and the linear layers go through `ops` (torch
-reference or CUDA kernels); GEMMs stay in torch (cuBLAS / MKL) except a few rows, where the CUDA backend may use
-its skinny kernel.
+The families differ only in flags of ModelSpec (q/k/v bias, per-head q/k RMSNorm, rope scaling, partial rotary,
+mixture-of-experts MLPs through ops.moe), so one model class runs them all. Attention, the fused elementwise
+steps and the linear layers go through `ops` (torch reference or CUDA kernels); GEMMs stay in torch (cuBLAS /
+MKL) except a few rows, where the CUDA backend may use its skinny kernel. FP8 projection weights (a float32
+scale per output row) run through ops.linear_fp8.
 """
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from flashgen.models.loader import dummy_weights, expected_shapes, fuse_layer_weights, load_kv_scales, load_weights
+from flashgen.models.loader import (
+    FUSED_FP8,
+    dummy_weights,
+    expected_shapes,
+    fuse_layer_weights,
+    load_kv_scales,
+    load_weights,
+    quantize_fp8_layer,
+)
 from flashgen.models.spec import ModelSpec, rope_cos_sin
 from flashgen.models.tensor_parallel import TPInfo, all_reduce, gather_logits, shard_layer, shard_vocab
 
@@ -33,7 +42,7 @@ class StepContext:
 class DecoderLM:
     def __init__(self, model_dir: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                  ops: ModuleType, max_positions: int, load_format: str = "auto", tp: TPInfo | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, quantization: str = "auto"):
         self.spec, self.dtype, self.device, self.ops = spec, dtype, device, ops
         # the KV cache's dtype: the model's, or float8_e4m3fn with a float32 scale per layer for K and for V
         # (docs/design.md, "FP8 KV cache"): from the checkpoint when it has them, else set by calibrate_kv_scales
@@ -55,7 +64,9 @@ class DecoderLM:
                 if scales is not None:
                     self.k_scales, self.v_scales = scales
                     self.kv_scales_from = "checkpoint"
-        self._set_weights(w)
+        # FP8 projection weights: the checkpoint's ("checkpoint"), quantized at load ("quantized"), or none ("")
+        self.weights_fp8 = ""
+        self._set_weights(w, quantize=quantization == "fp8")
         self.cos_sin = rope_cos_sin(spec, max_positions, device)
         self.scale = spec.head_dim ** -0.5
         self.k_caches: list[torch.Tensor] = []
@@ -65,7 +76,9 @@ class DecoderLM:
     def num_kv_heads_local(self) -> int:
         return self.tp.kv_heads(self.spec)[1] if self.tp else self.spec.num_kv_heads
 
-    def _set_weights(self, w: dict[str, torch.Tensor]) -> None:
+    def _set_weights(self, w: dict[str, torch.Tensor], quantize: bool = False) -> None:
+        """Fuse, quantize (`quantize`: the float projections to FP8, before sharding, so every rank's slice has the
+        scales one GPU would), shard and place the weights."""
         spec, tp, dev = self.spec, self.tp, self.device
         self.embed = w.pop("model.embed_tokens.weight").to(dev)
         self.final_norm = w.pop("model.norm.weight").to(dev)
@@ -74,6 +87,11 @@ class DecoderLM:
         self.layers = []
         for i in range(spec.num_layers):
             L = fuse_layer_weights(w, spec, i)
+            if any(L[k + "_scale"] is not None for k in FUSED_FP8):
+                self.weights_fp8 = self.weights_fp8 or "checkpoint"
+            if quantize:
+                L = quantize_fp8_layer(L)
+                self.weights_fp8 = self.weights_fp8 or "quantized"
             if tp:
                 L = shard_layer(L, spec, tp)
             self.layers.append({k: (v.to(dev) if v is not None else None) for k, v in L.items()})
@@ -83,7 +101,9 @@ class DecoderLM:
         """Overwrite the weights in place (captured CUDA graphs keep pointing at them) with a HF model's state
         dict of the same shapes, e.g. to compare with HF on equal weights."""
         old = (self.embed, self.final_norm, self.lm_head, self.layers)
-        self._set_weights({k: sd[k].to(self.dtype) for k in expected_shapes(self.spec)})
+        # NOTE: FP8 layers stay FP8: the new weights are quantized as --quantization fp8 would
+        self._set_weights({k: sd[k].to(self.dtype) for k in expected_shapes(self.spec)},
+                          quantize=bool(self.weights_fp8))
         new = (self.embed, self.final_norm, self.lm_head, self.layers)
         for o, n in zip(old[:3], new[:3], strict=True):
             o.copy_(n)
@@ -111,7 +131,7 @@ class DecoderLM:
                 x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps), h
             else:
                 x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps, residual)
-            qkv = ops.linear(x, L["qkv"], L["qkv_bias"])  # (T, (Hq + 2 Hkv) * D)
+            qkv = self._linear(x, L, "qkv", L["qkv_bias"])  # (T, (Hq + 2 Hkv) * D)
             ks, vs = self.k_scales[i], self.v_scales[i]
             q = ops.rope_kv_append(qkv, ctx.positions, self.cos_sin, ctx.slot_mapping, self.k_caches[i],
                                    self.v_caches[i], L["q_norm"], L["k_norm"], spec.rms_norm_eps, k_scale=ks,
@@ -123,15 +143,27 @@ class DecoderLM:
             else:
                 o = ops.decode_attention(q, self.k_caches[i], self.v_caches[i], ctx.context_lens,
                                          ctx.block_tables, self.scale, k_scale=ks, v_scale=vs)
-            h = ops.linear(o.reshape(T, -1), L["o"])
+            h = self._linear(o.reshape(T, -1), L, "o")
             if self.tp:
                 h = all_reduce(h)
             x, residual = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps, residual)
-            h = ops.linear(ops.silu_mul(ops.linear(x, L["gate_up"])), L["down"])
+            if L.get("router") is not None:  # a MoE layer (flashgen/models/moe.py)
+                assert spec.moe is not None
+                h = ops.moe(x, L["router"], L["experts_gate_up"], L["experts_down"], spec.moe.top_k,
+                            spec.moe.renormalize)
+            else:
+                h = self._linear(ops.silu_mul(self._linear(x, L, "gate_up")), L, "down")
             if self.tp:
                 h = all_reduce(h)
         assert residual is not None, "a model has layers"
         return h, residual
+
+    def _linear(self, x: torch.Tensor, L: dict, name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer weight `name` applied to x: ops.linear, or ops.linear_fp8 where the weight is FP8."""
+        scale = L[name + "_scale"]
+        if scale is None:
+            return self.ops.linear(x, L[name], bias)
+        return self.ops.linear_fp8(x, L[name], scale, bias)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

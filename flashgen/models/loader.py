@@ -1,5 +1,9 @@
 """Read a HF checkpoint's safetensors straight onto the target device, fusing q/k/v and gate/up.
 
+FP8 checkpoints (config.json's quantization_config, see flashgen.models.quant): a projection weight stored as
+F8_E4M3 is kept in float8 with its `weight_scale` as a float32 scale per output row; the fused q/k/v and gate/up
+weights get one scale vector over their rows. Weights can also be quantized at load (quantize_fp8_layer).
+
 Every file is checked before a weight is read (an empty, truncated or garbage safetensors file, a broken index, a
 missing shard), every tensor against the dtype and shape config.json implies, and every loaded weight for NaN and
 inf: each problem stops the load with a ModelLoadError naming the file, the tensor, what is wrong and the fix.
@@ -15,7 +19,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from flashgen.models.errors import ModelFileMissing, ModelLoadError, json_kind, read_json
+from flashgen.models.layouts import gate_up_parts, is_moe_layer, projection_shapes, qkv_parts
+from flashgen.models.moe import stack_experts
 from flashgen.models.spec import ModelSpec
+from flashgen.ops.torch_ops import quantize_fp8_rows
 
 REDOWNLOAD = "download the checkpoint again"
 INDEX = "model.safetensors.index.json"
@@ -24,6 +31,13 @@ _ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 
              "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 ST_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
+FP8_ST = "F8_E4M3"  # the FP8 weights flashgen runs (e4m3fn, max 448)
+FP8 = torch.float8_e4m3fn
+# the linear layers whose weights may be FP8 (each decoder layer's projections); embeddings, norms and lm_head
+# stay in the model dtype (an FP8 lm_head in a checkpoint is dequantized at load)
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj")  # the last two: Phi-3's
+FUSED_FP8 = ("qkv", "o", "gate_up", "down")  # the layer weights that run FP8 (each with a "<name>_scale")
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -133,13 +147,7 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         shapes.update({
             p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (spec.q_size, h),
-            p + "self_attn.k_proj.weight": (spec.kv_size, h),
-            p + "self_attn.v_proj.weight": (spec.kv_size, h),
-            p + "self_attn.o_proj.weight": (h, spec.q_size),
-            p + "mlp.gate_proj.weight": (spec.intermediate_size, h),
-            p + "mlp.up_proj.weight": (spec.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, spec.intermediate_size),
+            **projection_shapes(spec, i),  # per family: fused or separate q/k/v and gate/up, or experts
         })
         if spec.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (spec.q_size,), p + "self_attn.k_proj.bias": (spec.kv_size,),
@@ -195,6 +203,7 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
             "or fix config.json"
         )
     by_file: dict[Path, list[str]] = {}
+    fp8: dict[str, str] = {}  # an F8_E4M3 weight's name -> its weight_scale's name
     for name in want:
         f = files[name]
         info = headers[f].get(name)
@@ -202,9 +211,14 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
             raise ModelLoadError(f"{f}: tensor {name!r} is listed for this file in {INDEX} but the file does not "
                                  f"hold it; {REDOWNLOAD}")
         if info["dtype"] not in ST_FLOATS:
-            raise ModelLoadError(f"{f}: tensor {name!r} has dtype {info['dtype']}; flashgen loads float32, "
-                                 f"float16 and bfloat16 weights (quantized checkpoints are not supported): use "
-                                 f"the model's unquantized checkpoint")
+            if info["dtype"] != FP8_ST or spec.quant is None or not name.endswith(".weight"):
+                if info["dtype"] == "F8_E5M2" and spec.quant is not None:
+                    raise ModelLoadError(f"{f}: tensor {name!r} has dtype F8_E5M2; flashgen runs FP8 weights in "
+                                         "e4m3 (F8_E4M3): use the model's unquantized checkpoint")
+                raise ModelLoadError(f"{f}: tensor {name!r} has dtype {info['dtype']}; flashgen loads float32, "
+                                     f"float16 and bfloat16 weights (quantized checkpoints are not supported): use "
+                                     f"the model's unquantized checkpoint")
+            fp8[name] = _check_weight_scale(name, want[name][0], files, headers, where)
         found = tuple(info["shape"])
         if found != want[name]:
             raise ModelLoadError(
@@ -212,6 +226,9 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
                 f"the weights do not match config.json: {REDOWNLOAD} or fix config.json"
             )
         by_file.setdefault(f, []).append(name)
+    scales = {s: name for name, s in fp8.items()}
+    for s in scales:
+        by_file.setdefault(files[s], []).append(s)
     dev = str(device)
     out: dict[str, torch.Tensor] = {}
     finite: list[torch.Tensor] = []  # one 0-d bool per tensor, left on the device until all are loaded
@@ -219,8 +236,15 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
         try:
             with safe_open(f, framework="pt", device=dev) as h:
                 for name in names:
-                    t = h.get_tensor(name).to(dtype)
-                    finite.append(torch.isfinite(t).all())
+                    t = h.get_tensor(name)
+                    if name in fp8:  # e4m3fn has no inf; NaN is the one pattern S.1111.111
+                        finite.append(((t.view(torch.uint8) & 0x7F) != 0x7F).all())
+                    elif name in scales:
+                        t = t.float().reshape(-1)
+                        finite.append((torch.isfinite(t) & (t > 0)).all())
+                    else:
+                        t = t.to(dtype)
+                        finite.append(torch.isfinite(t).all())
                     out[name] = t
         except (SafetensorError, OSError) as e:  # safetensors' own checks (offsets, layout) and read errors
             raise ModelLoadError(f"{f}: cannot be read ({type(e).__name__}: {e}); {REDOWNLOAD}") from None
@@ -229,6 +253,12 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
         if not bool(ok.all()):
             names = list(out)
             bad = [names[i] for i in (~ok).nonzero().flatten().tolist()]
+            if bad[0] in scales:
+                raise ModelLoadError(f"{files[bad[0]]}: tensor {bad[0]!r} must hold positive finite scales, not "
+                                     f"{out[bad[0]][:4].tolist()}; {REDOWNLOAD}")
+            if bad[0] in fp8:
+                raise ModelLoadError(f"{files[bad[0]]}: tensor {bad[0]!r} holds NaN values; the weights are "
+                                     f"damaged: {REDOWNLOAD}")
             stored = ST_FLOATS[headers[files[bad[0]]][bad[0]]["dtype"]]
             target = str(dtype).replace("torch.", "")
             more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
@@ -238,7 +268,41 @@ def load_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, dev
                 fix = (f"the weights are damaged or exceed float16's range: load them as {stored} "
                        f"(dtype={stored}) or {REDOWNLOAD}")
             raise ModelLoadError(f"{files[bad[0]]}: tensor {bad[0]!r} holds NaN or infinite values{cast}{more}; {fix}")
+    for name, scale_name in fp8.items():  # one float32 scale per output row, (N,)
+        n = want[name][0]
+        scale = out.pop(scale_name)
+        scale = scale.expand(n).contiguous() if scale.numel() == 1 else scale
+        if is_projection(name):
+            out[scale_name] = scale
+        else:  # e.g. an lm_head not in the checkpoint's ignore list: it runs in the model dtype
+            out[name] = (out[name].float() * scale[:, None]).to(dtype)
     return out
+
+
+def is_projection(name: str) -> bool:
+    return name.startswith("model.layers.") and name.endswith(tuple(f".{p}.weight" for p in PROJECTIONS))
+
+
+def _check_weight_scale(name: str, rows: int, files: dict[str, Path], headers: dict[Path, dict[str, dict]],
+                        where: Path) -> str:
+    """The name of FP8 weight `name`'s scale, checked in the headers: a float tensor of one scale ([] or [1], per
+    tensor) or one per output row ([rows, 1] or [rows], per channel)."""
+    scale = name[: -len("weight")] + "weight_scale"
+    if scale not in files:
+        raise ModelLoadError(f"{where}: tensor {name!r} is FP8 ({FP8_ST}) but its scale {scale!r} is missing; "
+                             f"{REDOWNLOAD}")
+    info = headers[files[scale]].get(scale)
+    if info is None:
+        raise ModelLoadError(f"{files[scale]}: tensor {scale!r} is listed for this file in {INDEX} but the file does "
+                             f"not hold it; {REDOWNLOAD}")
+    if info["dtype"] not in ST_FLOATS:
+        raise ModelLoadError(f"{files[scale]}: tensor {scale!r} has dtype {info['dtype']}; an FP8 weight's scale is "
+                             f"a float tensor: {REDOWNLOAD}")
+    if info["shape"] not in ([], [1], [1, 1], [rows, 1], [rows]):
+        raise ModelLoadError(f"{files[scale]}: tensor {scale!r} has shape {info['shape']}; flashgen reads one scale "
+                             f"per tensor ([] or [1]) or per output channel ([{rows}, 1]), not group- or block-wise "
+                             "scales: use the model's unquantized checkpoint")
+    return scale
 
 
 def dummy_weights(spec: ModelSpec, dtype: torch.dtype, device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -256,21 +320,57 @@ def dummy_weights(spec: ModelSpec, dtype: torch.dtype, device, seed: int = 0) ->
     return out
 
 
+def _fuse(w: dict[str, torch.Tensor], names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One fused weight from the HF weights `names` (rows stacked), with its per-row FP8 scale (N,) when the parts
+    are FP8: per-tensor scales that differ between the parts become a vector. An FP8 part next to a float one
+    (a checkpoint that left one of them unquantized) is dequantized, so the fused weight runs in the float dtype."""
+    weights = [w.pop(n + ".weight") for n in names]
+    scales = [w.pop(n + ".weight_scale", None) for n in names]
+    if all(s is None for s in scales):
+        return (torch.cat(weights) if len(weights) > 1 else weights[0]), None
+    if all(s is not None for s in scales):
+        # NOTE: joined as bytes: float8 copies and cats are not implemented on every torch and device
+        fused = weights[0] if len(weights) == 1 else torch.cat([t.view(torch.uint8) for t in weights]).view(FP8)
+        return fused, torch.cat([s for s in scales if s is not None])
+    dtype = next(t.dtype for t, s in zip(weights, scales, strict=True) if s is None)
+    return torch.cat([t if s is None else (t.float() * s[:, None]).to(dtype)
+                      for t, s in zip(weights, scales, strict=True)]), None
+
+
 def fuse_layer_weights(w: dict[str, torch.Tensor], spec: ModelSpec, layer: int) -> dict[str, torch.Tensor | None]:
-    """One decoder layer's weights in the fused layout the model runs: qkv (q|k|v rows), gate_up (gate|up)."""
+    """One decoder layer's weights in the fused layout the model runs: qkv (q|k|v rows), gate_up (gate|up). FP8
+    weights come with `<name>_scale` (N,) float32 (FUSED_FP8), None for float weights. A MoE layer has no gate_up
+    and down (None) but router, experts_gate_up and experts_down (flashgen/models/moe.py)."""
     p = f"model.layers.{layer}."
     a = p + "self_attn."
+    qkv, qkv_scale = _fuse(w, qkv_parts(spec, layer))
+    o, o_scale = _fuse(w, [a + "o_proj"])
+    moe = stack_experts(w, spec, layer) if is_moe_layer(spec, layer) else {}
+    gate_up, gate_up_scale = _fuse(w, gate_up_parts(spec, layer)) if not moe else (None, None)
+    down, down_scale = _fuse(w, [p + "mlp.down_proj"]) if not moe else (None, None)
     fused = {
         "input_norm": w.pop(p + "input_layernorm.weight"),
         "post_norm": w.pop(p + "post_attention_layernorm.weight"),
-        "qkv": torch.cat([w.pop(a + "q_proj.weight"), w.pop(a + "k_proj.weight"), w.pop(a + "v_proj.weight")]),
+        "qkv": qkv, "qkv_scale": qkv_scale,
         "qkv_bias": None, "q_norm": None, "k_norm": None,
-        "o": w.pop(a + "o_proj.weight"),
-        "gate_up": torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")]),
-        "down": w.pop(p + "mlp.down_proj.weight"),
+        "o": o, "o_scale": o_scale,
+        "gate_up": gate_up, "gate_up_scale": gate_up_scale,
+        "down": down, "down_scale": down_scale,
+        **moe,  # a MoE layer's router, experts_gate_up, experts_down (flashgen/models/moe.py)
     }
     if spec.qkv_bias:
         fused["qkv_bias"] = torch.cat([w.pop(a + "q_proj.bias"), w.pop(a + "k_proj.bias"), w.pop(a + "v_proj.bias")])
     if spec.qk_norm:
         fused["q_norm"], fused["k_norm"] = w.pop(a + "q_norm.weight"), w.pop(a + "k_norm.weight")
     return fused
+
+
+def quantize_fp8_layer(L: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """A fused layer's float projections quantized to FP8 (--quantization fp8): per output row,
+    scale = amax |row| / 448, in float32 (torch_ops.quantize_fp8_rows); weights already FP8 stay as they are."""
+    out = dict(L)
+    for name in FUSED_FP8:
+        w = L[name]
+        if w is not None and L[name + "_scale"] is None:
+            out[name], out[name + "_scale"] = quantize_fp8_rows(w)
+    return out

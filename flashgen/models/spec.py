@@ -10,6 +10,9 @@ import torch
 
 from flashgen.config import DTYPE_NAMES
 from flashgen.models.errors import ModelFileMissing, ModelLoadError, read_json_object
+from flashgen.models.moe import MoESpec, parse_moe
+from flashgen.models.quant import FP8Checkpoint, parse_quantization
+from flashgen.models.rope import check_longrope, longrope_inv_freq, partial_rotary_factor
 
 __all__ = ["DTYPES", "ModelSpec", "ModelLoadError", "ModelFileMissing", "load_spec", "spec_from_config",
            "rope_cos_sin"]
@@ -19,6 +22,9 @@ SUPPORTED = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",            # Phi-3 and Phi-4: fused qkv / gate_up, longrope, partial rotary
+    "Qwen3MoeForCausalLM": "qwen3_moe",   # mixture of experts (flashgen/models/moe.py)
+    "MixtralForCausalLM": "mixtral",
 }
 # The one name -> torch dtype table, over config.DTYPE_NAMES (which EngineConfig checks without importing torch).
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -44,6 +50,16 @@ class ModelSpec:
     qk_norm: bool
     sliding_window: int | None
     torch_dtype: str
+    # an FP8-weight checkpoint's scheme (config.json's quantization_config), None for float weights
+    quant: FP8Checkpoint | None = None
+    # Phi-4-mini's partial rotary: the first int(head_dim * factor) dims of each head rotate, the rest do not
+    partial_rotary_factor: float = 1.0
+    # the experts of a mixture-of-experts model (Qwen3-MoE, Mixtral), None for a dense one
+    moe: MoESpec | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)  # HF's int(), not a rounding
 
     @property
     def q_size(self) -> int:
@@ -108,10 +124,14 @@ def _rope_scaling(scaling, key: str, path: Path) -> dict | None:
     if not isinstance(scaling, dict):
         raise ModelLoadError(f"{path}: {key}={scaling!r} must be an object; {FIX_CONFIG}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ("default", "llama3", "linear"):
-        raise ModelLoadError(f"{path}: rope scaling type {kind!r} is not supported; use default, llama3 or linear")
+    kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it, as HF reads it
+    if kind not in ("default", "llama3", "linear", "longrope"):
+        raise ModelLoadError(f"{path}: {key}.rope_type={kind!r} is not supported; flashgen runs default, linear, "
+                             "llama3 and longrope rotary embeddings: use a checkpoint with one of them")
     if kind == "default":
         return None
+    if kind == "longrope":  # checked by check_longrope, which needs the rotary dims
+        return {**scaling, "rope_type": kind}
     needed = ["factor"] + (["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
                            if kind == "llama3" else [])
     for k in needed:
@@ -165,12 +185,22 @@ def spec_from_config(cfg: dict, path: Path) -> ModelSpec:
     scaling, key = (rope, "rope_parameters") if rope else (cfg.get("rope_scaling") or None, "rope_scaling")
     if scaling is not None:
         scaling = _rope_scaling(scaling, key, path)
+    partial = partial_rotary_factor(cfg, rope, family, path)
+    rotary_dim = int(head_dim * partial)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ModelLoadError(f"{path}: partial_rotary_factor={partial!r} gives {rotary_dim} rotary dims of "
+                             f"head_dim={head_dim}; they must be even and at least 2; {FIX_CONFIG}")
+    max_positions = _positive_int(cfg, "max_position_embeddings", path, 4096)
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        scaling = check_longrope(scaling, key, cfg, family, rotary_dim, max_positions, path)
     if cfg.get("mlp_bias"):
         raise ModelLoadError(f"{path}: mlp_bias=true is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"{path}: hidden_act={cfg.get('hidden_act')!r} is not supported; "
                              "flashgen runs silu MLPs")
-    sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", family == "mistral") else None
+    # HF's Mistral, Mixtral and Phi-3 use sliding_window whenever it is set; Qwen's only with use_sliding_window
+    sliding = (cfg.get("sliding_window") if cfg.get("use_sliding_window", family in ("mistral", "mixtral", "phi3"))
+               else None)
     if sliding is not None:
         sliding = _positive_int(cfg, "sliding_window", path)
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
@@ -183,10 +213,12 @@ def spec_from_config(cfg: dict, path: Path) -> ModelSpec:
         intermediate_size=intermediate, vocab_size=vocab,
         rms_norm_eps=_number(cfg, "rms_norm_eps", path, 1e-6, positive=False), rope_theta=rope_theta,
         rope_scaling=scaling,
-        max_position_embeddings=_positive_int(cfg, "max_position_embeddings", path, 4096),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-        qk_norm=family == "qwen3", sliding_window=sliding, torch_dtype=dtype,
+        qk_norm=family in ("qwen3", "qwen3_moe"), sliding_window=sliding, torch_dtype=dtype,
+        quant=parse_quantization(cfg, path), partial_rotary_factor=partial,
+        moe=parse_moe(cfg, family, layers, intermediate, path),
     )
     if spec.num_heads % spec.num_kv_heads:
         raise ModelLoadError(
@@ -197,11 +229,16 @@ def spec_from_config(cfg: dict, path: Path) -> ModelSpec:
 
 
 def rope_cos_sin(spec: ModelSpec, max_positions: int, device) -> torch.Tensor:
-    """(max_positions, head_dim) float32: [:, :D/2] = cos, [:, D/2:] = sin, with HF's inverse frequencies."""
-    d = spec.head_dim
+    """(max_positions, R) float32: [:, :R/2] = cos, [:, R/2:] = sin, with HF's inverse frequencies; R is
+    spec.rotary_dim (head_dim, or less for partial rotary). LongRoPE picks its factor set by max_positions (the
+    engine's max_model_len; flashgen/models/rope.py says why) and scales cos and sin by its attention factor."""
+    d = spec.rotary_dim
     inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     sc = spec.rope_scaling
-    if sc and sc["rope_type"] == "linear":
+    attention_factor = 1.0
+    if sc and sc["rope_type"] == "longrope":
+        inv_freq, attention_factor = longrope_inv_freq(sc, d, spec.rope_theta, max_positions)
+    elif sc and sc["rope_type"] == "linear":
         inv_freq = inv_freq / float(sc["factor"])
     elif sc and sc["rope_type"] == "llama3":
         factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
@@ -213,4 +250,5 @@ def rope_cos_sin(spec: ModelSpec, max_positions: int, device) -> torch.Tensor:
         medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
         inv_freq = torch.where(medium, smoothed, scaled)
     freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    return (cos_sin * attention_factor if attention_factor != 1.0 else cos_sin).to(device)

@@ -9,7 +9,8 @@ Shapes (docs/design.md; flash-attn conventions):
   k_cache, v_cache : (num_blocks, block_size, num_kv_heads, head_dim)
   block_tables     : (batch, max_blocks_per_seq) int32, the block ids of each sequence in order
   slot_mapping     : (num_tokens,) int32 or int64, block_id * block_size + offset; -1 = do not write
-  cos_sin          : (max_positions, head_dim) float32: cos in [:, :head_dim/2], sin in [:, head_dim/2:]
+  cos_sin          : (max_positions, rotary_dim) float32: cos in [:, :rotary_dim/2], sin in [:, rotary_dim/2:];
+                     rotary_dim = head_dim, or less for partial rotary (the rest of each head is not rotated)
 """
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
 class OpsBackend(Protocol):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., K) . weight (N, K)^T [+ bias (N,)] -> (..., N)."""
+        ...
+
+    def linear_fp8(self, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+        """FP8 weights: x (..., K) . (weight (N, K) float8_e4m3fn * weight_scale (N,) float32)^T [+ bias (N,)]
+        -> (..., N) in x's dtype. Each row of x is quantized to e4m3 first with its own scale
+        (max(amax |row|, 1e-12) / 448, rounded to nearest, saturated); the FP8 product is scaled by both scales
+        (docs/design.md, "FP8 weights")."""
         ...
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -45,6 +54,14 @@ class OpsBackend(Protocol):
         k_norm: (D,), both or neither) runs before the rotation; `interleaved` rotates pairs (2i, 2i+1)
         (GPT-J) instead of halves (NeoX). An FP8 cache (float8_e4m3fn) stores k / k_scale and v / v_scale,
         rounded to nearest and saturated; the attention ops multiply them back."""
+        ...
+
+    def moe(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+            renormalize: bool) -> torch.Tensor:
+        """Mixture-of-experts MLP: x (T, H), router (E, H), gate_up (E, 2 * I, H) (gate rows, then up rows),
+        down (E, H, I) -> (T, H). Softmax over the router logits in float32, the top_k experts per token (their
+        probabilities renormalised to sum 1 when `renormalize`), the sum of their SwiGLU outputs times their
+        probabilities (flashgen/ops/torch_moe.py)."""
         ...
 
     def prefill_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -85,7 +85,8 @@ def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
                    k_scale: float = 1.0, v_scale: float = 1.0, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D) rotated; rotated k and v written to their cache slots
     (slot -1: not written). Qwen3's per-head RMSNorm (q_norm, k_norm: (D,)) runs before the rotation. An FP8
-    cache (float8_e4m3fn) stores k / k_scale and v / v_scale, rounded to nearest and saturated."""
+    cache (float8_e4m3fn) stores k / k_scale and v / v_scale, rounded to nearest and saturated. cos_sin
+    (max_positions, R): the first R dims of each head rotate (partial rotary when R < D), R a multiple of 16."""
     check_tensor("qkv", qkv, KERNEL_DTYPES, 2)
     dev = qkv.device
     bs, hkv, d = check_cache(k_cache, v_cache, qkv.dtype, dev)
@@ -100,8 +101,10 @@ def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
     check_tensor("slot_mapping", slot_mapping, (torch.int32, torch.int64), 1, dev, align=4)
     check_shape("slot_mapping", slot_mapping, (T,))
     check_tensor("cos_sin", cos_sin, (torch.float32,), 2, dev)
-    if cos_sin.shape[1] != d:
-        fail("cos_sin", f"must be (max_positions, {d}) float32", f"shape {tuple(cos_sin.shape)}")
+    rot_dim = cos_sin.shape[1]  # rotated dims per head: d, or fewer for partial rotary
+    if rot_dim % 16 or not 16 <= rot_dim <= d:
+        fail("cos_sin", f"must be (max_positions, rotary_dim) float32, rotary_dim a multiple of 16 in [16, {d}]",
+             f"shape {tuple(cos_sin.shape)}")
     if (q_norm is None) != (k_norm is None):
         fail("q_norm/k_norm", "must both be given or both be None",
              f"q_norm {type(q_norm).__name__}, k_norm {type(k_norm).__name__}")
@@ -121,5 +124,5 @@ def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
             jit.ptr(slot_mapping), jit.i32(slot_mapping.dtype == torch.int64), jit.ptr(k_cache),
             jit.ptr(v_cache), jit.ptr(out), jit.ptr(q_norm), jit.ptr(k_norm), jit.f32(norm_eps), jit.i32(hq),
             jit.i32(hkv), jit.i32(bool(interleaved)), jit.f32(check_kv_scale("k_scale", k_scale, fp8)),
-            jit.f32(check_kv_scale("v_scale", v_scale, fp8))), dev)
+            jit.f32(check_kv_scale("v_scale", v_scale, fp8)), jit.i32(rot_dim)), dev)
     return out

@@ -1,5 +1,6 @@
 """CUDA backend, linear layers: torch's GEMM (cuBLAS), or for up to 8 rows (decode at small batch) the skinny
-kernel of kernels/skinny_gemm.cu where it measured faster on that shape (linear_plan).
+kernel of kernels/skinny_gemm.cu where it measured faster on that shape (linear_plan); and FP8 weights
+(linear_fp8): activations quantized per token by torch ops, then cuBLASLt's FP8 GEMM through torch._scaled_mm.
 
 Importing this module needs neither CuPy nor a GPU; calling an op does.
 """
@@ -9,7 +10,7 @@ import os
 
 import torch
 
-from flashgen.ops import jit
+from flashgen.ops import jit, torch_ops
 from flashgen.ops.cuda_checks import KERNEL_DTYPES, check_out, check_shape, check_tensor, choose, device_index, fail
 from flashgen.ops.timing import bench, rotating
 
@@ -98,3 +99,63 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             y = skinny_gemm(x.reshape(rows, K), weight, bias, warps=plan[0], unroll=plan[1])
             return y.reshape(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+FP8_GEMM_MULTIPLE = 16  # torch._scaled_mm: K and N must be multiples of 16 (cuBLASLt's FP8 layouts)
+# (device, output dtype) -> whether torch._scaled_mm's row-wise scaling runs there (it depends on the torch and
+# cuBLAS versions and the architecture); where it does not, a float32 product is scaled by torch ops instead
+_ROWWISE: dict[tuple, bool] = {}
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """(xq (M, K) e4m3 * xs (M,)) . (weight (N, K) e4m3 * weight_scale (N,))^T -> (M, N) in out_dtype, float32
+    accumulation. mat2 is weight.t(): column-major, as cuBLASLt's FP8 GEMM wants it, without a copy."""
+    key = (xq.device, out_dtype)
+    if _ROWWISE.get(key, True):
+        try:
+            y = torch._scaled_mm(xq, weight.t(), scale_a=xs[:, None], scale_b=weight_scale[None, :],
+                                 out_dtype=out_dtype)
+            _ROWWISE[key] = True
+            return y
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError):  # row-wise scales unsupported here: torch's checks, before any launch
+            if torch.cuda.is_current_stream_capturing():
+                raise
+            _ROWWISE[key] = False
+    one = _ONES.get(xq.device)
+    if one is None:
+        one = _ONES[xq.device] = torch.ones((), dtype=torch.float32, device=xq.device)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return (y * xs[:, None] * weight_scale[None, :]).to(out_dtype)
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16/fp16 . (weight (N, K) float8_e4m3fn * weight_scale (N,) float32)^T [+ bias] -> (..., N):
+    each row of x quantized to e4m3 with its own scale (torch_ops.quantize_fp8_rows, the reference's own code),
+    then cuBLASLt's FP8 GEMM with row-wise scales (scale_a (M, 1), scale_b (1, N)), output in x's dtype; the
+    bias is added after the GEMM's rounding. Shapes the FP8 GEMM cannot take (K or N not a multiple of 16, no
+    rows) run the torch reference on the GPU: right, not fast. Capturable in a CUDA graph (no host sync)."""
+    check_tensor("x", x, KERNEL_DTYPES, contiguous=False, align=1)
+    dev = x.device
+    K = x.shape[-1] if x.dim() else 0
+    check_tensor("weight", weight, (torch.float8_e4m3fn,), 2, dev)
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        fail("weight", f"must be (N, {K}) like x's last dim", f"shape {tuple(weight.shape)}")
+    check_tensor("weight_scale", weight_scale, (torch.float32,), 1, dev, align=4)
+    check_shape("weight_scale", weight_scale, (N,))
+    if bias is not None:
+        check_tensor("bias", bias, (x.dtype,), 1, dev, align=2)
+        check_shape("bias", bias, (N,))
+    rows = x.numel() // K if K else 0
+    if rows == 0 or K % FP8_GEMM_MULTIPLE or N % FP8_GEMM_MULTIPLE:
+        return torch_ops.linear_fp8(x, weight, weight_scale, bias)
+    xq, xs = torch_ops.quantize_fp8_rows(x.reshape(rows, K))
+    y = _fp8_gemm(xq, xs, weight, weight_scale, x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], N)

@@ -9,10 +9,12 @@ module).
 
 This module is the backend's public face (`get_ops("cuda")`); the code lives in one module per job:
   cuda_checks.py      argument checks and device queries shared by every wrapper
-  cuda_linear.py      linear: cuBLAS or the skinny GEMM, the per-shape plan chosen by timing
+  cuda_linear.py      linear: cuBLAS or the skinny GEMM, the per-shape plan chosen by timing; linear_fp8:
+                      FP8 weights through cuBLASLt's FP8 GEMM (torch._scaled_mm)
   cuda_elementwise.py rms_norm, silu_mul, rope_kv_append
   cuda_attention.py   prefill_attention and decode_attention, their plans and merge counters
   cuda_sampling.py    gumbel_argmax
+  torch_moe.py        moe: the torch per-expert loop over cuBLAS GEMMs, shared with the reference
 
 Importing this module needs neither CuPy nor a GPU; calling an op does.
 
@@ -45,11 +47,14 @@ from flashgen.ops.cuda_attention import (  # noqa: F401
 from flashgen.ops.cuda_checks import KERNEL_DTYPES  # noqa: F401
 from flashgen.ops.cuda_elementwise import RMS_MAX_HIDDEN, rms_norm, rope_kv_append, silu_mul  # noqa: F401
 from flashgen.ops.cuda_linear import (  # noqa: F401
+    FP8_GEMM_MULTIPLE,
     LINEAR_TIMES,
     SKINNY_MAX_ROWS,
     SKINNY_VARIANTS,
     linear,
+    linear_fp8,
     linear_plan,
     skinny_gemm,
 )
 from flashgen.ops.cuda_sampling import gumbel_argmax  # noqa: F401
+from flashgen.ops.torch_moe import moe  # noqa: F401 - the torch per-expert loop (cuBLAS GEMMs) for now

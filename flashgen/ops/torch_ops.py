@@ -11,16 +11,47 @@ rounding; slow but obviously right.
 FP8 KV cache (k_cache.dtype float8_e4m3fn): a cached value is round(x / scale) saturated to +-448, read back as
 fp8 * scale, with one float32 scale per layer for K (`k_scale`) and one for V (`v_scale`); see
 docs/design.md, "FP8 KV cache". With a bf16/fp16/fp32 cache the scales are ignored.
+
+FP8 weights (linear_fp8): a float8_e4m3fn weight with a float32 scale per output channel, times activations
+quantized per token at run time; see docs/design.md, "FP8 weights".
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from flashgen.ops.torch_moe import moe  # noqa: F401 - the MoE MLP, its own module (per-expert loop)
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) . weight (N, K)^T [+ bias]: torch's GEMM (cuBLAS / MKL)."""
     return F.linear(x, weight, bias)
+
+
+FP8_AMAX_FLOOR = 1e-12  # a row of zeros gets a tiny scale, not a division by zero
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, K) -> (xq (R, K) float8_e4m3fn, scale (R,) float32) with x ~ xq * scale: one symmetric scale per row,
+    scale = max(amax |row|, FP8_AMAX_FLOOR) / 448, xq = x / scale rounded to nearest and saturated, in float32.
+    Activations (per token) and weights quantized at load (per output channel) both use it."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR) / FP8_MAX
+    return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) . (weight (N, K) float8_e4m3fn * weight_scale (N,) float32 per row)^T [+ bias (N,)] -> (..., N)
+    in x's dtype. Each row of x is quantized to e4m3 with its own scale first (quantize_fp8_rows), as the FP8
+    GEMM gets it; the product of the two FP8 operands is exact in float32, the scales multiply the result and
+    the bias is added before the one rounding to x's dtype."""
+    K = x.shape[-1]
+    xq, xs = quantize_fp8_rows(x.reshape(-1, K))
+    y = (xq.float() @ weight.float().t()) * xs[:, None] * weight_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def rms_norm(
@@ -68,7 +99,8 @@ def rope_kv_append(
     """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D), rotated; rotated k and v written to their cache slots.
 
     Qwen3's per-head RMSNorm (`q_norm`, `k_norm`: (D,)) runs before the rotation, as in HF. An FP8 cache stores
-    k / k_scale and v / v_scale (see the module's docstring).
+    k / k_scale and v / v_scale (see the module's docstring). `cos_sin` (max_positions, R) with R < D rotates the
+    first R dims of each head only and passes the rest through (partial rotary, HF's `q[..., :rotary_dim]`).
     """
     _, _, hkv, d = k_cache.shape
     T = qkv.shape[0]
@@ -79,9 +111,17 @@ def rope_kv_append(
     if q_norm is not None and k_norm is not None:
         q = rms_norm(q, q_norm, norm_eps)
         k = rms_norm(k, k_norm, norm_eps)
-    cs = cos_sin[positions.long()].to(qkv.dtype)  # (T, D)
-    cos, sin = cs[:, None, : d // 2], cs[:, None, d // 2 :]
-    q, k = _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+    r = cos_sin.shape[1]  # rotated dims per head: d, or fewer for partial rotary
+    if r % 2 or not 0 < r <= d:
+        raise ValueError(f"cos_sin has shape {tuple(cos_sin.shape)}; it must be (max_positions, rotary_dim) with an "
+                         f"even rotary_dim of at most head_dim={d}")
+    cs = cos_sin[positions.long()].to(qkv.dtype)  # (T, R)
+    cos, sin = cs[:, None, : r // 2], cs[:, None, r // 2 :]
+    if r == d:
+        q, k = _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+    else:
+        q = torch.cat((_rotate(q[..., :r], cos, sin, interleaved), q[..., r:]), -1)
+        k = torch.cat((_rotate(k[..., :r], cos, sin, interleaved), k[..., r:]), -1)
     slots = slot_mapping.long()
     keep = slots >= 0
     flat_k = k_cache.view(-1, hkv, d)

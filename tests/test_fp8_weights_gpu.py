@@ -1,0 +1,152 @@
+"""FP8 weights on the GPU (sm_89+): the CUDA backend's linear_fp8 (activations quantized per token by the
+reference's own code, then cuBLASLt's FP8 GEMM through torch._scaled_mm) against the torch reference, and the
+engine with FP8 weights on the CUDA kernels against the torch reference ops, both on the GPU.
+
+The op is checked as the other kernels are: against a float64 oracle of the same quantized operands,
+err(CUDA) <= 2 * err(torch reference in the same dtype) + one unit of the dtype's precision (the CUDA path adds
+the bias after the GEMM's rounding, a second rounding).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device is visible", allow_module_level=True)
+if torch.cuda.get_device_capability() < (8, 9):
+    pytest.skip("FP8 weights need compute capability 8.9 or later", allow_module_level=True)
+
+from flashgen.ops import cuda_linear, cuda_ops, torch_ops  # noqa: E402
+
+DEV = torch.device("cuda")
+FP8 = torch.float8_e4m3fn
+DTYPES = [torch.bfloat16, torch.float16]
+# (M, N, K): decode rows (1, 2, 8), an odd prefill (97), a long one (1025); N and K multiples of 16 (the FP8
+# GEMM) and not (the reference's fallback on the GPU)
+SHAPES = [(1, 256, 128), (2, 4096, 4096), (8, 1536, 512), (97, 768, 2048), (1025, 512, 1024), (1, 24, 40),
+          (8, 256, 72), (97, 200, 128), (1025, 72, 64)]
+
+
+def _operands(M, N, K, dtype, seed, bias: bool):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn((M, K), generator=g, device=DEV) * torch.logspace(-2, 1, M, device=DEV)[:, None]
+    x[0, : K // 3] = 0  # a row with zeros
+    wq, ws = torch_ops.quantize_fp8_rows(torch.randn((N, K), generator=g, device=DEV) * 0.05)
+    b = (torch.randn(N, generator=g, device=DEV) * 0.5).to(dtype) if bias else None
+    return x.to(dtype), wq, ws, b
+
+
+def _oracle(x, wq, ws, b):
+    xq, xs = torch_ops.quantize_fp8_rows(x)
+    y = (xq.double() * xs.double()[:, None]) @ (wq.double() * ws.double()[:, None]).t()
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_fp8_matches_the_reference(M, N, K, dtype, bias, monkeypatch):
+    calls = []
+    scaled_mm = torch._scaled_mm
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return scaled_mm(*a, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counting)
+    x, wq, ws, b = _operands(M, N, K, dtype, M * 7 + N + K, bias)
+    got = cuda_ops.linear_fp8(x, wq, ws, b)
+    ref = torch_ops.linear_fp8(x, wq, ws, b)
+    assert got.dtype == dtype and got.shape == (M, N)
+    aligned = N % 16 == 0 and K % 16 == 0
+    assert bool(calls) == aligned, "the FP8 GEMM runs exactly where K and N are multiples of 16"
+    if not aligned:
+        assert torch.equal(got, ref)
+        return
+    oracle = _oracle(x, wq, ws, b)
+    err = (got.double() - oracle).abs().max().item()
+    err_ref = (ref.double() - oracle).abs().max().item()
+    eps = torch.finfo(dtype).eps * oracle.abs().max().item()
+    assert err <= 2 * err_ref + eps, f"CUDA {err:.3e} vs torch {err_ref:.3e} (+{eps:.1e}), row-wise " \
+                                     f"scales: {cuda_linear._ROWWISE}"
+    assert torch.isfinite(got).all()
+
+
+def test_linear_fp8_takes_leading_dims_and_is_capturable():
+    x, wq, ws, b = _operands(16, 512, 256, torch.bfloat16, 3, True)
+    eager = cuda_ops.linear_fp8(x, wq, ws, b)
+    torch.testing.assert_close(cuda_ops.linear_fp8(x.view(2, 8, 256), wq, ws, b), eager.view(2, 8, 512),
+                               rtol=0, atol=0)
+    static_x = x.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_ops.linear_fp8(static_x, wq, ws, b)
+    static_x.copy_(x * 2)
+    graph.replay()
+    torch.testing.assert_close(out, cuda_ops.linear_fp8(x * 2, wq, ws, b))  # bf16 tolerances: cuBLASLt may
+    # pick another algorithm inside a capture
+
+
+def test_linear_fp8_refuses_bad_arguments():
+    x, wq, ws, _ = _operands(4, 64, 32, torch.bfloat16, 0, False)
+    with pytest.raises(ValueError, match="weight must have dtype torch.float8_e4m3fn"):
+        cuda_ops.linear_fp8(x, wq.bfloat16(), ws)
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(64,\)"):
+        cuda_ops.linear_fp8(x, wq, ws[:32])
+    with pytest.raises(ValueError, match="x must have dtype"):
+        cuda_ops.linear_fp8(x.float(), wq, ws)
+
+
+def _run(model, backend: str, quantization: str, prompt: list[int]) -> tuple[bool, torch.Tensor]:
+    """(whether the weights ran FP8, the prompt's float32 logits) of one engine on the GPU in bf16."""
+    from flashgen import SamplingParams
+    from flashgen.config import EngineConfig
+    from flashgen.llm import LLM
+
+    llm = LLM(config=EngineConfig(model=str(model), device="cuda", dtype="bfloat16", backend=backend,
+                                  quantization=quantization, kv_cache_gb=0.01))
+    try:
+        m = llm.engine.runner.model
+        fp8 = bool(m.weights_fp8)
+        if fp8:
+            assert all(L[k].dtype == FP8 for L in m.layers for k in ("qkv", "o", "gate_up", "down"))
+            assert m.lm_head.dtype == torch.bfloat16 and "FP8 weights" in llm.describe()
+            # decode too (CUDA graphs on the CUDA backend)
+            out = llm.generate([prompt[:10]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            assert len(out[0].outputs[0].token_ids) == 6
+        return fp8, llm.engine.runner.prompt_logits(prompt)
+    finally:
+        llm.close()
+
+
+def test_engine_fp8_weights_cuda_kernels_against_the_torch_reference(tmp_path):
+    """A tiny random model with --quantization fp8, and an FP8 checkpoint (compressed-tensors, per tensor), run by
+    the CUDA backend and by the torch reference ops, both on the GPU in bf16. The two FP8 runs are as far from the
+    bf16 model as each other (a wrong scale would put one of them far off), and close to each other: not equal,
+    since the other kernels round differently in bf16, and an activation near an e4m3 rounding boundary may then
+    round the other way (one step of 2^-4)."""
+    from checkpoints import make_checkpoint
+    from flashgen.ops import cuda_backend_available
+    from test_fp8_weights import _ct_config, write_fp8_checkpoint
+
+    ok, why = cuda_backend_available()
+    if not ok:
+        pytest.skip(why)
+    base = make_checkpoint(tmp_path / "m", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                           intermediate_size=512, vocab_size=512, max_position_embeddings=1024, dtype="bfloat16")
+    fp8_dir = write_fp8_checkpoint(base, tmp_path / "fp8", _ct_config("tensor"), per_channel=False)
+    prompt = list(range(3, 300))
+    _, bf16 = _run(base, "torch", "auto", prompt)
+    for model, quant in ((base, "fp8"), (fp8_dir, "auto")):
+        (fp8_cuda, cuda8), (fp8_torch, torch8) = _run(model, "cuda", quant, prompt), _run(model, "torch", quant, prompt)
+        assert fp8_cuda and fp8_torch and torch.isfinite(cuda8).all()
+        err_cuda = ((cuda8 - bf16).norm() / bf16.norm()).item()
+        err_torch = ((torch8 - bf16).norm() / bf16.norm()).item()
+        assert err_cuda <= 1.5 * err_torch + 0.01, f"{model.name}: vs bf16, CUDA {err_cuda:.3f}, torch {err_torch:.3f}"
+        rel = ((cuda8 - torch8).norm() / torch8.norm()).item()
+        assert rel < 0.15, f"{model.name}: CUDA vs torch FP8 logits differ by {rel:.3f} of their norm"
+        agree = (cuda8.argmax(-1) == torch8.argmax(-1)).float().mean().item()
+        assert agree > 0.7, f"{model.name}: CUDA/torch FP8 top-1 agreement {agree:.2%}"
