@@ -366,6 +366,21 @@ def bench_throughput(
     run(workload, compare, hf_max_tokens, out_dir, tokenizer=tokenizer, enforce_eager=enforce_eager)
 
 
+@bench_app.command("jobs")
+def bench_jobs(
+    workload: str = typer.Option("extract", help="extract, synth or summarize."),
+    scale: float = typer.Option(1.0, help="Fraction of the workload's lines (e.g. 0.01 for a smoke run)."),
+    tokenizer: str | None = typer.Option(None, help="A tokenizer directory (default: the embedded model's)."),
+    shape: str = typer.Option("qwen3-0.6b", help="Model shape (random weights): qwen3-0.6b or llama-3.1-8b."),
+    out_dir: str | None = typer.Option(None, help="Write jobs_WORKLOAD.json here."),
+    enforce_eager: bool = typer.Option(False, help="No CUDA graphs."),
+) -> None:
+    """A realistic JSONL job through `flashgen generate`'s path, start-up included, next to its floor on this GPU."""
+    from flashgen.bench.jobs import main as run
+
+    run(workload, scale, tokenizer, out_dir, shape, enforce_eager=enforce_eager)
+
+
 def _quiet(config: str | None, flags: dict) -> bool:
     """job.quiet as the job merges it (a flag, --config or ./flashgen.toml), so a quiet config hides INFO logs too.
     Settings the job will refuse: the flag alone (the job reports the error)."""

@@ -19,6 +19,9 @@
 #   fp8            the FP8 KV cache: its kernel tests, then nanovllm with a bf16 and with an FP8 KV cache
 #   trtllm         TensorRT-LLM's fixed-length workloads on the 8B shape, bf16 and then FP8 weights + FP8 KV, each next
 #                  to its floor; TRTLLM="trtllm128 trtllm1000 trtllm5000" (the default) picks them: one or two fit a call
+#   jobs           flashgen/bench/jobs.py: the extract, synth and summarize JSONL jobs through `flashgen generate`'s
+#                  path, start-up included, next to their floor (a small job first fills the kernel cache;
+#                  TOKENIZER=DIR as for structured, JOBS_SCALE=F shrinks the jobs)
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
@@ -128,6 +131,18 @@ trtllm() {
     done
 }
 
+bench_jobs() {
+    local w scale="${JOBS_SCALE:-1}"
+    # a fresh machine compiles the kernels on its first start (CuPy keeps them on disk): not part of the figures
+    step jobs-warm "$PY" -m flashgen.bench.jobs --workload extract --scale 0.005 \
+        ${TOKENIZER:+--tokenizer "$TOKENIZER"}
+    for w in extract synth summarize; do
+        step "jobs-$w" "$PY" -m flashgen.bench.jobs --workload "$w" --scale "$scale" \
+            ${TOKENIZER:+--tokenizer "$TOKENIZER"} --out-dir "$LOG"
+        grep -h -A5 "^workload $w" "$LOG/jobs-$w.log" >> "$LOG/engine-table.txt" || true
+    done
+}
+
 multi() {
     step tp-parity "$PY" scripts/multi_gpu_check.py
     step tp-nanovllm-dp2 "$PY" -m flashgen.bench.throughput --workload nanovllm --data-parallel 2 --out-dir "$LOG"
@@ -164,9 +179,10 @@ for section in "$@"; do
         sampling) sampling ;;
         fp8) fp8 ;;
         trtllm) trtllm ;;
+        jobs) bench_jobs ;;
         multi) multi ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, sampling, fp8, trtllm, multi, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, sampling, fp8, trtllm, jobs, multi, ab)" >&2; exit 2 ;;
     esac
 done
 

@@ -58,18 +58,20 @@ def schema_variant(i: int) -> dict:
     return s
 
 
-def model_dir(path: str, tokenizer_dir: Path) -> Path:
+def model_dir(path: str, tokenizer_dir: Path, shape: str = "qwen3-0.6b") -> Path:
+    """A model directory of `shape` (no weights) with the tokenizer of `tokenizer_dir`, its vocabulary resized to
+    the tokenizer's."""
     import json
 
     from flashgen.bench.synthetic import SHAPES, write_model_dir
     from flashgen.tokenizer import Tokenizer
 
-    d = write_model_dir("qwen3-0.6b", path)
+    d = write_model_dir(shape, path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, d / name)
     vocab = Tokenizer(d).vocab_size
-    cfg = {**SHAPES["qwen3-0.6b"], "vocab_size": vocab, "torch_dtype": "bfloat16", "hidden_act": "silu"}
+    cfg = {**SHAPES[shape], "vocab_size": vocab, "torch_dtype": "bfloat16", "hidden_act": "silu"}
     (d / "config.json").write_text(json.dumps(cfg))
     return d
 

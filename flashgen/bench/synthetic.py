@@ -16,6 +16,10 @@ SHAPES = {
                          rope_theta=500000.0, rms_norm_eps=1e-5,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # not a published model: CPU smoke runs of the benchmarks (tests), the Qwen3 layer on a few small tensors
+    "tiny": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=512,
+                 tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6),
 }
 
 

@@ -104,13 +104,20 @@ def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict, kv_dtype: to
     """Everything resident, every step at the ceiling: per decode step all weights plus the live sequences'
     distinct KV (a shared prefix once, `kv_dtype` bytes per element) over the copy bandwidth; prefill as
     2 * params FLOPs per distinct prompt token over the matmul rate."""
+    return floor_from_lengths([len(p) for p in w.prompts], w.max_tokens, distinct_prefix_tokens(w.prompts), spec,
+                              weight_bytes, ceil, kv_dtype)
+
+
+def floor_from_lengths(prompt_lens: list[int], max_tokens: list[int], distinct: int, spec, weight_bytes: int,
+                       ceil: dict, kv_dtype: torch.dtype = torch.bfloat16) -> float:
+    """floor_seconds from the prompts' lengths and their distinct prefix tokens (counted by the caller), for
+    workloads whose prompts are too many to hold as lists of ints (flashgen bench jobs)."""
     kv_tok = spec.kv_bytes_per_token(kv_dtype)
-    distinct = distinct_prefix_tokens(w.prompts)
-    total_prompt = sum(len(p) for p in w.prompts)
+    total_prompt = sum(prompt_lens)
     share = distinct / total_prompt  # fraction of prompt KV that is not a repeat of another prompt's
-    order = sorted(zip(w.max_tokens, map(len, w.prompts), strict=True))
+    order = sorted(zip(max_tokens, prompt_lens, strict=True))
     total_bytes, live_prompt, live, j = 0.0, total_prompt, len(order), 0
-    for t in range(max(w.max_tokens)):
+    for t in range(max(max_tokens)):
         while j < len(order) and order[j][0] <= t:
             live_prompt -= order[j][1]
             live -= 1
@@ -125,10 +132,17 @@ def _is_projection(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith("proj.weight")
 
 
+def weight_bytes_of(spec, fp8: bool = False) -> int:
+    """Bytes of all weights as the engine holds them: bf16, or with FP8 weights the layers' projections at 1 byte."""
+    from flashgen.models.loader import expected_shapes
+
+    return sum(math.prod(shape) * (1 if fp8 and _is_projection(name) else 2)
+               for name, shape in expected_shapes(spec).items())
+
+
 def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_kw) -> dict:
     from flashgen import LLM, EngineConfig, SamplingParams
     from flashgen.engine.data_parallel import DataParallelLLM
-    from flashgen.models.loader import expected_shapes
     from flashgen.models.spec import load_spec
 
     t0 = time.perf_counter()
@@ -153,9 +167,7 @@ def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_k
     ntok = sum(len(o.token_ids) for o in outs)
     assert ntok == sum(w.max_tokens), "every request must produce exactly max_tokens (ignore_eos)"
     spec = load_spec(model_dir)
-    fp8 = engine_kw.get("quantization") == "fp8"  # the layers' projections at 1 byte, the rest in bf16
-    weight_bytes = sum(math.prod(shape) * (1 if fp8 and _is_projection(name) else 2)
-                       for name, shape in expected_shapes(spec).items())
+    weight_bytes = weight_bytes_of(spec, engine_kw.get("quantization") == "fp8")
     if isinstance(llm, LLM):
         kv_tokens, backend = llm.engine.runner.num_blocks * llm.engine.runner.block_size, llm.engine.runner.backend
     else:  # data-parallel: the engines (and their KV caches) live in the worker processes

@@ -1,0 +1,564 @@
+"""`flashgen bench jobs`: realistic JSONL jobs run through the same path as `flashgen generate` (reading, line
+parsing, chat template, tokenization, engine, output records), timed as a whole from start-up to the last line
+written, next to the job's GPU floor measured in the same run.
+
+The kernel and throughput benchmarks hand token ids to `LLM.generate` after the model is warm; a user's job also
+pays for start-up, for JSON, templates and tokenization on the host, and for writing records. This benchmark
+writes a JSONL file and runs it through `run_generate` (the function behind `flashgen generate`), so it measures
+what a user waits for and says where that time went.
+
+Workloads (deterministic: seeded text, no downloads):
+
+- extract: 20,000 OpenAI-batch chat lines (`/v1/chat/completions`), each a shared ~1,000-token instruction (the
+  system message) and a 50-300-token document, at most 64 new tokens, greedy. OpenAI batch lines, not native
+  `messages` lines: extraction jobs of this size are what people bring over from the OpenAI Batch API, and the
+  batch path (body envelope, chat.completion records) is the heavier of the two on the host, so per-line cost is
+  not understated. The other two workloads use native `messages` lines, so both parsers are measured.
+- synth: 4,000 short native chat prompts (20-80 tokens) asking for generated text, 512 new tokens, temperature 1.
+- summarize: 2,000 native chat lines, each a 2,000-6,000-token report to summarize, 256 new tokens, greedy.
+
+The model is random weights of a real shape (`--shape`, default qwen3-0.6b, `load_format=dummy`) with a real BPE
+tokenizer (`--tokenizer DIR`, default the embedded SmolLM2's; the model's vocabulary is resized to it, and a
+tokenizer without a chat template gets a ChatML one). The text comes from a seeded generator of English-like prose
+(common words, names, figures, dates), made to a target length in the tokenizer's tokens; the measured token
+counts of each line's own text are printed and stored, and must lie in the workload's range. Random weights end a
+line at a random place, so every line runs with `ignore_eos` (`--ignore-eos`) and generates exactly its max_tokens:
+the work is the same from run to run and the floor knows it.
+
+The whole job's wall time (from run_generate's start, model load included) is split into: start-up (job start to
+the first engine step, less the lines parsed meanwhile), input (JSON parsing; validation, chat template and
+tokenization in LineParser.build), admit (the engine's checks of each request), prefill and decode steps (the
+engine's own timers, EngineStats), output (records built, serialized and written) and other (the rest: the run
+loop, progress, closing files, and this benchmark's copy of each prompt's token ids for the floor, microseconds a
+line). The parts are disjoint intervals of the job's thread, so they sum to at most the
+wall time. They are measured by a Runner subclass and a thin wrapper of the LLM that only read the clock: the job
+code itself runs unchanged. Line reading happens on the job's reader thread, overlapped, and is not a part.
+
+The floor is bench/throughput.py's (weights plus live distinct KV per decode step over the copy bandwidth, prefill
+FLOPs of the distinct prompt tokens over the matmul rate, a shared prefix counted once) on the prompts exactly as
+the job tokenized them, with ceilings measured in the same run. `--scale F` (e.g. 0.01) shrinks the line counts for
+smoke runs. Output: `jobs_WORKLOAD.json` in `--out-dir`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class JobWorkload:
+    name: str
+    lines: int                         # at --scale 1
+    max_tokens: int
+    temperature: float
+    text_tokens: tuple[int, int]       # each line's own text (document or prompt), in the tokenizer's tokens
+    instruction_tokens: int = 0        # a shared system message of about this many tokens (0: none)
+    batch_format: bool = False         # OpenAI batch lines (else native "messages" lines)
+    task: str = ""                     # the words before each line's text
+
+
+WORKLOADS = {
+    "extract": JobWorkload("extract", 20_000, 64, 0.0, (50, 300), instruction_tokens=1000, batch_format=True),
+    "synth": JobWorkload("synth", 4_000, 512, 1.0, (20, 80)),
+    "summarize": JobWorkload("summarize", 2_000, 256, 0.0, (2_000, 6_000),
+                             task="Summarize the following report in one paragraph for a busy reader.\n\n"),
+}
+INSTRUCTION_SLACK = 0.05  # the instruction lies within 5% of its target length
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# ---- seeded English-like text --------------------------------------------------------------------------------------
+
+_DET = "the the the a a this that each every one another their its our".split()
+_ADJ = ("annual regional new final early late large small quarterly local central total recent main public private "
+        "initial revised overall former current major minor key strong weak steady modest sharp gradual").split()
+_NOUN = ("report company market team customer order invoice shipment payment contract supplier price cost revenue "
+         "budget plan project survey board committee region office store product service system network policy "
+         "review agreement account balance delivery schedule warehouse factory partner client vendor audit "
+         "quarter forecast inventory demand margin loan rate share council hospital school program").split()
+_VERB = ("reported approved reviewed delivered reduced increased signed received expected announced recorded "
+         "confirmed delayed completed updated extended replaced opened closed managed raised lowered estimated "
+         "published shipped requested rejected accepted finished").split()
+_PREP = "in for with from by after before during under across about near".split()
+_UNIT = "percent units customers orders hours days tonnes employees sites accounts".split()
+_MONTH = ("January February March April May June July August September October November December").split()
+_SYL = "al bar cor dan el fen gar hol is jor kel lin mor nor ol par quin ros sel tor ul ver wen yar zel".split()
+_END = ["", "a", "on", "ia", "ton", "wick", "ford", "ley"]
+_ORG = "Group Holdings Logistics Labs Partners Systems Foods Energy Health Bank".split()
+_CONJ = [",", "and"], [",", "while"], [";", "however", ","], [",", "but"], [",", "so"]
+_SLOTS = {"D": _DET, "A": _ADJ, "N": _NOUN, "V": _VERB, "P": _PREP, "U": _UNIT, "M": _MONTH}
+# D determiner, A adjective, N noun, V verb, P preposition, U unit, M month, Y year, O organisation, C place,
+# F figure, $ amount; anything else is itself
+_TEMPLATES = ["D A N V D N P D N", "P M Y , O V F U P D A N", "D N P O V to F U", "O , D A N P C , V D N",
+              "D N V A , and D N V F U", "D A N P C V $ P M", "O V D N P D A N", "D N V by F percent P M Y"]
+_TASKS = ["Write a short story based on these notes:", "Write a product description from these notes:",
+          "Write a news article from these notes:", "Write a friendly email to a customer about these notes:",
+          "Write a blog post from these notes:", "Write a dialogue between two managers about these notes:",
+          "Write a poem inspired by these notes:", "Write a detailed explanation of these notes:"]
+
+
+class Prose:
+    """Seeded English-like prose, counted in tokens of one tokenizer as it is made. Text is a list of pieces,
+    each a word with its leading space or a punctuation mark, which a BPE pre-tokenizer keeps apart: the sum of
+    the pieces' token counts is the text's (the caller measures the result anyway)."""
+
+    def __init__(self, rng: random.Random, encode: Callable[[str], list[int]]):
+        self.rng = rng
+        self.encode = encode
+        self._n: dict[str, int] = {}
+
+    def count(self, piece: str) -> int:
+        n = self._n.get(piece)
+        if n is None:
+            n = self._n[piece] = len(self.encode(piece))
+        return n
+
+    def _name(self) -> str:
+        r = self.rng
+        return "".join(r.choice(_SYL) for _ in range(r.randint(2, 3))).capitalize() + r.choice(_END)
+
+    def _figure(self) -> str:
+        r = self.rng
+        k = r.random()
+        if k < 0.4:
+            return str(r.randint(2, 999))
+        if k < 0.7:
+            return f"{r.randint(1, 99)}.{r.randint(0, 9)}"
+        return f"{r.randint(1, 99)},{r.randint(0, 999):03d}"
+
+    def sentence(self) -> list[str]:
+        r = self.rng
+        words: list[str] = []
+        for k in range(1 if r.random() < 0.6 else 2):
+            if k:
+                words += r.choice(_CONJ)
+            for slot in r.choice(_TEMPLATES).split():
+                pool = _SLOTS.get(slot)
+                if pool is not None:
+                    words.append(r.choice(pool))
+                elif slot == "O":
+                    words.append(f"{self._name()} {r.choice(_ORG)}")
+                elif slot == "C":
+                    words.append(self._name())
+                elif slot == "F":
+                    words.append(self._figure())
+                elif slot == "Y":
+                    words.append(str(r.randint(2015, 2025)))
+                elif slot == "$":
+                    words.append("$" + self._figure())
+                else:
+                    words.append(slot)
+        words[0] = words[0][:1].upper() + words[0][1:]
+        pieces = []
+        for word in words:
+            if word in (",", ";"):
+                pieces.append(word)
+            else:  # a name of two words is two pieces
+                pieces += [" " + x for x in word.split(" ")]
+        return pieces + ["."]
+
+    def pieces(self, tokens: int, limit: int, paragraph: int = 0) -> tuple[list[str], int]:
+        """Whole sentences until at least `tokens`, then cut back to at most `limit` (a cut sentence ends with a
+        full stop); a blank line every `paragraph` sentences (0: one paragraph)."""
+        out: list[str] = []
+        n = k = 0
+        while n < tokens:
+            sentence = self.sentence()
+            if paragraph and k and k % paragraph == 0:
+                out.append("\n\n")
+                n += self.count("\n\n")
+                sentence[0] = sentence[0].lstrip(" ")
+            for p in sentence:
+                out.append(p)
+                n += self.count(p)
+            k += 1
+        while n > limit - 1 or (out and out[-1] in ("\n\n", ",", ";")):
+            n -= self.count(out.pop())
+        if out and out[-1] != ".":
+            out.append(".")
+            n += 1
+        return out, n
+
+    def text(self, tokens: int, limit: int, paragraph: int = 0) -> str:
+        return "".join(self.pieces(tokens, limit, paragraph)[0]).lstrip(" ")
+
+
+# ---- the JSONL input -----------------------------------------------------------------------------------------------
+
+def scaled_lines(w: JobWorkload, scale: float) -> int:
+    return max(1, round(w.lines * scale))
+
+
+def make_texts(w: JobWorkload, n: int, encode: Callable[[str], list[int]],
+               measure: Callable[[list[str]], list[int]], seed: int = 0) -> tuple[str, list[str], list[int]]:
+    """(the shared instruction or "", each line's own text, its length in tokens), every text measured with
+    `measure` and inside the workload's range (a text that fell outside is made again at another length)."""
+    rng = random.Random(seed)
+    prose = Prose(rng, encode)
+    instruction = ""
+    if w.instruction_tokens:
+        lo, hi = (round(w.instruction_tokens * (1 - s)) for s in (INSTRUCTION_SLACK, -INSTRUCTION_SLACK))
+        head = ("You are an information extraction system. Read the document in the user message and answer with "
+                "one JSON object with the fields vendor, date, total, currency, invoice_id and summary. Use null "
+                "for a field the document does not state. Follow these rules and examples.\n\n")
+        body = prose.text(w.instruction_tokens - len(encode(head)), hi - len(encode(head)) - 8, paragraph=4)
+        instruction = head + body
+        got = len(encode(instruction))
+        if not lo <= got <= hi:
+            raise AssertionError(f"the instruction has {got} tokens, outside [{lo}, {hi}]")
+    lo, hi = w.text_tokens
+    task_tokens = [len(encode(t + " ")) for t in _TASKS]
+
+    def one(i: int) -> str:
+        target = rng.randint(lo, hi)
+        if w.name == "synth":
+            t = i % len(_TASKS)
+            return _TASKS[t] + " " + prose.text(max(1, target - task_tokens[t]), hi - task_tokens[t])
+        return prose.text(target, hi, paragraph=6 if hi > 1000 else 0)
+
+    texts = [one(i) for i in range(n)]
+    counts = measure(texts)
+    for _ in range(10):  # the pieces' sum is exact for BPE tokenizers that split words from punctuation
+        bad = [i for i, c in enumerate(counts) if not lo <= c <= hi]
+        if not bad:
+            return instruction, texts, counts
+        again = [one(i) for i in bad]
+        for i, text, c in zip(bad, again, measure(again), strict=True):
+            texts[i], counts[i] = text, c
+    raise AssertionError(f"{len(bad)} texts of {w.name} stay outside [{lo}, {hi}] tokens with this tokenizer")
+
+
+def line_of(w: JobWorkload, i: int, instruction: str, text: str) -> dict:
+    if w.batch_format:
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
+        return {"custom_id": f"{w.name}-{i:06d}", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "bench", "messages": messages, "max_tokens": w.max_tokens}}
+    return {"id": f"{w.name}-{i:06d}", "messages": [{"role": "user", "content": w.task + text}]}
+
+
+def write_input(path: Path, w: JobWorkload, instruction: str, texts: list[str]) -> int:
+    """The JSONL file; returns its size in bytes."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps(line_of(w, i, instruction, text), ensure_ascii=False) + "\n")
+    return path.stat().st_size
+
+
+# ---- timing the job ------------------------------------------------------------------------------------------------
+
+class JobClock:
+    """Seconds of each part of one job on the job's thread; every interval is disjoint from the others."""
+
+    def __init__(self) -> None:
+        self.t0 = 0.0
+        self.ready = 0.0            # the Runner made: model loaded, parser and writer ready
+        self.first_step = 0.0       # the first engine step began
+        self.parse = self.build = self.admit = self.steps = self.output = 0.0
+        self.before_first_step = 0.0  # parse + build + admit seconds spent before the first step
+        self.first_step_s = 0.0
+        self.prompts: list[array] = []  # each request's prompt token ids, as the engine got them
+        self.llm: Any = None
+
+    def add(self, part: str, seconds: float) -> None:
+        setattr(self, part, getattr(self, part) + seconds)
+        if part in ("parse", "build", "admit") and not self.first_step:
+            self.before_first_step += seconds
+
+
+def _timed(clock: JobClock, part: str, fn: Callable) -> Callable:
+    def call(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            clock.add(part, time.perf_counter() - t)
+    return call
+
+
+class _TimedLLM:
+    """The job's LLM, unchanged, with a clock on add_request and step."""
+
+    def __init__(self, llm, clock: JobClock):
+        self._llm, self._clock = llm, clock
+        clock.llm = llm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llm, name)
+
+    def add_request(self, request_id, prompt, params=None) -> None:
+        t = time.perf_counter()
+        try:
+            self._llm.add_request(request_id, prompt, params)
+        finally:
+            self._clock.add("admit", time.perf_counter() - t)
+        self._clock.prompts.append(array("i", prompt))
+
+    def step(self):
+        c = self._clock
+        t = time.perf_counter()
+        if not c.first_step:
+            c.first_step = t
+        try:
+            return self._llm.step()
+        finally:
+            dt = time.perf_counter() - t
+            c.steps += dt
+            if not c.first_step_s:
+                c.first_step_s = dt
+
+
+@contextlib.contextmanager
+def instrumented(clock: JobClock) -> Iterator[None]:
+    """run_generate with its Runner timed: the job's own classes, with a clock around parsing, admitting, steps
+    and records. Restored on exit."""
+    from flashgen.jobs import generate
+    from flashgen.jobs.runner import Runner
+
+    class TimedRunner(Runner):
+        def __init__(self, llm, parser, *args, **kw):
+            clock.ready = time.perf_counter()
+            parser.head = _timed(clock, "parse", parser.head)
+            parser.build = _timed(clock, "build", parser.build)
+            super().__init__(_TimedLLM(llm, clock), parser, *args, **kw)
+
+        def _finish(self, out) -> None:
+            t = time.perf_counter()
+            try:
+                super()._finish(out)
+            finally:
+                clock.add("output", time.perf_counter() - t)
+
+    old = generate.Runner
+    generate.Runner = TimedRunner  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        generate.Runner = old  # type: ignore[misc]
+
+
+def distinct_tokens(prompts: list[array]) -> int:
+    """Nodes of the prompts' prefix trie (throughput.distinct_prefix_tokens) without building it: the total
+    length less the common prefix of each prompt with the one before it in sorted order."""
+    import numpy as np
+
+    order = sorted(prompts)
+    shared = 0
+    for a, b in zip(order, order[1:], strict=False):
+        n = min(len(a), len(b))
+        diff = np.flatnonzero(np.frombuffer(a, np.int32, n) != np.frombuffer(b, np.int32, n))
+        shared += int(diff[0]) if diff.size else n
+    return sum(map(len, prompts)) - shared
+
+
+def breakdown(wall: float, clock: JobClock, prefill_s: float, decode_s: float) -> dict[str, float]:
+    """The job's wall time in disjoint parts (see the module docstring); `other` is what is left."""
+    startup = (clock.first_step or clock.t0 + wall) - clock.t0 - clock.before_first_step
+    parts = {"startup_s": startup, "input_s": clock.parse + clock.build, "admit_s": clock.admit,
+             "prefill_s": prefill_s, "decode_s": decode_s,
+             "step_other_s": max(0.0, clock.steps - prefill_s - decode_s), "output_s": clock.output}
+    parts["other_s"] = wall - sum(parts.values())
+    return parts
+
+
+def job_floor(spec, prompt_lens: list[int], distinct: int, max_tokens: int, ceil: dict, **engine_kw) -> float:
+    """throughput.floor_seconds of the job's prompts as the engine got them (template included), each generating
+    exactly max_tokens, with the engine's weight and KV-cache dtypes."""
+    from flashgen.bench.throughput import floor_from_lengths, weight_bytes_of
+
+    kv_dtype = torch.float8_e4m3fn if engine_kw.get("kv_cache_dtype") == "fp8" else torch.bfloat16
+    return floor_from_lengths(prompt_lens, [max_tokens] * len(prompt_lens), distinct, spec,
+                              weight_bytes_of(spec, engine_kw.get("quantization") == "fp8"), ceil, kv_dtype)
+
+
+def _stats(xs: list[int]) -> dict:
+    return {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs), "total": sum(xs)}
+
+
+def check_records(path: Path, w: JobWorkload, n: int) -> dict:
+    """Every line's record: how many, how many are results, how many generated exactly max_tokens."""
+    recs = [json.loads(s) for s in path.read_text(encoding="utf-8").splitlines()]
+    key = "custom_id" if w.batch_format else "id"
+    want = {f"{w.name}-{i:06d}" for i in range(n)}
+    ok = exact = 0
+    for r in recs:
+        if r.get("error") is not None or r.get(key) not in want:
+            continue
+        ok += 1
+        usage = r["response"]["body"]["usage"] if w.batch_format else r["usage"]
+        exact += usage["completion_tokens"] == w.max_tokens
+    return {"records": len(recs), "result_records": ok, "exact_length_records": exact,
+            "distinct_ids": len({r.get(key) for r in recs} & want)}
+
+
+def _model_dir(d: str, tokenizer_dir: Path, shape: str) -> Path:
+    from flashgen.bench.structured import model_dir
+    from flashgen.tokenizer import Tokenizer
+
+    mdir = model_dir(d, tokenizer_dir, shape)
+    if not Tokenizer(mdir).chat_template:  # messages lines need one
+        cfg_path = mdir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg_path.write_text(json.dumps({**cfg, "chat_template": CHATML}))
+    return mdir
+
+
+def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = None, out_dir: str | None = None,
+         shape: str = "qwen3-0.6b", **engine_kw) -> dict:
+    """Run one workload, print its report and return it; `engine_kw`: EngineConfig's options (device="cpu" runs
+    it on the CPU, without a floor: smoke runs)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from flashgen.bench.throughput import measure_ceilings
+    from flashgen.jobs.generate import run_generate
+    from flashgen.models.spec import load_spec
+
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload {workload!r} is unknown; use one of {', '.join(WORKLOADS)}")
+    if not scale > 0:
+        raise ValueError(f"scale {scale} must be > 0 (1 = the full workload, 0.01 = a smoke run)")
+    on_cpu = engine_kw.get("device") == "cpu"
+    if not on_cpu and not torch.cuda.is_available():
+        raise RuntimeError("flashgen bench jobs needs a CUDA GPU (device='cpu' runs it on the CPU, without a floor)")
+    if tokenizer is None:
+        from flashgen.models.default_model import DEFAULT_MODEL, resolve_model
+
+        tokenizer = resolve_model(DEFAULT_MODEL)
+    engine_kw.setdefault("dtype", "float32" if on_cpu else "bfloat16")
+    w = WORKLOADS[workload]
+    n = scaled_lines(w, scale)
+    device = "cpu" if on_cpu else torch.cuda.get_device_name()
+    ceil = None if on_cpu else measure_ceilings()
+    if not on_cpu:
+        torch.cuda.empty_cache()
+    res: dict[str, Any] = {"workload": workload, "device": device, "shape": shape, "scale": scale, "lines": n,
+                           "format": "openai_batch" if w.batch_format else "messages", "max_tokens": w.max_tokens,
+                           "temperature": w.temperature, "ignore_eos": True}
+    with tempfile.TemporaryDirectory() as d:
+        mdir = _model_dir(str(Path(d) / "model"), Path(tokenizer), shape)
+        hf = HFTokenizer.from_file(str(mdir / "tokenizer.json"))
+        res["vocab_size"] = hf.get_vocab_size(with_added_tokens=True)
+
+        def encode(s: str) -> list[int]:
+            return hf.encode(s, add_special_tokens=False).ids
+
+        def measure(texts: list[str]) -> list[int]:
+            return [len(e.ids) for e in hf.encode_batch(texts, add_special_tokens=False)]
+
+        t = time.perf_counter()
+        instruction, texts, text_tokens = make_texts(w, n, encode, measure)
+        src, out, stats_path = Path(d) / "in.jsonl", Path(d) / "out.jsonl", Path(d) / "stats.json"
+        res["input_bytes"] = write_input(src, w, instruction, texts)
+        res["make_input_s"] = time.perf_counter() - t
+        res["instruction_tokens"] = len(encode(instruction)) if instruction else 0
+        res["text_tokens"] = {**_stats(text_tokens), "range": list(w.text_tokens)}
+        del texts
+        flags = {"engine": {"model": str(mdir), "load_format": "dummy", **engine_kw},
+                 "sampling": {"max_tokens": w.max_tokens, "temperature": w.temperature, "ignore_eos": True},
+                 "job": {"quiet": True, "progress": "off", "stats_json": str(stats_path)}}
+        clock = JobClock()
+        old_cwd = os.getcwd()
+        os.chdir(d)  # the job's own directory: no ./flashgen.toml of the caller's applies
+        try:
+            with instrumented(clock):
+                clock.t0 = time.perf_counter()
+                code = run_generate(str(src), str(out), None, flags, overwrite=True)
+                wall = time.perf_counter() - clock.t0
+        finally:
+            os.chdir(old_cwd)
+        job = json.loads(stats_path.read_text())
+        if code != 0:
+            raise RuntimeError(f"the job exited with {code}: {job}")
+        llm, clock.llm = clock.llm, None
+        engine = llm.stats
+        res.update(check_records(out, w, n))
+        prompt_lens = [len(p) for p in clock.prompts]
+        res["prompt_tokens"] = _stats(prompt_lens)
+        res["distinct_prompt_tokens"] = distinct_tokens(clock.prompts)
+        res["output_tokens"] = job["completion_tokens"]
+        res.update(wall_s=wall, tok_per_s=job["completion_tokens"] / wall,
+                   breakdown=breakdown(wall, clock, job["prefill_seconds"], job["decode_seconds"]),
+                   detail={"model_load_s": clock.ready - clock.t0, "parse_s": clock.parse, "build_s": clock.build,
+                           "first_step_s": clock.first_step_s, "steps": engine.steps,
+                           "prompt_tokens_computed": engine.prompt_tokens, "cached_tokens": engine.cached_tokens,
+                           "preemptions": engine.preemptions},
+                   job=job)
+        res["floor_s"] = res["pct_of_floor"] = None
+        if ceil is not None:
+            floor = job_floor(load_spec(mdir), prompt_lens, res["distinct_prompt_tokens"], w.max_tokens, ceil,
+                              **engine_kw)
+            res.update(ceil, floor_s=floor, pct_of_floor=100 * floor / wall)
+        llm.close()
+        del llm, clock
+    print(report(res), flush=True)
+    if out_dir:
+        with open(f"{out_dir}/jobs_{workload}.json", "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+LABELS = {"startup_s": "start-up", "input_s": "input (parse, template, tokenize)", "admit_s": "admit",
+          "prefill_s": "prefill steps", "decode_s": "decode steps", "step_other_s": "steps, other",
+          "output_s": "output", "other_s": "other"}
+
+
+def report(res: dict) -> str:
+    b, tt, pt = res["breakdown"], res["text_tokens"], res["prompt_tokens"]
+    wall = res["wall_s"]
+    what = "OpenAI batch chat lines" if res["format"] == "openai_batch" else "native messages lines"
+    instr = f"a shared {res['instruction_tokens']:,}-token instruction + " if res["instruction_tokens"] else ""
+    lines = [
+        f"workload {res['workload']} on {res['device']} ({res['shape']} shape, random weights, vocab "
+        f"{res['vocab_size']:,}; {res['lines']:,} {what}; ignore_eos: every line generates exactly "
+        f"{res['max_tokens']} tokens)",
+        f"  tokens per line: {instr}text min {tt['min']:,} / mean {tt['mean']:,.0f} / max {tt['max']:,} "
+        f"(range {tt['range'][0]:,}-{tt['range'][1]:,}); prompt as tokenized (template included) min {pt['min']:,} "
+        f"/ mean {pt['mean']:,.0f} / max {pt['max']:,}; {res['detail']['cached_tokens']:,} prompt tokens from the "
+        "prefix cache",
+    ]
+    if res["floor_s"] is not None:
+        lines.append(f"  copy {res['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+                     f"{res['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    floor = (f"floor {res['floor_s']:.2f} s -> {res['pct_of_floor']:.0f}% of floor" if res["floor_s"] is not None
+             else "floor n/a (no GPU ceilings)")
+    lines += [
+        f"  whole job {wall:.2f} s, start-up included: {res['output_tokens']:,} output tokens, "
+        f"{res['tok_per_s']:,.0f} tok/s; {res['result_records']:,}/{res['lines']:,} result records; {floor}",
+        "  " + " | ".join(f"{LABELS[k]} {v:.2f} s ({100 * v / wall:.0f}%)" for k, v in b.items()),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from flashgen.config import EngineConfig
+
+    ap = argparse.ArgumentParser(description="Realistic JSONL jobs through flashgen generate's path, next to the "
+                                             "GPU floor.")
+    ap.add_argument("--workload", default="extract", choices=tuple(WORKLOADS))
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the workload's lines (0.01: smoke run)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded model's)")
+    ap.add_argument("--shape", default="qwen3-0.6b", help="model shape of bench/synthetic.py")
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    ap.add_argument("--device", default=None, help="cpu: a smoke run on the CPU (with --shape tiny), no floor")
+    a = ap.parse_args()
+    main(a.workload, a.scale, a.tokenizer, a.out_dir, a.shape, enforce_eager=a.enforce_eager,
+         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_dtype=a.kv_cache_dtype,
+         **({"device": a.device} if a.device else {}))

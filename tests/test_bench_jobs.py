@@ -1,0 +1,130 @@
+"""`flashgen bench jobs` on the CPU: each workload at a tiny scale on the tiny shape through the real job path, its
+report's fields and their consistency; the floor's prefix counting and the instrumentation's clean exit."""
+from __future__ import annotations
+
+import random
+from array import array
+
+import pytest
+
+from flashgen.bench import jobs
+from flashgen.bench.throughput import Workload, distinct_prefix_tokens, floor_from_lengths, floor_seconds
+from test_cli_support import cli
+
+# Each workload's smallest scale that still has a few lines: extract 10, synth 2, summarize 1.
+CPU = dict(shape="tiny", device="cpu", kv_cache_gb=0.05, max_num_batched_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> tuple[str, bool]:
+    """(tokenizer directory, whether it is the real BPE one): the embedded model's when it is installed, else the
+    benchmarks' byte-level one (no chat template: the bench gives it one)."""
+    try:
+        from flashgen.models.default_model import DEFAULT_MODEL, resolve_model
+
+        return resolve_model(DEFAULT_MODEL), True
+    except (ImportError, OSError, ValueError):
+        from flashgen.bench.synthetic import write_model_dir
+
+        return str(write_model_dir("tiny", tmp_path_factory.mktemp("bytes"))), False
+
+
+@pytest.mark.parametrize("name", list(jobs.WORKLOADS))
+def test_workload_runs_through_the_job_path(name, tokenizer, tmp_path):
+    tok_dir, real = tokenizer
+    w = jobs.WORKLOADS[name]
+    res = jobs.main(name, 0.0005, tok_dir, str(tmp_path), **CPU)
+    n = jobs.scaled_lines(w, 0.0005)
+    assert (tmp_path / f"jobs_{name}.json").is_file()
+    assert res["lines"] == n and res["max_tokens"] == w.max_tokens and res["ignore_eos"] is True
+    assert res["format"] == ("openai_batch" if w.batch_format else "messages")
+    # every line got a result record, and generated exactly max_tokens
+    assert res["records"] == res["result_records"] == res["exact_length_records"] == res["distinct_ids"] == n
+    assert res["output_tokens"] == n * w.max_tokens and res["job"]["ok"] == n and res["job"]["errors"] == 0
+    # the breakdown: every named part, none negative, together at most the wall time
+    b = res["breakdown"]
+    assert list(b) == list(jobs.LABELS)
+    assert all(v >= 0 for v in b.values()), b
+    assert sum(b.values()) == pytest.approx(res["wall_s"]) and sum(b.values()) - b["other_s"] <= res["wall_s"]
+    assert b["input_s"] > 0 and b["prefill_s"] > 0 and b["decode_s"] > 0 and b["startup_s"] > 0
+    assert res["detail"]["model_load_s"] <= b["startup_s"] + b["input_s"] + b["admit_s"]
+    assert res["floor_s"] is None and res["pct_of_floor"] is None  # no GPU ceilings on the CPU
+    # the prompt as the job tokenized it holds the line's text (and the instruction) plus the chat template
+    tt, pt = res["text_tokens"], res["prompt_tokens"]
+    assert pt["min"] > tt["min"] + res["instruction_tokens"] - 5 and pt["total"] >= tt["total"]
+    assert res["distinct_prompt_tokens"] <= pt["total"]
+    if w.instruction_tokens and n > 1:  # the shared instruction is computed once: the rest come from the cache
+        assert res["distinct_prompt_tokens"] < pt["total"] - (n - 1) * res["instruction_tokens"] + n
+        assert res["detail"]["cached_tokens"] > 0
+    gpu = jobs.report({**res, "floor_s": 1.0, "pct_of_floor": 50.0, "copy_bytes_per_s": 3e12,
+                       "matmul_flop_per_s": 7e14})  # the lines a GPU run prints
+    assert "50% of floor" in gpu and "3.00 TB/s" in gpu and "start-up" in gpu
+    if real:  # the stated ranges hold in the real BPE tokenizer's tokens
+        lo, hi = w.text_tokens
+        assert lo <= tt["min"] <= tt["max"] <= hi
+        if w.instruction_tokens:
+            assert abs(res["instruction_tokens"] - w.instruction_tokens) <= w.instruction_tokens * 0.05
+
+
+def test_texts_are_seeded_and_in_range():
+    enc = [0]
+
+    def encode(s: str) -> list[int]:  # a tokenizer of one token per word or mark
+        enc[0] += 1
+        return s.replace(",", " ,").replace(".", " .").split()
+
+    def measure(texts):
+        return [len(encode(t)) for t in texts]
+
+    w = jobs.WORKLOADS["extract"]
+    a = jobs.make_texts(w, 30, encode, measure)
+    assert a == jobs.make_texts(w, 30, encode, measure)
+    instruction, texts, counts = a
+    assert counts == measure(texts) and all(50 <= c <= 300 for c in counts)
+    assert abs(len(encode(instruction)) - 1000) <= 50
+    assert all(t[0].isupper() and t.endswith(".") for t in texts)
+
+
+def test_distinct_tokens_is_the_prefix_trie():
+    rng = random.Random(1)
+    shared = [rng.randrange(50) for _ in range(40)]
+    prompts = [shared[:rng.randint(0, 40)] + [rng.randrange(3) for _ in range(rng.randint(0, 20))]
+               for _ in range(60)] + [shared, shared, [7]]
+    assert jobs.distinct_tokens([array("i", p) for p in prompts]) == distinct_prefix_tokens(prompts)
+
+
+def test_floor_counts_a_shared_prefix_once(tmp_path):
+    from flashgen.bench.synthetic import write_model_dir
+    from flashgen.models.spec import load_spec
+
+    spec = load_spec(write_model_dir("qwen3-0.6b", tmp_path))
+    ceil = {"copy_bytes_per_s": 3e12, "matmul_flop_per_s": 7e14}
+    prefix = list(range(1000))
+    prompts = [prefix + [2000 + i, 3000 + i] for i in range(20)]
+    w = Workload("t", "qwen3-0.6b", prompts, [64] * 20)
+    wb = 2 * 10**9
+    assert floor_from_lengths([len(p) for p in prompts], [64] * 20, distinct_prefix_tokens(prompts), spec, wb,
+                              ceil) == floor_seconds(w, spec, wb, ceil)
+    lens = [len(p) for p in prompts]
+    shared = jobs.job_floor(spec, lens, jobs.distinct_tokens([array("i", p) for p in prompts]), 64, ceil)
+    unshared = jobs.job_floor(spec, lens, sum(lens), 64, ceil)
+    assert 0 < shared < unshared
+
+
+def test_instrumentation_leaves_the_job_code_as_it_was():
+    from flashgen.jobs import generate
+
+    runner = generate.Runner
+    with pytest.raises(KeyError), jobs.instrumented(jobs.JobClock()):
+        assert generate.Runner is not runner
+        raise KeyError("a failing job")
+    assert generate.Runner is runner
+
+
+def test_cli_and_bad_arguments(tmp_path):
+    r = cli(["bench", "jobs", "--help"], cwd=tmp_path)
+    assert r.exit_code == 0 and "--workload" in r.stdout and "--scale" in r.stdout
+    with pytest.raises(ValueError, match="unknown"):
+        jobs.main("translate", device="cpu")
+    with pytest.raises(ValueError, match="scale"):
+        jobs.main("extract", 0.0, device="cpu")
