@@ -52,6 +52,7 @@ ARCHS = {
     "phi3": "Phi3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 
 
@@ -78,7 +79,9 @@ def make_checkpoint(
     margins well above float32 rounding, so token-identity tests are meaningful rather than tie-breaking.
     `extra`: further config fields of the family (phi3: partial_rotary_factor, original_max_position_embeddings;
     qwen3_moe: num_experts, num_experts_per_tok, moe_intermediate_size, norm_topk_prob, mlp_only_layers,
-    decoder_sparse_step; mixtral: num_local_experts, num_experts_per_tok)."""
+    decoder_sparse_step; mixtral: num_local_experts, num_experts_per_tok; gemma3: sliding_window, layer_types or
+    sliding_window_pattern, rope_local_base_freq, query_pre_attn_scalar, final_logit_softcapping). Gemma 3's norm
+    weights w (it multiplies by 1 + w) are drawn around 0, the others around 1."""
     import torch
     import transformers
 
@@ -106,6 +109,10 @@ def make_checkpoint(
         cfg = transformers.Qwen3MoeConfig(head_dim=head_dim, **common, **extra)
     elif arch == "mixtral":
         cfg = transformers.MixtralConfig(head_dim=head_dim, sliding_window=None, **common, **extra)
+    elif arch == "gemma3":
+        cfg = transformers.Gemma3TextConfig(head_dim=head_dim, rope_scaling=rope_scaling, pad_token_id=0,
+                                            **common, **extra)
+        cfg.architectures = [ARCHS[arch]]
     else:
         raise ValueError(f"unknown test arch {arch!r}; use one of {sorted(ARCHS)}")
     torch.manual_seed(seed)
@@ -113,7 +120,7 @@ def make_checkpoint(
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                p.copy_((0.0 if arch == "gemma3" else 1.0) + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             else:

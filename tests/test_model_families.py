@@ -15,6 +15,7 @@ from checkpoints import make_checkpoint
 from flashgen import LLM, SamplingParams
 from flashgen.models.spec import ModelLoadError, load_spec, rope_cos_sin
 from test_engine_parity import hf_greedy, prompts_of, rel_err
+from test_gemma3 import CASES as GEMMA3_CASES
 
 
 def _longrope(n: int, original: int) -> dict:
@@ -42,6 +43,9 @@ CASES = {
                                               moe_intermediate_size=64, decoder_sparse_step=2), {}, 1),
     "mixtral-gqa4": ("mixtral", dict(num_heads=4, num_kv_heads=1, num_local_experts=4, num_experts_per_tok=2,
                                      intermediate_size=128), {}, 1),
+    # Gemma 3 (torch backend): prompts longer than the sliding window and a page; tests/test_gemma3.py's checkpoints
+    **{f"gemma3-{name}": ("gemma3", dict(hidden_size=64, intermediate_size=128, **kw), {}, 1)
+       for name, kw in GEMMA3_CASES.items()},
 }
 
 

@@ -57,8 +57,17 @@ def pick_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -> t
     return DTYPES[spec.torch_dtype] if spec.torch_dtype != "float32" else torch.bfloat16
 
 
-def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> str:
+def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype, spec: ModelSpec | None = None
+                 ) -> str:
     if config.backend == "torch":
+        return "torch"
+    if spec is not None and spec.local_layers:  # the CUDA attention kernels have no sliding window yet
+        if config.backend == "cuda":
+            raise RuntimeError(f"backend='cuda' cannot run {spec.architecture}: its sliding-window attention layers "
+                               "have no CUDA kernel yet; use --backend torch")
+        if device.type == "cuda":
+            log.warning("%s has sliding-window attention layers, which the CUDA kernels do not run yet; running the "
+                        "torch reference ops (--backend torch)", spec.architecture)
         return "torch"
     ok, why = cuda_backend_available()
     if config.backend == "cuda":
@@ -123,7 +132,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = pick_dtype(config, spec, self.device)
-        self.backend = pick_backend(config, self.device, self.dtype)
+        self.backend = pick_backend(config, self.device, self.dtype, spec)
         self.block_size = config.block_size
         self.workers = []
         if self.world > 1 and rank == 0:
@@ -134,6 +143,8 @@ class ModelRunner:
             raise ValueError(f"max_model_len={max_len:,} is more than the model's max_position_embeddings "
                              f"({spec.max_position_embeddings:,}, from its config.json); use at most that, or 0 "
                              "for the model's own length")
+        # Mistral-style: every layer has the one window. Gemma 3's local layers have it but its global layers
+        # see every token, so its max_model_len is not capped (spec.sliding_window is None; spec.local_window)
         if spec.sliding_window and spec.sliding_window < max_len:
             log.warning("model uses a sliding window of %d tokens; max_model_len capped to it", spec.sliding_window)
             max_len = spec.sliding_window

@@ -1,14 +1,16 @@
-"""The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Phi-3 / Phi-4, Qwen3-MoE and Mixtral.
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Phi-3 / Phi-4, Qwen3-MoE, Mixtral and
+Gemma 3.
 
 The families differ only in flags of ModelSpec (q/k/v bias, per-head q/k RMSNorm, rope scaling, partial rotary,
-mixture-of-experts MLPs through ops.moe), so one model class runs them all. Attention, the fused elementwise
+mixture-of-experts MLPs through ops.moe; Gemma 3's norms, GeLU-tanh MLP and sliding-window layers, see
+flashgen/models/gemma3.py), so one model class runs them all. Attention, the fused elementwise
 steps and the linear layers go through `ops` (torch reference or CUDA kernels); GEMMs stay in torch (cuBLAS /
 MKL) except a few rows, where the CUDA backend may use its skinny kernel. FP8 projection weights (a float32
 scale per output row) run through ops.linear_fp8.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -21,6 +23,7 @@ from flashgen.models.loader import (
     fuse_layer_weights,
     load_kv_scales,
     load_weights,
+    norm_weight,
     quantize_fp8_layer,
 )
 from flashgen.models.spec import ModelSpec, rope_cos_sin
@@ -68,7 +71,10 @@ class DecoderLM:
         self.weights_fp8 = ""
         self._set_weights(w, quantize=quantization == "fp8")
         self.cos_sin = rope_cos_sin(spec, max_positions, device)
-        self.scale = spec.head_dim ** -0.5
+        # Gemma 3's local (sliding-window) layers rotate with their own base, without scaling
+        self.cos_sin_local = (rope_cos_sin(replace(spec, rope_theta=spec.local_rope_theta, rope_scaling=None),
+                                           max_positions, device) if spec.local_layers else self.cos_sin)
+        self.scale = spec.softmax_scale
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
 
@@ -81,7 +87,7 @@ class DecoderLM:
         scales one GPU would), shard and place the weights."""
         spec, tp, dev = self.spec, self.tp, self.device
         self.embed = w.pop("model.embed_tokens.weight").to(dev)
-        self.final_norm = w.pop("model.norm.weight").to(dev)
+        self.final_norm = norm_weight(w.pop("model.norm.weight"), spec).to(dev)
         lm_head = self.embed if spec.tie_word_embeddings else w.pop("lm_head.weight")
         self.lm_head = shard_vocab(lm_head, tp).to(dev) if tp else lm_head.to(dev)
         self.layers = []
@@ -125,6 +131,8 @@ class DecoderLM:
         ops, spec = self.ops, self.spec
         T = input_ids.shape[0]
         h = F.embedding(input_ids, self.embed)
+        if spec.embed_scale != 1.0:  # Gemma: sqrt(hidden_size), cast to the model dtype first as HF does
+            h = h * torch.tensor(spec.embed_scale, dtype=torch.float32).to(h.dtype)
         residual = None
         for i, L in enumerate(self.layers):
             if residual is None:
@@ -133,28 +141,38 @@ class DecoderLM:
                 x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps, residual)
             qkv = self._linear(x, L, "qkv", L["qkv_bias"])  # (T, (Hq + 2 Hkv) * D)
             ks, vs = self.k_scales[i], self.v_scales[i]
-            q = ops.rope_kv_append(qkv, ctx.positions, self.cos_sin, ctx.slot_mapping, self.k_caches[i],
+            window = spec.layer_window(i)
+            win = {"window": window} if window else {}  # a local layer of Gemma 3: keys in (p - window, p]
+            q = ops.rope_kv_append(qkv, ctx.positions, self.cos_sin_local if window else self.cos_sin,
+                                   ctx.slot_mapping, self.k_caches[i],
                                    self.v_caches[i], L["q_norm"], L["k_norm"], spec.rms_norm_eps, k_scale=ks,
                                    v_scale=vs)
             if ctx.is_prefill:
                 o = ops.prefill_attention(q, self.k_caches[i], self.v_caches[i], ctx.cu_seqlens_q,
                                           ctx.context_lens, ctx.block_tables, ctx.max_seqlen_q, self.scale,
-                                          k_scale=ks, v_scale=vs)
+                                          k_scale=ks, v_scale=vs, **win)
             else:
                 o = ops.decode_attention(q, self.k_caches[i], self.v_caches[i], ctx.context_lens,
-                                         ctx.block_tables, self.scale, k_scale=ks, v_scale=vs)
+                                         ctx.block_tables, self.scale, k_scale=ks, v_scale=vs, **win)
             h = self._linear(o.reshape(T, -1), L, "o")
             if self.tp:
                 h = all_reduce(h)
-            x, residual = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps, residual)
+            if spec.sandwich_norm:  # Gemma 3: post-attention norm on the output, then the pre-feedforward norm
+                h = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps)
+                x, residual = ops.rms_norm(h, L["pre_ff_norm"], spec.rms_norm_eps, residual)
+            else:
+                x, residual = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps, residual)
             if L.get("router") is not None:  # a MoE layer (flashgen/models/moe.py)
                 assert spec.moe is not None
                 h = ops.moe(x, L["router"], L["experts_gate_up"], L["experts_down"], spec.moe.top_k,
                             spec.moe.renormalize)
             else:
-                h = self._linear(ops.silu_mul(self._linear(x, L, "gate_up")), L, "down")
+                act = ops.gelu_tanh_mul if spec.hidden_act == "gelu_tanh" else ops.silu_mul
+                h = self._linear(act(self._linear(x, L, "gate_up")), L, "down")
             if self.tp:
                 h = all_reduce(h)
+            if spec.sandwich_norm:
+                h = ops.rms_norm(h, L["post_ff_norm"], spec.rms_norm_eps)
         assert residual is not None, "a model has layers"
         return h, residual
 
@@ -174,4 +192,7 @@ class DecoderLM:
         logits = self.ops.linear(x, self.lm_head)
         if self.tp:
             logits = gather_logits(logits, self.spec.vocab_size, self.tp.world)
+        cap = self.spec.final_logit_softcapping
+        if cap:  # Gemma: cap * tanh(logits / cap), in the logits' dtype as HF
+            logits = torch.tanh(logits / cap) * cap
         return logits

@@ -154,6 +154,8 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
                            p + "self_attn.v_proj.bias": (spec.kv_size,)})
         if spec.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        if spec.sandwich_norm:  # Gemma 3
+            shapes.update({p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)})
     return shapes
 
 
@@ -349,8 +351,8 @@ def fuse_layer_weights(w: dict[str, torch.Tensor], spec: ModelSpec, layer: int) 
     gate_up, gate_up_scale = _fuse(w, gate_up_parts(spec, layer)) if not moe else (None, None)
     down, down_scale = _fuse(w, [p + "mlp.down_proj"]) if not moe else (None, None)
     fused = {
-        "input_norm": w.pop(p + "input_layernorm.weight"),
-        "post_norm": w.pop(p + "post_attention_layernorm.weight"),
+        "input_norm": norm_weight(w.pop(p + "input_layernorm.weight"), spec),
+        "post_norm": norm_weight(w.pop(p + "post_attention_layernorm.weight"), spec),
         "qkv": qkv, "qkv_scale": qkv_scale,
         "qkv_bias": None, "q_norm": None, "k_norm": None,
         "o": o, "o_scale": o_scale,
@@ -361,8 +363,18 @@ def fuse_layer_weights(w: dict[str, torch.Tensor], spec: ModelSpec, layer: int) 
     if spec.qkv_bias:
         fused["qkv_bias"] = torch.cat([w.pop(a + "q_proj.bias"), w.pop(a + "k_proj.bias"), w.pop(a + "v_proj.bias")])
     if spec.qk_norm:
-        fused["q_norm"], fused["k_norm"] = w.pop(a + "q_norm.weight"), w.pop(a + "k_norm.weight")
+        fused["q_norm"] = norm_weight(w.pop(a + "q_norm.weight"), spec)
+        fused["k_norm"] = norm_weight(w.pop(a + "k_norm.weight"), spec)
+    if spec.sandwich_norm:  # Gemma 3: the norms before and after the MLP
+        fused["pre_ff_norm"] = norm_weight(w.pop(p + "pre_feedforward_layernorm.weight"), spec)
+        fused["post_ff_norm"] = norm_weight(w.pop(p + "post_feedforward_layernorm.weight"), spec)
     return fused
+
+
+def norm_weight(t: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """An RMSNorm weight as the rms_norm op multiplies it: Gemma's x * (1 + w) stores w, so 1 + w (in float32,
+    as HF adds it, then cast to the weight's dtype: exact in float32; one rounding more than HF in bf16 / fp16)."""
+    return (1.0 + t.float()).to(t.dtype) if spec.norm_plus_one else t
 
 
 def quantize_fp8_layer(L: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:

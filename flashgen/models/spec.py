@@ -25,6 +25,7 @@ SUPPORTED = {
     "Phi3ForCausalLM": "phi3",            # Phi-3 and Phi-4: fused qkv / gate_up, longrope, partial rotary
     "Qwen3MoeForCausalLM": "qwen3_moe",   # mixture of experts (flashgen/models/moe.py)
     "MixtralForCausalLM": "mixtral",
+    "Gemma3ForCausalLM": "gemma3",        # text only; sliding-window layers run on the torch backend for now
 }
 # The one name -> torch dtype table, over config.DTYPE_NAMES (which EngineConfig checks without importing torch).
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -56,6 +57,28 @@ class ModelSpec:
     partial_rotary_factor: float = 1.0
     # the experts of a mixture-of-experts model (Qwen3-MoE, Mixtral), None for a dense one
     moe: MoESpec | None = None
+    # Gemma 3 (flashgen/models/gemma3.py): the MLP's activation ("silu" or "gelu_tanh"); RMSNorm weights stored
+    # as w for x * (1 + w) (the loader folds 1 + w in); pre/post-feedforward norms and the post-attention norm
+    # applied to the attention output; embeddings times embed_scale; softmax scale query_pre_attn_scalar ** -0.5
+    # (0: head_dim ** -0.5); logits soft-capped by final_logit_softcapping (0: none); local_layers attend to the
+    # last local_window tokens only, rotated with local_rope_theta
+    hidden_act: str = "silu"
+    norm_plus_one: bool = False
+    sandwich_norm: bool = False
+    embed_scale: float = 1.0
+    query_pre_attn_scalar: float = 0.0
+    final_logit_softcapping: float = 0.0
+    local_layers: tuple[int, ...] = ()
+    local_window: int = 0
+    local_rope_theta: float = 10000.0
+
+    @property
+    def softmax_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of `layer` (a query at p sees keys in (p - window, p]); 0 for full attention."""
+        return self.local_window if layer in self.local_layers else 0
 
     @property
     def rotary_dim(self) -> int:
@@ -176,6 +199,11 @@ def spec_from_config(cfg: dict, path: Path) -> ModelSpec:
             f"hidden_size / num_attention_heads = {hidden} / {heads} gives head_dim={head_dim}, which")
         raise ModelLoadError(f"{path}: {where} is not even; rotary embeddings need an even head_dim of at least 2; "
                              f"{FIX_CONFIG}")
+    if family == "gemma3":  # its own rope settings per layer type, norms, activation (flashgen/models/gemma3.py)
+        from flashgen.models.gemma3 import gemma3_spec
+
+        return _check_heads(gemma3_spec(cfg, path, arch, hidden, layers, heads, kv_heads, head_dim, intermediate,
+                                        vocab), path)
     # transformers >= 5 keeps rope settings in rope_parameters; older files use rope_theta + rope_scaling.
     params = cfg.get("rope_parameters") or {}
     if not isinstance(params, dict):
@@ -220,9 +248,14 @@ def spec_from_config(cfg: dict, path: Path) -> ModelSpec:
         quant=parse_quantization(cfg, path), partial_rotary_factor=partial,
         moe=parse_moe(cfg, family, layers, intermediate, path),
     )
+    return _check_heads(spec, path)
+
+
+def _check_heads(spec: ModelSpec, path: Path) -> ModelSpec:
     if spec.num_heads % spec.num_kv_heads:
         raise ModelLoadError(
-            f"{path}: num_attention_heads={heads} is not a multiple of num_key_value_heads={spec.num_kv_heads}; "
+            f"{path}: num_attention_heads={spec.num_heads} is not a multiple of num_key_value_heads="
+            f"{spec.num_kv_heads}; "
             f"{FIX_CONFIG}"
         )
     return spec

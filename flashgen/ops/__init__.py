@@ -3,8 +3,8 @@
 `get_ops("torch")` is the plain-PyTorch reference (any device); `get_ops("cuda")` the run-time compiled CUDA
 kernels (kernels/*.cu through CuPy). Both modules expose the same functions with the same contracts
 (OpsBackend in backend.py; shapes in docs/design.md): rope_kv_append, prefill_attention, decode_attention,
-rms_norm, silu_mul, linear (torch's GEMM; the CUDA backend swaps in a skinny kernel for up to 8 rows where
-it measures faster) and linear_fp8 (FP8 weights; the CUDA backend runs cuBLASLt's FP8 GEMM).
+rms_norm, silu_mul, gelu_tanh_mul, linear (torch's GEMM; the CUDA backend swaps in a skinny kernel for up to 8
+rows where it measures faster) and linear_fp8 (FP8 weights; the CUDA backend runs cuBLASLt's FP8 GEMM).
 """
 from __future__ import annotations
 

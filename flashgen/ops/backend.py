@@ -44,6 +44,11 @@ class OpsBackend(Protocol):
         """(..., 2 * inter) -> (..., inter): silu(gate) * up, gate first as in the fused gate_up weight."""
         ...
 
+    def gelu_tanh_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., 2 * inter) -> (..., inter): gelu(gate, approximate="tanh") * up (Gemma's MLP), gate first as in
+        silu_mul."""
+        ...
+
     def rope_kv_append(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                        slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
@@ -66,17 +71,19 @@ class OpsBackend(Protocol):
 
     def prefill_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                          max_seqlen_q: int, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0
-                          ) -> torch.Tensor:
+                          max_seqlen_q: int, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                          window: int = 0) -> torch.Tensor:
         """Varlen causal attention over the paged cache: q (total_q, Hq, D), cu_seqlens_q (batch + 1,) int32,
         context_lens (batch,) int32. Sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to
         its first context_lens[b] cached tokens (its new tokens included, already appended), the mask aligned
-        bottom-right; max_seqlen_q >= every q length. Returns (total_q, Hq, D)."""
+        bottom-right; max_seqlen_q >= every q length. `window` > 0 (sliding-window attention): the query at
+        position p sees keys in (p - window, p] only; 0: all of them. Returns (total_q, Hq, D)."""
         ...
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
-                         k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                         k_scale: float = 1.0, v_scale: float = 1.0, window: int = 0) -> torch.Tensor:
         """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] (context_lens (B,)
-        int32) cached tokens of sequence b, the new token's own k/v included. Returns (B, Hq, D)."""
+        int32) cached tokens of sequence b, the new token's own k/v included; `window` > 0: the last `window`
+        of them only. Returns (B, Hq, D)."""
         ...

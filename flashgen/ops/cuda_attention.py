@@ -42,6 +42,12 @@ DECODE_MAX_SPLITS = 256
 DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
 
 
+def _check_no_window(window: int) -> None:
+    if window:
+        raise ValueError(f"window={window!r}: the CUDA attention kernels have no sliding-window attention yet; "
+                         "models with sliding-window layers (Gemma 3) run on the torch backend: use --backend torch")
+
+
 def _check_attn(q, k_cache, v_cache, dev):
     bs, hkv, d = check_cache(k_cache, v_cache, q.dtype, dev)
     if d not in ATTN_HEAD_DIMS:
@@ -82,7 +88,7 @@ _WGMMA_FAILED: dict[int, str] = {}  # device -> why the sm_90a build failed (aut
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       context_lens: torch.Tensor, block_tables: torch.Tensor, max_seqlen_q: int,
-                      softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0, *,
+                      softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0, window: int = 0, *,
                       out: torch.Tensor | None = None, tile: tuple[int, int] | None = None,
                       impl: str | None = None) -> torch.Tensor:
     """Varlen causal attention over the paged cache. q (total_q, Hq, D); sequence b owns q rows
@@ -90,7 +96,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     included), the mask aligned bottom-right; needs context_lens[b] >= q_len_b and max_seqlen_q >= every
     q_len_b. Returns (total_q, Hq, D). `impl` picks the kernel (PREFILL_IMPLS; default prefill_impl());
     `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES; for benchmarks).
-    An FP8 cache's pages are first dequantized (times k_scale, v_scale) into a scratch cache: see _prefill_fp8."""
+    An FP8 cache's pages are first dequantized (times k_scale, v_scale) into a scratch cache: see _prefill_fp8.
+    The kernels have no sliding window yet: `window` > 0 is refused (_check_no_window)."""
+    _check_no_window(window)
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
@@ -248,8 +256,8 @@ def decode_plan(plan: str | None = None) -> str:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-                     *, out: torch.Tensor | None = None, return_lse: bool = False, num_splits: int | None = None,
-                     plan: str | None = None):
+                     window: int = 0, *, out: torch.Tensor | None = None, return_lse: bool = False,
+                     num_splits: int | None = None, plan: str | None = None):
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
     b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
     LSE of the scaled scores).
@@ -263,7 +271,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
     batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
     context lengths only, never on timing. An FP8 cache is read as it is (k_scale folded into the softmax scale,
-    v_scale into the output)."""
+    v_scale into the output). The kernels have no sliding window yet: `window` > 0 is refused."""
+    _check_no_window(window)
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)

@@ -57,6 +57,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, residual_out)
 
 
+def gelu_tanh_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., 2 * inter) -> (..., inter): gelu(gate, approximate="tanh") * up, gate first. No kernel yet: torch's
+    elementwise ops (Gemma 3, the one model using it, runs on the torch backend until the attention kernels have
+    a sliding window)."""
+    check_tensor("x", x, KERNEL_DTYPES)
+    gate, up = x.chunk(2, dim=-1)
+    y = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    if out is None:
+        return y
+    out = check_out(out, tuple(y.shape), x.dtype, x.device)
+    assert out is not None
+    return out.copy_(y)
+
+
 def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """(..., 2 * inter) -> (..., inter): silu(gate) * up, gate first."""
     check_tensor("x", x, KERNEL_DTYPES)

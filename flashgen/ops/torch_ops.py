@@ -72,6 +72,13 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
+    """(tokens, 2 * inter) -> (tokens, inter): gelu_tanh(gate) * up (Gemma's MLP, HF's gelu_pytorch_tanh), gate
+    first as in silu_mul."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     # x: (T, H, D); cos/sin: (T, 1, D/2) already in x's dtype, as HF casts them
     if interleaved:  # GPT-J: pairs (2i, 2i+1)
@@ -160,15 +167,20 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[block_table[:nblk].long()].flatten(0, 1)[:length]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None):
-    # q (Lq, Hq, D), k/v (Lk, Hkv, D); GQA by repeating kv heads, as HF's repeat_kv
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None,
+            window: int = 0):
+    # q (Lq, Hq, D), k/v (Lk, Hkv, D); GQA by repeating kv heads, as HF's repeat_kv; window > 0: the query at
+    # position p sees keys in (p - window, p] only
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     mask = None
     if causal_offset is not None:  # bottom-right aligned: query i sits at position causal_offset + i
         qi = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
-        mask = torch.arange(k.shape[0], device=q.device)[None, :] <= qi
+        kj = torch.arange(k.shape[0], device=q.device)[None, :]
+        mask = kj <= qi
+        if window > 0:
+            mask &= kj > qi - window
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
     )
@@ -186,10 +198,12 @@ def prefill_attention(
     softmax_scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    window: int = 0,
 ) -> torch.Tensor:
     """Varlen causal attention. q (total_q, Hq, D); sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
     and attends to its first context_lens[b] cached tokens (its new tokens included, already appended), the
-    mask aligned bottom-right. Returns (total_q, Hq, D)."""
+    mask aligned bottom-right. `window` > 0 (sliding-window attention, Gemma 3's local layers): the query at
+    position p sees keys in (p - window, p] only. Returns (total_q, Hq, D)."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = context_lens.tolist()
@@ -200,7 +214,7 @@ def prefill_attention(
         k = gather_kv(k_cache, block_tables[b], n)
         v = gather_kv(v_cache, block_tables[b], n)
         k, v = from_cache(k, q.dtype, k_scale), from_cache(v, q.dtype, v_scale)
-        out[s:e] = _attend(q[s:e], k, v, softmax_scale, n - (e - s))
+        out[s:e] = _attend(q[s:e], k, v, softmax_scale, n - (e - s), window)
     return out
 
 
@@ -213,9 +227,11 @@ def decode_attention(
     softmax_scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    window: int = 0,
 ) -> torch.Tensor:
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of
-    sequence b (the new token's own k/v included). Returns (B, Hq, D)."""
+    sequence b (the new token's own k/v included); `window` > 0: the last `window` of them only (the new token
+    at position p sees keys in (p - window, p]). Returns (B, Hq, D)."""
     B, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max()) if B else 0
@@ -226,7 +242,11 @@ def decode_attention(
     group = hq // hkv
     qg = q.view(B, hkv, group, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), k.float()) * softmax_scale
-    valid = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None].to(q.device)
+    pos = torch.arange(max_len, device=q.device)[None, :]
+    lens = context_lens[:, None].to(q.device)
+    valid = pos < lens
+    if window > 0:
+        valid &= pos >= lens - window
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = scores.softmax(-1)
     out = torch.einsum("bhgl,blhd->bhgd", p, v.float())
