@@ -183,3 +183,18 @@ def test_fake_llm_finishes_everything():
     while llm.has_unfinished_requests():
         finished += [o.request_id for o in llm.step()]
     assert sorted(finished) == ["0", "1", "2", "3"]
+
+
+def check_engine_choice(model: str | Path, tmp_path: Path, flag: str, good: str, bad: str) -> None:
+    """An engine option through the real CLI: a two-line job with `flag good` answers both lines; `flag bad` exits 2
+    naming the option and the good choice."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "prompt": "hello"}\n{"id": 2, "prompt": "a b c"}\n')
+    r = cli(["generate", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(model), *FAST, flag, good],
+            tmp_path)
+    assert r.exit_code == 0, r.stderr
+    assert [x["id"] for x in read_jsonl(tmp_path / "out.jsonl")] == [1, 2]
+    refused = cli(["generate", str(src), "-o", str(tmp_path / "o2.jsonl"), "--model", str(model), *FAST, flag, bad],
+                  tmp_path)
+    name = flag.lstrip("-").replace("-", "_")
+    assert refused.exit_code == 2 and name in refused.stderr and good in refused.stderr

@@ -19,7 +19,7 @@ from flashgen.models.errors import ModelLoadError
 from flashgen.models.loader import fuse_layer_weights, load_weights
 from flashgen.models.spec import load_spec
 from flashgen.ops import torch_ops
-from test_cli_support import FAST, cli, read_jsonl
+from test_cli_support import check_engine_choice, cli
 
 FP8 = torch.float8_e4m3fn
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -431,16 +431,8 @@ def test_info_sizes_fp8_weights_at_one_byte_per_parameter(base, ckpts):
 
 
 def test_cli_quantization(base, tmp_path):
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"id": 1, "prompt": "hello"}\n{"id": 2, "prompt": "a b c"}\n')
     bf16 = make_checkpoint(tmp_path / "bf16", num_layers=1, hidden_size=64, num_heads=2, num_kv_heads=1,
                            head_dim=32, intermediate_size=128, dtype="bfloat16")
-    r = cli(["generate", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(bf16), *FAST,
-             "--quantization", "fp8"], tmp_path)
-    assert r.exit_code == 0, r.stderr
-    assert [x["id"] for x in read_jsonl(tmp_path / "out.jsonl")] == [1, 2]
-    bad = cli(["generate", str(src), "-o", str(tmp_path / "o2.jsonl"), "--model", str(bf16), *FAST,
-               "--quantization", "int8"], tmp_path)
-    assert bad.exit_code == 2 and "quantization" in bad.stderr and "fp8" in bad.stderr
+    check_engine_choice(bf16, tmp_path, "--quantization", "fp8", "int8")
     info = cli(["info", str(bf16), "--quantization", "fp8"], tmp_path)
     assert info.exit_code == 0 and "FP8 e4m3" in info.stdout

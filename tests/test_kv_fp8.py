@@ -13,7 +13,7 @@ from flashgen.config import EngineConfig
 from flashgen.llm import LLM
 from flashgen.models.errors import ModelLoadError
 from flashgen.ops import torch_ops
-from test_cli_support import FAST, cli, read_jsonl
+from test_cli_support import check_engine_choice
 
 FP8 = torch.float8_e4m3fn
 
@@ -161,12 +161,4 @@ def test_bad_checkpoint_kv_scales_are_refused(tmp_path, tensors, needle):
 
 
 def test_cli_kv_cache_dtype(model, tmp_path):
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"id": 1, "prompt": "hello"}\n{"id": 2, "prompt": "a b c"}\n')
-    r = cli(["generate", str(src), "-o", str(tmp_path / "out.jsonl"), "--model", str(model), *FAST,
-             "--kv-cache-dtype", "fp8"], tmp_path)
-    assert r.exit_code == 0, r.stderr
-    assert [x["id"] for x in read_jsonl(tmp_path / "out.jsonl")] == [1, 2]
-    bad = cli(["generate", str(src), "-o", str(tmp_path / "o2.jsonl"), "--model", str(model), *FAST,
-               "--kv-cache-dtype", "int4"], tmp_path)
-    assert bad.exit_code == 2 and "kv_cache_dtype" in bad.stderr and "fp8" in bad.stderr
+    check_engine_choice(model, tmp_path, "--kv-cache-dtype", "fp8", "int4")

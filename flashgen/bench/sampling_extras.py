@@ -20,9 +20,8 @@ from flashgen.bench.throughput import timed_generate
 WORKLOADS = ("logprobs", "prompt_logprobs", "samples")
 
 
-def _free(llm) -> None:
-    llm.close()
-    del llm
+def _release_gpu_memory() -> None:
+    """Give back the memory of engines the caller has closed and dropped every reference to."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -81,10 +80,9 @@ def main(workload: str, out_dir: str | None = None, **engine_kw) -> dict:
             t_sep, outs = timed_generate(separate, [p for p in prompts for _ in range(8)],
                                  [sp(8 * i + j) for i in range(256) for j in range(8)])
             sep_prompt = separate.stats.prompt_tokens - p0
-            _free(separate)
-            del separate  # the caller's reference holds the KV cache too: gone before the next engine plans its own
-            gc.collect()
-            torch.cuda.empty_cache()
+            separate.close()
+            del separate  # its KV cache is gone before the next engine plans its own
+            _release_gpu_memory()
             grouped = LLM(**kw)
             grouped.generate([[1] * 64], SamplingParams(max_tokens=4))
             p0 = grouped.stats.prompt_tokens
@@ -100,7 +98,9 @@ def main(workload: str, out_dir: str | None = None, **engine_kw) -> dict:
                     f"{n_prompt:,} with n (the prompts hold {distinct:,}; samples 1..7 recompute only their last "
                     f"partial block), {sep_prompt:,} separately")
             llm = grouped
-        _free(llm)
+        llm.close()
+        del llm
+        _release_gpu_memory()
     print(f"workload {workload} on {res['device']} (Qwen3-0.6B shape)\n{line}", flush=True)
     if out_dir:
         import json

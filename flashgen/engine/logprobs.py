@@ -64,10 +64,6 @@ class LogprobsList(abc.Sequence):
         self._tokens.append(token)
         self._k, self._text = k, text
 
-    def append(self, entry: dict[int, Logprob] | None) -> None:
-        self._rows.append(entry)
-        self._tokens.append(-1)
-
     def __len__(self) -> int:
         return len(self._rows)
 

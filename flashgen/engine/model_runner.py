@@ -88,27 +88,30 @@ def pick_kv_dtype(config: EngineConfig, device: torch.device, dtype: torch.dtype
     and from it in hardware (compute capability 8.9 and later) or on the CPU (the torch reference)."""
     if config.kv_cache_dtype != "fp8":
         return dtype
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            raise RuntimeError(f"kv_cache_dtype='fp8' needs a GPU with FP8 (compute capability 8.9 or later: Ada, "
-                               f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: use "
-                               "kv_cache_dtype='auto'")
+    require_fp8(device, "kv_cache_dtype='fp8'", "use kv_cache_dtype='auto'")
     return torch.float8_e4m3fn
+
+
+def require_fp8(device: torch.device, what: str, fix: str) -> None:
+    """Refuse `what` on a CUDA GPU without FP8 conversions and GEMMs (compute capability below 8.9), saying `fix`;
+    the CPU (the torch reference) runs FP8 everywhere."""
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise RuntimeError(f"{what} needs a GPU with FP8 (compute capability 8.9 or later: Ada, Hopper, "
+                           f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: {fix}")
 
 
 def check_fp8_weights(config: EngineConfig, spec: ModelSpec, device: torch.device) -> bool:
     """Whether the weights run FP8 (an FP8 checkpoint, or --quantization fp8): refused at start-up, before a weight
     is read, on a GPU without FP8 GEMMs (compute capability below 8.9); the CPU runs the torch reference."""
     fp8 = config.quantization == "fp8" or spec.quant is not None
-    if fp8 and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            what, fix = (("quantization='fp8'", "use quantization='auto'") if spec.quant is None else
-                         (f"this checkpoint's FP8 weights (quantization_config.quant_method={spec.quant.method!r})",
-                          "use the model's unquantized checkpoint"))
-            raise RuntimeError(f"{what} needs a GPU with FP8 (compute capability 8.9 or later: Ada, Hopper, "
-                               f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: {fix}")
+    if fp8:
+        what, fix = (("quantization='fp8'", "use quantization='auto'") if spec.quant is None else
+                     (f"this checkpoint's FP8 weights (quantization_config.quant_method={spec.quant.method!r})",
+                      "use the model's unquantized checkpoint"))
+        require_fp8(device, what, fix)
     return fp8
 
 

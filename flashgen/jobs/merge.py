@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
-import json
 import os
 import re
 import sys
@@ -42,7 +41,7 @@ from flashgen.jobs.compress import SUFFIXES, check_supported, compression_of, op
 from flashgen.jobs.errors import ExitCode, FatalError, Interrupted
 from flashgen.jobs.inputs import DEFAULT_MAX_LINE_BYTES, Line, LongLine, read_lines
 from flashgen.jobs.lock import OutputLock
-from flashgen.jobs.records import error_record, is_error, record_key
+from flashgen.jobs.records import error_record, input_line_hint, is_error, read_record
 from flashgen.jobs.shard import Shard, label_of
 from flashgen.jobs.writer import SHOW_IDS, _head_parser, _ids, encode
 
@@ -236,16 +235,10 @@ def _index(sources: list[Source], warn: Callable[[str], None]) -> dict[str, Ref 
 
 
 def _ref(i: int, s: Source, raw: bytes, offset: int, lineno: int) -> tuple[str, Ref]:
-    try:
-        rec = json.loads(raw)
-    except ValueError:
-        rec = None
-    key = record_key(rec)
+    rec, key = read_record(raw)
     if key is None:
-        looks_like_input = isinstance(rec, dict) and any(k in rec for k in ("prompt", "messages", "body"))
-        raise FatalError(f"{s.name}, line {lineno} is not a flashgen output record"
-                         + (" (it looks like an input line)" if looks_like_input else "")
-                         + "; give only the outputs of `flashgen generate --shard`")
+        raise FatalError(f"{s.name}, line {lineno} is not a flashgen output record{input_line_hint(rec)}; give only "
+                         "the outputs of `flashgen generate --shard`")
     names = 0
     if is_error(rec):
         m = _LINE.match(str((rec.get("error") or {}).get("message", "")))

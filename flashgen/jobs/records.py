@@ -1,6 +1,7 @@
 """Output records: what one input line becomes in the output file, and how --resume reads them back."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flashgen.jobs import openai_batch
@@ -104,6 +105,22 @@ def record_key(rec: Any) -> str | None:
     if "text" in rec and "finish_reason" in rec:
         return key_of(rec["id"])
     return None
+
+
+def read_record(raw: bytes) -> tuple[Any, str | None]:
+    """One line of an output file: (its JSON, or None if it is not JSON; record_key of it, None if it is not a
+    flashgen output record)."""
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        rec = None
+    return rec, record_key(rec)
+
+
+def input_line_hint(rec: Any) -> str:
+    """For a line that is not an output record: a note when it looks like an input line (the usual mix-up)."""
+    return " (it looks like an input line)" if isinstance(rec, dict) and any(
+        k in rec for k in ("prompt", "messages", "body")) else ""
 
 
 def is_error(rec: dict) -> bool:

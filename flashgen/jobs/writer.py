@@ -30,7 +30,7 @@ from flashgen.jobs.fingerprint import KeyHashMap, hash_value, request_hash
 from flashgen.jobs.idset import IdSet
 from flashgen.jobs.inputs import LineParser, LongLine, read_lines
 from flashgen.jobs.lock import OutputLock
-from flashgen.jobs.records import is_error, record_key
+from flashgen.jobs.records import input_line_hint, is_error, read_record
 
 if TYPE_CHECKING:
     from flashgen.jobs.shard import Shard
@@ -79,11 +79,8 @@ class OutputPlan:
         return "keep"
 
     def keep(self, raw: bytes) -> bool:
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            return True  # the scan refused such a file; a line moved in by a recovery is kept as it is
-        key = record_key(rec)
+        # a line that is no record (the scan refuses such files) was moved in by a recovery: kept as it is
+        rec, key = read_record(raw)
         return key is None or self.verdict(rec, key) == "keep"
 
     def watch(self, lines: Iterator[tuple[int, bytes | LongLine]],
@@ -195,16 +192,10 @@ def _scan(path: Path, input_path: str | None, fingerprint: str, shard: Shard | N
             if not raw.endswith(b"\n"):
                 plan.torn = True
                 break
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                rec = None
-            key = record_key(rec)
+            rec, key = read_record(raw)
             if key is None:
-                looks_like_input = isinstance(rec, dict) and any(k in rec for k in ("prompt", "messages", "body"))
                 raise FatalError(
-                    f"cannot resume: {path}, line {lineno} is not a flashgen output record"
-                    + (" (it looks like an input line)" if looks_like_input else "")
+                    f"cannot resume: {path}, line {lineno} is not a flashgen output record{input_line_hint(rec)}"
                     + ", so the file is not this job's output (or was edited); fix or delete that line, or pass "
                     "--overwrite instead"
                 )

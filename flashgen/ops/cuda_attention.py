@@ -173,7 +173,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 FP8_SCRATCH_BYTES = 256 << 20  # most bytes of dequantized K + V one prefill launch reads (more: in groups)
-_FP8_SCRATCH: dict[tuple, torch.Tensor] = {}
+_FP8_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # -> (K/V pages, their ids 0..pages-1)
 
 
 def _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, softmax_scale,
@@ -191,12 +191,14 @@ def _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, 
     group = max(1, min(B, FP8_SCRATCH_BYTES // (2 * page * q.element_size() * max(width, 1))))
     pages = group * width
     key = (dev, q.dtype, bs, hkv, d)
-    buf = _FP8_SCRATCH.get(key)
-    if buf is None or buf.shape[1] < pages:
-        if buf is not None:  # the old scratch (and its TMA maps) go: rebuilt larger
-            del _FP8_SCRATCH[key], buf
-        buf = _FP8_SCRATCH[key] = torch.empty((2, pages, bs, hkv, d), dtype=q.dtype, device=dev)
-    tables = torch.arange(pages, dtype=torch.int32, device=dev).view(group, width)
+    entry = _FP8_SCRATCH.get(key)
+    if entry is None or entry[0].shape[1] < pages:
+        if entry is not None:  # the old scratch (and its TMA maps) go: rebuilt larger
+            del _FP8_SCRATCH[key], entry
+        entry = _FP8_SCRATCH[key] = (torch.empty((2, pages, bs, hkv, d), dtype=q.dtype, device=dev),
+                                     torch.arange(pages, dtype=torch.int32, device=dev))
+    buf, ids = entry
+    tables = ids[:pages].view(group, width)  # sequence i of a group reads scratch pages i * width ..
     kern = jit.get_kernel("kv_fp8.cu", "kv_dequant_pages_kernel", q.dtype, d, device_index(q))
     for g0 in range(0, B, group):
         n = min(group, B - g0)
