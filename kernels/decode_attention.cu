@@ -40,6 +40,18 @@
 // Memory traffic: K and V of every context token once (2 * ctx * Hkv * D * sizeof(dtype) per sequence),
 //   plus q, the block tables, the context lengths (the balanced plan: all of them per CTA, L2 hits) and,
 //   for pairs cut between CTAs, 4 * (D + 1) bytes per piece and head written and re-read.
+// Shared-prefix (cascade) decode: sequences that share their leading KV blocks (the n samples of one prompt,
+//   prompts behind one cached system prompt) attend in two launches of this kernel, so the shared blocks are
+//   read once per group instead of once per sequence:
+//   1. q_rows (NG, q_group): a "sequence" b of the launch is a group; its query heads are the group's members'
+//      heads, laid kv-head major (head h: kv head h / (q_group * r), member (h % (q_group * r)) / r, query head
+//      kv head * r + h % r, with r = Hq / Hkv of the model), so the GQA machinery above reads each K/V element
+//      once per 8 of them. q and the output (and LSE) are addressed through q_rows (-1: padding, skipped); the
+//      context is the group's shared prefix; the output is written in float32 (out_f32).
+//   2. bt_offset (B,): each sequence skips its group's shared blocks (context_lens are the lengths past them),
+//      and merge_o / merge_lse (the first launch's output and natural-log LSE, LSE -inf where a sequence has
+//      no group) are merged into the output as it is written: out = (O1 w1 + O2 w2) / (w1 + w2), w = e^(LSE -
+//      max). No third kernel; one read of the first launch's output.
 // FG_KV_FP8=1: the cache is float8 e4m3 (fp8.cuh). A thread loads the same elements as 8-byte chunks and
 //   converts them to the activation dtype when its step's math begins (the loads of the next step stay in
 //   flight); K's scale is folded into scale_log2 by the wrapper, V's multiplies the output (v_scale).
@@ -78,6 +90,53 @@ FG_INLINE u32 word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// Where query head h of launch row b lives: (row of q / out, head in that row, heads per row). Identity unless
+// q_rows is set (a shared-prefix launch, see the top of the file); row -1 is padding.
+struct QRow {
+    int row, head, hq;
+};
+
+FG_INLINE QRow q_row(const int* __restrict__ q_rows, int q_group, int b, int h, int hq, int hkv) {
+    if (q_rows == nullptr) return {b, h, hq};
+    const int grp = hq / hkv, r = grp / q_group, w = h % grp;
+    return {q_rows[(i64)b * q_group + w / r], (h / grp) * r + w % r, hkv * r};
+}
+
+// The output's destinations and the state merged into it (see the top of the file).
+struct OutArgs {
+    scalar_t* out;           // (rows, hq, D), or null when out_f32 is set
+    float* out_f32;          // (rows, hq, D) float32 (a shared-prefix launch), or null
+    float* lse;              // (rows, hq) natural log, or null
+    const float* merge_o;    // (rows, hq, D) float32 state merged into the output, or null
+    const float* merge_lse;  // (rows, hq) its natural-log LSE (-inf: nothing to merge), or null
+};
+
+// Write one output chunk (8 dims at d0 of entry idx = row * hq + head) with its natural-log LSE, merged with the
+// state of an earlier launch where there is one (merge LSE > -inf).
+FG_INLINE void store_out(const OutArgs& oa, i64 idx, int d0, float* acc, float lse) {
+    if (oa.merge_lse != nullptr) {
+        const float l2 = oa.merge_lse[idx];
+        if (l2 != FG_NEG_INF) {
+            const float mx = fmaxf(lse, l2);
+            const float w1 = __expf(lse - mx), w2 = __expf(l2 - mx), inv = 1.f / (w1 + w2);
+            const float4 a = *reinterpret_cast<const float4*>(oa.merge_o + idx * D + d0);
+            const float4 b = *reinterpret_cast<const float4*>(oa.merge_o + idx * D + d0 + 4);
+            const float o2[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int x = 0; x < 8; ++x) acc[x] = (acc[x] * w1 + o2[x] * w2) * inv;
+            lse = mx + __logf(w1 + w2);
+        }
+    }
+    if (oa.out_f32 != nullptr) {
+        float* dst = oa.out_f32 + idx * D + d0;
+        *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        *reinterpret_cast<float4*>(dst + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    } else {
+        st_v4(oa.out + idx * D + d0, pack8(acc));
+    }
+    if (oa.lse != nullptr && d0 == 0) oa.lse[idx] = lse;
+}
+
 struct KVStep {
     kvw_t k[2][KCH];  // tokens g, g + 8: dims 32 j + 8 c .. + 7
     kvw_t v[4][VCH];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9: dims 64 j + 8 g .. + 7
@@ -107,13 +166,15 @@ FG_INLINE void load_step(KVStep& r, const kv_t* __restrict__ k_cache, const kv_t
 FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restrict__ k_cache,
                              const kv_t* __restrict__ v_cache, const int* __restrict__ bt, int b, int kvh,
                              int head0, int nh, int start, int end, int hq, int hkv, int log2_bs, float scale_log2,
+                             const int* __restrict__ q_rows, int q_group,
                              float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS], float (*s_l)[DEC_HEADS]) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     // Q^T as B fragments: head g, dims 32 j + 8 c .. + 7 (the permuted order K uses too).
     u32 qf[D / 16][2];
     {
-        const bool hv = g < nh;
-        const scalar_t* qp = q + ((i64)b * hq + head0 + (hv ? g : 0)) * D + 8 * c;
+        const QRow qr = q_row(q_rows, q_group, b, head0 + (g < nh ? g : 0), hq, hkv);
+        const bool hv = g < nh && qr.row >= 0;
+        const scalar_t* qp = q + ((i64)(hv ? qr.row : 0) * qr.hq + (hv ? qr.head : 0)) * D + 8 * c;
 #pragma unroll
         for (int j = 0; j < D / 32; ++j) {
             const uint4 w = hv ? ld_v4(qp + 32 * j) : make_uint4(0u, 0u, 0u, 0u);
@@ -239,12 +300,16 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
     }
 }
 
-// A sequence with no cached token: zeros and LSE -inf for its hq heads, written by threads t0, t0 + step, ...
-FG_INLINE void write_empty(scalar_t* __restrict__ out, float* __restrict__ lse_out, int b, int hq, int t0,
-                           int step) {
-    for (int i = t0; i < hq * (D / 8); i += step) st_v4(out + (i64)b * hq * D + 8 * i, make_uint4(0u, 0u, 0u, 0u));
-    if (lse_out != nullptr)
-        for (int h = t0; h < hq; h += step) lse_out[(i64)b * hq + h] = FG_NEG_INF;
+// A sequence with no cached token: zeros and LSE -inf for its hq heads (or the merged state as it is), written
+// by threads t0, t0 + step, ... A shared-prefix launch (q_rows) writes nothing: its LSE stays -inf.
+FG_INLINE void write_empty(const OutArgs& oa, const int* __restrict__ q_rows, int b, int hq, int t0, int step) {
+    if (q_rows != nullptr) return;
+    for (int i = t0; i < hq * (D / 8); i += step) {
+        float acc[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc[x] = 0.f;
+        store_out(oa, (i64)b * hq + i / (D / 8), 8 * (i % (D / 8)), acc, FG_NEG_INF);
+    }
 }
 
 // After attend_tokens: merge the 4 warps' (O, m, l) for heads head0 .. head0 + nh - 1 of sequence b. A whole
@@ -252,11 +317,12 @@ FG_INLINE void write_empty(scalar_t* __restrict__ out, float* __restrict__ lse_o
 // counts itself done on the pair's counter, and the last of the pair's pieces to finish (slices c0 .. c1;
 // slice c's partial is in slot 2 c, or 2 c + 1 for a balanced slice that starts before the pair,
 // pstart > c S) merges them in slice order: out = sum_c w_c O_c / sum_c w_c, w_c = 2^(lse_c - max lse).
-FG_INLINE void finish_piece(scalar_t* __restrict__ out, float* __restrict__ lse_out, float* __restrict__ part_o,
+FG_INLINE void finish_piece(const OutArgs& oa, float* __restrict__ part_o,
                             float* __restrict__ part_lse, int* counter, int b, int hq, int head0, int nh, bool whole,
                             int slot, int c0, int c1, bool balanced, int S, int pstart,
                             const float (*s_o)[DEC_HEADS][D], const float (*s_m)[DEC_HEADS],
-                            const float (*s_l)[DEC_HEADS], float v_scale) {
+                            const float (*s_l)[DEC_HEADS], float v_scale, int hkv, const int* __restrict__ q_rows,
+                            int q_group) {
     const int tid = threadIdx.x;
     for (int i = tid; i < nh * (D / 8); i += blockDim.x) {
         const int h = i / (D / 8), d0 = (i % (D / 8)) * 8;
@@ -276,10 +342,10 @@ FG_INLINE void finish_piece(scalar_t* __restrict__ out, float* __restrict__ lse_
         const float inv = v_scale / ll;  // v_scale: the FP8 cache's V scale (1 otherwise); partials carry it too
 #pragma unroll
         for (int x = 0; x < 8; ++x) acc[x] *= inv;
-        const int head = head0 + h;
         if (whole) {
-            st_v4(out + ((i64)b * hq + head) * D + d0, pack8(acc));
-            if (lse_out != nullptr && d0 == 0) lse_out[(i64)b * hq + head] = (mm + __log2f(ll)) * FG_LN2;
+            const QRow qr = q_row(q_rows, q_group, b, head0 + h, hq, hkv);
+            if (qr.row >= 0)
+                store_out(oa, (i64)qr.row * qr.hq + qr.head, d0, acc, (mm + __log2f(ll)) * FG_LN2);
         } else {
             float* dst = part_o + ((i64)slot * DEC_HEADS + h) * D + d0;
             *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -310,9 +376,9 @@ FG_INLINE void finish_piece(scalar_t* __restrict__ out, float* __restrict__ lse_
         const float inv = 1.f / ll;
 #pragma unroll
         for (int x = 0; x < 8; ++x) acc[x] *= inv;
-        const int head = head0 + h;
-        st_v4(out + ((i64)b * hq + head) * D + d0, pack8(acc));
-        if (lse_out != nullptr && d0 == 0) lse_out[(i64)b * hq + head] = (mm + __log2f(ll)) * FG_LN2;
+        const QRow qr = q_row(q_rows, q_group, b, head0 + h, hq, hkv);
+        if (qr.row >= 0)
+            store_out(oa, (i64)qr.row * qr.hq + qr.head, d0, acc, (mm + __log2f(ll)) * FG_LN2);
     }
 }
 
@@ -333,7 +399,13 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         int num_splits,                        // grid (num_splits, Hkv * ceil(G / 8), B)
                         int plan,                              // 0 auto, 1 split, 2 balanced
                         int slots,                             // CTAs resident at once (auto's estimate)
-                        float v_scale) {                       // multiplies the output (FP8 cache; else 1)
+                        float v_scale,                         // multiplies the output (FP8 cache; else 1)
+                        const int* __restrict__ q_rows,        // shared-prefix launch: (batch, q_group), or null
+                        int q_group,                           //   (1 when q_rows is null)
+                        const int* __restrict__ bt_offset,     // (batch,) blocks each sequence skips, or null
+                        float* __restrict__ out_f32,           // float32 output instead of out, or null
+                        const float* __restrict__ merge_o,     // (batch, hq, D) float32 state merged into the
+                        const float* __restrict__ merge_lse) { //   output, (batch, hq) natural log; or both null
     __shared__ __align__(16) float s_o[DEC_WARPS][DEC_HEADS][D];
     __shared__ float s_m[DEC_WARPS][DEC_HEADS];
     __shared__ float s_l[DEC_WARPS][DEC_HEADS];
@@ -346,6 +418,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     const int ncta = gridDim.x * gridDim.y * gridDim.z;
     const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const OutArgs oa{out, out_f32, lse_out, merge_o, merge_lse};
 
     // Split plan (plan 1, or plan 0 by the rule below): CTA i takes piece i % num_splits of pair
     // i / num_splits, every pair cut in num_splits pieces of equal whole steps (multiples of 4); it needs no
@@ -400,18 +473,20 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         const int chunk = ceil_div(ceil_div(nst, num_splits), DEC_WARPS) * DEC_WARPS;
         const int a = blockIdx.x * chunk;
         if (a >= nst) {  // an empty piece; an empty context gets zeros from its first piece
-            if (ctx == 0 && a == 0 && j == 0) write_empty(out, lse_out, b, hq, tid, blockDim.x);
+            if (ctx == 0 && a == 0 && j == 0)
+                write_empty(oa, q_rows, b, hq, tid, blockDim.x);
             return;
         }
         const int e = min(a + chunk, nst);
         const int kvh = j / hgroups, hg = j % hgroups;
         const int head0 = kvh * group + hg * DEC_HEADS, nh = min(DEC_HEADS, group - hg * DEC_HEADS);
-        attend_tokens(q, k_cache, v_cache, block_tables + (i64)b * bt_stride, b, kvh, head0, nh, a * DEC_STEP,
-                      min(e * DEC_STEP, ctx), hq, hkv, log2_bs, scale_log2, s_o, s_m, s_l);
+        const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
+        attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, a * DEC_STEP, min(e * DEC_STEP, ctx), hq, hkv,
+                      log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l);
         __syncthreads();
-        finish_piece(out, lse_out, part_o, part_lse, pair_counters + p, b, hq, head0, nh, a == 0 && e == nst,
+        finish_piece(oa, part_o, part_lse, pair_counters + p, b, hq, head0, nh, a == 0 && e == nst,
                      2 * cta, p * num_splits, p * num_splits + ceil_div(nst, chunk) - 1, false, 0, 0, s_o, s_m, s_l,
-                     v_scale);
+                     v_scale, hkv, q_rows, q_group);
         return;
     }
     total *= per_b;  // steps of all pairs (the wrapper keeps it below 2^30)
@@ -457,15 +532,16 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         const int a = pos - pstart, e = min(end, pend) - pstart;  // steps [a, e) of the pair
         pos = pstart + e;
 
-        attend_tokens(q, k_cache, v_cache, block_tables + (i64)b * bt_stride, b, kvh, head0, nh, a * DEC_STEP,
-                      min(e * DEC_STEP, ctx), hq, hkv, log2_bs, scale_log2, s_o, s_m, s_l);
+        const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
+        attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, a * DEC_STEP, min(e * DEC_STEP, ctx), hq, hkv,
+                      log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l);
         __syncthreads();
 
-        finish_piece(out, lse_out, part_o, part_lse, pair_counters + (i64)b * per_b + j, b, hq, head0, nh,
+        finish_piece(oa, part_o, part_lse, pair_counters + (i64)b * per_b + j, b, hq, head0, nh,
                      a == 0 && e == nst, 2 * cta + (pstart > start ? 1 : 0), pstart / S, (pend - 1) / S, true, S,
-                     pstart, s_o, s_m, s_l, v_scale);
+                     pstart, s_o, s_m, s_l, v_scale, hkv, q_rows, q_group);
         __syncthreads();
     }
     for (int e = cta; e < batch; e += ncta)  // empty contexts: zeros, from CTA b % gridDim.x
-        if (context_lens[e] == 0) write_empty(out, lse_out, e, hq, tid, blockDim.x);
+        if (context_lens[e] == 0) write_empty(oa, q_rows, e, hq, tid, blockDim.x);
 }

@@ -7,7 +7,10 @@
 #                  GEMM and sampling
 #   kernel-bench   flashgen/bench/kernels.py (ceilings, peers, figures; kernels.json)
 #   kernels        = kernel-tests sanitize kernel-bench
-#   engine-tests   GPU parity of the engine with HF transformers (bf16, Qwen3-0.6B and Llama-3.1-8B shapes)
+#   engine-tests   GPU parity of the engine with HF transformers (bf16, Qwen3-0.6B and Llama-3.1-8B shapes), then
+#                  families
+#   families       Phi partial-rotary RoPE, MoE and FP8-weight GEMMs against their references; the engine on the
+#                  CUDA backend against the torch backend for Phi-3, Qwen3-MoE, Mixtral and FP8 weights
 #   throughput     flashgen/bench/throughput.py: nanovllm, fixed512 (vs HF), sharedprefix, latency8b
 #   engine         = engine-tests throughput
 #   all            = kernels engine
@@ -49,7 +52,7 @@ step() {  # step NAME CMD...: run, tee the log, record the status
 
 kernel_tests() {
     step kernel-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu.py \
-        tests/test_kv_fp8_gpu.py
+        tests/test_kv_fp8_gpu.py tests/test_shared_prefix_gpu.py
 }
 
 sanitize() {
@@ -79,6 +82,7 @@ EOF
 engine_tests() {
     step engine-tests "$PY" -m pytest -m gpu -x -q -s -p no:cacheprovider tests/test_engine_gpu.py \
         tests/test_sampler.py tests/test_cli_gpu.py tests/test_job_faults.py
+    families_tests
     step startup-1 "$PY" scripts/startup_check.py  # CuPy's kernel cache cold (fresh machine) ...
     step startup-2 "$PY" scripts/startup_check.py  # ... and warm
 }
@@ -92,6 +96,11 @@ throughput() {
     step tp-latency8b "$PY" -m flashgen.bench.throughput --workload latency8b --out-dir "$LOG"
     { grep -h "start-up:" "$LOG"/startup-*.log; grep -h -A7 "^workload" "$LOG"/tp-*.log; } \
         > "$LOG/engine-table.txt" || true
+}
+
+families_tests() {
+    step families-tests "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_model_families_gpu.py \
+        tests/test_fp8_weights_gpu.py
 }
 
 structured() {
@@ -180,9 +189,10 @@ for section in "$@"; do
         fp8) fp8 ;;
         trtllm) trtllm ;;
         jobs) bench_jobs ;;
+        families) families_tests ;;
         multi) multi ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, structured, sampling, fp8, trtllm, jobs, multi, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, sampling, fp8, trtllm, jobs, multi, ab)" >&2; exit 2 ;;
     esac
 done
 

@@ -112,8 +112,9 @@ def test_moe_on_the_gpu_matches_float64(dtype):
                      num_experts_per_tok=2, intermediate_size=256)),
 ])
 def test_engine_cuda_backend_matches_torch_backend(tmp_path, arch, kw):
-    """The CUDA backend (bf16) against the torch reference on the same GPU (float32): first-step logits close,
-    and greedy runs of 32 tokens over pages of 16 complete."""
+    """The CUDA backend (bf16) against the torch reference on the same GPU (float32): prompt logits within twice
+    the torch reference's own bf16 error (MoE routing flips experts where bf16 rounding reorders near-tied router
+    scores: both bf16 runs pay for that), and greedy runs of 32 tokens over pages of 16 complete."""
     from checkpoints import make_checkpoint
     from flashgen import LLM, SamplingParams
 
@@ -122,8 +123,10 @@ def test_engine_cuda_backend_matches_torch_backend(tmp_path, arch, kw):
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 40, 130)]
     fast = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1)
     ref = LLM(model=path, dtype="float32", block_size=16, kv_cache_gb=1, backend="torch")
+    same = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1, backend="torch")
     for ids in prompts:
-        a, b = fast.prompt_logits(ids).float(), ref.prompt_logits(ids).float()
-        assert ((a - b).norm() / b.norm()).item() < 3e-2, f"prompt of {len(ids)} tokens"
+        a, b, c = fast.prompt_logits(ids).float(), ref.prompt_logits(ids).float(), same.prompt_logits(ids).float()
+        err, yardstick = ((a - b).norm() / b.norm()).item(), ((c - b).norm() / b.norm()).item()
+        assert err < 2 * yardstick + 1e-2, f"prompt of {len(ids)} tokens: CUDA {err:.3g}, torch bf16 {yardstick:.3g}"
     outs = fast.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [32] * 3

@@ -4,14 +4,21 @@ A decode step of a small model is hundreds of short kernels; launching them from
 run. Each bucket's graph reads its inputs from static buffers that `run` fills; its logits (the lm_head GEMM's
 output, model dtype) stay in the graph's memory pool, where every replay writes them again. Rows past the real
 batch are padding: they write no KV (slot -1) and attend to one token.
+
+Decode steps with shared-prefix groups (StepContext.shared) replay a second graph per bucket, captured the first
+time a step of that bucket has groups: its static buffers hold up to bucket / 2 groups (a group has two or more
+members), unused ones padded with empty prefixes. Batches without groups never pay for them.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from flashgen.engine.step_packing import SHARED_GROUP
 from flashgen.models.decoder import DecoderLM, StepContext
+from flashgen.ops.backend import SharedPrefix
 
 
 def buckets(max_bs: int) -> list[int]:
@@ -29,24 +36,37 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((max_bs,), -1, dtype=i32, device=dev)
         self.context_lens = torch.ones(max_bs, dtype=i32, device=dev)
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=i32, device=dev)
-        self.logits: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        ng = max(1, max_bs // 2)
+        self.shared = SharedPrefix(q_rows=torch.full((ng, SHARED_GROUP), -1, dtype=i32, device=dev),
+                                   lens=torch.zeros(ng, dtype=i32, device=dev),
+                                   tables=torch.zeros(ng, max_blocks_per_seq, dtype=i32, device=dev),
+                                   skip=torch.zeros(max_bs, dtype=i32, device=dev),
+                                   suffix_lens=torch.ones(max_bs, dtype=i32, device=dev))
+        self.logits: dict[tuple[int, bool], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.sizes = buckets(max_bs)
-        pool = None
+        self.pool: Any = None  # the graphs' shared memory pool, once the first is captured
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            ctx = self._ctx(bs)
-            self._forward(bs, ctx)  # warm-up outside capture: compiles kernels, sets up cuBLAS handles
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool):
-                self.logits[bs] = self._forward(bs, ctx)
-            pool = g.pool()
-            self.graphs[bs] = g
+            self._capture(bs, False)
         torch.cuda.synchronize()
 
-    def _ctx(self, bs: int) -> StepContext:
+    def _capture(self, bs: int, shared: bool) -> None:
+        ctx = self._ctx(bs, shared)
+        self._forward(bs, ctx)  # warm-up outside capture: compiles kernels, sets up cuBLAS handles
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, self.pool):
+            self.logits[bs, shared] = self._forward(bs, ctx)
+        self.pool = g.pool()
+        self.graphs[bs, shared] = g
+
+    def _ctx(self, bs: int, shared: bool = False) -> StepContext:
+        sp = None
+        if shared:
+            ng, s = max(1, bs // 2), self.shared
+            sp = SharedPrefix(s.q_rows[:ng], s.lens[:ng], s.tables[:ng], s.skip[:bs], s.suffix_lens[:bs])
         return StepContext(is_prefill=False, positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
-                           context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs])
+                           context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs], shared=sp)
 
     def _forward(self, bs: int, ctx: StepContext) -> torch.Tensor:
         hidden, residual = self.model.forward(self.input_ids[:bs], ctx)
@@ -71,8 +91,22 @@ class DecodeGraphs:
         w = ctx.block_tables.shape[1]
         self.block_tables[:n, :w] = ctx.block_tables
         self.block_tables[n:bs, 0] = 0
-        self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        shared = ctx.shared is not None
+        if ctx.shared is not None:
+            sp, ng = self.shared, ctx.shared.lens.shape[0]
+            sp.q_rows[:ng] = ctx.shared.q_rows
+            sp.q_rows[ng:max(1, bs // 2)] = -1
+            sp.lens[:ng] = ctx.shared.lens
+            sp.lens[ng:max(1, bs // 2)] = 0
+            sp.tables[:ng, :w] = ctx.shared.tables
+            sp.skip[:n] = ctx.shared.skip
+            sp.skip[n:bs] = 0
+            sp.suffix_lens[:n] = ctx.shared.suffix_lens
+            sp.suffix_lens[n:bs] = 1
+            if (bs, True) not in self.graphs:
+                self._capture(bs, True)  # the first grouped step of this bucket (the buffers hold its inputs)
+        self.graphs[bs, shared].replay()
+        return self.logits[bs, shared][:n]
 
 
 def run_step(model: DecoderLM, graphs: DecodeGraphs | None, input_ids: torch.Tensor, ctx: StepContext,

@@ -6,6 +6,7 @@ eager dispatch), token_slots (where sampled tokens wait for the host), tp_worker
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -157,6 +158,10 @@ class ModelRunner:
         self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
                                config.load_format, tp, self.kv_dtype, config.quantization)
         self.slots, self.graphs = TokenSlots(), None
+        # shared-prefix decode (step_packing.shared_prefix_groups); not with sliding windows (a window may end
+        # inside the shared blocks). FLASHGEN_SHARED_PREFIX=0 turns it off (A/B measurements).
+        self.shared_prefix = (not any(spec.layer_window(i) for i in range(spec.num_layers))
+                              and os.environ.get("FLASHGEN_SHARED_PREFIX", "1") != "0")
         self.masks: TokenMasks | None = None  # grammar bitmasks, made on the first constrained step
         if self.kv_dtype == torch.float8_e4m3fn and self.model.kv_scales_from != "checkpoint":
             calibrate_kv_scales(config, self.model, max_len, self.execute)
@@ -200,8 +205,8 @@ class ModelRunner:
 
     def _prompt_logprobs(self, seqs: list[Sequence], out: list) -> Callable | None:
         """A hook for run_step that computes the prompt logprobs of the prefill chunks asking for them, in slices
-        of PROMPT_LP_ROWS positions (never a whole prompt's logits at once), appending (seq, first position,
-        packed rows) to `out`; None when no sequence asks."""
+        of PROMPT_LP_ROWS positions (never a whole prompt's logits at once), appending (seq, first position, the
+        chunk's packed rows) to `out`; None when no sequence asks."""
         spans = []
         row = 0
         for s in seqs:
@@ -215,13 +220,23 @@ class ModelRunner:
         if not spans:
             return None
 
+        pin = self.device.type == "cuda"
+
         def hook(hidden: torch.Tensor, residual: torch.Tensor) -> None:
+            # Runs with the forward queued and the GPU busy with it. The targets (position p's is token p + 1, past
+            # the chunk's input ids for its last position) go up from pinned memory without blocking: a pageable
+            # copy would hold this thread until the queued forward had run, and the GPU would idle while it caught up.
             for s, r0, p0, n, k in spans:
-                targets = torch.tensor(s.token_ids[p0 + 1:p0 + 1 + n], dtype=torch.int64).to(self.device)
+                host = torch.empty(n, dtype=torch.int64, pin_memory=pin)
+                host.numpy()[:] = s.token_ids[p0 + 1:p0 + 1 + n]
+                targets = host.to(self.device, non_blocking=True)
+                packed = []
                 for a in range(0, n, PROMPT_LP_ROWS):
                     b = min(n, a + PROMPT_LP_ROWS)
                     x = self.model.logits(hidden[r0 + a:r0 + b], residual[r0 + a:r0 + b])
-                    out.append((s, p0 + a, pack_logprobs(x, targets[a:b], k, self.backend == "cuda")))
+                    packed.append(pack_logprobs(x, targets[a:b], k, self.backend == "cuda"))
+                # one tensor per chunk: one host copy and one block for the engine, not one per slice
+                out.append((s, p0, torch.cat(packed)))
 
         return hook
 
@@ -238,8 +253,8 @@ class ModelRunner:
         ids = None if batch.is_prefill else self.slots.decode_inputs(seqs)
         prompt_lp: list = []
         hook = self._prompt_logprobs(seqs, prompt_lp) if batch.is_prefill else None
-        step = Launched(done, self._step(pack_step(seqs, batch.is_prefill, self.block_size, ids), hook),
-                        batch.is_prefill)
+        buf = pack_step(seqs, batch.is_prefill, self.block_size, ids, shared_prefix=self.shared_prefix)
+        step = Launched(done, self._step(buf, hook), batch.is_prefill)
         step.prompt_lp = prompt_lp
         if not any(s.matcher is not None for s in done):
             self._sample(step)

@@ -1,9 +1,10 @@
 """A scheduled step as one int64 tensor: built on the host, unpacked into the model's StepContext on the device.
 
 One flat tensor means one host-to-device copy per step and, with tensor parallelism, one broadcast to the other
-ranks. Layout: a header (is_prefill, T, B, width, max_seqlen_q, n_rows, 0), then input ids (T), positions (T),
-cache slots (T), context lengths (B), cu_seqlens (B + 1), block tables (B x width) and the rows whose logits
-are wanted (n_rows).
+ranks. Layout: a header (is_prefill, T, B, width, max_seqlen_q, n_rows, NG, G), then input ids (T), positions
+(T), cache slots (T), context lengths (B), cu_seqlens (B + 1), block tables (B x width), the rows whose logits
+are wanted (n_rows) and, for a decode step with shared-prefix groups (NG > 0), the SharedPrefix fields: q_rows
+(NG x G), lens (NG), tables (NG x width), skip (B), suffix_lens (B).
 """
 from __future__ import annotations
 
@@ -12,15 +13,58 @@ import torch
 
 from flashgen.engine.sequence import Sequence
 from flashgen.models.decoder import StepContext
+from flashgen.ops.backend import SharedPrefix
 
-HEADER = 7
+HEADER = 8
+# Shared-prefix decode (docs/design.md, "Shared-prefix decode"): members per group (a group's query heads are
+# 8 x the model's query heads per kv head: the kernel reads the shared blocks once per 8 of them), and the
+# least share of a step's context tokens that grouping must save to be used (below it, the second launch and
+# the merge cost more than the blocks they save).
+SHARED_GROUP = 8
+SHARED_MIN_SAVING = 0.25
+
+
+def shared_prefix_groups(seqs: list[Sequence], block_size: int) -> list[tuple[list[int], int]]:
+    """Decode batch rows that share leading KV blocks, as (rows, shared blocks) groups of 2 to SHARED_GROUP
+    rows; [] when grouping would save less than SHARED_MIN_SAVING of the context tokens the step reads.
+
+    Sequences share a block only by holding the same block id (a prefix-cache hit or a fork of the n samples),
+    and a hit or a fork always covers a whole leading run of blocks, so sequences with the same first block share
+    a common run of ids; a group takes the run all its members share, never the block a member writes into."""
+    by_first: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        if len(s) > block_size:  # a whole block before the one holding the new token
+            by_first.setdefault(s.block_table[0], []).append(i)
+    groups, saved = [], 0
+    for rows in by_first.values():
+        if len(rows) < 2:
+            continue
+        lead = seqs[rows[0]].block_table
+        p = min((len(seqs[i]) - 1) // block_size for i in rows)
+        for i in rows[1:]:
+            table = seqs[i].block_table
+            if table[:p] != lead[:p]:  # the longest equal run: binary search (equal runs are prefixes)
+                lo, hi = 1, p - 1
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    lo, hi = (mid, hi) if table[:mid] == lead[:mid] else (lo, mid - 1)
+                p = lo
+        n = -(-len(rows) // SHARED_GROUP)  # chunks of nearly equal size, each of 2 or more
+        for j in range(n):
+            chunk = rows[j * len(rows) // n:(j + 1) * len(rows) // n]
+            groups.append((chunk, p))
+            saved += (len(chunk) - 1) * p * block_size
+    if saved < SHARED_MIN_SAVING * sum(len(s) for s in seqs):
+        return []
+    return groups
 
 
 def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_ids: list[int] | None = None,
-              rows: list[int] | None = None) -> torch.Tensor:
+              rows: list[int] | None = None, shared_prefix: bool = False) -> torch.Tensor:
     """Pack one step. Prefill computes each sequence's scheduled chunk and wants the logits of the chunks that
     end their prompt; decode computes one token per sequence at position len - 1, its id column `decode_ids`
-    (token ids, or device slot numbers: see TokenSlots). `rows` overrides which logits rows are wanted."""
+    (token ids, or device slot numbers: see TokenSlots). `rows` overrides which logits rows are wanted.
+    `shared_prefix`: a decode step groups the sequences that share leading blocks (shared_prefix_groups)."""
     bs, B = block_size, len(seqs)
     width = max(len(s.block_table) for s in seqs)
     tables = np.zeros((B, width), dtype=np.int64)
@@ -49,18 +93,35 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
         cu, want, max_q = list(range(B + 1)), list(range(B)), 1
     if rows is not None:
         want = rows
-    header = [int(is_prefill), len(ids), B, width, max_q, len(want), 0]
+    groups = shared_prefix_groups(seqs, bs) if shared_prefix and not is_prefill else []
+    extra: list[np.ndarray] = []
+    if groups:
+        q_rows = np.full((len(groups), SHARED_GROUP), -1, dtype=np.int64)
+        skip = np.zeros(B, dtype=np.int64)
+        for j, (members, run) in enumerate(groups):
+            q_rows[j, :len(members)] = members
+            skip[members] = run
+        lens = np.asarray([run * bs for _, run in groups], dtype=np.int64)
+        lead = tables[[members[0] for members, _ in groups]]
+        lead[np.arange(width)[None, :] >= (lens // bs)[:, None]] = 0  # the shared blocks only
+        extra = [q_rows.ravel(), lens, lead.ravel(), skip, np.asarray(ctx_lens, dtype=np.int64) - skip * bs]
+    header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), SHARED_GROUP if groups else 0]
     return torch.from_numpy(np.concatenate([
         np.asarray(header + ids, dtype=np.int64), pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int64),
-        tables.ravel(), np.asarray(want, dtype=np.int64)]))
+        tables.ravel(), np.asarray(want, dtype=np.int64), *extra]))
 
 
 def unpack_step(buf: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
     """(input id column, StepContext, logits rows), all on `device`."""
-    is_prefill, T, B, W, max_q, n_rows, _ = buf[:HEADER].tolist()
+    is_prefill, T, B, W, max_q, n_rows, ng, g = buf[:HEADER].tolist()
     buf = buf.to(device, non_blocking=True)
-    parts = buf[HEADER:].split([T, T, T, B, B + 1, B * W, n_rows])
+    sizes = [T, T, T, B, B + 1, B * W, n_rows] + ([ng * g, ng, ng * W, B, B] if ng else [])
+    parts = buf[HEADER:].split(sizes)
     i32 = [p.to(torch.int32) for p in parts[1:6]]
+    shared = None
+    if ng:
+        q_rows, lens, tables, skip, suffix = (p.to(torch.int32) for p in parts[7:])
+        shared = SharedPrefix(q_rows.view(ng, g), lens, tables.view(ng, W), skip, suffix)
     ctx = StepContext(is_prefill=bool(is_prefill), positions=i32[0], slot_mapping=i32[1], context_lens=i32[2],
-                      cu_seqlens_q=i32[3], block_tables=i32[4].view(B, W), max_seqlen_q=max_q)
+                      cu_seqlens_q=i32[3], block_tables=i32[4].view(B, W), max_seqlen_q=max_q, shared=shared)
     return parts[0], ctx, parts[6]

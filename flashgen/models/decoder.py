@@ -28,6 +28,7 @@ from flashgen.models.loader import (
 )
 from flashgen.models.spec import ModelSpec, rope_cos_sin
 from flashgen.models.tensor_parallel import TPInfo, all_reduce, gather_logits, shard_layer, shard_vocab
+from flashgen.ops.backend import SharedPrefix
 
 
 @dataclass
@@ -40,6 +41,7 @@ class StepContext:
     block_tables: torch.Tensor       # (B, max_blocks) int32
     cu_seqlens_q: torch.Tensor | None = None   # (B + 1,) int32, prefill only
     max_seqlen_q: int = 1
+    shared: SharedPrefix | None = None  # decode only: groups of sequences sharing leading blocks
 
 
 class DecoderLM:
@@ -153,7 +155,8 @@ class DecoderLM:
                                           k_scale=ks, v_scale=vs, **win)
             else:
                 o = ops.decode_attention(q, self.k_caches[i], self.v_caches[i], ctx.context_lens,
-                                         ctx.block_tables, self.scale, k_scale=ks, v_scale=vs, **win)
+                                         ctx.block_tables, self.scale, k_scale=ks, v_scale=vs,
+                                         shared=ctx.shared, **win)
             h = self._linear(o.reshape(T, -1), L, "o")
             if self.tp:
                 h = all_reduce(h)

@@ -14,10 +14,30 @@ Shapes (docs/design.md; flash-attn conventions):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass
+class SharedPrefix:
+    """Shared-prefix (cascade) decode: the sequences of a decode batch that share leading KV blocks (the n
+    samples of one prompt; prompts behind one cached system prompt) in groups of up to G, so that attention reads
+    the shared blocks once per group (docs/design.md, "Shared-prefix decode"). All int32 on the batch's device:
+      q_rows      (NG, G)  the batch rows of each group's members; -1 pads a group (and a whole unused group)
+      lens        (NG,)    tokens of each group's shared prefix, whole blocks; 0 for an unused group
+      tables      (NG, W)  the shared blocks, in order
+      skip        (B,)     leading blocks of each sequence that its group covers (0: in no group)
+      suffix_lens (B,)     context_lens - skip * block_size
+    decode_attention with it equals decode_attention without it (the same softmax, split in two and merged by
+    log-sum-exp); the CUDA backend reads each shared block once per group and 8 query heads."""
+    q_rows: torch.Tensor
+    lens: torch.Tensor
+    tables: torch.Tensor
+    skip: torch.Tensor
+    suffix_lens: torch.Tensor
 
 
 @runtime_checkable
@@ -82,8 +102,10 @@ class OpsBackend(Protocol):
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
-                         k_scale: float = 1.0, v_scale: float = 1.0, window: int = 0) -> torch.Tensor:
+                         k_scale: float = 1.0, v_scale: float = 1.0, window: int = 0,
+                         shared: SharedPrefix | None = None) -> torch.Tensor:
         """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] (context_lens (B,)
         int32) cached tokens of sequence b, the new token's own k/v included; `window` > 0: the last `window`
-        of them only. Returns (B, Hq, D)."""
+        of them only. `shared`: the same attention computed in two parts, the groups' shared prefixes and then
+        each sequence's own blocks, merged (SharedPrefix; not with a window). Returns (B, Hq, D)."""
         ...

@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from flashgen.ops import jit, tma
+from flashgen.ops.backend import SharedPrefix
 from flashgen.ops.cuda_checks import (
     KERNEL_DTYPES,
     check_block_tables,
@@ -258,8 +259,8 @@ def decode_plan(plan: str | None = None) -> str:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-                     window: int = 0, *, out: torch.Tensor | None = None, return_lse: bool = False,
-                     num_splits: int | None = None, plan: str | None = None):
+                     window: int = 0, shared: SharedPrefix | None = None, *, out: torch.Tensor | None = None,
+                     return_lse: bool = False, num_splits: int | None = None, plan: str | None = None):
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
     b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
     LSE of the scaled scores).
@@ -273,7 +274,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
     batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
     context lengths only, never on timing. An FP8 cache is read as it is (k_scale folded into the softmax scale,
-    v_scale into the output). The kernels have no sliding window yet: `window` > 0 is refused."""
+    v_scale into the output). The kernels have no sliding window yet: `window` > 0 is refused.
+
+    `shared` (SharedPrefix): two launches of the kernel, the groups' shared prefixes (a group's members as the
+    query heads of one sequence, q and the output addressed through q_rows) into a float32 output and LSE, then
+    every sequence past its group's blocks, merging that state into `out` as it writes it (num_splits and plan
+    apply to the second launch; the first takes the heuristic's)."""
     _check_no_window(window)
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
@@ -286,38 +292,84 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty((B, hq), dtype=torch.float32, device=dev) if return_lse else None
-    if B:
-        di = device_index(q)
-        group = hq // hkv
-        if num_splits is None:
-            num_splits = decode_num_splits(B, hkv, group, block_tables.shape[1] * bs, num_sms(di))
-        num_splits = int(num_splits)
-        if not 1 <= num_splits <= DECODE_MAX_SPLITS:
-            fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
-        plan = decode_plan(plan)
-        pairs = B * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
-        if pairs * max(num_splits, -(-block_tables.shape[1] * bs // 16)) >= 1 << 30:  # 32-bit plan in the kernel
-            fail("block_tables", "covers too many 16-token steps for one launch (batch x kv heads x "
-                 "ceil(query group / 8) x ceil(width x block_size / 16) must stay below 2^30); split the batch",
-                 tuple(block_tables.shape))
-        ncta = pairs * num_splits
-        code, sms = DECODE_PLANS.index(plan), num_sms(di)
-        if code == 0 and ncta > 4 * sms:  # > 2 waves: the hardware's CTA scheduling evens out a ragged
-            code = 1                                # batch; the split plan needs no scan of context_lens
-        if code == 1 and num_splits == 1:  # every CTA covers a whole pair: no partials
-            part_o = part_lse = None
-        else:
-            part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
-            part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
-        counters = split_counters(dev, pairs)
-        fp8 = k_cache.dtype == torch.float8_e4m3fn
-        k_scale, v_scale = check_kv_scale("k_scale", k_scale, fp8), check_kv_scale("v_scale", v_scale, fp8)
-        k = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di,
-                           defines=(("FG_KV_FP8", 1),) if fp8 else ())
-        jit.launch(k, (num_splits, pairs // B, B), (128,), (
-            jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
-            jit.i32(block_tables.stride(0)), jit.ptr(out), jit.ptr(lse), jit.ptr(part_o), jit.ptr(part_lse),
-            jit.ptr(counters), jit.i32(B), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
-            jit.f32(softmax_scale * k_scale * math.log2(math.e)), jit.i32(num_splits), jit.i32(code),
-            jit.i32(2 * sms), jit.f32(v_scale)), dev)
+    if not B:
+        return (out, lse) if return_lse else out
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    k_scale, v_scale = check_kv_scale("k_scale", k_scale, fp8), check_kv_scale("v_scale", v_scale, fp8)
+    kern = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, device_index(q),
+                          defines=(("FG_KV_FP8", 1),) if fp8 else ())
+    launch = dict(kern=kern, q=q, k_cache=k_cache, v_cache=v_cache, bs=bs, hkv=hkv,
+                  scale_log2=softmax_scale * k_scale * math.log2(math.e), v_scale=v_scale)
+    if shared is None:
+        _decode_launch(**launch, context_lens=context_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
+                       lse=lse, num_splits=num_splits, plan=plan)
+        return (out, lse) if return_lse else out
+    ng, g = _check_shared(shared, B, dev)
+    o_sh = torch.empty(q.shape, dtype=torch.float32, device=dev)
+    lse_sh = torch.full((B, hq), float("-inf"), dtype=torch.float32, device=dev)
+    if ng:
+        _decode_launch(**launch, context_lens=shared.lens, block_tables=shared.tables, batch=ng, hq=g * hq,
+                       out=o_sh, lse=lse_sh, num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
+    _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
+                   lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=(o_sh, lse_sh))
     return (out, lse) if return_lse else out
+
+
+def _check_shared(shared: SharedPrefix, B: int, dev: torch.device) -> tuple[int, int]:
+    """SharedPrefix's tensors checked against a batch of B on `dev` -> (groups, members per group)."""
+    check_tensor("shared.q_rows", shared.q_rows, (torch.int32,), 2, dev, align=4)
+    ng, g = shared.q_rows.shape
+    if g < 1:
+        fail("shared.q_rows", "must have at least one column (members per group)", tuple(shared.q_rows.shape))
+    check_tensor("shared.lens", shared.lens, (torch.int32,), 1, dev, align=4)
+    check_shape("shared.lens", shared.lens, (ng,))
+    if ng:
+        check_block_tables(shared.tables, ng, dev)
+    for name in ("skip", "suffix_lens"):
+        t = getattr(shared, name)
+        check_tensor(f"shared.{name}", t, (torch.int32,), 1, dev, align=4)
+        check_shape(f"shared.{name}", t, (B,))
+    return ng, g
+
+
+def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bs: int, hkv: int,
+                   scale_log2: float, v_scale: float, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                   batch: int, hq: int, out: torch.Tensor, lse: torch.Tensor | None, num_splits: int | None,
+                   plan: str | None, q_rows: torch.Tensor | None = None, q_group: int = 1,
+                   bt_offset: torch.Tensor | None = None,
+                   merge: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One launch of decode_attention_kernel over `batch` rows of `hq` query heads each (a shared-prefix launch:
+    groups of q_group members, hq = q_group x the model's heads, `out` float32)."""
+    dev, d = q.device, q.shape[2]
+    di = device_index(q)
+    group = hq // hkv
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, hkv, group, block_tables.shape[1] * bs, num_sms(di))
+    num_splits = int(num_splits)
+    if not 1 <= num_splits <= DECODE_MAX_SPLITS:
+        fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
+    code = DECODE_PLANS.index(decode_plan(plan))
+    pairs = batch * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
+    if pairs * max(num_splits, -(-block_tables.shape[1] * bs // 16)) >= 1 << 30:  # 32-bit plan in the kernel
+        fail("block_tables", "covers too many 16-token steps for one launch (batch x kv heads x "
+             "ceil(query group / 8) x ceil(width x block_size / 16) must stay below 2^30); split the batch",
+             tuple(block_tables.shape))
+    ncta = pairs * num_splits
+    sms = num_sms(di)
+    if code == 0 and ncta > 4 * sms:  # > 2 waves: the hardware's CTA scheduling evens out a ragged
+        code = 1                                # batch; the split plan needs no scan of context_lens
+    if code == 1 and num_splits == 1:  # every CTA covers a whole pair: no partials
+        part_o = part_lse = None
+    else:
+        part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
+        part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
+    counters = split_counters(dev, pairs)
+    merge_o, merge_lse = merge if merge is not None else (None, None)
+    f32_out = out.dtype == torch.float32
+    jit.launch(kern, (num_splits, pairs // batch, batch), (128,), (
+        jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
+        jit.i32(block_tables.stride(0)), jit.ptr(None if f32_out else out), jit.ptr(lse), jit.ptr(part_o),
+        jit.ptr(part_lse), jit.ptr(counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
+        jit.f32(scale_log2), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms), jit.f32(v_scale),
+        jit.ptr(q_rows), jit.i32(q_group), jit.ptr(bt_offset),
+        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse)), dev)

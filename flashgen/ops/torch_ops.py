@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flashgen.ops.backend import SharedPrefix
 from flashgen.ops.torch_moe import moe  # noqa: F401 - the MoE MLP, its own module (per-expert loop)
 
 
@@ -228,10 +229,50 @@ def decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     window: int = 0,
+    shared: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of
     sequence b (the new token's own k/v included); `window` > 0: the last `window` of them only (the new token
-    at position p sees keys in (p - window, p]). Returns (B, Hq, D)."""
+    at position p sees keys in (p - window, p]). `shared` (SharedPrefix): the program the CUDA backend runs,
+    the groups' shared prefixes first (each group's members as one sequence's query heads; float32 output),
+    then each sequence's own blocks, merged by log-sum-exp. Returns (B, Hq, D)."""
+    if shared is None:
+        return _decode(q, k_cache, v_cache, context_lens, block_tables, softmax_scale, k_scale, v_scale,
+                       window)[0].to(q.dtype)
+    if window:
+        raise ValueError("decode_attention: a shared prefix and a sliding window do not go together")
+    B, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    r = hq // hkv
+    ng, g = shared.q_rows.shape
+    rows = shared.q_rows.long().flatten()
+    # the groups as sequences: (NG, Hkv * G * r) query heads, kv-head major (SharedPrefix)
+    qg = q[rows.clamp(min=0)].view(ng, g, hkv, r, d).transpose(1, 2).reshape(ng, hkv * g * r, d)
+    o1, l1 = _decode(qg, k_cache, v_cache, shared.lens, shared.tables, softmax_scale, k_scale, v_scale)
+    o1 = o1.view(ng, hkv, g, r, d).transpose(1, 2).reshape(ng * g, hq, d)
+    l1 = l1.view(ng, hkv, g, r).transpose(1, 2).reshape(ng * g, hq)
+    real = rows >= 0
+    o_sh = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse_sh = torch.full((B, hq), float("-inf"), device=q.device)
+    o_sh[rows[real]] = o1[real]
+    lse_sh[rows[real]] = l1[real]
+    # each sequence past its group's blocks
+    W = block_tables.shape[1]
+    cols = (torch.arange(W, device=q.device)[None, :] + shared.skip.long()[:, None].to(q.device)).clamp(max=W - 1)
+    own = block_tables.gather(1, cols.to(block_tables.device))
+    o2, l2 = _decode(q, k_cache, v_cache, shared.suffix_lens, own, softmax_scale, k_scale, v_scale)
+    m = torch.maximum(l2, lse_sh)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    w1, w2 = (lse_sh - m).exp()[..., None], (l2 - m).exp()[..., None]
+    out = (o_sh.float() * w1 + o2 * w2) / (w1 + w2).clamp(min=torch.finfo(torch.float32).tiny)
+    return out.to(q.dtype)
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
+            block_tables: torch.Tensor, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+            window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_attention's math: (out (B, Hq, D) float32, zeros for an empty context; natural-log LSE (B, Hq) of
+    the scaled scores, -inf for an empty context)."""
     B, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max()) if B else 0
@@ -248,6 +289,7 @@ def decode_attention(
     if window > 0:
         valid &= pos >= lens - window
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    p = scores.softmax(-1)
+    lse = torch.logsumexp(scores, -1)  # -inf for an empty context
+    p = torch.where(lse[..., None] == float("-inf"), 0.0, scores.softmax(-1))  # an empty context: no weight
     out = torch.einsum("bhgl,blhd->bhgd", p, v.float())
-    return out.reshape(B, hq, d).to(q.dtype)
+    return out.reshape(B, hq, d), lse.reshape(B, hq)

@@ -1,0 +1,177 @@
+"""Shared-prefix (cascade) decode on the CPU: decode_attention with a SharedPrefix equals it without one, the
+host's grouping of a decode batch (step_packing.shared_prefix_groups) and its packing, and n samples and shared
+system prompts through the engine with grouping on and off."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from flashgen import LLM, SamplingParams
+from flashgen.engine import step_packing
+from flashgen.engine.sequence import Sequence
+from flashgen.engine.step_packing import SHARED_GROUP, pack_step, shared_prefix_groups, unpack_step
+from flashgen.ops import torch_ops
+from flashgen.ops.backend import SharedPrefix
+
+
+def shared_batch(groups: list[tuple[int, list[int]]], singles: list[int], bs: int, hkv: int, d: int,
+                 dtype: torch.dtype, gen: torch.Generator, device: str = "cpu", pad_groups: int = 1):
+    """A random paged cache and a decode batch in which each group (shared blocks, [tokens past them per member])
+    shares its leading blocks, plus sequences in no group; groups of more than SHARED_GROUP members are cut in
+    chunks as the engine cuts them, and `pad_groups` unused groups follow (as in a captured graph). Returns
+    (k_cache, v_cache, context_lens, block_tables, SharedPrefix), block ids shuffled over the cache."""
+    lens, tables = [], []
+    q_rows, glens, gtables, skip = [], [], [], []
+    nblocks = sum(p + sum(-(-o // bs) for o in own) for p, own in groups) + sum(-(-n // bs) for n in singles)
+    ids = torch.randperm(nblocks + 3, generator=gen).tolist()
+    take = iter(ids).__next__
+    for p, own in groups:
+        prefix = [take() for _ in range(p)]
+        rows = []
+        for o in own:
+            rows.append(len(lens))
+            lens.append(p * bs + o)
+            tables.append(prefix + [take() for _ in range(-(-o // bs))])
+            skip.append(p)
+        n = -(-len(rows) // SHARED_GROUP)
+        for j in range(n):
+            chunk = rows[j * len(rows) // n:(j + 1) * len(rows) // n]
+            q_rows.append(chunk + [-1] * (SHARED_GROUP - len(chunk)))
+            glens.append(p * bs)
+            gtables.append(prefix)
+    for n in singles:
+        lens.append(n)
+        tables.append([take() for _ in range(-(-n // bs))])
+        skip.append(0)
+    for _ in range(pad_groups):
+        q_rows.append([-1] * SHARED_GROUP)
+        glens.append(0)
+        gtables.append([])
+    width = max(len(t) for t in tables + gtables)
+    pad = [t + [0] * (width - len(t)) for t in tables]
+    gpad = [t + [0] * (width - len(t)) for t in gtables]
+    i32 = dict(dtype=torch.int32, device=device)
+    shape = (nblocks + 3, bs, hkv, d)
+    kc = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    vc = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    ctx = torch.tensor(lens, **i32)
+    sp = SharedPrefix(torch.tensor(q_rows, **i32), torch.tensor(glens, **i32), torch.tensor(gpad, **i32),
+                      torch.tensor(skip, **i32), ctx - torch.tensor(skip, **i32) * bs)
+    return kc, vc, ctx, torch.tensor(pad, **i32), sp
+
+
+CASES = [  # (groups, singles, block_size)
+    ([(2, [1, 5, 17, 16])], [40], 16),
+    ([(1, [1, 1]), (4, [30] * 11)], [], 16),  # 11 members: two chunks (6 + 5)
+    ([(3, [64, 1, 65])], [1, 200, 7], 64),
+    ([(9, [3] * 8), (1, [100, 2])], [1025], 16),
+]
+
+
+@pytest.mark.parametrize("groups,singles,bs", CASES)
+@pytest.mark.parametrize("hkv,group", [(2, 1), (1, 3), (2, 4), (1, 8)])
+def test_shared_prefix_decode_equals_plain_decode(groups, singles, bs, hkv, group):
+    gen = torch.Generator().manual_seed(hash((str(groups), hkv, group)) % 2**31)
+    d = 64
+    kc, vc, ctx, bt, sp = shared_batch(groups, singles, bs, hkv, d, torch.float32, gen)
+    q = torch.randn((ctx.shape[0], hkv * group, d), generator=gen)
+    plain = torch_ops.decode_attention(q, kc, vc, ctx, bt, d**-0.5)
+    split = torch_ops.decode_attention(q, kc, vc, ctx, bt, d**-0.5, shared=sp)
+    torch.testing.assert_close(split, plain, rtol=1e-5, atol=1e-6)
+    # bf16: one rounding, as without groups (the shared part stays float32 until the merge)
+    qb, kb, vb = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    ref = torch_ops.decode_attention(qb.float(), kb.float(), vb.float(), ctx, bt, d**-0.5)
+    err_plain = (torch_ops.decode_attention(qb, kb, vb, ctx, bt, d**-0.5).float() - ref).abs().max()
+    err_split = (torch_ops.decode_attention(qb, kb, vb, ctx, bt, d**-0.5, shared=sp).float() - ref).abs().max()
+    assert err_split <= 2 * err_plain + 1e-6, (err_split, err_plain)
+
+
+def test_shared_prefix_with_a_window_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    kc, vc, ctx, bt, sp = shared_batch([(2, [3, 4])], [], 16, 1, 64, torch.float32, gen)
+    with pytest.raises(ValueError, match="sliding window"):
+        torch_ops.decode_attention(torch.randn(2, 1, 64), kc, vc, ctx, bt, 0.1, window=8, shared=sp)
+
+
+def seq(table: list[int], length: int, bs: int = 16) -> Sequence:
+    s = Sequence("r", None, [1] * length, None, bs, 0)  # type: ignore[arg-type]
+    s.block_table = list(table)
+    return s
+
+
+def test_groups_take_the_blocks_all_members_share():
+    # a: 4 blocks, b shares its first 3, c its first 2 (a prefix-cache hit of another depth), d shares nothing
+    seqs = [seq([10, 11, 12, 13, 14], 70), seq([10, 11, 12, 20], 60), seq([10, 11, 30, 31], 64),
+            seq([40, 41], 30)]
+    assert shared_prefix_groups(seqs, 16) == [([0, 1, 2], 2)]
+
+
+def test_a_group_never_takes_the_block_a_member_writes():
+    # b's new token (position 32) is in block 12, which it shares: never possible after copy-on-write, but the
+    # group must still stop before the block holding any member's new token
+    seqs = [seq([10, 11, 12, 13], 60), seq([10, 11, 12], 33)]
+    assert shared_prefix_groups(seqs, 16) == [([0, 1], 2)]
+
+
+def test_large_groups_are_cut_into_chunks_of_at_most_the_group_size():
+    seqs = [seq([7, 8, 100 + i], 40) for i in range(2 * SHARED_GROUP + 1)]
+    groups = shared_prefix_groups(seqs, 16)
+    sizes = [len(rows) for rows, _ in groups]
+    assert sum(sizes) == len(seqs) and max(sizes) <= SHARED_GROUP and min(sizes) >= 2
+    assert sorted(r for rows, _ in groups for r in rows) == list(range(len(seqs)))
+    assert all(p == 2 for _, p in groups)
+
+
+def test_grouping_is_skipped_when_it_saves_little():
+    # 1 shared block of 16 tokens out of 2 x 1000: not worth a second launch
+    seqs = [seq([5] + list(range(100, 163)), 1000), seq([5] + list(range(200, 263)), 1000)]
+    assert shared_prefix_groups(seqs, 16) == []
+
+
+def test_pack_and_unpack_carry_the_groups():
+    seqs = [seq([10, 11, 12, 13], 60), seq([10, 11, 20], 40), seq([30, 31], 20)]
+    buf = pack_step(seqs, False, 16, [1, 2, 3], shared_prefix=True)
+    _, ctx, _ = unpack_step(buf, torch.device("cpu"))
+    sp = ctx.shared
+    assert sp is not None
+    assert sp.q_rows.tolist() == [[0, 1] + [-1] * (SHARED_GROUP - 2)]
+    assert sp.lens.tolist() == [32] and sp.tables[0, :2].tolist() == [10, 11]
+    assert sp.skip.tolist() == [2, 2, 0] and sp.suffix_lens.tolist() == [28, 8, 20]
+    _, plain, _ = unpack_step(pack_step(seqs, False, 16, [1, 2, 3]), torch.device("cpu"))
+    assert plain.shared is None and torch.equal(plain.block_tables, ctx.block_tables)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_checkpoint(tmp_path_factory.mktemp("shared"), "qwen3", hidden_size=64, num_heads=4,
+                               num_kv_heads=2, head_dim=32, num_layers=2))
+
+
+def test_engine_outputs_equal_with_grouping_on_and_off(model_dir, monkeypatch):
+    """n samples and prompts behind one cached system prompt decode in groups; the tokens equal those of the
+    same run with grouping off (float32)."""
+    rng = random.Random(0)
+    system = [rng.randrange(3, 500) for _ in range(50)]
+    prompts = [system + [rng.randrange(3, 500) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    params = [SamplingParams(temperature=1.0, seed=i, n=1 + 3 * (i % 2), max_tokens=24, ignore_eos=True)
+              for i in range(6)]
+    grouped_steps = []
+    real = step_packing.shared_prefix_groups
+
+    def spy(seqs, bs):
+        groups = real(seqs, bs)
+        grouped_steps.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(step_packing, "shared_prefix_groups", spy)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLASHGEN_SHARED_PREFIX", flag)
+        llm = LLM(model=model_dir, device="cpu", dtype="float32", block_size=16)
+        outs[flag] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
+        if flag == "1":
+            assert sum(g > 0 for g in grouped_steps) >= 20  # most decode steps ran grouped
+    assert outs["1"] == outs["0"]

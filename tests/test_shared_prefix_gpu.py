@@ -1,0 +1,125 @@
+"""Shared-prefix (cascade) decode on the GPU: the two launches of kernels/decode_attention.cu (the groups' shared
+blocks with the members as query heads, then each sequence's own blocks merged into the output) against a float32
+oracle of the same attention without groups, err(grouped) <= 2 * err(the kernel without groups) + eps, over GQA
+ratios, head dims, block sizes, split counts and plans, the FP8 cache; then the engine's captured graphs with
+groups against the same run without them."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from flashgen.ops import cuda_attention, cuda_ops, torch_ops
+from test_kernels_gpu import DEV, DTYPES, _seed
+from test_shared_prefix import shared_batch
+
+pytestmark = pytest.mark.gpu
+
+CASES = [  # (groups: (shared blocks, tokens past them per member), sequences in no group)
+    ([(2, [1, 5, 17, 16])], [40]),
+    ([(1, [1, 1]), (4, [30] * 11)], []),  # 11 members: two chunks
+    ([(3, [64, 1, 65])], [1, 200, 7]),
+    ([(40, [3] * 8), (1, [100, 2])], [1025]),
+    ([(64, [100] * 16)] * 3, [4097, 1]),  # long shared prefixes, many groups
+]
+
+
+def _errors(dtype, d, hkv, group, bs, groups, singles, fp8=False, **kw):
+    seed = _seed()
+    g = torch.Generator().manual_seed(seed)
+    kc, vc, ctx, bt, sp = shared_batch(groups, singles, bs, hkv, d, torch.float32, g, DEV)
+    q = torch.randn((ctx.shape[0], hkv * group, d), generator=g).to(DEV, dtype)
+    ks = vs = 1.0
+    if fp8:
+        ks, vs = 0.0371, 0.0113
+        kc, vc = torch_ops.to_cache(kc * 3, torch.float8_e4m3fn, ks), torch_ops.to_cache(vc, torch.float8_e4m3fn, vs)
+        kref, vref = kc.float() * ks, vc.float() * vs
+    else:
+        kc, vc = kc.to(dtype), vc.to(dtype)
+        kref, vref = kc.float(), vc.float()
+    scale = d**-0.5
+    ref = torch_ops.decode_attention(q.float(), kref, vref, ctx, bt, scale)
+    plain = cuda_ops.decode_attention(q, kc, vc, ctx, bt, scale, ks, vs, **kw)
+    out = torch.full_like(q, float("nan"))
+    got, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, scale, ks, vs, shared=sp, out=out, return_lse=True,
+                                         **kw)
+    assert got is out
+    _, lse_plain = cuda_ops.decode_attention(q, kc, vc, ctx, bt, scale, ks, vs, return_lse=True, **kw)
+    state = cuda_attention._COUNTERS[(torch.device("cuda", torch.cuda.current_device()), "decode")]
+    assert state.count_nonzero() == 0, "merge counters left set"
+    e_plain = (plain.float() - ref).abs().max().item()
+    e_got = (got.float() - ref).abs().max().item()
+    assert e_got <= 2 * e_plain + 1e-3, f"seed {seed}: grouped {e_got:.3g}, plain {e_plain:.3g}"
+    assert (lse - lse_plain).abs().max().item() < 1e-3 * (1 + lse_plain.abs().max().item()), f"lse, seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hkv,group", [(2, 1), (1, 3), (2, 4), (1, 8)])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_shared_prefix_decode(dtype, d, hkv, group, case):
+    groups, singles = CASES[case]
+    _errors(dtype, d, hkv, group, [16, 64][case % 2], groups, singles)
+
+
+@pytest.mark.parametrize("plan", ["split", "balanced"])
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+def test_shared_prefix_decode_splits_and_plans(plan, num_splits):
+    _errors(torch.bfloat16, 128, 2, 4, 16, CASES[3][0], CASES[3][1], num_splits=num_splits, plan=plan)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_shared_prefix_decode_fp8_cache(d):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the FP8 KV cache needs compute capability 8.9 or later")
+    _errors(torch.bfloat16, d, 2, 4, 16, CASES[1][0], CASES[1][1], fp8=True)
+
+
+def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch):
+    """n = 8 samples and prompts behind one system prompt, greedy, on the CUDA kernels with their captured graphs:
+    the decode steps run grouped (a grouped graph is captured), and every step's logits equal the run without
+    groups' until the two runs' tokens first differ (random weights have near-ties: a token may flip)."""
+    from checkpoints import make_checkpoint
+    from flashgen import LLM, SamplingParams
+    from flashgen.engine import step_packing
+
+    model = tmp_path / "m"
+    make_checkpoint(model, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64,
+                    intermediate_size=512, vocab_size=512, max_position_embeddings=2048)
+    rng = random.Random(0)
+    system = [rng.randrange(3, 500) for _ in range(300)]
+    prompts = [system + [rng.randrange(3, 500) for _ in range(rng.randint(1, 60))] for _ in range(12)]
+    params = [SamplingParams(temperature=0.0, n=8 if i % 3 == 0 else 1, max_tokens=32, ignore_eos=True)
+              for i in range(12)]
+    grouped = []
+    real = step_packing.shared_prefix_groups
+    monkeypatch.setattr(step_packing, "shared_prefix_groups", lambda s, b: grouped.append(real(s, b)) or grouped[-1])
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLASHGEN_SHARED_PREFIX", flag)
+        llm = LLM(model=str(model), device="cuda", dtype="bfloat16", kv_cache_gb=0.05, max_num_seqs=64)
+        runner = llm.engine.runner
+        log: dict = {}
+
+        def hook(seqs, logits, log=log):  # keyed by (prompt, sample): the prompts all differ
+            for s, row in zip(seqs, logits.float().cpu(), strict=True):
+                log.setdefault((tuple(s.token_ids[:s.num_prompt_tokens]), s.index), []).append(row)
+
+        runner.on_logits = hook
+        outs = llm.generate(prompts, params)
+        runs[flag] = ({(i, c.index): c.token_ids for i, o in enumerate(outs) for c in o.outputs},
+                      {(prompts.index(list(p)), j): rows for (p, j), rows in log.items()})
+        if flag == "1":
+            assert runner.graphs is not None and any(shared for _, shared in runner.graphs.graphs)
+            assert sum(len(x) > 0 for x in grouped) >= 16
+        del llm
+    (tok1, log1), (tok0, log0) = runs["1"], runs["0"]
+    compared = 0
+    for key, toks in tok0.items():
+        same = next((i for i, (a, b) in enumerate(zip(toks, tok1[key], strict=True)) if a != b), len(toks) - 1)
+        for t in range(same + 1):
+            a, b = log1[key][t], log0[key][t]
+            assert (a - b).abs().max().item() <= 2**-5 * b.abs().max().item(), (key, t)
+            compared += 1
+    assert compared >= len(tok0) * 16
