@@ -133,6 +133,78 @@ def test_logprobs_survive_pipelining_and_preemption(model_dir):
         assert len(x.prompt_logprobs) == len(x.prompt_token_ids)
 
 
+def packed_rows(n: int, seed: int, k: int = 3) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(logits (n, 50), pack_logprobs of them with top k, the n chosen tokens) from a seeded generator."""
+    from flashgen.engine.logprobs import pack_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 50, generator=g, dtype=torch.float64).float()
+    tokens = torch.randint(0, 50, (n,), generator=g)
+    return logits, pack_logprobs(logits, tokens, k), tokens.tolist()
+
+
+def test_a_packed_block_reads_back_as_its_rows_appended_one_by_one():
+    import pickle
+
+    from flashgen.engine.logprobs import LogprobsList
+
+    logits, packed, tokens = packed_rows(40, seed=1)
+    text = "<{}>".format
+    rows = LogprobsList([None])
+    for row, t in zip(packed.tolist(), tokens, strict=True):
+        rows.append_row(row, t, 2, text)
+    block = LogprobsList([None])
+    block.extend_packed(packed[:25], tokens[:25], 2, text)  # a host tensor, then a numpy array
+    block.extend_packed(packed[25:].numpy(), tokens[25:], 2, text)
+    packed.fill_(0.0)  # the list holds its own copy of the rows
+    assert len(block) == len(rows) == 41 and block[0] is None
+    for i in (40, 3, 25, 24, 1):  # read out of order: a position is built from its own row
+        assert block[i] == rows[i]
+    ref = torch.log_softmax(logits.double(), -1)
+    for i, t in enumerate(tokens):
+        entry = block[i + 1]
+        assert list(entry)[0] == t and len(entry) in (2, 3) and entry[t].decoded_token == f"<{t}>"
+        assert type(entry[t].logprob) is float and math.isclose(entry[t].logprob, ref[i, t].item(), abs_tol=1e-5)
+        assert entry[t].rank == int((ref[i] > ref[i, t]).sum()) + 1
+        top = ref[i].topk(2).indices.tolist()
+        assert all(entry[u].rank == r + 1 for r, u in enumerate(top) if u != t)
+    assert block == rows and block == list(rows) and block != list(rows)[:-1]
+    assert block[-1] == rows[40] and block[-41] is None and block[3:30:4] == list(rows)[3:30:4]
+    assert repr(block) == repr(list(rows))
+    with pytest.raises(IndexError):
+        block[-42]
+    with pytest.raises(IndexError):
+        block[41]
+    back = pickle.loads(pickle.dumps(block))
+    assert type(back) is list and back == list(rows)
+
+
+def test_a_chunk_recomputed_after_a_preemption_adds_nothing_twice(llm):
+    """The engine appends only a chunk's rows past the end of the list: after a preemption the prompt is computed
+    again from its first uncached block, and the rows of positions already there are dropped."""
+    from flashgen.engine.logprobs import unpack_logprobs
+    from flashgen.engine.sequence import Sequence
+    from flashgen.engine.token_slots import SampledTokens
+
+    _, packed, ids = packed_rows(30, seed=2)
+    seq = Sequence("r", None, ids, SamplingParams(prompt_logprobs=2), 16, 0)
+    _, other, _ = packed_rows(30, seed=3)  # what a recomputation would give: differs, so a second append shows
+
+    def process(pos: int, rows: torch.Tensor) -> None:
+        llm.engine._process(SampledTokens([], None, False, prompt_lp=[(seq, pos, rows)]), None)
+
+    process(0, packed[:16])   # positions 0..15 predict tokens 1..16
+    process(8, other[8:20])   # recomputed from position 8: only 16..19 are new
+    process(0, other[:12])    # nothing new
+    process(20, packed[20:29])  # the rest of the prompt (the last position predicts no prompt token)
+    text = llm.engine._token_text
+    expected = [None] + [unpack_logprobs((other if 16 <= p < 20 else packed)[p].tolist(), ids[p + 1], 2, text)
+                         for p in range(29)]
+    assert len(seq.prompt_logprobs) == 30 == seq.num_prompt_tokens
+    assert seq.prompt_logprobs == expected
+    assert expected[9] != unpack_logprobs(other[8].tolist(), ids[9], 2, text)  # the overlap would show
+
+
 def test_ids_outside_the_vocabulary_are_refused(llm):
     V = llm.engine.spec.vocab_size
     with pytest.raises(ValueError, match="logit_bias: token id"):

@@ -191,11 +191,12 @@ class Engine:
         an exception in its detokenizer or stop check) fails that request alone."""
         done = []
         for seq, pos, rows in tokens.read_prompt_logprobs():
-            k = seq.params.prompt_logprobs or 0
-            for j, row in enumerate(rows):
-                if pos + j + 1 == len(seq.prompt_logprobs):  # a recomputed chunk adds nothing twice
-                    target = seq.token_ids[pos + j + 1]
-                    seq.prompt_logprobs.append_row(row, target, k, self._token_text)
+            # row j is position pos + j + 1's; rows of positions the list already has (a chunk recomputed after a
+            # preemption) add nothing twice, and the rest are appended as one block
+            new = len(seq.prompt_logprobs) - 1 - pos
+            if 0 <= new < len(rows):
+                seq.prompt_logprobs.extend_packed(rows[new:], seq.token_ids[pos + new + 1:pos + len(rows) + 1],
+                                                  seq.params.prompt_logprobs or 0, self._token_text)
         for seq, idx, token, lp in self.scheduler.postprocess(tokens, launched):
             try:
                 if token < 0 and isinstance(seq.matcher, GrammarFailure):

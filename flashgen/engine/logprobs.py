@@ -8,7 +8,10 @@ sync beyond reading the tokens. The engine unpacks them into RequestOutput.logpr
 from __future__ import annotations
 
 from collections import abc
+from itertools import repeat
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from flashgen.outputs import Logprob
@@ -46,6 +49,12 @@ def unpack_logprobs(row: list[float], token: int, k: int, text) -> dict[int, Log
     return out
 
 
+class _Block(NamedTuple):
+    """Packed rows appended at once (LogprobsList.extend_packed): position `start + r` is row r of `rows`."""
+    rows: np.ndarray
+    start: int
+
+
 class LogprobsList(abc.Sequence):
     """A request's logprobs (or prompt logprobs) as vLLM gives them, a list of {token id: Logprob} per position
     (None where the engine has nothing), kept as the packed rows the GPU sent: a position's dict and its tokens'
@@ -54,7 +63,8 @@ class LogprobsList(abc.Sequence):
     pays for it. Pickles (for data-parallel engines) as a plain list; equal to a list of the same entries."""
 
     def __init__(self, entries: list | None = None):
-        self._rows: list = list(entries or [])  # a packed row (list[float]), a built dict, or None
+        # a packed row (list[float]), a _Block holding the position's row, a built dict, or None
+        self._rows: list = list(entries or [])
         self._tokens: list[int] = [-1] * len(self._rows)
         self._k, self._text = 0, None
 
@@ -64,11 +74,26 @@ class LogprobsList(abc.Sequence):
         self._tokens.append(token)
         self._k, self._text = k, text
 
+    def extend_packed(self, rows: torch.Tensor | np.ndarray, tokens: list[int], k: int, text) -> None:
+        """Positions len(self) on at once: (n, 2 + 2k') float32 packed rows (pack_logprobs, k' >= k), their n
+        tokens, the request's k and a token-text function. A prompt chunk brings up to 16k positions: the rows stay
+        one array (a copy, so a pinned host buffer of the caller's is not held) and each position costs only a
+        reference until it is read, not a Python list of floats and a call per position on the engine's thread."""
+        block = _Block(np.array(rows.numpy() if isinstance(rows, torch.Tensor) else rows, dtype=np.float32),
+                       len(self._rows))
+        if len(block.rows) != len(tokens):
+            raise ValueError(f"{len(block.rows)} packed rows for {len(tokens)} tokens")
+        self._rows.extend(repeat(block, len(block.rows)))
+        self._tokens.extend(tokens)
+        self._k, self._text = k, text
+
     def __len__(self) -> int:
         return len(self._rows)
 
     def _get(self, i: int) -> dict[int, Logprob] | None:
         row = self._rows[i]
+        if isinstance(row, _Block):
+            row = row.rows[i - row.start].tolist()
         if isinstance(row, list):
             row = self._rows[i] = unpack_logprobs(row, self._tokens[i], self._k, self._text)
         return row
@@ -76,7 +101,11 @@ class LogprobsList(abc.Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self._get(j) for j in range(*i.indices(len(self)))]
-        return self._get(i if i >= 0 else i + len(self))
+        if i < 0:
+            i += len(self)
+            if i < 0:  # as a list: a block's row is found from the position, which must be a real one
+                raise IndexError("LogprobsList index out of range")
+        return self._get(i)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, abc.Sequence) and len(self) == len(other) and all(

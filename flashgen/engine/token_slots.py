@@ -45,11 +45,13 @@ class SampledTokens:
             self._event = torch.cuda.Event()
             self._event.record()
 
-    def read_prompt_logprobs(self) -> list[tuple[Sequence, int, list[list[float]]]]:
-        """(sequence, first prompt position, packed rows) of the prompt logprobs this step computed."""
+    def read_prompt_logprobs(self) -> list[tuple[Sequence, int, torch.Tensor]]:
+        """(sequence, first prompt position, packed rows) of the prompt logprobs this step computed, the rows a host
+        tensor: a chunk has up to 16k of them, which LogprobsList.extend_packed keeps as one array (no list of
+        floats per position)."""
         if self._event is not None:
             self._event.synchronize()
-        return [(s, p, t.tolist()) for s, p, t in self._prompt_lp]
+        return list(self._prompt_lp)
 
     def read(self) -> list[tuple[Sequence, int, int, list[float] | None]]:
         """(sequence, position, token, packed logprobs or None) for each sequence still expecting a token; token
