@@ -65,6 +65,26 @@ def test_preemption_with_tiny_cache_loses_nothing(model_dir, llm):
     assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
 
 
+def test_admission_reserves_what_running_sequences_will_grow_by(model_dir, llm):
+    """With max_tokens known (ignore_eos), a prompt waits until the cache also holds what the running sequences
+    will still write: no preemption, where admitting by prompt blocks alone (the old policy) preempts; the same
+    tokens either way."""
+    prompts = rand_prompts([30, 20, 25, 35, 28, 22, 31, 26], seed=13)
+    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    ref = llm.generate(prompts, sp)
+    block_bytes = 2 * 2 * 1 * 32 * 4 * 16
+    runs = {}
+    for ratio in (None, 0.0):
+        small = LLM(model=model_dir, device="cpu", dtype="float32", block_size=16,
+                    kv_cache_gb=24 * block_bytes / 2**30)
+        if ratio is not None:
+            small.engine.scheduler.reserve_ratio = ratio
+        outs = small.generate(prompts, sp)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+        runs[ratio] = small.stats.preemptions
+    assert runs[None] == 0 and runs[0.0] > 0, runs
+
+
 def test_chunked_prefill_matches_whole_prefill(model_dir, llm):
     prompts = rand_prompts([300, 5, 129], seed=12)
     chunked = LLM(model=model_dir, device="cpu", dtype="float32", max_num_batched_tokens=64)

@@ -451,6 +451,7 @@ def _preempt_requests():
 def test_preempted_constrained_requests_are_valid_and_unchanged(model_dir, llm, checker, pipelined):
     block_bytes = 2 * 2 * 1 * 32 * 4 * 16  # K and V, 2 layers, 1 KV head, head_dim 32, float32, 16 tokens
     small = _llm(model_dir, pipelined, block_size=16, kv_cache_gb=20 * block_bytes / 2**30)
+    small.engine.scheduler.reserve_ratio = 0.0  # admit by prompt blocks alone: preemption is what is checked
     prompts, sps = _preempt_requests()
     outs = small.generate(prompts, sps)
     assert small.stats.preemptions > 0
