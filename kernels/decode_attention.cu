@@ -3,9 +3,10 @@
 //
 // Algorithm (FlashDecoding with the GQA group on the tensor cores):
 //   The work is a set of pairs p = (sequence b, head group j): kv head j / ceil(G / 8) and up to 8 of the
-//   G = Hq / Hkv query heads that share it, over ceil(ctx_b / 16) 16-token steps. The grid is num_splits CTAs
-//   per pair (4 warps each), and one of two plans shares the steps out (identical in every CTA, no host sync,
-//   no planning launch; the result depends on the context lengths only, never on timing):
+//   G = Hq / Hkv query heads that share it, over ceil(ctx_b / 16) 16-token steps (fewer with a sliding
+//   window, below). The grid is num_splits CTAs per pair (4 warps each), and one of two plans shares the
+//   steps out (identical in every CTA, no host sync, no planning launch; the result depends on the context
+//   lengths only, never on timing):
 //   - split: CTA i takes piece i % num_splits of pair i / num_splits, each pair cut in num_splits pieces of
 //     equal whole steps (multiples of 4). No CTA looks at another sequence's length. Chosen when the mean
 //     non-empty context is within 5% of the longest, when the batch comes longest first (the engine sorts
@@ -35,6 +36,11 @@
 //   the pair's counter, and the last of the pair's CTAs to finish merges the partials in slice order (no
 //   second kernel: at batch 1 a separate combine kernel took more than half the attention's own time).
 //   A sequence with an empty context gets zeros and LSE -inf.
+// Sliding window (window > 0; 0: none): the new token of sequence b sits at ctx_b - 1 and sees tokens
+//   [lo_b, ctx_b), lo_b = max(0, ctx_b - window). Its steps start at the one holding lo_b (lo_b rounded down
+//   to 16; the tokens below lo_b are masked like those past the end), and both plans count steps from there
+//   (seq_steps: the split plan's pieces, the balanced plan's scans), so a long context costs O(window).
+//   Not with a shared-prefix launch (the wrapper refuses the pair; there it would apply to each launch).
 // Tiles: 16 tokens x D per warp step, 8 heads per CTA; registers only (the merge uses 16 KB of shared
 //   memory at D = 128).
 // Memory traffic: K and V of every context token once (2 * ctx * Hkv * D * sizeof(dtype) per sequence),
@@ -85,6 +91,11 @@ FG_INLINE uint4 kv_expand(const kvw_t& w) { return w; }
 #define VCH (D / 64)               // 16-byte V chunks per token per thread
 
 static_assert(D % 64 == 0 && D <= 256, "decode_attention: head_dim must be 64, 128, 192 or 256");
+
+// The first token a sequence of ctx tokens attends to under a sliding window (window 0: none), and its
+// number of 16-token steps, counted from the step holding that token.
+FG_INLINE int win_lo(int ctx, int window) { return window > 0 && ctx > window ? ctx - window : 0; }
+FG_INLINE int seq_steps(int ctx, int window) { return ceil_div(ctx, DEC_STEP) - win_lo(ctx, window) / DEC_STEP; }
 
 FG_INLINE u32 word(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -162,11 +173,12 @@ FG_INLINE void load_step(KVStep& r, const kv_t* __restrict__ k_cache, const kv_t
 }
 
 // The warps' share of tokens [start, end) of sequence b for kv head kvh and query heads head0 .. head0 + nh - 1
-// (warp w takes the 16-token steps w, w + 4, ...); each leaves its (O, m, l) in shared memory.
+// (warp w takes the 16-token steps w, w + 4, ...), the tokens below lo (a sliding window's first token; 0
+// without one) masked; each leaves its (O, m, l) in shared memory.
 FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restrict__ k_cache,
                              const kv_t* __restrict__ v_cache, const int* __restrict__ bt, int b, int kvh,
-                             int head0, int nh, int start, int end, int hq, int hkv, int log2_bs, float scale_log2,
-                             const int* __restrict__ q_rows, int q_group,
+                             int head0, int nh, int start, int end, int lo, int hq, int hkv, int log2_bs,
+                             float scale_log2, const int* __restrict__ q_rows, int q_group,
                              float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS], float (*s_l)[DEC_HEADS]) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     // Q^T as B fragments: head g, dims 32 j + 8 c .. + 7 (the permuted order K uses too).
@@ -221,7 +233,7 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
             a[0] = k0.z; a[1] = k1.z; a[2] = k0.w; a[3] = k1.w;
             mma_16816(s, a, qf[2 * j + 1]);
         }
-        const bool v0 = t0 + g < end, v1 = t0 + g + 8 < end;
+        const bool v0 = t0 + g < end && t0 + g >= lo, v1 = t0 + g + 8 < end && t0 + g + 8 >= lo;
         s[0] = v0 ? s[0] * scale_log2 : FG_NEG_INF;
         s[1] = v0 ? s[1] * scale_log2 : FG_NEG_INF;
         s[2] = v1 ? s[2] * scale_log2 : FG_NEG_INF;
@@ -405,7 +417,8 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         const int* __restrict__ bt_offset,     // (batch,) blocks each sequence skips, or null
                         float* __restrict__ out_f32,           // float32 output instead of out, or null
                         const float* __restrict__ merge_o,     // (batch, hq, D) float32 state merged into the
-                        const float* __restrict__ merge_lse) { //   output, (batch, hq) natural log; or both null
+                        const float* __restrict__ merge_lse,   //   output, (batch, hq) natural log; or both null
+                        int window) {                          // sliding window (0: none; not with q_rows)
     __shared__ __align__(16) float s_o[DEC_WARPS][DEC_HEADS][D];
     __shared__ float s_m[DEC_WARPS][DEC_HEADS];
     __shared__ float s_l[DEC_WARPS][DEC_HEADS];
@@ -444,7 +457,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
             bool ordered = true;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                const int st = ceil_div(n[u], DEC_STEP);
+                const int st = seq_steps(n[u], window);
                 st_sum += st;
                 nonempty += n[u] > 0;
                 st_max = max(st_max, st);
@@ -469,7 +482,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         }
     }
     if (!balanced) {
-        const int b = blockIdx.z, j = blockIdx.y, p = b * per_b + j, ctx = sctx, nst = ceil_div(ctx, DEC_STEP);
+        const int b = blockIdx.z, j = blockIdx.y, p = b * per_b + j, ctx = sctx, nst = seq_steps(ctx, window);
         const int chunk = ceil_div(ceil_div(nst, num_splits), DEC_WARPS) * DEC_WARPS;
         const int a = blockIdx.x * chunk;
         if (a >= nst) {  // an empty piece; an empty context gets zeros from its first piece
@@ -481,8 +494,9 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         const int kvh = j / hgroups, hg = j % hgroups;
         const int head0 = kvh * group + hg * DEC_HEADS, nh = min(DEC_HEADS, group - hg * DEC_HEADS);
         const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
-        attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, a * DEC_STEP, min(e * DEC_STEP, ctx), hq, hkv,
-                      log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l);
+        const int lo = win_lo(ctx, window), fs = lo / DEC_STEP;  // the first token and step (window; else 0)
+        attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP, min((fs + e) * DEC_STEP, ctx),
+                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l);
         __syncthreads();
         finish_piece(oa, part_o, part_lse, pair_counters + p, b, hq, head0, nh, a == 0 && e == nst,
                      2 * cta, p * num_splits, p * num_splits + ceil_div(nst, chunk) - 1, false, 0, 0, s_o, s_m, s_l,
@@ -498,7 +512,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     int b = 0, base = 0, ctx = 0;
     for (int b0 = 0, cum = 0; start < end && b0 < batch; b0 += 32) {
         const int n = b0 == 0 ? n0 : (b0 + lane < batch ? context_lens[b0 + lane] : 0);
-        const int st = ceil_div(n, DEC_STEP);
+        const int st = seq_steps(n, window);
         int incl = st;
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
@@ -518,7 +532,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
 
     int pos = start;
     while (pos < end) {
-        const int nst = ceil_div(ctx, DEC_STEP);
+        const int nst = seq_steps(ctx, window);
         if (pos >= base + nst * per_b) {  // past sequence b (or b is empty)
             base += nst * per_b;
             ctx = context_lens[++b];
@@ -533,8 +547,9 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         pos = pstart + e;
 
         const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
-        attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, a * DEC_STEP, min(e * DEC_STEP, ctx), hq, hkv,
-                      log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l);
+        const int lo = win_lo(ctx, window), fs = lo / DEC_STEP;  // the first token and step (window; else 0)
+        attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP, min((fs + e) * DEC_STEP, ctx),
+                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l);
         __syncthreads();
 
         finish_piece(oa, part_o, part_lse, pair_counters + (i64)b * per_b + j, b, hq, head0, nh,

@@ -16,6 +16,10 @@
 //   Shared-memory rows are 16-byte-chunk XOR-swizzled (chunk ^ (row & 7)) so ldmatrix and the cp.async
 //   writes are free of bank conflicts. The output tile goes through shared memory for 16-byte stores.
 //   CTAs are launched longest-first (the last query blocks of a sequence see the most keys).
+// Sliding window (window > 0; 0: none): the row at position p sees keys (p - window, p] only. The scores
+//   below a row's window are masked like those past the diagonal, and the tiles below every row's window are
+//   never visited: the loop stops at the tile holding the block's lowest window start (row 0's, position
+//   qoff + m0 - window + 1), so a long prompt costs O(window) per row.
 // Tiles (compile-time, -DPF_MT / -DPF_BN; the wrapper picks per head_dim): BM = 64 MT query rows, BN keys,
 //   the full head_dim D. MT = 1 keeps Q's fragments in registers; MT = 2 (the default: half the
 //   shared-memory reads of K and V per FLOP) re-reads them from shared memory each tile. Shared memory:
@@ -61,7 +65,8 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
                          const int* __restrict__ block_tables,  // (B, bt_stride)
                          int bt_stride,
                          scalar_t* __restrict__ out,            // (T, Hq, D)
-                         int hq, int hkv, int log2_bs, float scale_log2, int num_mblocks) {
+                         int hq, int hkv, int log2_bs, float scale_log2, int num_mblocks,
+                         int window) {                          // sliding window (0: none)
     extern __shared__ uint4 smem[];
     const int b = blockIdx.z, h = blockIdx.y;
     const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
@@ -74,6 +79,11 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
     if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
     const int n_tiles = ceil_div(kv_end, BN);
+    const int win = window > 0 ? min(window, 1 << 30) : 1 << 30;  // no window: more than any position
+    // Tiles n_tiles - 1 down to the one holding the block's lowest window start (its first row's; 0 without a
+    // window): tile n is visited iff n >= 0 and its last key is past row 0's window start. (A test, not a
+    // count kept in a register: the MT = 2, D = 128 variant has none to spare.)
+    auto visited = [&](int n) { return n >= 0 && n * BN + BN - 1 > qoff + m0 - win; };
     const int kvh = h / (hq / hkv);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -113,7 +123,10 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
         }
     };
 
-    load_kv(n_tiles - 1, sK0, sV0);
+    // tile n's stage: MT == 2 by its parity (no count to keep); MT == 1 from the first tile visited, stage 0 (Q
+    // is in stage 1's buffers until the loop)
+    auto stage_of = [&](int n) { return MT == 2 ? (n & 1) : ((n_tiles - 1 - n) & 1); };
+    load_kv(n_tiles - 1, stage_of(n_tiles - 1) ? sK1 : sK0, stage_of(n_tiles - 1) ? sV1 : sV0);
     cp_async_commit();
     const int mi = lane >> 3;          // which 8x8 matrix this lane addresses in ldmatrix.x4
     const int wrow = warp * 16 * MT;   // the warp's first row in the CTA's tile
@@ -139,12 +152,11 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     }
     const int qpos = qoff + m0 + wrow + g;  // position of row g of the warp's first m-tile
 
-    for (int it = 0; it < n_tiles; ++it) {
-        const int n = n_tiles - 1 - it;
-        const int st = it & 1;
+    for (int n = n_tiles - 1; visited(n); --n) {
+        const int st = stage_of(n);
         const uint4* sk = st ? sK1 : sK0;
         const uint4* sv = st ? sV1 : sV0;
-        if (it + 1 < n_tiles) {
+        if (visited(n - 1)) {
             load_kv(n - 1, st ? sK0 : sK1, st ? sV0 : sV1);
             cp_async_commit();
             cp_async_wait<1>();
@@ -182,9 +194,10 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
             }
         }
 
-        // Mask: key j is visible to the row at position p iff j <= p (and j < ctx). Scores stay unscaled:
-        // the scale is folded into the exponent (max commutes with a positive scale).
-        if ((n * BN + BN - 1 > qoff + m0) || (n * BN + BN > ctx)) {
+        // Mask: key j is visible to the row at position p iff j <= p (and j < ctx), and j > p - window with a
+        // window; tested where the tile crosses the diagonal, the context's end or the last row's window start.
+        // Scores stay unscaled: the scale is folded into the exponent (max commutes with a positive scale).
+        if ((n * BN + BN - 1 > qoff + m0) || (n * BN + BN > ctx) || (n * BN + win <= qoff + m0 + BM - 1)) {
 #pragma unroll
             for (int t = 0; t < MT; ++t) {
 #pragma unroll
@@ -193,7 +206,8 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
                     for (int e = 0; e < 4; ++e) {
                         const int j = n * BN + nt * 8 + 2 * c + (e & 1);
                         const int p = qpos + 16 * t + (e >> 1) * 8;
-                        if (j > p || j >= ctx) s[t][nt][e] = FG_NEG_INF;
+                        // visible iff 0 <= p - j < win (j <= p, j > p - window), and j < ctx
+                        if ((unsigned)(p - j) >= (unsigned)win || j >= ctx) s[t][nt][e] = FG_NEG_INF;
                     }
                 }
             }

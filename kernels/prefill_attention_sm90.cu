@@ -29,7 +29,8 @@
 //     bit-identical (figures in docs/benchmark-history.md, "K/V by TMA").
 //   2 consumers (warpgroups 1 and 2, CONSUMER_REGS registers): consumer w owns query rows 64w .. 64w + 63.
 //     Query row i of sequence b sits at position context_len_b - q_len_b + i (bottom-right causal alignment)
-//     and sees keys 0 .. that position. Tiles are visited from the last (the diagonal, masked) down to 0.
+//     and sees keys 0 .. that position. Tiles are visited from the last (the diagonal, masked) down to 0 (to
+//     `first` with a sliding window, below).
 //     Per tile t, software-pipelined one tile deep so that the softmax of tile t runs while the tensor
 //     cores do the P.V product of tile t+1:
 //       issue S_t = Q K_t^T                 wgmma m64n128k16 x D/16, A = Q and B = K from shared memory
@@ -45,10 +46,14 @@
 //     CTA barrier; they take turns at issuing their products (two named barriers, as FlashAttention-3's
 //     ping-pong schedule, consumer 0 first in every item), so one's softmax runs while the other's products
 //     do (measured faster than letting them drift).
+// Sliding window (window > 0; 0: none): the row at position p sees keys (p - window, p] only. Scores below a
+//   row's window are masked like those past the diagonal, and an item's tiles stop at `first`, the tile holding
+//   its lowest window start (row 0's, position qoff + m0 - window + 1; 0 without a window): the tiles below
+//   every row's window are neither loaded nor computed, so a long prompt costs O(window) per row.
 // Tile groups: an item's group k = {K_{last-k}, V_{last-k+1}} (what consumer iteration t = last - k reads);
-//   group 0 is K_last alone, group last + 1 is V_0 alone. Groups are numbered across the CTA's items (the
-//   producer and the consumers count them alike): group n uses slot n & 1 of the K ring, of the V ring and
-//   of the full / empty mbarriers, phase (n >> 1) & 1.
+//   group 0 is K_last alone, group last - first + 1 is V_first alone. Groups are numbered across the CTA's
+//   items (the producer and the consumers count them alike): group n uses slot n & 1 of the K ring, of the
+//   V ring and of the full / empty mbarriers, phase (n >> 1) & 1.
 // Shared memory: 2 Q slots (BM D 2 bytes each) + 2 K slots + 2 V slots (BN D 2 bytes each) + 1 KB for
 //   1024-byte alignment: 193 KB at D = 128 (1 CTA per SM, 384 threads), 97 KB at D = 64.
 // The tensor maps (flashgen/ops/tma.py) live in device memory, one per cache and box height, built once.
@@ -142,7 +147,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
                               int hq, int hkv, int log2_bs, float scale_log2, int batch,
                               const void* __restrict__ tmap_k,       // TMA maps of the caches (flashgen/ops/tma.py)
                               const void* __restrict__ tmap_v,
-                              int* __restrict__ sched) {             // 2 counters, zero between launches
+                              int* __restrict__ sched,               // 2 counters, zero between launches
+                              int window) {                          // sliding window (0: none)
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     // K/V full[2], K/V empty[2], Q full[2], Q empty[2], work full[2], work empty[2]
     __shared__ __align__(8) u64 bars[12];
@@ -175,7 +181,7 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
 
     // Per item: its geometry (the same arithmetic in the producer and the consumers).
     auto item_geometry = [&](const Item& it, int& q_start, int& qlen, int& m0, int& ctx, int& qoff, int& last,
-                             int& part) {
+                             int& first, int& part) {
         q_start = cu_seqlens_q[it.b];
         qlen = cu_seqlens_q[it.b + 1] - q_start;
         m0 = it.mb * BM;
@@ -184,6 +190,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         // tiles last .. 0 this block can see; at least one, so that a context shorter than the queries (outside
         // the contract) gives garbage rows instead of an empty item the group counting does not expect
         last = max(ceil_div(min(ctx, qoff + m0 + BM), BN) - 1, 0);
+        // the lowest tile a row of the block sees: row 0's window start (0 without a window)
+        first = window > 0 ? min(max(qoff + m0 - window + 1, 0) >> LOG2_BN, last) : 0;
         part = (ctx & (BN - 1)) ? ctx / BN : -1;  // the tile holding the context's end, if not whole: by cp.async
     };
 
@@ -224,8 +232,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
             asm volatile("bar.sync 5, 128;\n" ::: "memory");  // the producer warps: s_item[ws] is written
             const Item it = s_item[ws];
             if (it.b < 0) break;
-            int q_start, qlen, m0, ctx, qoff, last, part;
-            item_geometry(it, q_start, qlen, m0, ctx, qoff, last, part);
+            int q_start, qlen, m0, ctx, qoff, last, first, part;
+            item_geometry(it, q_start, qlen, m0, ctx, qoff, last, first, part);
             // Q (rows past the sequence zero-filled) with cp.async by the whole warpgroup, into Q slot qi & 1.
             {
                 const int qs = qi & 1;
@@ -268,12 +276,12 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
                                 cache + r * kv_row_stride + kvh * D + ch * 8, t * BN + row < ctx ? 16 : 0);
                 }
             };
-            // Group k of the item (k = 0 .. last + 1): K tile last - k (k <= last) and V tile last - k + 1
-            // (k >= 1), in slot (gi + k) & 1 of the K and V rings. The cp.async arrivals count themselves (no
-            // .noinc) and come before the expect_tx arrival, so the phase cannot complete before every copy is
-            // counted.
-            for (int k = 0; k <= last + 1; ++k, ++gi) {
-                const int tk = k <= last ? last - k : -1, tv = k >= 1 ? last - k + 1 : -1;
+            // Group k of the item (k = 0 .. last - first + 1): K tile last - k (k <= last - first) and V tile
+            // last - k + 1 (k >= 1), in slot (gi + k) & 1 of the K and V rings. The cp.async arrivals count
+            // themselves (no .noinc) and come before the expect_tx arrival, so the phase cannot complete before
+            // every copy is counted.
+            for (int k = 0; k <= last - first + 1; ++k, ++gi) {
+                const int tk = k <= last - first ? last - k : -1, tv = k >= 1 ? last - k + 1 : -1;
                 const u32 slot = gi & 1, bar = full0 + 8 * slot;
                 mbar_wait(empty0 + 8 * slot, ((gi >> 1) & 1) ^ 1);  // group gi - 2 (same slots) consumed
                 const bool ck = tk >= 0 && tk == part, cv = tv >= 0 && tv == part;
@@ -313,8 +321,8 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         const Item it = s_item[ws];
         mbar_arrive(wempty0 + 8 * ws);
         if (it.b < 0) break;
-        int q_start, qlen, m0, ctx, qoff, last, part;
-        item_geometry(it, q_start, qlen, m0, ctx, qoff, last, part);
+        int q_start, qlen, m0, ctx, qoff, last, first, part;
+        item_geometry(it, q_start, qlen, m0, ctx, qoff, last, first, part);
         const int h = it.h;
         const int qs = qi & 1;
 
@@ -341,16 +349,19 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
             for (int kk = 0; kk < BN / 16; ++kk)
                 WGMMA_PV(o, pa[kk], smem_desc(v_addr + kk * 16 * 128, BN * 128, 1024), 1);
         };
-        // Mask S_t (key j is visible to the row at position p iff j <= p and j < ctx), then the online softmax,
-        // in place: s becomes the unnormalised probabilities, al the factors that rescale O.
+        // Mask S_t (key j is visible to the row at position p iff j <= p and j < ctx, and j > p - window with a
+        // window), then the online softmax, in place: s becomes the unnormalised probabilities, al the factors
+        // that rescale O.
         auto softmax = [&](int t) {
-            if (t * BN + BN - 1 > wg_first || t * BN + BN > ctx) {
+            const bool win_mask = window > 0 && t * BN <= wg_first + 63 - window;  // some row's window starts
+            if (t * BN + BN - 1 > wg_first || t * BN + BN > ctx || win_mask) {     //   past the tile's first key
 #pragma unroll
                 for (int i = 0; i < BN / 8; ++i) {
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int j = t * BN + i * 8 + 2 * c + (e & 1);
-                        if (j > p0 + (e >> 1) * 8 || j >= ctx) s[4 * i + e] = FG_NEG_INF;
+                        const int p = p0 + (e >> 1) * 8;
+                        if (j > p || j >= ctx || (win_mask && j <= p - window)) s[4 * i + e] = FG_NEG_INF;
                     }
                 }
             }
@@ -391,7 +402,7 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
         softmax(last);  // O is still 0: its rescale is a no-op
         pack_p();
 
-        for (int k = 1; k <= last; ++k) {
+        for (int k = 1; k <= last - first; ++k) {
             const int t = last - k;
             const u32 slot = (gi + k) & 1;
             group_landed(k);  // K_t and V_{t+1}
@@ -411,17 +422,17 @@ prefill_attention_sm90_kernel(const scalar_t* __restrict__ q,        // (T, Hq, 
             release(k);
             pack_p();
         }
-        group_landed(last + 1);  // V_0
+        group_landed(last - first + 1);  // V_first
         rescale_rows_m16<D / 8>(o, al);
         turn_wait();
         wgmma_fence();
-        issue_pv((gi + last + 1) & 1);
+        issue_pv((gi + last - first + 1) & 1);
         wgmma_commit();
         if (cw == 0) turn_pass();  // consumer 1's last turn of the item
         wgmma_wait<0>();
         fence_regs(o);
-        release(last + 1);
-        gi += last + 2;
+        release(last - first + 1);
+        gi += last - first + 2;
 
         // Epilogue: normalise; stage the warpgroup's 64 rows in its own part of the Q slot (its wgmma reads of
         // Q are complete), then write 16-byte chunks and free the slot.

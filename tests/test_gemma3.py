@@ -1,6 +1,7 @@
 """Gemma 3 text models against HF transformers on tiny random checkpoints (float32, CPU): prefill and decode logits,
 greedy tokens over prompts longer than the sliding window and across page boundaries, batch invariance; the torch
-ops' sliding-window masking; the config values flashgen refuses; the backend it picks."""
+ops' sliding-window masking; the CUDA ops' window checks; the config values flashgen refuses; the backend it
+picks (the CUDA kernels on GPU: tests/test_window_gpu.py)."""
 from __future__ import annotations
 
 import json
@@ -12,9 +13,11 @@ import transformers
 from checkpoints import make_checkpoint
 from flashgen import LLM
 from flashgen.config import EngineConfig
+from flashgen.engine import model_runner
 from flashgen.engine.model_runner import pick_backend
 from flashgen.models.spec import ModelLoadError, load_spec
 from flashgen.ops import cuda_ops, torch_ops
+from flashgen.ops.backend import SharedPrefix
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -107,13 +110,19 @@ def test_gelu_tanh_mul_is_gate_first():
     torch.testing.assert_close(torch_ops.gelu_tanh_mul(x), want)
 
 
-def test_cuda_attention_refuses_a_window():
-    """The CUDA kernels have no sliding window yet: a window is refused before anything is launched."""
+def test_cuda_attention_checks_the_window():
+    """The CUDA kernels take a window (tests/test_window_gpu.py runs them); a window with a shared prefix, or one
+    that is not an int >= 0, is refused before anything is launched."""
     q = torch.zeros(1, 2, 64)
-    with pytest.raises(ValueError, match="sliding-window.*--backend torch"):
-        cuda_ops.decode_attention(q, q, q, q, q, 1.0, window=8)
-    with pytest.raises(ValueError, match="sliding-window.*--backend torch"):
-        cuda_ops.prefill_attention(q, q, q, q, q, q, 1, 1.0, window=8)
+    i32 = torch.zeros(1, dtype=torch.int32)
+    shared = SharedPrefix(q_rows=i32.view(1, 1), lens=i32, tables=i32.view(1, 1), skip=i32, suffix_lens=i32)
+    with pytest.raises(ValueError, match="window=8 with shared=.*do not go together"):
+        cuda_ops.decode_attention(q, q, q, q, q, 1.0, window=8, shared=shared)
+    for bad in (-1, 2.0, True, None):
+        with pytest.raises(ValueError, match="window must be an int >= 0"):
+            cuda_ops.decode_attention(q, q, q, q, q, 1.0, window=bad)
+        with pytest.raises(ValueError, match="window must be an int >= 0"):
+            cuda_ops.prefill_attention(q, q, q, q, q, q, 1, 1.0, window=bad)
 
 
 # ---------------------------------------------------------------- config
@@ -173,11 +182,18 @@ def test_refused_configs_name_the_field(tmp_path, change, named):
     assert named in str(e.value)
 
 
-def test_backend_cuda_is_refused_and_auto_picks_torch(tmp_path):
-    spec = _spec_of(tmp_path, _cfg(tmp_path))
-    with pytest.raises(RuntimeError, match="sliding-window attention.*--backend torch"):
-        pick_backend(EngineConfig(model="x", backend="cuda"), torch.device("cuda", 0), torch.bfloat16, spec)
-    for dev in ("cpu", "cuda"):
-        assert pick_backend(EngineConfig(model="x"), torch.device(dev, 0), torch.bfloat16, spec) == "torch"
-    assert pick_backend(EngineConfig(model="x", backend="torch"), torch.device("cuda", 0), torch.bfloat16,
-                        spec) == "torch"
+def test_backend_choice_runs_gemma_on_cuda(tmp_path, monkeypatch):
+    """Sliding-window layers run on the CUDA kernels: auto picks cuda on a GPU where the kernels work and
+    --backend cuda is accepted; a head_dim the attention kernels lack (Gemma 3 1B-12B's 256) stays on torch."""
+    monkeypatch.setattr(model_runner, "cuda_backend_available", lambda: (True, ""))
+    cuda, cpu, bf16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16
+    spec = _spec_of(tmp_path, {**_cfg(tmp_path), "head_dim": 128})
+    assert spec.local_layers and spec.local_window == 8
+    assert pick_backend(EngineConfig(model="x", backend="cuda"), cuda, bf16, spec) == "cuda"
+    assert pick_backend(EngineConfig(model="x"), cuda, bf16, spec) == "cuda"
+    assert pick_backend(EngineConfig(model="x"), cpu, torch.float32, spec) == "torch"
+    assert pick_backend(EngineConfig(model="x", backend="torch"), cuda, bf16, spec) == "torch"
+    wide = _spec_of(tmp_path, {**_cfg(tmp_path), "head_dim": 256})
+    with pytest.raises(RuntimeError, match="head_dim 256.*--backend torch"):
+        pick_backend(EngineConfig(model="x", backend="cuda"), cuda, bf16, wide)
+    assert pick_backend(EngineConfig(model="x"), cuda, bf16, wide) == "torch"

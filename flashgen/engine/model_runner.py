@@ -26,6 +26,7 @@ from flashgen.models.decoder import DecoderLM
 from flashgen.models.spec import DTYPES, ModelSpec
 from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import CUDA_FIX, cuda_backend_available, get_ops
+from flashgen.ops.cuda_attention import ATTN_HEAD_DIMS
 
 log = logging.getLogger(__name__)
 # prompt positions whose logits are computed at once for prompt logprobs: (512, vocab) in the model's dtype is no
@@ -62,13 +63,16 @@ def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  ) -> str:
     if config.backend == "torch":
         return "torch"
-    if spec is not None and spec.local_layers:  # the CUDA attention kernels have no sliding window yet
+    # sliding-window layers (Gemma 3) run on the CUDA kernels too (their `window` argument); a head_dim the
+    # attention kernels lack (Gemma 3 1B-12B: 256) does not
+    if spec is not None and spec.head_dim not in ATTN_HEAD_DIMS:
         if config.backend == "cuda":
-            raise RuntimeError(f"backend='cuda' cannot run {spec.architecture}: its sliding-window attention layers "
-                               "have no CUDA kernel yet; use --backend torch")
+            raise RuntimeError(f"backend='cuda' cannot run {spec.architecture}: its head_dim {spec.head_dim} is not "
+                               f"one of the CUDA attention kernels' {ATTN_HEAD_DIMS}; use --backend torch")
         if device.type == "cuda":
-            log.warning("%s has sliding-window attention layers, which the CUDA kernels do not run yet; running the "
-                        "torch reference ops (--backend torch)", spec.architecture)
+            log.warning("%s has head_dim %d, which the CUDA attention kernels do not run (they take %s); running "
+                        "the torch reference ops (--backend torch)", spec.architecture, spec.head_dim,
+                        ATTN_HEAD_DIMS)
         return "torch"
     ok, why = cuda_backend_available()
     if config.backend == "cuda":

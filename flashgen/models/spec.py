@@ -25,7 +25,7 @@ SUPPORTED = {
     "Phi3ForCausalLM": "phi3",            # Phi-3 and Phi-4: fused qkv / gate_up, longrope, partial rotary
     "Qwen3MoeForCausalLM": "qwen3_moe",   # mixture of experts (flashgen/models/moe.py)
     "MixtralForCausalLM": "mixtral",
-    "Gemma3ForCausalLM": "gemma3",        # text only; sliding-window layers run on the torch backend for now
+    "Gemma3ForCausalLM": "gemma3",        # text only; sliding-window layers: the attention ops' `window`
 }
 # The one name -> torch dtype table, over config.DTYPE_NAMES (which EngineConfig checks without importing torch).
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}

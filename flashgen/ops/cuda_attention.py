@@ -43,10 +43,11 @@ DECODE_MAX_SPLITS = 256
 DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
 
 
-def _check_no_window(window: int) -> None:
-    if window:
-        raise ValueError(f"window={window!r}: the CUDA attention kernels have no sliding-window attention yet; "
-                         "models with sliding-window layers (Gemma 3) run on the torch backend: use --backend torch")
+def _check_window(window) -> int:
+    """A sliding window (the query at position p sees keys in (p - window, p]; 0: none) as an int >= 0."""
+    if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window < 1 << 31:
+        fail("window", "must be an int >= 0 (0: no sliding window)", window)
+    return int(window)
 
 
 def _check_attn(q, k_cache, v_cache, dev):
@@ -98,8 +99,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     q_len_b. Returns (total_q, Hq, D). `impl` picks the kernel (PREFILL_IMPLS; default prefill_impl());
     `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES; for benchmarks).
     An FP8 cache's pages are first dequantized (times k_scale, v_scale) into a scratch cache: see _prefill_fp8.
-    The kernels have no sliding window yet: `window` > 0 is refused (_check_no_window)."""
-    _check_no_window(window)
+    `window` > 0 (sliding-window attention, Gemma 3's local layers): the query at position p sees keys in
+    (p - window, p] only; both kernels mask below the window and skip the key tiles below every row's window of
+    a query block, so a long prompt costs O(window) per row. 0: full causal attention."""
+    window = _check_window(window)
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
@@ -136,7 +139,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if k_cache.dtype == torch.float8_e4m3fn:
         return _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
                             softmax_scale, check_kv_scale("k_scale", k_scale, True),
-                            check_kv_scale("v_scale", v_scale, True), out, tile, impl)
+                            check_kv_scale("v_scale", v_scale, True), out, tile, impl, window)
     if impl == "wgmma":
         smem, block_m = PREFILL_SM90_SMEM[d], 128
         try:
@@ -152,7 +155,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                           f"({_WGMMA_FAILED[di][:300]}); using the mma.sync kernel instead", RuntimeWarning,
                           stacklevel=2)
             return prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
-                                     softmax_scale, out=out, impl="mma")
+                                     softmax_scale, window=window, out=out, impl="mma")
     else:
         smem, block_m = prefill_smem_bytes(d, mma_tile), 64 * mma_tile[0]
         k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
@@ -166,10 +169,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         # items from a counter in turn
         sched = split_counters(dev, 2, user="prefill")
         jit.launch(k, (min(num_sms(di), mblocks * hq * B),), (384,), (
-            *args, jit.i32(B), jit.ptr(maps[0]), jit.ptr(maps[1]), jit.ptr(sched)), dev, shared_mem=smem)
+            *args, jit.i32(B), jit.ptr(maps[0]), jit.ptr(maps[1]), jit.ptr(sched), jit.i32(window)), dev,
+            shared_mem=smem)
     else:
         # grid (m-blocks, Hq, B), 4 warps
-        jit.launch(k, (mblocks, hq, B), (128,), (*args, jit.i32(mblocks)), dev, shared_mem=smem)
+        jit.launch(k, (mblocks, hq, B), (128,), (*args, jit.i32(mblocks), jit.i32(window)), dev, shared_mem=smem)
     return out
 
 
@@ -178,13 +182,14 @@ _FP8_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # -> (K/V pag
 
 
 def _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, softmax_scale,
-                 k_scale, v_scale, out, tile, impl) -> torch.Tensor:
+                 k_scale, v_scale, out, tile, impl, window=0) -> torch.Tensor:
     """Prefill over an FP8 cache: the pages the batch reads are dequantized into a scratch cache of q's dtype
     (kernels/kv_fp8.cu), which the bf16/fp16 kernels then read through their own block tables; sequences go
     in groups of at most FP8_SCRATCH_BYTES of scratch. Prefill is compute-bound, so the extra pass over the
     context costs little (BENCHMARKS.md, "FP8 KV cache"); no host sync: the grid covers every page of the
     block tables and the kernel skips those past a sequence's context. The scratch is kept per device and
-    geometry (its address, and so the Hopper kernel's TMA maps, stay the same from call to call)."""
+    geometry (its address, and so the Hopper kernel's TMA maps, stay the same from call to call). A sliding
+    `window` is the kernels' (every page up to the context is dequantized all the same)."""
     dev = q.device
     nb_total, bs, hkv, d = k_cache.shape
     B, width = block_tables.shape
@@ -209,7 +214,7 @@ def _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, 
             jit.i32(block_tables.stride(0)), jit.ptr(ctx), jit.i32(width), jit.i32(bs.bit_length() - 1),
             jit.i32(page), jit.f32(k_scale), jit.f32(v_scale)), dev)
         prefill_attention(q, buf[0], buf[1], cu_seqlens_q[g0:g0 + n + 1], ctx, tables[:n], max_seqlen_q,
-                          softmax_scale, out=out, tile=tile, impl=impl)
+                          softmax_scale, window=window, out=out, tile=tile, impl=impl)
     return out
 
 
@@ -274,13 +279,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
     batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
     context lengths only, never on timing. An FP8 cache is read as it is (k_scale folded into the softmax scale,
-    v_scale into the output). The kernels have no sliding window yet: `window` > 0 is refused.
+    v_scale into the output). `window` > 0 (sliding-window attention): the new token (position
+    context_lens[b] - 1) sees the last `window` cached tokens only; the kernel's steps start at the 16-token step
+    holding the window's first token (the tokens below it masked) and both plans count steps from there, so a
+    long context costs O(window). Not with `shared` (a ValueError: a window may end inside the shared blocks).
 
     `shared` (SharedPrefix): two launches of the kernel, the groups' shared prefixes (a group's members as the
     query heads of one sequence, q and the output addressed through q_rows) into a float32 output and LSE, then
     every sequence past its group's blocks, merging that state into `out` as it writes it (num_splits and plan
     apply to the second launch; the first takes the heuristic's)."""
-    _check_no_window(window)
+    window = _check_window(window)
+    if window and shared is not None:
+        raise ValueError(f"decode_attention: window={window} with shared= (SharedPrefix): a sliding window and a "
+                         "shared prefix do not go together (the engine turns shared-prefix decode off for models "
+                         "with sliding-window layers)")
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
@@ -302,7 +314,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                   scale_log2=softmax_scale * k_scale * math.log2(math.e), v_scale=v_scale)
     if shared is None:
         _decode_launch(**launch, context_lens=context_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
-                       lse=lse, num_splits=num_splits, plan=plan)
+                       lse=lse, num_splits=num_splits, plan=plan, window=window)
         return (out, lse) if return_lse else out
     ng, g = _check_shared(shared, B, dev)
     o_sh = torch.empty(q.shape, dtype=torch.float32, device=dev)
@@ -337,14 +349,20 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                    batch: int, hq: int, out: torch.Tensor, lse: torch.Tensor | None, num_splits: int | None,
                    plan: str | None, q_rows: torch.Tensor | None = None, q_group: int = 1,
                    bt_offset: torch.Tensor | None = None,
-                   merge: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                   merge: tuple[torch.Tensor, torch.Tensor] | None = None, window: int = 0) -> None:
     """One launch of decode_attention_kernel over `batch` rows of `hq` query heads each (a shared-prefix launch:
-    groups of q_group members, hq = q_group x the model's heads, `out` float32)."""
+    groups of q_group members, hq = q_group x the model's heads, `out` float32); `window` > 0: a sliding window
+    (never with a shared-prefix launch)."""
     dev, d = q.device, q.shape[2]
     di = device_index(q)
     group = hq // hkv
     if num_splits is None:
-        num_splits = decode_num_splits(batch, hkv, group, block_tables.shape[1] * bs, num_sms(di))
+        # the most tokens one sequence attends to: the block tables' width, or the window (+ its first step's
+        # tokens below it); shapes and the window only, never context_lens (a fixed launch for graph capture)
+        max_context = block_tables.shape[1] * bs
+        if window:
+            max_context = min(max_context, window + 15)
+        num_splits = decode_num_splits(batch, hkv, group, max_context, num_sms(di))
     num_splits = int(num_splits)
     if not 1 <= num_splits <= DECODE_MAX_SPLITS:
         fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
@@ -372,4 +390,4 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         jit.ptr(part_lse), jit.ptr(counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
         jit.f32(scale_log2), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms), jit.f32(v_scale),
         jit.ptr(q_rows), jit.i32(q_group), jit.ptr(bt_offset),
-        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse)), dev)
+        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse), jit.i32(window)), dev)

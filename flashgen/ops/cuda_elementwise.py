@@ -59,8 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def gelu_tanh_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """(..., 2 * inter) -> (..., inter): gelu(gate, approximate="tanh") * up, gate first. No kernel yet: torch's
-    elementwise ops (Gemma 3, the one model using it, runs on the torch backend until the attention kernels have
-    a sliding window)."""
+    elementwise ops (Gemma 3, the one model using it, is the only caller)."""
     check_tensor("x", x, KERNEL_DTYPES)
     gate, up = x.chunk(2, dim=-1)
     y = torch.nn.functional.gelu(gate, approximate="tanh") * up
