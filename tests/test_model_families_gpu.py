@@ -104,6 +104,22 @@ def test_moe_on_the_gpu_matches_float64(dtype):
     _assert_close("moe", out[same], torch_ops.moe(x, router, gate_up, down, k, True)[same], ref[same])
 
 
+def cuda_against_torch(path: str, prompts: list[list[int]]):
+    """The engine on the CUDA backend (bf16), on the torch reference (float32) and on the torch backend in bf16
+    (the yardstick): each prompt's logits from the CUDA run within twice the torch bf16 run's error against float32
+    (+ 1e-2). Returns the three engines (CUDA, float32 reference, torch bf16)."""
+    from flashgen import LLM
+
+    fast = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1)
+    ref = LLM(model=path, dtype="float32", block_size=16, kv_cache_gb=1, backend="torch")
+    same = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1, backend="torch")
+    for ids in prompts:
+        a, b, c = fast.prompt_logits(ids).float(), ref.prompt_logits(ids).float(), same.prompt_logits(ids).float()
+        err, yardstick = ((a - b).norm() / b.norm()).item(), ((c - b).norm() / b.norm()).item()
+        assert err < 2 * yardstick + 1e-2, f"prompt of {len(ids)} tokens: CUDA {err:.3g}, torch bf16 {yardstick:.3g}"
+    return fast, ref, same
+
+
 @pytest.mark.parametrize("arch,kw", [
     ("phi3", dict(hidden_size=256, num_heads=2, num_kv_heads=1, head_dim=128, partial_rotary_factor=0.75)),
     ("qwen3_moe", dict(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_experts=8,
@@ -116,17 +132,11 @@ def test_engine_cuda_backend_matches_torch_backend(tmp_path, arch, kw):
     the torch reference's own bf16 error (MoE routing flips experts where bf16 rounding reorders near-tied router
     scores: both bf16 runs pay for that), and greedy runs of 32 tokens over pages of 16 complete."""
     from checkpoints import make_checkpoint
-    from flashgen import LLM, SamplingParams
+    from flashgen import SamplingParams
 
     path = str(make_checkpoint(tmp_path, arch, **kw))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 40, 130)]
-    fast = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1)
-    ref = LLM(model=path, dtype="float32", block_size=16, kv_cache_gb=1, backend="torch")
-    same = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1, backend="torch")
-    for ids in prompts:
-        a, b, c = fast.prompt_logits(ids).float(), ref.prompt_logits(ids).float(), same.prompt_logits(ids).float()
-        err, yardstick = ((a - b).norm() / b.norm()).item(), ((c - b).norm() / b.norm()).item()
-        assert err < 2 * yardstick + 1e-2, f"prompt of {len(ids)} tokens: CUDA {err:.3g}, torch bf16 {yardstick:.3g}"
+    fast, _, _ = cuda_against_torch(path, prompts)
     outs = fast.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [32] * 3

@@ -29,6 +29,7 @@ from test_kernels_gpu import (
     cuda_attention,
     cuda_ops,
 )
+from test_model_families_gpu import cuda_against_torch
 
 pytestmark = pytest.mark.gpu
 
@@ -307,7 +308,7 @@ def test_engine_gemma3_cuda_backend_matches_torch_backend(tmp_path, window):
     on the CUDA backend (bf16) against the torch backend on the same GPU (float32): prompt logits within twice
     the torch backend's own bf16 error; greedy runs of 48 tokens over pages of 16 complete."""
     from checkpoints import make_checkpoint
-    from flashgen import LLM, SamplingParams
+    from flashgen import SamplingParams
 
     path = str(make_checkpoint(tmp_path, "gemma3", hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=1,
                                head_dim=128, intermediate_size=256, sliding_window=window,
@@ -315,14 +316,8 @@ def test_engine_gemma3_cuda_backend_matches_torch_backend(tmp_path, window):
                                rope_local_base_freq=100.0, query_pre_attn_scalar=128, final_logit_softcapping=30.0))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 100, 173, 300)]
-    fast = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1)
+    fast, ref, same = cuda_against_torch(path, prompts)
     assert fast.engine.runner.backend == "cuda"
-    ref = LLM(model=path, dtype="float32", block_size=16, kv_cache_gb=1, backend="torch")
-    same = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1, backend="torch")
-    for ids in prompts:
-        a, b, c = fast.prompt_logits(ids).float(), ref.prompt_logits(ids).float(), same.prompt_logits(ids).float()
-        err, yardstick = ((a - b).norm() / b.norm()).item(), ((c - b).norm() / b.norm()).item()
-        assert err < 2 * yardstick + 1e-2, f"prompt of {len(ids)} tokens: CUDA {err:.3g}, torch bf16 {yardstick:.3g}"
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     outs = fast.generate(prompts, params)
     assert [len(o.token_ids) for o in outs] == [48] * len(prompts)

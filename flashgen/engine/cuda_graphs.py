@@ -21,6 +21,11 @@ from flashgen.models.decoder import DecoderLM, StepContext
 from flashgen.ops.backend import SharedPrefix
 
 
+def _groups(bs: int) -> int:
+    """Shared-prefix groups a grouped graph of bucket `bs` holds: a group has two or more members."""
+    return max(1, bs // 2)
+
+
 def buckets(max_bs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, max_bs + 1, 16))
     return sorted({b for b in sizes if b <= max_bs} | {max_bs})
@@ -36,7 +41,7 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((max_bs,), -1, dtype=i32, device=dev)
         self.context_lens = torch.ones(max_bs, dtype=i32, device=dev)
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=i32, device=dev)
-        ng = max(1, max_bs // 2)
+        ng = _groups(max_bs)
         self.shared = SharedPrefix(q_rows=torch.full((ng, SHARED_GROUP), -1, dtype=i32, device=dev),
                                    lens=torch.zeros(ng, dtype=i32, device=dev),
                                    tables=torch.zeros(ng, max_blocks_per_seq, dtype=i32, device=dev),
@@ -63,7 +68,7 @@ class DecodeGraphs:
     def _ctx(self, bs: int, shared: bool = False) -> StepContext:
         sp = None
         if shared:
-            ng, s = max(1, bs // 2), self.shared
+            ng, s = _groups(bs), self.shared
             sp = SharedPrefix(s.q_rows[:ng], s.lens[:ng], s.tables[:ng], s.skip[:bs], s.suffix_lens[:bs])
         return StepContext(is_prefill=False, positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
                            context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs], shared=sp)
@@ -95,9 +100,9 @@ class DecodeGraphs:
         if ctx.shared is not None:
             sp, ng = self.shared, ctx.shared.lens.shape[0]
             sp.q_rows[:ng] = ctx.shared.q_rows
-            sp.q_rows[ng:max(1, bs // 2)] = -1
+            sp.q_rows[ng:_groups(bs)] = -1
             sp.lens[:ng] = ctx.shared.lens
-            sp.lens[ng:max(1, bs // 2)] = 0
+            sp.lens[ng:_groups(bs)] = 0
             sp.tables[:ng, :w] = ctx.shared.tables
             sp.skip[:n] = ctx.shared.skip
             sp.skip[n:bs] = 0

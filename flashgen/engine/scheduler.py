@@ -116,12 +116,15 @@ class Scheduler:
         self.running.extendleft(reversed(batch + held))
         return Batch(batch, False) if batch else None
 
+    def _end(self, seq: Sequence) -> int:
+        """The length `seq` may reach: its prompt plus max_tokens, or the context."""
+        mt = seq.params.max_tokens if seq.params is not None else None
+        return self.max_model_len if mt is None else min(seq.num_prompt_tokens + mt, self.max_model_len)
+
     def _growth(self, seq: Sequence) -> int:
         """Blocks `seq` still needs to reach its limit (max_tokens, or the context)."""
-        mt = seq.params.max_tokens if seq.params is not None else None
-        end = self.max_model_len if mt is None else min(seq.num_prompt_tokens + mt, self.max_model_len)
         bs = self.block_manager.block_size
-        return max(0, math.ceil(end / bs) - math.ceil(len(seq) / bs))
+        return max(0, math.ceil(self._end(seq) / bs) - math.ceil(len(seq) / bs))
 
     def can_run_ahead(self) -> bool:
         """Whether the next batch can be scheduled before the last decode step's tokens are read: no prompt
@@ -197,8 +200,7 @@ class Scheduler:
     def finish(self, seq: Sequence, num_tokens: int) -> None:
         """End `seq` with its first `num_tokens` tokens (places reserved after them are dropped)."""
         seq.truncate(num_tokens)
-        mt = seq.params.max_tokens if seq.params is not None else None
-        limit = min(mt if mt is not None else self.max_model_len, self.max_model_len - seq.num_prompt_tokens)
+        limit = self._end(seq) - seq.num_prompt_tokens
         if limit > 0:  # what this sequence used of its limit, into the moving average
             used = min(1.0, seq.num_output_tokens / limit)
             self.reserve_ratio = max(0.05, 0.95 * self.reserve_ratio + 0.05 * used)
