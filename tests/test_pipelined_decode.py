@@ -76,3 +76,30 @@ def test_pipelined_hits_context_limit(model_dir):
     a, b = plain.generate(prompts, sp), piped.generate(prompts, sp)
     _same(a, b)
     assert [len(o.prompt_token_ids) + len(o.token_ids) for o in b] == [64, 64]
+
+
+def test_pipelined_runs_ahead_with_a_full_running_set(model_dir):
+    """More requests than max_num_seqs: while the running set is full, the next decode step is scheduled before
+    the last one's tokens are read (nothing could be admitted anyway); a request that ends at an unread token
+    frees its place a step later. Outputs are those of step-by-step decoding, stops and limits included."""
+    plain, piped = _pair(model_dir, block_size=16, max_num_seqs=4)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 40))] for _ in range(14)]
+    free = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    sps = [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[o.token_ids[3 + i % 9]]) if i % 3 == 0
+           else SamplingParams(temperature=0.9, max_tokens=rng.randint(1, 30), ignore_eos=True, seed=i)
+           for i, o in enumerate(free)]
+    sched = piped.engine.scheduler
+    ahead = []
+    decide = sched.can_run_ahead
+
+    def spy():
+        ok = decide()
+        ahead.append((ok, len(sched.waiting), len(sched.running)))
+        return ok
+
+    sched.can_run_ahead = spy
+    _same(plain.generate(prompts, sps), piped.generate(prompts, sps))
+    assert any(ok and waiting for ok, waiting, _ in ahead), ahead  # ran ahead with prompts queued
+    # and never while a prompt could have been admitted
+    assert not any(ok and waiting and running < 4 for ok, waiting, running in ahead), ahead

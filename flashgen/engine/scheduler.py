@@ -127,11 +127,32 @@ class Scheduler:
         return max(0, math.ceil(self._end(seq) / bs) - math.ceil(len(seq) / bs))
 
     def can_run_ahead(self) -> bool:
-        """Whether the next batch can be scheduled before the last decode step's tokens are read: no prompt
-        waiting, a free block for every running sequence (no preemption), no penalties (they count the latest
-        token)."""
-        return (not self.waiting and self.block_manager.num_free_blocks >= len(self.running)
+        """Whether the next batch can be scheduled before the last decode step's tokens are read: no prompt that
+        the next schedule would admit (none waiting, or the running set is full or the free blocks do not cover
+        the head of `waiting`: the next batch is a decode batch of the running sequences either way), a free block
+        for every running sequence (no preemption), no penalties (they count the latest token). A sequence that
+        turns out to have finished at the unread token holds its place for one more step, and a prompt waiting
+        for that place is admitted a step later; a job with more lines than max_num_seqs keeps the host's work
+        off the GPU's critical path for all but those steps."""
+        return (not self._would_admit() and self.block_manager.num_free_blocks >= len(self.running)
                 and not any(seq.params.has_penalties for seq in self.running))
+
+    def _would_admit(self) -> bool:
+        """schedule() would start a prefill batch now: a partly prefilled head of `waiting`, or room (a sequence
+        slot, the head's blocks and the look-ahead reserve) for the head of `waiting`."""
+        if not self.waiting:
+            return False
+        seq = self.waiting[0]
+        if seq.block_table:
+            return True
+        bm = self.block_manager
+        if len(self.running) >= self.max_num_seqs or not bm.can_allocate(seq):
+            return False
+        if not self.running:
+            return True
+        reserve = self.reserve_ratio * (sum(self._growth(s) for s in self.running)
+                                        + self._growth(seq) * (1 + len(seq.followers)))
+        return bm.num_free_blocks - seq.num_blocks >= reserve
 
     def commit(self, batch: Batch) -> None:
         """Account a launched batch: its tokens' K/V are (being) computed."""
