@@ -11,7 +11,8 @@
 //   2 (or 4) * hidden * sizeof(dtype) bytes per row. residual_out may alias residual (each thread reads
 //   its elements before it writes them).
 //
-// silu_mul_kernel: out[t, i] = silu(x[t, i]) * x[t, I + i], computed in float32 and rounded once.
+// silu_mul_kernel: out[t, i] = silu(x[t, i]) * x[t, I + i], computed in float32 and rounded once
+//   (gelu_tanh_mul_kernel: the same with GeLU-tanh, Gemma's MLP).
 //   Grid (T, ceil(I / 8 / 256)), 256 threads, one 16-byte vector of gate and of up per thread.
 //   Traffic: read 2 * I, write I scalars per row.
 #include "common.cuh"
@@ -80,8 +81,9 @@ extern "C" __global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
     }
 }
 
-extern "C" __global__ void silu_mul_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
-                                           int inter) {
+// gate * up with the gate's activation, one 16-byte vector of each per thread (the kernels below).
+template <typename Act>
+FG_INLINE void act_mul_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int inter, Act act) {
     const int row = blockIdx.x;
     const int i = blockIdx.y * blockDim.x + threadIdx.x;  // vector index within the row
     if (i >= inter / 8) return;
@@ -90,6 +92,21 @@ extern "C" __global__ void silu_mul_kernel(const scalar_t* __restrict__ x, scala
     unpack8(ld_v4(xr + 8 * i), g);
     unpack8(ld_v4(xr + inter + 8 * i), u);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) g[e] = g[e] / (1.f + __expf(-g[e])) * u[e];
+    for (int e = 0; e < 8; ++e) g[e] = act(g[e]) * u[e];
     st_v4(out + (i64)row * inter + 8 * i, pack8(g));
+}
+
+extern "C" __global__ void silu_mul_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                                           int inter) {
+    act_mul_row(x, out, inter, [](float g) { return g / (1.f + __expf(-g)); });
+}
+
+// gelu_tanh_mul_kernel: out[t, i] = gelu_tanh(x[t, i]) * x[t, I + i] (Gemma's MLP), in float32, rounded once:
+//   gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanhf (not the approximate tanh.approx:
+//   its 2^-11 relative error would be above bf16's rounding near g = 0). Same grid and traffic as silu_mul.
+extern "C" __global__ void gelu_tanh_mul_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                                                int inter) {
+    act_mul_row(x, out, inter, [](float g) {
+        return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    });
 }

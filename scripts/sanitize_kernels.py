@@ -39,6 +39,7 @@ def main() -> int:
         x, r, w = rnd(5, 1024), rnd(5, 1024), rnd(1024)
         outs["rms_norm"] = cuda_ops.rms_norm(x, w, 1e-6, r)[0]
         outs["silu_mul"] = cuda_ops.silu_mul(rnd(5, 2 * 1032))
+        outs["gelu_tanh_mul"] = cuda_ops.gelu_tanh_mul(rnd(5, 2 * 1032))
         T = 7
         cos_sin = torch.randn(64, d, generator=g, device=dev)
         slots = torch.arange(T, device=dev, dtype=torch.int64) * 3

@@ -100,16 +100,18 @@ def test_rms_norm_in_place_residual():
     torch.testing.assert_close(out, base[0], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("act", ["silu_mul", "gelu_tanh_mul"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,inter", [(1, 3072), (97, 1032), (4097, 3072)])
-def test_silu_mul(dtype, T, inter):
+def test_act_mul(act, dtype, T, inter):
     seed = _seed()
     g = _gen(seed)
     x = _randn((T, 2 * inter), g, dtype, 2.0)
     out = torch.full((T, inter), float("nan"), dtype=dtype, device=DEV)
-    got = cuda_ops.silu_mul(x, out=out)
+    got = getattr(cuda_ops, act)(x, out=out)
     assert got is out
-    _assert_close("silu_mul", got, torch_ops.silu_mul(x), torch_ops.silu_mul(x.double()), seed)
+    ref = getattr(torch_ops, act)
+    _assert_close(act, got, ref(x), ref(x.double()), seed)
 
 
 # ---------------------------------------------------------------- rope + kv append

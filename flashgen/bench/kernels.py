@@ -6,7 +6,7 @@ Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192
 attention (GQA 32/8, d=128, bf16, paged, block sizes 16 and 64) as K+V bytes / time next to torch SDPA's
 FLASH and CUDNN backends on contiguous KV of the same shape; prefill (causal, bf16, 16 heads, d=128, 16k
 tokens) as TFLOP/s next to the same two backends (the kernel the engine picks, and on Hopper also the portable
-mma.sync kernel on the same data); rope_kv_append, rms_norm and silu_mul as GB/s against
+mma.sync kernel on the same data); rope_kv_append, rms_norm, silu_mul and gelu_tanh_mul as GB/s against
 the copy ceiling. CUDA-event timing, median of many repetitions after warm-up, inputs rotated where one
 set would fit in L2. Prints a short table last; writes every figure to OUT_DIR/kernels.json.
 """
@@ -245,8 +245,9 @@ def elementwise(dev, ops, results: dict) -> None:
     n = _sets(nbytes)
     xs = [rnd(T, 2 * inter) for _ in range(n)]
     out = torch.empty(T, inter, dtype=bf, device=dev)
-    t = bench(rotating(ops.silu_mul, [(x,) for x in xs], out=out), reps=20)
-    results["elementwise"]["silu_mul"] = {"shape": f"T={T} inter={inter}", "bytes": nbytes, "bytes_per_s": nbytes / t}
+    for act in ("silu_mul", "gelu_tanh_mul"):
+        t = bench(rotating(getattr(ops, act), [(x,) for x in xs], out=out), reps=20)
+        results["elementwise"][act] = {"shape": f"T={T} inter={inter}", "bytes": nbytes, "bytes_per_s": nbytes / t}
 
 
 def table(r: dict) -> str:

@@ -58,20 +58,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 def gelu_tanh_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., 2 * inter) -> (..., inter): gelu(gate, approximate="tanh") * up, gate first. No kernel yet: torch's
-    elementwise ops (Gemma 3, the one model using it, is the only caller)."""
-    check_tensor("x", x, KERNEL_DTYPES)
-    gate, up = x.chunk(2, dim=-1)
-    y = torch.nn.functional.gelu(gate, approximate="tanh") * up
-    if out is None:
-        return y
-    out = check_out(out, tuple(y.shape), x.dtype, x.device)
-    assert out is not None
-    return out.copy_(y)
+    """(..., 2 * inter) -> (..., inter): gelu(gate, approximate="tanh") * up, gate first (Gemma's MLP)."""
+    return _act_mul("gelu_tanh_mul_kernel", x, out)
 
 
 def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """(..., 2 * inter) -> (..., inter): silu(gate) * up, gate first."""
+    return _act_mul("silu_mul_kernel", x, out)
+
+
+def _act_mul(kernel: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """One of norms.cu's gate-activation-times-up kernels: float32 inside, rounded once."""
     check_tensor("x", x, KERNEL_DTYPES)
     if x.dim() < 1 or x.shape[-1] % 16 or x.shape[-1] == 0:
         fail("x", "must have a last dim that is a positive multiple of 16 (2 * inter, inter % 8 == 0)",
@@ -83,7 +80,7 @@ def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tenso
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     rows = x.numel() // x.shape[-1]
     if rows:
-        k = jit.get_kernel("norms.cu", "silu_mul_kernel", x.dtype, 0, device_index(x))
+        k = jit.get_kernel("norms.cu", kernel, x.dtype, 0, device_index(x))
         nvec = inter // 8
         threads = min(256, -(-nvec // 32) * 32)
         jit.launch(k, (rows, -(-nvec // threads)), (threads,), (jit.ptr(x), jit.ptr(out), jit.i32(inter)),

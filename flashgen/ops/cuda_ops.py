@@ -11,7 +11,7 @@ This module is the backend's public face (`get_ops("cuda")`); the code lives in 
   cuda_checks.py      argument checks and device queries shared by every wrapper
   cuda_linear.py      linear: cuBLAS or the skinny GEMM, the per-shape plan chosen by timing; linear_fp8:
                       FP8 weights through cuBLASLt's FP8 GEMM (torch._scaled_mm)
-  cuda_elementwise.py rms_norm, silu_mul, rope_kv_append; gelu_tanh_mul (torch's elementwise ops for now)
+  cuda_elementwise.py rms_norm, silu_mul, gelu_tanh_mul, rope_kv_append
   cuda_attention.py   prefill_attention and decode_attention, their plans and merge counters
   cuda_sampling.py    gumbel_argmax
   torch_moe.py        moe: the torch per-expert loop over cuBLAS GEMMs, shared with the reference
