@@ -18,7 +18,8 @@
 //     in docs/benchmark-history.md, "Decode plans"). Every warp scans the context lengths itself, 32 at a
 //     time (warp reductions and a shuffle scan, no block barrier).
 //   Every K/V element is read from HBM once per step, whatever G (G > 8 re-reads it once per 8 heads).
-//   Within a piece of a pair the warps take 16-token steps in turn (warp w: steps w, w + 4, ...).
+//   Within a piece of a pair the warps take 16-token steps in turn (warp w: steps w, w + 4, ...; D = 256: warp
+//   pairs, below).
 //   A step is two m16n8k16 passes:
 //     S^T (16 tokens x 8 heads) = K (16 x D) . Q^T (D x 8)     A = K straight from global memory, B = Q
 //     O^T (D x 8 heads)       += V^T (D x 16) . P^T (16 x 8)    A = V^T built in registers, B = P^T
@@ -43,6 +44,14 @@
 //   Not with a shared-prefix launch (the wrapper refuses the pair; there it would apply to each launch).
 // Tiles: 16 tokens x D per warp step, 8 heads per CTA; registers only (the merge uses 16 KB of shared
 //   memory at D = 128).
+// D = 256 (Gemma 3): one step's K and V alone would take 128 registers per thread, twice with the next step's
+//   loads in flight (it spilled). So two warps share each step, each on one half of the head dims (DH = D / 2
+//   = 128): each loads its half of the step's K and V, computes its half of S^T = K . Q^T, and the two add
+//   their halves through shared memory (one named barrier per warp pair and step, two exchange slots by step
+//   parity); float addition commutes, so both hold the same S^T and so the same softmax, and each accumulates
+//   O^T for its half of the dims. A thread then holds exactly what it holds at D = 128 (same registers); the
+//   4 warps walk the steps as 2 pairs (pair w: steps w, w + 2, ...), and the merge is over the 2 pairs
+//   (16 KB of shared memory for O, 2 KB for the exchange). D = 64 and 128 are compiled as before.
 // Memory traffic: K and V of every context token once (2 * ctx * Hkv * D * sizeof(dtype) per sequence),
 //   plus q, the block tables, the context lengths (the balanced plan: all of them per CTA, L2 hits) and,
 //   for pairs cut between CTAs, 4 * (D + 1) bytes per piece and head written and re-read.
@@ -87,10 +96,23 @@ FG_INLINE uint4 kv_expand(const kvw_t& w) { return w; }
 #define DEC_HEADS 8                // query heads per CTA: the mma's n
 #define DEC_STEP 16                // tokens per warp step: the mma's m
 #define DEC_MIN_SLICE 16           // fewest steps of a balanced slice (4 per warp)
-#define KCH (D / 32)               // 16-byte K chunks per token per thread
-#define VCH (D / 64)               // 16-byte V chunks per token per thread
+#define DEC_SPLIT_D (D == 256 ? 2 : 1)  // warps sharing one step, each on DH of the head dims (see the top)
+#define DH (D / DEC_SPLIT_D)
+#define DEC_WALKERS (DEC_WARPS / DEC_SPLIT_D)  // warps (D = 256: warp pairs) taking steps in turn
+#define KCH (DH / 32)              // 16-byte K chunks per token per thread
+#define VCH (DH / 64)              // 16-byte V chunks per token per thread
 
 static_assert(D % 64 == 0 && D <= 256, "decode_attention: head_dim must be 64, 128, 192 or 256");
+static_assert(DH % 64 == 0 && DEC_WARPS % DEC_SPLIT_D == 0 && (DEC_SPLIT_D == 1 || DEC_WALKERS <= 2), "decode_attention: dims per warp");
+
+// A barrier of the DEC_SPLIT_D warps sharing a step: named barrier 1 + walker (0 is __syncthreads'), its id an
+// immediate so that ptxas reserves 3 barriers, not all 16.
+FG_INLINE void pair_sync(int walker) {
+    if (walker == 0)
+        asm volatile("bar.sync 1, %0;\n" ::"n"(32 * DEC_SPLIT_D) : "memory");
+    else
+        asm volatile("bar.sync 2, %0;\n" ::"n"(32 * DEC_SPLIT_D) : "memory");
+}
 
 // The first token a sequence of ctx tokens attends to under a sliding window (window 0: none), and its
 // number of 16-token steps, counted from the step holding that token.
@@ -149,8 +171,8 @@ FG_INLINE void store_out(const OutArgs& oa, i64 idx, int d0, float* acc, float l
 }
 
 struct KVStep {
-    kvw_t k[2][KCH];  // tokens g, g + 8: dims 32 j + 8 c .. + 7
-    kvw_t v[4][VCH];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9: dims 64 j + 8 g .. + 7
+    kvw_t k[2][KCH];  // tokens g, g + 8: dims 32 j + 8 c .. + 7 (of the warp's DH dims)
+    kvw_t v[4][VCH];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9: dims 64 j + 8 g .. + 7 (of the warp's DH dims)
 };
 
 FG_INLINE void load_step(KVStep& r, const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
@@ -173,22 +195,26 @@ FG_INLINE void load_step(KVStep& r, const kv_t* __restrict__ k_cache, const kv_t
 }
 
 // The warps' share of tokens [start, end) of sequence b for kv head kvh and query heads head0 .. head0 + nh - 1
-// (warp w takes the 16-token steps w, w + 4, ...), the tokens below lo (a sliding window's first token; 0
-// without one) masked; each leaves its (O, m, l) in shared memory.
+// (walker w takes the 16-token steps w, w + DEC_WALKERS, ...), the tokens below lo (a sliding window's first
+// token; 0 without one) masked; each walker leaves its (O, m, l) in shared memory. s_x: the D = 256 S^T
+// exchange, (DEC_WALKERS, 2 slots, DEC_SPLIT_D, 32 lanes) float4 (unused below).
 FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restrict__ k_cache,
                              const kv_t* __restrict__ v_cache, const int* __restrict__ bt, int b, int kvh,
                              int head0, int nh, int start, int end, int lo, int hq, int hkv, int log2_bs,
                              float scale_log2, const int* __restrict__ q_rows, int q_group,
-                             float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS], float (*s_l)[DEC_HEADS]) {
+                             float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS], float (*s_l)[DEC_HEADS],
+                             float4* s_x) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-    // Q^T as B fragments: head g, dims 32 j + 8 c .. + 7 (the permuted order K uses too).
-    u32 qf[D / 16][2];
+    // D = 256: warps 2 w and 2 w + 1 share walker w's steps, on dims 0 .. 127 and 128 .. 255
+    const int walker = warp / DEC_SPLIT_D, half = warp % DEC_SPLIT_D, dbase = half * DH;
+    // Q^T as B fragments: head g, dims dbase + 32 j + 8 c .. + 7 (the permuted order K uses too).
+    u32 qf[DH / 16][2];
     {
         const QRow qr = q_row(q_rows, q_group, b, head0 + (g < nh ? g : 0), hq, hkv);
         const bool hv = g < nh && qr.row >= 0;
-        const scalar_t* qp = q + ((i64)(hv ? qr.row : 0) * qr.hq + (hv ? qr.head : 0)) * D + 8 * c;
+        const scalar_t* qp = q + ((i64)(hv ? qr.row : 0) * qr.hq + (hv ? qr.head : 0)) * D + dbase + 8 * c;
 #pragma unroll
-        for (int j = 0; j < D / 32; ++j) {
+        for (int j = 0; j < DH / 32; ++j) {
             const uint4 w = hv ? ld_v4(qp + 32 * j) : make_uint4(0u, 0u, 0u, 0u);
             qf[2 * j][0] = w.x;
             qf[2 * j][1] = w.y;
@@ -197,18 +223,21 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
         }
     }
 
-    float o[D / 16][4];
+    float o[DH / 16][4];
 #pragma unroll
-    for (int i = 0; i < D / 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    for (int i = 0; i < DH / 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m0 = FG_NEG_INF, m1 = FG_NEG_INF, l0 = 0.f, l1 = 0.f;  // heads 2c and 2c + 1
 
     const i64 row_stride = (i64)hkv * D;
-    const i64 head_off = (i64)kvh * D;
+    const i64 head_off = (i64)kvh * D + dbase;
     const int bs_mask = (1 << log2_bs) - 1;
     const int last = end - 1;
-    const int stride = DEC_STEP * DEC_WARPS;
+    const int stride = DEC_STEP * DEC_WALKERS;
+    int par = 0;  // D = 256: the exchange slot of this step (steps alternate)
+    (void)par;
+    (void)s_x;
 
-    int t0 = start + DEC_STEP * warp;
+    int t0 = start + DEC_STEP * walker;
     KVStep cur;
     if (t0 < end) load_step(cur, k_cache, v_cache, (i64)bt[t0 >> log2_bs] << log2_bs, t0, last, bs_mask,
                             row_stride, head_off, g, c);
@@ -233,6 +262,18 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
             a[0] = k0.z; a[1] = k1.z; a[2] = k0.w; a[3] = k1.w;
             mma_16816(s, a, qf[2 * j + 1]);
         }
+#if DEC_SPLIT_D > 1
+        {   // add the other warp's half of S^T (same lane: same tokens and heads); own + other in both warps,
+            // which is the same float sum either way round
+            float4* xs = s_x + ((walker * 2 + par) * DEC_SPLIT_D) * 32 + lane;
+            xs[half * 32] = make_float4(s[0], s[1], s[2], s[3]);
+            pair_sync(walker);
+            const float4 x = xs[(half ^ 1) * 32];
+            s[0] += x.x; s[1] += x.y; s[2] += x.z; s[3] += x.w;
+            par ^= 1;  // the slot is rewritten two steps later, after this step's barrier and the next one:
+                       // by then the other warp has read it (it reads before reaching the next barrier)
+        }
+#endif
         const bool v0 = t0 + g < end && t0 + g >= lo, v1 = t0 + g + 8 < end && t0 + g + 8 >= lo;
         s[0] = v0 ? s[0] * scale_log2 : FG_NEG_INF;
         s[1] = v0 ? s[1] * scale_log2 : FG_NEG_INF;
@@ -256,7 +297,7 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
         m0 = mn0;
         m1 = mn1;
 #pragma unroll
-        for (int i = 0; i < D / 16; ++i) {
+        for (int i = 0; i < DH / 16; ++i) {
             o[i][0] *= al0; o[i][1] *= al1; o[i][2] *= al0; o[i][3] *= al1;
         }
 
@@ -265,7 +306,7 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
         pb[0] = movmatrix_trans(pack2(p0, p1));
         pb[1] = movmatrix_trans(pack2(p2, p3));
 
-        // O^T += V^T . P^T; m-tile 4 j + i covers dims 64 j + 8 g + 2 i (row g) and + 1 (row g + 8).
+        // O^T += V^T . P^T; m-tile 4 j + i covers dims dbase + 64 j + 8 g + 2 i (row g) and + 1 (row g + 8).
 #pragma unroll
         for (int j = 0; j < VCH; ++j) {
             const uint4 v0 = kv_expand(cur.v[0][j]), v1 = kv_expand(cur.v[1][j]);
@@ -297,18 +338,18 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
     for (int j = 0; j < VCH; ++j) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int d = 64 * j + 8 * g + 2 * i;
-            s_o[warp][2 * c][d] = o[4 * j + i][0];
-            s_o[warp][2 * c + 1][d] = o[4 * j + i][1];
-            s_o[warp][2 * c][d + 1] = o[4 * j + i][2];
-            s_o[warp][2 * c + 1][d + 1] = o[4 * j + i][3];
+            const int d = dbase + 64 * j + 8 * g + 2 * i;
+            s_o[walker][2 * c][d] = o[4 * j + i][0];
+            s_o[walker][2 * c + 1][d] = o[4 * j + i][1];
+            s_o[walker][2 * c][d + 1] = o[4 * j + i][2];
+            s_o[walker][2 * c + 1][d + 1] = o[4 * j + i][3];
         }
     }
-    if (g == 0) {
-        s_m[warp][2 * c] = m0;
-        s_m[warp][2 * c + 1] = m1;
-        s_l[warp][2 * c] = l0;
-        s_l[warp][2 * c + 1] = l1;
+    if (g == 0 && half == 0) {  // D = 256: both warps of a walker hold the same (m, l)
+        s_m[walker][2 * c] = m0;
+        s_m[walker][2 * c + 1] = m1;
+        s_l[walker][2 * c] = l0;
+        s_l[walker][2 * c + 1] = l1;
     }
 }
 
@@ -324,7 +365,7 @@ FG_INLINE void write_empty(const OutArgs& oa, const int* __restrict__ q_rows, in
     }
 }
 
-// After attend_tokens: merge the 4 warps' (O, m, l) for heads head0 .. head0 + nh - 1 of sequence b. A whole
+// After attend_tokens: merge the walkers' (O, m, l) for heads head0 .. head0 + nh - 1 of sequence b. A whole
 // pair is written to out (and the LSE); a piece writes a float32 partial O and its LSE (log2) to `slot`,
 // counts itself done on the pair's counter, and the last of the pair's pieces to finish (slices c0 .. c1;
 // slice c's partial is in slot 2 c, or 2 c + 1 for a balanced slice that starts before the pair,
@@ -340,12 +381,12 @@ FG_INLINE void finish_piece(const OutArgs& oa, float* __restrict__ part_o,
         const int h = i / (D / 8), d0 = (i % (D / 8)) * 8;
         float mm = FG_NEG_INF;
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) mm = fmaxf(mm, s_m[w][h]);
+        for (int w = 0; w < DEC_WALKERS; ++w) mm = fmaxf(mm, s_m[w][h]);
         float ll = 0.f, acc[8];
 #pragma unroll
         for (int x = 0; x < 8; ++x) acc[x] = 0.f;
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) {
+        for (int w = 0; w < DEC_WALKERS; ++w) {
             const float sc = fast_exp2(s_m[w][h] - mm);  // 0 for a warp that saw no token
             ll += s_l[w][h] * sc;
 #pragma unroll
@@ -419,9 +460,14 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         const float* __restrict__ merge_o,     // (batch, hq, D) float32 state merged into the
                         const float* __restrict__ merge_lse,   //   output, (batch, hq) natural log; or both null
                         int window) {                          // sliding window (0: none; not with q_rows)
-    __shared__ __align__(16) float s_o[DEC_WARPS][DEC_HEADS][D];
-    __shared__ float s_m[DEC_WARPS][DEC_HEADS];
-    __shared__ float s_l[DEC_WARPS][DEC_HEADS];
+    __shared__ __align__(16) float s_o[DEC_WALKERS][DEC_HEADS][D];
+    __shared__ float s_m[DEC_WALKERS][DEC_HEADS];
+    __shared__ float s_l[DEC_WALKERS][DEC_HEADS];
+#if DEC_SPLIT_D > 1
+    __shared__ float4 s_x[DEC_WALKERS * 2 * DEC_SPLIT_D * 32];  // the S^T exchange (see attend_tokens)
+#else
+    float4* const s_x = nullptr;
+#endif
 
     const int group = hq / hkv;
     const int hgroups = ceil_div(group, DEC_HEADS);
@@ -496,7 +542,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
         const int lo = win_lo(ctx, window), fs = lo / DEC_STEP;  // the first token and step (window; else 0)
         attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP, min((fs + e) * DEC_STEP, ctx),
-                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l);
+                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l, s_x);
         __syncthreads();
         finish_piece(oa, part_o, part_lse, pair_counters + p, b, hq, head0, nh, a == 0 && e == nst,
                      2 * cta, p * num_splits, p * num_splits + ceil_div(nst, chunk) - 1, false, 0, 0, s_o, s_m, s_l,
@@ -549,7 +595,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
         const int lo = win_lo(ctx, window), fs = lo / DEC_STEP;  // the first token and step (window; else 0)
         attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP, min((fs + e) * DEC_STEP, ctx),
-                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l);
+                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l, s_x);
         __syncthreads();
 
         finish_piece(oa, part_o, part_lse, pair_counters + (i64)b * per_b + j, b, hq, head0, nh,

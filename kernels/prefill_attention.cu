@@ -25,6 +25,10 @@
 //   shared-memory reads of K and V per FLOP) re-reads them from shared memory each tile. Shared memory:
 //   2 stages x (K + V) = 4 BN D 2 bytes, plus the Q tile (BM D 2 bytes) when MT = 2 (with MT = 1, Q is
 //   staged in stage 1 before the loop): 96 KB at MT = 2, BN = 64, D = 128 (2 CTAs per SM).
+//   D = 256 (Gemma 3) runs MT = 1, BN = 32 (the wrapper's only tile there): Q's fragments (64 registers) and O
+//   (128) for 16 rows x 256 dims leave no room for more (ptxas spills at BN = 64 or MT = 2); 64 KB of shared
+//   memory (Q, 32 KB, staged in stage 1's K and V, exactly its size), 2 CTAs per SM. The wgmma kernel does not
+//   take D = 256: the wrapper routes it here on Hopper too.
 // Memory traffic: q and out once; K/V of tile n once per (query block, head) CTA, mostly from L2 (the CTAs
 //   of one sequence and head run side by side); HBM sees about ctx * Hkv * D * 2 * sizeof(dtype) per
 //   sequence. FLOPs: 4 * D * (number of unmasked (query, key) pairs) per head.

@@ -82,6 +82,8 @@
 #define TILE_BYTES (BN * D * 2)
 #define Q_BYTES (BM * D * 2)
 
+// Head_dim 256 does not fit this scheme (2 Q + 2 K + 2 V slots of 128 x 256: 385 KB of shared memory; O of 64 rows x
+// 256 per consumer warpgroup: 128 registers a thread): the wrapper sends it to prefill_attention.cu.
 static_assert(D == 64 || D == 128, "prefill_attention_sm90: head_dim 64 or 128");
 static_assert(BM == BN, "Q and K/V tiles share the load pattern");
 
