@@ -184,7 +184,8 @@ def test_refused_configs_name_the_field(tmp_path, change, named):
 
 def test_backend_choice_runs_gemma_on_cuda(tmp_path, monkeypatch):
     """Sliding-window layers run on the CUDA kernels: auto picks cuda on a GPU where the kernels work and
-    --backend cuda is accepted; a head_dim the attention kernels lack (Gemma 3 1B-12B's 256) stays on torch."""
+    --backend cuda is accepted, at head_dim 128 and at Gemma 3 1B-12B's 256; a head_dim the attention kernels lack
+    (96 here) stays on torch, with --backend cuda refused naming it."""
     monkeypatch.setattr(model_runner, "cuda_backend_available", lambda: (True, ""))
     cuda, cpu, bf16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16
     spec = _spec_of(tmp_path, {**_cfg(tmp_path), "head_dim": 128})
@@ -194,6 +195,9 @@ def test_backend_choice_runs_gemma_on_cuda(tmp_path, monkeypatch):
     assert pick_backend(EngineConfig(model="x"), cpu, torch.float32, spec) == "torch"
     assert pick_backend(EngineConfig(model="x", backend="torch"), cuda, bf16, spec) == "torch"
     wide = _spec_of(tmp_path, {**_cfg(tmp_path), "head_dim": 256})
-    with pytest.raises(RuntimeError, match="head_dim 256.*--backend torch"):
-        pick_backend(EngineConfig(model="x", backend="cuda"), cuda, bf16, wide)
-    assert pick_backend(EngineConfig(model="x"), cuda, bf16, wide) == "torch"
+    assert pick_backend(EngineConfig(model="x", backend="cuda"), cuda, bf16, wide) == "cuda"
+    assert pick_backend(EngineConfig(model="x"), cuda, bf16, wide) == "cuda"
+    odd = _spec_of(tmp_path, {**_cfg(tmp_path), "head_dim": 96})
+    with pytest.raises(RuntimeError, match="head_dim 96.*--backend torch"):
+        pick_backend(EngineConfig(model="x", backend="cuda"), cuda, bf16, odd)
+    assert pick_backend(EngineConfig(model="x"), cuda, bf16, odd) == "torch"

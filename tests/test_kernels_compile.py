@@ -32,12 +32,12 @@ SOURCES = {
     "skinny_gemm.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "rope_kv_append.cu": [(64, ""), (128, ""), (256, ""), (64, "FG_KV_FP8=1"), (128, "FG_KV_FP8=1"),
                           (256, "FG_KV_FP8=1")],
-    "decode_attention.cu": [(64, ""), (128, ""), (64, "FG_KV_FP8=1"), (128, "FG_KV_FP8=1")],
+    "decode_attention.cu": [(d, fp8) for d in cuda_ops.ATTN_HEAD_DIMS for fp8 in ("", "FG_KV_FP8=1")],
     "kv_fp8.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS
-                             for mt, bn in cuda_ops.PREFILL_TILE_CHOICES],
-    "prefill_attention_sm90.cu": [(d, "") for d in cuda_ops.ATTN_HEAD_DIMS],
+                             for mt, bn in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]],
+    "prefill_attention_sm90.cu": [(d, "") for d in cuda_ops.PREFILL_SM90_HEAD_DIMS],
 }
 VARIANTS = [(src, dt, d, extra) for src, vs in SOURCES.items() for dt in DTYPES for d, extra in vs
             if not (("SAMPLING_F32=1" in extra or "LP_F32=1" in extra) and dt == "fp16")]  # float32: one variant

@@ -63,8 +63,8 @@ def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype,
                  ) -> str:
     if config.backend == "torch":
         return "torch"
-    # sliding-window layers (Gemma 3) run on the CUDA kernels too (their `window` argument); a head_dim the
-    # attention kernels lack (Gemma 3 1B-12B: 256) does not
+    # sliding-window layers (Gemma 3) run on the CUDA kernels too (their `window` argument), and so does Gemma 3
+    # 1B-12B's head_dim 256; a head_dim the attention kernels lack (Phi-3's 96) does not
     if spec is not None and spec.head_dim not in ATTN_HEAD_DIMS:
         if config.backend == "cuda":
             raise RuntimeError(f"backend='cuda' cannot run {spec.architecture}: its head_dim {spec.head_dim} is not "

@@ -30,15 +30,23 @@ from flashgen.ops.cuda_checks import (
     num_sms,
 )
 
-ATTN_HEAD_DIMS = (64, 128)
-# prefill tiles per head_dim: (16-row m-tiles per warp, keys per tile); kernels/prefill_attention.cu
-PREFILL_TILES = {64: (2, 64), 128: (2, 64)}
+ATTN_HEAD_DIMS = (64, 128, 256)
+# prefill tiles per head_dim: (16-row m-tiles per warp, keys per tile); kernels/prefill_attention.cu. At head_dim
+# 256 only (1, 32) fits the registers (Q's fragments and O for 16 rows x 256 dims take 192 per thread; ptxas spills
+# with 64 keys per tile or 2 m-tiles per warp): 64 KB of shared memory, 64 query rows per CTA
+PREFILL_TILES = {64: (2, 64), 128: (2, 64), 256: (1, 32)}
 PREFILL_TILE_CHOICES = ((1, 64), (1, 32), (2, 32), (2, 64))
+# the tiles the mma kernel is built with per head_dim (the choices `tile=` takes): all at 64 and 128
+PREFILL_TILE_CHOICES_BY_DIM = {64: PREFILL_TILE_CHOICES, 128: PREFILL_TILE_CHOICES, 256: ((1, 32),)}
 # prefill kernels: "wgmma" (kernels/prefill_attention_sm90.cu, Hopper only) and "mma" (prefill_attention.cu,
 # any sm_80+ GPU); FLASHGEN_PREFILL=auto|wgmma|mma, auto = wgmma where the GPU has it
 PREFILL_IMPLS = ("wgmma", "mma")
 WGMMA_ARCH = "sm_90"  # the architecture with wgmma (built for its arch-specific target, sm_90a)
-PREFILL_SM90_SMEM = {d: 128 * d * 2 * 6 + 1024 for d in ATTN_HEAD_DIMS}  # 2 Q + 2 K + 2 V slots + alignment
+# head dims of the wgmma kernel. Not 256: its scheme (128-row Q and 128-key K/V tiles, 2 slots each, O of 64 rows x
+# D per consumer warpgroup in registers) would need 385 KB of shared memory and 128 registers per thread for O
+# alone at D = 256; head_dim 256 runs on the mma kernel on Hopper too (prefill_attention routes it there)
+PREFILL_SM90_HEAD_DIMS = (64, 128)
+PREFILL_SM90_SMEM = {d: 128 * d * 2 * 6 + 1024 for d in PREFILL_SM90_HEAD_DIMS}  # 2 Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
 DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
 
@@ -68,12 +76,14 @@ def prefill_smem_bytes(head_dim: int, tile: tuple[int, int]) -> int:
     return q_tile + 4 * bn * head_dim * 2  # + 2 stages x (K + V)
 
 
-def _tile_choice(tile: tuple[int, int] | list[int]) -> tuple[int, int]:
-    """`tile` (a tuple or list) as the entry of PREFILL_TILE_CHOICES it equals; a ValueError if none."""
-    for choice in PREFILL_TILE_CHOICES:
+def _tile_choice(tile: tuple[int, int] | list[int], head_dim: int) -> tuple[int, int]:
+    """`tile` (a tuple or list) as the entry of PREFILL_TILE_CHOICES_BY_DIM[head_dim] it equals; a ValueError if
+    none."""
+    choices = PREFILL_TILE_CHOICES_BY_DIM[head_dim]
+    for choice in choices:
         if choice == tuple(tile):
             return choice
-    fail("tile", f"must be one of {PREFILL_TILE_CHOICES}", tile)
+    fail("tile", f"must be one of {choices} at head_dim {head_dim}", tile)
 
 
 def prefill_impl(device_index: int) -> str:
@@ -97,7 +107,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to its first context_lens[b] cached tokens (its new tokens
     included), the mask aligned bottom-right; needs context_lens[b] >= q_len_b and max_seqlen_q >= every
     q_len_b. Returns (total_q, Hq, D). `impl` picks the kernel (PREFILL_IMPLS; default prefill_impl());
-    `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES; for benchmarks).
+    `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES_BY_DIM; for benchmarks).
+    Head_dim 256 always runs on the mma kernel (the wgmma kernel takes PREFILL_SM90_HEAD_DIMS): impl=None or
+    $FLASHGEN_PREFILL=wgmma route it there, an explicit impl='wgmma' is refused.
     An FP8 cache's pages are first dequantized (times k_scale, v_scale) into a scratch cache: see _prefill_fp8.
     `window` > 0 (sliding-window attention, Gemma 3's local layers): the query at position p sees keys in
     (p - window, p] only; both kernels mask below the window and skip the key tiles below every row's window of
@@ -123,17 +135,22 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     auto = impl is None and tile is None
     if impl is None:
         impl = "mma" if tile is not None else prefill_impl(di)
+        if impl == "wgmma" and d not in PREFILL_SM90_HEAD_DIMS:
+            impl = "mma"  # head_dim 256: the wgmma kernel's tiles do not fit (see PREFILL_SM90_HEAD_DIMS)
     if impl not in PREFILL_IMPLS:
         fail("impl", f"must be one of {PREFILL_IMPLS}", impl)
     mma_tile = PREFILL_TILES[d]  # the mma kernel's (m-tiles per warp, keys per tile)
     if impl == "wgmma":
         if tile is not None:
             fail("tile", "applies to the mma kernel only (impl='mma')", tile)
+        if d not in PREFILL_SM90_HEAD_DIMS:
+            fail("impl", f"'wgmma' takes head_dim {' or '.join(map(str, PREFILL_SM90_HEAD_DIMS))}; head_dim {d} "
+                 "runs on the mma kernel (impl='mma' or None)", impl)
         arch = jit.device_arch(di)
         if arch != WGMMA_ARCH:
             fail("impl", f"'wgmma' needs a Hopper GPU ({WGMMA_ARCH}); {dev} is {arch}", impl)
     elif tile is not None:
-        mma_tile = _tile_choice(tile)
+        mma_tile = _tile_choice(tile, d)
     if not (B and max_seqlen_q and q.shape[0]):
         return out
     if k_cache.dtype == torch.float8_e4m3fn:
