@@ -129,6 +129,11 @@ ROPE_CASES = [
         [(1, (8, 8), 16, torch.int32), (97, (12, 4), 64, torch.int64), (1025, (32, 4), 256, torch.int32),
          (2, (16, 2), 16, torch.int64)][i % 4]
     ]
+] + [  # head_dim 256 (Gemma 3 1B-12B: q/k norm, NeoX rotation): a subset
+    pytest.param(torch.bfloat16, 256, True, False, 1, (8, 8), 16, torch.int32, id="hd256"),
+    pytest.param(torch.float16, 256, True, False, 97, (4, 1), 64, torch.int64, id="hd256"),
+    pytest.param(torch.bfloat16, 256, False, True, 1025, (16, 8), 256, torch.int32, id="hd256"),
+    pytest.param(torch.float16, 256, False, False, 2, (16, 2), 16, torch.int64, id="hd256"),
 ]
 
 
@@ -235,6 +240,13 @@ DECODE_LENS = [
 DECODE_CASES = [
     (dt, d, group, [16, 64, 256][i % 3], DECODE_LENS[i % len(DECODE_LENS)])
     for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))
+] + [  # head_dim 256 (two warps per step, kernels/decode_attention.cu): a subset, GQA 1 to 16, every block size
+    pytest.param(torch.bfloat16, 256, 1, 16, [1], id="hd256"),
+    pytest.param(torch.float16, 256, 4, 64, [1025, 1, 40], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 8, 256, [300, 511, 64, 65, 129, 128, 1, 16], id="hd256"),
+    pytest.param(torch.float16, 256, 2, 16, [4097, 3, 1025, 2], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 4, 64, [17] * 256, id="hd256"),
+    pytest.param(torch.bfloat16, 256, 16, 16, [3000, 700, 65, 64, 63, 1], id="hd256"),
 ]
 
 
@@ -281,13 +293,26 @@ def test_decode_attention_splits(num_splits, lens, plan):
         assert state.count_nonzero() == 0
 
 
+@pytest.mark.parametrize("plan", ["split", "balanced"])
+@pytest.mark.parametrize("num_splits,lens", [(2, RAGGED), (64, [17] * 4), (3, [1025] * 2),
+                                             (3, [9000, 16, 17, 2, 4097, 1, 1, 1, 300])])
+def test_decode_attention_splits_hd256(num_splits, lens, plan):
+    """Head_dim 256 under both plans, split pieces and balanced slices (the merge of the 2 warp pairs and of
+    the CTAs' partials); GQA group 16; twice, as above."""
+    for _ in range(2):
+        _check_decode(lens, 2, 32, 256, 16, torch.bfloat16, 0.1, num_splits=num_splits, plan=plan)
+        state = cuda_attention._COUNTERS[(torch.device("cuda", torch.cuda.current_device()), "decode")]
+        assert state.count_nonzero() == 0
+
+
+@pytest.mark.parametrize("d", [128, pytest.param(256, id="hd256")])
 @pytest.mark.parametrize("lens,num_splits", [([0, 300, 0, 5], 3), ([0, 1000, 0, 1000], 4)])
-def test_decode_attention_empty_context(lens, num_splits):
+def test_decode_attention_empty_context(lens, num_splits, d):
     """A sequence with no cached token gets zeros and LSE -inf; the others are unaffected."""
     seed = _seed()
     g = _gen(seed)
-    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
-    q = _randn((4, 8, 128), g, torch.bfloat16)
+    kc, vc, bt = _paged_cache(lens, 2, d, 16, torch.bfloat16, g)
+    q = _randn((4, 8, d), g, torch.bfloat16)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, out=torch.full_like(q, float("nan")),
                                          return_lse=True, num_splits=num_splits)
@@ -306,6 +331,14 @@ PREFILL_QLENS = [  # (q_len, context_len) per sequence; context_len > q_len: pre
 PREFILL_CASES = [
     (dt, d, group, [16, 64, 256][i % 3], PREFILL_QLENS[i % len(PREFILL_QLENS)])
     for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))
+]
+PREFILL_CASES_256 = [  # head_dim 256: the mma kernel (tile (1, 32)) whatever the impl asked; a subset
+    pytest.param(torch.bfloat16, 256, 1, 16, PREFILL_QLENS[0], id="hd256"),
+    pytest.param(torch.float16, 256, 4, 64, PREFILL_QLENS[1], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 8, 256, PREFILL_QLENS[2], id="hd256"),
+    pytest.param(torch.float16, 256, 2, 16, PREFILL_QLENS[3], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 4, 64, PREFILL_QLENS[6], id="hd256"),
+    pytest.param(torch.float16, 256, 1, 16, PREFILL_QLENS[7], id="hd256"),
 ]
 
 
@@ -342,8 +375,32 @@ def test_prefill_attention(dtype, d, group, bs, seqs, impl):
     _assert_close(f"prefill {impl}", got, base, ref, seed)
 
 
-@pytest.mark.parametrize("tile", cuda_ops.PREFILL_TILE_CHOICES)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype,d,group,bs,seqs", PREFILL_CASES_256)
+def test_prefill_attention_hd256(dtype, d, group, bs, seqs):
+    """Head_dim 256 through the default choice (on Hopper: routed from wgmma to the mma kernel)."""
+    seed = _seed()
+    g = _gen(seed)
+    hkv = 1 if max(n for _, n in seqs) > 2048 else 2
+    q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_inputs(seqs, hkv, hkv * group, d, bs, dtype, g)
+    out = torch.full_like(q, float("nan"))
+    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), d**-0.5, out=out)
+    assert got is out
+    ref, base, _ = _refs(q, kc, vc, bt, lens, qlens, d**-0.5)
+    _assert_close("prefill hd256", got, base, ref, seed)
+
+
+def test_prefill_hd256_refuses_wgmma_and_other_tiles():
+    """Head_dim 256: an explicit impl='wgmma' and the tiles that do not fit it are refused, naming them."""
+    seed = _seed()
+    q, kc, vc, cu, ctx, bt, qlens, _ = _prefill_inputs([(5, 5)], 1, 2, 256, 16, torch.bfloat16, _gen(seed))
+    with pytest.raises(ValueError, match="'wgmma' takes head_dim 64 or 128; head_dim 256"):
+        cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, 5, 0.1, impl="wgmma")
+    with pytest.raises(ValueError, match=r"tile must be one of \(\(1, 32\),\) at head_dim 256"):
+        cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, 5, 0.1, tile=(2, 64))
+
+
+@pytest.mark.parametrize("tile,d", [pytest.param(t, d, id=f"{t[0]}x{t[1]}-{'hd256' if d == 256 else d}")
+                                    for d in cuda_ops.ATTN_HEAD_DIMS for t in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]])
 def test_prefill_attention_tiles(tile, d):
     """Every tile shape the wrapper can pick, on prefix hits, a multi-block sequence and page crossings."""
     seed = _seed()

@@ -87,7 +87,12 @@ def test_rope_kv_append_fp8(dtype, d, T, heads, bs):
 DECODE_LENS = [[1], [2, 97], [1025, 1, 40], [4097, 3, 1025, 2], [300, 511, 64, 65, 129, 128, 1, 16],
                [17] * 200]
 DECODE_CASES = [(dt, d, group, [16, 64, 256][i % 3], DECODE_LENS[i % len(DECODE_LENS)])
-                for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))]
+                for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))] + [
+    # head_dim 256: a subset
+    pytest.param(torch.bfloat16, 256, 1, 16, DECODE_LENS[0], id="hd256"),
+    pytest.param(torch.float16, 256, 4, 64, DECODE_LENS[2], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 8, 256, DECODE_LENS[4], id="hd256"),
+    pytest.param(torch.float16, 256, 2, 16, DECODE_LENS[5], id="hd256")]
 
 
 @pytest.mark.parametrize("dtype,d,group,bs,lens", DECODE_CASES)
@@ -111,7 +116,11 @@ def test_decode_attention_fp8(dtype, d, group, bs, lens):
 PREFILL_QLENS = [[(1, 1)], [(2, 2), (97, 97)], [(97, 1025), (1, 4097), (64, 130)], [(1025, 1025)],
                  [(n, n + 3 * n % 50) for n in range(1, 40)], [(200, 4000), (2, 2), (129, 129)]]
 PREFILL_CASES = [(dt, d, group, [16, 64, 256][i % 3], PREFILL_QLENS[i % len(PREFILL_QLENS)])
-                 for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))]
+                 for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))] + [
+    # head_dim 256 (the mma kernel only: its wgmma cases skip): a subset
+    pytest.param(torch.bfloat16, 256, 4, 16, PREFILL_QLENS[2], id="hd256"),
+    pytest.param(torch.float16, 256, 1, 64, PREFILL_QLENS[5], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 8, 256, PREFILL_QLENS[1], id="hd256")]
 
 
 @pytest.mark.parametrize("impl", cuda_ops.PREFILL_IMPLS)
@@ -121,6 +130,8 @@ def test_prefill_attention_fp8(dtype, d, group, bs, seqs, impl):
 
     if impl == "wgmma" and jit.device_arch(DEV) != cuda_ops.WGMMA_ARCH:
         pytest.skip("the wgmma prefill kernel needs a Hopper GPU")
+    if impl == "wgmma" and d not in cuda_ops.PREFILL_SM90_HEAD_DIMS:
+        pytest.skip(f"head_dim {d} runs on the mma prefill kernel only (its impl='mma' case)")
     seed = _seed()
     g = _gen(seed)
     hkv = 1 if max(n for _, n in seqs) > 2048 else 2

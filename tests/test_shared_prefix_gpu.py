@@ -63,13 +63,23 @@ def test_shared_prefix_decode(dtype, d, hkv, group, case):
     _errors(dtype, d, hkv, group, [16, 64][case % 2], groups, singles)
 
 
+@pytest.mark.parametrize("dtype,hkv,group,case", [
+    (torch.bfloat16, 2, 1, 0), (torch.float16, 1, 3, 1), (torch.bfloat16, 2, 4, 3), (torch.float16, 1, 8, 4),
+    (torch.bfloat16, 1, 4, 2)])
+def test_shared_prefix_decode_hd256(dtype, hkv, group, case):
+    """Head_dim 256 (a subset): q_rows, the float32 output and the merge through the warp-pair kernel."""
+    groups, singles = CASES[case]
+    _errors(dtype, 256, hkv, group, [16, 64][case % 2], groups, singles)
+
+
+@pytest.mark.parametrize("d", [128, pytest.param(256, id="hd256")])
 @pytest.mark.parametrize("plan", ["split", "balanced"])
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
-def test_shared_prefix_decode_splits_and_plans(plan, num_splits):
-    _errors(torch.bfloat16, 128, 2, 4, 16, CASES[3][0], CASES[3][1], num_splits=num_splits, plan=plan)
+def test_shared_prefix_decode_splits_and_plans(plan, num_splits, d):
+    _errors(torch.bfloat16, d, 2, 4, 16, CASES[3][0], CASES[3][1], num_splits=num_splits, plan=plan)
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, pytest.param(256, id="hd256")])
 def test_shared_prefix_decode_fp8_cache(d):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the FP8 KV cache needs compute capability 8.9 or later")

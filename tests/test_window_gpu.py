@@ -96,6 +96,12 @@ DECODE_CASES = [
     (dt, d, group, bs, window, lens)
     for i, (window, lens) in enumerate(itertools.product(WINDOWS, DECODE_LENS))
     for dt, d, group, bs in [list(itertools.product(DTYPES, [64, 128], [1, 4, 8], [16, 64]))[(7 * i) % 24]]
+] + [  # head_dim 256: a subset, every window
+    pytest.param(torch.bfloat16, 256, 4, 16, 1, DECODE_LENS[4], id="hd256"),
+    pytest.param(torch.float16, 256, 2, 64, 17, DECODE_LENS[2], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 8, 16, 100, DECODE_LENS[5], id="hd256"),
+    pytest.param(torch.float16, 256, 1, 64, 512, DECODE_LENS[6], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 4, 16, 16, DECODE_LENS[1], id="hd256"),
 ]
 
 
@@ -139,11 +145,25 @@ def test_decode_attention_window_splits(window, lens, num_splits, plan):
         assert state.count_nonzero() == 0
 
 
-def _check_empty(lens, window, num_splits, plan):
+@pytest.mark.parametrize("plan", ["split", "balanced"])
+@pytest.mark.parametrize("num_splits,window,lens", [
+    (3, 100, [1, 63, 64, 65, 700, 3000]), (64, 512, [9000, 16, 17, 2, 4097, 1, 1, 1, 300]), (3, 512, [0, 1025, 0, 97]),
+])
+def test_decode_attention_window_splits_hd256(window, lens, num_splits, plan):
+    """Head_dim 256 with a window under both plans, GQA group 16, an empty context among them."""
+    for _ in range(2):
+        if 0 in lens:
+            _check_empty(lens, window, num_splits, plan, d=256)
+        else:
+            _check_decode_window(lens, 2, 32, 256, 16, torch.bfloat16, 0.1, window, num_splits=num_splits,
+                                 plan=plan)
+
+
+def _check_empty(lens, window, num_splits, plan, d=128):
     seed = _seed()
     g = _gen(seed)
-    kc, vc, bt = _paged_cache(lens, 2, 128, 16, torch.bfloat16, g)
-    q = _randn((len(lens), 32, 128), g, torch.bfloat16)
+    kc, vc, bt = _paged_cache(lens, 2, d, 16, torch.bfloat16, g)
+    q = _randn((len(lens), 32, d), g, torch.bfloat16)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, window=window, out=torch.full_like(q, float("nan")),
                                          return_lse=True, num_splits=num_splits, plan=plan)
@@ -188,6 +208,13 @@ PREFILL_CASES = [
     for i, (window, seqs) in enumerate(itertools.product(WINDOWS, PREFILL_QLENS))
     for dt, d, group, bs in [list(itertools.product(DTYPES, [64, 128], [1, 4, 8], [16, 64]))[(5 * i) % 24]]
 ]
+PREFILL_CASES_256 = [  # head_dim 256 (the mma kernel, whatever the impl asked): a subset, every window
+    pytest.param(torch.bfloat16, 256, 4, 16, 17, PREFILL_QLENS[2], id="hd256"),
+    pytest.param(torch.float16, 256, 2, 64, 100, PREFILL_QLENS[4], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 1, 16, 512, PREFILL_QLENS[5], id="hd256"),
+    pytest.param(torch.float16, 256, 8, 64, 1, PREFILL_QLENS[1], id="hd256"),
+    pytest.param(torch.bfloat16, 256, 4, 16, 16, PREFILL_QLENS[6], id="hd256"),
+]
 
 
 def _prefill_window_inputs(seqs, hkv, hq, d, bs, dtype, g):
@@ -214,6 +241,21 @@ def test_prefill_attention_window(dtype, d, group, bs, window, seqs, impl):
     got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), scale, window=window, out=out, impl=impl)
     assert got is out
     _assert_close(f"prefill {impl} window {window}", got, base, ref, seed)
+
+
+@pytest.mark.parametrize("dtype,d,group,bs,window,seqs", PREFILL_CASES_256)
+def test_prefill_attention_window_hd256(dtype, d, group, bs, window, seqs):
+    seed = _seed()
+    g = _gen(seed)
+    hkv = 1 if max(n for _, n in seqs) > 2048 else 2
+    q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_window_inputs(seqs, hkv, hkv * group, d, bs, dtype, g)
+    scale = d**-0.5
+    ref, base, _ = _refs_window(q, kc, vc, bt, lens, qlens, scale, window)
+    _poison_below((kc, vc), bt, lens, qlens, window, 128)
+    out = torch.full_like(q, float("nan"))
+    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), scale, window=window, out=out)
+    assert got is out
+    _assert_close(f"prefill hd256 window {window}", got, base, ref, seed)
 
 
 @pytest.mark.parametrize("tile", cuda_ops.PREFILL_TILE_CHOICES)
@@ -245,7 +287,8 @@ def test_prefill_window_zero_is_no_window(impl):
 
 # ---------------------------------------------------------------- FP8 cache
 FP8_CASES = [(dt, d, bs, window) for (dt, d), (bs, window) in zip(
-    itertools.product(DTYPES, [64, 128]), [(16, 17), (64, 100), (16, 512), (64, 1)], strict=True)]
+    itertools.product(DTYPES, [64, 128]), [(16, 17), (64, 100), (16, 512), (64, 1)], strict=True)] + [
+    pytest.param(torch.bfloat16, 256, 16, 100, id="hd256"), pytest.param(torch.float16, 256, 64, 17, id="hd256")]
 
 
 @pytest.mark.parametrize("impl", cuda_ops.PREFILL_IMPLS)
@@ -254,6 +297,8 @@ def test_window_fp8_cache(dtype, d, bs, window, impl):
     """Decode reading the FP8 cache and prefill through its dequantized scratch, with a window."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the FP8 KV cache needs compute capability 8.9 or later")
+    if impl == "wgmma" and d not in cuda_ops.PREFILL_SM90_HEAD_DIMS:
+        pytest.skip(f"head_dim {d} runs on the mma prefill kernel only (its impl='mma' case)")
     _need_impl(impl)
     seed = _seed()
     g = _gen(seed)
@@ -302,18 +347,20 @@ def test_decode_window_in_cuda_graph():
         _assert_close(f"decode window graph {new}", out, base, ref, seed)
 
 
-@pytest.mark.parametrize("window", [16, 32])
-def test_engine_gemma3_cuda_backend_matches_torch_backend(tmp_path, window):
+@pytest.mark.parametrize("window,head_dim", [(16, 128), (32, 128), pytest.param(16, 256, id="16-hd256")])
+def test_engine_gemma3_cuda_backend_matches_torch_backend(tmp_path, window, head_dim):
     """A tiny Gemma 3 (local layers with a window much shorter than the prompts, a global layer, soft-capping)
     on the CUDA backend (bf16) against the torch backend on the same GPU (float32): prompt logits within twice
-    the torch backend's own bf16 error; greedy runs of 48 tokens over pages of 16 complete."""
+    the torch backend's own bf16 error; greedy runs of 48 tokens over pages of 16 complete. Head_dim 128 (Gemma 3
+    27B) and 256 (1B-12B)."""
     from checkpoints import make_checkpoint
     from flashgen import SamplingParams
 
     path = str(make_checkpoint(tmp_path, "gemma3", hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=1,
-                               head_dim=128, intermediate_size=256, sliding_window=window,
+                               head_dim=head_dim, intermediate_size=256, sliding_window=window,
                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                               rope_local_base_freq=100.0, query_pre_attn_scalar=128, final_logit_softcapping=30.0))
+                               rope_local_base_freq=100.0, query_pre_attn_scalar=head_dim,
+                               final_logit_softcapping=30.0))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 100, 173, 300)]
     fast, ref, same = cuda_against_torch(path, prompts)
