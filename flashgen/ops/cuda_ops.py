@@ -14,7 +14,9 @@ This module is the backend's public face (`get_ops("cuda")`); the code lives in 
   cuda_elementwise.py rms_norm, silu_mul, gelu_tanh_mul, rope_kv_append
   cuda_attention.py   prefill_attention and decode_attention, their plans and merge counters
   cuda_sampling.py    gumbel_argmax
-  torch_moe.py        moe: the torch per-expert loop over cuBLAS GEMMs, shared with the reference
+  cuda_moe.py         moe: the experts as two grouped GEMMs (torch._grouped_mm, no host sync, capturable) in
+                      bfloat16 on SM90 / SM100; elsewhere, or with FLASHGEN_MOE=loop, the reference's
+                      per-expert loop over cuBLAS GEMMs (torch_moe.py)
 
 Importing this module needs neither CuPy nor a GPU; calling an op does.
 
@@ -64,5 +66,5 @@ from flashgen.ops.cuda_linear import (  # noqa: F401
     linear_plan,
     skinny_gemm,
 )
+from flashgen.ops.cuda_moe import MOE_IMPLS, moe, moe_grouped, moe_impl, moe_loop  # noqa: F401
 from flashgen.ops.cuda_sampling import gumbel_argmax  # noqa: F401
-from flashgen.ops.torch_moe import moe  # noqa: F401 - the torch per-expert loop (cuBLAS GEMMs) for now

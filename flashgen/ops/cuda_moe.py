@@ -1,0 +1,117 @@
+"""The CUDA backend's `moe`: the experts as two grouped GEMMs (torch._grouped_mm), no host sync.
+
+The routing, the sort by expert, the gather of each pair's token, the weighting and the scatter back are the
+reference's (flashgen/ops/torch_moe.py: sort_by_expert, combine); only the experts' GEMMs differ. Instead of one
+GEMM pair per active expert, sized on the host from the per-expert counts (the loop's host sync), each of the two
+projections is one grouped GEMM over every expert: torch._grouped_mm (CUTLASS's grouped kernel on SM90 / SM100)
+with the (T * top_k, K) gathered rows, the (E, K, N) stacked weights and the groups' int32 end offsets, which a
+searchsorted on the sorted expert ids computes on the device. Nothing reads a tensor on the host and every shape
+follows from T and top_k, so a MoE decode step can be captured in a CUDA graph. Empty experts are empty groups.
+
+Why torch._grouped_mm and not a kernel of ours: it is maintained with torch, reads the offsets on the device,
+takes our stored layouts as they are (transposed views, no copy), and its tile shapes are tuned for Hopper. It is
+a private torch API (the leading underscore), so it is used behind a check (moe_impl), and the loop stays the
+fallback. Its fast path, the one that does not sync, needs all of:
+  - bfloat16 operands and output (float16 and float32 are accepted but run torch's fallback, a per-group loop that
+    copies the offsets to the host: no better than our loop and not capturable, so they run the loop);
+  - a CUDA device of compute capability 9.x or 10.x (elsewhere torch takes the same syncing fallback);
+  - each operand's contiguous dimension 1 and its other stride a multiple of 16 bytes, data 16-byte aligned:
+    hidden and intermediate sizes multiples of 8 in bfloat16 (the loader's stacked weights are contiguous and
+    fresh allocations are aligned; the transposed views put K innermost, the layout the kernel reads best);
+  - fewer than 1024 groups (experts).
+On the CPU (torch 2.13's build at least) the same op runs through the fallback in float32, bfloat16 and float16,
+which is how the CPU tests compare this path with the loop (they skip where a torch lacks it).
+
+FLASHGEN_MOE=loop forces the per-expert loop (A/B measurements); FLASHGEN_MOE=grouped (the default) takes the
+grouped GEMMs wherever the checks above pass. flashgen.engine.model_runner asks moe_impl whether every MoE layer
+takes the grouped path before it captures decode graphs.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from flashgen.ops.torch_moe import check_shapes, combine, sort_by_expert
+from flashgen.ops.torch_moe import moe as moe_loop
+
+MOE_IMPLS = ("grouped", "loop")
+GROUPED_DTYPES = (torch.bfloat16,)   # the dtypes of torch._grouped_mm's CUDA fast path
+GROUPED_ARCHS = (9, 10)              # compute capability majors of that fast path
+GROUPED_MAX_EXPERTS = 1023           # the kernel takes fewer than 1024 groups
+
+
+def has_grouped_mm() -> bool:
+    return callable(getattr(torch, "_grouped_mm", None))
+
+
+@functools.cache
+def _arch(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def grouped_unsupported(dtype: torch.dtype, gate_up: torch.Tensor, down: torch.Tensor) -> str | None:
+    """Why the grouped path cannot run a layer with these expert weights and activations of `dtype` on the
+    device without a host sync, or None when it can."""
+    if not has_grouped_mm():
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if gate_up.device.type != "cuda":
+        return "the experts are not on a CUDA device"
+    if not (dtype == gate_up.dtype == down.dtype) or dtype not in GROUPED_DTYPES:
+        return (f"torch._grouped_mm runs bfloat16 only without a host sync (activations {dtype}, experts "
+                f"{gate_up.dtype})")
+    index = gate_up.device.index if gate_up.device.index is not None else torch.cuda.current_device()
+    if _arch(index) not in GROUPED_ARCHS:
+        return f"torch._grouped_mm's grouped kernel needs compute capability 9.x or 10.x (this GPU: {_arch(index)}.x)"
+    if gate_up.shape[0] > GROUPED_MAX_EXPERTS:
+        return f"{gate_up.shape[0]} experts; torch._grouped_mm takes at most {GROUPED_MAX_EXPERTS} groups"
+    align = 16 // gate_up.element_size()
+    hidden, inter = gate_up.shape[2], down.shape[2]
+    if hidden % align or inter % align:
+        return f"hidden size {hidden} and expert width {inter} must be multiples of {align} (16-byte rows)"
+    if not (gate_up.is_contiguous() and down.is_contiguous()):
+        return "the stacked expert weights are not contiguous"
+    if gate_up.data_ptr() % 16 or down.data_ptr() % 16:
+        return "the stacked expert weights are not 16-byte aligned"
+    return None
+
+
+def moe_impl(dtype: torch.dtype, gate_up: torch.Tensor, down: torch.Tensor) -> str:
+    """"grouped" or "loop": what the CUDA backend's moe runs for activations of `dtype` with these expert weights
+    ($FLASHGEN_MOE, then grouped_unsupported)."""
+    want = os.environ.get("FLASHGEN_MOE", "grouped")
+    if want not in MOE_IMPLS:
+        raise ValueError(f"FLASHGEN_MOE={want!r}: use one of {', '.join(MOE_IMPLS)}")
+    if want == "loop" or grouped_unsupported(dtype, gate_up, down) is not None:
+        return "loop"
+    return "grouped"
+
+
+def moe_grouped(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+                renormalize: bool) -> torch.Tensor:
+    """ops.moe (the contract of flashgen/ops/torch_moe.py's moe) through torch._grouped_mm: two grouped GEMMs
+    over the expert-sorted pairs, on whatever device and dtype torch._grouped_mm takes (on the CPU through its
+    fallback, for tests). No host sync where its fast path runs (see grouped_unsupported)."""
+    check_shapes(x, router, gate_up, down, top_k)
+    E = router.shape[0]
+    if x.shape[0] == 0:
+        return torch.zeros_like(x)
+    experts, tokens, weights = sort_by_expert(x, router, top_k, renormalize)
+    # group e is the pairs routed to expert e: rows offs[e-1] .. offs[e] (empty where none)
+    ends = torch.arange(1, E + 1, device=x.device, dtype=experts.dtype)
+    offs = torch.searchsorted(experts, ends, out_int32=True)
+    xs = x.index_select(0, tokens)                                       # (T * top_k, H), expert by expert
+    h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)        # (T * top_k, 2 I)
+    gate, up = h.chunk(2, dim=-1)
+    ys = torch._grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)  # (T * top_k, H)
+    return combine(x, tokens, ys, weights)
+
+
+def moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+        renormalize: bool) -> torch.Tensor:
+    """ops.moe on the GPU: the grouped GEMMs where moe_impl says so, else the per-expert loop."""
+    if moe_impl(x.dtype, gate_up, down) == "grouped":
+        return moe_grouped(x, router, gate_up, down, top_k, renormalize)
+    return moe_loop(x, router, gate_up, down, top_k, renormalize)
