@@ -27,6 +27,7 @@ from flashgen.models.spec import DTYPES, ModelSpec
 from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import CUDA_FIX, cuda_backend_available, get_ops
 from flashgen.ops.cuda_attention import ATTN_HEAD_DIMS
+from flashgen.ops.cuda_moe import grouped_unsupported, moe_impl
 
 log = logging.getLogger(__name__)
 # prompt positions whose logits are computed at once for prompt logprobs: (512, vocab) in the model's dtype is no
@@ -181,11 +182,27 @@ class ModelRunner:
         # step's tokens (see TokenSlots).
         if self.device.type == "cuda" and self.world == 1:
             self.enable_pipelining()
-        # NOTE: the torch reference reads context lengths on the host, so only the CUDA kernels are capturable; so
-        # does ops.moe's per-expert loop (its token counts), so MoE models decode eagerly (docs/design.md)
-        if self.device.type == "cuda" and self.backend == "cuda" and not config.enforce_eager and spec.moe is None:
+        # NOTE: the torch reference reads context lengths on the host, so only the CUDA kernels are capturable. A
+        # MoE model is captured when every MoE layer runs the grouped GEMMs (no host sync); the per-expert loop
+        # reads its token counts on the host, so a model that runs it decodes eagerly (docs/design.md)
+        if (self.device.type == "cuda" and self.backend == "cuda" and not config.enforce_eager
+                and self._moe_capturable()):
             max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks)
+
+    def _moe_capturable(self) -> bool:
+        """Whether every MoE layer's ops.moe runs without a host sync (the CUDA backend's grouped GEMMs)."""
+        if self.model.spec.moe is None:
+            return True
+        for L in self.model.layers:
+            if L.get("router") is not None:
+                gate_up, down = L["experts_gate_up"], L["experts_down"]
+                assert gate_up is not None and down is not None
+                if moe_impl(self.dtype, gate_up, down) != "grouped":
+                    why = grouped_unsupported(self.dtype, gate_up, down) or "FLASHGEN_MOE=loop"
+                    log.info("MoE layers run the per-expert loop (%s), so decode steps run without CUDA graphs", why)
+                    return False
+        return True
 
     def enable_pipelining(self) -> None:
         """Keep each running sequence's latest token in a device slot (forced on in CPU tests)."""

@@ -3,10 +3,10 @@ expert weights the model runs and their tensor-parallel slices.
 
 A MoE layer replaces the dense MLP with a router (`gate`, (E, H)) and E experts, each a SwiGLU MLP of width I.
 At load, each layer's experts are stacked into gate_up (E, 2 * I, H) (each expert's gate rows, then its up rows,
-as the dense fused weight) and down (E, H, I), so ops.moe receives one tensor per kind and a grouped-GEMM kernel
-can later read them as they are. Tensor parallelism splits every expert's intermediate dimension across ranks,
-as the dense MLP is split (each rank computes a partial sum of every token's output; one all-reduce after), and
-keeps the router whole on every rank, so all ranks route every token alike.
+as the dense fused weight) and down (E, H, I), so ops.moe receives one tensor per kind, and the CUDA backend's
+grouped GEMMs read them as they are (flashgen/ops/cuda_moe.py). Tensor parallelism splits every expert's
+intermediate dimension across ranks, as the dense MLP is split (each rank computes a partial sum of every token's
+output; one all-reduce after), and keeps the router whole on every rank, so all ranks route every token alike.
 """
 from __future__ import annotations
 
