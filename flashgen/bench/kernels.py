@@ -7,8 +7,14 @@ attention (GQA 32/8, d=128, bf16, paged, block sizes 16 and 64) as K+V bytes / t
 FLASH and CUDNN backends on contiguous KV of the same shape; prefill (causal, bf16, 16 heads, d=128, 16k
 tokens) as TFLOP/s next to the same two backends (the kernel the engine picks, and on Hopper also the portable
 mma.sync kernel on the same data); rope_kv_append, rms_norm, silu_mul and gelu_tanh_mul as GB/s against
-the copy ceiling. CUDA-event timing, median of many repetitions after warm-up, inputs rotated where one
-set would fit in L2. Prints a short table last; writes every figure to OUT_DIR/kernels.json.
+the copy ceiling; a MoE layer (Qwen3-30B-A3B's shape) per decode batch size, the per-expert loop against the
+grouped GEMMs, next to the time the bytes of the experts it activates take at HBM peak. CUDA-event timing, median
+of many repetitions after warm-up, inputs rotated where one set would fit in L2. Prints a short table last;
+writes every figure to OUT_DIR/kernels.json.
+
+    PYTHONPATH=. python -m flashgen.bench.kernels --moe [OUT_DIR]
+
+runs the MoE layer only (under a minute).
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ DEC_SHAPES = [(64, 1024), (64, 4096), (16, 16384), (1, 32768)]  # (batch, contex
 DEC_RAGGED = [(64, 64, 8192, "random"), (16, 512, 32768, "one long")]
 PREFILL_LENS = [512, 2048, 8192]
 PREFILL_TOKENS = 16384
+MOE_SHAPE = (128, 8, 2048, 768)   # Qwen3-30B-A3B's MoE layer: experts, top_k, hidden, expert width
+MOE_BATCHES = (1, 8, 64, 256)     # decode batch sizes (tokens per step)
+HBM_PEAK = 3.35e12                # bytes/s: H100 SXM's HBM3 peak, the MoE floor's bandwidth
 
 
 def _sets(bytes_one: int) -> int:
@@ -250,6 +259,63 @@ def elementwise(dev, ops, results: dict) -> None:
         results["elementwise"][act] = {"shape": f"T={T} inter={inter}", "bytes": nbytes, "bytes_per_s": nbytes / t}
 
 
+def moe_layer(dev, ops, results: dict) -> None:
+    """One MoE layer (bf16) per decode batch size T: ops.moe's two implementations, the per-expert loop (timed
+    eagerly, as the engine runs it: it syncs with the host, so it cannot be captured) and the grouped GEMMs (eager,
+    and replayed from a CUDA graph as the engine's decode steps run them), against the floor: the bytes of the
+    experts the batch activates (and the router) read once at HBM peak. Two weight sets, alternated so that one
+    call's experts are not in L2 from the call before."""
+    from flashgen.ops import cuda_moe
+    from flashgen.ops.torch_moe import route
+
+    E, k, H, inter = MOE_SHAPE
+    g = torch.Generator(device=dev).manual_seed(4)
+    bf = torch.bfloat16
+    sets = [(torch.randn(E, H, generator=g, device=dev).to(bf) * 0.05, *_moe_weights(dev, E, 2 * (i + 1)))
+            for i in range(2)]
+    why = cuda_moe.grouped_unsupported(bf, sets[0][1], sets[0][2])
+    per_expert = 3 * H * inter * 2
+    for T in MOE_BATCHES:
+        xs = [torch.randn(T, H, generator=g, device=dev).to(bf) for _ in sets]
+        args = [(x, router, gate_up, down, k, True) for x, (router, gate_up, down) in zip(xs, sets, strict=True)]
+        active = sum(len(set(route(x, r, k, True)[1].flatten().tolist())) for x, r, *_ in args) / len(args)
+        e: dict[str, Any] = {"tokens": T, "experts_active": active,
+                             "floor_s": (active * per_expert + E * H * 2) / HBM_PEAK,
+                             "loop_s": bench(rotating(cuda_moe.moe_loop, args), reps=15, inner=4, graph=False)}
+        if why is None:
+            e["grouped_s"] = bench(rotating(cuda_moe.moe_grouped, args), reps=15, inner=4, graph=False)
+            e["grouped_graph_s"] = bench(rotating(cuda_moe.moe_grouped, args), reps=15, inner=4)
+        else:
+            e["grouped_unsupported"] = why
+        results["moe"].append(e)
+        print(f"moe T={T}: {e}", file=sys.stderr)
+    del sets
+    torch.cuda.empty_cache()
+
+
+def _moe_weights(dev, E: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (E, 2I, H) and (E, H, I) bf16 expert weights of MOE_SHAPE's sizes."""
+    _, _, H, inter = MOE_SHAPE
+    g = torch.Generator(device=dev).manual_seed(seed)
+    gate_up = (torch.randn(E, 2 * inter, H, generator=g, device=dev) * H ** -0.5).to(torch.bfloat16)
+    down = (torch.randn(E, H, inter, generator=g, device=dev) * inter ** -0.5).to(torch.bfloat16)
+    return gate_up, down
+
+
+def moe_table(r: dict) -> list[str]:
+    E, k, H, inter = MOE_SHAPE
+    lines = [f"MoE layer E={E} top_k={k} H={H} I={inter} bf16, us per call "
+             f"(floor: active experts' bytes at {HBM_PEAK / 1e12:.2f} TB/s)",
+             f"{'tokens':<8}{'experts':>8}{'loop':>10}{'grouped':>10}{'graph':>10}{'floor':>10}"]
+    for e in r["moe"]:
+        cells = [f"{e[key] * 1e6:>10.1f}" if key in e else f"{'-':>10}"
+                 for key in ("loop_s", "grouped_s", "grouped_graph_s", "floor_s")]
+        lines.append(f"{e['tokens']:<8}{e['experts_active']:>8.1f}" + "".join(cells))
+        if "grouped_unsupported" in e:
+            lines.append(f"  grouped: {e['grouped_unsupported']}")
+    return lines
+
+
 def table(r: dict) -> str:
     c = r["ceilings"]
     copy = c["copy_bytes_per_s"]
@@ -293,10 +359,12 @@ def table(r: dict) -> str:
                              f"{100 * mma / c['matmul_bf16_flops']:>9.0f}%")
     for k, e in r["elementwise"].items():
         lines.append(f"{k + ' GB/s':<34}{e['bytes_per_s'] / 1e9:>12.0f}{'':>20}{100 * e['bytes_per_s'] / copy:>9.0f}%")
+    if r.get("moe"):
+        lines += moe_table(r)
     return "\n".join(lines)
 
 
-def main(out_dir: str | None = None) -> int:
+def main(out_dir: str | None = None, only_moe: bool = False) -> int:
     if not torch.cuda.is_available():
         print("kernel benchmark: no CUDA device is visible", file=sys.stderr)
         return 2
@@ -307,20 +375,29 @@ def main(out_dir: str | None = None) -> int:
         "device": torch.cuda.get_device_name(dev),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
-        "command": "PYTHONPATH=. python -m flashgen.bench.kernels",
-        "decode": [], "decode_ragged": [], "prefill": [], "elementwise": {},
+        "command": "PYTHONPATH=. python -m flashgen.bench.kernels" + (" --moe" if only_moe else ""),
+        "decode": [], "decode_ragged": [], "prefill": [], "elementwise": {}, "moe": [],
     }
-    results["ceilings"] = ceilings(dev)
-    print(f"ceilings: {results['ceilings']}", file=sys.stderr)
-    for step in (decode, decode_ragged, prefill, elementwise):
-        step(dev, cuda_ops, results)
-        print(f"{step.__name__}: done", file=sys.stderr)
+    if only_moe:
+        moe_layer(dev, cuda_ops, results)
+        text = "\n".join([f"device: {results['device']}   date: {results['date']}   torch: {torch.__version__}",
+                          *moe_table(results)])
+    else:
+        results["ceilings"] = ceilings(dev)
+        print(f"ceilings: {results['ceilings']}", file=sys.stderr)
+        for step in (decode, decode_ragged, prefill, elementwise, moe_layer):
+            step(dev, cuda_ops, results)
+            print(f"{step.__name__}: done", file=sys.stderr)
+        text = table(results)
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "kernels.json").write_text(json.dumps(results, indent=1))
-    print(table(results))
+        (Path(out_dir) / ("moe.json" if only_moe else "kernels.json")).write_text(json.dumps(results, indent=1))
+    print(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))
+    argv = sys.argv[1:]
+    moe_only = "--moe" in argv
+    rest = [a for a in argv if a != "--moe"]
+    sys.exit(main(rest[0] if rest else None, only_moe=moe_only))
