@@ -7,6 +7,7 @@ Importing this module needs neither CuPy nor a GPU; calling an op does.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -52,38 +53,50 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
+def _plan(key: tuple, variants: tuple, weight_bytes: int,
+          candidates: Callable[[int], dict[str | tuple[int, int], Callable[[int], object]]]) -> tuple[int, int] | None:
+    """The plan shared by linear_plan and linear_fp8_plan: FLASHGEN_LINEAR=cublas|skinny forces cuBLAS (None) or
+    variants[0]; else the plan remembered under key; else, during CUDA-graph capture, cuBLAS; else a measurement.
+    candidates(copies) gives "cublas" and each variant as bench's fn(i), rotating over `copies` copies of the
+    weight (~96 MB in all, twice the H100's L2, as the layers of a real step are); each is replayed from a CUDA
+    graph and the fastest is remembered (LINEAR_TIMES keeps the times)."""
+    forced = choose("FLASHGEN_LINEAR", os.environ.get("FLASHGEN_LINEAR", "auto"), ("auto", "cublas", "skinny"))
+    if forced != "auto":
+        return None if forced == "cublas" else variants[0]
+    if key in _LINEAR_PLAN:
+        return _LINEAR_PLAN[key]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    copies = max(1, -(-(96 << 20) // weight_bytes))
+    calls = max(copies, 4)
+    times = {name: bench(fn, reps=7, inner=calls, warmup=1) for name, fn in candidates(copies).items()}
+    best = min(times, key=times.__getitem__)
+    plan = None if isinstance(best, str) else best  # "cublas", or a skinny variant
+    _LINEAR_PLAN[key], LINEAR_TIMES[key] = plan, times
+    return plan
+
+
 def linear_plan(rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int] | None:
     """Which kernel runs `rows` x weight^T: None = cuBLAS, else the skinny kernel's (warps, unroll). Measured once
     per shape (cuBLAS and each skinny variant, replayed from a CUDA graph over weight copies rotated past L2,
     as the layers of a real step are), then remembered. During CUDA-graph capture an unmeasured shape gets
     cuBLAS. The environment variable FLASHGEN_LINEAR=cublas|skinny overrides the measurement."""
-    forced = choose("FLASHGEN_LINEAR", os.environ.get("FLASHGEN_LINEAR", "auto"), ("auto", "cublas", "skinny"))
-    if forced != "auto":
-        return None if forced == "cublas" else SKINNY_VARIANTS[0]
     rows = 1 << (rows - 1).bit_length()  # measured at 1, 2, 4, 8 rows (the decode graphs' small buckets)
     key = (weight.device, weight.dtype, rows, *weight.shape, bias is not None)
-    if key in _LINEAR_PLAN:
-        return _LINEAR_PLAN[key]
-    if torch.cuda.is_current_stream_capturing():
-        return None
-    N, K = weight.shape
-    wbytes = weight.numel() * weight.element_size()
-    copies = max(1, -(-(96 << 20) // wbytes))  # ~96 MB of weights: twice the H100's L2
-    g = torch.Generator(device=weight.device).manual_seed(0)
-    ws = [weight] if copies == 1 else [
-        (torch.randn(weight.shape, generator=g, device=weight.device) * 0.02).to(weight.dtype) for _ in range(copies)]
-    x = torch.randn((rows, K), generator=g, device=weight.device).to(weight.dtype)
-    out = torch.empty((rows, N), dtype=weight.dtype, device=weight.device)
-    calls = max(copies, 4)
-    sets = [(x, w, bias) for w in ws]  # call i reads weight copy i % copies
-    times: dict[str | tuple[int, int], float] = {
-        "cublas": bench(rotating(torch.nn.functional.linear, sets), reps=7, inner=calls, warmup=1)}
-    for v in SKINNY_VARIANTS:
-        times[v] = bench(rotating(skinny_gemm, sets, out=out, warps=v[0], unroll=v[1]), reps=7, inner=calls, warmup=1)
-    best = min(times, key=times.__getitem__)
-    plan = None if isinstance(best, str) else best  # "cublas", or a skinny variant
-    _LINEAR_PLAN[key], LINEAR_TIMES[key] = plan, times
-    return plan
+
+    def candidates(copies: int) -> dict[str | tuple[int, int], Callable[[int], object]]:
+        N, K = weight.shape
+        g = torch.Generator(device=weight.device).manual_seed(0)
+        ws = [weight] if copies == 1 else [
+            (torch.randn(weight.shape, generator=g, device=weight.device) * 0.02).to(weight.dtype)
+            for _ in range(copies)]
+        x = torch.randn((rows, K), generator=g, device=weight.device).to(weight.dtype)
+        out = torch.empty((rows, N), dtype=weight.dtype, device=weight.device)
+        sets = [(x, w, bias) for w in ws]  # call i reads weight copy i % copies
+        return {"cublas": rotating(torch.nn.functional.linear, sets),
+                **{v: rotating(skinny_gemm, sets, out=out, warps=v[0], unroll=v[1]) for v in SKINNY_VARIANTS}}
+
+    return _plan(key, SKINNY_VARIANTS, weight.numel() * weight.element_size(), candidates)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
