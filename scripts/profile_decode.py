@@ -35,8 +35,9 @@ with tempfile.TemporaryDirectory() as d:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     from flashgen.ops import cuda_ops
 
-    print("linear plans (rows, N, K): time per call and weight bytes per second, cuBLAS and skinny (warps, unroll)")
-    for key, times in sorted(cuda_ops.LINEAR_TIMES.items(), key=lambda kv: kv[0][2:]):
-        w = key[3] * key[4] * 2
-        print(f"  {key[2:5]}: "
+    print("linear plans (rows, N, K, weight dtype): time per call and weight bytes per second, cuBLAS and skinny "
+          "(warps, unroll)")
+    for key, times in sorted(cuda_ops.LINEAR_TIMES.items(), key=lambda kv: (kv[0][2:5], str(kv[0]))):
+        w = key[3] * key[4] * key[1].itemsize  # bf16/fp16 weights, or FP8 (linear_fp8_plan)
+        print(f"  {(*key[2:5], str(key[1]).removeprefix('torch.'))}: "
               + ", ".join(f"{k}: {v * 1e6:.1f} us ({w / v / 1e12:.2f} TB/s)" for k, v in times.items()))

@@ -1,6 +1,7 @@
 """CUDA backend, linear layers: torch's GEMM (cuBLAS), or for up to 8 rows (decode at small batch) the skinny
 kernel of kernels/skinny_gemm.cu where it measured faster on that shape (linear_plan); and FP8 weights
-(linear_fp8): activations quantized per token by torch ops, then cuBLASLt's FP8 GEMM through torch._scaled_mm.
+(linear_fp8): activations quantized per token by torch ops, then cuBLASLt's FP8 GEMM through torch._scaled_mm,
+or for up to 8 rows the FP8 skinny kernel of kernels/skinny_gemm_fp8.cu where it measured faster (linear_fp8_plan).
 
 Importing this module needs neither CuPy nor a GPU; calling an op does.
 """
@@ -18,7 +19,12 @@ from flashgen.ops.timing import bench, rotating
 SKINNY_MAX_ROWS = 8  # kernels/skinny_gemm.cu: the rows are the n = 8 of an m16n8k16 product
 # (warps per CTA, k steps in flight per lane) of the skinny kernel that linear_plan measures against cuBLAS
 SKINNY_VARIANTS = ((4, 8), (8, 8), (2, 8), (4, 4))
-_LINEAR_PLAN: dict[tuple, tuple | None] = {}  # (device, dtype, rows, N, K, bias) -> a skinny variant, None = cuBLAS
+# (warps, unroll) of the FP8 skinny kernel (kernels/skinny_gemm_fp8.cu) that linear_fp8_plan measures against
+# cuBLASLt; a warp step covers 64 k there (32 in the bf16 kernel), so a slice of K is half as many steps
+SKINNY_FP8_VARIANTS = ((4, 8), (8, 8), (2, 8), (4, 4), (8, 4))
+FP8_SKINNY_MULTIPLE = 16  # kernels/skinny_gemm_fp8.cu: K a multiple of 16 (one lane's 16-byte vector of e4m3)
+# (device, weight dtype, rows, N, K, bias[, output dtype for FP8 weights]) -> a skinny variant, None = cuBLAS
+_LINEAR_PLAN: dict[tuple, tuple | None] = {}
 LINEAR_TIMES: dict[tuple, dict] = {}  # the measurements behind each plan: {"cublas" or variant: s per call}
 
 
@@ -145,13 +151,88 @@ def _fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_s
     return (y * xs[:, None] * weight_scale[None, :]).to(out_dtype)
 
 
+def _fp8_gemm_bias(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """linear_fp8's cuBLASLt path on quantized rows: the FP8 GEMM, then the bias (after the GEMM's rounding)."""
+    y = _fp8_gemm(xq, xs, weight, weight_scale, out_dtype)
+    return y if bias is None else y + bias
+
+
+def skinny_gemm_fp8(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype, *, out: torch.Tensor | None = None,
+                    warps: int = 4, unroll: int = 8) -> torch.Tensor:
+    """(xq (M, K) e4m3 * xs (M,)) . (weight (N, K) e4m3 * weight_scale (N,))^T [+ bias (N,)] -> (M, N) in
+    out_dtype for 1 <= M <= 8: e4m3 products accumulated in float32 on the tensor cores, scaled (acc * xs * ws)
+    and biased in float32, rounded once (torch_ops.linear_fp8's arithmetic up to the order of the sums); a
+    streaming pass over the weight (decode at small batch with FP8 weights). K a multiple of 16, any N."""
+    check_tensor("xq", xq, (torch.float8_e4m3fn,), 2)
+    dev = xq.device
+    M, K = xq.shape
+    if not 1 <= M <= SKINNY_MAX_ROWS:
+        fail("xq", f"must have 1 to {SKINNY_MAX_ROWS} rows", f"shape {tuple(xq.shape)}")
+    if K % FP8_SKINNY_MULTIPLE or K == 0:
+        fail("xq", f"must have a last dim that is a positive multiple of {FP8_SKINNY_MULTIPLE}",
+             f"shape {tuple(xq.shape)}")
+    check_tensor("xs", xs, (torch.float32,), 1, dev, align=4)
+    check_shape("xs", xs, (M,))
+    check_tensor("weight", weight, (torch.float8_e4m3fn,), 2, dev)
+    N = weight.shape[0]
+    if weight.shape[1] != K or N == 0:
+        fail("weight", f"must be (N > 0, {K}) like xq's last dim", f"shape {tuple(weight.shape)}")
+    check_tensor("weight_scale", weight_scale, (torch.float32,), 1, dev, align=4)
+    check_shape("weight_scale", weight_scale, (N,))
+    if out_dtype not in KERNEL_DTYPES:
+        fail("out_dtype", f"must be {' or '.join(str(d) for d in KERNEL_DTYPES)}", out_dtype)
+    if bias is not None:
+        check_tensor("bias", bias, (out_dtype,), 1, dev, align=2)
+        check_shape("bias", bias, (N,))
+    if (warps, unroll) not in SKINNY_FP8_VARIANTS:
+        fail("(warps, unroll)", f"must be one of {SKINNY_FP8_VARIANTS}", (warps, unroll))
+    out = check_out(out, (M, N), out_dtype, dev)
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype, device=dev)
+    k_per_warp = -(-K // (64 * warps)) * 64  # whole 64-k warp steps
+    kern = jit.get_kernel("skinny_gemm_fp8.cu", "skinny_gemm_fp8_kernel", out_dtype, 0, device_index(xq), 0,
+                          (("SG_U", unroll),))
+    jit.launch(kern, (-(-N // 16),), (32 * warps,), (
+        jit.ptr(xq), jit.i64(K), jit.ptr(xs), jit.ptr(weight), jit.ptr(weight_scale), jit.ptr(bias), jit.ptr(out),
+        jit.i64(N), jit.i32(M), jit.i32(N), jit.i32(K), jit.i32(k_per_warp)), dev)
+    return out
+
+
+def linear_fp8_plan(rows: int, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> tuple[int, int] | None:
+    """Which kernel runs `rows` quantized rows x an FP8 weight^T: None = cuBLASLt (torch._scaled_mm), else the FP8
+    skinny kernel's (warps, unroll); chosen as linear_plan chooses (measured once per shape over weight copies
+    rotated past L2, cuBLAS for an unmeasured shape during CUDA-graph capture, FLASHGEN_LINEAR overrides). The
+    activation quantization, the same on both paths, is not part of the measurement."""
+    rows = 1 << (rows - 1).bit_length()
+    key = (weight.device, weight.dtype, rows, *weight.shape, bias is not None, out_dtype)
+
+    def candidates(copies: int) -> dict[str | tuple[int, int], Callable[[int], object]]:
+        N, K = weight.shape
+        g = torch.Generator(device=weight.device).manual_seed(0)
+        ws = [(weight, weight_scale)] if copies == 1 else [
+            torch_ops.quantize_fp8_rows(torch.randn(weight.shape, generator=g, device=weight.device) * 0.02)
+            for _ in range(copies)]
+        xq, xs = torch_ops.quantize_fp8_rows(torch.randn((rows, K), generator=g, device=weight.device))
+        out = torch.empty((rows, N), dtype=out_dtype, device=weight.device)
+        sets = [(xq, xs, w, s, bias, out_dtype) for w, s in ws]  # call i reads weight copy i % copies
+        return {"cublas": rotating(_fp8_gemm_bias, sets),
+                **{v: rotating(skinny_gemm_fp8, sets, out=out, warps=v[0], unroll=v[1]) for v in SKINNY_FP8_VARIANTS}}
+
+    return _plan(key, SKINNY_FP8_VARIANTS, weight.numel() * weight.element_size(), candidates)
+
+
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16/fp16 . (weight (N, K) float8_e4m3fn * weight_scale (N,) float32)^T [+ bias] -> (..., N):
     each row of x quantized to e4m3 with its own scale (torch_ops.quantize_fp8_rows, the reference's own code),
     then cuBLASLt's FP8 GEMM with row-wise scales (scale_a (M, 1), scale_b (1, N)), output in x's dtype; the
-    bias is added after the GEMM's rounding. Shapes the FP8 GEMM cannot take (K or N not a multiple of 16, no
-    rows) run the torch reference on the GPU: right, not fast. Capturable in a CUDA graph (no host sync)."""
+    bias is added after the GEMM's rounding. For 1 to 8 rows the FP8 skinny kernel (skinny_gemm_fp8: bias added
+    before the one rounding) runs instead where it measured faster on the shape (linear_fp8_plan). Shapes the
+    FP8 GEMM cannot take (K or N not a multiple of 16, no rows) run the torch reference on the GPU: right, not
+    fast. Capturable in a CUDA graph (no host sync)."""
     check_tensor("x", x, KERNEL_DTYPES, contiguous=False, align=1)
     dev = x.device
     K = x.shape[-1] if x.dim() else 0
@@ -168,7 +249,9 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if rows == 0 or K % FP8_GEMM_MULTIPLE or N % FP8_GEMM_MULTIPLE:
         return torch_ops.linear_fp8(x, weight, weight_scale, bias)
     xq, xs = torch_ops.quantize_fp8_rows(x.reshape(rows, K))
-    y = _fp8_gemm(xq, xs, weight, weight_scale, x.dtype)
-    if bias is not None:
-        y = y + bias
+    plan = linear_fp8_plan(rows, weight, weight_scale, bias, x.dtype) if rows <= SKINNY_MAX_ROWS else None
+    if plan is not None:
+        y = skinny_gemm_fp8(xq, xs, weight, weight_scale, bias, x.dtype, warps=plan[0], unroll=plan[1])
+    else:
+        y = _fp8_gemm_bias(xq, xs, weight, weight_scale, bias, x.dtype)
     return y.reshape(*x.shape[:-1], N)

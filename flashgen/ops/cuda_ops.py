@@ -10,7 +10,8 @@ module).
 This module is the backend's public face (`get_ops("cuda")`); the code lives in one module per job:
   cuda_checks.py      argument checks and device queries shared by every wrapper
   cuda_linear.py      linear: cuBLAS or the skinny GEMM, the per-shape plan chosen by timing; linear_fp8:
-                      FP8 weights through cuBLASLt's FP8 GEMM (torch._scaled_mm)
+                      FP8 weights through cuBLASLt's FP8 GEMM (torch._scaled_mm) or, up to 8 rows, the FP8
+                      skinny GEMM (the same kind of plan)
   cuda_elementwise.py rms_norm, silu_mul, gelu_tanh_mul, rope_kv_append
   cuda_attention.py   prefill_attention and decode_attention, their plans and merge counters
   cuda_sampling.py    gumbel_argmax
@@ -59,12 +60,15 @@ from flashgen.ops.cuda_elementwise import (  # noqa: F401
 from flashgen.ops.cuda_linear import (  # noqa: F401
     FP8_GEMM_MULTIPLE,
     LINEAR_TIMES,
+    SKINNY_FP8_VARIANTS,
     SKINNY_MAX_ROWS,
     SKINNY_VARIANTS,
     linear,
     linear_fp8,
+    linear_fp8_plan,
     linear_plan,
     skinny_gemm,
+    skinny_gemm_fp8,
 )
 from flashgen.ops.cuda_moe import MOE_IMPLS, moe, moe_grouped, moe_impl, moe_loop  # noqa: F401
 from flashgen.ops.cuda_sampling import gumbel_argmax  # noqa: F401
