@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from flashgen.ops import cuda_ops, jit
+from flashgen.ops import cuda_ops, jit, torch_ops
 
 
 def main() -> int:
@@ -50,6 +50,12 @@ def main() -> int:
         for warps, unroll in cuda_ops.SKINNY_VARIANTS:  # 3 rows, N not a multiple of 16, K not of 32, bias
             outs[f"skinny_gemm_{warps}x{unroll}"] = cuda_ops.skinny_gemm(rnd(3, 1032), rnd(37, 1032), rnd(37),
                                                                        warps=warps, unroll=unroll)
+        if torch.cuda.get_device_capability(dev) >= (8, 9):  # FP8 weights: 3 rows, N = 37, K = 1040 (not of 64)
+            xq, xs = torch_ops.quantize_fp8_rows(rnd(3, 1040))
+            wq, wsc = torch_ops.quantize_fp8_rows(rnd(37, 1040))
+            for warps, unroll in cuda_ops.SKINNY_FP8_VARIANTS:
+                outs[f"skinny_gemm_fp8_{warps}x{unroll}"] = cuda_ops.skinny_gemm_fp8(
+                    xq, xs, wq, wsc, rnd(37), bf, warps=warps, unroll=unroll)
         logits = rnd(3, 50257)
         outs["gumbel_argmax"] = cuda_ops.gumbel_argmax(  # several CTAs per row (small batch), scalar tail path
             logits, torch.tensor([0.0, 0.7, 1.3], device=dev), torch.tensor([1, 2, 3], device=dev),

@@ -1,10 +1,11 @@
 """FP8 weights on the GPU (sm_89+): the CUDA backend's linear_fp8 (activations quantized per token by the
-reference's own code, then cuBLASLt's FP8 GEMM through torch._scaled_mm) against the torch reference, and the
+reference's own code, then cuBLASLt's FP8 GEMM through torch._scaled_mm, or at up to 8 rows the FP8 skinny kernel
+where its plan chose it) against the torch reference, the FP8 skinny kernel itself (every variant), and the
 engine with FP8 weights on the CUDA kernels against the torch reference ops, both on the GPU.
 
-The op is checked as the other kernels are: against a float64 oracle of the same quantized operands,
-err(CUDA) <= 2 * err(torch reference in the same dtype) + one unit of the dtype's precision (the CUDA path adds
-the bias after the GEMM's rounding, a second rounding).
+The ops are checked as the other kernels are: against a float64 oracle of the same quantized operands,
+err(CUDA) <= 2 * err(torch reference in the same dtype) + one unit of the dtype's precision (the cuBLAS path
+adds the bias after the GEMM's rounding, a second rounding; the skinny kernel sums in another order).
 """
 from __future__ import annotations
 
@@ -61,10 +62,12 @@ def test_linear_fp8_matches_the_reference(M, N, K, dtype, bias, monkeypatch):
     ref = torch_ops.linear_fp8(x, wq, ws, b)
     assert got.dtype == dtype and got.shape == (M, N)
     aligned = N % 16 == 0 and K % 16 == 0
-    assert bool(calls) == aligned, "the FP8 GEMM runs exactly where K and N are multiples of 16"
     if not aligned:
+        assert not calls, "the FP8 GEMM runs only where K and N are multiples of 16"
         assert torch.equal(got, ref)
         return
+    assert calls or M <= cuda_linear.SKINNY_MAX_ROWS, "the FP8 GEMM runs where K and N are multiples of 16 " \
+                                                      "(at up to 8 rows the FP8 skinny kernel may instead)"
     oracle = _oracle(x, wq, ws, b)
     err = (got.double() - oracle).abs().max().item()
     err_ref = (ref.double() - oracle).abs().max().item()
@@ -98,6 +101,143 @@ def test_linear_fp8_refuses_bad_arguments():
         cuda_ops.linear_fp8(x, wq, ws[:32])
     with pytest.raises(ValueError, match="x must have dtype"):
         cuda_ops.linear_fp8(x.float(), wq, ws)
+
+
+# ---------------------------------------------------------------- FP8 skinny GEMM (decode at small batch)
+# (N, K): one CTA exactly (16) and a partial one (17), N not a multiple of 16 (1000); K of one 16-byte vector per
+# lane (16: most warps' slices empty), an awkward multiple of 16 (1040: partial 64-k steps), the 8B shapes' 4096
+# and 14336 (several chunks per warp)
+SKINNY_SHAPES = [(16, 16), (17, 16), (17, 1040), (16, 14336), (1000, 1040), (1000, 14336), (4096, 16), (4096, 4096)]
+
+
+def _skinny_operands(M, N, K, dtype, seed, bias: bool):
+    """Fresh random operands, no zeros planted: x rows and weight rows of different magnitudes (so a scale read
+    for the wrong row shows), weights quantized per row as at load."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn((M, K), generator=g, device=DEV) * torch.logspace(-1, 1, M, device=DEV)[:, None]
+    w = torch.randn((N, K), generator=g, device=DEV) * torch.logspace(-3, -1, N, device=DEV)[:, None]
+    wq, ws = torch_ops.quantize_fp8_rows(w)
+    b = (torch.randn(N, generator=g, device=DEV) * 0.5).to(dtype) if bias else None
+    return x.to(dtype), wq, ws, b
+
+
+def _check_skinny(name, got, x, wq, ws, b):
+    ref = torch_ops.linear_fp8(x, wq, ws, b)
+    oracle = _oracle(x, wq, ws, b)
+    assert got.dtype == x.dtype and got.shape == ref.shape
+    assert not torch.isnan(got).any(), f"{name}: NaN in the output (an unwritten element?)"
+    err = (got.double() - oracle).abs().max().item()
+    err_ref = (ref.double() - oracle).abs().max().item()
+    eps = torch.finfo(x.dtype).eps * oracle.abs().max().item()
+    assert err <= 2 * err_ref + eps, f"{name}: max err {err:.3e} vs torch {err_ref:.3e} (+{eps:.1e})"
+
+
+@pytest.mark.parametrize("M", range(1, 9))
+@pytest.mark.parametrize("N,K", SKINNY_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_gemm_fp8_matches_the_reference(M, N, K, dtype, bias):
+    """Every (warps, unroll) variant against torch_ops.linear_fp8's arithmetic on the same quantized operands."""
+    x, wq, ws, b = _skinny_operands(M, N, K, dtype, 1000 * M + N + K + bias, bias)
+    xq, xs = torch_ops.quantize_fp8_rows(x)
+    for warps, unroll in cuda_linear.SKINNY_FP8_VARIANTS:
+        out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+        got = cuda_ops.skinny_gemm_fp8(xq, xs, wq, ws, b, dtype, out=out, warps=warps, unroll=unroll)
+        assert got is out
+        _check_skinny(f"skinny_gemm_fp8 {warps}x{unroll} M={M} N={N} K={K} {dtype} bias={bias}", got, x, wq, ws, b)
+    # without out=: a fresh tensor of out_dtype
+    _check_skinny("skinny_gemm_fp8 (new out)", cuda_ops.skinny_gemm_fp8(xq, xs, wq, ws, b, dtype), x, wq, ws, b)
+
+
+def test_skinny_gemm_fp8_refuses_bad_arguments():
+    x, wq, ws, b = _skinny_operands(4, 64, 64, torch.bfloat16, 5, True)
+    xq, xs = torch_ops.quantize_fp8_rows(x)
+    bf = torch.bfloat16
+    f = cuda_ops.skinny_gemm_fp8
+    x9q, x9s = torch_ops.quantize_fp8_rows(torch.randn(9, 64, device=DEV))
+    with pytest.raises(ValueError, match=r"xq must have 1 to 8 rows, got shape \(9, 64\)"):
+        f(x9q, x9s, wq, ws, b, bf)
+    x24q, x24s = torch_ops.quantize_fp8_rows(torch.randn(4, 24, device=DEV))
+    with pytest.raises(ValueError, match=r"xq must have a last dim that is a positive multiple of 16, got shape"):
+        f(x24q, x24s, torch_ops.quantize_fp8_rows(torch.randn(64, 24, device=DEV))[0], ws, b, bf)
+    with pytest.raises(ValueError, match="xq must have dtype torch.float8_e4m3fn"):
+        f(x, xs, wq, ws, b, bf)
+    with pytest.raises(ValueError, match=r"xs must have shape \(4,\)"):
+        f(xq, xs[:3], wq, ws, b, bf)
+    with pytest.raises(ValueError, match="xs must have dtype torch.float32"):
+        f(xq, xs.double(), wq, ws, b, bf)
+    with pytest.raises(ValueError, match="weight must have dtype torch.float8_e4m3fn"):
+        f(xq, xs, wq.bfloat16(), ws, b, bf)
+    with pytest.raises(ValueError, match=r"weight must be \(N > 0, 64\) like xq's last dim, got shape \(64, 32\)"):
+        f(xq, xs, wq[:, :32].contiguous(), ws, b, bf)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        f(xq, xs, wq.t(), ws, b, bf)
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(64,\)"):
+        f(xq, xs, wq, ws[:32], b, bf)
+    with pytest.raises(ValueError, match="out_dtype must be torch.bfloat16 or torch.float16, got torch.float32"):
+        f(xq, xs, wq, ws, None, torch.float32)
+    with pytest.raises(ValueError, match="bias must have dtype torch.float16"):
+        f(xq, xs, wq, ws, b, torch.float16)
+    with pytest.raises(ValueError, match=r"bias must have shape \(64,\)"):
+        f(xq, xs, wq, ws, b[:63], bf)
+    with pytest.raises(ValueError, match=r"\(warps, unroll\) must be one of .*, got \(3, 8\)"):
+        f(xq, xs, wq, ws, b, bf, warps=3, unroll=8)
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 64\)"):
+        f(xq, xs, wq, ws, b, bf, out=torch.empty(4, 63, dtype=bf, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_fp8_plan_and_skinny_path(dtype, monkeypatch):
+    """linear_fp8 at 1 to 8 rows: the plan picks cuBLASLt or a skinny variant (measured, then remembered), and
+    the result matches the reference whichever it picked, and with either forced by FLASHGEN_LINEAR; the
+    skinny path runs no _scaled_mm."""
+    monkeypatch.delenv("FLASHGEN_LINEAR", raising=False)
+    N, K = 1536, 2048
+    _, wq, ws, b = _skinny_operands(1, N, K, dtype, 11, True)
+    for bias in (None, b):
+        plan = cuda_linear.linear_fp8_plan(1, wq, ws, bias, dtype)
+        assert plan is None or plan in cuda_linear.SKINNY_FP8_VARIANTS
+        key = (wq.device, wq.dtype, 1, N, K, bias is not None, dtype)
+        assert set(cuda_linear.LINEAR_TIMES[key]) == {"cublas", *cuda_linear.SKINNY_FP8_VARIANTS}
+        assert cuda_linear.linear_fp8_plan(1, wq, ws, bias, dtype) == plan  # remembered
+    calls = []
+    scaled_mm = torch._scaled_mm
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return scaled_mm(*a, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counting)
+    for forced in ("auto", "skinny", "cublas"):
+        monkeypatch.setenv("FLASHGEN_LINEAR", forced)
+        for M in range(1, 9):
+            x = _skinny_operands(M, N, K, dtype, 20 + M, False)[0]
+            for bias in (None, b):
+                calls.clear()
+                got = cuda_ops.linear_fp8(x, wq, ws, bias)
+                _check_skinny(f"linear_fp8 {forced} M={M} bias={bias is not None}", got, x, wq, ws, bias)
+                if forced == "skinny":
+                    assert not calls, "FLASHGEN_LINEAR=skinny: the FP8 skinny kernel, not _scaled_mm"
+                elif forced == "cublas":
+                    assert calls, "FLASHGEN_LINEAR=cublas: _scaled_mm"
+        x3 = _skinny_operands(6, N, K, dtype, 40, False)[0].view(2, 3, K)  # leading dims
+        torch.testing.assert_close(cuda_ops.linear_fp8(x3, wq, ws, b),
+                                   cuda_ops.linear_fp8(x3.reshape(6, K), wq, ws, b).view(2, 3, N), rtol=0, atol=0)
+
+
+def test_linear_fp8_skinny_is_capturable(monkeypatch):
+    """The FP8 skinny path inside a CUDA graph (the decode graphs): replays see new inputs."""
+    monkeypatch.setenv("FLASHGEN_LINEAR", "skinny")
+    x, wq, ws, b = _skinny_operands(4, 512, 1024, torch.bfloat16, 7, True)
+    static_x = x.clone()
+    cuda_ops.linear_fp8(static_x, wq, ws, b)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_ops.linear_fp8(static_x, wq, ws, b)
+    static_x.copy_(x * 2)
+    graph.replay()
+    torch.testing.assert_close(out, cuda_ops.linear_fp8(x * 2, wq, ws, b), rtol=0, atol=0)
 
 
 def _run(model, backend: str, quantization: str, prompt: list[int]) -> tuple[bool, torch.Tensor]:
