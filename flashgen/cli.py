@@ -341,11 +341,13 @@ app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("kernels")
-def bench_kernels(out_dir: str | None = typer.Option(None, help="Write kernels.json here.")) -> None:
-    """Each kernel next to torch SDPA (FLASH, CUDNN) and the copy-bandwidth ceiling."""
+def bench_kernels(out_dir: str | None = typer.Option(None, help="Write kernels.json here."),
+                  only: str | None = typer.Option(None, help="Only these steps, comma-separated: decode, "
+                                                  "decode_ragged, prefill, elementwise, linear_fp8, moe_layer.")) -> None:
+    """Each kernel next to torch SDPA (FLASH, CUDNN), cuBLASLt's FP8 GEMM and the copy-bandwidth ceiling."""
     from flashgen.bench.kernels import main as run
 
-    raise typer.Exit(run(out_dir))
+    raise typer.Exit(run(out_dir, only))
 
 
 @bench_app.command("throughput")

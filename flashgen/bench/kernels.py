@@ -1,20 +1,20 @@
 """Kernel benchmark: flashgen's CUDA kernels against the ceilings and peers measured in the same run.
 
-    PYTHONPATH=. python -m flashgen.bench.kernels [OUT_DIR]
+    PYTHONPATH=. python -m flashgen.bench.kernels [OUT_DIR] [--only STEP[,STEP...]]
+
+(STEP: decode, decode_ragged, prefill, elementwise, linear_fp8, moe_layer; all by default; the ceilings always)
 
 Ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 8192^3 matmul. Decode
 attention (GQA 32/8, d=128, bf16, paged, block sizes 16 and 64) as K+V bytes / time next to torch SDPA's
 FLASH and CUDNN backends on contiguous KV of the same shape; prefill (causal, bf16, 16 heads, d=128, 16k
 tokens) as TFLOP/s next to the same two backends (the kernel the engine picks, and on Hopper also the portable
 mma.sync kernel on the same data); rope_kv_append, rms_norm, silu_mul and gelu_tanh_mul as GB/s against
-the copy ceiling; a MoE layer (Qwen3-30B-A3B's shape) per decode batch size, the per-expert loop against the
-grouped GEMMs, next to the time the bytes of the experts it activates take at HBM peak. CUDA-event timing, median
-of many repetitions after warm-up, inputs rotated where one set would fit in L2. Prints a short table last;
-writes every figure to OUT_DIR/kernels.json.
-
-    PYTHONPATH=. python -m flashgen.bench.kernels --moe [OUT_DIR]
-
-runs the MoE layer only (under a minute).
+the copy ceiling; linear layers with FP8 weights at one row (decode, batch 1) on the Llama-3.1-8B shapes, the FP8
+skinny kernel (each variant) next to cuBLASLt's FP8 GEMM (torch._scaled_mm), as weight bytes / time against the
+copy ceiling; a MoE layer (Qwen3-30B-A3B's shape) per decode batch size, the per-expert loop against the grouped
+GEMMs, next to the time the bytes of the experts it activates take at HBM peak. CUDA-event timing, median of many
+repetitions after warm-up, inputs rotated where one set would fit in L2. Prints a short table last; writes every
+figure to OUT_DIR/kernels.json.
 """
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ PREFILL_TOKENS = 16384
 MOE_SHAPE = (128, 8, 2048, 768)   # Qwen3-30B-A3B's MoE layer: experts, top_k, hidden, expert width
 MOE_BATCHES = (1, 8, 64, 256)     # decode batch sizes (tokens per step)
 HBM_PEAK = 3.35e12                # bytes/s: H100 SXM's HBM3 peak, the MoE floor's bandwidth
+# Llama-3.1-8B's linear layers (N, K): hidden 4096, 32 / 8 heads of 128, intermediate 14336; the model runs q, k, v
+# as one fused qkv and gate, up as one gate_up (FUSED_8B: one layer's weights); 32 layers
+LINEAR_8B = {"q": (4096, 4096), "k/v": (1024, 4096), "qkv": (6144, 4096), "o": (4096, 4096),
+             "gate_up": (28672, 4096), "down": (4096, 14336)}
+FUSED_8B, LAYERS_8B = ("qkv", "o", "gate_up", "down"), 32
 
 
 def _sets(bytes_one: int) -> int:
@@ -316,6 +321,41 @@ def moe_table(r: dict) -> list[str]:
     return lines
 
 
+def linear_fp8(dev, ops, results: dict) -> None:
+    """FP8 weights at M = 1: the FP8 skinny kernel (each variant) and cuBLASLt (torch._scaled_mm with row-wise
+    scales, the bias-free path of linear_fp8) on the same quantized row, weight copies rotated past L2."""
+    if torch.cuda.get_device_capability(dev) < (8, 9):
+        results["linear_fp8"] = {"skipped": "FP8 needs compute capability 8.9 or later"}
+        return
+    from flashgen.ops import cuda_linear, torch_ops
+
+    g = torch.Generator(device=dev).manual_seed(3)
+    bf = torch.bfloat16
+    out: dict[str, Any] = {}
+    for name, (N, K) in LINEAR_8B.items():
+        nbytes = N * K + 4 * N  # e4m3 weight + its float32 row scales (x and y are a few KB)
+        n = _sets(nbytes)
+        ws = [torch_ops.quantize_fp8_rows(torch.randn(N, K, generator=g, device=dev) * 0.02) for _ in range(n)]
+        xq, xs = torch_ops.quantize_fp8_rows(torch.randn(1, K, generator=g, device=dev))
+        sets = [(xq, xs, w, sc, None, bf) for w, sc in ws]
+        y = torch.empty(1, N, dtype=bf, device=dev)
+        e: dict[str, Any] = {"shape": f"M=1 N={N} K={K}", "bytes": nbytes,
+                             "cublas": nbytes / bench(rotating(cuda_linear._fp8_gemm_bias, sets), reps=20)}
+        for warps, unroll in ops.SKINNY_FP8_VARIANTS:
+            t = bench(rotating(ops.skinny_gemm_fp8, sets, out=y, warps=warps, unroll=unroll), reps=20)
+            e[f"skinny_{warps}x{unroll}"] = nbytes / t
+        best = max((k for k in e if k.startswith("skinny_")), key=e.__getitem__)
+        e["skinny_best"], e["skinny_best_variant"] = e[best], best.removeprefix("skinny_")
+        out[name] = e
+        del ws, sets
+        torch.cuda.empty_cache()
+    # one 8B layer's four linear layers, each by the faster of the two, times 32 layers (not the lm_head, attention
+    # or the activation quantization): the linear layers' share of a batch-1 decode step
+    per_layer = sum(out[k]["bytes"] / max(out[k]["skinny_best"], out[k]["cublas"]) for k in FUSED_8B)
+    out["8b_linear_ms_per_token"] = 1e3 * LAYERS_8B * per_layer
+    results["linear_fp8"] = out
+
+
 def table(r: dict) -> str:
     c = r["ceilings"]
     copy = c["copy_bytes_per_s"]
@@ -361,10 +401,28 @@ def table(r: dict) -> str:
         lines.append(f"{k + ' GB/s':<34}{e['bytes_per_s'] / 1e9:>12.0f}{'':>20}{100 * e['bytes_per_s'] / copy:>9.0f}%")
     if r.get("moe"):
         lines += moe_table(r)
+    lf = r.get("linear_fp8", {})
+    if "skipped" in lf:
+        lines.append(f"{'FP8 linear M1':<34}skipped: {lf['skipped']}")
+    for k, e in lf.items():
+        if isinstance(e, dict) and "skinny_best" in e:
+            label = f"FP8 linear M1 {k} {e['skinny_best_variant']} TB/s"
+            lines.append(f"{label:<34}{e['skinny_best'] / 1e12:>12.2f}{'cuBLASLt':>14}{e['cublas'] / 1e12:>6.2f}"
+                         f"{100 * e['skinny_best'] / copy:>9.0f}%")
+    if "8b_linear_ms_per_token" in lf:
+        lines.append(f"{'FP8 8B linear layers ms/token':<34}{lf['8b_linear_ms_per_token']:>12.2f}"
+                     f"   (32 layers, the faster kernel per shape)")
     return "\n".join(lines)
 
 
-def main(out_dir: str | None = None, only_moe: bool = False) -> int:
+STEPS = ("decode", "decode_ragged", "prefill", "elementwise", "linear_fp8", "moe_layer")
+
+
+def main(out_dir: str | None = None, only: str | None = None) -> int:
+    steps = STEPS if only is None else tuple(only.split(","))
+    if any(st not in STEPS for st in steps):
+        print(f"kernel benchmark: --only takes steps of {', '.join(STEPS)}, got {only!r}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("kernel benchmark: no CUDA device is visible", file=sys.stderr)
         return 2
@@ -375,29 +433,28 @@ def main(out_dir: str | None = None, only_moe: bool = False) -> int:
         "device": torch.cuda.get_device_name(dev),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
-        "command": "PYTHONPATH=. python -m flashgen.bench.kernels" + (" --moe" if only_moe else ""),
-        "decode": [], "decode_ragged": [], "prefill": [], "elementwise": {}, "moe": [],
+        "command": "PYTHONPATH=. python -m flashgen.bench.kernels" + (f" --only {only}" if only else ""),
+        "decode": [], "decode_ragged": [], "prefill": [], "elementwise": {}, "linear_fp8": {}, "moe": [],
     }
-    if only_moe:
-        moe_layer(dev, cuda_ops, results)
-        text = "\n".join([f"device: {results['device']}   date: {results['date']}   torch: {torch.__version__}",
-                          *moe_table(results)])
-    else:
-        results["ceilings"] = ceilings(dev)
-        print(f"ceilings: {results['ceilings']}", file=sys.stderr)
-        for step in (decode, decode_ragged, prefill, elementwise, moe_layer):
-            step(dev, cuda_ops, results)
-            print(f"{step.__name__}: done", file=sys.stderr)
-        text = table(results)
+    results["ceilings"] = ceilings(dev)
+    print(f"ceilings: {results['ceilings']}", file=sys.stderr)
+    for step in (decode, decode_ragged, prefill, elementwise, linear_fp8, moe_layer):
+        if step.__name__ not in steps:
+            continue
+        step(dev, cuda_ops, results)
+        print(f"{step.__name__}: done", file=sys.stderr)
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / ("moe.json" if only_moe else "kernels.json")).write_text(json.dumps(results, indent=1))
-    print(text)
+        (Path(out_dir) / "kernels.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
     return 0
 
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    moe_only = "--moe" in argv
-    rest = [a for a in argv if a != "--moe"]
-    sys.exit(main(rest[0] if rest else None, only_moe=moe_only))
+    only_steps = None
+    if "--only" in argv:
+        i = argv.index("--only")
+        only_steps = argv[i + 1] if i + 1 < len(argv) else ""
+        del argv[i:i + 2]
+    sys.exit(main(argv[0] if argv else None, only_steps))
