@@ -343,7 +343,8 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("kernels")
 def bench_kernels(out_dir: str | None = typer.Option(None, help="Write kernels.json here."),
                   only: str | None = typer.Option(None, help="Only these steps, comma-separated: decode, "
-                                                  "decode_ragged, prefill, elementwise, linear_fp8, moe_layer.")) -> None:
+                                                  "decode_ragged, prefill, elementwise, linear_fp8, "
+                                                  "moe_layer.")) -> None:
     """Each kernel next to torch SDPA (FLASH, CUDNN), cuBLASLt's FP8 GEMM and the copy-bandwidth ceiling."""
     from flashgen.bench.kernels import main as run
 
