@@ -14,6 +14,7 @@ The cases live in tests/structured_schemas.py.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
 import re
@@ -26,6 +27,7 @@ from llguidance.gbnf_to_lark import any_to_lark
 
 from checkpoints import make_checkpoint
 from flashgen import LLM, SamplingParams, StructuredOutputsParams
+from flashgen.engine.grammar import TokenMasks
 from structured_schemas import (
     CHOICES,
     GRAMMARS,
@@ -338,10 +340,22 @@ def test_mixed_batch_outputs_are_valid(mixed, checker):
 
 
 def test_mixed_batch_pipelined_matches_plain(model_dir, mixed, checker):
+    """Pipelined decode: the masks of most steps are filled on the runner's mask thread while the engine is still
+    detokenizing the step before (start_masks); the outputs are those of step-by-step decoding."""
     piped = _llm(model_dir, pipelined=True)
+    runner = piped.engine.runner
+    started = []
+    start = runner.start_masks
+
+    def spy(step):
+        start(step)
+        started.append(step.masks is not None)
+
+    runner.start_masks = spy
     outs = piped.generate(mixed.prompts, mixed.params)
     assert [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in outs] == \
            [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in mixed.outs]
+    assert sum(started) > 10, started  # the threaded fill ran on most decode steps
 
 
 def test_unconstrained_rows_ignore_constrained_neighbours(llm, mixed):
@@ -523,6 +537,39 @@ def test_no_allowed_token_fails_that_request_alone(model_dir):
     outs = llm.generate(["Stuck:", "Fine:"], [stuck, neighbour])
     assert (outs[0].finish_reason, outs[0].error_code) == ("error", "no_allowed_token")
     assert outs[1].finish_reason == "stop" and outs[1].text in ("yes", "no")
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_token_the_grammar_refuses_fails_that_request_alone(model_dir, pipelined):
+    """Should a token the grammar refuses ever be drawn (here: the regex row's masks are replaced by all-allowed
+    ones), its request ends with grammar_error, naming the token, and its neighbours go on (pipelined: the
+    refusal is found while the next step's masks are being filled)."""
+    llm = _llm(model_dir, pipelined=pipelined)
+    runner = llm.engine.runner
+    runner.masks = TokenMasks(runner.spec.vocab_size, runner.device)
+    sample = runner._sample
+
+    def allow_everything_for_the_regex_row(step):
+        masks = step.masks.result() if step.masks is not None else (
+            runner.masks.fill(step.done) if any(s.matcher is not None for s in step.done) else (None, None))
+        for i, s in enumerate(step.done):
+            if s.params.max_tokens == 12 and masks[0] is not None:
+                masks[0][masks[1][i]] = -1  # every bit set: any token may be drawn
+        done = concurrent.futures.Future()
+        done.set_result(masks)
+        step.masks = done if masks[0] is not None else None
+        return sample(step)
+
+    runner._sample = allow_everything_for_the_regex_row
+    digits = SamplingParams(temperature=1.0, seed=3, max_tokens=12, structured_outputs=SO(regex="[0-9]{12}"))
+    neighbour = SamplingParams(temperature=0, max_tokens=8, structured_outputs=SO(choice=["yes", "no"]))
+    free = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(["Digits:", "Fine:", "Free:"], [digits, neighbour, free])
+    assert (outs[0].finish_reason, outs[0].error_code) == ("error", "grammar_error"), outs[0]
+    assert "does not continue the output's grammar" in outs[0].error
+    assert all(ch.isdigit() for ch in outs[0].text)  # the tokens before the refused one
+    assert outs[1].finish_reason == "stop" and outs[1].text in ("yes", "no")
+    assert outs[2].finish_reason == "length" and len(outs[2].token_ids) == 6
 
 
 def test_a_masked_token_is_never_drawn(model_dir, checker):

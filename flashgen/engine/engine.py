@@ -177,8 +177,10 @@ class Engine:
         launched = self.runner.launch(batch) if batch is not None else None
         if batch is not None:
             self.scheduler.commit(batch)
-        if self._last is not None:  # the host's share of the last step overlaps the GPU's of this one
-            outputs += self._process(self._last, batch)
+        if self._last is not None:  # the host's share of the last step overlaps the GPU's of this one; the
+            # launched step's grammar masks are filled on a thread once every matcher has its token (on_consumed)
+            outputs += self._process(self._last, batch, on_consumed=launched and (  # None: nothing launched
+                lambda: self.runner.start_masks(launched)))
         current = self.runner.complete(launched) if launched is not None else None  # grammar masks need _last
         self._last = current if current is not None and current.deferrable else None
         if current is not None and self._last is None:
@@ -186,10 +188,11 @@ class Engine:
         self.stats.account(batch, time.perf_counter() - t0, self.scheduler.num_preemptions)
         return outputs
 
-    def _process(self, tokens: SampledTokens, launched: Batch | None) -> list[RequestOutput]:
-        """A step's tokens: detokenize, check stops, finish sequences. A fault of one request (non-finite logits,
-        an exception in its detokenizer or stop check) fails that request alone."""
-        done = []
+    def _process(self, tokens: SampledTokens, launched: Batch | None, on_consumed=None) -> list[RequestOutput]:
+        """A step's tokens: grammar matchers first (then `on_consumed()`: the next step's masks can be filled
+        meanwhile), then detokenize, check stops, finish sequences. A fault of one request (non-finite logits, a
+        token its grammar refuses, an exception in its detokenizer or stop check) fails that request alone."""
+        done: list[RequestOutput] = []
         for seq, pos, rows in tokens.read_prompt_logprobs():
             # row j is position pos + j + 1's; rows of positions the list already has (a chunk recomputed after a
             # preemption) add nothing twice, and the rest are appended as one block
@@ -197,7 +200,13 @@ class Engine:
             if 0 <= new < len(rows):
                 seq.prompt_logprobs.extend_packed(rows[new:], seq.token_ids[pos + new + 1:pos + len(rows) + 1],
                                                   seq.params.prompt_logprobs or 0, self._token_text)
-        for seq, idx, token, lp in self.scheduler.postprocess(tokens, launched):
+        read = self.scheduler.postprocess(tokens, launched)
+        complete = self._consume(read, done)
+        if on_consumed is not None:
+            on_consumed()
+        for seq, idx, token, lp in read:
+            if seq.is_finished:  # failed by its grammar above
+                continue
             try:
                 if token < 0 and isinstance(seq.matcher, GrammarFailure):
                     raise RequestFailed("invalid_grammar", seq.matcher.message)
@@ -209,25 +218,42 @@ class Engine:
                     raise RequestFailed("non_finite_logits", "the model's logits for this request are not finite "
                                         "(NaN or inf); the checkpoint or the dtype overflows on this prompt: try "
                                         "--dtype float32 or check the weights")
-                out = self._advance(seq, idx, token, lp)
+                out = self._advance(seq, idx, token, lp, complete.get(seq.seq_id, False))
             except Exception as e:
                 out = self._fail(seq, idx, e)
             if out is not None:
                 done.append(out)
         return done
 
-    def _advance(self, seq: Sequence, idx: int, token: int, lp: list[float] | None) -> RequestOutput | None:
+    def _consume(self, read: list, done: list[RequestOutput]) -> dict[int, bool]:
+        """Each constrained row's matcher takes its token: {seq_id: whether its grammar is now complete}. A token
+        the grammar refuses fails its request at once (into `done`), so no mask is filled for it. Only this pass
+        touches the matchers while the next step's masks may be filled on another thread."""
+        complete = {}
+        for seq, idx, token, _ in read:
+            if token < 0 or seq.matcher is None or isinstance(seq.matcher, GrammarFailure):
+                continue
+            if seq.matcher.consume_token(token):
+                complete[seq.seq_id] = seq.matcher.is_stopped()
+                continue
+            e = RequestFailed("grammar_error", f"token {token} does not continue the output's grammar: "
+                              f"{seq.matcher.get_error()}")
+            out = self._fail(seq, idx, e)
+            if out is not None:
+                done.append(out)
+        return complete
+
+    def _advance(self, seq: Sequence, idx: int, token: int, lp: list[float] | None,
+                 grammar_complete: bool) -> RequestOutput | None:
+        """One read token (its grammar's matcher, if any, has taken it: _consume) into its sequence."""
         self.stats.generated_tokens += 1
         if lp is not None:
             seq.logprobs.append_row(lp, token, seq.params.logprobs or 0, self._token_text)
             seq.cumulative_logprob += lp[0]  # the chosen token's logprob (pack_logprobs' first column)
-        if seq.matcher is not None and not seq.matcher.consume_token(token):
-            raise RequestFailed("grammar_error", f"token {token} does not continue the output's grammar: "
-                                f"{seq.matcher.get_error()}")
         delta = detokenizer.detokenize_step(self.tokenizer, seq, token) if seq.params.detokenize else ""
         seq.output_text += delta
         detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta, idx + 1)
-        if not seq.finish_reason and seq.matcher is not None and seq.matcher.is_stopped():
+        if not seq.finish_reason and grammar_complete:
             seq.finish_reason = "stop"  # the grammar is complete: nothing may follow (ignore_eos included)
         if not seq.finish_reason:
             return None

@@ -5,6 +5,7 @@ Its parts: step_packing (a batch as one int64 tensor), kv_plan (how many KV bloc
 eager dispatch), token_slots (where sampled tokens wait for the host), tp_worker (the other ranks' processes)."""
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 from collections.abc import Callable
@@ -127,6 +128,7 @@ class Launched:
     def __init__(self, done: list[Sequence], logits: torch.Tensor | None, is_prefill: bool):
         self.done, self.logits, self.is_prefill = done, logits, is_prefill
         self.tokens: SampledTokens | None = None
+        self.masks: concurrent.futures.Future | None = None  # its grammar masks being filled (start_masks)
         self.prompt_lp: list = []  # (sequence, first position, packed prompt logprobs) of this step
 
 
@@ -168,6 +170,7 @@ class ModelRunner:
         self.shared_prefix = (not any(spec.layer_window(i) for i in range(spec.num_layers))
                               and os.environ.get("FLASHGEN_SHARED_PREFIX", "1") != "0")
         self.masks: TokenMasks | None = None  # grammar bitmasks, made on the first constrained step
+        self._mask_thread: concurrent.futures.ThreadPoolExecutor | None = None  # fills them (start_masks)
         if self.kv_dtype == torch.float8_e4m3fn and self.model.kv_scales_from != "checkpoint":
             calibrate_kv_scales(config, self.model, max_len, self.execute)
         self.num_blocks = plan_kv_blocks(config, self.model, max_len, self.execute)
@@ -288,6 +291,24 @@ class ModelRunner:
         (on CPU threads, while the GPU still runs the forward)."""
         return step.tokens if step.tokens is not None else self._sample(step)
 
+    def start_masks(self, step: Launched) -> None:
+        """Fill the grammar masks of a launched step's constrained rows on a thread, once the engine has had every
+        matcher take the previous step's token: its remaining work on those tokens (detokenizing, stop checks)
+        then runs while llguidance fills them, and complete() only waits for what is left. The engine touches no
+        matcher until complete()."""
+        if step.tokens is not None or step.masks is not None or not any(s.matcher is not None for s in step.done):
+            return
+        if self.masks is None:
+            self.masks = TokenMasks(self.spec.vocab_size, self.device)
+        if self._mask_thread is None:
+            self._mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashgen-masks")
+        step.masks = self._mask_thread.submit(self._fill_masks, self.masks, list(step.done))
+
+    def _fill_masks(self, masks: TokenMasks, seqs: list[Sequence]):
+        if self.device.type == "cuda":  # a thread's current device is its own: the copy and its event go here
+            torch.cuda.set_device(self.device)
+        return masks.fill(seqs)
+
     def _sample(self, step: Launched) -> SampledTokens:
         done, logits = step.done, step.logits
         if logits is None:
@@ -296,7 +317,10 @@ class ModelRunner:
         if self.on_logits is not None:
             self.on_logits(done, logits)
         sampling = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
-        if any(s.matcher is not None for s in done):
+        if step.masks is not None:
+            sampling.bitmask, sampling.mask_rows = step.masks.result()
+            step.masks = None
+        elif any(s.matcher is not None for s in done):
             if self.masks is None:
                 self.masks = TokenMasks(self.spec.vocab_size, self.device)
             sampling.bitmask, sampling.mask_rows = self.masks.fill(done)
@@ -348,6 +372,9 @@ class ModelRunner:
         return logits.float()
 
     def shutdown(self) -> None:
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown()
+            self._mask_thread = None
         if self.workers:
             tp_worker.stop_workers(self.workers, self.device)
             self.workers = []
