@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from flashgen.ops import cuda_ops, jit, torch_ops
+from flashgen.ops import cuda_linear, cuda_ops, jit, torch_ops
 
 
 def main() -> int:
@@ -53,6 +53,7 @@ def main() -> int:
         if torch.cuda.get_device_capability(dev) >= (8, 9):  # FP8 weights: 3 rows, N = 37, K = 1040 (not of 64)
             xq, xs = torch_ops.quantize_fp8_rows(rnd(3, 1040))
             wq, wsc = torch_ops.quantize_fp8_rows(rnd(37, 1040))
+            outs["quantize_fp8_rows"] = cuda_linear.quantize_fp8_rows(rnd(3, 1040))[0].float()
             for warps, unroll in cuda_ops.SKINNY_FP8_VARIANTS:
                 outs[f"skinny_gemm_fp8_{warps}x{unroll}"] = cuda_ops.skinny_gemm_fp8(
                     xq, xs, wq, wsc, rnd(37), bf, warps=warps, unroll=unroll)

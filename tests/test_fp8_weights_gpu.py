@@ -77,6 +77,34 @@ def test_linear_fp8_matches_the_reference(M, N, K, dtype, bias, monkeypatch):
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,K", [(1, 16), (7, 1040), (97, 4096), (300, 14336), (2, 8)])
+def test_quantize_fp8_rows_kernel_gives_the_reference_bytes(dtype, R, K):
+    """The one-pass kernel writes exactly torch_ops.quantize_fp8_rows' e4m3 bytes and scales: rows spanning five
+    orders of magnitude, a row of zeros (the amax floor), values at the saturation edge, and a strided view."""
+    g = torch.Generator(device=DEV).manual_seed(R * 7919 + K)
+    x = (torch.randn((R, K + 24), generator=g, device=DEV) * torch.logspace(-3, 2, R, device=DEV)[:, None]).to(dtype)
+    x[0, 5 % K] = 3e4 if dtype == torch.bfloat16 else 6e4  # one huge element: the rest of the row gets tiny
+    if R > 2:
+        x[1] = 0
+    for view in (x[:, :K].contiguous(), x[:, 8:K + 8]):  # contiguous, and rows 16-byte aligned with a stride
+        q, s = cuda_linear.quantize_fp8_rows(view)
+        rq, rs = torch_ops.quantize_fp8_rows(view)
+        assert torch.equal(s, rs), (s - rs).abs().max()
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+def test_quantize_fp8_rows_kernel_carries_nan_and_inf_as_torch_does():
+    x = torch.randn((3, 64), device=DEV).to(torch.bfloat16)
+    x[0, 3] = float("nan")
+    x[1, 9] = float("inf")
+    q, s = cuda_linear.quantize_fp8_rows(x)
+    rq, rs = torch_ops.quantize_fp8_rows(x)
+    assert torch.equal(s.isnan(), rs.isnan()) and torch.equal(s[2], rs[2]) and s[1].isinf()
+    assert torch.equal(q.float().isnan(), rq.float().isnan())
+    assert torch.equal(q[2].view(torch.uint8), rq[2].view(torch.uint8))
+
+
 def test_linear_fp8_takes_leading_dims_and_is_capturable():
     x, wq, ws, b = _operands(16, 512, 256, torch.bfloat16, 3, True)
     eager = cuda_ops.linear_fp8(x, wq, ws, b)

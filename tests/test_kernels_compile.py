@@ -24,7 +24,8 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/u
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
 SM90A_ONLY = {"prefill_attention_sm90.cu"}  # wgmma: Hopper's arch-specific target only
 FP8_ARCHS = ("-gencode=arch=compute_89,code=sm_89", "-gencode=arch=compute_90a,code=sm_90a")  # e4m3 cvt/mma: sm_89+
-FP8_SOURCES = {"kv_fp8.cu", "skinny_gemm_fp8.cu"}  # sm_89+ throughout (FG_KV_FP8=1 variants of others too)
+# sm_89+ throughout (FG_KV_FP8=1 variants of others too)
+FP8_SOURCES = {"kv_fp8.cu", "skinny_gemm_fp8.cu", "fp8_quant.cu"}
 DTYPES = {"bf16": 0, "fp16": 1}
 # source -> [(head_dim or None, extra defines)]: every variant cuda_ops can launch
 SOURCES = {
@@ -36,6 +37,7 @@ SOURCES = {
                           (256, "FG_KV_FP8=1")],
     "decode_attention.cu": [(d, fp8) for d in cuda_ops.ATTN_HEAD_DIMS for fp8 in ("", "FG_KV_FP8=1")],
     "kv_fp8.cu": [(None, "")],
+    "fp8_quant.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS
                              for mt, bn in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]],

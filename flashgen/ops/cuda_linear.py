@@ -224,10 +224,26 @@ def linear_fp8_plan(rows: int, weight: torch.Tensor, weight_scale: torch.Tensor,
     return _plan(key, SKINNY_FP8_VARIANTS, weight.numel() * weight.element_size(), candidates)
 
 
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch_ops.quantize_fp8_rows (x (R, K) -> xq (R, K) e4m3, scale (R,) float32; the same bytes) in one kernel
+    pass (kernels/fp8_quant.cu) instead of eight torch ops and a float32 copy of x. A row stride is allowed; K a
+    multiple of 8 and 16-byte aligned rows, else the torch ops run."""
+    R, K = x.shape
+    if (not R or K % 8 or x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16
+            or x.dtype not in KERNEL_DTYPES):
+        return torch_ops.quantize_fp8_rows(x)
+    xq = torch.empty((R, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((R,), dtype=torch.float32, device=x.device)
+    kern = jit.get_kernel("fp8_quant.cu", "quantize_fp8_rows_kernel", x.dtype, 0, device_index(x))
+    jit.launch(kern, (R,), (256,), (jit.ptr(x), jit.i64(x.stride(0)), jit.ptr(xq), jit.ptr(scale), jit.i32(K)),
+               x.device)
+    return xq, scale
+
+
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16/fp16 . (weight (N, K) float8_e4m3fn * weight_scale (N,) float32)^T [+ bias] -> (..., N):
-    each row of x quantized to e4m3 with its own scale (torch_ops.quantize_fp8_rows, the reference's own code),
+    each row of x quantized to e4m3 with its own scale (quantize_fp8_rows: one kernel, the reference's bytes),
     then cuBLASLt's FP8 GEMM with row-wise scales (scale_a (M, 1), scale_b (1, N)), output in x's dtype; the
     bias is added after the GEMM's rounding. For 1 to 8 rows the FP8 skinny kernel (skinny_gemm_fp8: bias added
     before the one rounding) runs instead where it measured faster on the shape (linear_fp8_plan). Shapes the
@@ -248,7 +264,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     rows = x.numel() // K if K else 0
     if rows == 0 or K % FP8_GEMM_MULTIPLE or N % FP8_GEMM_MULTIPLE:
         return torch_ops.linear_fp8(x, weight, weight_scale, bias)
-    xq, xs = torch_ops.quantize_fp8_rows(x.reshape(rows, K))
+    xq, xs = quantize_fp8_rows(x.reshape(rows, K))
     plan = linear_fp8_plan(rows, weight, weight_scale, bias, x.dtype) if rows <= SKINNY_MAX_ROWS else None
     if plan is not None:
         y = skinny_gemm_fp8(xq, xs, weight, weight_scale, bias, x.dtype, warps=plan[0], unroll=plan[1])
