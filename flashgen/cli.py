@@ -354,8 +354,9 @@ def bench_kernels(out_dir: str | None = typer.Option(None, help="Write kernels.j
 @bench_app.command("throughput")
 def bench_throughput(
     workload: str = typer.Option("nanovllm",
-                                 help="nanovllm, fixed512, sharedprefix, latency8b, longctx, structured, logprobs, "
-                                      "prompt_logprobs or samples."),
+                                 help="nanovllm, fixed512, sharedprefix, latency8b, longctx, trtllm128, trtllm1000, "
+                                      "trtllm5000, moe30b, gemma4b, structured, logprobs, prompt_logprobs or "
+                                      "samples."),
     compare: str | None = typer.Option(None, help="hf: also measure HF transformers generate in this run."),
     hf_max_tokens: int = typer.Option(512, help="New tokens per prompt for the HF peer."),
     out_dir: str | None = typer.Option(None, help="Write throughput_WORKLOAD.json here."),

@@ -25,6 +25,8 @@
 #   jobs           flashgen/bench/jobs.py: the extract, synth and summarize JSONL jobs through `flashgen generate`'s
 #                  path, start-up included, next to their floor (a small job first fills the kernel cache;
 #                  TOKENIZER=DIR as for structured, JOBS_SCALE=F shrinks the jobs)
+#   families-speed nanovllm's request mix on the Qwen3-30B-A3B (MoE) and Gemma-3-4B (sliding windows, head_dim 256)
+#                  shapes, each next to its floor
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
@@ -101,6 +103,14 @@ throughput() {
 families_tests() {
     step families-tests "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_model_families_gpu.py \
         tests/test_fp8_weights_gpu.py
+}
+
+families_speed() {
+    local w
+    for w in moe30b gemma4b; do
+        step "tp-$w" "$PY" -m flashgen.bench.throughput --workload "$w" --out-dir "$LOG"
+        grep -h -A5 "^workload $w" "$LOG/tp-$w.log" >> "$LOG/engine-table.txt" || true
+    done
 }
 
 structured() {
@@ -190,6 +200,7 @@ for section in "$@"; do
         trtllm) trtllm ;;
         jobs) bench_jobs ;;
         families) families_tests ;;
+        families-speed) families_speed ;;
         multi) multi ;;
         ab) ab ;;
         *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, sampling, fp8, trtllm, jobs, multi, ab)" >&2; exit 2 ;;

@@ -111,6 +111,34 @@ def test_floor_counts_a_shared_prefix_once(tmp_path):
     assert 0 < shared < unshared
 
 
+def test_floor_of_a_mixture_of_experts_and_of_sliding_windows(tmp_path):
+    """The MoE floor reads the experts a step's live tokens are expected to activate (E (1 - (1 - k/E)^live)), and
+    prefill computes with the active parameters; a sliding-window layer's KV counts only the window."""
+    import dataclasses
+
+    from flashgen.bench.synthetic import write_model_dir
+    from flashgen.bench.throughput import active_params, moe_step_weight_bytes, weight_bytes_of
+    from flashgen.models.spec import load_spec
+
+    moe = load_spec(write_model_dir("qwen3-30b-a3b", tmp_path / "moe"))
+    wb = weight_bytes_of(moe)
+    expert = 3 * 2048 * 768 * 2 * 48  # one expert index's projections over the 48 MoE layers
+    step = moe_step_weight_bytes(moe, wb)
+    assert step(1) == pytest.approx(wb - 128 * expert + 8 * expert)  # one token: its 8 experts
+    assert step(1) < step(8) < step(64) < step(4096) <= wb and step(4096) == pytest.approx(wb)
+    assert active_params(moe, wb) == pytest.approx((wb - 120 * expert) / 2)
+    assert 3.2e9 < active_params(moe, wb) < 3.5e9  # "A3B": ~3.3B parameters per token
+    gemma = load_spec(write_model_dir("gemma3-4b", tmp_path / "gemma"))
+    full = dataclasses.replace(gemma, local_layers=())
+    ceil = {"copy_bytes_per_s": 3e12, "matmul_flop_per_s": 7e14}
+    lens, outs = [3000, 200, 5000], [64, 64, 64]
+    windowed = floor_from_lengths(lens, outs, sum(lens), gemma, 10**9, ceil)
+    assert windowed < floor_from_lengths(lens, outs, sum(lens), full, 10**9, ceil)
+    short = [100, 200, 300]  # no context reaches the 1,024-token window: the windows change nothing
+    assert floor_from_lengths(short, outs, sum(short), gemma, 10**9, ceil) == pytest.approx(
+        floor_from_lengths(short, outs, sum(short), full, 10**9, ceil))
+
+
 def test_instrumentation_leaves_the_job_code_as_it_was():
     from flashgen.jobs import generate
 

@@ -5,7 +5,9 @@ Workloads (defined here; figures in BENCHMARKS.md): nanovllm (256 random prompts
 tokens each), fixed512 (same prompts, 512 new tokens), sharedprefix (512 requests sharing a 2000-token prefix),
 latency8b (Llama-3.1-8B shape, batch 1, 512-token prompt, 128 new tokens); trtllm128, trtllm1000, trtllm5000
 (Llama-3.1-8B shape: 3000 requests of 128 tokens in and out, 600 of 1000/1000, 200 of 5000/500, as TensorRT-LLM's
-published H100 table; with --quantization fp8 --kv-cache-dtype fp8 for its FP8 rows); longctx (64 prompts of
+published H100 table; with --quantization fp8 --kv-cache-dtype fp8 for its FP8 rows); moe30b and gemma4b
+(nanovllm's requests on the Qwen3-30B-A3B and Gemma-3-4B shapes: a step's floor counts the experts the live
+batch is expected to activate, and only the window of a sliding-window layer's KV); longctx (64 prompts of
 256-8192 tokens, 256 new tokens each: decode reads a ragged set of long contexts, attention-bound); and
 structured (JSON-schema-constrained requests against the same requests unconstrained: bench/structured.py);
 logprobs, prompt_logprobs and samples (each feature against the same work without it: bench/sampling_extras.py).
@@ -58,10 +60,15 @@ def make_workload(name: str) -> Workload:
         n_in, n_out, n = TRTLLM[name]
         return Workload(name, "llama-3.1-8b", [[random.randint(0, 10000) for _ in range(n_in)] for _ in range(n)],
                         [n_out] * n)
+    if name in ("moe30b", "gemma4b"):  # nanovllm's request mix on a MoE and on a sliding-window model
+        prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)]
+        outs = [random.randint(100, 1024) for _ in range(256)]
+        return Workload(name, "qwen3-30b-a3b" if name == "moe30b" else "gemma3-4b", prompts, outs)
     if name == "longctx":
         prompts = [[random.randint(0, 10000) for _ in range(random.randint(256, 8192))] for _ in range(64)]
         return Workload(name, "qwen3-0.6b", prompts, [256] * 64)
     raise ValueError(f"workload {name!r} is unknown; use nanovllm, fixed512, sharedprefix, latency8b, longctx, "
+                     "moe30b, gemma4b, "
                      f"{', '.join(TRTLLM)}, structured, logprobs, prompt_logprobs or samples")
 
 
@@ -111,20 +118,57 @@ def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict, kv_dtype: to
 def floor_from_lengths(prompt_lens: list[int], max_tokens: list[int], distinct: int, spec, weight_bytes: int,
                        ceil: dict, kv_dtype: torch.dtype = torch.bfloat16) -> float:
     """floor_seconds from the prompts' lengths and their distinct prefix tokens (counted by the caller), for
-    workloads whose prompts are too many to hold as lists of ints (flashgen bench jobs)."""
+    workloads whose prompts are too many to hold as lists of ints (flashgen bench jobs). Per decode step: the
+    weights a step reads (a mixture of experts: the experts the live sequences are expected to activate, see
+    moe_step_weight_bytes) plus the live sequences' KV (sliding-window layers: only the window of each)."""
     kv_tok = spec.kv_bytes_per_token(kv_dtype)
     total_prompt = sum(prompt_lens)
     share = distinct / total_prompt  # fraction of prompt KV that is not a repeat of another prompt's
     order = sorted(zip(max_tokens, prompt_lens, strict=True))
+    windows = [spec.layer_window(i) for i in range(spec.num_layers)]
+    per_layer = kv_tok / spec.num_layers
+    step_weights = moe_step_weight_bytes(spec, weight_bytes)
     total_bytes, live_prompt, live, j = 0.0, total_prompt, len(order), 0
     for t in range(max(max_tokens)):
         while j < len(order) and order[j][0] <= t:
             live_prompt -= order[j][1]
             live -= 1
             j += 1
-        total_bytes += weight_bytes + kv_tok * (live_prompt * share + live * (t + 1))
-    prefill_flops = 2 * (weight_bytes / 2) * distinct
+        if any(windows):  # each live sequence's context, capped per layer by the layer's window
+            ctx = [p * share + t + 1 for _, p in order[j:]]
+            kv = per_layer * sum(sum(min(c, w) if w else c for c in ctx) for w in windows)
+        else:
+            kv = kv_tok * (live_prompt * share + live * (t + 1))
+        total_bytes += step_weights(live) + kv
+    prefill_flops = 2 * active_params(spec, weight_bytes) * distinct
     return total_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
+
+
+def _expert_bytes(spec) -> int:
+    """Bytes (bf16) of one expert index's three projections in every MoE layer."""
+    m = spec.moe
+    layers = sum(m.is_moe_layer(i) for i in range(spec.num_layers))
+    return 3 * spec.hidden_size * m.intermediate_size * 2 * layers
+
+
+def moe_step_weight_bytes(spec, weight_bytes: int):
+    """live sequences -> the weight bytes a decode step reads. Dense: all of them. Mixture of experts: all but
+    the experts, plus the experts that `live` tokens are expected to route to, each token choosing top_k of E
+    uniformly (random weights route close to uniformly): E (1 - (1 - k / E)^live) per layer."""
+    if spec.moe is None:
+        return lambda live: weight_bytes
+    E, k, per_expert = spec.moe.num_experts, spec.moe.top_k, _expert_bytes(spec)
+    rest = weight_bytes - E * per_expert
+    return lambda live: rest + E * (1 - (1 - k / E) ** live) * per_expert
+
+
+def active_params(spec, weight_bytes: int) -> float:
+    """Parameters one token computes with (bf16 bytes / 2): all, or for a mixture of experts all but the experts
+    it does not route to."""
+    if spec.moe is None:
+        return weight_bytes / 2
+    E, k = spec.moe.num_experts, spec.moe.top_k
+    return (weight_bytes - _expert_bytes(spec) * (E - k)) / 2
 
 
 def _is_projection(name: str) -> bool:
