@@ -26,13 +26,17 @@ line at a random place, so every line runs with `ignore_eos` (`--ignore-eos`) an
 the work is the same from run to run and the floor knows it.
 
 The whole job's wall time (from run_generate's start, model load included) is split into: start-up (job start to
-the first engine step, less the lines parsed meanwhile), input (JSON parsing; validation, chat template and
-tokenization in LineParser.build), admit (the engine's checks of each request), prefill and decode steps (the
-engine's own timers, EngineStats), output (records built, serialized and written) and other (the rest: the run
-loop, progress, closing files, and this benchmark's copy of each prompt's token ids for the floor, microseconds a
-line). The parts are disjoint intervals of the job's thread, so they sum to at most the
-wall time. They are measured by a Runner subclass and a thin wrapper of the LLM that only read the clock: the job
-code itself runs unchanged. Line reading happens on the job's reader thread, overlapped, and is not a part.
+the first engine step, less the input taken meanwhile), input (what input work is left on the job's thread: taking
+each prepared line, and waiting for the preparation thread while the engine has nothing to do), admit (the
+engine's checks of each request), prefill and decode steps (the engine's own timers, EngineStats), output (records
+built, serialized and written) and other (the rest: the run loop, progress, closing files, and this benchmark's
+copy of each prompt's token ids for the floor, microseconds a line). The parts are disjoint intervals of the job's
+thread, so they sum to at most the wall time. They are measured by a Runner subclass and a thin wrapper of the LLM
+that only read the clock: the job code itself runs unchanged. Line reading happens on the job's reader thread, and
+JSON parsing, validation, chat template and tokenization on its preparation thread (flashgen.jobs.source.Prepared),
+both overlapped with the engine's steps: they are not parts; the preparation thread's busy seconds are reported as
+detail.prepare_thread_s (its tokenization runs outside the GIL; the rest of it shares the GIL with the job's
+thread).
 
 The floor is bench/throughput.py's (weights plus live distinct KV per decode step over the copy bandwidth, prefill
 FLOPs of the distinct prompt tokens over the matmul rate, a shared prefix counted once) on the prompts exactly as
@@ -266,26 +270,17 @@ class JobClock:
         self.t0 = 0.0
         self.ready = 0.0            # the Runner made: model loaded, parser and writer ready
         self.first_step = 0.0       # the first engine step began
-        self.parse = self.build = self.admit = self.steps = self.output = 0.0
-        self.before_first_step = 0.0  # parse + build + admit seconds spent before the first step
+        self.input = self.admit = self.steps = self.output = 0.0
+        self.before_first_step = 0.0  # input + admit seconds spent before the first step
+        self.prepare_thread_s = 0.0   # the preparation thread's busy seconds (not the job's thread: not a part)
         self.first_step_s = 0.0
         self.prompts: list[array] = []  # each request's prompt token ids, as the engine got them
         self.llm: Any = None
 
     def add(self, part: str, seconds: float) -> None:
         setattr(self, part, getattr(self, part) + seconds)
-        if part in ("parse", "build", "admit") and not self.first_step:
+        if part in ("input", "admit") and not self.first_step:
             self.before_first_step += seconds
-
-
-def _timed(clock: JobClock, part: str, fn: Callable) -> Callable:
-    def call(*args, **kw):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kw)
-        finally:
-            clock.add(part, time.perf_counter() - t)
-    return call
 
 
 class _TimedLLM:
@@ -322,17 +317,29 @@ class _TimedLLM:
 
 @contextlib.contextmanager
 def instrumented(clock: JobClock) -> Iterator[None]:
-    """run_generate with its Runner timed: the job's own classes, with a clock around parsing, admitting, steps
-    and records. Restored on exit."""
+    """run_generate with its Runner timed: the job's own classes, with a clock around taking input, admitting,
+    steps and records on the job's thread. Restored on exit."""
     from flashgen.jobs import generate
     from flashgen.jobs.runner import Runner
 
     class TimedRunner(Runner):
         def __init__(self, llm, parser, *args, **kw):
             clock.ready = time.perf_counter()
-            parser.head = _timed(clock, "parse", parser.head)
-            parser.build = _timed(clock, "build", parser.build)
             super().__init__(_TimedLLM(llm, clock), parser, *args, **kw)
+
+        def _take(self, wait: bool) -> object:
+            t = time.perf_counter()
+            try:
+                return super()._take(wait)
+            finally:
+                clock.add("input", time.perf_counter() - t)
+
+        def run(self, *args, **kw) -> str:
+            try:
+                return super().run(*args, **kw)
+            finally:
+                if self.prepared is not None:
+                    clock.prepare_thread_s = self.prepared.busy_s
 
         def _finish(self, out) -> None:
             t = time.perf_counter()
@@ -366,7 +373,7 @@ def distinct_tokens(prompts: list[array]) -> int:
 def breakdown(wall: float, clock: JobClock, prefill_s: float, decode_s: float) -> dict[str, float]:
     """The job's wall time in disjoint parts (see the module docstring); `other` is what is left."""
     startup = (clock.first_step or clock.t0 + wall) - clock.t0 - clock.before_first_step
-    parts = {"startup_s": startup, "input_s": clock.parse + clock.build, "admit_s": clock.admit,
+    parts = {"startup_s": startup, "input_s": clock.input, "admit_s": clock.admit,
              "prefill_s": prefill_s, "decode_s": decode_s,
              "step_other_s": max(0.0, clock.steps - prefill_s - decode_s), "output_s": clock.output}
     parts["other_s"] = wall - sum(parts.values())
@@ -490,7 +497,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
         res["output_tokens"] = job["completion_tokens"]
         res.update(wall_s=wall, tok_per_s=job["completion_tokens"] / wall,
                    breakdown=breakdown(wall, clock, job["prefill_seconds"], job["decode_seconds"]),
-                   detail={"model_load_s": clock.ready - clock.t0, "parse_s": clock.parse, "build_s": clock.build,
+                   detail={"model_load_s": clock.ready - clock.t0, "prepare_thread_s": clock.prepare_thread_s,
                            "first_step_s": clock.first_step_s, "steps": engine.steps,
                            "prompt_tokens_computed": engine.prompt_tokens, "cached_tokens": engine.cached_tokens,
                            "preemptions": engine.preemptions},
@@ -509,7 +516,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
     return res
 
 
-LABELS = {"startup_s": "start-up", "input_s": "input (parse, template, tokenize)", "admit_s": "admit",
+LABELS = {"startup_s": "start-up", "input_s": "input (left on the job's thread)", "admit_s": "admit",
           "prefill_s": "prefill steps", "decode_s": "decode steps", "step_other_s": "steps, other",
           "output_s": "output", "other_s": "other"}
 
@@ -537,6 +544,7 @@ def report(res: dict) -> str:
         f"  whole job {wall:.2f} s, start-up included: {res['output_tokens']:,} output tokens, "
         f"{res['tok_per_s']:,.0f} tok/s; {res['result_records']:,}/{res['lines']:,} result records; {floor}",
         "  " + " | ".join(f"{LABELS[k]} {v:.2f} s ({100 * v / wall:.0f}%)" for k, v in b.items()),
+        f"  input prepared on its own thread, overlapped: {res['detail'].get('prepare_thread_s', 0.0):.2f} s busy",
     ]
     return "\n".join(lines)
 

@@ -59,6 +59,17 @@ class LineRequest:
     request_hash: str = ""    # the line and the job's settings, hashed (flashgen.jobs.fingerprint): --resume checks it
 
 
+class PendingIds(list):
+    """A prompt's token ids still to come: build(defer=True) leaves the text for encode_pending(), which tokenizes
+    the texts of many lines in one call. Empty until then."""
+
+    __slots__ = ("text", "field", "special")
+
+    def __init__(self, text: str, field: str, special: bool):
+        super().__init__()
+        self.text, self.field, self.special = text, field, special
+
+
 @dataclass
 class Line:
     lineno: int
@@ -138,6 +149,7 @@ class LineParser:
         self.data_fields = _template_fields(template) | ({field} if field else set())
         self.allow_data = template is not None or bool(field)
         self._token_bytes: int | None = -1    # longest token of the vocabulary in UTF-8 bytes (-1: not yet known)
+        self._defer = False                   # inside build(defer=True): _encode leaves the text for later
         bad = [t for t in (defaults.get("stop_token_ids") or []) if not 0 <= t < self.vocab_size]
         if bad:
             raise FatalError(f"sampling.stop_token_ids has {bad[0]}, not a token id of this model (integers "
@@ -205,11 +217,15 @@ class LineParser:
         return Line(lineno, id_value, key_of(id_value), batch, obj)
 
     # ---- phase 2: the request --------------------------------------------------------------------------------
-    def build(self, line: Line) -> LineRequest | LineError:
+    def build(self, line: Line, defer: bool = False) -> LineRequest | LineError:
+        """The line's request or its error. `defer`: the prompt text is checked and rendered but not tokenized (its
+        request's prompt_ids is a PendingIds): encode_pending() then tokenizes many lines' texts in one call, with
+        the same result as build() alone. One thread at a time builds with a parser."""
         if line.error:
             return line.error
         obj = line.obj
         assert obj is not None, "a line that head() did not fail has its object"
+        self._defer = defer
         try:
             if line.batch:
                 kind, ids, params = openai_batch.parse(obj, self, line.key)
@@ -228,7 +244,37 @@ class LineParser:
                 ids = self._plain_ids(obj, source)
         except BadLine as b:
             return self.error(line, b.code, b.message, b.field)
+        finally:
+            self._defer = False
         return LineRequest(line.lineno, line.id, line.key, kind, ids, params, request_hash(obj, self.fingerprint))
+
+    def encode_pending(self, items: list) -> list:
+        """`items` with every request of build(defer=True) tokenized: its prompt_ids filled in, or the request
+        replaced by its error record (prompt empty or too long), exactly as build() would have. The texts go to
+        the tokenizer in one encode_batch call per add_special_tokens setting (outside the GIL, on all cores); a
+        tokenizer without encode_batch encodes them one by one. Nothing is changed if the tokenizer raises."""
+        out = list(items)
+        pending = [(i, r.prompt_ids) for i, r in enumerate(items)
+                   if isinstance(r, LineRequest) and isinstance(r.prompt_ids, PendingIds)]
+        encoded: dict[int, list[int]] = {}
+        for special in (True, False):
+            group = [(i, p) for i, p in pending if p.special is special]
+            if not group:
+                continue
+            texts = [p.text for _, p in group]
+            batch = getattr(self.tok, "encode_batch", None)
+            if batch is not None:
+                ids_list = batch(texts, add_special_tokens=special)
+            else:
+                ids_list = [self.tok.encode(t, add_special_tokens=special) for t in texts]
+            encoded.update((i, ids) for (i, _), ids in zip(group, ids_list, strict=True))
+        for i, p in pending:
+            req = out[i]
+            try:
+                req.prompt_ids = self._check_len(encoded[i], p.field)
+            except BadLine as b:
+                out[i] = self.error(req, b.code, b.message, b.field)
+        return out
 
     def duplicate(self, line: Line) -> LineError:
         """The error record of a line whose id an earlier line has (that line keeps the id; this one does not run).
@@ -375,6 +421,8 @@ class LineParser:
                     f"(max_model_len) is {self.max_model_len} tokens, prompt and output together; shorten the "
                     "prompt or raise --max-model-len if the model allows it", field,
                 )
+        if self._defer:
+            return PendingIds(text, field, add_special_tokens)
         return self._check_len(self.tok.encode(text, add_special_tokens=add_special_tokens), field)
 
     def _longest_token_bytes(self) -> int | None:

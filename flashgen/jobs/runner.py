@@ -3,6 +3,12 @@
 The window (`max_in_flight`) counts lines read but not yet written, including finished ones waiting in the
 reorder buffer, so memory stays bounded by the window, never by the input's size. Errors count against the
 window too, which keeps output in input order without holding more than the window.
+
+Lines are prepared (parsed, screened, checked, templated, tokenized) ahead of the engine on a thread of their own
+(flashgen.jobs.source.Prepared), in input order, at most `ahead` of them (at most the window) prepared and not yet
+admitted; the loop here only admits prepared lines and steps the engine. A line is counted, reserved in the output
+and written only once admitted: lines prepared but not admitted when the job stops are dropped, and run again with
+--resume.
 """
 from __future__ import annotations
 
@@ -13,15 +19,16 @@ from collections.abc import Callable, Iterator
 from flashgen.jobs.errors import FatalError, Interrupted
 from flashgen.jobs.fingerprint import KeyHashMap
 from flashgen.jobs.idset import IdSet
-from flashgen.jobs.inputs import Line, LineError, LineParser, LineRequest, LongLine
+from flashgen.jobs.inputs import Line, LineError, LineParser, LineRequest, LongLine, key_of
 from flashgen.jobs.openai_batch import completion_tokens
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.records import error_record, result_record
 from flashgen.jobs.signals import SignalGuard
-from flashgen.jobs.source import EMPTY, EOF, InputError, LineSource
+from flashgen.jobs.source import EMPTY, EOF, InputError, LineSource, Prepared, PrepareError
 from flashgen.jobs.writer import OrderedWriter
 
 SKIP = object()  # a line whose id already has a result in the output (--resume)
+PREPARE_GROUP = 32  # lines prepared together: their prompts are tokenized in one encode_batch call
 
 
 class LineScreen:
@@ -49,7 +56,7 @@ class Runner:
     def __init__(self, llm, parser: LineParser, writer: OrderedWriter, stats: JobStats, *, max_in_flight: int,
                  max_errors: int = 0, return_token_ids: bool = False, progress: JobProgress | None = None,
                  signals: SignalGuard | None = None, drain: bool = False,
-                 log: Callable[[str], None] = lambda s: None):
+                 log: Callable[[str], None] = lambda s: None, prepare_ahead: bool = True):
         self.llm, self.parser, self.writer, self.stats = llm, parser, writer, stats
         self.max_in_flight = max(1, max_in_flight)
         self.max_errors = max_errors
@@ -63,18 +70,73 @@ class Runner:
         self._screen = LineScreen(parser)
         self._signal_handled = False
         self.max_seen_in_flight = 0                                 # for tests: the window really bounds reading
+        # False: each line is prepared on this thread when its turn comes (classify), as before Prepared existed
+        self.prepare_ahead = prepare_ahead
+        self.ahead = min(self.max_in_flight, 1024)                  # lines prepared and not yet admitted, at most
+        self.prepared: Prepared | None = None                       # the preparation thread of the current run
+        self._source: LineSource | None = None
+
+    def _unexpected(self, lineno: int, line: Line | LineRequest | None, e: Exception) -> LineError:
+        """The error record of a line whose preparation raised what no check expects (a bug, or a tokenizer
+        fault): that line fails, the job goes on."""
+        message = (f"preparing this line failed: {type(e).__name__}: {e}; the job went on without it (this is a "
+                   "bug: please report it with the line)")
+        if line is None:  # head() itself failed: the line is known by its number, like an unreadable line
+            return LineError(lineno, lineno, key_of(lineno), False, "internal_error", f"line {lineno}: {message}")
+        return self.parser.error(line, "internal_error", message)
 
     def classify(self, lineno: int, raw: bytes | LongLine) -> object:
         """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
         gets a duplicate_id error record (carrying that id) and does not run. An unreadable line's stand-in id
         (its line number) claims nothing, so it cannot make a good line with that id a duplicate."""
-        item = self._screen(self.parser.head(lineno, raw))
-        return self.parser.build(item) if isinstance(item, Line) else item
+        line = None
+        try:
+            line = self.parser.head(lineno, raw)
+            item = self._screen(line)
+            return self.parser.build(item) if isinstance(item, Line) else item
+        except MemoryError:
+            raise
+        except Exception as e:
+            return self._unexpected(lineno, line, e)
+
+    def prepare(self, group: list[tuple[int, bytes | LongLine]]) -> list[object]:
+        """classify() of each line of a group, in order, their prompts tokenized together (LineParser.build with
+        defer, then encode_pending): the same items. Runs on the preparation thread, ahead of the engine."""
+        items: list[object] = []
+        for lineno, raw in group:
+            line = None
+            try:
+                line = self.parser.head(lineno, raw)
+                item = self._screen(line)
+                items.append(self.parser.build(item, defer=True) if isinstance(item, Line) else item)
+            except MemoryError:
+                raise
+            except Exception as e:
+                items.append(self._unexpected(lineno, line, e))
+        try:
+            return self.parser.encode_pending(items)
+        except MemoryError:
+            raise
+        except Exception:  # one text the tokenizer cannot take: find it, the others still run
+            out: list[object] = []
+            for (lineno, _), item in zip(group, items, strict=True):
+                try:
+                    out += self.parser.encode_pending([item])
+                except MemoryError:
+                    raise
+                except Exception as e:
+                    assert isinstance(item, LineRequest), "only requests are encoded"
+                    out.append(self._unexpected(lineno, item, e))
+            return out
 
     def run(self, lines: Iterator[tuple[int, bytes | LongLine]], done: IdSet | KeyHashMap) -> str:
         """Run every line; return the status: ok | line_errors | max_errors | interrupted."""
         self._screen.done = done
-        source = LineSource(lines, maxsize=min(self.max_in_flight, 1024))
+        # the reader need not run far ahead of the preparation thread, which holds up to `ahead` lines itself
+        source = self._source = LineSource(lines, maxsize=min(self.max_in_flight, 2 * PREPARE_GROUP
+                                                              if self.prepare_ahead else 1024))
+        feed = self.prepared = Prepared(source, self.prepare, self.ahead, PREPARE_GROUP) if self.prepare_ahead \
+            else None
         exhausted, stop = False, None
         self.signals.graceful = True
         try:
@@ -84,12 +146,12 @@ class Runner:
                     break  # lines in flight are dropped: --resume runs them again
                 while stop is None and not exhausted and self.writer.pending < self.max_in_flight:
                     # Wait for input only when the engine has nothing to do.
-                    got = source.get(wait=not self.llm.has_unfinished_requests())
+                    got = self._take(wait=not self.llm.has_unfinished_requests())
                     if got is EMPTY:
                         break
                     if got is EOF:
                         exhausted = True
-                    elif self._admit(self.classify(*got)) and self.max_errors and self.stats.errors >= self.max_errors:
+                    elif self._admit(got) and self.max_errors and self.stats.errors >= self.max_errors:
                         stop = "max_errors"
                         self.log(f"flashgen: {self.stats.errors} bad lines (--max-errors {self.max_errors}): "
                                  f"stopped reading input; finishing {len(self._meta)} lines in flight")
@@ -106,7 +168,7 @@ class Runner:
                 self._report()
             if stop == "interrupted" and not exhausted and not self._meta:
                 # every line read before the signal is answered: if the input had no more, the job is complete
-                exhausted = source.get(wait=True) is EOF
+                exhausted = self._take(wait=True) is EOF
         except Interrupted:
             self.writer.flush_finished()
             return "interrupted"
@@ -115,6 +177,10 @@ class Runner:
         except InputError as e:  # re-raised from the reader thread
             self.writer.flush_finished()
             raise FatalError(f"cannot read the input: {e}; finished lines are saved, run again with --resume") from e
+        except PrepareError as e:  # re-raised from the preparation thread: not one line's fault
+            self.writer.flush_finished()
+            raise FatalError(f"preparing the input failed: {e}; finished lines are saved, run again with "
+                             "--resume") from e
         except OSError as e:  # writing the output failed (a file's writer says so itself: this is stdout)
             raise FatalError(f"cannot write the output {getattr(self.writer, 'name', '')}: {e.strerror or e}; "
                              "run again with --resume once it is fixed") from None
@@ -124,7 +190,10 @@ class Runner:
             raise FatalError(f"the engine failed: {type(e).__name__}: {e}; finished lines are saved, run again "
                              "with --resume") from e
         finally:
-            source.close()
+            if feed is not None:
+                feed.close()
+            else:
+                source.close()
             self.signals.graceful = False
             self._report()
         if stop == "interrupted" and exhausted and not self._meta and not self.writer.pending:
@@ -132,6 +201,15 @@ class Runner:
         if stop:
             return stop
         return "line_errors" if self.stats.errors else "ok"
+
+    def _take(self, wait: bool) -> object:
+        """The next line's item (a request, an error record or SKIP), EOF, or EMPTY (none ready; waited at most
+        0.1 s when `wait`). With preparation ahead this only takes what the preparation thread made."""
+        if self.prepared is not None:
+            return self.prepared.get(wait)
+        assert self._source is not None, "only while running"
+        got = self._source.get(wait)
+        return got if got is EOF or got is EMPTY else self.classify(*got)
 
     def _check_signal(self) -> str | None:
         """After a first SIGINT/SIGTERM: take no more work, write what is finished, say so (once)."""
