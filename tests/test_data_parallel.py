@@ -1,7 +1,15 @@
 """Data parallelism on the CPU: 2 reference-backend workers give the same outputs as one engine."""
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 
 from checkpoints import make_checkpoint
 from flashgen import LLM, EngineConfig, SamplingParams
@@ -51,3 +59,59 @@ def test_cli_data_parallel_same_lines_errors_resume_and_exit_code(tmp_path):
     done = read_jsonl(out)
     assert sorted(x["id"] for x in done) == sorted(x["id"] for x in one)
     assert {x["id"]: x.get("text") for x in done} == {x["id"]: x.get("text") for x in one}
+
+
+def group_processes(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                state, _, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if state != "Z" and int(pgrp) == pgid:
+            pids.append(int(d))
+    return pids
+
+
+def ends_with_nothing_left(p: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    """Wait for `p` (started in a session of its own) to exit; fail if it does not in time or leaves a process of
+    its group behind (its data-parallel workers); kill its group whatever happens. Its exit code and stderr."""
+    try:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"did not exit in {timeout} s; alive: {group_processes(p.pid)}") from None
+        end = time.monotonic() + 10  # the workers' exit may still be under way when the parent's is seen
+        while (left := group_processes(p.pid)) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert left == [], f"processes left behind: {left}"
+        return p.returncode, err.decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="lists processes through /proc")
+
+
+@needs_proc
+def test_an_engine_never_closed_still_lets_the_process_exit(tmp_path):
+    """A DataParallelLLM still referenced at exit, never closed: its workers are ended before multiprocessing's
+    exit handler would wait for them forever."""
+    from test_cli_support import proc_env, tiny_model
+
+    code = ("import sys\n"
+            "from flashgen import EngineConfig, SamplingParams\n"
+            "from flashgen.engine.data_parallel import DataParallelLLM\n"
+            "dp = DataParallelLLM(EngineConfig(model=sys.argv[1], device='cpu', dtype='float32'), 2)\n"
+            "out = dp.generate([[5, 6, 7], [8, 9]], SamplingParams(temperature=0, max_tokens=2))\n"
+            "print(sum(len(o.token_ids) for o in out))\n")
+    p = subprocess.Popen([sys.executable, "-c", code, tiny_model()], cwd=tmp_path, env=proc_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    rc, err = ends_with_nothing_left(p)
+    assert rc == 0, err

@@ -6,6 +6,11 @@ are validated and tokenized here, in the parent, so a bad prompt raises at add_r
 process; each goes to the worker with the least expected work (prompt + output tokens) in flight, through
 bounded queues. Unseeded requests
 get their seeds here, in input order, as one engine would assign them, so sampled output does not depend on N.
+
+The workers end with `close()`, or, for an engine never closed, when it is garbage collected or at the latest when
+the interpreter exits (a multiprocessing finalizer that runs before multiprocessing's own exit handler): that
+handler stops daemon processes with SIGTERM, which the workers ignore, and then waits for them without a timeout,
+so a worker still serving at exit would keep the process from ever ending.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import time
+from multiprocessing.util import Finalize
 
 import torch
 
@@ -60,6 +67,15 @@ def _worker(config: EngineConfig, rank: int, n: int, inq, outq) -> None:
         outq.put((FAILED, rank, f"{type(e).__name__}: {e}"))
         return
     outq.put((READY, rank, llm.max_model_len))
+    try:
+        _serve(llm, inq, outq, rank)
+    finally:
+        # told to stop, or the parent is gone: nobody reads what is still buffered for it, and waiting to flush it
+        # into a full pipe would keep this process from ending
+        outq.cancel_join_thread()
+
+
+def _serve(llm, inq, outq, rank: int) -> None:
     while True:
         msgs = []
         try:
@@ -110,6 +126,9 @@ class DataParallelLLM:
         self._out = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, args=(config, r, num_workers, self._in[r], self._out), daemon=True)
                        for r in range(num_workers)]
+        self._workers = _Workers(self._procs, self._in)
+        # on garbage collection, or at exit before multiprocessing stops its children (see the module docstring)
+        self._finalizer = Finalize(self, self._workers.shutdown, exitpriority=100)
         for p in self._procs:
             p.start()
         self._load = [0] * num_workers         # outstanding work (tokens) per worker
@@ -203,18 +222,37 @@ class DataParallelLLM:
         return generate_all(self, prompts, sampling_params)
 
     def close(self) -> None:
-        for q in self._in:
+        """End the workers (requests still in them give no output); the object is unusable afterwards. Safe to
+        call again; if it is interrupted, the finalizer still ends them at exit."""
+        self._workers.shutdown()
+        self._finalizer.cancel()
+
+
+class _Workers:
+    """The worker processes and their input queues: all that ending them needs, without the engine itself (the
+    finalizer holds this, and must not keep the engine alive)."""
+
+    def __init__(self, procs: list, inqs: list, grace: float = 10.0):
+        self.procs, self.inqs, self.grace = procs, inqs, grace
+        self.done = False
+
+    def shutdown(self) -> None:
+        if self.done:
+            return
+        for q in self.inqs:
             try:
                 q.put_nowait(None)
-            except queue.Full:
+            except (queue.Full, ValueError, OSError):  # a stuck worker, or the queue closed: it is killed below
                 pass
-        for p in self._procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        started = [p for p in self.procs if p.pid is not None]
+        end = time.monotonic() + self.grace
+        for p in started:
+            p.join(max(0.0, end - time.monotonic()))
+        for p in started:
+            if p.is_alive():  # SIGKILL: a worker ignores SIGTERM (the parent owns signals)
+                p.kill()
+                p.join(5)
+        for q in self.inqs:  # nobody reads them now: exit must not wait to flush them into a pipe
+            q.cancel_join_thread()
+            q.close()
+        self.done = True
