@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -97,6 +98,45 @@ def ends_with_nothing_left(p: subprocess.Popen, timeout: float = 120) -> tuple[i
 
 
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="lists processes through /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("case", ["ok", "bad_line", "sigterm"])
+def test_cli_data_parallel_process_ends_with_its_workers(tmp_path, case):
+    """`flashgen generate --data-parallel 2` as a process of its own ends, with its exit code, and leaves no worker
+    behind: after a good job, after a job with a bad line, and on SIGTERM mid-job. Workers still serving at exit
+    kept the process from ever ending (multiprocessing's exit handler SIGTERMs daemon children, which the workers
+    ignore, then waits for them without a timeout)."""
+    from flashgen.jobs.errors import ExitCode
+    from test_cli_support import proc_env, read_jsonl, tiny_model, wait_for_lines
+
+    n = 400 if case == "sigterm" else 12  # enough steps that SIGTERM comes mid-job
+    lines = [json.dumps({"id": i, "prompt": f"request number {i}"}) for i in range(n)]
+    if case == "bad_line":
+        lines.insert(5, "{not json")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "-m", "flashgen", "generate", str(src), "-o", str(out), "--model", tiny_model(),
+           "--device", "cpu", "--temperature", "0", "--max-tokens", "8", "--ignore-eos", "--max-num-seqs", "2",
+           "--data-parallel", "2"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=proc_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    if case == "sigterm":
+        try:
+            wait_for_lines(p, out, 3)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            raise
+        p.send_signal(signal.SIGTERM)
+    code, err = ends_with_nothing_left(p)
+    want = {"ok": ExitCode.OK, "bad_line": ExitCode.LINE_ERRORS, "sigterm": ExitCode.INTERRUPTED}[case]
+    assert code == want, err
+    recs = read_jsonl(out)
+    if case == "sigterm":
+        assert 3 <= len(recs) < n
+    else:
+        assert len(recs) == len(lines) and sum("error" in r for r in recs) == (case == "bad_line")
 
 
 @needs_proc

@@ -195,6 +195,53 @@ def test_an_exception_serving_one_request_fails_only_its_line(llm, monkeypatch):
     assert all("text" in r for i, r in enumerate(recs) if i != 5)
 
 
+class CountedClose:
+    """The job's engine, its close() counted; its `fail_step`th step raises `fail`."""
+
+    def __init__(self, llm, fail_step: int = 0, fail: BaseException | None = None):
+        self._llm, self._fail_step, self._fail = llm, fail_step, fail
+        self.steps = self.closed = 0
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self._fail_step:
+            raise self._fail or RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self._llm.step()
+
+    def close(self) -> None:
+        self.closed += 1
+        self._llm.close()
+
+
+@pytest.mark.parametrize("case", ["ok", "bad_line", "max_errors", "engine_failure", "keyboard_interrupt"])
+def test_the_job_closes_its_engine_however_it_ends(tmp_path, monkeypatch, case):
+    """The engine a job loads is closed when the job ends, whatever the end: its worker processes (data or tensor
+    parallel) must not outlive the job, or wait for a garbage collection that may come only at exit."""
+    import flashgen.jobs.generate as generate
+
+    engines: list[CountedClose] = []
+    load = generate._load_model
+
+    def load_counted(*args, **kwargs):
+        fail = {"engine_failure": RuntimeError("CUDA error"), "keyboard_interrupt": KeyboardInterrupt()}.get(case)
+        engines.append(CountedClose(load(*args, **kwargs), 3 if fail else 0, fail))
+        return engines[-1]
+
+    monkeypatch.setattr(generate, "_load_model", load_counted)
+    lines: list = [{"id": i, "prompt": f"line {i}"} for i in range(12)]
+    if case in ("bad_line", "max_errors"):
+        lines.insert(3, "{not json")
+    extra = ["--max-errors", "1"] if case == "max_errors" else []
+    r, _ = gen(tmp_path, lines, *extra)
+    want = {"ok": ExitCode.OK, "bad_line": ExitCode.LINE_ERRORS, "max_errors": ExitCode.MAX_ERRORS,
+            "engine_failure": ExitCode.FATAL, "keyboard_interrupt": ExitCode.INTERRUPTED}[case]
+    assert r.exit_code == want, r.stderr
+    assert [e.closed for e in engines] == [1]
+
+
 # ---- checks that fail before the model loads ----------------------------------------------------------------
 def test_stats_json_in_a_missing_directory_fails_before_the_model_loads(tmp_path):
     r, recs = gen(tmp_path, [{"id": 1, "prompt": "hi"}], "--stats-json", tmp_path / "nope" / "s.json",

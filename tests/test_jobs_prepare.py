@@ -3,12 +3,14 @@ job's thread, bounded, stopped and resumed cleanly, one line's fault only that l
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import json
 import random
 import re
 import signal
 import threading
+import weakref
 
 import pytest
 
@@ -261,4 +263,45 @@ def test_a_failure_of_the_preparation_as_a_whole_is_fatal(monkeypatch):
     data = b"".join(json.dumps({"id": i, "prompt": "p"}).encode() + b"\n" for i in range(50))
     with pytest.raises(FatalError, match="preparing the input failed: MemoryError: no memory left"):
         run_job(data, ahead=True)
+    assert job_threads() == []
+
+
+class BrokenLLM(FakeLLM):
+    """Its fifth step raises, as an engine failure would."""
+    calls = 0
+
+    def step(self):
+        self.calls += 1
+        if self.calls == 5:
+            raise RuntimeError("CUDA out of memory")
+        return super().step()
+
+
+@pytest.mark.parametrize("how", ["ok", "engine_failure"])
+def test_nothing_of_the_run_keeps_the_runner_or_its_engine_alive(how):
+    """Once run() returns (or raises for an engine failure), the Runner and its engine are freed by reference
+    counting alone: no reference cycle through the preparation thread (its `prepare` is the Runner's method). An
+    engine left for the garbage collector outlived the job, and with --data-parallel its worker processes kept the
+    process from ending (the job now also closes its engine itself: flashgen.jobs.generate)."""
+    def run() -> tuple[weakref.ref | None, weakref.ref]:
+        llm = BrokenLLM(max_num_seqs=2, max_model_len=MAX_LEN) if how == "engine_failure" else fake_llm()
+        llm.tokenizer = real_tokenizer()
+        data = b"".join(json.dumps({"id": i, "prompt": "p"}).encode() + b"\n" for i in range(200))
+        try:
+            status, _, runner = run_job(data, ahead=True, llm=llm)
+        except FatalError:
+            assert how == "engine_failure"
+            return None, weakref.ref(llm)
+        assert status == "ok" and how == "ok"
+        return weakref.ref(runner), weakref.ref(llm)
+
+    real_tokenizer()  # made (with its checkpoint) before: what that leaves in caches is not the run's
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        runner, llm = run()
+        assert (runner is None or runner() is None) and llm() is None
+    finally:
+        if enabled:
+            gc.enable()
     assert job_threads() == []

@@ -108,6 +108,7 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
     fingerprint = setup.fingerprint
     plan = plan_output(output_path, input_path, overwrite=overwrite, resume=job["resume"],
                        fingerprint=fingerprint, shard=shard)
+    llm = None
     try:  # the output file stays locked until the job ends, however it ends
         if plan.resume:
             log(f"flashgen: resuming {plan.name}: {plan.n_done:,} lines already done"
@@ -149,7 +150,11 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
             if total is not None:  # a file; stdin is left alone, the reader thread may still be blocked on it
                 in_stream.close()
     finally:
-        plan.release()
+        try:  # the engine's worker processes (data or tensor parallel) end with the job, however it ends
+            if llm is not None:
+                llm.close()
+        finally:
+            plan.release()
 
 
 @dataclass

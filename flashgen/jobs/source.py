@@ -167,7 +167,9 @@ class Prepared:
 
     def close(self, wait: float = 5.0) -> None:
         """Stop preparing (a group being prepared is finished first, then dropped) and the reader; wait for both
-        threads at most `wait` seconds each."""
+        threads at most `wait` seconds each. Once the thread has ended, `prepare` is let go: it is usually a method
+        of the object that holds this one, and the reference cycle would keep that object (and what it holds, the
+        engine) alive until a garbage collection instead of ending with the job."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
@@ -175,3 +177,9 @@ class Prepared:
         if self._thread is not threading.current_thread():
             self._thread.join(wait)
         self._source.close(wait)
+        if not self._thread.is_alive():
+            self._prepare = _closed
+
+
+def _closed(group: list) -> list:
+    raise RuntimeError("the preparation thread was closed")
