@@ -1,8 +1,11 @@
 // fp8_quant.cu: per-row dynamic quantization of activations to float8 e4m3 for the FP8 GEMMs (FP8 weights):
 //   scale[r] = max(amax |x[r, :]|, FP8_AMAX_FLOOR) / 448,   xq[r, k] = e4m3(clamp(x[r, k] / scale[r], +-448))
-// in float32 with IEEE division and round-to-nearest-even, so the bytes equal the torch reference's
+// in float32 with round-to-nearest-even, so the bytes equal the torch reference's on the GPU
 // (torch_ops.quantize_fp8_rows: .float(), abs, amax, clamp, /, clamp, cast: eight kernels and a float32 copy of
-// the activations, which this one pass replaces). A NaN in a row makes its scale NaN, as torch's amax does.
+// the activations, which this one pass replaces). As torch on CUDA does, the scale is amax times the float
+// reciprocal of 448 (its division of a tensor by a Python scalar) and x / scale a true division (tensor by
+// tensor); torch on the CPU divides by 448 exactly, which can differ in the scale's last bit. A NaN in a row makes
+// its scale NaN, as torch's amax does.
 // Grid (rows), 256 threads; a thread takes 16-byte vectors (8 elements) strided by the block: the first pass
 // finds the row's amax (warp shuffles, then shared memory), the second reads the row again (an L1/L2 hit) and
 // writes 8 bytes per vector. K must be a multiple of 8 (the FP8 GEMMs need 16).
@@ -50,7 +53,8 @@ quantize_fp8_rows_kernel(const scalar_t* __restrict__ x, i64 ldx, fp8_t* __restr
     }
     __syncthreads();
     amax = red[0];
-    const float s = __fdiv_rn(amax != amax ? amax : fmaxf(amax, FP8_AMAX_FLOOR), FP8_MAX);
+    // torch divides a CUDA tensor by a Python scalar as a product with the scalar's float reciprocal
+    const float s = __fmul_rn(amax != amax ? amax : fmaxf(amax, FP8_AMAX_FLOOR), 1.f / FP8_MAX);
     if (threadIdx.x == 0) scale[row] = s;
     fp8_t* qr = xq + row * (i64)K;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
