@@ -78,10 +78,11 @@ def test_pipelined_hits_context_limit(model_dir):
     assert [len(o.prompt_token_ids) + len(o.token_ids) for o in b] == [64, 64]
 
 
-def test_pipelined_runs_ahead_with_a_full_running_set(model_dir):
-    """More requests than max_num_seqs: while the running set is full, the next decode step is scheduled before
-    the last one's tokens are read (nothing could be admitted anyway); a request that ends at an unread token
-    frees its place a step later. Outputs are those of step-by-step decoding, stops and limits included."""
+def test_pipelined_runs_ahead_with_prompts_queued(model_dir):
+    """More requests than max_num_seqs: the next step is scheduled before the last decode step's tokens are read,
+    a decode step while the running set is full, a prefill of queued prompts when there is room (the unread
+    tokens are read while the GPU runs it); a request that ends at an unread token frees its place a step later.
+    Outputs are those of step-by-step decoding, stops and limits included."""
     plain, piped = _pair(model_dir, block_size=16, max_num_seqs=4)
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 40))] for _ in range(14)]
@@ -99,7 +100,30 @@ def test_pipelined_runs_ahead_with_a_full_running_set(model_dir):
         return ok
 
     sched.can_run_ahead = spy
+    launch = piped.engine.runner.launch
+    prefills_ahead = []
+
+    def spy_launch(batch):
+        if batch.is_prefill and piped.engine._last is not None:
+            prefills_ahead.append(len(batch.seqs))  # a prefill launched with a decode step's tokens unread
+        return launch(batch)
+
+    piped.engine.runner.launch = spy_launch
     _same(plain.generate(prompts, sps), piped.generate(prompts, sps))
-    assert any(ok and waiting for ok, waiting, _ in ahead), ahead  # ran ahead with prompts queued
-    # and never while a prompt could have been admitted
-    assert not any(ok and waiting and running < 4 for ok, waiting, running in ahead), ahead
+    assert any(ok and waiting and running == 4 for ok, waiting, running in ahead), ahead  # decode, set full
+    assert prefills_ahead, ahead  # prefills of queued prompts ahead of the unread tokens
+
+
+def test_pipelined_n_samples_and_prefix_hits_with_prompts_queued(model_dir):
+    """n samples fork from sample 0 when its prefill is launched, and queued prompts hit cached prefix blocks,
+    while prefills run ahead of unread decode tokens: the same outputs as step-by-step decoding."""
+    plain, piped = _pair(model_dir, block_size=16, max_num_seqs=5)
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 500) for _ in range(37)]
+    prompts = [shared + [rng.randrange(3, 500) for _ in range(rng.randint(1, 25))] for _ in range(9)]
+    sps = [SamplingParams(temperature=0.8, seed=i, n=1 + i % 3, max_tokens=5 + 3 * i, ignore_eos=True)
+           for i in range(9)]
+    a, b = plain.generate(prompts, sps), piped.generate(prompts, sps)
+    assert [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in a] == \
+           [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in b]
+    assert sum(o.num_cached_tokens for o in b) >= 32 * 4  # later prompts hit the shared blocks

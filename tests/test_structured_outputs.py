@@ -339,10 +339,12 @@ def test_mixed_batch_outputs_are_valid(mixed, checker):
     assert unconstrained and all(o.finish_reason in ("stop", "length") for o in unconstrained)
 
 
-def test_mixed_batch_pipelined_matches_plain(model_dir, mixed, checker):
+@pytest.mark.parametrize("max_num_seqs", [256, 8])
+def test_mixed_batch_pipelined_matches_plain(model_dir, mixed, checker, max_num_seqs):
     """Pipelined decode: the masks of most steps are filled on the runner's mask thread while the engine is still
-    detokenizing the step before (start_masks); the outputs are those of step-by-step decoding."""
-    piped = _llm(model_dir, pipelined=True)
+    detokenizing the step before (start_masks); with 8 sequences at a time the queued requests' prefills (and
+    their first masks) also run ahead of unread decode tokens. The outputs are those of step-by-step decoding."""
+    piped = _llm(model_dir, pipelined=True, max_num_seqs=max_num_seqs)
     runner = piped.engine.runner
     started = []
     start = runner.start_masks

@@ -127,14 +127,17 @@ class Scheduler:
         return max(0, math.ceil(self._end(seq) / bs) - math.ceil(len(seq) / bs))
 
     def can_run_ahead(self) -> bool:
-        """Whether the next batch can be scheduled before the last decode step's tokens are read: no prompt that
-        the next schedule would admit (none waiting, or the running set is full or the free blocks do not cover
-        the head of `waiting`: the next batch is a decode batch of the running sequences either way), a free block
-        for every running sequence (no preemption), no penalties (they count the latest token). A sequence that
-        turns out to have finished at the unread token holds its place for one more step, and a prompt waiting
-        for that place is admitted a step later; a job with more lines than max_num_seqs keeps the host's work
-        off the GPU's critical path for all but those steps."""
-        return (not self._would_admit() and self.block_manager.num_free_blocks >= len(self.running)
+        """Whether the next batch can be scheduled before the last decode step's tokens are read. A prefill batch
+        (schedule() would admit the head of `waiting`) always can: it computes waiting prompts and needs nothing
+        from the running sequences' unread tokens, which the engine then reads while the GPU runs the prefill. A
+        decode batch can when every running sequence has a free block (no preemption) and none has penalties
+        (they count the latest token). A sequence that turns out to have finished at the unread token holds its
+        place (and its blocks) until the tokens are read, so a prompt waiting for that place is admitted a step
+        later; in exchange the host's work on a step's tokens is never on the GPU's critical path, whether the
+        next step decodes or prefills (a job with more lines than max_num_seqs admits a few every few steps)."""
+        if self._would_admit():
+            return True
+        return (self.block_manager.num_free_blocks >= len(self.running)
                 and not any(seq.params.has_penalties for seq in self.running))
 
     def _would_admit(self) -> bool:
