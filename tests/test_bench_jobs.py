@@ -139,6 +139,31 @@ def test_floor_of_a_mixture_of_experts_and_of_sliding_windows(tmp_path):
         floor_from_lengths(short, outs, sum(short), full, 10**9, ceil))
 
 
+def test_floor_at_the_engines_limits(tmp_path):
+    """Admitting the requests in order into max_seqs slots and a KV cache of kv_capacity tokens: with room for
+    all of them it is the everything-resident floor; fewer slots or less cache mean more decode steps, each
+    reading the weights, so a higher floor; a request larger than the cache still runs (alone)."""
+    from flashgen.bench.synthetic import write_model_dir
+    from flashgen.models.spec import load_spec
+
+    spec = load_spec(write_model_dir("qwen3-0.6b", tmp_path))
+    ceil = {"copy_bytes_per_s": 3e12, "matmul_flop_per_s": 7e14}
+    rng = random.Random(5)
+    lens = [rng.randint(100, 1000) for _ in range(40)]
+    outs = [rng.randint(10, 200) for _ in range(40)]
+    wb = 2 * 10**9
+    resident = floor_from_lengths(lens, outs, sum(lens), spec, wb, ceil)
+    assert floor_from_lengths(lens, outs, sum(lens), spec, wb, ceil, max_seqs=40,
+                              kv_capacity=10**9) == pytest.approx(resident)
+    slots = floor_from_lengths(lens, outs, sum(lens), spec, wb, ceil, max_seqs=8)
+    cache = floor_from_lengths(lens, outs, sum(lens), spec, wb, ceil, max_seqs=40, kv_capacity=3000)
+    assert resident < slots and resident < cache
+    # 8 slots: at least sum(outs) / 8 decode steps, each reading the weights
+    assert slots >= (sum(outs) / 8) * wb / ceil["copy_bytes_per_s"]
+    tiny = floor_from_lengths(lens, outs, sum(lens), spec, wb, ceil, kv_capacity=50)  # no request fits: one at a time
+    assert tiny == pytest.approx(floor_from_lengths(lens, outs, sum(lens), spec, wb, ceil, max_seqs=1))
+
+
 def test_instrumentation_leaves_the_job_code_as_it_was():
     from flashgen.jobs import generate
 

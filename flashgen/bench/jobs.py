@@ -40,8 +40,9 @@ thread).
 
 The floor is bench/throughput.py's (weights plus live distinct KV per decode step over the copy bandwidth, prefill
 FLOPs of the distinct prompt tokens over the matmul rate, a shared prefix counted once) on the prompts exactly as
-the job tokenized them, with ceilings measured in the same run. `--scale F` (e.g. 0.01) shrinks the line counts for
-smoke runs. Output: `jobs_WORKLOAD.json` in `--out-dir`.
+the job tokenized them, at the engine's limits (lines admitted in order into its max_num_seqs slots and its KV
+cache, as floor_from_lengths says), with ceilings measured in the same run. `--scale F` (e.g. 0.01) shrinks the
+line counts for smoke runs. Output: `jobs_WORKLOAD.json` in `--out-dir`.
 """
 from __future__ import annotations
 
@@ -380,14 +381,16 @@ def breakdown(wall: float, clock: JobClock, prefill_s: float, decode_s: float) -
     return parts
 
 
-def job_floor(spec, prompt_lens: list[int], distinct: int, max_tokens: int, ceil: dict, **engine_kw) -> float:
+def job_floor(spec, prompt_lens: list[int], distinct: int, max_tokens: int, ceil: dict, max_seqs: int | None = None,
+              kv_capacity: int | None = None, **engine_kw) -> float:
     """throughput.floor_seconds of the job's prompts as the engine got them (template included), each generating
-    exactly max_tokens, with the engine's weight and KV-cache dtypes."""
+    exactly max_tokens, with the engine's weight and KV-cache dtypes, at its limits (sequence slots, KV tokens)."""
     from flashgen.bench.throughput import floor_from_lengths, weight_bytes_of
 
     kv_dtype = torch.float8_e4m3fn if engine_kw.get("kv_cache_dtype") == "fp8" else torch.bfloat16
     return floor_from_lengths(prompt_lens, [max_tokens] * len(prompt_lens), distinct, spec,
-                              weight_bytes_of(spec, engine_kw.get("quantization") == "fp8"), ceil, kv_dtype)
+                              weight_bytes_of(spec, engine_kw.get("quantization") == "fp8"), ceil, kv_dtype,
+                              max_seqs, kv_capacity)
 
 
 def _stats(xs: list[int]) -> dict:
@@ -504,9 +507,12 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
                    job=job)
         res["floor_s"] = res["pct_of_floor"] = None
         if ceil is not None:
+            runner = getattr(getattr(llm, "engine", None), "runner", None)  # one engine (not data parallel)
+            limits = {"max_seqs": llm.config.max_num_seqs,
+                      "kv_capacity": runner.num_blocks * runner.block_size if runner is not None else None}
             floor = job_floor(load_spec(mdir), prompt_lens, res["distinct_prompt_tokens"], w.max_tokens, ceil,
-                              **engine_kw)
-            res.update(ceil, floor_s=floor, pct_of_floor=100 * floor / wall)
+                              **limits, **engine_kw)
+            res.update(ceil, floor_s=floor, pct_of_floor=100 * floor / wall, floor_limits=limits)
         llm.close()
         del llm, clock
     print(report(res), flush=True)

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -106,42 +107,86 @@ def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
     return n
 
 
-def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict, kv_dtype: torch.dtype = torch.bfloat16
-                  ) -> float:
-    """Everything resident, every step at the ceiling: per decode step all weights plus the live sequences'
-    distinct KV (a shared prefix once, `kv_dtype` bytes per element) over the copy bandwidth; prefill as
-    2 * params FLOPs per distinct prompt token over the matmul rate."""
+def floor_seconds(w: Workload, spec, weight_bytes: int, ceil: dict, kv_dtype: torch.dtype = torch.bfloat16,
+                  max_seqs: int | None = None, kv_capacity: int | None = None) -> float:
+    """Every step at the ceiling: per decode step the weights it reads plus the live sequences' distinct KV (a
+    shared prefix once, `kv_dtype` bytes per element) over the copy bandwidth; prefill as 2 * active params FLOPs
+    per distinct prompt token over the matmul rate. With no limits every request is live from the start; with
+    `max_seqs` and `kv_capacity` (tokens) the requests are admitted in order as the engine's limits allow
+    (floor_from_lengths)."""
     return floor_from_lengths([len(p) for p in w.prompts], w.max_tokens, distinct_prefix_tokens(w.prompts), spec,
-                              weight_bytes, ceil, kv_dtype)
+                              weight_bytes, ceil, kv_dtype, max_seqs, kv_capacity)
 
 
 def floor_from_lengths(prompt_lens: list[int], max_tokens: list[int], distinct: int, spec, weight_bytes: int,
-                       ceil: dict, kv_dtype: torch.dtype = torch.bfloat16) -> float:
+                       ceil: dict, kv_dtype: torch.dtype = torch.bfloat16, max_seqs: int | None = None,
+                       kv_capacity: int | None = None) -> float:
     """floor_seconds from the prompts' lengths and their distinct prefix tokens (counted by the caller), for
     workloads whose prompts are too many to hold as lists of ints (flashgen bench jobs). Per decode step: the
     weights a step reads (a mixture of experts: the experts the live sequences are expected to activate, see
-    moe_step_weight_bytes) plus the live sequences' KV (sliding-window layers: only the window of each)."""
+    moe_step_weight_bytes) plus the live sequences' KV (sliding-window layers: only the window of each).
+
+    Without limits every request is live from the first step ("everything resident"). With `max_seqs` and / or
+    `kv_capacity` (KV tokens the engine's cache holds) the requests are admitted in input order, each when a
+    sequence slot is free and the cache holds its whole final length (its distinct prompt share plus max_tokens:
+    the look-ahead admission of a job that runs to max_tokens), and leave when done: the best schedule those
+    limits allow, so a model whose weights leave little room for KV gets the floor of the batches it can run."""
     kv_tok = spec.kv_bytes_per_token(kv_dtype)
     total_prompt = sum(prompt_lens)
     share = distinct / total_prompt  # fraction of prompt KV that is not a repeat of another prompt's
-    order = sorted(zip(max_tokens, prompt_lens, strict=True))
     windows = [spec.layer_window(i) for i in range(spec.num_layers)]
-    per_layer = kv_tok / spec.num_layers
     step_weights = moe_step_weight_bytes(spec, weight_bytes)
-    total_bytes, live_prompt, live, j = 0.0, total_prompt, len(order), 0
-    for t in range(max(max_tokens)):
-        while j < len(order) and order[j][0] <= t:
-            live_prompt -= order[j][1]
-            live -= 1
-            j += 1
-        if any(windows):  # each live sequence's context, capped per layer by the layer's window
-            ctx = [p * share + t + 1 for _, p in order[j:]]
-            kv = per_layer * sum(sum(min(c, w) if w else c for c in ctx) for w in windows)
-        else:
-            kv = kv_tok * (live_prompt * share + live * (t + 1))
-        total_bytes += step_weights(live) + kv
     prefill_flops = 2 * active_params(spec, weight_bytes) * distinct
-    return total_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
+    if max_seqs is None and kv_capacity is None:
+        decode_bytes = _resident_decode_bytes(prompt_lens, max_tokens, share, kv_tok, windows, step_weights)
+    else:
+        decode_bytes = _admitted_decode_bytes(prompt_lens, max_tokens, share, kv_tok, windows, step_weights,
+                                              max_seqs or len(prompt_lens), kv_capacity)
+    return decode_bytes / ceil["copy_bytes_per_s"] + prefill_flops / ceil["matmul_flop_per_s"]
+
+
+def _kv_bytes(ctx, kv_tok: float, windows: list[int]) -> float:
+    """KV bytes one decode step reads for live contexts `ctx` (a numpy array of tokens), each sliding-window
+    layer only its window."""
+    if not any(windows):
+        return kv_tok * float(ctx.sum())
+    per_layer = kv_tok / len(windows)
+    return per_layer * sum(windows.count(w) * float((np.minimum(ctx, w) if w else ctx).sum()) for w in set(windows))
+
+
+def _resident_decode_bytes(prompt_lens, max_tokens, share, kv_tok, windows, step_weights) -> float:
+    order = sorted(zip(max_tokens, prompt_lens, strict=True))
+    outs = np.array([m for m, _ in order], dtype=np.float64)
+    prompts = np.array([p for _, p in order], dtype=np.float64) * share
+    total, j = 0.0, 0
+    for t in range(int(outs.max())):
+        while j < len(order) and outs[j] <= t:
+            j += 1
+        total += step_weights(len(order) - j) + _kv_bytes(prompts[j:] + t + 1, kv_tok, windows)
+    return total
+
+
+def _admitted_decode_bytes(prompt_lens, max_tokens, share, kv_tok, windows, step_weights, max_seqs: int,
+                           kv_capacity: int | None) -> float:
+    prompts = np.array(prompt_lens, dtype=np.float64) * share
+    outs = np.array(max_tokens, dtype=np.int64)
+    demand = prompts + outs  # the KV tokens a request holds when it finishes
+    live = np.zeros(0, dtype=np.int64)  # indices of the live requests
+    done = np.zeros(0, dtype=np.int64)  # their tokens generated so far
+    nxt, used, total = 0, 0.0, 0.0
+    while nxt < len(prompts) or len(live):
+        while nxt < len(prompts) and len(live) < max_seqs and (
+                kv_capacity is None or used + demand[nxt] <= kv_capacity or not len(live)):
+            live, done = np.append(live, nxt), np.append(done, 0)
+            used += demand[nxt]
+            nxt += 1
+        total += step_weights(len(live)) + _kv_bytes(prompts[live] + done + 1, kv_tok, windows)
+        done += 1
+        finished = done >= outs[live]
+        if finished.any():
+            used -= float(demand[live[finished]].sum())
+            live, done = live[~finished], done[~finished]
+    return total
 
 
 def _expert_bytes(spec) -> int:
@@ -212,6 +257,7 @@ def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_k
     assert ntok == sum(w.max_tokens), "every request must produce exactly max_tokens (ignore_eos)"
     spec = load_spec(model_dir)
     weight_bytes = weight_bytes_of(spec, engine_kw.get("quantization") == "fp8")
+    max_num_seqs = llm.config.max_num_seqs
     if isinstance(llm, LLM):
         kv_tokens, backend = llm.engine.runner.num_blocks * llm.engine.runner.block_size, llm.engine.runner.backend
     else:  # data-parallel: the engines (and their KV caches) live in the worker processes
@@ -219,7 +265,8 @@ def run_flashgen(w: Workload, model_dir: str, data_parallel: int = 1, **engine_k
     llm.close()  # stops tensor- or data-parallel workers; a no-op for one process
     return {"output_tokens": ntok, "seconds": wall, "tok_per_s": ntok / wall, "startup_s": startup,
             "prefill_s": llm.stats.prefill_seconds, "decode_s": llm.stats.decode_seconds, "steps": llm.stats.steps,
-            "weight_bytes": weight_bytes, "spec": spec, "kv_tokens": kv_tokens, "preemptions": llm.stats.preemptions,
+            "weight_bytes": weight_bytes, "spec": spec, "kv_tokens": kv_tokens, "max_num_seqs": max_num_seqs,
+            "preemptions": llm.stats.preemptions,
             "backend": backend, "data_parallel": data_parallel,
             "tensor_parallel": engine_kw.get("tensor_parallel_size", 1)}
 
@@ -271,10 +318,18 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
         model_dir = str(write_model_dir(w.shape, d))
         ours = run_flashgen(w, model_dir, data_parallel, **engine_kw)
         kv_dtype = torch.float8_e4m3fn if engine_kw.get("kv_cache_dtype") == "fp8" else torch.bfloat16
-        floor = floor_seconds(w, ours.pop("spec"), ours["weight_bytes"], ceil, kv_dtype)
+        spec = ours.pop("spec")
+        # the floor at the engine's limits (sequence slots, the KV cache it got), and everything resident; data
+        # parallel: the KV caches live in the workers, so only the resident floor
+        limits = {"max_seqs": ours["max_num_seqs"], "kv_capacity": ours["kv_tokens"]} if ours["kv_tokens"] else {}
+        floor = floor_seconds(w, spec, ours["weight_bytes"], ceil, kv_dtype, **limits)
+        resident = floor_seconds(w, spec, ours["weight_bytes"], ceil, kv_dtype)
         res = {"workload": workload, "device": torch.cuda.get_device_name(), **ceil, **ours,
                "floor_s": floor, "floor_tok_per_s": ours["output_tokens"] / floor,
-               "pct_of_floor": 100 * floor / ours["seconds"]}
+               "pct_of_floor": 100 * floor / ours["seconds"], "floor_limits": limits,
+               "floor_resident_s": resident, "pct_of_floor_resident": 100 * resident / ours["seconds"],
+               "kv_cache_dtype": engine_kw.get("kv_cache_dtype", "auto"),
+               "quantization": engine_kw.get("quantization")}
         if compare == "hf":
             hw = Workload(w.name, w.shape, w.prompts, [hf_max_tokens] * len(w.prompts))
             res["hf"] = run_hf(hw, model_dir, hf_max_tokens)
@@ -291,7 +346,9 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
              f" start-up {ours['startup_s']:.1f} s; KV {ours['kv_tokens']} tokens; preemptions {ours['preemptions']})",
              f"  host time in prefill steps {ours['prefill_s']:.2f} s, decode steps {ours['decode_s']:.2f} s, "
              f"{ours['steps']} steps",
-             f"  floor {res['floor_tok_per_s']:,.0f} tok/s -> {res['pct_of_floor']:.0f}% of floor"]
+             f"  floor {res['floor_tok_per_s']:,.0f} tok/s -> {res['pct_of_floor']:.0f}% of floor"
+             + (f" (at max_num_seqs {limits['max_seqs']} and {limits['kv_capacity']:,} KV tokens; everything resident: "
+                f"{res['pct_of_floor_resident']:.0f}%)" if limits else "")]
     if "hf" in res:
         lines.append(f"  HF transformers {res['hf']['tok_per_s']:,.0f} tok/s ({hf_max_tokens} new tokens) ->"
                      f" flashgen {res['speedup_vs_hf']:.1f}x")
@@ -303,6 +360,30 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
         with open(f"{out_dir}/throughput_{tag}.json", "w") as f:
             json.dump(res, f, indent=1, default=str)
     return res
+
+
+def refloor(path: str, max_num_seqs: int) -> dict:
+    """The floor of a saved result (throughput_WORKLOAD.json) recomputed by this module's model, from the run's
+    own ceilings, weight bytes and KV cache: for results saved before the floor knew the engine's limits (pass
+    the run's --max-num-seqs), and to see a result against a changed model. Needs no GPU."""
+    from flashgen.bench.synthetic import write_model_dir
+    from flashgen.models.spec import load_spec
+
+    r = json.loads(open(path).read())
+    w = make_workload(r["workload"])
+    # results saved before the file recorded its KV dtype say it in their name (throughput_W_fp8kv.json)
+    fp8kv = r.get("kv_cache_dtype") == "fp8" or ("kv_cache_dtype" not in r and path.endswith("_fp8kv.json"))
+    kv_dtype = torch.float8_e4m3fn if fp8kv else torch.bfloat16
+    ceil = {k: r[k] for k in ("copy_bytes_per_s", "matmul_flop_per_s")}
+    with tempfile.TemporaryDirectory() as d:
+        spec = load_spec(write_model_dir(w.shape, d))
+    out = {"workload": r["workload"], "tok_per_s": r["tok_per_s"], "max_seqs": max_num_seqs,
+           "kv_capacity": r["kv_tokens"]}
+    for key, limits in (("resident", {}), ("limited", {"max_seqs": max_num_seqs, "kv_capacity": r["kv_tokens"]})):
+        f = floor_seconds(w, spec, r["weight_bytes"], ceil, kv_dtype, **limits)
+        out[f"floor_{key}_tok_per_s"] = r["output_tokens"] / f
+        out[f"pct_of_floor_{key}"] = 100 * f / r["seconds"]
+    return out
 
 
 if __name__ == "__main__":
@@ -324,7 +405,11 @@ if __name__ == "__main__":
     ap.add_argument("--quantization", default=None, choices=("auto", "fp8"), help="fp8: FP8 weights, quantized at load")
     ap.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     ap.add_argument("--tokenizer", default=None, help="structured: tokenizer directory (default: the embedded model's)")
+    ap.add_argument("--refloor", default=None, metavar="JSON", help="recompute a saved result's floor (no GPU)")
     a = ap.parse_args()
+    if a.refloor:
+        print(json.dumps(refloor(a.refloor, a.max_num_seqs)))
+        raise SystemExit(0)
     main(a.workload, a.compare, a.hf_max_tokens, a.out_dir, a.data_parallel, a.tokenizer, enforce_eager=a.enforce_eager,
          block_size=a.block_size, max_num_batched_tokens=a.max_num_batched_tokens,
          tensor_parallel_size=a.tensor_parallel_size, kv_cache_dtype=a.kv_cache_dtype, max_num_seqs=a.max_num_seqs,
