@@ -436,3 +436,15 @@ def test_cli_quantization(base, tmp_path):
     check_engine_choice(bf16, tmp_path, "--quantization", "fp8", "int8")
     info = cli(["info", str(bf16), "--quantization", "fp8"], tmp_path)
     assert info.exit_code == 0 and "FP8 e4m3" in info.stdout
+
+
+def test_accuracy_bench_configurations_take_fp8_weights(base):
+    """bench accuracy's dtype[+fp8kv][+fp8w] configurations build the engines they name; anything else is refused."""
+    from flashgen.bench import accuracy
+
+    both = accuracy._engine(str(base), "cpu", "float32+fp8kv+fp8w").engine.runner
+    assert both.model.weights_fp8 == "quantized" and both.kv_dtype == torch.float8_e4m3fn
+    weights = accuracy._engine(str(base), "cpu", "float32+fp8w").engine.runner
+    assert weights.model.weights_fp8 == "quantized" and weights.kv_dtype == torch.float32
+    with pytest.raises(ValueError, match="int4"):
+        accuracy._engine(str(base), "cpu", "float32+int4")

@@ -6,7 +6,7 @@ next-token distribution is compared with the same model run in float32 with a fl
 the same device): top-1 agreement (argmax equal) and the mean KL(oracle || configuration) in nats. A prefill
 reads its own tokens back from the cache, so an FP8 KV cache's rounding is in every score.
 
-    python -m flashgen.bench.accuracy [--model DIR] [--device cuda] [--configs bfloat16,bfloat16+fp8kv]
+    python -m flashgen.bench.accuracy [--model DIR] [--device cuda] [--configs bfloat16,bfloat16+fp8kv+fp8w]
 """
 from __future__ import annotations
 
@@ -40,10 +40,14 @@ def _engine(model: str, device: str, name: str):
     from flashgen.config import EngineConfig
     from flashgen.llm import LLM
 
-    dtype, _, extra = name.partition("+")
-    cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_dtype="fp8" if extra == "fp8kv" else "auto",
+    dtype, *extras = name.split("+")
+    unknown = set(extras) - {"fp8kv", "fp8w"}
+    if unknown:
+        raise ValueError(f"configuration {name!r}: {', '.join(sorted(unknown))} unknown; use dtype[+fp8kv][+fp8w]")
+    cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_dtype="fp8" if "fp8kv" in extras else "auto",
                        kv_cache_gb=0.5, max_num_seqs=1, max_num_batched_tokens=max(WINDOW, 64),
-                       max_model_len=WINDOW, enforce_eager=True)
+                       max_model_len=WINDOW, enforce_eager=True,
+                       **({"quantization": "fp8"} if "fp8w" in extras else {}))
     return LLM(config=cfg)
 
 
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="", help="model directory or name (default: the embedded model)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated dtype[+fp8kv]")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="comma-separated dtype[+fp8kv][+fp8w] (fp8w: FP8 weights, --quantization fp8)")
     ap.add_argument("--out-dir", default=None, help="write accuracy.json here")
     ap.add_argument("--headroom", type=float, default=None,
                     help="the FP8 calibration's headroom (default: engine.kv_plan.CALIBRATION_HEADROOM)")
