@@ -46,8 +46,7 @@ def _engine(model: str, device: str, name: str):
         raise ValueError(f"configuration {name!r}: {', '.join(sorted(unknown))} unknown; use dtype[+fp8kv][+fp8w]")
     cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_dtype="fp8" if "fp8kv" in extras else "auto",
                        kv_cache_gb=0.5, max_num_seqs=1, max_num_batched_tokens=max(WINDOW, 64),
-                       max_model_len=WINDOW, enforce_eager=True,
-                       **({"quantization": "fp8"} if "fp8w" in extras else {}))
+                       max_model_len=WINDOW, enforce_eager=True, quantization="fp8" if "fp8w" in extras else "auto")
     return LLM(config=cfg)
 
 
