@@ -580,3 +580,32 @@ def test_a_masked_token_is_never_drawn(model_dir, checker):
     case = BY_NAME["choice:yes_no"]
     [out] = llm.generate(["x"], SamplingParams(temperature=1.0, seed=76388, max_tokens=8, structured_outputs=case.so))
     check_output(checker, case, out)
+
+
+def test_grammar_takes_reports_each_outcome_without_raising():
+    """The matchers' pass over a step's tokens never raises: a taken token says whether the grammar is complete, a
+    refused one is that request's grammar_error, and an exception from the matcher is that request's failure."""
+    from flashgen.engine.engine import RequestFailed, grammar_takes
+
+    class Matcher:
+        def __init__(self, takes=True, stopped=False, boom=None):
+            self.takes, self.stopped, self.boom = takes, stopped, boom
+
+        def consume_token(self, token):
+            if self.boom:
+                raise self.boom
+            return self.takes
+
+        def is_stopped(self):
+            return self.stopped
+
+        def get_error(self):
+            return "expected a digit"
+
+    assert grammar_takes(Matcher(), 5) is False
+    assert grammar_takes(Matcher(stopped=True), 5) is True
+    refused = grammar_takes(Matcher(takes=False), 7)
+    assert isinstance(refused, RequestFailed) and refused.code == "grammar_error"
+    assert "token 7" in refused.message and "expected a digit" in refused.message
+    boom = RuntimeError("matcher state poisoned")
+    assert grammar_takes(Matcher(boom=boom), 7) is boom

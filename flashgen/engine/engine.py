@@ -233,12 +233,11 @@ class Engine:
         for seq, idx, token, _ in read:
             if token < 0 or seq.matcher is None or isinstance(seq.matcher, GrammarFailure):
                 continue
-            if seq.matcher.consume_token(token):
-                complete[seq.seq_id] = seq.matcher.is_stopped()
+            taken = grammar_takes(seq.matcher, token)
+            if isinstance(taken, bool):
+                complete[seq.seq_id] = taken
                 continue
-            e = RequestFailed("grammar_error", f"token {token} does not continue the output's grammar: "
-                              f"{seq.matcher.get_error()}")
-            out = self._fail(seq, idx, e)
+            out = self._fail(seq, idx, taken)
             if out is not None:
                 done.append(out)
         return complete
@@ -307,6 +306,19 @@ class Engine:
         if text is None:
             text = self._texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return text
+
+
+def grammar_takes(matcher, token: int) -> bool | Exception:
+    """A matcher takes a sampled token: whether its grammar is then complete, or what fails the request (a token
+    the grammar refuses: grammar_error; an exception from the matcher itself: that exception, reported as the
+    request's engine_error)."""
+    try:
+        if matcher.consume_token(token):
+            return bool(matcher.is_stopped())
+        return RequestFailed("grammar_error", f"token {token} does not continue the output's grammar: "
+                             f"{matcher.get_error()}")
+    except Exception as e:
+        return e
 
 
 class RequestFailed(Exception):
