@@ -70,14 +70,12 @@ class Scheduler:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if not seq.block_table:
-                if len(self.running) >= self.max_num_seqs or not bm.can_allocate(seq):
+                if self.running and reserve is None:
+                    reserve = self._running_reserve()
+                grow = self._admission(seq, reserve)
+                if grow is None:
                     break
-                if self.running:  # an empty batch always admits: progress first
-                    if reserve is None:
-                        reserve = self.reserve_ratio * sum(self._growth(s) for s in self.running)
-                    grow = self.reserve_ratio * self._growth(seq) * (1 + len(seq.followers))
-                    if bm.num_free_blocks - seq.num_blocks < reserve + grow:
-                        break
+                if reserve is not None:
                     reserve += grow
                 bm.allocate(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens
@@ -141,21 +139,31 @@ class Scheduler:
                 and not any(seq.params.has_penalties for seq in self.running))
 
     def _would_admit(self) -> bool:
-        """schedule() would start a prefill batch now: a partly prefilled head of `waiting`, or room (a sequence
-        slot, the head's blocks and the look-ahead reserve) for the head of `waiting`."""
+        """schedule() would start a prefill batch now: a partly prefilled head of `waiting`, or room for it
+        (_admission)."""
         if not self.waiting:
             return False
         seq = self.waiting[0]
         if seq.block_table:
             return True
+        return self._admission(seq, self._running_reserve() if self.running else None) is not None
+
+    def _running_reserve(self) -> float:
+        """Blocks the running sequences are expected to grow by (their growth times the reserve ratio)."""
+        return self.reserve_ratio * sum(self._growth(s) for s in self.running)
+
+    def _admission(self, seq: Sequence, reserve: float | None) -> float | None:
+        """The look-ahead admission of `seq`, waiting without blocks: None when it cannot start now (no sequence
+        slot, too few free blocks for its prompt, or, with sequences running (`reserve`: their expected growth),
+        too few left after its prompt for that growth and its own); else its own expected growth, in blocks. An
+        empty running set always admits a prompt that fits: progress first."""
         bm = self.block_manager
         if len(self.running) >= self.max_num_seqs or not bm.can_allocate(seq):
-            return False
-        if not self.running:
-            return True
-        reserve = self.reserve_ratio * (sum(self._growth(s) for s in self.running)
-                                        + self._growth(seq) * (1 + len(seq.followers)))
-        return bm.num_free_blocks - seq.num_blocks >= reserve
+            return None
+        grow = self.reserve_ratio * self._growth(seq) * (1 + len(seq.followers))
+        if reserve is not None and bm.num_free_blocks - seq.num_blocks < reserve + grow:
+            return None
+        return grow
 
     def commit(self, batch: Batch) -> None:
         """Account a launched batch: its tokens' K/V are (being) computed."""
