@@ -301,13 +301,11 @@ class ModelRunner:
         if self.masks is None:
             self.masks = TokenMasks(self.spec.vocab_size, self.device)
         if self._mask_thread is None:
-            self._mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashgen-masks")
-        step.masks = self._mask_thread.submit(self._fill_masks, self.masks, list(step.done))
-
-    def _fill_masks(self, masks: TokenMasks, seqs: list[Sequence]):
-        if self.device.type == "cuda":  # a thread's current device is its own: the copy and its event go here
-            torch.cuda.set_device(self.device)
-        return masks.fill(seqs)
+            # a thread's current CUDA device is its own: the masks' copy and its event go to the runner's device
+            init = (lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None
+            self._mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashgen-masks",
+                                                                      initializer=init)
+        step.masks = self._mask_thread.submit(self.masks.fill, list(step.done))
 
     def _sample(self, step: Launched) -> SampledTokens:
         done, logits = step.done, step.logits
