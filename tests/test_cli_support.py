@@ -173,6 +173,20 @@ class FakeLLM:
         return len(self._running) + len(self._waiting)
 
 
+class BrokenLLM(FakeLLM):
+    """A FakeLLM whose `fail_at`-th step raises, as an engine failure (CUDA out of memory) would."""
+
+    def __init__(self, fail_at: int, **kw):
+        super().__init__(**kw)
+        self.fail_at, self.calls = fail_at, 0
+
+    def step(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("CUDA out of memory")
+        return super().step()
+
+
 def test_fake_llm_finishes_everything():
     from flashgen.sampling_params import SamplingParams
 

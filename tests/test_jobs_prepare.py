@@ -23,7 +23,7 @@ from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import load_settings
 from flashgen.jobs.signals import SignalGuard
 from flashgen.jobs.writer import OrderedWriter
-from test_cli_support import FakeLLM, tiny_model
+from test_cli_support import BrokenLLM, FakeLLM, tiny_model
 
 DEFAULTS = defaults_from_settings(load_settings(None, {}, "/").sampling)
 MAX_LEN = 200
@@ -225,16 +225,7 @@ def test_a_tokenizer_fault_on_one_text_of_a_group_fails_only_its_line(monkeypatc
 
 
 def test_no_thread_is_left_when_the_run_raises():
-    class Broken(FakeLLM):
-        calls = 0
-
-        def step(self):
-            self.calls += 1
-            if self.calls == 5:
-                raise RuntimeError("CUDA out of memory")
-            return super().step()
-
-    llm = Broken(max_num_seqs=2, max_model_len=MAX_LEN)
+    llm = BrokenLLM(5, max_num_seqs=2, max_model_len=MAX_LEN)
     llm.tokenizer = real_tokenizer()
     data = b"".join(json.dumps({"id": i, "prompt": "p"}).encode() + b"\n" for i in range(500))
     with pytest.raises(FatalError, match="out of memory"):
@@ -266,17 +257,6 @@ def test_a_failure_of_the_preparation_as_a_whole_is_fatal(monkeypatch):
     assert job_threads() == []
 
 
-class BrokenLLM(FakeLLM):
-    """Its fifth step raises, as an engine failure would."""
-    calls = 0
-
-    def step(self):
-        self.calls += 1
-        if self.calls == 5:
-            raise RuntimeError("CUDA out of memory")
-        return super().step()
-
-
 @pytest.mark.parametrize("how", ["ok", "engine_failure"])
 def test_nothing_of_the_run_keeps_the_runner_or_its_engine_alive(how):
     """Once run() returns (or raises for an engine failure), the Runner and its engine are freed by reference
@@ -284,7 +264,7 @@ def test_nothing_of_the_run_keeps_the_runner_or_its_engine_alive(how):
     engine left for the garbage collector outlived the job, and with --data-parallel its worker processes kept the
     process from ending (the job now also closes its engine itself: flashgen.jobs.generate)."""
     def run() -> tuple[weakref.ref | None, weakref.ref]:
-        llm = BrokenLLM(max_num_seqs=2, max_model_len=MAX_LEN) if how == "engine_failure" else fake_llm()
+        llm = BrokenLLM(5, max_num_seqs=2, max_model_len=MAX_LEN) if how == "engine_failure" else fake_llm()
         llm.tokenizer = real_tokenizer()
         data = b"".join(json.dumps({"id": i, "prompt": "p"}).encode() + b"\n" for i in range(200))
         try:

@@ -18,7 +18,7 @@ from flashgen.jobs.progress import JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import load_settings
 from flashgen.jobs.writer import OrderedWriter
-from test_cli_support import FakeLLM, cli, proc_env, read_jsonl, tiny_model
+from test_cli_support import BrokenLLM, FakeLLM, cli, proc_env, read_jsonl, tiny_model
 
 DEFAULTS = defaults_from_settings(load_settings(None, {}, "/").sampling)
 
@@ -62,17 +62,8 @@ def test_resume_set_skips_lines_without_running_them():
 
 
 def test_engine_failure_is_fatal_and_keeps_finished_lines():
-    class Broken(FakeLLM):
-        calls = 0
-
-        def step(self):
-            self.calls += 1
-            if self.calls == 3:
-                raise RuntimeError("CUDA out of memory")
-            return super().step()
-
     sink = io.BytesIO()
-    runner = make_runner(Broken(max_num_seqs=1), sink, max_in_flight=4)
+    runner = make_runner(BrokenLLM(3, max_num_seqs=1), sink, max_in_flight=4)
     with pytest.raises(FatalError, match="out of memory.*--resume"):
         runner.run(lines_of([{"id": i, "prompt": "p"} for i in range(10)]), IdSet())
     assert [json.loads(x)["id"] for x in sink.getvalue().splitlines()] == [0, 1]
