@@ -45,11 +45,9 @@ def _oracle(x, wq, ws, b):
     return y + b.double() if b is not None else y
 
 
-@pytest.mark.parametrize("M,N,K", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_fp8_matches_the_reference(M, N, K, dtype, bias, monkeypatch):
-    calls = []
+def _count_scaled_mm(monkeypatch) -> list:
+    """torch._scaled_mm (cuBLASLt's FP8 GEMM) wrapped to append to the returned list on every call."""
+    calls: list = []
     scaled_mm = torch._scaled_mm
 
     def counting(*a, **kw):
@@ -57,6 +55,14 @@ def test_linear_fp8_matches_the_reference(M, N, K, dtype, bias, monkeypatch):
         return scaled_mm(*a, **kw)
 
     monkeypatch.setattr(torch, "_scaled_mm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_fp8_matches_the_reference(M, N, K, dtype, bias, monkeypatch):
+    calls = _count_scaled_mm(monkeypatch)
     x, wq, ws, b = _operands(M, N, K, dtype, M * 7 + N + K, bias)
     got = cuda_ops.linear_fp8(x, wq, ws, b)
     ref = torch_ops.linear_fp8(x, wq, ws, b)
@@ -228,14 +234,7 @@ def test_linear_fp8_plan_and_skinny_path(dtype, monkeypatch):
         key = (wq.device, wq.dtype, 1, N, K, bias is not None, dtype)
         assert set(cuda_linear.LINEAR_TIMES[key]) == {"cublas", *cuda_linear.SKINNY_FP8_VARIANTS}
         assert cuda_linear.linear_fp8_plan(1, wq, ws, bias, dtype) == plan  # remembered
-    calls = []
-    scaled_mm = torch._scaled_mm
-
-    def counting(*a, **kw):
-        calls.append(1)
-        return scaled_mm(*a, **kw)
-
-    monkeypatch.setattr(torch, "_scaled_mm", counting)
+    calls = _count_scaled_mm(monkeypatch)
     for forced in ("auto", "skinny", "cublas"):
         monkeypatch.setenv("FLASHGEN_LINEAR", forced)
         for M in range(1, 9):
