@@ -200,15 +200,18 @@ def _paged_cache(lens, hkv, d, bs, dtype, gen, extra_blocks=5):
     return kc, vc, bt
 
 
-def _attend(q, k, v, scale, q_pos0, p_dtype=None):
-    """q (Lq, Hq, D), k/v (Lk, Hkv, D), in the dtype to compute in; query i at position q_pos0 + i sees
-    keys <= its position. p_dtype: round the probabilities to it before P @ V (flash precision)."""
+def _attend(q, k, v, scale, q_pos0, p_dtype=None, window=0):
+    """q (Lq, Hq, D), k/v (Lk, Hkv, D), in the dtype to compute in; query i at position pos = q_pos0 + i sees
+    keys <= pos (window > 0: and > pos - window). p_dtype: round the probabilities to it before P @ V (flash
+    precision)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, Lk, D)
     v = v.repeat_interleave(group, dim=1).transpose(0, 1)
     s = torch.einsum("qhd,hkd->hqk", q, k) * scale
     qi = torch.arange(q.shape[0], device=DEV)[:, None] + q_pos0
-    s = s.masked_fill(torch.arange(k.shape[1], device=DEV)[None, :] > qi, float("-inf"))
+    kj = torch.arange(k.shape[1], device=DEV)[None, :]
+    hidden = (kj > qi) | (kj <= qi - window) if window else kj > qi
+    s = s.masked_fill(hidden, float("-inf"))
     p = s.softmax(-1)
     if p_dtype is not None:
         p = p.to(p_dtype).to(s.dtype)
@@ -216,17 +219,20 @@ def _attend(q, k, v, scale, q_pos0, p_dtype=None):
     return torch.einsum("hqk,hkd->qhd", p, v), lse
 
 
-def _refs(q, kc, vc, bt, lens, qlens, scale):
-    """Per sequence: (float64 oracle, same-dtype torch run, float64 LSE), concatenated over sequences."""
+def _refs(q, kc, vc, bt, lens, qlens, scale, window=0, kv_dtype=None):
+    """Per sequence: (float64 oracle, same-dtype torch run, float64 LSE), concatenated over sequences; `window`:
+    sliding-window attention (0: none); kv_dtype: K/V rounded to it first (the FP8 prefill reads them so)."""
     kz, vz = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
+    if kv_dtype is not None:
+        kz, vz = kz.to(kv_dtype), vz.to(kv_dtype)
     o64, obase, lse64, start = [], [], [], 0
     for b, (n, m) in enumerate(zip(lens, qlens, strict=True)):
         k = torch_ops.gather_kv(kz, bt[b], n)
         v = torch_ops.gather_kv(vz, bt[b], n)
         qs = q[start:start + m]
         start += m
-        r, lse = _attend(qs.double(), k.double(), v.double(), scale, n - m)
-        rb, _ = _attend(qs.float(), k.float(), v.float(), scale, n - m, p_dtype=q.dtype)
+        r, lse = _attend(qs.double(), k.double(), v.double(), scale, n - m, window=window)
+        rb, _ = _attend(qs.float(), k.float(), v.float(), scale, n - m, p_dtype=q.dtype, window=window)
         o64.append(r)
         obase.append(rb.to(q.dtype))
         lse64.append(lse)

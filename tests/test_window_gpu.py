@@ -25,6 +25,7 @@ from test_kernels_gpu import (
     _need_impl,
     _paged_cache,
     _randn,
+    _refs,
     _seed,
     cuda_attention,
     cuda_ops,
@@ -34,43 +35,6 @@ from test_model_families_gpu import cuda_against_torch
 pytestmark = pytest.mark.gpu
 
 WINDOWS = [1, 16, 17, 100, 512]
-
-
-def _attend_window(q, k, v, scale, q_pos0, window, p_dtype=None):
-    """q (Lq, Hq, D), k/v (Lk, Hkv, D) in the dtype to compute in; query i at position q_pos0 + i sees keys j with
-    pos - window < j <= pos. p_dtype: round the probabilities to it before P @ V (flash precision)."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, Lk, D)
-    v = v.repeat_interleave(group, dim=1).transpose(0, 1)
-    s = torch.einsum("qhd,hkd->hqk", q, k) * scale
-    qi = torch.arange(q.shape[0], device=DEV)[:, None] + q_pos0
-    kj = torch.arange(k.shape[1], device=DEV)[None, :]
-    s = s.masked_fill((kj > qi) | (kj <= qi - window), float("-inf"))
-    p = s.softmax(-1)
-    if p_dtype is not None:
-        p = p.to(p_dtype).to(s.dtype)
-    lse = torch.logsumexp(s, -1).transpose(0, 1)  # (Lq, Hq)
-    return torch.einsum("hqk,hkd->qhd", p, v), lse
-
-
-def _refs_window(q, kc, vc, bt, lens, qlens, scale, window, kv_dtype=None):
-    """Per sequence: (float64 oracle, same-dtype torch run, float64 LSE), concatenated; kv_dtype: K/V rounded to
-    it first (the FP8 prefill reads them so)."""
-    kz, vz = kc.nan_to_num(0.0), vc.nan_to_num(0.0)
-    if kv_dtype is not None:
-        kz, vz = kz.to(kv_dtype), vz.to(kv_dtype)
-    o64, obase, lse64, start = [], [], [], 0
-    for b, (n, m) in enumerate(zip(lens, qlens, strict=True)):
-        k = torch_ops.gather_kv(kz, bt[b], n)
-        v = torch_ops.gather_kv(vz, bt[b], n)
-        qs = q[start:start + m]
-        start += m
-        r, lse = _attend_window(qs.double(), k.double(), v.double(), scale, n - m, window)
-        rb, _ = _attend_window(qs.float(), k.float(), v.float(), scale, n - m, window, p_dtype=q.dtype)
-        o64.append(r)
-        obase.append(rb.to(q.dtype))
-        lse64.append(lse)
-    return torch.cat(o64), torch.cat(obase), torch.cat(lse64)
 
 
 def _poison_below(caches, bt, lens, qlens, window, granule):
@@ -110,7 +74,7 @@ def _check_decode_window(lens, hkv, hq, d, bs, dtype, scale, window, **kw):
     g = _gen(seed)
     kc, vc, bt = _paged_cache(lens, hkv, d, bs, dtype, g)
     q = _randn((len(lens), hq, d), g, dtype)
-    ref, base, lse64 = _refs_window(q, kc, vc, bt, lens, [1] * len(lens), scale, window)
+    ref, base, lse64 = _refs(q, kc, vc, bt, lens, [1] * len(lens), scale, window)
     _poison_below((kc, vc), bt, lens, [1] * len(lens), window, 16)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.full_like(q, float("nan"))
@@ -170,7 +134,7 @@ def _check_empty(lens, window, num_splits, plan, d=128):
     empty = [i for i, n in enumerate(lens) if n == 0]
     full = [i for i, n in enumerate(lens) if n]
     assert torch.equal(out[empty], torch.zeros_like(out[empty])) and torch.isneginf(lse[empty]).all(), f"seed {seed}"
-    ref, base, _ = _refs_window(q[full], kc, vc, bt[full], [lens[i] for i in full], [1] * len(full), 0.1, window)
+    ref, base, _ = _refs(q[full], kc, vc, bt[full], [lens[i] for i in full], [1] * len(full), 0.1, window)
     _assert_close("decode window, empty contexts", out[full], base, ref, seed)
 
 
@@ -226,36 +190,32 @@ def _prefill_window_inputs(seqs, hkv, hq, d, bs, dtype, g):
     return q, kc, vc, cu, ctx, bt, qlens, lens
 
 
-@pytest.mark.parametrize("impl", cuda_ops.PREFILL_IMPLS)
-@pytest.mark.parametrize("dtype,d,group,bs,window,seqs", PREFILL_CASES)
-def test_prefill_attention_window(dtype, d, group, bs, window, seqs, impl):
-    _need_impl(impl)
+def _check_prefill_window(dtype, d, group, bs, window, seqs, impl, label):
+    """prefill_attention with a window (`impl`: the kernel, None: the one it picks) against the float64 oracle,
+    the cache below every window poisoned with NaN."""
     seed = _seed()
     g = _gen(seed)
     hkv = 1 if max(n for _, n in seqs) > 2048 else 2
     q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_window_inputs(seqs, hkv, hkv * group, d, bs, dtype, g)
     scale = d**-0.5
-    ref, base, _ = _refs_window(q, kc, vc, bt, lens, qlens, scale, window)
+    ref, base, _ = _refs(q, kc, vc, bt, lens, qlens, scale, window)
     _poison_below((kc, vc), bt, lens, qlens, window, 128)
     out = torch.full_like(q, float("nan"))
     got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), scale, window=window, out=out, impl=impl)
     assert got is out
-    _assert_close(f"prefill {impl} window {window}", got, base, ref, seed)
+    _assert_close(f"prefill {label} window {window}", got, base, ref, seed)
+
+
+@pytest.mark.parametrize("impl", cuda_ops.PREFILL_IMPLS)
+@pytest.mark.parametrize("dtype,d,group,bs,window,seqs", PREFILL_CASES)
+def test_prefill_attention_window(dtype, d, group, bs, window, seqs, impl):
+    _need_impl(impl)
+    _check_prefill_window(dtype, d, group, bs, window, seqs, impl, impl)
 
 
 @pytest.mark.parametrize("dtype,d,group,bs,window,seqs", PREFILL_CASES_256)
 def test_prefill_attention_window_hd256(dtype, d, group, bs, window, seqs):
-    seed = _seed()
-    g = _gen(seed)
-    hkv = 1 if max(n for _, n in seqs) > 2048 else 2
-    q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_window_inputs(seqs, hkv, hkv * group, d, bs, dtype, g)
-    scale = d**-0.5
-    ref, base, _ = _refs_window(q, kc, vc, bt, lens, qlens, scale, window)
-    _poison_below((kc, vc), bt, lens, qlens, window, 128)
-    out = torch.full_like(q, float("nan"))
-    got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), scale, window=window, out=out)
-    assert got is out
-    _assert_close(f"prefill hd256 window {window}", got, base, ref, seed)
+    _check_prefill_window(dtype, d, group, bs, window, seqs, None, "hd256")
 
 
 @pytest.mark.parametrize("tile", cuda_ops.PREFILL_TILE_CHOICES)
@@ -266,7 +226,7 @@ def test_prefill_attention_window_tiles(tile, window):
     g = _gen(seed)
     seqs = [(1025, 1025), (97, 1025), (64, 130)]
     q, kc, vc, cu, ctx, bt, qlens, lens = _prefill_window_inputs(seqs, 2, 8, 128, 16, torch.bfloat16, g)
-    ref, base, _ = _refs_window(q, kc, vc, bt, lens, qlens, 0.088, window)
+    ref, base, _ = _refs(q, kc, vc, bt, lens, qlens, 0.088, window)
     _poison_below((kc, vc), bt, lens, qlens, window, 128)
     got = cuda_ops.prefill_attention(q, kc, vc, cu, ctx, bt, max(qlens), 0.088, window=window,
                                      out=torch.full_like(q, float("nan")), tile=tile)
@@ -315,7 +275,7 @@ def test_window_fp8_cache(dtype, d, bs, window, impl):
     scale = d**-0.5
     got = cuda_ops.prefill_attention(q, k8, v8, cu, ctx, bt, max(qlens), scale, k_scale, v_scale, window=window,
                                      out=torch.full_like(q, float("nan")), impl=impl)
-    ref, base, _ = _refs_window(q, kd, vd, bt, lens, qlens, scale, window, kv_dtype=dtype)
+    ref, base, _ = _refs(q, kd, vd, bt, lens, qlens, scale, window, kv_dtype=dtype)
     _assert_close(f"prefill fp8 {impl} window {window}", got, base, ref, seed)
     # decode: the last query row of each sequence as its new token
     last = torch.tensor(list(itertools.accumulate(qlens)), device=DEV) - 1
@@ -323,7 +283,7 @@ def test_window_fp8_cache(dtype, d, bs, window, impl):
     for plan in ("split", "balanced"):
         out, lse = cuda_ops.decode_attention(qd, k8, v8, ctx, bt, scale, k_scale, v_scale, window=window,
                                              out=torch.full_like(qd, float("nan")), return_lse=True, plan=plan)
-        ref, base, lse64 = _refs_window(qd, kd, vd, bt, lens, [1] * len(lens), scale, window)
+        ref, base, lse64 = _refs(qd, kd, vd, bt, lens, [1] * len(lens), scale, window)
         _assert_close(f"decode fp8 {plan} window {window}", out, base, ref, seed)
         assert (lse.double() - lse64).abs().max().item() < 1e-3 * (1 + lse64.abs().max().item()), f"seed {seed}"
         torch_ref = torch_ops.decode_attention(qd, k8, v8, ctx, bt, scale, k_scale, v_scale, window=window)
@@ -343,7 +303,7 @@ def test_decode_window_in_cuda_graph():
     for new in ([4000, 1000, 90, 1], [3000, 1025, 97, 1], [513, 512, 17, 1]):  # each within its blocks
         ctx.copy_(torch.tensor(new, dtype=torch.int32))
         graph.replay()
-        ref, base, _ = _refs_window(q, kc, vc, bt, new, [1] * 4, 0.1, 100)
+        ref, base, _ = _refs(q, kc, vc, bt, new, [1] * 4, 0.1, 100)
         _assert_close(f"decode window graph {new}", out, base, ref, seed)
 
 
