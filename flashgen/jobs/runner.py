@@ -89,11 +89,16 @@ class Runner:
         """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
         gets a duplicate_id error record (carrying that id) and does not run. An unreadable line's stand-in id
         (its line number) claims nothing, so it cannot make a good line with that id a duplicate."""
+        return self._item(lineno, raw, defer=False)
+
+    def _item(self, lineno: int, raw: bytes | LongLine, defer: bool) -> object:
+        """classify(), its prompt left to encode later when `defer` (LineParser.build): an exception no check
+        expects is that line's internal_error record."""
         line = None
         try:
             line = self.parser.head(lineno, raw)
             item = self._screen(line)
-            return self.parser.build(item) if isinstance(item, Line) else item
+            return self.parser.build(item, defer=defer) if isinstance(item, Line) else item
         except MemoryError:
             raise
         except Exception as e:
@@ -102,17 +107,7 @@ class Runner:
     def prepare(self, group: list[tuple[int, bytes | LongLine]]) -> list[object]:
         """classify() of each line of a group, in order, their prompts tokenized together (LineParser.build with
         defer, then encode_pending): the same items. Runs on the preparation thread, ahead of the engine."""
-        items: list[object] = []
-        for lineno, raw in group:
-            line = None
-            try:
-                line = self.parser.head(lineno, raw)
-                item = self._screen(line)
-                items.append(self.parser.build(item, defer=True) if isinstance(item, Line) else item)
-            except MemoryError:
-                raise
-            except Exception as e:
-                items.append(self._unexpected(lineno, line, e))
+        items = [self._item(lineno, raw, defer=True) for lineno, raw in group]
         try:
             return self.parser.encode_pending(items)
         except MemoryError:
