@@ -298,14 +298,18 @@ class ModelRunner:
         matcher until complete()."""
         if step.tokens is not None or step.masks is not None or not any(s.matcher is not None for s in step.done):
             return
-        if self.masks is None:
-            self.masks = TokenMasks(self.spec.vocab_size, self.device)
         if self._mask_thread is None:
             # a thread's current CUDA device is its own: the masks' copy and its event go to the runner's device
             init = (lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None
             self._mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashgen-masks",
                                                                       initializer=init)
-        step.masks = self._mask_thread.submit(self.masks.fill, list(step.done))
+        step.masks = self._mask_thread.submit(self._token_masks().fill, list(step.done))
+
+    def _token_masks(self) -> TokenMasks:
+        """The grammar bitmasks' filler, made on the first constrained step."""
+        if self.masks is None:
+            self.masks = TokenMasks(self.spec.vocab_size, self.device)
+        return self.masks
 
     def _sample(self, step: Launched) -> SampledTokens:
         done, logits = step.done, step.logits
@@ -319,9 +323,7 @@ class ModelRunner:
             sampling.bitmask, sampling.mask_rows = step.masks.result()
             step.masks = None
         elif any(s.matcher is not None for s in done):
-            if self.masks is None:
-                self.masks = TokenMasks(self.spec.vocab_size, self.device)
-            sampling.bitmask, sampling.mask_rows = self.masks.fill(done)
+            sampling.bitmask, sampling.mask_rows = self._token_masks().fill(done)
         tokens = sample(logits, sampling, fused=self.backend == "cuda")
         # NOTE: a row whose chosen logit is NaN or inf (a NaN row makes both samplers pick a NaN or index 0), or a
         # constrained row with no allowed token (the sampler's -1), is reported as token -1, so the engine can
