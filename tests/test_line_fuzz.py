@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from flashgen.jobs.idset import IdSet
-from flashgen.jobs.inputs import LineParser, read_lines
+from flashgen.jobs.inputs import LineParser, _sniff_id, read_lines
 from flashgen.jobs.params import FIELDS, defaults_from_settings
 from flashgen.jobs.progress import JobStats
 from flashgen.jobs.runner import Runner
@@ -175,8 +175,11 @@ def check_record(rec: dict, lineno: int, raw: bytes) -> None:
 
 
 def candidate_ids(lineno: int, raw: bytes) -> list:
-    """The ids a record of this line may carry: the line's own id (as parsed, or as generated) or its number."""
-    out = [lineno, f"B{lineno - 1}", f"L{lineno - 1}"]
+    """The ids a record of this line may carry: the line's own id (as parsed, as found in its bytes where the line
+    is too long or too deep to parse, or as generated) or its number. json.loads here runs deep in pytest's and
+    hypothesis's stack, so a line nested ~100 levels can exceed the recursion limit here and parse in the job: the
+    id found in the bytes covers that line whichever way the parse goes."""
+    out = [lineno, f"B{lineno - 1}", f"L{lineno - 1}", _sniff_id(raw)[0]]
     try:
         obj = json.loads(raw.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
