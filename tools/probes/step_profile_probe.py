@@ -39,7 +39,7 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("workload")
-    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--quantization", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--top", type=int, default=25)
