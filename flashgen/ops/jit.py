@@ -122,7 +122,6 @@ def _module(source: str, dtype_code: int, head_dim: int, defines: tuple, arch: s
     return mod
 
 
-@functools.cache
 @functools.cache  # per (source, name, dtype, ...): a launch looks its kernel up without CuPy or driver calls
 def get_kernel(
     source: str,
