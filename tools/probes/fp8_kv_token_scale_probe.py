@@ -10,6 +10,7 @@ with float32 (the embedded model, its 4,096 positions). Figures in BENCHMARKS.md
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -24,27 +25,34 @@ def fake_e4m3_per_token(x: torch.Tensor) -> torch.Tensor:
     return (xf / s).clamp(-torch_ops.FP8_MAX, torch_ops.FP8_MAX).to(torch.float8_e4m3fn).float() * s
 
 
-def main(mode: str) -> None:
-    if mode not in ("none", "k", "v", "kv"):
-        raise SystemExit(f"mode {mode!r}: use none, k, v or kv")
+def run_rounded(round_k: Callable[[torch.Tensor], torch.Tensor] | None,
+                round_v: Callable[[torch.Tensor], torch.Tensor] | None) -> dict:
+    """flashgen.bench.accuracy's bfloat16 run with K and / or V rounded by round_k / round_v (x (T, Hkv, D) ->
+    float32; None: kept) as they are written to the bf16 cache -> {"tokens", "top1_agreement", "kl_nats"}."""
     plain = torch_ops.to_cache
     writes = [0]
 
     def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
         if dtype != torch.bfloat16:  # the float32 oracle's cache stays exact
             return plain(x, dtype, scale)
-        is_k = writes[0] % 2 == 0  # rope_kv_append writes K, then V
+        fn = round_k if writes[0] % 2 == 0 else round_v  # rope_kv_append writes K, then V
         writes[0] += 1
-        if ("k" in mode and is_k) or ("v" in mode and not is_k):
-            return fake_e4m3_per_token(x).to(dtype)
-        return x.to(dtype)
+        return (fn(x) if fn is not None else x).to(dtype)
 
     torch_ops.to_cache = to_cache
-    res = accuracy.run("", "cpu", ("bfloat16",))
-    c = res["configs"]["bfloat16"]
-    print(f"bf16 cache, per-token e4m3 rounding of {mode}: top-1 agreement {100 * c['top1_agreement']:.2f}%, "
-          f"KL {c['kl_nats']:.5f} nats ({res['tokens']:,} positions)")
+    try:
+        res = accuracy.run("", "cpu", ("bfloat16",))
+    finally:
+        torch_ops.to_cache = plain
+    return {"tokens": res["tokens"], **res["configs"]["bfloat16"]}
 
+
+def main(mode: str) -> None:
+    if mode not in ("none", "k", "v", "kv"):
+        raise SystemExit(f"mode {mode!r}: use none, k, v or kv")
+    c = run_rounded(fake_e4m3_per_token if "k" in mode else None, fake_e4m3_per_token if "v" in mode else None)
+    print(f"bf16 cache, per-token e4m3 rounding of {mode}: top-1 agreement {100 * c['top1_agreement']:.2f}%, "
+          f"KL {c['kl_nats']:.5f} nats ({c['tokens']:,} positions)")
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "kv")

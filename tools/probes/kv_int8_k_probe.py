@@ -18,9 +18,7 @@ import sys
 
 import torch
 
-from flashgen.bench import accuracy
-from flashgen.ops import torch_ops
-from fp8_kv_token_scale_probe import fake_e4m3_per_token
+from fp8_kv_token_scale_probe import fake_e4m3_per_token, run_rounded
 
 
 def fake_int8_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -33,26 +31,11 @@ def fake_int8_per_token(x: torch.Tensor) -> torch.Tensor:
 def main(mode: str) -> None:
     if mode not in ("k8", "k8v8", "k8vi8"):
         raise SystemExit(f"mode {mode!r}: use k8 (int8 K, bf16 V), k8v8 (int8 K, e4m3 V) or k8vi8 (int8 K and V)")
-    plain = torch_ops.to_cache
-    writes = [0]
-
-    def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
-        if dtype != torch.bfloat16:  # the float32 oracle's cache stays exact
-            return plain(x, dtype, scale)
-        is_k = writes[0] % 2 == 0  # rope_kv_append writes K, then V
-        writes[0] += 1
-        if is_k:
-            return fake_int8_per_token(x).to(dtype)
-        v = {"k8": x, "k8v8": fake_e4m3_per_token(x), "k8vi8": fake_int8_per_token(x)}[mode]
-        return v.to(dtype)
-
-    torch_ops.to_cache = to_cache
-    res = accuracy.run("", "cpu", ("bfloat16",))
-    c = res["configs"]["bfloat16"]
+    round_v = {"k8": None, "k8v8": fake_e4m3_per_token, "k8vi8": fake_int8_per_token}[mode]
+    c = run_rounded(fake_int8_per_token, round_v)
     v = {"k8": "", "k8v8": " and V through e4m3 per token", "k8vi8": " and V through int8 per token"}[mode]
     print(f"bf16 cache, K through int8 per token{v}: "
-          f"top-1 agreement {100 * c['top1_agreement']:.2f}%, KL {c['kl_nats']:.5f} nats ({res['tokens']:,} positions)")
-
+          f"top-1 agreement {100 * c['top1_agreement']:.2f}%, KL {c['kl_nats']:.5f} nats ({c['tokens']:,} positions)")
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "k8")
