@@ -116,15 +116,8 @@ def test_linear_fp8_takes_leading_dims_and_is_capturable():
     eager = cuda_ops.linear_fp8(x, wq, ws, b)
     torch.testing.assert_close(cuda_ops.linear_fp8(x.view(2, 8, 256), wq, ws, b), eager.view(2, 8, 512),
                                rtol=0, atol=0)
-    static_x = x.clone()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = cuda_ops.linear_fp8(static_x, wq, ws, b)
-    static_x.copy_(x * 2)
-    graph.replay()
-    torch.testing.assert_close(out, cuda_ops.linear_fp8(x * 2, wq, ws, b))  # bf16 tolerances: cuBLASLt may
-    # pick another algorithm inside a capture
+    torch.testing.assert_close(_replayed(x, wq, ws, b), cuda_ops.linear_fp8(x * 2, wq, ws, b))  # bf16
+    # tolerances: cuBLASLt may pick another algorithm inside a capture
 
 
 def test_linear_fp8_refuses_bad_arguments():
@@ -256,15 +249,21 @@ def test_linear_fp8_skinny_is_capturable(monkeypatch):
     """The FP8 skinny path inside a CUDA graph (the decode graphs): replays see new inputs."""
     monkeypatch.setenv("FLASHGEN_LINEAR", "skinny")
     x, wq, ws, b = _skinny_operands(4, 512, 1024, torch.bfloat16, 7, True)
+    torch.testing.assert_close(_replayed(x, wq, ws, b), cuda_ops.linear_fp8(x * 2, wq, ws, b), rtol=0, atol=0)
+
+
+def _replayed(x, wq, ws, b) -> torch.Tensor:
+    """linear_fp8 captured in a CUDA graph on a copy of x (after an eager call that compiles and plans outside
+    the capture), replayed with 2 x in that copy: the replay's output."""
     static_x = x.clone()
-    cuda_ops.linear_fp8(static_x, wq, ws, b)  # compile outside the capture
+    cuda_ops.linear_fp8(static_x, wq, ws, b)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = cuda_ops.linear_fp8(static_x, wq, ws, b)
     static_x.copy_(x * 2)
     graph.replay()
-    torch.testing.assert_close(out, cuda_ops.linear_fp8(x * 2, wq, ws, b), rtol=0, atol=0)
+    return out
 
 
 def _run(model, backend: str, quantization: str, prompt: list[int]) -> tuple[bool, torch.Tensor]:
