@@ -38,6 +38,7 @@ SOURCES = {
     "decode_attention.cu": [(d, fp8) for d in cuda_ops.ATTN_HEAD_DIMS for fp8 in ("", "FG_KV_FP8=1")],
     "kv_fp8.cu": [(None, "")],
     "fp8_quant.cu": [(None, "")],
+    "moe_route.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS
                              for mt, bn in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]],

@@ -130,3 +130,23 @@ def test_the_backend_op_runs_the_loop_where_grouped_does_not_apply(monkeypatch):
     monkeypatch.setenv("FLASHGEN_MOE", "fast")
     with pytest.raises(ValueError, match="FLASHGEN_MOE='fast'"):
         cuda_moe.moe_impl(x.dtype, gate_up, down)
+
+
+def test_fused_routing_is_for_decode_sizes_on_a_cuda_device_only(monkeypatch):
+    """moe_grouped takes kernels/moe_route.cu's routing only for CUDA tensors of a kernel dtype, at most
+    FUSED_ROUTE_MAX_TOKENS tokens, FUSED_ROUTE_MAX_EXPERTS experts and FUSED_ROUTE_MAX_TOP_K choices; the CPU runs
+    torch_moe's ops (the grouped tests above), and FLASHGEN_MOE_ROUTE takes fused or torch only."""
+    x, router = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+    assert not cuda_moe.fused_route_ok(x, router, 2)  # a CPU tensor
+    monkeypatch.setenv("FLASHGEN_MOE_ROUTE", "sometimes")
+    with pytest.raises(ValueError, match="FLASHGEN_MOE_ROUTE='sometimes': use fused or torch"):
+        cuda_moe.fused_route_ok(x, router, 2)
+    assert cuda_moe.FUSED_ROUTE_MAX_TOKENS <= 256 and cuda_moe.FUSED_ROUTE_MAX_TOP_K <= 32  # the kernel's limits
+
+
+def test_fused_routing_ops_refuse_cpu_tensors_naming_the_argument():
+    with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
+        cuda_moe.moe_route(torch.randn(4, 8, dtype=torch.bfloat16), 2, True)
+    with pytest.raises(ValueError, match="ys must be a CUDA tensor"):
+        cuda_moe.moe_combine(torch.randn(8, 16, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.int32),
+                             torch.ones(8), 4, 2)

@@ -12,7 +12,7 @@ import torch
 from flashgen.ops import cuda_moe, torch_ops
 from flashgen.ops.torch_moe import route
 from test_kernels_gpu import DEV, _randn
-from test_model_families_gpu import _assert_close, cuda_against_torch
+from test_model_families_gpu import _assert_close
 
 pytestmark = pytest.mark.gpu
 
@@ -106,11 +106,39 @@ def test_grouped_moe_does_not_sync_and_replays_in_a_cuda_graph():
         torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2 * eager.abs().max().item())
 
 
+FLIP = 0.1  # a position's logits moved by more than this fraction of their norm: a routing decision flipped
+
+
+def _against_torch_per_position(path: str, prompts: list[list[int]]):
+    """The MoE engine on the CUDA backend (bf16) against the float32 torch reference, with the torch backend in bf16
+    as the yardstick, position by position. A router's near tie can go either way in a bf16 run: the position's
+    logits then move by a third of their norm, in the CUDA run and the torch bf16 run alike, but not at the same
+    positions (different GEMMs round differently upstream). So the whole-prompt norm of cuda_against_torch is the
+    wrong measure here; instead each prompt's median per-position error must be within twice the yardstick's
+    (+ 1e-2), and the CUDA run may flip at most one position per prompt more than the yardstick. A wrong kernel
+    moves every position. Returns the CUDA engine."""
+    from flashgen import LLM
+
+    fast = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1)
+    ref = LLM(model=path, dtype="float32", block_size=16, kv_cache_gb=1, backend="torch")
+    same = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1, backend="torch")
+    for ids in prompts:
+        a, b, c = fast.prompt_logits(ids).float(), ref.prompt_logits(ids).float(), same.prompt_logits(ids).float()
+        err, yard = (a - b).norm(dim=-1) / b.norm(dim=-1), (c - b).norm(dim=-1) / b.norm(dim=-1)
+        assert err.median() < 2 * yard.median() + 1e-2, (
+            f"prompt of {len(ids)} tokens: median error per position CUDA {err.median():.3g}, torch bf16 "
+            f"{yard.median():.3g}")
+        flips, yard_flips = int((err > FLIP).sum()), int((yard > FLIP).sum())
+        assert flips <= yard_flips + 1, f"prompt of {len(ids)} tokens: {flips} positions moved past {FLIP} " \
+                                        f"(torch bf16: {yard_flips})"
+    return fast
+
+
 def test_engine_moe_decodes_in_cuda_graphs_as_eagerly(tmp_path, monkeypatch):
-    """A tiny Qwen3-MoE checkpoint in bfloat16: prompt logits against the torch reference (cuda_against_torch), the
-    runner captures decode graphs (none with FLASHGEN_MOE=loop), and greedy decoding with graphs gives the eager
-    run's tokens. Eight prompts decode together to the end (a captured bucket size, so the graph runs the
-    eager run's shapes exactly, and top_k 2: two terms add the same in either order)."""
+    """A tiny Qwen3-MoE checkpoint in bfloat16: prompt logits against the torch reference, position by position
+    (_against_torch_per_position), the runner captures decode graphs (none with FLASHGEN_MOE=loop), and greedy
+    decoding with graphs gives the eager run's tokens. Eight prompts decode together to the end (a captured bucket
+    size, so the graph runs the eager run's shapes exactly, and top_k 2: two terms add the same in either order)."""
     from checkpoints import make_checkpoint
     from flashgen import LLM, SamplingParams
 
@@ -122,7 +150,7 @@ def test_engine_moe_decodes_in_cuda_graphs_as_eagerly(tmp_path, monkeypatch):
                                norm_topk_prob=True, mlp_only_layers=[0]))
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 9, 17, 33, 40, 64, 100, 130)]
-    graphs, _, _ = cuda_against_torch(path, prompts[::3])
+    graphs = _against_torch_per_position(path, prompts[::3])
     assert graphs.engine.runner.graphs is not None, "the MoE model decodes without CUDA graphs"
     eager = LLM(model=path, dtype="bfloat16", block_size=16, kv_cache_gb=1, enforce_eager=True)
     sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)

@@ -1,7 +1,11 @@
 """The CUDA backend's `moe`: the experts as two grouped GEMMs (torch._grouped_mm), no host sync.
 
 The routing, the sort by expert, the gather of each pair's token, the weighting and the scatter back are the
-reference's (flashgen/ops/torch_moe.py: sort_by_expert, combine); only the experts' GEMMs differ. Instead of one
+reference's (flashgen/ops/torch_moe.py: sort_by_expert, combine), except at decode sizes (fused_route_ok: up to
+FUSED_ROUTE_MAX_TOKENS tokens on a CUDA device), where kernels/moe_route.cu does the routing and sort in one kernel
+and the combine in another (the same experts, order and weights; the combine sums in float32), and SiLU-and-multiply
+is one kernel: ~20 torch ops, each a CUDA-graph node of a few microseconds, took about as long as the GEMMs of one
+token. The experts' GEMMs differ throughout. Instead of one
 GEMM pair per active expert, sized on the host from the per-expert counts (the loop's host sync), each of the two
 projections is one grouped GEMM over every expert: torch._grouped_mm (CUTLASS's grouped kernel on SM90 / SM100)
 with the (T * top_k, K) gathered rows, the (E, K, N) stacked weights and the groups' int32 end offsets, which a
@@ -34,6 +38,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+from flashgen.ops import jit
+from flashgen.ops.cuda_checks import KERNEL_DTYPES, check_shape, check_tensor, device_index, fail
+from flashgen.ops.cuda_elementwise import silu_mul
 from flashgen.ops.torch_moe import check_shapes, combine, sort_by_expert
 from flashgen.ops.torch_moe import moe as moe_loop
 
@@ -41,6 +48,10 @@ MOE_IMPLS = ("grouped", "loop")
 GROUPED_DTYPES = (torch.bfloat16,)   # the dtypes of torch._grouped_mm's CUDA fast path
 GROUPED_ARCHS = (9, 10)              # compute capability majors of that fast path
 GROUPED_MAX_EXPERTS = 1023           # the kernel takes fewer than 1024 groups
+# kernels/moe_route.cu's limits: one CTA routes a decode step's tokens (prefill keeps torch_moe's ops), a lane holds
+# E / 32 router probabilities, lane j keeps a token's j-th choice
+FUSED_ROUTE_MAX_TOKENS, FUSED_ROUTE_MAX_EXPERTS, FUSED_ROUTE_MAX_TOP_K = 256, 512, 32
+ROUTE_THREADS = 1024                 # moe_route_kernel's block (MR_THREADS)
 
 
 def has_grouped_mm() -> bool:
@@ -89,15 +100,83 @@ def moe_impl(dtype: torch.dtype, gate_up: torch.Tensor, down: torch.Tensor) -> s
     return "grouped"
 
 
+def fused_route_ok(x: torch.Tensor, router: torch.Tensor, top_k: int) -> bool:
+    """Whether moe_grouped routes and combines with kernels/moe_route.cu (decode sizes on a CUDA device) rather than
+    torch_moe's ops; $FLASHGEN_MOE_ROUTE=torch keeps the torch ops (A/B measurements)."""
+    want = os.environ.get("FLASHGEN_MOE_ROUTE", "fused")
+    if want not in ("fused", "torch"):
+        raise ValueError(f"FLASHGEN_MOE_ROUTE={want!r}: use fused or torch")
+    return (want == "fused" and x.is_cuda and x.dtype in KERNEL_DTYPES and x.dtype == router.dtype
+            and 0 < x.shape[0] <= FUSED_ROUTE_MAX_TOKENS and router.shape[0] <= FUSED_ROUTE_MAX_EXPERTS
+            and top_k <= FUSED_ROUTE_MAX_TOP_K and x.shape[1] % 8 == 0)
+
+
+def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch_moe's route + sort_by_expert in one kernel (kernels/moe_route.cu) from the router logits (T, E) in the
+    activation dtype -> (offs (E,) int32 group end offsets, tokens (P,) int64 and weights (P,) float32 of the pairs
+    sorted by expert (tokens ascending within one), pos (P,) int32 the sorted position of pair t * top_k + j,
+    weights_tk (P,) float32 the weight of pair t * top_k + j). T <= FUSED_ROUTE_MAX_TOKENS, E <=
+    FUSED_ROUTE_MAX_EXPERTS, top_k <= FUSED_ROUTE_MAX_TOP_K. No host sync."""
+    check_tensor("logits", logits, KERNEL_DTYPES, 2, align=2)
+    T, E = logits.shape
+    if not 0 < T <= FUSED_ROUTE_MAX_TOKENS:
+        fail("logits", f"must have 1 to {FUSED_ROUTE_MAX_TOKENS} rows (tokens)", f"shape {tuple(logits.shape)}")
+    if not 0 < E <= FUSED_ROUTE_MAX_EXPERTS:
+        fail("logits", f"must have 1 to {FUSED_ROUTE_MAX_EXPERTS} columns (experts)", f"shape {tuple(logits.shape)}")
+    if not 0 < top_k <= min(E, FUSED_ROUTE_MAX_TOP_K):
+        fail("top_k", f"must be in [1, {min(E, FUSED_ROUTE_MAX_TOP_K)}]", top_k)
+    dev, P = logits.device, T * top_k
+    i32 = torch.int32
+    experts_tk = torch.empty(P, dtype=i32, device=dev)
+    weights_tk = torch.empty(P, dtype=torch.float32, device=dev)
+    offs = torch.empty(E, dtype=i32, device=dev)
+    tokens = torch.empty(P, dtype=torch.int64, device=dev)
+    weights = torch.empty(P, dtype=torch.float32, device=dev)
+    pos = torch.empty(P, dtype=i32, device=dev)
+    kern = jit.get_kernel("moe_route.cu", "moe_route_kernel", logits.dtype, 0, device_index(logits))
+    jit.launch(kern, (1,), (ROUTE_THREADS,), (
+        jit.ptr(logits), jit.i32(T), jit.i32(E), jit.i32(top_k), jit.i32(int(renormalize)), jit.ptr(experts_tk),
+        jit.ptr(weights_tk), jit.ptr(offs), jit.ptr(tokens), jit.ptr(weights), jit.ptr(pos)), dev)
+    return offs, tokens, weights, pos, weights_tk
+
+
+def moe_combine(ys: torch.Tensor, pos: torch.Tensor, weights_tk: torch.Tensor, T: int, top_k: int) -> torch.Tensor:
+    """torch_moe.combine from moe_route's pair positions: out[t] = sum_j dtype(ys[pos[t * top_k + j]] * weight), the
+    products rounded to the dtype as combine rounds them, summed in float32 and rounded once (kernels/moe_route.cu)
+    -> (T, H). ys (P, H) in sorted pair order, H a multiple of 8."""
+    check_tensor("ys", ys, KERNEL_DTYPES, 2)
+    P, H = ys.shape
+    if P != T * top_k or H % 8:
+        fail("ys", f"must be ({T * top_k}, H) with H a multiple of 8", f"shape {tuple(ys.shape)}")
+    check_tensor("pos", pos, (torch.int32,), 1, ys.device, align=4)
+    check_shape("pos", pos, (P,))
+    check_tensor("weights_tk", weights_tk, (torch.float32,), 1, ys.device, align=4)
+    check_shape("weights_tk", weights_tk, (P,))
+    out = torch.empty((T, H), dtype=ys.dtype, device=ys.device)
+    kern = jit.get_kernel("moe_route.cu", "moe_combine_kernel", ys.dtype, 0, device_index(ys))
+    threads = min(256, -(-H // 8 // 32) * 32)
+    jit.launch(kern, (T,), (threads,), (jit.ptr(ys), jit.ptr(pos), jit.ptr(weights_tk), jit.ptr(out), jit.i32(H),
+                                        jit.i32(top_k)), ys.device)
+    return out
+
+
 def moe_grouped(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
                 renormalize: bool) -> torch.Tensor:
     """ops.moe (the contract of flashgen/ops/torch_moe.py's moe) through torch._grouped_mm: two grouped GEMMs
     over the expert-sorted pairs, on whatever device and dtype torch._grouped_mm takes (on the CPU through its
-    fallback, for tests). No host sync where its fast path runs (see grouped_unsupported)."""
+    fallback, for tests). No host sync where its fast path runs (see grouped_unsupported). At decode sizes on a
+    CUDA device (fused_route_ok) the routing, the sort and the combine are kernels/moe_route.cu's two kernels and
+    SiLU-and-multiply is one kernel, instead of ~20 torch ops around the GEMMs."""
     check_shapes(x, router, gate_up, down, top_k)
     E = router.shape[0]
     if x.shape[0] == 0:
         return torch.zeros_like(x)
+    if fused_route_ok(x, router, top_k):
+        offs, tokens, _, pos, weights_tk = moe_route(F.linear(x, router), top_k, renormalize)
+        h = torch._grouped_mm(x.index_select(0, tokens), gate_up.transpose(1, 2), offs=offs)  # (P, 2 I)
+        ys = torch._grouped_mm(silu_mul(h), down.transpose(1, 2), offs=offs)                   # (P, H)
+        return moe_combine(ys, pos, weights_tk, x.shape[0], top_k)
     experts, tokens, weights = sort_by_expert(x, router, top_k, renormalize)
     # group e is the pairs routed to expert e: rows offs[e-1] .. offs[e] (empty where none)
     ends = torch.arange(1, E + 1, device=x.device, dtype=experts.dtype)
