@@ -119,7 +119,9 @@ def generate(
     max_model_len: int | None = typer.Option(None, help="Context length (0 = the model's).",
                                              rich_help_panel=ENGINE),
     kv_cache_gb: float | None = typer.Option(None, help="KV cache size in GiB (0 = auto).", rich_help_panel=ENGINE),
-    kv_cache_dtype: str | None = typer.Option(None, help="auto (the model's dtype) or fp8: twice the tokens fit.",
+    kv_cache_dtype: str | None = typer.Option(None, help="auto (the model's dtype); fp8 (e4m3, a scale per layer): "
+                                              "twice the tokens fit; int8k (int8 K, e4m3 V, a scale per token): "
+                                              "nearly twice, more accurate.",
                                               rich_help_panel=ENGINE),
     quantization: str | None = typer.Option(None, help="Weights: auto (as the checkpoint is; FP8 checkpoints run "
                                             "FP8) or fp8 (quantize the linear layers at load).",

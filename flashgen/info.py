@@ -100,6 +100,7 @@ def describe_model(path: str, dtype: str | None = None, memory_gb: float | None 
         "tie_word_embeddings": spec.tie_word_embeddings,
         "kv_bytes_per_token": kv_per_token,
         "kv_bytes_per_token_fp8": spec.kv_bytes_per_token(torch.float8_e4m3fn),  # --kv-cache-dtype fp8
+        "kv_bytes_per_token_int8k": spec.kv_bytes_per_token(torch.int8),  # --kv-cache-dtype int8k (scales included)
         "weights": "fp8" if fp8 else run_dtype,  # the linear layers' format; the rest runs in dtype
         "weight_bytes": _fp8_weight_bytes(headers, itemsize, quantization == "fp8") if fp8 else params * itemsize,
         "stored_bytes": stored_bytes,
@@ -113,6 +114,7 @@ def describe_model(path: str, dtype: str | None = None, memory_gb: float | None 
         info["kv_cache_tokens"] = max(0, int(free // kv_per_token))
         info["full_length_sequences"] = info["kv_cache_tokens"] // spec.max_position_embeddings
         info["kv_cache_tokens_fp8"] = max(0, int(free // info["kv_bytes_per_token_fp8"]))
+        info["kv_cache_tokens_int8k"] = max(0, int(free // info["kv_bytes_per_token_int8k"]))
     return info
 
 
@@ -149,11 +151,13 @@ def format_info(d: dict) -> str:
             f" (FP8 e4m3 linear layers with float32 scales; embeddings, norms and lm_head in {d['dtype']})"
             if d.get("weights") == "fp8" else "")),
         ("KV cache per token", f"{_human_bytes(d['kv_bytes_per_token'])} "
-                               f"(--kv-cache-dtype fp8: {_human_bytes(d['kv_bytes_per_token_fp8'])})"),
+                               f"(--kv-cache-dtype fp8: {_human_bytes(d['kv_bytes_per_token_fp8'])}; "
+                               f"int8k: {_human_bytes(d['kv_bytes_per_token_int8k'])})"),
     ]
     if "kv_cache_tokens" in d:
         rows.append((f"KV cache in {d['memory_gb']:g} GiB", f"{d['kv_cache_tokens']:,} tokens "
                      f"({d['full_length_sequences']:,} sequences of {d['max_position_embeddings']:,}); "
-                     f"{d['kv_cache_tokens_fp8']:,} with --kv-cache-dtype fp8"))
+                     f"{d['kv_cache_tokens_fp8']:,} with --kv-cache-dtype fp8, "
+                     f"{d['kv_cache_tokens_int8k']:,} with int8k"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -104,7 +104,10 @@ class LLM:
         if r.kv_dtype == r.dtype:
             return ""
         name = str(r.dtype).replace("torch.", "")
-        return f" (fp8 e4m3, {r.model.kv_scales_from} scales: {r.dtype.itemsize}x the tokens of a {name} cache)"
+        spec = self.engine.spec
+        ratio = spec.kv_bytes_per_token(r.dtype) / spec.kv_bytes_per_token(r.kv_dtype)
+        what = "int8 K and fp8 e4m3 V" if r.kv_dtype == torch.int8 else "fp8 e4m3"
+        return f" ({what}, {r.model.kv_scales_from} scales: {ratio:.2f}x the tokens of a {name} cache)"
 
     @property
     def stats(self) -> EngineStats:

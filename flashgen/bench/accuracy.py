@@ -19,7 +19,7 @@ import torch
 
 WINDOW = 512
 MAX_WINDOWS = 8
-CONFIGS = ("bfloat16", "bfloat16+fp8kv")  # dtype[+fp8kv]; the float32 oracle always runs first
+CONFIGS = ("bfloat16", "bfloat16+fp8kv", "bfloat16+int8kkv")  # dtype[+fp8kv|+int8kkv][+fp8w]; float32 runs first
 
 
 def corpus_ids(tokenizer, windows: int = MAX_WINDOWS, window: int = WINDOW) -> list[list[int]]:
@@ -41,10 +41,11 @@ def _engine(model: str, device: str, name: str):
     from flashgen.llm import LLM
 
     dtype, *extras = name.split("+")
-    unknown = set(extras) - {"fp8kv", "fp8w"}
-    if unknown:
-        raise ValueError(f"configuration {name!r}: {', '.join(sorted(unknown))} unknown; use dtype[+fp8kv][+fp8w]")
-    cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_dtype="fp8" if "fp8kv" in extras else "auto",
+    unknown = set(extras) - {"fp8kv", "int8kkv", "fp8w"}
+    if unknown or {"fp8kv", "int8kkv"} <= set(extras):
+        raise ValueError(f"configuration {name!r}: use dtype[+fp8kv|+int8kkv][+fp8w]")
+    kv = "fp8" if "fp8kv" in extras else "int8k" if "int8kkv" in extras else "auto"
+    cfg = EngineConfig(model=model, device=device, dtype=dtype, kv_cache_dtype=kv,
                        kv_cache_gb=0.5, max_num_seqs=1, max_num_batched_tokens=max(WINDOW, 64),
                        max_model_len=WINDOW, enforce_eager=True, quantization="fp8" if "fp8w" in extras else "auto")
     return LLM(config=cfg)
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="", help="model directory or name (default: the embedded model)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help="comma-separated dtype[+fp8kv][+fp8w] (fp8w: FP8 weights, --quantization fp8)")
+                    help="comma-separated dtype[+fp8kv|+int8kkv][+fp8w] (fp8kv / int8kkv: --kv-cache-dtype fp8 / "
+                         "int8k; fp8w: FP8 weights, --quantization fp8)")
     ap.add_argument("--out-dir", default=None, help="write accuracy.json here")
     ap.add_argument("--headroom", type=float, default=None,
                     help="the FP8 calibration's headroom (default: engine.kv_plan.CALIBRATION_HEADROOM)")

@@ -386,8 +386,9 @@ def job_floor(spec, prompt_lens: list[int], distinct: int, max_tokens: int, ceil
     """throughput.floor_seconds of the job's prompts as the engine got them (template included), each generating
     exactly max_tokens, with the engine's weight and KV-cache dtypes, at its limits (sequence slots, KV tokens)."""
     from flashgen.bench.throughput import floor_from_lengths, weight_bytes_of
+    from flashgen.models.spec import kv_dtype_of
 
-    kv_dtype = torch.float8_e4m3fn if engine_kw.get("kv_cache_dtype") == "fp8" else torch.bfloat16
+    kv_dtype = kv_dtype_of(engine_kw.get("kv_cache_dtype"), torch.bfloat16)
     return floor_from_lengths(prompt_lens, [max_tokens] * len(prompt_lens), distinct, spec,
                               weight_bytes_of(spec, engine_kw.get("quantization") == "fp8"), ceil, kv_dtype,
                               max_seqs, kv_capacity)

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flashgen.config import KV_CACHE_DTYPES
+from flashgen.models.spec import kv_dtype_of
+
 
 @dataclass
 class Workload:
@@ -317,7 +320,7 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
     with tempfile.TemporaryDirectory() as d:
         model_dir = str(write_model_dir(w.shape, d))
         ours = run_flashgen(w, model_dir, data_parallel, **engine_kw)
-        kv_dtype = torch.float8_e4m3fn if engine_kw.get("kv_cache_dtype") == "fp8" else torch.bfloat16
+        kv_dtype = kv_dtype_of(engine_kw.get("kv_cache_dtype"), torch.bfloat16)
         spec = ours.pop("spec")
         # the floor at the engine's limits (sequence slots, the KV cache it got), and everything resident; data
         # parallel: the KV caches live in the workers, so only the resident floor
@@ -337,7 +340,7 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
     par = f", TP={ours['tensor_parallel']}, DP={ours['data_parallel']}" if max(
         ours["tensor_parallel"], ours["data_parallel"]) > 1 else ""
     kv = (", FP8 weights" if engine_kw.get("quantization") == "fp8" else "") + (
-        ", FP8 KV cache" if engine_kw.get("kv_cache_dtype") == "fp8" else "")
+        {"fp8": ", FP8 KV cache", "int8k": ", int8k KV cache"}.get(engine_kw.get("kv_cache_dtype") or "auto", ""))
     lines = [f"workload {workload} on {res['device']} ({ours['backend']} backend{par}{kv})",
              f"  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
              f"bf16 matmul {ceil['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
@@ -356,7 +359,7 @@ def main(workload: str = "nanovllm", compare: str | None = None, hf_max_tokens: 
     if out_dir:
         tag = workload + (f"_tp{ours['tensor_parallel']}_dp{ours['data_parallel']}" if par else "") + (
             "_fp8w" if engine_kw.get("quantization") == "fp8" else "") + (
-            "_fp8kv" if engine_kw.get("kv_cache_dtype") == "fp8" else "")
+            {"fp8": "_fp8kv", "int8k": "_int8kkv"}.get(engine_kw.get("kv_cache_dtype") or "auto", ""))
         with open(f"{out_dir}/throughput_{tag}.json", "w") as f:
             json.dump(res, f, indent=1, default=str)
     return res
@@ -372,8 +375,8 @@ def refloor(path: str, max_num_seqs: int) -> dict:
     r = json.loads(open(path).read())
     w = make_workload(r["workload"])
     # results saved before the file recorded its KV dtype say it in their name (throughput_W_fp8kv.json)
-    fp8kv = r.get("kv_cache_dtype") == "fp8" or ("kv_cache_dtype" not in r and path.endswith("_fp8kv.json"))
-    kv_dtype = torch.float8_e4m3fn if fp8kv else torch.bfloat16
+    kv_name = r.get("kv_cache_dtype") or ("fp8" if path.endswith("_fp8kv.json") else "auto")
+    kv_dtype = kv_dtype_of(kv_name, torch.bfloat16)
     ceil = {k: r[k] for k in ("copy_bytes_per_s", "matmul_flop_per_s")}
     with tempfile.TemporaryDirectory() as d:
         spec = load_spec(write_model_dir(w.shape, d))
@@ -401,7 +404,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--data-parallel", type=int, default=1)
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     ap.add_argument("--quantization", default=None, choices=("auto", "fp8"), help="fp8: FP8 weights, quantized at load")
     ap.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     ap.add_argument("--tokenizer", default=None, help="structured: tokenizer directory (default: the embedded model's)")

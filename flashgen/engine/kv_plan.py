@@ -24,6 +24,18 @@ def kv_cache_shape(model: DecoderLM, num_blocks: int, block_size: int) -> tuple[
     return (2, spec.num_layers, num_blocks, block_size, model.num_kv_heads_local, spec.head_dim)
 
 
+def alloc_kv_cache(model: DecoderLM, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A zeroed cache of `dtype` (the model's kv_dtype by default) bound to the model: (kv, scales), scales the
+    int8k cache's float32 per-token K and V scales (2, layers, blocks, block_size, kv heads), else None."""
+    dtype = dtype or model.kv_dtype
+    shape = kv_cache_shape(model, num_blocks, block_size)
+    kv = torch.zeros(shape, dtype=dtype, device=model.device)
+    scales = torch.ones(shape[:-1], dtype=torch.float32, device=model.device) if dtype == torch.int8 else None
+    model.bind_kv_cache(kv, scales)
+    return kv, scales
+
+
 def plan_kv_blocks(config: EngineConfig, model: DecoderLM, max_len: int, execute: Callable) -> int:
     """Blocks for the KV cache; `execute` runs a packed step (used to measure the activation peak)."""
     per_token = model.spec.kv_bytes_per_token(model.kv_dtype, model.num_kv_heads_local)
@@ -59,8 +71,7 @@ def profile_activations(config: EngineConfig, model: DecoderLM, max_len: int, ex
     seq_len = min(T, max_len)
     nseq = (T + seq_len - 1) // seq_len
     blocks_per_seq = (seq_len + bs - 1) // bs
-    scratch = torch.zeros(kv_cache_shape(model, nseq * blocks_per_seq, bs), dtype=model.kv_dtype, device=device)
-    model.bind_kv_cache(scratch)
+    scratch, scratch_scales = alloc_kv_cache(model, nseq * blocks_per_seq, bs)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -76,8 +87,8 @@ def profile_activations(config: EngineConfig, model: DecoderLM, max_len: int, ex
     probe.softmax(-1).sort(-1)  # sampling's widest temporaries: a sort of (max_num_seqs, vocab)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated(device) - base
-    del probe, scratch
-    model.k_caches, model.v_caches = [], []
+    del probe, scratch, scratch_scales
+    model.unbind_kv_cache()
     torch.cuda.empty_cache()
     return int(peak * 1.1) + (256 << 20)  # headroom for allocator fragmentation and graph pools
 
@@ -100,8 +111,7 @@ def calibrate_kv_scales(config: EngineConfig, model: DecoderLM, max_len: int, ex
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist()
     nblk = (n + bs - 1) // bs
-    scratch = torch.zeros(kv_cache_shape(model, nblk, bs), dtype=model.dtype, device=device)
-    model.bind_kv_cache(scratch)
+    scratch, _ = alloc_kv_cache(model, nblk, bs, model.dtype)
     s = Sequence("_calibrate", None, ids, None, bs, 0)  # type: ignore[arg-type]
     s.block_table, s.num_scheduled_tokens = list(range(nblk)), n
     execute(pack_step([s], True, bs, rows=[]))
@@ -113,9 +123,9 @@ def calibrate_kv_scales(config: EngineConfig, model: DecoderLM, max_len: int, ex
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         amax = t
     scales = (amax.cpu().clamp(min=1e-6) * CALIBRATION_HEADROOM / FP8_MAX).tolist()
-    model.k_scales, model.v_scales = scales[0], scales[1]
+    model.k_scales, model.v_scales = list(scales[0]), list(scales[1])
     model.kv_scales_from = "calibrated"
-    model.k_caches, model.v_caches = [], []
+    model.unbind_kv_cache()
     del scratch
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -16,7 +16,7 @@ from flashgen.config import EngineConfig
 from flashgen.engine import tp_worker
 from flashgen.engine.cuda_graphs import DecodeGraphs, run_step
 from flashgen.engine.grammar import TokenMasks
-from flashgen.engine.kv_plan import calibrate_kv_scales, kv_cache_shape, plan_kv_blocks
+from flashgen.engine.kv_plan import alloc_kv_cache, calibrate_kv_scales, plan_kv_blocks
 from flashgen.engine.logprobs import pack_logprobs
 from flashgen.engine.sampler import SamplingBatch, build_sampling_batch, processed_logits, sample
 from flashgen.engine.scheduler import Batch
@@ -24,7 +24,7 @@ from flashgen.engine.sequence import Sequence
 from flashgen.engine.step_packing import pack_step, unpack_step
 from flashgen.engine.token_slots import SampledTokens, TokenSlots
 from flashgen.models.decoder import DecoderLM
-from flashgen.models.spec import DTYPES, ModelSpec
+from flashgen.models.spec import DTYPES, ModelSpec, kv_dtype_of
 from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import CUDA_FIX, cuda_backend_available, get_ops
 from flashgen.ops.cuda_attention import ATTN_HEAD_DIMS
@@ -91,12 +91,13 @@ def pick_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype,
 
 
 def pick_kv_dtype(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: the model's, or float8_e4m3fn (--kv-cache-dtype fp8) where the device converts to
-    and from it in hardware (compute capability 8.9 and later) or on the CPU (the torch reference)."""
-    if config.kv_cache_dtype != "fp8":
-        return dtype
-    require_fp8(device, "kv_cache_dtype='fp8'", "use kv_cache_dtype='auto'")
-    return torch.float8_e4m3fn
+    """The KV cache's dtype: the model's, float8_e4m3fn (--kv-cache-dtype fp8) or torch.int8 (int8k: int8 K and
+    e4m3 V) where the device converts to and from e4m3 in hardware (compute capability 8.9 and later) or on the
+    CPU (the torch reference)."""
+    kv_dtype = kv_dtype_of(config.kv_cache_dtype, dtype)
+    if kv_dtype != dtype:
+        require_fp8(device, f"kv_cache_dtype={config.kv_cache_dtype!r}", "use kv_cache_dtype='auto'")
+    return kv_dtype
 
 
 def require_fp8(device: torch.device, what: str, fix: str) -> None:
@@ -177,9 +178,7 @@ class ModelRunner:
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
         if self.max_model_len < max_len and rank == 0:
             log.warning("KV cache holds %d tokens; max_model_len capped from %d", self.max_model_len, max_len)
-        self.kv_cache = torch.zeros(kv_cache_shape(self.model, self.num_blocks, self.block_size),
-                                    dtype=self.kv_dtype, device=self.device)
-        self.model.bind_kv_cache(self.kv_cache)
+        self.kv_cache, self.kv_scales = alloc_kv_cache(self.model, self.num_blocks, self.block_size)
         self.on_logits = None  # tests hook: called with (seqs, logits) before sampling; may change logits
         # Pipelined decode (CUDA, one process): a decode step can start before the host has read the previous
         # step's tokens (see TokenSlots).
@@ -356,6 +355,8 @@ class ModelRunner:
         dst = torch.tensor([b for _, b in pairs], dtype=torch.int64).to(self.device, non_blocking=True)
         cache = self.kv_cache.view(torch.uint8) if self.kv_cache.dtype.itemsize == 1 else self.kv_cache
         cache[:, :, dst] = cache[:, :, src]  # FP8 as bytes: index copies of float8 are not on every torch
+        if self.kv_scales is not None:  # the int8k cache: each token's scales go with it
+            self.kv_scales[:, :, dst] = self.kv_scales[:, :, src]
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted: its device token slot is free again."""

@@ -50,11 +50,13 @@ class DecoderLM:
                  kv_dtype: torch.dtype | None = None, quantization: str = "auto"):
         self.spec, self.dtype, self.device, self.ops = spec, dtype, device, ops
         # the KV cache's dtype: the model's, or float8_e4m3fn with a float32 scale per layer for K and for V
-        # (docs/design.md, "FP8 KV cache"): from the checkpoint when it has them, else set by calibrate_kv_scales
+        # (docs/design.md, "FP8 KV cache"): from the checkpoint when it has them, else set by calibrate_kv_scales;
+        # or torch.int8, the int8k cache (int8 K, e4m3 V), whose scales are tensors beside the cache, a float32 per
+        # token and kv head (bind_kv_cache)
         self.kv_dtype = kv_dtype or dtype
-        self.k_scales = [1.0] * spec.num_layers
-        self.v_scales = [1.0] * spec.num_layers
-        self.kv_scales_from = "default"
+        self.k_scales: list[float | torch.Tensor] = [1.0] * spec.num_layers
+        self.v_scales: list[float | torch.Tensor] = [1.0] * spec.num_layers
+        self.kv_scales_from = "per token" if self.kv_dtype == torch.int8 else "default"
         self.tp = tp if tp is not None and tp.world > 1 else None
         if self.tp:
             self.tp.check(spec)
@@ -67,7 +69,7 @@ class DecoderLM:
             if self.kv_dtype == torch.float8_e4m3fn:
                 scales = load_kv_scales(model_dir, spec)
                 if scales is not None:
-                    self.k_scales, self.v_scales = scales
+                    self.k_scales, self.v_scales = list(scales[0]), list(scales[1])
                     self.kv_scales_from = "checkpoint"
         # FP8 projection weights: the checkpoint's ("checkpoint"), quantized at load ("quantized"), or none ("")
         self.weights_fp8 = ""
@@ -123,9 +125,24 @@ class DecoderLM:
                     dst.copy_(v)
         self.embed, self.final_norm, self.lm_head, self.layers = old
 
-    def bind_kv_cache(self, kv: torch.Tensor) -> None:
-        """kv: (2, num_layers, num_blocks, block_size, kv_heads, head_dim), allocated once by the runner."""
-        self.k_caches, self.v_caches = list(kv[0]), list(kv[1])
+    def bind_kv_cache(self, kv: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        """kv: (2, num_layers, num_blocks, block_size, kv_heads, head_dim), allocated once by the runner
+        (kv_plan.alloc_kv_cache). The int8k cache (kv int8): V is the same bytes read as float8_e4m3fn, and
+        `scales` (2, num_layers, num_blocks, block_size, kv_heads) float32 holds K's and V's per-token scales."""
+        if kv.dtype == torch.int8:
+            if scales is None:
+                raise ValueError("the int8k KV cache needs its per-token scales")
+            self.k_caches, self.v_caches = list(kv[0]), list(kv[1].view(torch.float8_e4m3fn))
+            self.k_scales, self.v_scales = list(scales[0]), list(scales[1])
+        else:
+            self.k_caches, self.v_caches = list(kv[0]), list(kv[1])
+
+    def unbind_kv_cache(self) -> None:
+        """Drop the references to a scratch cache (and an int8k cache's scales) so that its memory can be freed."""
+        self.k_caches, self.v_caches = [], []
+        if self.kv_dtype == torch.int8:
+            self.k_scales = [1.0] * self.spec.num_layers
+            self.v_scales = [1.0] * self.spec.num_layers
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:

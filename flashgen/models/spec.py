@@ -93,9 +93,22 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     def kv_bytes_per_token(self, dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
-        """K + V bytes per token over all layers; `num_kv_heads`: a tensor-parallel rank's share."""
+        """K + V bytes per token over all layers for a cache of `dtype` (kv_dtype_of's: torch.int8 is the int8k
+        cache, whose float32 K and V scales per token and kv head count too); `num_kv_heads`: a tensor-parallel
+        rank's share."""
         heads = self.num_kv_heads if num_kv_heads is None else num_kv_heads
-        return 2 * self.num_layers * heads * self.head_dim * dtype.itemsize
+        scales = 2 * 4 if dtype == torch.int8 else 0
+        return self.num_layers * heads * (2 * self.head_dim * dtype.itemsize + scales)
+
+
+# --kv-cache-dtype -> the K cache's torch dtype ("auto": the model's). torch.int8 stands for the int8k format: K in
+# int8, V in float8_e4m3fn, a float32 scale per token and kv head for each (ops.torch_ops, "int8k KV cache").
+KV_CACHE_TORCH_DTYPES = {"fp8": torch.float8_e4m3fn, "int8k": torch.int8}
+
+
+def kv_dtype_of(kv_cache_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype for the --kv-cache-dtype setting, `dtype` (the model's) for auto."""
+    return KV_CACHE_TORCH_DTYPES.get(kv_cache_dtype or "auto", dtype)
 
 
 FIX_CONFIG = "fix config.json or download the checkpoint again"

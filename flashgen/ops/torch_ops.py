@@ -12,6 +12,12 @@ FP8 KV cache (k_cache.dtype float8_e4m3fn): a cached value is round(x / scale) s
 fp8 * scale, with one float32 scale per layer for K (`k_scale`) and one for V (`v_scale`); see
 docs/design.md, "FP8 KV cache". With a bf16/fp16/fp32 cache the scales are ignored.
 
+int8k KV cache (k_cache.dtype int8, v_cache.dtype float8_e4m3fn): K in int8 and V in e4m3, each with its own
+float32 scale per cached token and kv head. `k_scale` and `v_scale` are then tensors (num_blocks, block_size,
+num_kv_heads) that rope_kv_append writes beside the values (scale = max(amax |head|, 1e-12) / 127 for K, / 448
+for V; stored = x / scale rounded to nearest, K's to even and clamped to +-127) and the attention ops read; see
+docs/design.md, "int8k KV cache".
+
 FP8 weights (linear_fp8): a float8_e4m3fn weight with a float32 scale per output channel, times activations
 quantized per token at run time; see docs/design.md, "FP8 weights".
 """
@@ -101,8 +107,8 @@ def rope_kv_append(
     k_norm: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
     interleaved: bool = False,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: float | torch.Tensor = 1.0,
+    v_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D), rotated; rotated k and v written to their cache slots.
 
@@ -134,31 +140,82 @@ def rope_kv_append(
     keep = slots >= 0
     flat_k = k_cache.view(-1, hkv, d)
     flat_v = v_cache.view(-1, hkv, d)
-    flat_k[slots[keep]] = to_cache(k[keep], k_cache.dtype, k_scale)
-    flat_v[slots[keep]] = to_cache(v[keep], v_cache.dtype, v_scale)
+    if token_scaled(k_cache, v_cache, k_scale, v_scale):
+        assert isinstance(k_scale, torch.Tensor) and isinstance(v_scale, torch.Tensor)  # token_scaled checked
+        ks, vs = token_scales(k[keep], INT8_MAX), token_scales(v[keep], FP8_MAX)
+        k_scale.view(-1, hkv)[slots[keep]] = ks
+        v_scale.view(-1, hkv)[slots[keep]] = vs
+        flat_k[slots[keep]] = to_cache(k[keep], k_cache.dtype, ks)
+        flat_v[slots[keep]] = to_cache(v[keep], v_cache.dtype, vs)
+        return q.contiguous()
+    flat_k[slots[keep]] = to_cache(k[keep], k_cache.dtype, _float_scale("k_scale", k_scale))
+    flat_v[slots[keep]] = to_cache(v[keep], v_cache.dtype, _float_scale("v_scale", v_scale))
     return q.contiguous()
 
 
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
+INT8_MAX = 127.0  # the int8k cache's K: symmetric, -127 .. 127
+KV_AMAX_FLOOR = 1e-12  # a head of zeros gets a tiny scale, not a division by zero
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
     return dtype == torch.float8_e4m3fn
 
 
-def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+def token_scaled(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:
+    """Whether the cache is the int8k format (int8 K, e4m3 V, tensor scales per token and kv head); refuses the
+    mixtures (an int8 K cache with float scales, tensor scales with another cache, mismatched shapes)."""
+    tensors = isinstance(k_scale, torch.Tensor), isinstance(v_scale, torch.Tensor)
+    if k_cache.dtype != torch.int8:
+        if any(tensors):
+            raise ValueError(f"k_scale / v_scale are tensors (a scale per token) but the cache is {k_cache.dtype}: "
+                             "per-token scales go with the int8k cache (int8 K, float8_e4m3fn V) only")
+        return False
+    if v_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"an int8 K cache goes with a float8_e4m3fn V cache (the int8k format), not {v_cache.dtype}")
+    shape = tuple(k_cache.shape[:3])
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(sc, torch.Tensor) or sc.dtype != torch.float32 or tuple(sc.shape) != shape:
+            got = f"{sc.dtype} {tuple(sc.shape)}" if isinstance(sc, torch.Tensor) else repr(sc)
+            raise ValueError(f"{name}: the int8k cache needs a float32 tensor {shape} (a scale per cached token "
+                             f"and kv head), got {got}")
+    return True
+
+
+def _float_scale(name: str, scale) -> float:
+    if isinstance(scale, torch.Tensor):
+        raise ValueError(f"{name} is a tensor (a scale per token): that is the int8k cache's, use a float here")
+    return float(scale)
+
+
+def token_scales(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """x (N, Hkv, D) -> (N, Hkv) float32: max(amax |head|, KV_AMAX_FLOOR) / qmax, the int8k cache's scales."""
+    return x.float().abs().amax(-1).clamp(min=KV_AMAX_FLOOR) / qmax
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float | torch.Tensor) -> torch.Tensor:
     """Values as the cache stores them: x itself in the cache's dtype, or for FP8 x / scale rounded to nearest
-    and saturated (the kernels' cvt.rn.satfinite), computed in float32."""
-    if not is_fp8(dtype):
+    and saturated (the kernels' cvt.rn.satfinite), computed in float32; for int8 x / scale rounded to nearest
+    even and clamped to +-127. A tensor `scale` has x's shape without its last dim (a scale per token and head)."""
+    if not is_fp8(dtype) and dtype != torch.int8:
         return x.to(dtype)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    y = x.float() / (scale[..., None] if isinstance(scale, torch.Tensor) else scale)
+    if dtype == torch.int8:
+        return y.round().clamp(-INT8_MAX, INT8_MAX).to(dtype)
+    return y.clamp(-FP8_MAX, FP8_MAX).to(dtype)
 
 
-def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
-    """Cached values in `dtype`: FP8 ones times their scale (exact in float32, then one rounding)."""
-    if not is_fp8(x.dtype):
+def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float | torch.Tensor) -> torch.Tensor:
+    """Cached values in `dtype`: FP8 / int8 ones times their scale (exact in float32, then one rounding); a tensor
+    `scale` as in to_cache."""
+    if not is_fp8(x.dtype) and x.dtype != torch.int8:
         return x.to(dtype)
-    return (x.float() * scale).to(dtype)
+    return (x.float() * (scale[..., None] if isinstance(scale, torch.Tensor) else scale)).to(dtype)
+
+
+def _gathered(scale: float | torch.Tensor, take) -> float | torch.Tensor:
+    """A per-token scale tensor indexed as its cache is (`take`), or a per-layer float as it is."""
+    return take(scale) if isinstance(scale, torch.Tensor) else scale
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -197,14 +254,15 @@ def prefill_attention(
     block_tables: torch.Tensor,
     max_seqlen_q: int,
     softmax_scale: float,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: float | torch.Tensor = 1.0,
+    v_scale: float | torch.Tensor = 1.0,
     window: int = 0,
 ) -> torch.Tensor:
     """Varlen causal attention. q (total_q, Hq, D); sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
     and attends to its first context_lens[b] cached tokens (its new tokens included, already appended), the
     mask aligned bottom-right. `window` > 0 (sliding-window attention, Gemma 3's local layers): the query at
     position p sees keys in (p - window, p] only. Returns (total_q, Hq, D)."""
+    token_scaled(k_cache, v_cache, k_scale, v_scale)  # refuses a mismatched cache and scales
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = context_lens.tolist()
@@ -212,9 +270,11 @@ def prefill_attention(
         s, e, n = cu[b], cu[b + 1], lens[b]
         if e == s:
             continue
-        k = gather_kv(k_cache, block_tables[b], n)
-        v = gather_kv(v_cache, block_tables[b], n)
-        k, v = from_cache(k, q.dtype, k_scale), from_cache(v, q.dtype, v_scale)
+        def take(c: torch.Tensor, bt: torch.Tensor = block_tables[b], n: int = n) -> torch.Tensor:
+            return gather_kv(c, bt, n)
+
+        k = from_cache(take(k_cache), q.dtype, _gathered(k_scale, take))
+        v = from_cache(take(v_cache), q.dtype, _gathered(v_scale, take))
         out[s:e] = _attend(q[s:e], k, v, softmax_scale, n - (e - s), window)
     return out
 
@@ -226,8 +286,8 @@ def decode_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     softmax_scale: float,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: float | torch.Tensor = 1.0,
+    v_scale: float | torch.Tensor = 1.0,
     window: int = 0,
     shared: SharedPrefix | None = None,
 ) -> torch.Tensor:
@@ -236,6 +296,7 @@ def decode_attention(
     at position p sees keys in (p - window, p]). `shared` (SharedPrefix): the program the CUDA backend runs,
     the groups' shared prefixes first (each group's members as one sequence's query heads; float32 output),
     then each sequence's own blocks, merged by log-sum-exp. Returns (B, Hq, D)."""
+    token_scaled(k_cache, v_cache, k_scale, v_scale)  # refuses a mismatched cache and scales
     if shared is None:
         return _decode(q, k_cache, v_cache, context_lens, block_tables, softmax_scale, k_scale, v_scale,
                        window)[0].to(q.dtype)
@@ -269,8 +330,8 @@ def decode_attention(
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
-            block_tables: torch.Tensor, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-            window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            block_tables: torch.Tensor, softmax_scale: float, k_scale: float | torch.Tensor = 1.0,
+            v_scale: float | torch.Tensor = 1.0, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """decode_attention's math: (out (B, Hq, D) float32, zeros for an empty context; natural-log LSE (B, Hq) of
     the scaled scores, -inf for an empty context)."""
     B, hq, d = q.shape
@@ -278,8 +339,11 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, conte
     max_len = int(context_lens.max()) if B else 0
     nblk = (max_len + bs - 1) // bs
     tables = block_tables[:, :nblk].long().clamp(min=0)
-    k = from_cache(k_cache[tables].flatten(1, 2)[:, :max_len], q.dtype, k_scale)  # (B, L, Hkv, D)
-    v = from_cache(v_cache[tables].flatten(1, 2)[:, :max_len], q.dtype, v_scale)
+    def take(c: torch.Tensor) -> torch.Tensor:
+        return c[tables].flatten(1, 2)[:, :max_len]
+
+    k = from_cache(take(k_cache), q.dtype, _gathered(k_scale, take))  # (B, L, Hkv, D)
+    v = from_cache(take(v_cache), q.dtype, _gathered(v_scale, take))
     group = hq // hkv
     qg = q.view(B, hkv, group, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), k.float()) * softmax_scale
