@@ -24,7 +24,7 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/u
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
 SM90A_ONLY = {"prefill_attention_sm90.cu"}  # wgmma: Hopper's arch-specific target only
 FP8_ARCHS = ("-gencode=arch=compute_89,code=sm_89", "-gencode=arch=compute_90a,code=sm_90a")  # e4m3 cvt/mma: sm_89+
-# sm_89+ throughout (FG_KV_FP8=1 variants of others too)
+# sm_89+ throughout (the FG_KV_FP8 variants of others too: 1 = the FP8 cache, 2 = the int8k cache)
 FP8_SOURCES = {"kv_fp8.cu", "skinny_gemm_fp8.cu", "fp8_quant.cu"}
 DTYPES = {"bf16": 0, "fp16": 1}
 # source -> [(head_dim or None, extra defines)]: every variant cuda_ops can launch
@@ -33,8 +33,7 @@ SOURCES = {
     "sampling.cu": [(None, "SAMPLING_F32=1"), (None, "SAMPLING_F32=0")],
     "skinny_gemm.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "skinny_gemm_fp8.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
-    "rope_kv_append.cu": [(64, ""), (128, ""), (256, ""), (64, "FG_KV_FP8=1"), (128, "FG_KV_FP8=1"),
-                          (256, "FG_KV_FP8=1")],
+    "rope_kv_append.cu": [(d, kv) for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2") for d in (64, 128, 256)],
     "decode_attention.cu": [(d, fp8) for d in cuda_ops.ATTN_HEAD_DIMS for fp8 in ("", "FG_KV_FP8=1")],
     "kv_fp8.cu": [(None, "")],
     "fp8_quant.cu": [(None, "")],
@@ -56,7 +55,7 @@ def _compile(src: str, dtype: str, head_dim: int | None, extra: str, out_dir: st
     name = f"{src[:-3]}_{dtype}_{head_dim}_{extra.replace(',', '_').replace('=', '')}"
     cu = Path(out_dir) / f"{name}.cu"
     cu.write_text(jit._expand_includes(kdir / src))
-    fp8 = src in FP8_SOURCES or "FG_KV_FP8=1" in extra
+    fp8 = src in FP8_SOURCES or "FG_KV_FP8=" in extra
     archs = ARCHS[1:] if src in SM90A_ONLY else FP8_ARCHS if fp8 else ARCHS
     cmd = [NVCC, "--std=c++17", f"-I{kdir}", "--fatbin", *archs,
            "--resource-usage", "-lineinfo", f"-DFG_DTYPE={DTYPES[dtype]}", "-o", str(Path(out_dir) / f"{name}.fatbin"),
