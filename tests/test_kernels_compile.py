@@ -34,7 +34,7 @@ SOURCES = {
     "skinny_gemm.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "skinny_gemm_fp8.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "rope_kv_append.cu": [(d, kv) for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2") for d in (64, 128, 256)],
-    "decode_attention.cu": [(d, fp8) for d in cuda_ops.ATTN_HEAD_DIMS for fp8 in ("", "FG_KV_FP8=1")],
+    "decode_attention.cu": [(d, kv) for d in cuda_ops.ATTN_HEAD_DIMS for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2")],
     "kv_fp8.cu": [(None, "")],
     "fp8_quant.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
