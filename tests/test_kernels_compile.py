@@ -35,13 +35,14 @@ SOURCES = {
     "skinny_gemm_fp8.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "rope_kv_append.cu": [(d, kv) for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2") for d in (64, 128, 256)],
     "decode_attention.cu": [(d, kv) for d in cuda_ops.ATTN_HEAD_DIMS for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2")],
-    "kv_fp8.cu": [(None, "")],
+    "kv_fp8.cu": [(None, "")],  # one variant holds both caches' kernels, KV_FP8_KERNELS
     "fp8_quant.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS
                              for mt, bn in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]],
     "prefill_attention_sm90.cu": [(d, "") for d in cuda_ops.PREFILL_SM90_HEAD_DIMS],
 }
+KV_FP8_KERNELS = ("kv_dequant_pages_kernel", "kv_dequant_pages_int8k_kernel")  # kv_fp8.cu's, for each cache
 VARIANTS = [(src, dt, d, extra) for src, vs in SOURCES.items() for dt in DTYPES for d, extra in vs
             if not (("SAMPLING_F32=1" in extra or "LP_F32=1" in extra) and dt == "fp16")]  # float32: one variant
 
@@ -84,6 +85,9 @@ def test_kernel_compiles(compiled, src, dtype, head_dim, extra):
     assert not any(spills), f"register spills in {src} {dtype} head_dim={head_dim} {extra}:\n{log}"
     # ptxas's C7513: it had to wait after every wgmma (an operand register redefined while one is in flight)
     assert "C7513" not in log, f"wgmma serialised in {src} {dtype} head_dim={head_dim} {extra}:\n{log}"
+    if src == "kv_fp8.cu":  # one variant, the FP8 and the int8k caches' page dequantization
+        for name in KV_FP8_KERNELS:
+            assert f"Compiling entry function '{name}'" in log, f"{name} not compiled in {src} {dtype}:\n{log}"
 
 
 def test_cuda_ops_imports_without_cupy():
