@@ -156,6 +156,15 @@ FG_INLINE float group_sum(float v) {
     for (int o = WIDTH / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o);
     return v;
 }
+// Max over the same groups (the int8 K cache's amax of a head spread over its lanes).
+template <int WIDTH>
+FG_INLINE float group_max(float v) {
+    const int lane = threadIdx.x & 31;
+    const u32 mask = WIDTH == 32 ? 0xffffffffu : (((1u << WIDTH) - 1u) << (lane & ~(WIDTH - 1)));
+#pragma unroll
+    for (int o = WIDTH / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(mask, v, o));
+    return v;
+}
 
 // ---------------------------------------------------------------- fast math
 FG_INLINE float fast_exp2(float x) {

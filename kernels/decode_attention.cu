@@ -70,22 +70,39 @@
 // FG_KV_FP8=1: the cache is float8 e4m3 (fp8.cuh). A thread loads the same elements as 8-byte chunks and
 //   converts them to the activation dtype when its step's math begins (the loads of the next step stay in
 //   flight); K's scale is folded into scale_log2 by the wrapper, V's multiplies the output (v_scale).
+// FG_KV_FP8=2, the int8k cache (fp8.cuh): K int8 and V e4m3, each with a float32 scale per token and kv head
+//   (k_scales, v_scales: (num_blocks * block_size, Hkv), the cache's slots). K and V are loaded as with FP8
+//   (int8 pairs become scalars exactly through a magic-number trick, s8x8_to_scalar8); with each step's K/V
+//   a lane loads the K and V scales of its two tokens g and g + 8 (the rows of S^T it holds), 4 floats, issued
+//   with the next step's loads. K's scale multiplies the token's raw score with the softmax scale (s = q.k_int8 *
+//   ks * scale_log2, before the max), and V's the token's probabilities fed to P.V, not the row sums. There the
+//   factor is vs * 448 (the head's V amax: a probability times a scale of ~1e-5 would be subnormal in float16)
+//   and the wrapper passes v_scale = 1 / 448 for the output. The tokens masked to -inf (past the end, below a
+//   window) have p = 0 whatever scale they read (clamped tokens read a valid slot's).
+//   Memory traffic: K and V 1 byte per element plus 4 + 4 bytes of scales per token and kv head.
 #include "common.cuh"
 
 #ifndef FG_KV_FP8
 #define FG_KV_FP8 0
 #endif
+#define FG_KV_INT8K (FG_KV_FP8 == 2)
 #if FG_KV_FP8
 #include "fp8.cuh"
 typedef fp8_t kv_t;
 typedef uint2 kvw_t;  // one load: 8 elements
 FG_INLINE kvw_t ld_kv(const kv_t* p) { return ld_v2_stream(p); }
-FG_INLINE uint4 kv_expand(const kvw_t& w) { return e4m3x8_to_scalar8(w); }
+#if FG_KV_INT8K
+FG_INLINE uint4 k_expand(const kvw_t& w) { return s8x8_to_scalar8(w); }
+#else
+FG_INLINE uint4 k_expand(const kvw_t& w) { return e4m3x8_to_scalar8(w); }
+#endif
+FG_INLINE uint4 v_expand(const kvw_t& w) { return e4m3x8_to_scalar8(w); }
 #else
 typedef scalar_t kv_t;
 typedef uint4 kvw_t;
 FG_INLINE kvw_t ld_kv(const kv_t* p) { return ld_v4_stream(p); }
-FG_INLINE uint4 kv_expand(const kvw_t& w) { return w; }
+FG_INLINE uint4 k_expand(const kvw_t& w) { return w; }
+FG_INLINE uint4 v_expand(const kvw_t& w) { return w; }
 #endif
 
 #ifndef FG_HEAD_DIM
@@ -173,17 +190,28 @@ FG_INLINE void store_out(const OutArgs& oa, i64 idx, int d0, float* acc, float l
 struct KVStep {
     kvw_t k[2][KCH];  // tokens g, g + 8: dims 32 j + 8 c .. + 7 (of the warp's DH dims)
     kvw_t v[4][VCH];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9: dims 64 j + 8 g .. + 7 (of the warp's DH dims)
+#if FG_KV_INT8K
+    float ks[2], vs[2];  // tokens g, g + 8: their K and V scales (the int8k cache)
+#endif
 };
 
+// k_sc / v_sc: the int8k cache's scales of the kv head (scales + kvh, stride hkv per slot); unused otherwise.
 FG_INLINE void load_step(KVStep& r, const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache,
                          i64 page_row0, int t0, int last, int bs_mask, i64 row_stride, i64 head_off, int g,
-                         int c) {
+                         int c, const float* __restrict__ k_sc, const float* __restrict__ v_sc, int hkv) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int tok = min(t0 + g + 8 * i, last);
         const kv_t* p = k_cache + (page_row0 + (tok & bs_mask)) * row_stride + head_off + 8 * c;
 #pragma unroll
         for (int j = 0; j < KCH; ++j) r.k[i][j] = ld_kv(p + 32 * j);
+#if FG_KV_INT8K
+        const i64 si = (page_row0 + (tok & bs_mask)) * hkv;
+        r.ks[i] = __ldg(k_sc + si);
+        r.vs[i] = __ldg(v_sc + si);
+#else
+        (void)k_sc, (void)v_sc, (void)hkv;
+#endif
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -203,7 +231,7 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
                              int head0, int nh, int start, int end, int lo, int hq, int hkv, int log2_bs,
                              float scale_log2, const int* __restrict__ q_rows, int q_group,
                              float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS], float (*s_l)[DEC_HEADS],
-                             float4* s_x) {
+                             float4* s_x, const float* __restrict__ k_scales, const float* __restrict__ v_scales) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     // D = 256: warps 2 w and 2 w + 1 share walker w's steps, on dims 0 .. 127 and 128 .. 255
     const int walker = warp / DEC_SPLIT_D, half = warp % DEC_SPLIT_D, dbase = half * DH;
@@ -233,6 +261,13 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
     const int bs_mask = (1 << log2_bs) - 1;
     const int last = end - 1;
     const int stride = DEC_STEP * DEC_WALKERS;
+#if FG_KV_INT8K
+    const float* const k_sc = k_scales + kvh;  // the int8k cache's scales of this kv head
+    const float* const v_sc = v_scales + kvh;
+#else
+    const float* const k_sc = k_scales;  // null
+    const float* const v_sc = v_scales;
+#endif
     int par = 0;  // D = 256: the exchange slot of this step (steps alternate)
     (void)par;
     (void)s_x;
@@ -240,7 +275,7 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
     int t0 = start + DEC_STEP * walker;
     KVStep cur;
     if (t0 < end) load_step(cur, k_cache, v_cache, (i64)bt[t0 >> log2_bs] << log2_bs, t0, last, bs_mask,
-                            row_stride, head_off, g, c);
+                            row_stride, head_off, g, c, k_sc, v_sc, hkv);
     int next_page = t0 + stride < end ? bt[(t0 + stride) >> log2_bs] : 0;
 
     for (; t0 < end; t0 += stride) {
@@ -248,14 +283,14 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
         KVStep nxt;
         if (t1 < end)
             load_step(nxt, k_cache, v_cache, (i64)next_page << log2_bs, t1, last, bs_mask, row_stride,
-                      head_off, g, c);
+                      head_off, g, c, k_sc, v_sc, hkv);
         if (t1 + stride < end) next_page = bt[(t1 + stride) >> log2_bs];
 
         // S^T = K . Q^T: rows = tokens g, g + 8; columns = heads 2c, 2c + 1.
         float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int j = 0; j < KCH; ++j) {
-            const uint4 k0 = kv_expand(cur.k[0][j]), k1 = kv_expand(cur.k[1][j]);
+            const uint4 k0 = k_expand(cur.k[0][j]), k1 = k_expand(cur.k[1][j]);
             u32 a[4];
             a[0] = k0.x; a[1] = k1.x; a[2] = k0.y; a[3] = k1.y;
             mma_16816(s, a, qf[2 * j]);
@@ -275,10 +310,15 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
         }
 #endif
         const bool v0 = t0 + g < end && t0 + g >= lo, v1 = t0 + g + 8 < end && t0 + g + 8 >= lo;
-        s[0] = v0 ? s[0] * scale_log2 : FG_NEG_INF;
-        s[1] = v0 ? s[1] * scale_log2 : FG_NEG_INF;
-        s[2] = v1 ? s[2] * scale_log2 : FG_NEG_INF;
-        s[3] = v1 ? s[3] * scale_log2 : FG_NEG_INF;
+#if FG_KV_INT8K
+        const float sc0 = cur.ks[0] * scale_log2, sc1 = cur.ks[1] * scale_log2;  // tokens g, g + 8: K's scales
+#else
+        const float sc0 = scale_log2, sc1 = scale_log2;
+#endif
+        s[0] = v0 ? s[0] * sc0 : FG_NEG_INF;
+        s[1] = v0 ? s[1] * sc0 : FG_NEG_INF;
+        s[2] = v1 ? s[2] * sc1 : FG_NEG_INF;
+        s[3] = v1 ? s[3] * sc1 : FG_NEG_INF;
 
         // Online softmax per head (column); tokens are spread over the lanes of equal c.
         float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
@@ -303,14 +343,22 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
 
         // P^T as B fragments: (tokens 2c..2c+1 | 2c+8..2c+9, head g).
         u32 pb[2];
+#if FG_KV_INT8K
+        {   // V's scales of tokens g, g + 8 times 448 (their heads' amax; the output gets v_scale = 1 / 448)
+            const float w0 = cur.vs[0] * FG_INT8K_VMAX, w1 = cur.vs[1] * FG_INT8K_VMAX;
+            pb[0] = movmatrix_trans(pack2(p0 * w0, p1 * w0));
+            pb[1] = movmatrix_trans(pack2(p2 * w1, p3 * w1));
+        }
+#else
         pb[0] = movmatrix_trans(pack2(p0, p1));
         pb[1] = movmatrix_trans(pack2(p2, p3));
+#endif
 
         // O^T += V^T . P^T; m-tile 4 j + i covers dims dbase + 64 j + 8 g + 2 i (row g) and + 1 (row g + 8).
 #pragma unroll
         for (int j = 0; j < VCH; ++j) {
-            const uint4 v0 = kv_expand(cur.v[0][j]), v1 = kv_expand(cur.v[1][j]);
-            const uint4 v2 = kv_expand(cur.v[2][j]), v3 = kv_expand(cur.v[3][j]);
+            const uint4 v0 = v_expand(cur.v[0][j]), v1 = v_expand(cur.v[1][j]);
+            const uint4 v2 = v_expand(cur.v[2][j]), v3 = v_expand(cur.v[3][j]);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const u32 wa = word(v0, i), wb = word(v1, i);
@@ -452,14 +500,24 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         int num_splits,                        // grid (num_splits, Hkv * ceil(G / 8), B)
                         int plan,                              // 0 auto, 1 split, 2 balanced
                         int slots,                             // CTAs resident at once (auto's estimate)
-                        float v_scale,                         // multiplies the output (FP8 cache; else 1)
+                        float v_scale,                         // multiplies the output (FP8 cache, int8k:
+                                                               //   1 / 448; else 1)
                         const int* __restrict__ q_rows,        // shared-prefix launch: (batch, q_group), or null
                         int q_group,                           //   (1 when q_rows is null)
                         const int* __restrict__ bt_offset,     // (batch,) blocks each sequence skips, or null
                         float* __restrict__ out_f32,           // float32 output instead of out, or null
                         const float* __restrict__ merge_o,     // (batch, hq, D) float32 state merged into the
                         const float* __restrict__ merge_lse,   //   output, (batch, hq) natural log; or both null
-                        int window) {                          // sliding window (0: none; not with q_rows)
+                        int window                             // sliding window (0: none; not with q_rows)
+#if FG_KV_INT8K
+                        , const float* __restrict__ k_scales,  // int8k cache: (num_blocks * block_size, Hkv)
+                        const float* __restrict__ v_scales     //   float32, the scales of K and V per slot and head
+#endif
+                        ) {
+#if !FG_KV_INT8K
+    const float* const k_scales = nullptr;
+    const float* const v_scales = nullptr;
+#endif
     __shared__ __align__(16) float s_o[DEC_WALKERS][DEC_HEADS][D];
     __shared__ float s_m[DEC_WALKERS][DEC_HEADS];
     __shared__ float s_l[DEC_WALKERS][DEC_HEADS];
@@ -542,7 +600,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
         const int lo = win_lo(ctx, window), fs = lo / DEC_STEP;  // the first token and step (window; else 0)
         attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP, min((fs + e) * DEC_STEP, ctx),
-                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l, s_x);
+                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l, s_x, k_scales, v_scales);
         __syncthreads();
         finish_piece(oa, part_o, part_lse, pair_counters + p, b, hq, head0, nh, a == 0 && e == nst,
                      2 * cta, p * num_splits, p * num_splits + ceil_div(nst, chunk) - 1, false, 0, 0, s_o, s_m, s_l,
@@ -595,7 +653,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
         const int lo = win_lo(ctx, window), fs = lo / DEC_STEP;  // the first token and step (window; else 0)
         attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP, min((fs + e) * DEC_STEP, ctx),
-                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l, s_x);
+                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l, s_x, k_scales, v_scales);
         __syncthreads();
 
         finish_piece(oa, part_o, part_lse, pair_counters + (i64)b * per_b + j, b, hq, head0, nh,

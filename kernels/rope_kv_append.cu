@@ -17,14 +17,21 @@
 // (num_blocks * block_size, Hkv, D)), skipped when slot < 0.
 // FG_KV_FP8=1: the cache is float8 e4m3 (fp8.cuh): k and v are stored as round(x / k_scale), round(x / v_scale),
 // k first rounded to the activation dtype as the torch reference computes it.
+// FG_KV_FP8=2, the int8k cache (fp8.cuh): k_cache int8, v_cache e4m3, and a float32 scale per token and kv head in
+// k_scales / v_scales ((num_blocks * block_size, Hkv), the same slots as the cache; the float k_scale / v_scale are
+// unused). Per head: k (rotated, normed, rounded to the activation dtype as above) and v as they are, in float32,
+// amax = max |x| over the D values (a group max over the head's TPH lanes), s = max(amax, 1e-12) / 127 (K) or
+// / 448 (V); K stores round_half_even(k / s) clamped to +-127, V e4m3(v / s) rounded and saturated (IEEE
+// divisions throughout, as the torch reference's); the head's first lane writes s.
 // Memory traffic: read (Hq + 2 Hkv) * D scalars + R floats of cos_sin (L1/L2-resident) per token, write
 // the same number of scalars: 2 * (Hq + 2 Hkv) * D * sizeof(dtype) bytes per token in all (k and v: half that
-// with FP8).
+// with FP8; int8k: the same bytes as FP8 plus 4 + 4 bytes of scales per kv head).
 #include "common.cuh"
 
 #ifndef FG_KV_FP8
 #define FG_KV_FP8 0
 #endif
+#define FG_KV_INT8K (FG_KV_FP8 == 2)
 #if FG_KV_FP8
 #include "fp8.cuh"
 typedef fp8_t kv_t;
@@ -51,6 +58,18 @@ FG_INLINE void store_fp8(kv_t* dst, const float* x, float scale) {
 }
 #endif
 
+#if FG_KV_INT8K
+// The int8k cache's scale of one head whose thread holds x0, x1 (16 of its D values): max(amax, floor) / qmax,
+// the amax reduced over the head's TPH lanes (all of them take part).
+FG_INLINE float head_scale(const float* x0, const float* x1, float qmax) {
+    float a = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) a = fmaxf(a, fmaxf(fabsf(x0[e]), fabsf(x1[e])));
+    a = group_max<TPH>(a);
+    return __fdiv_rn(fmaxf(a, FG_INT8K_FLOOR), qmax);
+}
+#endif
+
 // cos = 1, sin = 0 for the lanes of a head past rot_dim (partial rotary): their dims pass through unrotated
 __device__ __align__(16) const float ROPE_IDENTITY[16] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f,
                                                          0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -64,7 +83,8 @@ FG_INLINE void rope_head(int h, uint4 r0, uint4 r1, i64 tok, i64 slot, int hq, i
                          const float* c, const float* s, kv_t* __restrict__ k_cache,
                          kv_t* __restrict__ v_cache, scalar_t* __restrict__ q_out,
                          const scalar_t* __restrict__ q_norm, const scalar_t* __restrict__ k_norm, float eps,
-                         int interleaved, float k_scale, float v_scale) {
+                         int interleaved, float k_scale, float v_scale, float* __restrict__ k_scales,
+                         float* __restrict__ v_scales) {
     if (h >= hq + hkv) {  // v head: copied into the cache as is
         if (slot >= 0) {
             kv_t* dst = v_cache + (slot * hkv + (h - hq - hkv)) * D;
@@ -72,6 +92,10 @@ FG_INLINE void rope_head(int h, uint4 r0, uint4 r1, i64 tok, i64 slot, int hq, i
             float f0[8], f1[8];
             unpack8(r0, f0);
             unpack8(r1, f1);
+#if FG_KV_INT8K
+            v_scale = head_scale(f0, f1, FG_INT8K_VMAX);
+            if (threadIdx.x % TPH == 0) v_scales[slot * hkv + (h - hq - hkv)] = v_scale;
+#endif
             store_fp8(dst + off0, f0, v_scale);
             store_fp8(dst + off1, f1, v_scale);
 #else
@@ -124,7 +148,14 @@ FG_INLINE void rope_head(int h, uint4 r0, uint4 r1, i64 tok, i64 slot, int hq, i
         st_v4(dst + off1, o1);
     } else if (slot >= 0) {
         kv_t* dst = k_cache + (slot * hkv + (h - hq)) * D;
-#if FG_KV_FP8
+#if FG_KV_INT8K
+        unpack8(o0, y0);  // k in the activation dtype first, as the reference rounds it
+        unpack8(o1, y1);
+        const float sk = head_scale(y0, y1, FG_INT8K_KMAX);
+        if (threadIdx.x % TPH == 0) k_scales[slot * hkv + (h - hq)] = sk;
+        *reinterpret_cast<uint2*>(dst + off0) = pack8_s8(y0, sk);
+        *reinterpret_cast<uint2*>(dst + off1) = pack8_s8(y1, sk);
+#elif FG_KV_FP8
         unpack8(o0, y0);  // k in the activation dtype first, as the reference rounds it
         unpack8(o1, y1);
         store_fp8(dst + off0, y0, k_scale);
@@ -147,7 +178,16 @@ rope_kv_append_kernel(const scalar_t* __restrict__ qkv,
                       const scalar_t* __restrict__ k_norm,  // (D,) or null
                       float eps, int hq, int hkv, int interleaved,
                       float k_scale, float v_scale,         // FP8 cache: stored = x / scale (else unused)
-                      int rot_dim) {                        // rotated dims per head (R), a multiple of 16 <= D
+                      int rot_dim                           // rotated dims per head (R), a multiple of 16 <= D
+#if FG_KV_INT8K
+                      , float* __restrict__ k_scales,       // int8k cache: (num_blocks * block_size, Hkv) float32,
+                      float* __restrict__ v_scales          //   written at the slots of k / v
+#endif
+                      ) {
+#if !FG_KV_INT8K
+    float* const k_scales = nullptr;
+    float* const v_scales = nullptr;
+#endif
     const int tok = blockIdx.x;
     const int nheads = hq + 2 * hkv;
     const int t = threadIdx.x % TPH;  // lane within the head
@@ -188,10 +228,10 @@ rope_kv_append_kernel(const scalar_t* __restrict__ qkv,
 
     for (;;) {
         rope_head(h, a0, a1, tok, slot, hq, hkv, off0, off1, c, s, k_cache, v_cache, q_out, q_norm, k_norm,
-                  eps, interleaved, k_scale, v_scale);
+                  eps, interleaved, k_scale, v_scale, k_scales, v_scales);
         if (two)
             rope_head(h + hstep, b0, b1, tok, slot, hq, hkv, off0, off1, c, s, k_cache, v_cache, q_out, q_norm,
-                      k_norm, eps, interleaved, k_scale, v_scale);
+                      k_norm, eps, interleaved, k_scale, v_scale, k_scales, v_scales);
         h += 2 * hstep;
         if (h >= nheads) break;
         a0 = ld_v4(row + h * D + off0);

@@ -24,7 +24,7 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/u
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
 SM90A_ONLY = {"prefill_attention_sm90.cu"}  # wgmma: Hopper's arch-specific target only
 FP8_ARCHS = ("-gencode=arch=compute_89,code=sm_89", "-gencode=arch=compute_90a,code=sm_90a")  # e4m3 cvt/mma: sm_89+
-# sm_89+ throughout (FG_KV_FP8=1 variants of others too)
+# sm_89+ throughout (the FG_KV_FP8 variants of others too: 1 = the FP8 cache, 2 = the int8k cache)
 FP8_SOURCES = {"kv_fp8.cu", "skinny_gemm_fp8.cu", "fp8_quant.cu"}
 DTYPES = {"bf16": 0, "fp16": 1}
 # source -> [(head_dim or None, extra defines)]: every variant cuda_ops can launch
@@ -33,10 +33,9 @@ SOURCES = {
     "sampling.cu": [(None, "SAMPLING_F32=1"), (None, "SAMPLING_F32=0")],
     "skinny_gemm.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "skinny_gemm_fp8.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
-    "rope_kv_append.cu": [(64, ""), (128, ""), (256, ""), (64, "FG_KV_FP8=1"), (128, "FG_KV_FP8=1"),
-                          (256, "FG_KV_FP8=1")],
-    "decode_attention.cu": [(d, fp8) for d in cuda_ops.ATTN_HEAD_DIMS for fp8 in ("", "FG_KV_FP8=1")],
-    "kv_fp8.cu": [(None, "")],
+    "rope_kv_append.cu": [(d, kv) for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2") for d in (64, 128, 256)],
+    "decode_attention.cu": [(d, kv) for d in cuda_ops.ATTN_HEAD_DIMS for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2")],
+    "kv_fp8.cu": [(None, "")],  # one variant holds both caches' kernels, KV_FP8_KERNELS
     "fp8_quant.cu": [(None, "")],
     "moe_route.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
@@ -44,6 +43,7 @@ SOURCES = {
                              for mt, bn in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]],
     "prefill_attention_sm90.cu": [(d, "") for d in cuda_ops.PREFILL_SM90_HEAD_DIMS],
 }
+KV_FP8_KERNELS = ("kv_dequant_pages_kernel", "kv_dequant_pages_int8k_kernel")  # kv_fp8.cu's, for each cache
 VARIANTS = [(src, dt, d, extra) for src, vs in SOURCES.items() for dt in DTYPES for d, extra in vs
             if not (("SAMPLING_F32=1" in extra or "LP_F32=1" in extra) and dt == "fp16")]  # float32: one variant
 
@@ -57,7 +57,7 @@ def _compile(src: str, dtype: str, head_dim: int | None, extra: str, out_dir: st
     name = f"{src[:-3]}_{dtype}_{head_dim}_{extra.replace(',', '_').replace('=', '')}"
     cu = Path(out_dir) / f"{name}.cu"
     cu.write_text(jit._expand_includes(kdir / src))
-    fp8 = src in FP8_SOURCES or "FG_KV_FP8=1" in extra
+    fp8 = src in FP8_SOURCES or "FG_KV_FP8=" in extra
     archs = ARCHS[1:] if src in SM90A_ONLY else FP8_ARCHS if fp8 else ARCHS
     cmd = [NVCC, "--std=c++17", f"-I{kdir}", "--fatbin", *archs,
            "--resource-usage", "-lineinfo", f"-DFG_DTYPE={DTYPES[dtype]}", "-o", str(Path(out_dir) / f"{name}.fatbin"),
@@ -86,6 +86,9 @@ def test_kernel_compiles(compiled, src, dtype, head_dim, extra):
     assert not any(spills), f"register spills in {src} {dtype} head_dim={head_dim} {extra}:\n{log}"
     # ptxas's C7513: it had to wait after every wgmma (an operand register redefined while one is in flight)
     assert "C7513" not in log, f"wgmma serialised in {src} {dtype} head_dim={head_dim} {extra}:\n{log}"
+    if src == "kv_fp8.cu":  # one variant, the FP8 and the int8k caches' page dequantization
+        for name in KV_FP8_KERNELS:
+            assert f"Compiling entry function '{name}'" in log, f"{name} not compiled in {src} {dtype}:\n{log}"
 
 
 def test_cuda_ops_imports_without_cupy():

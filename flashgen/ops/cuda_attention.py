@@ -21,6 +21,7 @@ from flashgen.ops.cuda_checks import (
     check_block_tables,
     check_cache,
     check_kv_scale,
+    check_kv_scales,
     check_out,
     check_shape,
     check_tensor,
@@ -49,6 +50,7 @@ PREFILL_SM90_HEAD_DIMS = (64, 128)
 PREFILL_SM90_SMEM = {d: 128 * d * 2 * 6 + 1024 for d in PREFILL_SM90_HEAD_DIMS}  # 2 Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
 DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
+INT8K_V_MAX = 448.0  # the int8k cache's V: s = amax / 448; decode multiplies p by s * 448, the output by 1 / 448
 
 
 def _check_window(window) -> int:
@@ -100,9 +102,9 @@ _WGMMA_FAILED: dict[int, str] = {}  # device -> why the sm_90a build failed (aut
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       context_lens: torch.Tensor, block_tables: torch.Tensor, max_seqlen_q: int,
-                      softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0, window: int = 0, *,
-                      out: torch.Tensor | None = None, tile: tuple[int, int] | None = None,
-                      impl: str | None = None) -> torch.Tensor:
+                      softmax_scale: float, k_scale: float | torch.Tensor = 1.0,
+                      v_scale: float | torch.Tensor = 1.0, window: int = 0, *, out: torch.Tensor | None = None,
+                      tile: tuple[int, int] | None = None, impl: str | None = None) -> torch.Tensor:
     """Varlen causal attention over the paged cache. q (total_q, Hq, D); sequence b owns q rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to its first context_lens[b] cached tokens (its new tokens
     included), the mask aligned bottom-right; needs context_lens[b] >= q_len_b and max_seqlen_q >= every
@@ -110,7 +112,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     `tile` the mma kernel's (m-tiles per warp, keys per tile) (PREFILL_TILE_CHOICES_BY_DIM; for benchmarks).
     Head_dim 256 always runs on the mma kernel (the wgmma kernel takes PREFILL_SM90_HEAD_DIMS): impl=None or
     $FLASHGEN_PREFILL=wgmma route it there, an explicit impl='wgmma' is refused.
-    An FP8 cache's pages are first dequantized (times k_scale, v_scale) into a scratch cache: see _prefill_fp8.
+    An FP8 cache's pages are first dequantized (times k_scale, v_scale) into a scratch cache: see _prefill_fp8;
+    so are the int8k cache's (int8 k_cache, float8_e4m3fn v_cache; k_scale and v_scale float32 tensors
+    (num_blocks, block_size, Hkv), a scale per token and kv head, as rope_kv_append writes them).
     `window` > 0 (sliding-window attention, Gemma 3's local layers): the query at position p sees keys in
     (p - window, p] only; both kernels mask below the window and skip the key tiles below every row's window of
     a query block, so a long prompt costs O(window) per row. 0: full causal attention."""
@@ -118,6 +122,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
+    int8k = check_kv_scales(k_cache, k_scale, v_scale)  # the int8k cache's scale tensors (else None)
     check_tensor("cu_seqlens_q", cu_seqlens_q, (torch.int32,), 1, dev, align=4)
     B = cu_seqlens_q.shape[0] - 1
     if B < 0:
@@ -153,6 +158,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         mma_tile = _tile_choice(tile, d)
     if not (B and max_seqlen_q and q.shape[0]):
         return out
+    if int8k is not None:
+        return _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
+                            softmax_scale, int8k[0], int8k[1], out, tile, impl, window)
     if k_cache.dtype == torch.float8_e4m3fn:
         return _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q,
                             softmax_scale, check_kv_scale("k_scale", k_scale, True),
@@ -199,8 +207,10 @@ _FP8_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # -> (K/V pag
 
 
 def _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, softmax_scale,
-                 k_scale, v_scale, out, tile, impl, window=0) -> torch.Tensor:
-    """Prefill over an FP8 cache: the pages the batch reads are dequantized into a scratch cache of q's dtype
+                 k_scale: float | torch.Tensor, v_scale: float | torch.Tensor, out, tile, impl,
+                 window=0) -> torch.Tensor:
+    """Prefill over an FP8 cache (float scales) or the int8k cache (int8 K, e4m3 V, float32 scale tensors per
+    token and kv head): the pages the batch reads are dequantized into a scratch cache of q's dtype
     (kernels/kv_fp8.cu), which the bf16/fp16 kernels then read through their own block tables; sequences go
     in groups of at most FP8_SCRATCH_BYTES of scratch. Prefill is compute-bound, so the extra pass over the
     context costs little (BENCHMARKS.md, "FP8 KV cache"); no host sync: the grid covers every page of the
@@ -222,14 +232,20 @@ def _prefill_fp8(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, 
                                      torch.arange(pages, dtype=torch.int32, device=dev))
     buf, ids = entry
     tables = ids[:pages].view(group, width)  # sequence i of a group reads scratch pages i * width ..
-    kern = jit.get_kernel("kv_fp8.cu", "kv_dequant_pages_kernel", q.dtype, d, device_index(q))
+    scales: tuple
+    if isinstance(k_scale, torch.Tensor) and isinstance(v_scale, torch.Tensor):  # int8k: + log2(head_dim)
+        name = "kv_dequant_pages_int8k_kernel"
+        scales = (jit.ptr(k_scale), jit.ptr(v_scale), jit.i32(d.bit_length() - 1))
+    else:
+        name, scales = "kv_dequant_pages_kernel", (jit.f32(float(k_scale)), jit.f32(float(v_scale)))
+    kern = jit.get_kernel("kv_fp8.cu", name, q.dtype, d, device_index(q))
     for g0 in range(0, B, group):
         n = min(group, B - g0)
         bt, ctx = block_tables[g0:g0 + n], context_lens[g0:g0 + n]
         jit.launch(kern, (width, n), (256,), (
             jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(buf[0]), jit.ptr(buf[1]), jit.ptr(bt),
             jit.i32(block_tables.stride(0)), jit.ptr(ctx), jit.i32(width), jit.i32(bs.bit_length() - 1),
-            jit.i32(page), jit.f32(k_scale), jit.f32(v_scale)), dev)
+            jit.i32(page), *scales), dev)
         prefill_attention(q, buf[0], buf[1], cu_seqlens_q[g0:g0 + n + 1], ctx, tables[:n], max_seqlen_q,
                           softmax_scale, window=window, out=out, tile=tile, impl=impl)
     return out
@@ -280,9 +296,10 @@ def decode_plan(plan: str | None = None) -> str:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
-                     block_tables: torch.Tensor, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
-                     window: int = 0, shared: SharedPrefix | None = None, *, out: torch.Tensor | None = None,
-                     return_lse: bool = False, num_splits: int | None = None, plan: str | None = None):
+                     block_tables: torch.Tensor, softmax_scale: float, k_scale: float | torch.Tensor = 1.0,
+                     v_scale: float | torch.Tensor = 1.0, window: int = 0, shared: SharedPrefix | None = None, *,
+                     out: torch.Tensor | None = None, return_lse: bool = False, num_splits: int | None = None,
+                     plan: str | None = None):
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
     b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
     LSE of the scaled scores).
@@ -296,10 +313,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
     batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
     context lengths only, never on timing. An FP8 cache is read as it is (k_scale folded into the softmax scale,
-    v_scale into the output). `window` > 0 (sliding-window attention): the new token (position
-    context_lens[b] - 1) sees the last `window` cached tokens only; the kernel's steps start at the 16-token step
-    holding the window's first token (the tokens below it masked) and both plans count steps from there, so a
-    long context costs O(window). Not with `shared` (a ValueError: a window may end inside the shared blocks).
+    v_scale into the output), and so is the int8k cache (int8 k_cache, float8_e4m3fn v_cache; k_scale and
+    v_scale float32 tensors (num_blocks, block_size, Hkv), as rope_kv_append writes them: each token's K scale
+    multiplies its scores, its V scale its probabilities in P.V). `window` > 0 (sliding-window attention): the
+    new token (position context_lens[b] - 1) sees the last `window` cached tokens only; the kernel's steps start
+    at the 16-token step holding the window's first token (the tokens below it masked) and both plans count steps
+    from there, so a long context costs O(window). Not with `shared` (a ValueError: a window may end inside the
+    shared blocks).
 
     `shared` (SharedPrefix): two launches of the kernel, the groups' shared prefixes (a group's members as the
     query heads of one sequence, q and the output addressed through q_rows) into a float32 output and LSE, then
@@ -313,6 +333,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     check_tensor("q", q, KERNEL_DTYPES, 3)
     dev = q.device
     bs, hkv, d, hq = _check_attn(q, k_cache, v_cache, dev)
+    int8k = check_kv_scales(k_cache, k_scale, v_scale)  # the int8k cache's scale tensors (else None)
     B = q.shape[0]
     check_tensor("context_lens", context_lens, (torch.int32,), 1, dev, align=4)
     check_shape("context_lens", context_lens, (B,))
@@ -323,12 +344,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lse = torch.empty((B, hq), dtype=torch.float32, device=dev) if return_lse else None
     if not B:
         return (out, lse) if return_lse else out
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
-    k_scale, v_scale = check_kv_scale("k_scale", k_scale, fp8), check_kv_scale("v_scale", v_scale, fp8)
+    if int8k is not None:  # per-token scales in the kernel (FG_KV_FP8=2): p carries V's times 448, the output 1 / 448
+        defines: tuple[tuple[str, int], ...] = (("FG_KV_FP8", 2),)
+        ks, vs = 1.0, 1.0 / INT8K_V_MAX
+    else:
+        fp8 = k_cache.dtype == torch.float8_e4m3fn
+        defines = (("FG_KV_FP8", 1),) if fp8 else ()
+        ks, vs = check_kv_scale("k_scale", k_scale, fp8), check_kv_scale("v_scale", v_scale, fp8)
     kern = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, device_index(q),
-                          defines=(("FG_KV_FP8", 1),) if fp8 else ())
+                          defines=defines)
     launch = dict(kern=kern, q=q, k_cache=k_cache, v_cache=v_cache, bs=bs, hkv=hkv,
-                  scale_log2=softmax_scale * k_scale * math.log2(math.e), v_scale=v_scale)
+                  scale_log2=softmax_scale * ks * math.log2(math.e), v_scale=vs, kv_scales=int8k)
     if shared is None:
         _decode_launch(**launch, context_lens=context_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
                        lse=lse, num_splits=num_splits, plan=plan, window=window)
@@ -366,10 +392,12 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                    batch: int, hq: int, out: torch.Tensor, lse: torch.Tensor | None, num_splits: int | None,
                    plan: str | None, q_rows: torch.Tensor | None = None, q_group: int = 1,
                    bt_offset: torch.Tensor | None = None,
-                   merge: tuple[torch.Tensor, torch.Tensor] | None = None, window: int = 0) -> None:
+                   merge: tuple[torch.Tensor, torch.Tensor] | None = None, window: int = 0,
+                   kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One launch of decode_attention_kernel over `batch` rows of `hq` query heads each (a shared-prefix launch:
     groups of q_group members, hq = q_group x the model's heads, `out` float32); `window` > 0: a sliding window
-    (never with a shared-prefix launch)."""
+    (never with a shared-prefix launch). `kv_scales`: the int8k cache's (k_scale, v_scale) tensors, the last two
+    arguments of its kernel (FG_KV_FP8=2; None for the others, whose arguments end at window)."""
     dev, d = q.device, q.shape[2]
     di = device_index(q)
     group = hq // hkv
@@ -407,4 +435,5 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         jit.ptr(part_lse), jit.ptr(counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
         jit.f32(scale_log2), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms), jit.f32(v_scale),
         jit.ptr(q_rows), jit.i32(q_group), jit.ptr(bt_offset),
-        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse), jit.i32(window)), dev)
+        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse), jit.i32(window),
+        *((jit.ptr(kv_scales[0]), jit.ptr(kv_scales[1])) if kv_scales is not None else ())), dev)

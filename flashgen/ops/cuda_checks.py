@@ -59,9 +59,13 @@ def check_out(out, like_shape: tuple, dtype: torch.dtype, device: torch.device, 
 
 
 def check_cache(k_cache, v_cache, dtype, device) -> tuple[int, int, int]:
-    """A paged cache in the activation dtype, or an FP8 one (float8_e4m3fn; see kernels/fp8.cuh)."""
-    check_tensor("k_cache", k_cache, (dtype, torch.float8_e4m3fn), 4, device)
-    check_tensor("v_cache", v_cache, (k_cache.dtype,), 4, device)
+    """A paged cache in the activation dtype, or an FP8 one (float8_e4m3fn; see kernels/fp8.cuh), or the int8k
+    one (int8 K with float8_e4m3fn V, a scale per token and kv head: is_int8k)."""
+    check_tensor("k_cache", k_cache, (dtype, torch.float8_e4m3fn, torch.int8), 4, device)
+    if k_cache.dtype == torch.int8:  # the int8k cache: int8 K goes with e4m3 V only
+        check_tensor("v_cache", v_cache, (torch.float8_e4m3fn,), 4, device)
+    else:
+        check_tensor("v_cache", v_cache, (k_cache.dtype,), 4, device)
     if k_cache.shape != v_cache.shape:
         fail("v_cache", f"must have k_cache's shape {tuple(k_cache.shape)}", f"shape {tuple(v_cache.shape)}")
     _, bs, hkv, d = k_cache.shape
@@ -70,14 +74,42 @@ def check_cache(k_cache, v_cache, dtype, device) -> tuple[int, int, int]:
     return bs, hkv, d
 
 
-def check_kv_scale(name: str, scale: float, fp8: bool) -> float:
-    """An FP8 cache's scale: a positive finite float (1.0, and ignored, for other caches)."""
+def check_kv_scale(name: str, scale: float | torch.Tensor, fp8: bool) -> float:
+    """An FP8 cache's scale: a positive finite float (1.0, and ignored, for other caches; a tensor scale is the
+    int8k cache's, which check_kv_scales takes and refuses for any other cache)."""
     if not fp8:
         return 1.0
     scale = float(scale)
     if not (scale > 0 and math.isfinite(scale)):
         fail(name, "must be a positive finite number (the FP8 cache stores x / scale)", scale)
     return scale
+
+
+def is_int8k(k_cache: torch.Tensor) -> bool:
+    """Whether a (checked) cache is the int8k one: int8 K, float8_e4m3fn V, float32 scales per token and kv head
+    (kernels/fp8.cuh)."""
+    return k_cache.dtype == torch.int8
+
+
+def check_kv_scales(k_cache: torch.Tensor, k_scale, v_scale) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The int8k cache's scales (is_int8k): k_scale and v_scale must be float32 tensors of shape
+    k_cache.shape[:3] = (num_blocks, block_size, Hkv), contiguous, on the cache's device; returned as they are.
+    Any other cache: None, after refusing tensor scales (they go with an int8 K cache only; its float scales are
+    checked by check_kv_scale)."""
+    int8k = is_int8k(k_cache)
+    shape = tuple(k_cache.shape[:3])
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if int8k and not isinstance(scale, torch.Tensor):
+            fail(name, f"must be a float32 tensor of shape {shape} (one scale per cached token and kv head) with an "
+                 "int8 k_cache (the int8k cache)", repr(scale))
+        if not int8k and isinstance(scale, torch.Tensor):
+            fail(name, "is a tensor: per-token scales go with an int8 k_cache (the int8k cache: int8 K, "
+                 f"float8_e4m3fn V) only; a {k_cache.dtype} cache takes a float",
+                 f"a tensor of shape {tuple(scale.shape)}")
+        if int8k:
+            check_tensor(name, scale, (torch.float32,), 3, k_cache.device, align=4)
+            check_shape(name, scale, shape)
+    return (k_scale, v_scale) if int8k else None
 
 
 def check_block_tables(block_tables, batch: int, device) -> None:

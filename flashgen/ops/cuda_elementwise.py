@@ -12,6 +12,7 @@ from flashgen.ops.cuda_checks import (
     KERNEL_DTYPES,
     check_cache,
     check_kv_scale,
+    check_kv_scales,
     check_out,
     check_shape,
     check_tensor,
@@ -92,16 +93,22 @@ def _act_mul(kernel: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Te
 def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, slot_mapping: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, q_norm: torch.Tensor | None = None,
                    k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6, interleaved: bool = False,
-                   k_scale: float = 1.0, v_scale: float = 1.0, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                   k_scale: float | torch.Tensor = 1.0, v_scale: float | torch.Tensor = 1.0, *,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """qkv (T, (Hq + 2 Hkv) * D) -> q (T, Hq, D) rotated; rotated k and v written to their cache slots
     (slot -1: not written). Qwen3's per-head RMSNorm (q_norm, k_norm: (D,)) runs before the rotation. An FP8
-    cache (float8_e4m3fn) stores k / k_scale and v / v_scale, rounded to nearest and saturated. cos_sin
-    (max_positions, R): the first R dims of each head rotate (partial rotary when R < D), R a multiple of 16."""
+    cache (float8_e4m3fn) stores k / k_scale and v / v_scale, rounded to nearest and saturated. The int8k cache
+    (int8 k_cache, float8_e4m3fn v_cache) takes k_scale and v_scale as float32 tensors (num_blocks, block_size,
+    Hkv), written here at the same slots: per token and kv head, K stores round(k / s) clamped to +-127 with
+    s = max(amax |k|, 1e-12) / 127, V stores e4m3(v / s) with s = max(amax |v|, 1e-12) / 448 (kernels/fp8.cuh).
+    cos_sin (max_positions, R): the first R dims of each head rotate (partial rotary when R < D), R a multiple
+    of 16."""
     check_tensor("qkv", qkv, KERNEL_DTYPES, 2)
     dev = qkv.device
     bs, hkv, d = check_cache(k_cache, v_cache, qkv.dtype, dev)
     if d % 16 or not 32 <= d <= 512:
         fail("k_cache", "head_dim (dim 3) must be a multiple of 16 in [32, 512]", d)
+    int8k = check_kv_scales(k_cache, k_scale, v_scale)  # the int8k cache's scale tensors (else None)
     T, width = qkv.shape
     if width % d or width // d <= 2 * hkv:
         fail("qkv", f"must be (T, (Hq + 2 * {hkv}) * {d}) with Hq >= 1", f"shape {tuple(qkv.shape)}")
@@ -127,12 +134,20 @@ def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
         out = torch.empty((T, hq, d), dtype=qkv.dtype, device=dev)
     if T:
         fp8 = k_cache.dtype == torch.float8_e4m3fn
+        if int8k is not None:  # FG_KV_FP8=2: the float scales are unused, the scale tensors are written
+            defines: tuple[tuple[str, int], ...] = (("FG_KV_FP8", 2),)
+            scales: tuple = (jit.f32(1.0), jit.f32(1.0))
+            scale_ptrs: tuple = (jit.ptr(int8k[0]), jit.ptr(int8k[1]))
+        else:  # the kernel's arguments end at rot_dim
+            defines = (("FG_KV_FP8", 1),) if fp8 else ()
+            ks, vs = check_kv_scale("k_scale", k_scale, fp8), check_kv_scale("v_scale", v_scale, fp8)
+            scales = (jit.f32(ks), jit.f32(vs))
+            scale_ptrs = ()
         k = jit.get_kernel("rope_kv_append.cu", "rope_kv_append_kernel", qkv.dtype, d, device_index(qkv),
-                           defines=(("FG_KV_FP8", 1),) if fp8 else ())
+                           defines=defines)
         jit.launch(k, (T,), (128,), (  # ROPE_THREADS in kernels/rope_kv_append.cu
             jit.ptr(qkv), jit.ptr(positions), jit.i32(positions.dtype == torch.int64), jit.ptr(cos_sin),
             jit.ptr(slot_mapping), jit.i32(slot_mapping.dtype == torch.int64), jit.ptr(k_cache),
             jit.ptr(v_cache), jit.ptr(out), jit.ptr(q_norm), jit.ptr(k_norm), jit.f32(norm_eps), jit.i32(hq),
-            jit.i32(hkv), jit.i32(bool(interleaved)), jit.f32(check_kv_scale("k_scale", k_scale, fp8)),
-            jit.f32(check_kv_scale("v_scale", v_scale, fp8)), jit.i32(rot_dim)), dev)
+            jit.i32(hkv), jit.i32(bool(interleaved)), *scales, jit.i32(rot_dim), *scale_ptrs), dev)
     return out
