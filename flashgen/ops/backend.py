@@ -72,13 +72,15 @@ class OpsBackend(Protocol):
     def rope_kv_append(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                        slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-                       norm_eps: float = 1e-6, interleaved: bool = False, k_scale: float = 1.0,
-                       v_scale: float = 1.0) -> torch.Tensor:
+                       norm_eps: float = 1e-6, interleaved: bool = False, k_scale: float | torch.Tensor = 1.0,
+                       v_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         """qkv (T, (Hq + 2 Hkv) * D), positions (T,) -> q (T, Hq, D) rotated; the rotated k and the v of token
         t are written to cache slot slot_mapping[t] (-1: not written). Qwen3's per-head RMSNorm (q_norm,
         k_norm: (D,), both or neither) runs before the rotation; `interleaved` rotates pairs (2i, 2i+1)
         (GPT-J) instead of halves (NeoX). An FP8 cache (float8_e4m3fn) stores k / k_scale and v / v_scale,
-        rounded to nearest and saturated; the attention ops multiply them back."""
+        rounded to nearest and saturated; the attention ops multiply them back. The int8k cache (int8 k_cache,
+        float8_e4m3fn v_cache) takes k_scale / v_scale as float32 tensors (num_blocks, block_size, Hkv) and writes
+        each token's scales into them (torch_ops' module docstring)."""
         ...
 
     def moe(self, x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
@@ -91,7 +93,8 @@ class OpsBackend(Protocol):
 
     def prefill_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                          max_seqlen_q: int, softmax_scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                          max_seqlen_q: int, softmax_scale: float, k_scale: float | torch.Tensor = 1.0,
+                          v_scale: float | torch.Tensor = 1.0,
                           window: int = 0) -> torch.Tensor:
         """Varlen causal attention over the paged cache: q (total_q, Hq, D), cu_seqlens_q (batch + 1,) int32,
         context_lens (batch,) int32. Sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and attends to
@@ -102,7 +105,8 @@ class OpsBackend(Protocol):
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
-                         k_scale: float = 1.0, v_scale: float = 1.0, window: int = 0,
+                         k_scale: float | torch.Tensor = 1.0, v_scale: float | torch.Tensor = 1.0,
+                         window: int = 0,
                          shared: SharedPrefix | None = None) -> torch.Tensor:
         """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] (context_lens (B,)
         int32) cached tokens of sequence b, the new token's own k/v included; `window` > 0: the last `window`

@@ -189,8 +189,11 @@ def _float_scale(name: str, scale) -> float:
 
 
 def token_scales(x: torch.Tensor, qmax: float) -> torch.Tensor:
-    """x (N, Hkv, D) -> (N, Hkv) float32: max(amax |head|, KV_AMAX_FLOOR) / qmax, the int8k cache's scales."""
-    return x.float().abs().amax(-1).clamp(min=KV_AMAX_FLOOR) / qmax
+    """x (N, Hkv, D) -> (N, Hkv) float32: max(amax |head|, KV_AMAX_FLOOR) / qmax, the int8k cache's scales. The
+    divisor is a tensor: torch on CUDA multiplies by the reciprocal of a Python number, one ulp off the kernels' IEEE
+    division in a few percent of cases."""
+    amax = x.float().abs().amax(-1).clamp(min=KV_AMAX_FLOOR)
+    return amax / torch.full_like(amax, qmax)
 
 
 def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float | torch.Tensor) -> torch.Tensor:
