@@ -163,6 +163,22 @@ def test_text_is_whole_utf8_and_equals_decode(llm):
             o.text.encode("utf-8")  # raises on lone surrogates
 
 
+def test_text_decoded_at_the_end_equals_the_incremental_text(llm):
+    """A request without stop strings is decoded once when it finishes; one with a stop string (here one that never
+    matches) token by token, for the stop check. Both must give the same text, byte-level pieces included
+    (temperature 1.5: many tokens that split characters), and for every sample of n."""
+    prompts = rand_prompts([3, 9, 27], seed=21)
+    for seed in range(4):
+        plain = SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=seed, n=2)
+        watched = SamplingParams(temperature=1.5, max_tokens=60, ignore_eos=True, seed=seed, n=2,
+                                 stop=["\x00never"])
+        a, b = llm.generate(prompts, plain), llm.generate(prompts, watched)
+        for x, y in zip(a, b, strict=True):
+            assert [c.token_ids for c in x.outputs] == [c.token_ids for c in y.outputs]  # the same samples
+            assert [c.text for c in x.outputs] == [c.text for c in y.outputs]
+            assert all(c.text for c in x.outputs)
+
+
 def test_penalties_change_greedy_choice(llm):
     ids = rand_prompts([16], seed=19)[0]
     base = llm.generate([ids], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].token_ids

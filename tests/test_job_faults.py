@@ -176,19 +176,26 @@ def check_non_finite_logits_fail_only_their_line(llm):
     assert bm.num_free_blocks == llm.engine.runner.num_blocks  # the failed requests' blocks came back
 
 
-def test_an_exception_serving_one_request_fails_only_its_line(llm, monkeypatch):
+@pytest.mark.parametrize("stop", [None, ["\x00never"]])
+def test_an_exception_serving_one_request_fails_only_its_line(llm, monkeypatch, stop):
+    """The detokenizer raises for one line: when its text is decoded at the end (no stop strings) and token by
+    token (a stop string to watch for)."""
     from flashgen.engine import detokenizer
 
-    real = detokenizer.detokenize_step
     target = llm.tokenizer.encode("explode here", add_special_tokens=True)
 
-    def flaky(tok, seq, token):
-        if seq.token_ids[:len(target)] == target:
-            raise RuntimeError("detokenizer fault")
-        return real(tok, seq, token)
+    def flaky(real):
+        def call(tok, seq, *args):
+            if seq.token_ids[:len(target)] == target:
+                raise RuntimeError("detokenizer fault")
+            return real(tok, seq, *args)
+        return call
 
-    monkeypatch.setattr(detokenizer, "detokenize_step", flaky)
-    status, recs = _job(llm, [{"id": i, "prompt": "explode here" if i == 5 else f"line {i}"} for i in range(10)])
+    monkeypatch.setattr(detokenizer, "detokenize_step", flaky(detokenizer.detokenize_step))
+    monkeypatch.setattr(detokenizer, "decode_output", flaky(detokenizer.decode_output))
+    objs = [{"id": i, "prompt": "explode here" if i == 5 else f"line {i}", **({"stop": stop} if stop else {})}
+            for i in range(10)]
+    status, recs = _job(llm, objs)
     assert status == "line_errors"
     assert [r["id"] for r in recs] == list(range(10))
     assert recs[5]["error"]["code"] == "engine_error" and "detokenizer fault" in recs[5]["error"]["message"]

@@ -1,8 +1,13 @@
-"""Incremental detokenization and stop checks.
+"""Detokenization and stop checks.
 
 Byte-level BPE splits a character across tokens; decoding a window of ids and emitting only text that does
 not end in U+FFFD keeps every emitted piece whole UTF-8. The window starts a few tokens back (prompt tokens
 at first) so tokenizers that drop a leading space at the start of a decode still produce the right spacing.
+
+Only a request with stop strings needs its text while it runs (check_stop looks for them in it): it is
+detokenized token by token (detokenize_step, then flush). Every other request's text is decoded once when it
+finishes (decode_output), the same window and the same text, without two decode calls per token on the engine's
+thread: the text is only returned with the finished request.
 """
 from __future__ import annotations
 
@@ -26,6 +31,17 @@ def detokenize_step(tok: Tokenizer, seq: Sequence, token: int) -> str:
             seq.prefix_offset = 0
         return delta
     return ""
+
+
+def decode_output(tok: Tokenizer, seq: Sequence, n_tokens: int) -> str:
+    """The text of the sequence's output tokens up to its n_tokens-th token, decoded at once with
+    detokenize_step's first window (the prompt's last tokens) in front: what detokenize_step's deltas and flush
+    add up to (an incomplete character at the end decodes to U+FFFD, as HF does)."""
+    skip = seq.params.skip_special_tokens
+    window = seq.detok_ids[seq.prefix_offset:]
+    prefix = tok.decode(window, skip)
+    full = tok.decode(window + seq.token_ids[seq.num_prompt_tokens:n_tokens], skip)
+    return full[len(prefix):] if len(full) > len(prefix) else ""
 
 
 def flush(tok: Tokenizer, seq: Sequence) -> str:
