@@ -9,8 +9,9 @@
 #   kernels        = kernel-tests sanitize kernel-bench
 #   engine-tests   GPU parity of the engine with HF transformers (bf16, Qwen3-0.6B and Llama-3.1-8B shapes), then
 #                  families
-#   families       Phi partial-rotary RoPE, MoE and FP8-weight GEMMs against their references; the engine on the
-#                  CUDA backend against the torch backend for Phi-3, Qwen3-MoE, Mixtral and FP8 weights
+#   families       Phi partial-rotary RoPE, MoE (grouped GEMMs, fused routing) and FP8-weight GEMMs against their
+#                  references; the engine on the CUDA backend against the torch backend for Phi-3, Qwen3-MoE,
+#                  Mixtral and FP8 weights
 #   throughput     flashgen/bench/throughput.py: nanovllm, fixed512 (vs HF), sharedprefix, latency8b
 #   engine         = engine-tests throughput
 #   all            = kernels engine
@@ -19,7 +20,7 @@
 #                  model's)
 #   sampling       logprobs, prompt logprobs and n: the GPU logprobs test and the logprobs, prompt_logprobs and
 #                  samples workloads (each against the same work without the feature)
-#   fp8            the FP8 KV cache: its kernel tests, then nanovllm with a bf16 and with an FP8 KV cache
+#   fp8            the 8-bit KV caches: their kernel tests, then nanovllm with a bf16, an fp8 and an int8k KV cache
 #   trtllm         TensorRT-LLM's fixed-length workloads on the 8B shape, bf16 and then FP8 weights + FP8 KV, each next
 #                  to its floor; TRTLLM="trtllm128 trtllm1000 trtllm5000" (the default) picks them: one or two fit a call
 #   jobs           flashgen/bench/jobs.py: the extract, synth and summarize JSONL jobs through `flashgen generate`'s
@@ -54,7 +55,7 @@ step() {  # step NAME CMD...: run, tee the log, record the status
 
 kernel_tests() {
     step kernel-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu.py \
-        tests/test_kv_fp8_gpu.py tests/test_shared_prefix_gpu.py
+        tests/test_kv_fp8_gpu.py tests/test_kv_int8k_gpu.py tests/test_shared_prefix_gpu.py tests/test_window_gpu.py
 }
 
 sanitize() {
@@ -102,7 +103,7 @@ throughput() {
 
 families_tests() {
     step families-tests "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_model_families_gpu.py \
-        tests/test_fp8_weights_gpu.py
+        tests/test_fp8_weights_gpu.py tests/test_moe_grouped_gpu.py tests/test_moe_route_gpu.py
 }
 
 families_speed() {
@@ -131,9 +132,11 @@ sampling() {
 }
 
 fp8() {
-    step fp8-tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kv_fp8_gpu.py
+    step fp8-tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kv_fp8_gpu.py tests/test_kv_int8k_gpu.py
     step tp-nanovllm "$PY" -m flashgen.bench.throughput --workload nanovllm --out-dir "$LOG"
     step tp-nanovllm-fp8kv "$PY" -m flashgen.bench.throughput --workload nanovllm --kv-cache-dtype fp8 --out-dir "$LOG"
+    step tp-nanovllm-int8kkv "$PY" -m flashgen.bench.throughput --workload nanovllm --kv-cache-dtype int8k \
+        --out-dir "$LOG"
     grep -h -A5 "^workload nanovllm" "$LOG"/tp-nanovllm*.log >> "$LOG/engine-table.txt" || true
 }
 

@@ -16,6 +16,11 @@ def test_info_describes_a_checkpoint(tmp_path):
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["num_layers"] == 1 and d["hidden_size"] == 64 and d["kv_cache_tokens"] > 0
+    # the 8-bit caches: fp8 one byte per element, int8k one byte plus two float32 scales per token and kv head
+    heads = d["num_layers"] * d["num_kv_heads"]
+    assert d["kv_bytes_per_token_fp8"] == heads * 2 * d["head_dim"]
+    assert d["kv_bytes_per_token_int8k"] == heads * (2 * d["head_dim"] + 8)
+    assert d["kv_cache_tokens"] < d["kv_cache_tokens_int8k"] < d["kv_cache_tokens_fp8"]
 
 
 def test_info_reads_the_checkpoint_as_the_engine_does(tmp_path):
