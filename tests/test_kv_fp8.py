@@ -53,6 +53,13 @@ def test_attention_over_fp8_equals_attention_over_its_dequantized_values(lens, h
     k8, v8 = torch_ops.to_cache(k, FP8, ks), torch_ops.to_cache(v, FP8, vs)
     kd, vd = k8.float() * ks, v8.float() * vs
     assert (k8.float().abs() == 448).any(), "saturation exercised"
+    check_reads_as_dequantized(k8, v8, ks, vs, kd, vd, bt, lens, group, g)
+
+
+def check_reads_as_dequantized(k8, v8, ks, vs, kd, vd, bt, lens, group, g) -> None:
+    """Decode and prefill (a third of each context as new tokens) over the quantized cache (k8, v8 with scales ks,
+    vs: floats or per-token tensors) equal the same attention over a float32 cache holding kd, vd."""
+    hkv, d = k8.shape[2], k8.shape[3]
     ctx = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn((len(lens), hkv * group, d), generator=g)
     torch.testing.assert_close(torch_ops.decode_attention(q, k8, v8, ctx, bt, 0.125, ks, vs),

@@ -11,6 +11,7 @@ from flashgen.config import EngineConfig
 from flashgen.llm import LLM
 from flashgen.ops import torch_ops
 from test_cli_support import check_engine_choice
+from test_kv_fp8 import _paged, check_reads_as_dequantized
 
 FP8 = torch.float8_e4m3fn
 
@@ -54,34 +55,17 @@ def test_rope_kv_append_writes_int8_k_e4m3_v_and_their_token_scales():
 
 @pytest.mark.parametrize("lens,hkv,group", [([1, 97], 2, 4), ([65, 16, 129], 1, 3), ([300], 4, 1)])
 def test_attention_over_int8k_equals_attention_over_its_dequantized_values(lens, hkv, group):
-    """Decode (with and without a shared prefix) and prefill read the cache as float32 holding value * scale."""
+    """Decode and prefill read the cache as float32 holding value * scale."""
     g = torch.Generator().manual_seed(sum(lens))
     d, bs = 64, 16
-    nblk = [(n + bs - 1) // bs for n in lens]
-    total = sum(nblk) + 2
-    perm = torch.randperm(total, generator=g).to(torch.int32)
-    bt = torch.zeros((len(lens), max(nblk)), dtype=torch.int32)
-    bt[0, :nblk[0]] = perm[:nblk[0]]
-    for b in range(1, len(lens)):
-        lo = sum(nblk[:b])
-        bt[b, :nblk[b]] = perm[lo:lo + nblk[b]]
-    mag = torch.logspace(-2, 1, total * bs).view(total, bs, 1, 1)  # per-token magnitudes: the scales matter
-    k = torch.randn((total, bs, hkv, d), generator=g) * mag
-    v = torch.randn((total, bs, hkv, d), generator=g) * mag
+    k, v, bt = _paged(lens, hkv, d, bs, g)
+    mag = torch.logspace(-2, 1, k.shape[0] * bs).view(-1, bs, 1, 1)  # per-token magnitudes: the scales matter
+    k, v = k * mag, v * mag
     ks, vs = torch_ops.token_scales(k, 127.0), torch_ops.token_scales(v, 448.0)
     k8, v8 = torch_ops.to_cache(k, torch.int8, ks), torch_ops.to_cache(v, FP8, vs)
     kd, vd = k8.float() * ks[..., None], v8.float() * vs[..., None]
     assert (kd - k).abs().max() <= 0.5 * ks.max() * (1 + 1e-6)
-    ctx = torch.tensor(lens, dtype=torch.int32)
-    q = torch.randn((len(lens), hkv * group, d), generator=g)
-    torch.testing.assert_close(torch_ops.decode_attention(q, k8, v8, ctx, bt, 0.125, ks, vs),
-                               torch_ops.decode_attention(q, kd, vd, ctx, bt, 0.125), rtol=0, atol=1e-6)
-    qlens = [max(1, n // 3) for n in lens]
-    qp = torch.randn((sum(qlens), hkv * group, d), generator=g)
-    cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
-    torch.testing.assert_close(torch_ops.prefill_attention(qp, k8, v8, cu, ctx, bt, max(qlens), 0.125, ks, vs),
-                               torch_ops.prefill_attention(qp, kd, vd, cu, ctx, bt, max(qlens), 0.125),
-                               rtol=0, atol=1e-6)
+    check_reads_as_dequantized(k8, v8, ks, vs, kd, vd, bt, lens, group, g)
 
 
 @pytest.mark.parametrize("k_dtype,v_dtype,scales,needle", [
