@@ -21,6 +21,9 @@ import torch
 
 from flashgen.ops import cuda_ops, torch_ops
 from test_kernels_gpu import DEV, DTYPES, _assert_close, _cos_sin, _gen, _paged_cache, _randn, _refs, _seed
+from test_kv_fp8_gpu import PREFILL_CASES as FP8_PREFILL_CASES
+from test_kv_fp8_gpu import PREFILL_QLENS
+from test_window_gpu import FP8_CASES, _poison_below
 
 pytestmark = pytest.mark.gpu
 
@@ -256,14 +259,8 @@ def test_decode_attention_int8k_splits(num_splits, lens, plan, d):
 
 
 # ---------------------------------------------------------------- prefill
-PREFILL_QLENS = [[(1, 1)], [(2, 2), (97, 97)], [(97, 1025), (1, 4097), (64, 130)], [(1025, 1025)],
-                 [(n, n + 3 * n % 50) for n in range(1, 40)], [(200, 4000), (2, 2), (129, 129)]]
-PREFILL_CASES = [(dt, d, group, [16, 64, 256][i % 3], PREFILL_QLENS[i % len(PREFILL_QLENS)])
-                 for i, (dt, d, group) in enumerate(itertools.product(DTYPES, [64, 128], [1, 3, 4, 8]))] + [
-    # head_dim 256 (the mma kernel only: its wgmma cases skip): a subset
-    pytest.param(torch.bfloat16, 256, 4, 16, PREFILL_QLENS[2], id="hd256"),
-    pytest.param(torch.float16, 256, 1, 64, PREFILL_QLENS[5], id="hd256"),
-    pytest.param(torch.bfloat16, 256, 8, 256, PREFILL_QLENS[1], id="hd256"),
+# test_kv_fp8_gpu's prefill cases, and one more head_dim 256 case
+PREFILL_CASES = FP8_PREFILL_CASES + [
     pytest.param(torch.float16, 256, 3, 16, PREFILL_QLENS[4], id="hd256")]
 
 
@@ -320,23 +317,7 @@ def test_prefill_int8k_in_groups(monkeypatch):
 
 
 # ---------------------------------------------------------------- sliding window
-def _poison_below(scales, bt, lens, qlens, window, granule):
-    """NaN into the scales of each sequence's tokens below its lowest query's window start rounded down to
-    `granule`: no kernel reads them (decode skips the 16-token steps below its window, prefill the key tiles
-    below every row's, and a NaN scale read there would spread through 0 * V)."""
-    bs = scales[0].shape[1]
-    for b, (n, m) in enumerate(zip(lens, qlens, strict=True)):
-        cut = max(0, n - m - window + 1) // granule * granule
-        if cut:
-            t = torch.arange(cut, device=DEV)
-            slots = bt[b, t // bs].long() * bs + t % bs
-            for s in scales:
-                s.view(-1, s.shape[2])[slots] = float("nan")
-
-
-WINDOW_CASES = [(dt, d, bs, window) for (dt, d), (bs, window) in zip(
-    itertools.product(DTYPES, [64, 128]), [(16, 17), (64, 100), (16, 512), (64, 1)], strict=True)] + [
-    pytest.param(torch.bfloat16, 256, 16, 100, id="hd256"), pytest.param(torch.float16, 256, 64, 17, id="hd256")]
+WINDOW_CASES = FP8_CASES  # test_window_gpu's FP8-cache window cases
 
 
 @pytest.mark.parametrize("impl", cuda_ops.PREFILL_IMPLS)
