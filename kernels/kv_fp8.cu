@@ -15,6 +15,15 @@
 #include "common.cuh"
 #include "fp8.cuh"
 
+// 8 values (exact in the activation dtype) times `scale` in float32, rounded once to the activation dtype, to dst.
+FG_INLINE void store_scaled8(scalar_t* dst, uint4 w, float scale) {
+    float f[8];
+    unpack8(w, f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] *= scale;
+    st_v4(dst, pack8(f));
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 kv_dequant_pages_kernel(const fp8_t* __restrict__ k_cache, const fp8_t* __restrict__ v_cache,
                         scalar_t* __restrict__ k_out, scalar_t* __restrict__ v_out,
@@ -27,15 +36,8 @@ kv_dequant_pages_kernel(const fp8_t* __restrict__ k_cache, const fp8_t* __restri
     for (int i = 8 * threadIdx.x; i < page_elems; i += 8 * blockDim.x) {
         const uint2 kw = *reinterpret_cast<const uint2*>(k_cache + src + i);
         const uint2 vw = *reinterpret_cast<const uint2*>(v_cache + src + i);
-        float f[8];
-        unpack8(e4m3x8_to_scalar8(kw), f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] *= k_scale;
-        st_v4(k_out + dst + i, pack8(f));
-        unpack8(e4m3x8_to_scalar8(vw), f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] *= v_scale;
-        st_v4(v_out + dst + i, pack8(f));
+        store_scaled8(k_out + dst + i, e4m3x8_to_scalar8(kw), k_scale);
+        store_scaled8(v_out + dst + i, e4m3x8_to_scalar8(vw), v_scale);
     }
 }
 
@@ -55,14 +57,7 @@ kv_dequant_pages_int8k_kernel(const fp8_t* __restrict__ k_cache, const fp8_t* __
         const uint2 kw = *reinterpret_cast<const uint2*>(k_cache + src + i);
         const uint2 vw = *reinterpret_cast<const uint2*>(v_cache + src + i);
         const float ks = k_scales[sc + (i >> log2_d)], vs = v_scales[sc + (i >> log2_d)];
-        float f[8];
-        unpack8(s8x8_to_scalar8(kw), f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] *= ks;
-        st_v4(k_out + dst + i, pack8(f));
-        unpack8(e4m3x8_to_scalar8(vw), f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] *= vs;
-        st_v4(v_out + dst + i, pack8(f));
+        store_scaled8(k_out + dst + i, s8x8_to_scalar8(kw), ks);
+        store_scaled8(v_out + dst + i, e4m3x8_to_scalar8(vw), vs);
     }
 }
