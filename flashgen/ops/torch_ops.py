@@ -23,6 +23,8 @@ quantized per token at run time; see docs/design.md, "FP8 weights".
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -216,13 +218,15 @@ def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float | torch.Tensor)
     return (x.float() * (scale[..., None] if isinstance(scale, torch.Tensor) else scale)).to(dtype)
 
 
-def _gathered(scale: float | torch.Tensor, take) -> float | torch.Tensor:
-    """A per-token scale tensor indexed as its cache is (`take`), or a per-layer float as it is."""
-    return take(scale) if isinstance(scale, torch.Tensor) else scale
+def _read(take, cache: torch.Tensor, scale: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached values picked by `take` (an indexing of the cache's leading (block, offset) dims) in `dtype`; a
+    per-token scale tensor is picked the same way, a per-layer float applies as it is."""
+    return from_cache(take(cache), dtype, take(scale) if isinstance(scale, torch.Tensor) else scale)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first `length` cached tokens: (length, Hkv, D)."""
+    """One sequence's first `length` cached tokens: (length, Hkv, D) of a cache, (length, Hkv) of the int8k
+    cache's scales."""
     bs = cache.shape[1]
     nblk = (length + bs - 1) // bs
     return cache[block_table[:nblk].long()].flatten(0, 1)[:length]
@@ -273,11 +277,8 @@ def prefill_attention(
         s, e, n = cu[b], cu[b + 1], lens[b]
         if e == s:
             continue
-        def take(c: torch.Tensor, bt: torch.Tensor = block_tables[b], n: int = n) -> torch.Tensor:
-            return gather_kv(c, bt, n)
-
-        k = from_cache(take(k_cache), q.dtype, _gathered(k_scale, take))
-        v = from_cache(take(v_cache), q.dtype, _gathered(v_scale, take))
+        take = functools.partial(gather_kv, block_table=block_tables[b], length=n)
+        k, v = _read(take, k_cache, k_scale, q.dtype), _read(take, v_cache, v_scale, q.dtype)
         out[s:e] = _attend(q[s:e], k, v, softmax_scale, n - (e - s), window)
     return out
 
@@ -345,8 +346,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, conte
     def take(c: torch.Tensor) -> torch.Tensor:
         return c[tables].flatten(1, 2)[:, :max_len]
 
-    k = from_cache(take(k_cache), q.dtype, _gathered(k_scale, take))  # (B, L, Hkv, D)
-    v = from_cache(take(v_cache), q.dtype, _gathered(v_scale, take))
+    k, v = _read(take, k_cache, k_scale, q.dtype), _read(take, v_cache, v_scale, q.dtype)  # (B, L, Hkv, D)
     group = hq // hkv
     qg = q.view(B, hkv, group, d)
     scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), k.float()) * softmax_scale
