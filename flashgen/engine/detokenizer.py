@@ -12,7 +12,14 @@ thread: the text is only returned with the finished request.
 from __future__ import annotations
 
 from flashgen.engine.sequence import Sequence
+from flashgen.sampling_params import SamplingParams
 from flashgen.tokenizer import Tokenizer
+
+
+def incremental(params: SamplingParams) -> bool:
+    """Whether a request's text is built token by token (it has stop strings to look for) rather than decoded
+    once when it finishes (decode_output)."""
+    return params.detokenize and bool(params.stop_list)
 
 
 def detokenize_step(tok: Tokenizer, seq: Sequence, token: int) -> str:

@@ -249,8 +249,7 @@ class Engine:
         if lp is not None:
             seq.logprobs.append_row(lp, token, seq.params.logprobs or 0, self._token_text)
             seq.cumulative_logprob += lp[0]  # the chosen token's logprob (pack_logprobs' first column)
-        p = seq.params
-        incremental = p.detokenize and bool(p.stop_list)  # stop strings are looked for in the text as it grows
+        incremental = detokenizer.incremental(seq.params)  # stop strings are looked for in the text as it grows
         delta = detokenizer.detokenize_step(self.tokenizer, seq, token) if incremental else ""
         seq.output_text += delta
         detokenizer.check_stop(seq, token, self.eos_ids, self.max_model_len, delta, idx + 1)
@@ -260,7 +259,7 @@ class Engine:
             return None
         if incremental and not isinstance(seq.stop_reason, str):
             seq.output_text += detokenizer.flush(self.tokenizer, seq)
-        elif p.detokenize and not incremental:  # decoded once, now (detokenizer's docstring)
+        elif seq.params.detokenize and not incremental:  # decoded once, now (detokenizer's docstring)
             seq.output_text = detokenizer.decode_output(self.tokenizer, seq, idx + 1)
         return self._retire(seq, idx + 1)
 
@@ -269,7 +268,7 @@ class Engine:
         code, message = (e.code, e.message) if isinstance(e, RequestFailed) else \
             ("engine_error", f"serving this request raised {type(e).__name__}: {e}")
         seq.finish_reason, seq.stop_reason = "error", None
-        if seq.params.detokenize and not seq.params.stop_list:  # the text of the tokens before the failure
+        if seq.params.detokenize and not detokenizer.incremental(seq.params):  # the tokens before the failure
             try:
                 seq.output_text = detokenizer.decode_output(self.tokenizer, seq, idx)
             except Exception:  # noqa: BLE001 - a tokenizer that fails here fails this request's text, not the job
