@@ -28,6 +28,7 @@ from flashgen.ops.cuda_checks import (
     choose,
     device_index,
     fail,
+    kv_kernel_variant,
     num_sms,
 )
 
@@ -344,13 +345,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     lse = torch.empty((B, hq), dtype=torch.float32, device=dev) if return_lse else None
     if not B:
         return (out, lse) if return_lse else out
+    defines, ks, vs = kv_kernel_variant(k_cache, k_scale, v_scale, int8k)
     if int8k is not None:  # per-token scales in the kernel (FG_KV_FP8=2): p carries V's times 448, the output 1 / 448
-        defines: tuple[tuple[str, int], ...] = (("FG_KV_FP8", 2),)
-        ks, vs = 1.0, 1.0 / INT8K_V_MAX
-    else:
-        fp8 = k_cache.dtype == torch.float8_e4m3fn
-        defines = (("FG_KV_FP8", 1),) if fp8 else ()
-        ks, vs = check_kv_scale("k_scale", k_scale, fp8), check_kv_scale("v_scale", v_scale, fp8)
+        vs = 1.0 / INT8K_V_MAX
     kern = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, device_index(q),
                           defines=defines)
     launch = dict(kern=kern, q=q, k_cache=k_cache, v_cache=v_cache, bs=bs, hkv=hkv,

@@ -112,6 +112,18 @@ def check_kv_scales(k_cache: torch.Tensor, k_scale, v_scale) -> tuple[torch.Tens
     return (k_scale, v_scale) if int8k else None
 
 
+def kv_kernel_variant(k_cache: torch.Tensor, k_scale, v_scale, int8k: tuple | None
+                      ) -> tuple[tuple[tuple[str, int], ...], float, float]:
+    """The cache's kernel variant for rope_kv_append and decode attention: (defines, K scale, V scale as floats).
+    FG_KV_FP8=2 for the int8k cache (`int8k`: check_kv_scales' tensors, which carry the scales: the floats are
+    1.0), FG_KV_FP8=1 for an FP8 cache (its float scales checked), none for the activation dtype (1.0, 1.0)."""
+    if int8k is not None:
+        return (("FG_KV_FP8", 2),), 1.0, 1.0
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    return ((("FG_KV_FP8", 1),) if fp8 else ()), check_kv_scale("k_scale", k_scale, fp8), \
+        check_kv_scale("v_scale", v_scale, fp8)
+
+
 def check_block_tables(block_tables, batch: int, device) -> None:
     check_tensor("block_tables", block_tables, (torch.int32,), 2, device, contiguous=False, align=4)
     if block_tables.shape[0] != batch or block_tables.stride(1) != 1:

@@ -11,13 +11,13 @@ from flashgen.ops import jit
 from flashgen.ops.cuda_checks import (
     KERNEL_DTYPES,
     check_cache,
-    check_kv_scale,
     check_kv_scales,
     check_out,
     check_shape,
     check_tensor,
     device_index,
     fail,
+    kv_kernel_variant,
     num_sms,
 )
 
@@ -133,16 +133,10 @@ def rope_kv_append(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
     if out is None:
         out = torch.empty((T, hq, d), dtype=qkv.dtype, device=dev)
     if T:
-        fp8 = k_cache.dtype == torch.float8_e4m3fn
-        if int8k is not None:  # FG_KV_FP8=2: the float scales are unused, the scale tensors are written
-            defines: tuple[tuple[str, int], ...] = (("FG_KV_FP8", 2),)
-            scales: tuple = (jit.f32(1.0), jit.f32(1.0))
-            scale_ptrs: tuple = (jit.ptr(int8k[0]), jit.ptr(int8k[1]))
-        else:  # the kernel's arguments end at rot_dim
-            defines = (("FG_KV_FP8", 1),) if fp8 else ()
-            ks, vs = check_kv_scale("k_scale", k_scale, fp8), check_kv_scale("v_scale", v_scale, fp8)
-            scales = (jit.f32(ks), jit.f32(vs))
-            scale_ptrs = ()
+        defines, ks, vs = kv_kernel_variant(k_cache, k_scale, v_scale, int8k)
+        scales = (jit.f32(ks), jit.f32(vs))
+        # FG_KV_FP8=2 writes the scale tensors, its last two arguments; the others' arguments end at rot_dim
+        scale_ptrs = (jit.ptr(int8k[0]), jit.ptr(int8k[1])) if int8k is not None else ()
         k = jit.get_kernel("rope_kv_append.cu", "rope_kv_append_kernel", qkv.dtype, d, device_index(qkv),
                            defines=defines)
         jit.launch(k, (T,), (128,), (  # ROPE_THREADS in kernels/rope_kv_append.cu
