@@ -104,7 +104,8 @@ def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch):
               for i in range(12)]
     grouped = []
     real = step_packing.shared_prefix_groups
-    monkeypatch.setattr(step_packing, "shared_prefix_groups", lambda s, b: grouped.append(real(s, b)) or grouped[-1])
+    monkeypatch.setattr(step_packing, "shared_prefix_groups",
+                        lambda s, b, lens=None: grouped.append(real(s, b, lens)) or grouped[-1])
     runs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("FLASHGEN_SHARED_PREFIX", flag)

@@ -8,6 +8,8 @@ are wanted (n_rows) and, for a decode step with shared-prefix groups (NG > 0), t
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -24,23 +26,27 @@ SHARED_GROUP = 8
 SHARED_MIN_SAVING = 0.25
 
 
-def shared_prefix_groups(seqs: list[Sequence], block_size: int) -> list[tuple[list[int], int]]:
+def shared_prefix_groups(seqs: list[Sequence], block_size: int,
+                         lens: list[int] | None = None) -> list[tuple[list[int], int]]:
     """Decode batch rows that share leading KV blocks, as (rows, shared blocks) groups of 2 to SHARED_GROUP
-    rows; [] when grouping would save less than SHARED_MIN_SAVING of the context tokens the step reads.
+    rows; [] when grouping would save less than SHARED_MIN_SAVING of the context tokens the step reads. `lens`:
+    the sequences' lengths, when the caller has them.
 
     Sequences share a block only by holding the same block id (a prefix-cache hit or a fork of the n samples),
     and a hit or a fork always covers a whole leading run of blocks, so sequences with the same first block share
     a common run of ids; a group takes the run all its members share, never the block a member writes into."""
+    if lens is None:
+        lens = [len(s.token_ids) for s in seqs]
     by_first: dict[int, list[int]] = {}
     for i, s in enumerate(seqs):
-        if len(s) > block_size:  # a whole block before the one holding the new token
+        if lens[i] > block_size:  # a whole block before the one holding the new token
             by_first.setdefault(s.block_table[0], []).append(i)
     groups, saved = [], 0
     for rows in by_first.values():
         if len(rows) < 2:
             continue
         lead = seqs[rows[0]].block_table
-        p = min((len(seqs[i]) - 1) // block_size for i in rows)
+        p = (min(lens[i] for i in rows) - 1) // block_size
         for i in rows[1:]:
             table = seqs[i].block_table
             if table[:p] != lead[:p]:  # the longest equal run: binary search (equal runs are prefixes)
@@ -54,7 +60,7 @@ def shared_prefix_groups(seqs: list[Sequence], block_size: int) -> list[tuple[li
             chunk = rows[j * len(rows) // n:(j + 1) * len(rows) // n]
             groups.append((chunk, p))
             saved += (len(chunk) - 1) * p * block_size
-    if saved < SHARED_MIN_SAVING * sum(len(s) for s in seqs):
+    if saved < SHARED_MIN_SAVING * sum(lens):
         return []
     return groups
 
@@ -66,10 +72,12 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
     (token ids, or device slot numbers: see TokenSlots). `rows` overrides which logits rows are wanted.
     `shared_prefix`: a decode step groups the sequences that share leading blocks (shared_prefix_groups)."""
     bs, B = block_size, len(seqs)
-    width = max(len(s.block_table) for s in seqs)
+    nblocks = [len(s.block_table) for s in seqs]
+    width = max(nblocks)
+    # one copy of all block ids into the padded rows (a row assignment per sequence costs twice as much at 256)
     tables = np.zeros((B, width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        tables[i, :len(s.block_table)] = s.block_table
+    tables[np.arange(width)[None, :] < np.asarray(nblocks)[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=sum(nblocks))
     if is_prefill:
         ids, pos, slots, cu, want = [], [], [], [0], []
         for s in seqs:
@@ -87,13 +95,13 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
     else:
         assert decode_ids is not None and len(decode_ids) == B
         ids = decode_ids
-        ctx_lens = [len(s) for s in seqs]
+        ctx_lens = [len(s.token_ids) for s in seqs]
         pos_a = np.asarray(ctx_lens, dtype=np.int64) - 1
         slot_a = tables[np.arange(B), pos_a // bs] * bs + pos_a % bs
         cu, want, max_q = list(range(B + 1)), list(range(B)), 1
     if rows is not None:
         want = rows
-    groups = shared_prefix_groups(seqs, bs) if shared_prefix and not is_prefill else []
+    groups = shared_prefix_groups(seqs, bs, ctx_lens) if shared_prefix and not is_prefill else []
     extra: list[np.ndarray] = []
     if groups:
         q_rows = np.full((len(groups), SHARED_GROUP), -1, dtype=np.int64)
