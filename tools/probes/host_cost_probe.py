@@ -4,7 +4,9 @@
   instruction plus 50-300 tokens), microseconds per request;
 - detokenization: a sequence's text built token by token (detokenizer.detokenize_step, the path of requests with
   stop strings) against decoded once at the end (detokenizer.decode_output, every other request), microseconds per
-  generated token, with a real BPE tokenizer.
+  generated token, with a real BPE tokenizer;
+- packing a decode step (step_packing.pack_step) of 256 sequences behind one 1,024-token prefix (the extract
+  job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step.
 
     PYTHONPATH=. python3 tools/probes/host_cost_probe.py TOKENIZER_DIR
 
@@ -64,10 +66,32 @@ def detok_us(tokenizer_dir: str, seqs: int = 256, tokens: int = 100, vocab: int 
     return inc, (time.perf_counter() - t0) / (seqs * tokens) * 1e6
 
 
+def pack_us(reps: int = 300) -> tuple[float, float]:
+    """(without groups, with shared-prefix groups) microseconds per pack_step of a 256-sequence decode step."""
+    from flashgen.engine.step_packing import pack_step
+
+    bs, rng, prefix, nxt, seqs = 64, random.Random(0), list(range(1000, 1016)), 2000, []
+    for _ in range(256):
+        n = 1024 + rng.randrange(50, 300) + rng.randrange(64)
+        s = Sequence("r", None, [1] * n, SamplingParams(), bs, 0)
+        own = -(-n // bs) - len(prefix)
+        s.block_table, nxt = prefix + list(range(nxt, nxt + own)), nxt + own
+        seqs.append(s)
+    ids, out = list(range(len(seqs))), []
+    for grouped in (False, True):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            pack_step(seqs, False, bs, decode_ids=ids, shared_prefix=grouped)
+        out.append((time.perf_counter() - t0) / reps * 1e6)
+    return out[0], out[1]
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
     a = admission_us()
+    plain, grouped = pack_us()
+    print(f"pack_step, a decode step of 256 sequences: {plain:.0f} us without groups, {grouped:.0f} us with them")
     inc, once = detok_us(sys.argv[1])
     print(f"add_request, 1,050-1,300-token id prompts: {a:.0f} us per request")
     print(f"detokenization: token by token {inc:.2f} us per token; decoded once at the end "
