@@ -32,6 +32,17 @@
 // Memory traffic: q and out once; K/V of tile n once per (query block, head) CTA, mostly from L2 (the CTAs
 //   of one sequence and head run side by side); HBM sees about ctx * Hkv * D * 2 * sizeof(dtype) per
 //   sequence. FLOPs: 4 * D * (number of unmasked (query, key) pairs) per head.
+// PF_SHARED=1: the shared-prefix part of a cascade decode step (docs/design.md, "Shared-prefix decode"). A
+//   "sequence" b is a group of decode sequences that share their leading cache blocks; its query rows are its
+//   members' query heads of one kv head (row i: member slot i / r, query head kvh * r + i % r, r = Hq / Hkv),
+//   q and the output addressed through q_rows (NG, q_group) (-1: padding). Grid (ceil(q_group r / BM), Hkv,
+//   NG): a CTA takes BM rows of one kv head, so each K/V tile of the shared prefix is read once per BM
+//   query heads, where the decode kernel reads it once per 8. No causal mask: every row sits after the prefix
+//   (its new token is in the member's own blocks) and sees all context_lens[b] shared tokens (row 0's position
+//   is taken to be context_lens[b], so the mask above keeps only j < ctx). The output is float32, unrounded,
+//   with its natural-log LSE, (B, Hq, D) and (B, Hq) indexed by the member's row: the decode kernel's second
+//   launch merges it into each sequence's own part (entries of sequences in no group are not written: the
+//   caller fills the LSE with -inf).
 #include "common.cuh"
 
 #ifndef FG_HEAD_DIM
@@ -42,6 +53,9 @@
 #endif
 #ifndef PF_BN
 #define PF_BN 64                      // keys per tile
+#endif
+#ifndef PF_SHARED
+#define PF_SHARED 0
 #endif
 #define D FG_HEAD_DIM
 #define BN PF_BN
@@ -68,18 +82,41 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
                          const int* __restrict__ context_lens,  // (B,)
                          const int* __restrict__ block_tables,  // (B, bt_stride)
                          int bt_stride,
-                         scalar_t* __restrict__ out,            // (T, Hq, D)
+                         scalar_t* __restrict__ out,            // (T, Hq, D); PF_SHARED: unused (null)
                          int hq, int hkv, int log2_bs, float scale_log2, int num_mblocks,
-                         int window) {                          // sliding window (0: none)
+                         int window                             // sliding window (0: none; not with PF_SHARED)
+#if PF_SHARED
+                         , const int* __restrict__ q_rows,      // (NG, q_group) decode rows of each group's members
+                         int q_group,
+                         float* __restrict__ out_f32,           // (B, Hq, D) float32
+                         float* __restrict__ lse_out            // (B, Hq) natural log
+#endif
+                         ) {
     extern __shared__ uint4 smem[];
-    const int b = blockIdx.z, h = blockIdx.y;
+    const int b = blockIdx.z;
     const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
+#if PF_SHARED
+    (void)cu_seqlens_q;
+    const int r = hq / hkv, kvh = blockIdx.y, h = 0;   // h: the plain kernel's query head (unused here)
+    const int q_start = 0, qlen = q_group * r;          // rows of the group (padding members included)
+    const int m0 = mb * BM;
+    const int ctx = context_lens[b];                    // the group's shared tokens
+    const int qoff = ctx;                               // every row after the prefix: no causal mask
+    if (m0 >= qlen || ctx <= 0) return;                 // an empty group (graph padding): nothing to merge
+    // decode row (member) and query head of row m of this group, or row -1 (padding)
+    auto q_of = [&](int m) {
+        const int mem = m < qlen ? q_rows[(i64)b * q_group + m / r] : -1;
+        return make_int2(mem, kvh * r + m % r);
+    };
+#else
+    const int h = blockIdx.y;
     const int q_start = cu_seqlens_q[b];
     const int qlen = cu_seqlens_q[b + 1] - q_start;
     const int m0 = mb * BM;
     if (m0 >= qlen) return;
     const int ctx = context_lens[b];
     const int qoff = ctx - qlen;                       // position of query row 0
+#endif
     const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
     if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
     const int n_tiles = ceil_div(kv_end, BN);
@@ -88,7 +125,9 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     // window): tile n is visited iff n >= 0 and its last key is past row 0's window start. (A test, not a
     // count kept in a register: the MT = 2, D = 128 variant has none to spare.)
     auto visited = [&](int n) { return n >= 0 && n * BN + BN - 1 > qoff + m0 - win; };
+#if !PF_SHARED
     const int kvh = h / (hq / hkv);
+#endif
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     // Shared memory: [Q (MT == 2 only)] [K0 V0] [K1 V1]; with MT == 1, Q is staged in K1 V1.
@@ -106,8 +145,14 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
 #pragma unroll
     for (int i = 0; i < NLDQ; ++i) {
         const int row = lrow0 + i * RSTEP;
+#if PF_SHARED
+        const int2 mh = q_of(m0 + row);
+        const bool valid = mh.x >= 0;
+        const scalar_t* src = q + (i64)(valid ? mh.x : 0) * q_row_stride + mh.y * D + lch * 8;
+#else
         const bool valid = m0 + row < qlen;
         const scalar_t* src = q + (i64)(q_start + (valid ? m0 + row : 0)) * q_row_stride + h * D + lch * 8;
+#endif
         cp_async_16(sQ + swz(row, lch), src, valid ? 16 : 0);
     }
 
@@ -249,6 +294,28 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
         __syncthreads();  // the next iteration's loads overwrite this stage
     }
 
+#if PF_SHARED
+    // Epilogue: each lane writes its rows' normalised float32 O (2 dims per fragment) and, lane c == 0, the
+    // natural-log LSE, (m * scale + log2 l) * ln 2 in the units of the online softmax (common.cuh).
+    (void)out;
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+        float inv[2];
+        softmax_inverse_m16(lr[t], inv);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int2 mh = q_of(m0 + wrow + 16 * t + g + 8 * half);
+            if (mh.x < 0) continue;
+            const i64 idx = (i64)mh.x * hq + mh.y;
+            float* dst = out_f32 + idx * D + 2 * c;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt)
+                *reinterpret_cast<float2*>(dst + dt * 8) =
+                    make_float2(o[t][dt][2 * half] * inv[half], o[t][dt][2 * half + 1] * inv[half]);
+            if (c == 0) lse_out[idx] = (mr[t][half] * scale_log2 - __log2f(inv[half])) * FG_LN2;
+        }
+    }
+#else
     // Epilogue: normalise, stage the warp's rows in shared memory (its own rows of the first BM rows),
     // write 16-byte chunks.
     uint4* sO = smem;
@@ -272,4 +339,5 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
         if (qrow < qlen)
             st_v4(out + (i64)(q_start + qrow) * q_row_stride + h * D + ch * 8, sO[swz(wrow + row, ch)]);
     }
+#endif
 }

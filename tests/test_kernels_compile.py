@@ -40,7 +40,8 @@ SOURCES = {
     "moe_route.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS
-                             for mt, bn in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]],
+                             for mt, bn in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]]
+    + [(d, f"PF_MT={mt},PF_BN={bn},PF_SHARED=1") for d, (mt, bn) in cuda_ops.SHARED_TILES.items()],
     "prefill_attention_sm90.cu": [(d, "") for d in cuda_ops.PREFILL_SM90_HEAD_DIMS],
 }
 KV_FP8_KERNELS = ("kv_dequant_pages_kernel", "kv_dequant_pages_int8k_kernel")  # kv_fp8.cu's, for each cache

@@ -65,7 +65,7 @@ def shared_batch(groups: list[tuple[int, list[int]]], singles: list[int], bs: in
 
 CASES = [  # (groups, singles, block_size)
     ([(2, [1, 5, 17, 16])], [40], 16),
-    ([(1, [1, 1]), (4, [30] * 11)], [], 16),  # 11 members: two chunks (6 + 5)
+    ([(1, [1, 1]), (4, [30] * (SHARED_GROUP + 3))], [], 16),  # two chunks
     ([(3, [64, 1, 65])], [1, 200, 7], 64),
     ([(9, [3] * 8), (1, [100, 2])], [1025], 16),
 ]

@@ -1,8 +1,8 @@
-"""Shared-prefix (cascade) decode on the GPU: the two launches of kernels/decode_attention.cu (the groups' shared
-blocks with the members as query heads, then each sequence's own blocks merged into the output) against a float32
-oracle of the same attention without groups, err(grouped) <= 2 * err(the kernel without groups) + eps, over GQA
-ratios, head dims, block sizes, split counts and plans, the FP8 cache; then the engine's captured graphs with
-groups against the same run without them."""
+"""Shared-prefix (cascade) decode on the GPU: the groups' shared blocks (prefill_attention.cu's PF_SHARED kernel,
+or kernels/decode_attention.cu with the members as query heads), then each sequence's own blocks merged into the
+output by the decode kernel, against a float32 oracle of the same attention without groups, err(grouped) <= 2 *
+err(the kernel without groups) + eps, over GQA ratios, head dims, block sizes, split counts and plans, the FP8
+cache; then the engine's captured graphs with groups against the same run without them."""
 from __future__ import annotations
 
 import random
@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+from flashgen.engine.step_packing import SHARED_GROUP
 from flashgen.ops import cuda_attention, cuda_ops, torch_ops
 from test_kernels_gpu import DEV, DTYPES, _seed
 from test_shared_prefix import shared_batch
@@ -18,10 +19,11 @@ pytestmark = pytest.mark.gpu
 
 CASES = [  # (groups: (shared blocks, tokens past them per member), sequences in no group)
     ([(2, [1, 5, 17, 16])], [40]),
-    ([(1, [1, 1]), (4, [30] * 11)], []),  # 11 members: two chunks
+    ([(1, [1, 1]), (4, [30] * (SHARED_GROUP + 3))], []),  # two chunks
     ([(3, [64, 1, 65])], [1, 200, 7]),
     ([(40, [3] * 8), (1, [100, 2])], [1025]),
     ([(64, [100] * 16)] * 3, [4097, 1]),  # long shared prefixes, many groups
+    ([(20, [5] * SHARED_GROUP), (7, [2] * (SHARED_GROUP - 1))], [97]),  # full groups: several row blocks at GQA 8
 ]
 
 
@@ -54,18 +56,22 @@ def _errors(dtype, d, hkv, group, bs, groups, singles, fp8=False, **kw):
     assert (lse - lse_plain).abs().max().item() < 1e-3 * (1 + lse_plain.abs().max().item()), f"lse, seed {seed}"
 
 
+@pytest.mark.parametrize("kernel", cuda_attention.SHARED_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hkv,group", [(2, 1), (1, 3), (2, 4), (1, 8)])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_shared_prefix_decode(dtype, d, hkv, group, case):
+def test_shared_prefix_decode(dtype, d, hkv, group, case, kernel, monkeypatch):
+    """Both kernels of the shared part on a bf16 / fp16 cache: prefill_attention.cu's PF_SHARED variant (the
+    default) and the decode kernel with the members as query heads."""
+    monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", kernel)
     groups, singles = CASES[case]
     _errors(dtype, d, hkv, group, [16, 64][case % 2], groups, singles)
 
 
 @pytest.mark.parametrize("dtype,hkv,group,case", [
     (torch.bfloat16, 2, 1, 0), (torch.float16, 1, 3, 1), (torch.bfloat16, 2, 4, 3), (torch.float16, 1, 8, 4),
-    (torch.bfloat16, 1, 4, 2)])
+    (torch.bfloat16, 1, 4, 2), (torch.float16, 1, 8, 5)])
 def test_shared_prefix_decode_hd256(dtype, hkv, group, case):
     """Head_dim 256 (a subset): q_rows, the float32 output and the merge through the warp-pair kernel."""
     groups, singles = CASES[case]

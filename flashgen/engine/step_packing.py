@@ -18,11 +18,12 @@ from flashgen.models.decoder import StepContext
 from flashgen.ops.backend import SharedPrefix
 
 HEADER = 8
-# Shared-prefix decode (docs/design.md, "Shared-prefix decode"): members per group (a group's query heads are
-# 8 x the model's query heads per kv head: the kernel reads the shared blocks once per 8 of them), and the
-# least share of a step's context tokens that grouping must save to be used (below it, the second launch and
-# the merge cost more than the blocks they save).
-SHARED_GROUP = 8
+# Shared-prefix decode (docs/design.md, "Shared-prefix decode"): members per group (the shared part's kernel
+# takes a group's (member, query head) rows of one kv head 64 at a time and reads each shared K/V tile once per
+# 64 of them: 32 members fill it at 2 query heads per kv head, and a group's row blocks run side by side, their
+# tiles from L2), and the least share of a step's context tokens that grouping must save to be used (below it,
+# the second launch and the merge cost more than the blocks they save).
+SHARED_GROUP = 32
 SHARED_MIN_SAVING = 0.25
 
 

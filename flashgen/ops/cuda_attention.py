@@ -50,6 +50,12 @@ WGMMA_ARCH = "sm_90"  # the architecture with wgmma (built for its arch-specific
 PREFILL_SM90_HEAD_DIMS = (64, 128)
 PREFILL_SM90_SMEM = {d: 128 * d * 2 * 6 + 1024 for d in PREFILL_SM90_HEAD_DIMS}  # 2 Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
+# the shared part of a shared-prefix decode step on a cache in the model's dtype: prefill_attention.cu built with
+# PF_SHARED=1 and these tiles (64 query rows per CTA: a K/V tile serves 64 query heads, where the decode kernel's
+# serves 8), or "decode" (the decode kernel with the members as query heads, what FP8 and int8k caches take);
+# FLASHGEN_SHARED_KERNEL=prefill|decode picks (A/B measurements)
+SHARED_TILES = {64: (1, 64), 128: (1, 64), 256: (1, 32)}
+SHARED_KERNELS = ("prefill", "decode")
 DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
 INT8K_V_MAX = 448.0  # the int8k cache's V: s = amax / 448; decode multiplies p by s * 448, the output by 1 / 448
 
@@ -359,12 +365,40 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ng, g = _check_shared(shared, B, dev)
     o_sh = torch.empty(q.shape, dtype=torch.float32, device=dev)
     lse_sh = torch.full((B, hq), float("-inf"), dtype=torch.float32, device=dev)
-    if ng:
+    if ng and k_cache.dtype == q.dtype and shared_kernel() == "prefill":
+        _shared_prefill_launch(q, k_cache, v_cache, shared, bs, hkv, softmax_scale, o_sh, lse_sh)
+    elif ng:
         _decode_launch(**launch, context_lens=shared.lens, block_tables=shared.tables, batch=ng, hq=g * hq,
                        out=o_sh, lse=lse_sh, num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
     _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
                    lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=(o_sh, lse_sh))
     return (out, lse) if return_lse else out
+
+
+def shared_kernel() -> str:
+    """The kernel of a shared-prefix step's shared part on a cache in the model's dtype: $FLASHGEN_SHARED_KERNEL
+    (prefill, the default, or decode); checked."""
+    return choose("FLASHGEN_SHARED_KERNEL", os.environ.get("FLASHGEN_SHARED_KERNEL", "prefill"), SHARED_KERNELS)
+
+
+def _shared_prefill_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shared: SharedPrefix,
+                           bs: int, hkv: int, softmax_scale: float, o_sh: torch.Tensor, lse_sh: torch.Tensor) -> None:
+    """The groups' shared prefixes on prefill_attention.cu's PF_SHARED kernel: grid (row blocks, Hkv, groups),
+    each CTA 64 (member, query head) rows of one kv head over its group's shared blocks, no causal mask, writing
+    the float32 output and natural-log LSE of its members' rows into o_sh / lse_sh (the kernel's top comment)."""
+    ng, g = shared.q_rows.shape
+    hq, d = q.shape[1], q.shape[2]
+    mt, bn = SHARED_TILES[d]
+    di = device_index(q)
+    smem = prefill_smem_bytes(d, (mt, bn))
+    k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
+                       (("PF_MT", mt), ("PF_BN", bn), ("PF_SHARED", 1)))
+    mblocks = -(-(g * (hq // hkv)) // (64 * mt))
+    jit.launch(k, (mblocks, hkv, ng), (128,), (
+        jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(None), jit.ptr(shared.lens), jit.ptr(shared.tables),
+        jit.i32(shared.tables.stride(0)), jit.ptr(None), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
+        jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks), jit.i32(0), jit.ptr(shared.q_rows), jit.i32(g),
+        jit.ptr(o_sh), jit.ptr(lse_sh)), q.device, shared_mem=smem)
 
 
 def _check_shared(shared: SharedPrefix, B: int, dev: torch.device) -> tuple[int, int]:

@@ -41,6 +41,8 @@ from flashgen.ops.cuda_attention import (  # noqa: F401
     PREFILL_TILE_CHOICES,
     PREFILL_TILE_CHOICES_BY_DIM,
     PREFILL_TILES,
+    SHARED_KERNELS,
+    SHARED_TILES,
     WGMMA_ARCH,
     decode_attention,
     decode_num_splits,
