@@ -66,7 +66,9 @@
 //   2. bt_offset (B,): each sequence skips its group's shared blocks (context_lens are the lengths past them),
 //      and merge_o / merge_lse (the first launch's output and natural-log LSE, LSE -inf where a sequence has
 //      no group) are merged into the output as it is written: out = (O1 w1 + O2 w2) / (w1 + w2), w = e^(LSE -
-//      max). No third kernel; one read of the first launch's output.
+//      max). No third kernel; one read of the first launch's output. The first launch may also be
+//      prefill_attention.cu's PF_SHARED kernel, whose key splits leave merge_n states, merged one after the
+//      other the same way.
 // FG_KV_FP8=1: the cache is float8 e4m3 (fp8.cuh). A thread loads the same elements as 8-byte chunks and
 //   converts them to the activation dtype when its step's math begins (the loads of the next step stay in
 //   flight); K's scale is folded into scale_log2 by the wrapper, V's multiplies the output (v_scale).
@@ -157,20 +159,23 @@ struct OutArgs {
     scalar_t* out;           // (rows, hq, D), or null when out_f32 is set
     float* out_f32;          // (rows, hq, D) float32 (a shared-prefix launch), or null
     float* lse;              // (rows, hq) natural log, or null
-    const float* merge_o;    // (rows, hq, D) float32 state merged into the output, or null
-    const float* merge_lse;  // (rows, hq) its natural-log LSE (-inf: nothing to merge), or null
+    const float* merge_o;    // (merge_n, rows, hq, D) float32 states merged into the output, or null
+    const float* merge_lse;  // (merge_n, rows, hq) their natural-log LSEs (-inf: nothing to merge), or null
+    int merge_n;             // states (the shared launch's key splits)
+    i64 merge_stride;        // rows * hq: entries between two states
 };
 
 // Write one output chunk (8 dims at d0 of entry idx = row * hq + head) with its natural-log LSE, merged with the
 // state of an earlier launch where there is one (merge LSE > -inf).
 FG_INLINE void store_out(const OutArgs& oa, i64 idx, int d0, float* acc, float lse) {
-    if (oa.merge_lse != nullptr) {
-        const float l2 = oa.merge_lse[idx];
+    for (int sp = 0; oa.merge_lse != nullptr && sp < oa.merge_n; ++sp) {
+        const i64 e = idx + sp * oa.merge_stride;
+        const float l2 = oa.merge_lse[e];
         if (l2 != FG_NEG_INF) {
             const float mx = fmaxf(lse, l2);
             const float w1 = __expf(lse - mx), w2 = __expf(l2 - mx), inv = 1.f / (w1 + w2);
-            const float4 a = *reinterpret_cast<const float4*>(oa.merge_o + idx * D + d0);
-            const float4 b = *reinterpret_cast<const float4*>(oa.merge_o + idx * D + d0 + 4);
+            const float4 a = *reinterpret_cast<const float4*>(oa.merge_o + e * D + d0);
+            const float4 b = *reinterpret_cast<const float4*>(oa.merge_o + e * D + d0 + 4);
             const float o2[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
             for (int x = 0; x < 8; ++x) acc[x] = (acc[x] * w1 + o2[x] * w2) * inv;
@@ -506,8 +511,9 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         int q_group,                           //   (1 when q_rows is null)
                         const int* __restrict__ bt_offset,     // (batch,) blocks each sequence skips, or null
                         float* __restrict__ out_f32,           // float32 output instead of out, or null
-                        const float* __restrict__ merge_o,     // (batch, hq, D) float32 state merged into the
-                        const float* __restrict__ merge_lse,   //   output, (batch, hq) natural log; or both null
+                        const float* __restrict__ merge_o,     // (merge_n, batch, hq, D) float32 states merged
+                        const float* __restrict__ merge_lse,   //   into the output, (merge_n, batch, hq) natural
+                        int merge_n,                           //   log; or both null
                         int window                             // sliding window (0: none; not with q_rows)
 #if FG_KV_INT8K
                         , const float* __restrict__ k_scales,  // int8k cache: (num_blocks * block_size, Hkv)
@@ -535,7 +541,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     const int ncta = gridDim.x * gridDim.y * gridDim.z;
     const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const OutArgs oa{out, out_f32, lse_out, merge_o, merge_lse};
+    const OutArgs oa{out, out_f32, lse_out, merge_o, merge_lse, merge_n, (i64)batch * hq};
 
     // Split plan (plan 1, or plan 0 by the rule below): CTA i takes piece i % num_splits of pair
     // i / num_splits, every pair cut in num_splits pieces of equal whole steps (multiples of 4); it needs no

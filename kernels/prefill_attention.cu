@@ -35,14 +35,15 @@
 // PF_SHARED=1: the shared-prefix part of a cascade decode step (docs/design.md, "Shared-prefix decode"). A
 //   "sequence" b is a group of decode sequences that share their leading cache blocks; its query rows are its
 //   members' query heads of one kv head (row i: member slot i / r, query head kvh * r + i % r, r = Hq / Hkv),
-//   q and the output addressed through q_rows (NG, q_group) (-1: padding). Grid (ceil(q_group r / BM), Hkv,
-//   NG): a CTA takes BM rows of one kv head, so each K/V tile of the shared prefix is read once per BM
-//   query heads, where the decode kernel reads it once per 8. No causal mask: every row sits after the prefix
-//   (its new token is in the member's own blocks) and sees all context_lens[b] shared tokens (row 0's position
-//   is taken to be context_lens[b], so the mask above keeps only j < ctx). The output is float32, unrounded,
-//   with its natural-log LSE, (B, Hq, D) and (B, Hq) indexed by the member's row: the decode kernel's second
-//   launch merges it into each sequence's own part (entries of sequences in no group are not written: the
-//   caller fills the LSE with -inf).
+//   q and the output addressed through q_rows (NG, q_group) (-1: padding). Grid (ceil(q_group r / BM) *
+//   splits, Hkv, NG): a CTA takes BM rows of one kv head over one of `splits` equal runs of the prefix's key
+//   tiles, so each K/V tile of the shared prefix is read once per BM query heads (the decode kernel reads it
+//   once per 8), and the splits give a few groups enough CTAs to fill the GPU. No causal mask: every row sits
+//   after the prefix (its new token is in the member's own blocks) and sees all context_lens[b] shared tokens
+//   (row 0's position is taken to be context_lens[b], so the mask above keeps only j < ctx). The output is
+//   float32, unrounded, with its natural-log LSE, (splits, B, Hq, D) and (splits, B, Hq) indexed by the split and
+//   the member's row: the decode kernel's second launch merges the splits' states into each sequence's own part
+//   (entries of sequences in no group, and of empty splits, are not written: the caller fills the LSE with -inf).
 #include "common.cuh"
 
 #ifndef FG_HEAD_DIM
@@ -88,27 +89,43 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
 #if PF_SHARED
                          , const int* __restrict__ q_rows,      // (NG, q_group) decode rows of each group's members
                          int q_group,
-                         float* __restrict__ out_f32,           // (B, Hq, D) float32
-                         float* __restrict__ lse_out            // (B, Hq) natural log
+                         int splits,                            // key splits: grid.x = num_mblocks * splits
+                         int split_stride,                      // B * Hq: entries between two splits' outputs
+                         float* __restrict__ out_f32,           // (splits, B, Hq, D) float32
+                         float* __restrict__ lse_out            // (splits, B, Hq) natural log
 #endif
                          ) {
     extern __shared__ uint4 smem[];
     const int b = blockIdx.z;
-    const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
 #if PF_SHARED
     (void)cu_seqlens_q;
+    const int mb = blockIdx.x % num_mblocks, sp = blockIdx.x / num_mblocks;  // row block, key split
     const int r = hq / hkv, kvh = blockIdx.y, h = 0;   // h: the plain kernel's query head (unused here)
     const int q_start = 0, qlen = q_group * r;          // rows of the group (padding members included)
     const int m0 = mb * BM;
     const int ctx = context_lens[b];                    // the group's shared tokens
     const int qoff = ctx;                               // every row after the prefix: no causal mask
     if (m0 >= qlen || ctx <= 0) return;                 // an empty group (graph padding): nothing to merge
+    // key split sp takes tiles [t_lo, n_tiles) of the prefix's, in equal runs; an empty one writes nothing (its
+    // LSE stays the caller's -inf)
+#if D == 256
+    // one split (the wrapper passes 1): the D = 256 variant has no register to spare for a split's first tile
+    const int t_lo = 0, n_tiles = ceil_div(ctx, BN);
+    (void)splits;
+#else
+    const int t_run = ceil_div(ceil_div(ctx, BN), splits), t_lo = sp * t_run;
+    const int n_tiles = min(ceil_div(ctx, BN), t_lo + t_run);
+    if (t_lo >= n_tiles) return;
+#endif
+    out_f32 += (i64)sp * split_stride * D;
+    lse_out += (i64)sp * split_stride;
     // decode row (member) and query head of row m of this group, or row -1 (padding)
     auto q_of = [&](int m) {
         const int mem = m < qlen ? q_rows[(i64)b * q_group + m / r] : -1;
         return make_int2(mem, kvh * r + m % r);
     };
 #else
+    const int mb = num_mblocks - 1 - blockIdx.x;  // longest-running blocks first
     const int h = blockIdx.y;
     const int q_start = cu_seqlens_q[b];
     const int qlen = cu_seqlens_q[b + 1] - q_start;
@@ -117,14 +134,16 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     const int ctx = context_lens[b];
     const int qoff = ctx - qlen;                       // position of query row 0
 #endif
+#if !PF_SHARED
     const int kv_end = min(ctx, qoff + m0 + BM);       // keys this block can see
     if (kv_end <= 0) return;                           // NOTE: needs ctx >= qlen > 0 (contract)
-    const int n_tiles = ceil_div(kv_end, BN);
+    const int n_tiles = ceil_div(kv_end, BN), t_lo = 0;
+#endif
     const int win = window > 0 ? min(window, 1 << 30) : 1 << 30;  // no window: more than any position
     // Tiles n_tiles - 1 down to the one holding the block's lowest window start (its first row's; 0 without a
-    // window): tile n is visited iff n >= 0 and its last key is past row 0's window start. (A test, not a
-    // count kept in a register: the MT = 2, D = 128 variant has none to spare.)
-    auto visited = [&](int n) { return n >= 0 && n * BN + BN - 1 > qoff + m0 - win; };
+    // window) and t_lo (a key split's first; else 0): tile n is visited iff n >= t_lo and its last key is past row
+    // 0's window start. (A test, not a count kept in a register: the MT = 2, D = 128 variant has none to spare.)
+    auto visited = [&](int n) { return n >= t_lo && n * BN + BN - 1 > qoff + m0 - win; };
 #if !PF_SHARED
     const int kvh = h / (hq / hkv);
 #endif

@@ -175,3 +175,19 @@ def test_engine_outputs_equal_with_grouping_on_and_off(model_dir, monkeypatch):
         if flag == "1":
             assert sum(g > 0 for g in grouped_steps) >= 20  # most decode steps ran grouped
     assert outs["1"] == outs["0"]
+
+
+def test_grouped_graph_buckets_cover_every_group_count():
+    """A decode batch of up to bs rows has at most bs // 2 groups; each count maps to the smallest group bucket
+    that holds it, powers of two below the top one, so a step with few groups replays a graph with few."""
+    from flashgen.engine.cuda_graphs import buckets, group_buckets
+
+    assert group_buckets(1) == [1] and group_buckets(2) == [1] and group_buckets(8) == [1, 2, 4]
+    assert group_buckets(256) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert group_buckets(48) == [1, 2, 4, 8, 16, 24]
+    for bs in buckets(512):
+        gb = group_buckets(bs)
+        assert gb == sorted(set(gb)) and gb[-1] == max(1, bs // 2)
+        for ng in range(1, bs // 2 + 1):
+            b = next(x for x in gb if x >= ng)
+            assert b < 2 * ng or b == gb[0], (bs, ng, b)

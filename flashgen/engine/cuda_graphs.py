@@ -5,9 +5,11 @@ run. Each bucket's graph reads its inputs from static buffers that `run` fills; 
 output, model dtype) stay in the graph's memory pool, where every replay writes them again. Rows past the real
 batch are padding: they write no KV (slot -1) and attend to one token.
 
-Decode steps with shared-prefix groups (StepContext.shared) replay a second graph per bucket, captured the first
-time a step of that bucket has groups: its static buffers hold up to bucket / 2 groups (a group has two or more
-members), unused ones padded with empty prefixes. Batches without groups never pay for them.
+Decode steps with shared-prefix groups (StepContext.shared) replay a graph per (batch bucket, group bucket),
+captured the first time a step of that pair comes: group buckets are powers of two up to batch bucket / 2 (a
+group has two or more members), unused groups padded with empty prefixes, so a step with a few groups (hundreds
+of lines behind one system prompt) launches no attention CTAs for a hundred empty ones. Batches without groups
+never pay for them.
 """
 from __future__ import annotations
 
@@ -22,8 +24,14 @@ from flashgen.ops.backend import SharedPrefix
 
 
 def _groups(bs: int) -> int:
-    """Shared-prefix groups a grouped graph of bucket `bs` holds: a group has two or more members."""
+    """The most shared-prefix groups a decode batch of `bs` rows has: a group has two or more members."""
     return max(1, bs // 2)
+
+
+def group_buckets(bs: int) -> list[int]:
+    """The group counts grouped graphs of batch bucket `bs` are captured for: powers of two, then _groups(bs)."""
+    top = _groups(bs)
+    return sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top})
 
 
 def buckets(max_bs: int) -> list[int]:
@@ -47,28 +55,30 @@ class DecodeGraphs:
                                    tables=torch.zeros(ng, max_blocks_per_seq, dtype=i32, device=dev),
                                    skip=torch.zeros(max_bs, dtype=i32, device=dev),
                                    suffix_lens=torch.ones(max_bs, dtype=i32, device=dev))
-        self.logits: dict[tuple[int, bool], torch.Tensor] = {}
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        # keyed by (batch bucket, group bucket): group bucket 0 is the plain graph, without groups
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.sizes = buckets(max_bs)
         self.pool: Any = None  # the graphs' shared memory pool, once the first is captured
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            self._capture(bs, False)
+            self._capture(bs, 0)
         torch.cuda.synchronize()
 
-    def _capture(self, bs: int, shared: bool) -> None:
-        ctx = self._ctx(bs, shared)
+    def _capture(self, bs: int, ng: int) -> None:
+        ctx = self._ctx(bs, ng)
         self._forward(bs, ctx)  # warm-up outside capture: compiles kernels, sets up cuBLAS handles
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, self.pool):
-            self.logits[bs, shared] = self._forward(bs, ctx)
+            self.logits[bs, ng] = self._forward(bs, ctx)
         self.pool = g.pool()
-        self.graphs[bs, shared] = g
+        self.graphs[bs, ng] = g
 
-    def _ctx(self, bs: int, shared: bool = False) -> StepContext:
+    def _ctx(self, bs: int, ng: int = 0) -> StepContext:
+        """The static buffers as the StepContext of batch bucket `bs` with `ng` shared-prefix groups (0: none)."""
         sp = None
-        if shared:
-            ng, s = _groups(bs), self.shared
+        if ng:
+            s = self.shared
             sp = SharedPrefix(s.q_rows[:ng], s.lens[:ng], s.tables[:ng], s.skip[:bs], s.suffix_lens[:bs])
         return StepContext(is_prefill=False, positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
                            context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs], shared=sp)
@@ -96,22 +106,23 @@ class DecodeGraphs:
         w = ctx.block_tables.shape[1]
         self.block_tables[:n, :w] = ctx.block_tables
         self.block_tables[n:bs, 0] = 0
-        shared = ctx.shared is not None
+        ngb = 0  # the group bucket
         if ctx.shared is not None:
             sp, ng = self.shared, ctx.shared.lens.shape[0]
+            ngb = next(b for b in group_buckets(bs) if b >= ng)
             sp.q_rows[:ng] = ctx.shared.q_rows
-            sp.q_rows[ng:_groups(bs)] = -1
+            sp.q_rows[ng:ngb] = -1
             sp.lens[:ng] = ctx.shared.lens
-            sp.lens[ng:_groups(bs)] = 0
+            sp.lens[ng:ngb] = 0
             sp.tables[:ng, :w] = ctx.shared.tables
             sp.skip[:n] = ctx.shared.skip
             sp.skip[n:bs] = 0
             sp.suffix_lens[:n] = ctx.shared.suffix_lens
             sp.suffix_lens[n:bs] = 1
-            if (bs, True) not in self.graphs:
-                self._capture(bs, True)  # the first grouped step of this bucket (the buffers hold its inputs)
-        self.graphs[bs, shared].replay()
-        return self.logits[bs, shared][:n]
+            if (bs, ngb) not in self.graphs:
+                self._capture(bs, ngb)  # the first step of this bucket and group bucket (the buffers hold it)
+        self.graphs[bs, ngb].replay()
+        return self.logits[bs, ngb][:n]
 
 
 def run_step(model: DecoderLM, graphs: DecodeGraphs | None, input_ids: torch.Tensor, ctx: StepContext,

@@ -56,6 +56,9 @@ DECODE_MAX_SPLITS = 256
 # FLASHGEN_SHARED_KERNEL=prefill|decode picks (A/B measurements)
 SHARED_TILES = {64: (1, 64), 128: (1, 64), 256: (1, 32)}
 SHARED_KERNELS = ("prefill", "decode")
+# its key splits: one per 512 shared tokens (8 key tiles), at most 8 (shared_splits)
+SHARED_SPLIT_KEYS = 512
+SHARED_MAX_SPLITS = 8
 DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
 INT8K_V_MAX = 448.0  # the int8k cache's V: s = amax / 448; decode multiplies p by s * 448, the output by 1 / 448
 
@@ -363,13 +366,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                        lse=lse, num_splits=num_splits, plan=plan, window=window)
         return (out, lse) if return_lse else out
     ng, g = _check_shared(shared, B, dev)
-    o_sh = torch.empty(q.shape, dtype=torch.float32, device=dev)
-    lse_sh = torch.full((B, hq), float("-inf"), dtype=torch.float32, device=dev)
-    if ng and k_cache.dtype == q.dtype and shared_kernel() == "prefill":
+    on_prefill = k_cache.dtype == q.dtype and shared_kernel() == "prefill"
+    splits = shared_splits(shared.tables.shape[1] * bs, d) if on_prefill else 1
+    o_sh = torch.empty((splits, *q.shape), dtype=torch.float32, device=dev)
+    lse_sh = torch.full((splits, B, hq), float("-inf"), dtype=torch.float32, device=dev)
+    if ng and on_prefill:
         _shared_prefill_launch(q, k_cache, v_cache, shared, bs, hkv, softmax_scale, o_sh, lse_sh)
     elif ng:
         _decode_launch(**launch, context_lens=shared.lens, block_tables=shared.tables, batch=ng, hq=g * hq,
-                       out=o_sh, lse=lse_sh, num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
+                       out=o_sh[0], lse=lse_sh[0], num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
     _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
                    lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=(o_sh, lse_sh))
     return (out, lse) if return_lse else out
@@ -381,24 +386,40 @@ def shared_kernel() -> str:
     return choose("FLASHGEN_SHARED_KERNEL", os.environ.get("FLASHGEN_SHARED_KERNEL", "prefill"), SHARED_KERNELS)
 
 
+def shared_splits(max_shared: int, head_dim: int) -> int:
+    """Key splits of the PF_SHARED kernel for shared prefixes of up to `max_shared` tokens (shapes only, so a
+    captured graph sees a fixed grid): one per SHARED_SPLIT_KEYS tokens, at most SHARED_MAX_SPLITS; one at
+    head_dim 256 (the kernel's variant takes none). $FLASHGEN_SHARED_SPLITS overrides (A/B measurements)."""
+    forced = os.environ.get("FLASHGEN_SHARED_SPLITS")
+    if head_dim == 256:
+        return 1
+    if forced:
+        n = int(forced)
+        if not 1 <= n <= SHARED_MAX_SPLITS:
+            fail("FLASHGEN_SHARED_SPLITS", f"must be in [1, {SHARED_MAX_SPLITS}]", forced)
+        return n
+    return max(1, min(SHARED_MAX_SPLITS, max_shared // SHARED_SPLIT_KEYS))
+
+
 def _shared_prefill_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shared: SharedPrefix,
                            bs: int, hkv: int, softmax_scale: float, o_sh: torch.Tensor, lse_sh: torch.Tensor) -> None:
-    """The groups' shared prefixes on prefill_attention.cu's PF_SHARED kernel: grid (row blocks, Hkv, groups),
-    each CTA 64 (member, query head) rows of one kv head over its group's shared blocks, no causal mask, writing
-    the float32 output and natural-log LSE of its members' rows into o_sh / lse_sh (the kernel's top comment)."""
+    """The groups' shared prefixes on prefill_attention.cu's PF_SHARED kernel: grid (row blocks x key splits,
+    Hkv, groups), each CTA 64 (member, query head) rows of one kv head over one run of its group's shared key
+    tiles, no causal mask, writing the float32 output and natural-log LSE of its members' rows into its split's
+    o_sh / lse_sh (splits, B, Hq, ...) (the kernel's top comment)."""
     ng, g = shared.q_rows.shape
-    hq, d = q.shape[1], q.shape[2]
+    splits, B, hq, d = o_sh.shape
     mt, bn = SHARED_TILES[d]
     di = device_index(q)
     smem = prefill_smem_bytes(d, (mt, bn))
     k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
                        (("PF_MT", mt), ("PF_BN", bn), ("PF_SHARED", 1)))
     mblocks = -(-(g * (hq // hkv)) // (64 * mt))
-    jit.launch(k, (mblocks, hkv, ng), (128,), (
+    jit.launch(k, (mblocks * splits, hkv, ng), (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(None), jit.ptr(shared.lens), jit.ptr(shared.tables),
         jit.i32(shared.tables.stride(0)), jit.ptr(None), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
         jit.f32(softmax_scale * math.log2(math.e)), jit.i32(mblocks), jit.i32(0), jit.ptr(shared.q_rows), jit.i32(g),
-        jit.ptr(o_sh), jit.ptr(lse_sh)), q.device, shared_mem=smem)
+        jit.i32(splits), jit.i32(B * hq), jit.ptr(o_sh), jit.ptr(lse_sh)), q.device, shared_mem=smem)
 
 
 def _check_shared(shared: SharedPrefix, B: int, dev: torch.device) -> tuple[int, int]:
@@ -459,6 +480,7 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
     counters = split_counters(dev, pairs)
     merge_o, merge_lse = merge if merge is not None else (None, None)
+    merge_n = merge_o.shape[0] if merge_o is not None else 0  # (states, batch, hq, D)
     f32_out = out.dtype == torch.float32
     jit.launch(kern, (num_splits, pairs // batch, batch), (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
@@ -466,5 +488,5 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         jit.ptr(part_lse), jit.ptr(counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
         jit.f32(scale_log2), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms), jit.f32(v_scale),
         jit.ptr(q_rows), jit.i32(q_group), jit.ptr(bt_offset),
-        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse), jit.i32(window),
+        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse), jit.i32(merge_n), jit.i32(window),
         *((jit.ptr(kv_scales[0]), jit.ptr(kv_scales[1])) if kv_scales is not None else ())), dev)
