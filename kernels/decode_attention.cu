@@ -66,9 +66,9 @@
 //   2. bt_offset (B,): each sequence skips its group's shared blocks (context_lens are the lengths past them),
 //      and merge_o / merge_lse (the first launch's output and natural-log LSE, LSE -inf where a sequence has
 //      no group) are merged into the output as it is written: out = (O1 w1 + O2 w2) / (w1 + w2), w = e^(LSE -
-//      max). No third kernel; one read of the first launch's output. The first launch may also be
-//      prefill_attention.cu's PF_SHARED kernel, whose key splits leave merge_n states, merged one after the
-//      other the same way.
+//      max). No third kernel; one read of the first launch's output. FG_MERGE_N=1: the first launch was
+//      prefill_attention.cu's PF_SHARED kernel, whose key splits leave merge_n states (an extra argument),
+//      merged one after the other the same way.
 // FG_KV_FP8=1: the cache is float8 e4m3 (fp8.cuh). A thread loads the same elements as 8-byte chunks and
 //   converts them to the activation dtype when its step's math begins (the loads of the next step stay in
 //   flight); K's scale is folded into scale_log2 by the wrapper, V's multiplies the output (v_scale).
@@ -109,6 +109,9 @@ FG_INLINE uint4 v_expand(const kvw_t& w) { return w; }
 
 #ifndef FG_HEAD_DIM
 #define FG_HEAD_DIM 128
+#endif
+#ifndef FG_MERGE_N
+#define FG_MERGE_N 0  // 1: the merged state has merge_n parts (see the shared-prefix notes above)
 #endif
 #define D FG_HEAD_DIM
 #define DEC_WARPS 4
@@ -159,17 +162,27 @@ struct OutArgs {
     scalar_t* out;           // (rows, hq, D), or null when out_f32 is set
     float* out_f32;          // (rows, hq, D) float32 (a shared-prefix launch), or null
     float* lse;              // (rows, hq) natural log, or null
+#if FG_MERGE_N
     const float* merge_o;    // (merge_n, rows, hq, D) float32 states merged into the output, or null
     const float* merge_lse;  // (merge_n, rows, hq) their natural-log LSEs (-inf: nothing to merge), or null
     int merge_n;             // states (the shared launch's key splits)
     i64 merge_stride;        // rows * hq: entries between two states
+#else
+    const float* merge_o;    // (rows, hq, D) float32 state merged into the output, or null
+    const float* merge_lse;  // (rows, hq) its natural-log LSE (-inf: nothing to merge), or null
+#endif
 };
 
 // Write one output chunk (8 dims at d0 of entry idx = row * hq + head) with its natural-log LSE, merged with the
 // state of an earlier launch where there is one (merge LSE > -inf).
 FG_INLINE void store_out(const OutArgs& oa, i64 idx, int d0, float* acc, float lse) {
+#if FG_MERGE_N
     for (int sp = 0; oa.merge_lse != nullptr && sp < oa.merge_n; ++sp) {
         const i64 e = idx + sp * oa.merge_stride;
+#else
+    if (oa.merge_lse != nullptr) {
+        const i64 e = idx;
+#endif
         const float l2 = oa.merge_lse[e];
         if (l2 != FG_NEG_INF) {
             const float mx = fmaxf(lse, l2);
@@ -511,9 +524,11 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         int q_group,                           //   (1 when q_rows is null)
                         const int* __restrict__ bt_offset,     // (batch,) blocks each sequence skips, or null
                         float* __restrict__ out_f32,           // float32 output instead of out, or null
-                        const float* __restrict__ merge_o,     // (merge_n, batch, hq, D) float32 states merged
-                        const float* __restrict__ merge_lse,   //   into the output, (merge_n, batch, hq) natural
-                        int merge_n,                           //   log; or both null
+                        const float* __restrict__ merge_o,     // (batch, hq, D) float32 state merged into the
+                        const float* __restrict__ merge_lse,   //   output, (batch, hq) natural log; or both null
+#if FG_MERGE_N
+                        int merge_n,                           //   (merge_n of each: FG_MERGE_N)
+#endif
                         int window                             // sliding window (0: none; not with q_rows)
 #if FG_KV_INT8K
                         , const float* __restrict__ k_scales,  // int8k cache: (num_blocks * block_size, Hkv)
@@ -541,7 +556,11 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     const int ncta = gridDim.x * gridDim.y * gridDim.z;
     const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+#if FG_MERGE_N
     const OutArgs oa{out, out_f32, lse_out, merge_o, merge_lse, merge_n, (i64)batch * hq};
+#else
+    const OutArgs oa{out, out_f32, lse_out, merge_o, merge_lse};
+#endif
 
     // Split plan (plan 1, or plan 0 by the rule below): CTA i takes piece i % num_splits of pair
     // i / num_splits, every pair cut in num_splits pieces of equal whole steps (multiples of 4); it needs no

@@ -34,7 +34,8 @@ SOURCES = {
     "skinny_gemm.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "skinny_gemm_fp8.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "rope_kv_append.cu": [(d, kv) for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2") for d in (64, 128, 256)],
-    "decode_attention.cu": [(d, kv) for d in cuda_ops.ATTN_HEAD_DIMS for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2")],
+    "decode_attention.cu": [(d, kv) for d in cuda_ops.ATTN_HEAD_DIMS
+                            for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2", "FG_MERGE_N=1")],
     "kv_fp8.cu": [(None, "")],  # one variant holds both caches' kernels, KV_FP8_KERNELS
     "fp8_quant.cu": [(None, "")],
     "moe_route.cu": [(None, "")],

@@ -12,16 +12,23 @@ from checkpoints import make_checkpoint
 from flashgen import LLM, SamplingParams
 from flashgen.engine import step_packing
 from flashgen.engine.sequence import Sequence
-from flashgen.engine.step_packing import SHARED_GROUP, pack_step, shared_prefix_groups, unpack_step
+from flashgen.engine.step_packing import (
+    SHARED_GROUP,
+    SHARED_GROUP_WIDE,
+    pack_step,
+    shared_prefix_groups,
+    unpack_step,
+)
 from flashgen.ops import torch_ops
 from flashgen.ops.backend import SharedPrefix
 
 
 def shared_batch(groups: list[tuple[int, list[int]]], singles: list[int], bs: int, hkv: int, d: int,
-                 dtype: torch.dtype, gen: torch.Generator, device: str = "cpu", pad_groups: int = 1):
+                 dtype: torch.dtype, gen: torch.Generator, device: str = "cpu", pad_groups: int = 1,
+                 group: int = SHARED_GROUP):
     """A random paged cache and a decode batch in which each group (shared blocks, [tokens past them per member])
-    shares its leading blocks, plus sequences in no group; groups of more than SHARED_GROUP members are cut in
-    chunks as the engine cuts them, and `pad_groups` unused groups follow (as in a captured graph). Returns
+    shares its leading blocks, plus sequences in no group; groups of more than `group` members are cut in chunks
+    as the engine cuts them, and `pad_groups` unused groups follow (as in a captured graph). Returns
     (k_cache, v_cache, context_lens, block_tables, SharedPrefix), block ids shuffled over the cache."""
     lens, tables = [], []
     q_rows, glens, gtables, skip = [], [], [], []
@@ -36,10 +43,10 @@ def shared_batch(groups: list[tuple[int, list[int]]], singles: list[int], bs: in
             lens.append(p * bs + o)
             tables.append(prefix + [take() for _ in range(-(-o // bs))])
             skip.append(p)
-        n = -(-len(rows) // SHARED_GROUP)
+        n = -(-len(rows) // group)
         for j in range(n):
             chunk = rows[j * len(rows) // n:(j + 1) * len(rows) // n]
-            q_rows.append(chunk + [-1] * (SHARED_GROUP - len(chunk)))
+            q_rows.append(chunk + [-1] * (group - len(chunk)))
             glens.append(p * bs)
             gtables.append(prefix)
     for n in singles:
@@ -47,7 +54,7 @@ def shared_batch(groups: list[tuple[int, list[int]]], singles: list[int], bs: in
         tables.append([take() for _ in range(-(-n // bs))])
         skip.append(0)
     for _ in range(pad_groups):
-        q_rows.append([-1] * SHARED_GROUP)
+        q_rows.append([-1] * group)
         glens.append(0)
         gtables.append([])
     width = max(len(t) for t in tables + gtables)
@@ -116,11 +123,12 @@ def test_a_group_never_takes_the_block_a_member_writes():
     assert shared_prefix_groups(seqs, 16) == [([0, 1], 2)]
 
 
-def test_large_groups_are_cut_into_chunks_of_at_most_the_group_size():
-    seqs = [seq([7, 8, 100 + i], 40) for i in range(2 * SHARED_GROUP + 1)]
-    groups = shared_prefix_groups(seqs, 16)
+@pytest.mark.parametrize("group", [SHARED_GROUP, SHARED_GROUP_WIDE])
+def test_large_groups_are_cut_into_chunks_of_at_most_the_group_size(group):
+    seqs = [seq([7, 8, 100 + i], 40) for i in range(2 * group + 1)]
+    groups = shared_prefix_groups(seqs, 16, group=group)
     sizes = [len(rows) for rows, _ in groups]
-    assert sum(sizes) == len(seqs) and max(sizes) <= SHARED_GROUP and min(sizes) >= 2
+    assert len(groups) == 3 and sum(sizes) == len(seqs) and max(sizes) <= group and min(sizes) >= 2
     assert sorted(r for rows, _ in groups for r in rows) == list(range(len(seqs)))
     assert all(p == 2 for _, p in groups)
 
@@ -131,13 +139,14 @@ def test_grouping_is_skipped_when_it_saves_little():
     assert shared_prefix_groups(seqs, 16) == []
 
 
-def test_pack_and_unpack_carry_the_groups():
+@pytest.mark.parametrize("group", [SHARED_GROUP, SHARED_GROUP_WIDE])
+def test_pack_and_unpack_carry_the_groups(group):
     seqs = [seq([10, 11, 12, 13], 60), seq([10, 11, 20], 40), seq([30, 31], 20)]
-    buf = pack_step(seqs, False, 16, [1, 2, 3], shared_prefix=True)
+    buf = pack_step(seqs, False, 16, [1, 2, 3], shared_prefix=group)
     _, ctx, _ = unpack_step(buf, torch.device("cpu"))
     sp = ctx.shared
     assert sp is not None
-    assert sp.q_rows.tolist() == [[0, 1] + [-1] * (SHARED_GROUP - 2)]
+    assert sp.q_rows.tolist() == [[0, 1] + [-1] * (group - 2)]
     assert sp.lens.tolist() == [32] and sp.tables[0, :2].tolist() == [10, 11]
     assert sp.skip.tolist() == [2, 2, 0] and sp.suffix_lens.tolist() == [28, 8, 20]
     _, plain, _ = unpack_step(pack_step(seqs, False, 16, [1, 2, 3]), torch.device("cpu"))
@@ -161,8 +170,8 @@ def test_engine_outputs_equal_with_grouping_on_and_off(model_dir, monkeypatch):
     grouped_steps = []
     real = step_packing.shared_prefix_groups
 
-    def spy(seqs, bs, lens=None):
-        groups = real(seqs, bs, lens)
+    def spy(*args):
+        groups = real(*args)
         grouped_steps.append(len(groups))
         return groups
 
@@ -178,13 +187,15 @@ def test_engine_outputs_equal_with_grouping_on_and_off(model_dir, monkeypatch):
 
 
 def test_grouped_graph_buckets_cover_every_group_count():
-    """A decode batch of up to bs rows has at most bs // 2 groups; each count maps to the smallest group bucket
-    that holds it, powers of two below the top one, so a step with few groups replays a graph with few."""
+    """A decode batch of up to bs rows has at most bs // 2 groups; with fine buckets (the PF_SHARED kernel's wide
+    groups) each count maps to the smallest group bucket that holds it, powers of two below the top one, so a step
+    with few groups replays a graph with few; else every grouped step replays the top one."""
     from flashgen.engine.cuda_graphs import buckets, group_buckets
 
     assert group_buckets(1) == [1] and group_buckets(2) == [1] and group_buckets(8) == [1, 2, 4]
     assert group_buckets(256) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert group_buckets(48) == [1, 2, 4, 8, 16, 24]
+    assert group_buckets(256, fine=False) == [128] and group_buckets(1, fine=False) == [1]  # the decode kernel's
     for bs in buckets(512):
         gb = group_buckets(bs)
         assert gb == sorted(set(gb)) and gb[-1] == max(1, bs // 2)

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from flashgen.engine.step_packing import SHARED_GROUP
+from flashgen.engine.step_packing import SHARED_GROUP, SHARED_GROUP_WIDE
 from flashgen.ops import cuda_attention, cuda_ops, torch_ops
 from test_kernels_gpu import DEV, DTYPES, _seed
 from test_shared_prefix import shared_batch
@@ -30,7 +30,9 @@ CASES = [  # (groups: (shared blocks, tokens past them per member), sequences in
 def _errors(dtype, d, hkv, group, bs, groups, singles, fp8=False, **kw):
     seed = _seed()
     g = torch.Generator().manual_seed(seed)
-    kc, vc, ctx, bt, sp = shared_batch(groups, singles, bs, hkv, d, torch.float32, g, DEV)
+    # groups as wide as the engine makes them for the kernel that takes them (the PF_SHARED kernel: not FP8)
+    width = SHARED_GROUP_WIDE if cuda_attention.shared_kernel() == "prefill" and not fp8 else SHARED_GROUP
+    kc, vc, ctx, bt, sp = shared_batch(groups, singles, bs, hkv, d, torch.float32, g, DEV, group=width)
     q = torch.randn((ctx.shape[0], hkv * group, d), generator=g).to(DEV, dtype)
     ks = vs = 1.0
     if fp8:
@@ -62,8 +64,8 @@ def _errors(dtype, d, hkv, group, bs, groups, singles, fp8=False, **kw):
 @pytest.mark.parametrize("hkv,group", [(2, 1), (1, 3), (2, 4), (1, 8)])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_shared_prefix_decode(dtype, d, hkv, group, case, kernel, monkeypatch):
-    """Both kernels of the shared part on a bf16 / fp16 cache: prefill_attention.cu's PF_SHARED variant (the
-    default) and the decode kernel with the members as query heads."""
+    """Both kernels of the shared part on a bf16 / fp16 cache: the decode kernel with the members as query heads
+    (the default) and prefill_attention.cu's PF_SHARED variant (FLASHGEN_SHARED_KERNEL=prefill)."""
     monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", kernel)
     groups, singles = CASES[case]
     _errors(dtype, d, hkv, group, [16, 64][case % 2], groups, singles)
@@ -72,8 +74,10 @@ def test_shared_prefix_decode(dtype, d, hkv, group, case, kernel, monkeypatch):
 @pytest.mark.parametrize("dtype,hkv,group,case", [
     (torch.bfloat16, 2, 1, 0), (torch.float16, 1, 3, 1), (torch.bfloat16, 2, 4, 3), (torch.float16, 1, 8, 4),
     (torch.bfloat16, 1, 4, 2), (torch.float16, 1, 8, 5)])
-def test_shared_prefix_decode_hd256(dtype, hkv, group, case):
+@pytest.mark.parametrize("kernel", cuda_attention.SHARED_KERNELS)
+def test_shared_prefix_decode_hd256(dtype, hkv, group, case, kernel, monkeypatch):
     """Head_dim 256 (a subset): q_rows, the float32 output and the merge through the warp-pair kernel."""
+    monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", kernel)
     groups, singles = CASES[case]
     _errors(dtype, 256, hkv, group, [16, 64][case % 2], groups, singles)
 
@@ -85,17 +89,32 @@ def test_shared_prefix_decode_splits_and_plans(plan, num_splits, d):
     _errors(torch.bfloat16, d, 2, 4, 16, CASES[3][0], CASES[3][1], num_splits=num_splits, plan=plan)
 
 
+@pytest.mark.parametrize("splits", ["1", "3", "8"])
+@pytest.mark.parametrize("case", [3, 4, 5])
+def test_shared_prefix_kernel_key_splits(splits, case, monkeypatch):
+    """The PF_SHARED kernel's key splits (FLASHGEN_SHARED_SPLITS), empty ones included (short prefixes at 8), merged
+    by the decode kernel's FG_MERGE_N variant."""
+    monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", "prefill")
+    monkeypatch.setenv("FLASHGEN_SHARED_SPLITS", splits)
+    groups, singles = CASES[case]
+    _errors(torch.bfloat16, 128, 2, 4, 16, groups, singles)
+
+
 @pytest.mark.parametrize("d", [64, 128, pytest.param(256, id="hd256")])
-def test_shared_prefix_decode_fp8_cache(d):
+def test_shared_prefix_decode_fp8_cache(d, monkeypatch):
+    monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", "prefill")  # FP8 caches take the decode kernel whatever it says
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("the FP8 KV cache needs compute capability 8.9 or later")
     _errors(torch.bfloat16, d, 2, 4, 16, CASES[1][0], CASES[1][1], fp8=True)
 
 
-def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel", cuda_attention.SHARED_KERNELS)
+def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch, kernel):
     """n = 8 samples and prompts behind one system prompt, greedy, on the CUDA kernels with their captured graphs:
     the decode steps run grouped (a grouped graph is captured), and every step's logits equal the run without
-    groups' until the two runs' tokens first differ (random weights have near-ties: a token may flip)."""
+    groups' until the two runs' tokens first differ (random weights have near-ties: a token may flip). With either
+    kernel for the shared part (the PF_SHARED one: wide groups, graphs per group bucket)."""
+    monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", kernel)
     from checkpoints import make_checkpoint
     from flashgen import LLM, SamplingParams
     from flashgen.engine import step_packing
@@ -110,8 +129,7 @@ def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch):
               for i in range(12)]
     grouped = []
     real = step_packing.shared_prefix_groups
-    monkeypatch.setattr(step_packing, "shared_prefix_groups",
-                        lambda s, b, lens=None: grouped.append(real(s, b, lens)) or grouped[-1])
+    monkeypatch.setattr(step_packing, "shared_prefix_groups", lambda *a: grouped.append(real(*a)) or grouped[-1])
     runs = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("FLASHGEN_SHARED_PREFIX", flag)

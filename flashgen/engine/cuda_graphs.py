@@ -5,11 +5,12 @@ run. Each bucket's graph reads its inputs from static buffers that `run` fills; 
 output, model dtype) stay in the graph's memory pool, where every replay writes them again. Rows past the real
 batch are padding: they write no KV (slot -1) and attend to one token.
 
-Decode steps with shared-prefix groups (StepContext.shared) replay a graph per (batch bucket, group bucket),
-captured the first time a step of that pair comes: group buckets are powers of two up to batch bucket / 2 (a
-group has two or more members), unused groups padded with empty prefixes, so a step with a few groups (hundreds
-of lines behind one system prompt) launches no attention CTAs for a hundred empty ones. Batches without groups
-never pay for them.
+Decode steps with shared-prefix groups (StepContext.shared) replay a second graph per bucket, captured the first
+time a step of that bucket has groups: its static buffers hold up to bucket / 2 groups (a group has two or more
+members), unused ones padded with empty prefixes. Batches without groups never pay for them. With `fine_groups`
+(the PF_SHARED kernel's wide groups) a graph is captured per (batch bucket, group bucket), group buckets powers of
+two up to bucket / 2, so a step with a few groups (hundreds of lines behind one system prompt) launches no
+attention CTAs for a hundred empty ones.
 """
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ def _groups(bs: int) -> int:
     return max(1, bs // 2)
 
 
-def group_buckets(bs: int) -> list[int]:
-    """The group counts grouped graphs of batch bucket `bs` are captured for: powers of two, then _groups(bs)."""
+def group_buckets(bs: int, fine: bool = True) -> list[int]:
+    """The group counts grouped graphs of batch bucket `bs` are captured for: powers of two, then _groups(bs);
+    only _groups(bs) unless `fine`."""
     top = _groups(bs)
-    return sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top})
+    return sorted({1 << i for i in range(top.bit_length()) if fine and 1 << i < top} | {top})
 
 
 def buckets(max_bs: int) -> list[int]:
@@ -40,7 +42,8 @@ def buckets(max_bs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: DecoderLM, max_bs: int, max_blocks_per_seq: int):
+    def __init__(self, model: DecoderLM, max_bs: int, max_blocks_per_seq: int, group: int = SHARED_GROUP,
+                 fine_groups: bool = False):
         dev = model.device
         i32 = torch.int32
         self.model = model
@@ -50,7 +53,8 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_bs, dtype=i32, device=dev)
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=i32, device=dev)
         ng = _groups(max_bs)
-        self.shared = SharedPrefix(q_rows=torch.full((ng, SHARED_GROUP), -1, dtype=i32, device=dev),
+        self.fine_groups = fine_groups
+        self.shared = SharedPrefix(q_rows=torch.full((ng, group), -1, dtype=i32, device=dev),
                                    lens=torch.zeros(ng, dtype=i32, device=dev),
                                    tables=torch.zeros(ng, max_blocks_per_seq, dtype=i32, device=dev),
                                    skip=torch.zeros(max_bs, dtype=i32, device=dev),
@@ -109,7 +113,7 @@ class DecodeGraphs:
         ngb = 0  # the group bucket
         if ctx.shared is not None:
             sp, ng = self.shared, ctx.shared.lens.shape[0]
-            ngb = next(b for b in group_buckets(bs) if b >= ng)
+            ngb = next(b for b in group_buckets(bs, self.fine_groups) if b >= ng)
             sp.q_rows[:ng] = ctx.shared.q_rows
             sp.q_rows[ng:ngb] = -1
             sp.lens[:ng] = ctx.shared.lens

@@ -21,13 +21,13 @@ from flashgen.engine.logprobs import pack_logprobs
 from flashgen.engine.sampler import SamplingBatch, build_sampling_batch, processed_logits, sample
 from flashgen.engine.scheduler import Batch
 from flashgen.engine.sequence import Sequence
-from flashgen.engine.step_packing import pack_step, unpack_step
+from flashgen.engine.step_packing import SHARED_GROUP, SHARED_GROUP_WIDE, pack_step, unpack_step
 from flashgen.engine.token_slots import SampledTokens, TokenSlots
 from flashgen.models.decoder import DecoderLM
 from flashgen.models.spec import DTYPES, ModelSpec, kv_dtype_of
 from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import CUDA_FIX, cuda_backend_available, get_ops
-from flashgen.ops.cuda_attention import ATTN_HEAD_DIMS
+from flashgen.ops.cuda_attention import ATTN_HEAD_DIMS, shared_kernel
 from flashgen.ops.cuda_moe import grouped_unsupported, moe_impl
 
 log = logging.getLogger(__name__)
@@ -166,10 +166,13 @@ class ModelRunner:
         self.model = DecoderLM(model_dir, spec, self.dtype, self.device, get_ops(self.backend), max_len,
                                config.load_format, tp, self.kv_dtype, config.quantization)
         self.slots, self.graphs = TokenSlots(), None
-        # shared-prefix decode (step_packing.shared_prefix_groups); not with sliding windows (a window may end
-        # inside the shared blocks). FLASHGEN_SHARED_PREFIX=0 turns it off (A/B measurements).
-        self.shared_prefix = (not any(spec.layer_window(i) for i in range(spec.num_layers))
-                              and os.environ.get("FLASHGEN_SHARED_PREFIX", "1") != "0")
+        # shared-prefix decode (step_packing.shared_prefix_groups): members per group, 0 = off. Not with sliding
+        # windows (a window may end inside the shared blocks). FLASHGEN_SHARED_PREFIX=0 turns it off (A/B
+        # measurements); wider groups for the PF_SHARED kernel (FLASHGEN_SHARED_KERNEL=prefill, model-dtype cache)
+        on = (not any(spec.layer_window(i) for i in range(spec.num_layers))
+              and os.environ.get("FLASHGEN_SHARED_PREFIX", "1") != "0")
+        wide = self.backend == "cuda" and self.kv_dtype == self.dtype and shared_kernel() == "prefill"
+        self.shared_prefix = 0 if not on else SHARED_GROUP_WIDE if wide else SHARED_GROUP
         self.masks: TokenMasks | None = None  # grammar bitmasks, made on the first constrained step
         self._mask_thread: concurrent.futures.ThreadPoolExecutor | None = None  # fills them (start_masks)
         if self.kv_dtype == torch.float8_e4m3fn and self.model.kv_scales_from != "checkpoint":
@@ -190,7 +193,8 @@ class ModelRunner:
         if (self.device.type == "cuda" and self.backend == "cuda" and not config.enforce_eager
                 and self._moe_capturable()):
             max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
-            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks)
+            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, max(1, self.shared_prefix),
+                                       fine_groups=self.shared_prefix == SHARED_GROUP_WIDE)
 
     def _moe_capturable(self) -> bool:
         """Whether every MoE layer's ops.moe runs without a host sync (the CUDA backend's grouped GEMMs)."""

@@ -18,20 +18,23 @@ from flashgen.models.decoder import StepContext
 from flashgen.ops.backend import SharedPrefix
 
 HEADER = 8
-# Shared-prefix decode (docs/design.md, "Shared-prefix decode"): members per group (the shared part's kernel
-# takes a group's (member, query head) rows of one kv head 64 at a time and reads each shared K/V tile once per
-# 64 of them: 32 members fill it at 2 query heads per kv head, and a group's row blocks run side by side, their
-# tiles from L2), and the least share of a step's context tokens that grouping must save to be used (below it,
-# the second launch and the merge cost more than the blocks they save).
-SHARED_GROUP = 32
+# Shared-prefix decode (docs/design.md, "Shared-prefix decode"): members per group. SHARED_GROUP with the decode
+# kernel for the shared part (a group's query heads are 8 x the model's query heads per kv head: the kernel reads
+# the shared blocks once per 8 of them); SHARED_GROUP_WIDE with prefill_attention.cu's PF_SHARED kernel
+# ($FLASHGEN_SHARED_KERNEL=prefill), which takes a group's (member, query head) rows of one kv head 64 at a time:
+# 32 members fill that at 2 query heads per kv head. SHARED_MIN_SAVING: the least share of a step's context tokens
+# that grouping must save to be used (below it, the second launch and the merge cost more than the blocks they
+# save).
+SHARED_GROUP = 8
+SHARED_GROUP_WIDE = 32
 SHARED_MIN_SAVING = 0.25
 
 
-def shared_prefix_groups(seqs: list[Sequence], block_size: int,
-                         lens: list[int] | None = None) -> list[tuple[list[int], int]]:
-    """Decode batch rows that share leading KV blocks, as (rows, shared blocks) groups of 2 to SHARED_GROUP
-    rows; [] when grouping would save less than SHARED_MIN_SAVING of the context tokens the step reads. `lens`:
-    the sequences' lengths, when the caller has them.
+def shared_prefix_groups(seqs: list[Sequence], block_size: int, lens: list[int] | None = None,
+                         group: int = SHARED_GROUP) -> list[tuple[list[int], int]]:
+    """Decode batch rows that share leading KV blocks, as (rows, shared blocks) groups of 2 to `group` rows; []
+    when grouping would save less than SHARED_MIN_SAVING of the context tokens the step reads. `lens`: the
+    sequences' lengths, when the caller has them.
 
     Sequences share a block only by holding the same block id (a prefix-cache hit or a fork of the n samples),
     and a hit or a fork always covers a whole leading run of blocks, so sequences with the same first block share
@@ -56,7 +59,7 @@ def shared_prefix_groups(seqs: list[Sequence], block_size: int,
                     mid = (lo + hi + 1) // 2
                     lo, hi = (mid, hi) if table[:mid] == lead[:mid] else (lo, mid - 1)
                 p = lo
-        n = -(-len(rows) // SHARED_GROUP)  # chunks of nearly equal size, each of 2 or more
+        n = -(-len(rows) // group)  # chunks of nearly equal size, each of 2 or more
         for j in range(n):
             chunk = rows[j * len(rows) // n:(j + 1) * len(rows) // n]
             groups.append((chunk, p))
@@ -67,11 +70,12 @@ def shared_prefix_groups(seqs: list[Sequence], block_size: int,
 
 
 def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_ids: list[int] | None = None,
-              rows: list[int] | None = None, shared_prefix: bool = False) -> torch.Tensor:
+              rows: list[int] | None = None, shared_prefix: int = 0) -> torch.Tensor:
     """Pack one step. Prefill computes each sequence's scheduled chunk and wants the logits of the chunks that
     end their prompt; decode computes one token per sequence at position len - 1, its id column `decode_ids`
     (token ids, or device slot numbers: see TokenSlots). `rows` overrides which logits rows are wanted.
-    `shared_prefix`: a decode step groups the sequences that share leading blocks (shared_prefix_groups)."""
+    `shared_prefix` > 0: a decode step groups the sequences that share leading blocks, at most that many to a
+    group (shared_prefix_groups; 0: no groups)."""
     bs, B = block_size, len(seqs)
     nblocks = [len(s.block_table) for s in seqs]
     width = max(nblocks)
@@ -102,10 +106,10 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
         cu, want, max_q = list(range(B + 1)), list(range(B)), 1
     if rows is not None:
         want = rows
-    groups = shared_prefix_groups(seqs, bs, ctx_lens) if shared_prefix and not is_prefill else []
+    groups = shared_prefix_groups(seqs, bs, ctx_lens, shared_prefix) if shared_prefix and not is_prefill else []
     extra: list[np.ndarray] = []
     if groups:
-        q_rows = np.full((len(groups), SHARED_GROUP), -1, dtype=np.int64)
+        q_rows = np.full((len(groups), shared_prefix), -1, dtype=np.int64)
         skip = np.zeros(B, dtype=np.int64)
         for j, (members, run) in enumerate(groups):
             q_rows[j, :len(members)] = members
@@ -114,7 +118,7 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
         lead = tables[[members[0] for members, _ in groups]]
         lead[np.arange(width)[None, :] >= (lens // bs)[:, None]] = 0  # the shared blocks only
         extra = [q_rows.ravel(), lens, lead.ravel(), skip, np.asarray(ctx_lens, dtype=np.int64) - skip * bs]
-    header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), SHARED_GROUP if groups else 0]
+    header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), shared_prefix if groups else 0]
     return torch.from_numpy(np.concatenate([
         np.asarray(header + ids, dtype=np.int64), pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int64),
         tables.ravel(), np.asarray(want, dtype=np.int64), *extra]))

@@ -50,12 +50,12 @@ WGMMA_ARCH = "sm_90"  # the architecture with wgmma (built for its arch-specific
 PREFILL_SM90_HEAD_DIMS = (64, 128)
 PREFILL_SM90_SMEM = {d: 128 * d * 2 * 6 + 1024 for d in PREFILL_SM90_HEAD_DIMS}  # 2 Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
-# the shared part of a shared-prefix decode step on a cache in the model's dtype: prefill_attention.cu built with
-# PF_SHARED=1 and these tiles (64 query rows per CTA: a K/V tile serves 64 query heads, where the decode kernel's
-# serves 8), or "decode" (the decode kernel with the members as query heads, what FP8 and int8k caches take);
-# FLASHGEN_SHARED_KERNEL=prefill|decode picks (A/B measurements)
+# the shared part of a shared-prefix decode step: "decode" (the default: the decode kernel with the members as
+# query heads, what FP8 and int8k caches always take) or, on a cache in the model's dtype, "prefill":
+# prefill_attention.cu built with PF_SHARED=1 and these tiles (64 query rows per CTA: a K/V tile serves 64 query
+# heads, where the decode kernel's serves 8). FLASHGEN_SHARED_KERNEL=prefill opts in: it has not run on a GPU yet
 SHARED_TILES = {64: (1, 64), 128: (1, 64), 256: (1, 32)}
-SHARED_KERNELS = ("prefill", "decode")
+SHARED_KERNELS = ("decode", "prefill")
 # its key splits: one per 512 shared tokens (8 key tiles), at most 8 (shared_splits)
 SHARED_SPLIT_KEYS = 512
 SHARED_MAX_SPLITS = 8
@@ -370,20 +370,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = shared_splits(shared.tables.shape[1] * bs, d) if on_prefill else 1
     o_sh = torch.empty((splits, *q.shape), dtype=torch.float32, device=dev)
     lse_sh = torch.full((splits, B, hq), float("-inf"), dtype=torch.float32, device=dev)
+    merge = (o_sh[0], lse_sh[0])
     if ng and on_prefill:
         _shared_prefill_launch(q, k_cache, v_cache, shared, bs, hkv, softmax_scale, o_sh, lse_sh)
     elif ng:
         _decode_launch(**launch, context_lens=shared.lens, block_tables=shared.tables, batch=ng, hq=g * hq,
                        out=o_sh[0], lse=lse_sh[0], num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
+    if on_prefill:  # the variant that merges the key splits' states (FG_MERGE_N: one more argument)
+        launch["kern"] = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, device_index(q),
+                                        defines=(*defines, ("FG_MERGE_N", 1)))
+        merge = (o_sh, lse_sh)
     _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
-                   lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=(o_sh, lse_sh))
+                   lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=merge)
     return (out, lse) if return_lse else out
 
 
 def shared_kernel() -> str:
     """The kernel of a shared-prefix step's shared part on a cache in the model's dtype: $FLASHGEN_SHARED_KERNEL
-    (prefill, the default, or decode); checked."""
-    return choose("FLASHGEN_SHARED_KERNEL", os.environ.get("FLASHGEN_SHARED_KERNEL", "prefill"), SHARED_KERNELS)
+    (decode, the default, or prefill); checked."""
+    return choose("FLASHGEN_SHARED_KERNEL", os.environ.get("FLASHGEN_SHARED_KERNEL", "decode"), SHARED_KERNELS)
 
 
 def shared_splits(max_shared: int, head_dim: int) -> int:
@@ -480,7 +485,8 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
     counters = split_counters(dev, pairs)
     merge_o, merge_lse = merge if merge is not None else (None, None)
-    merge_n = merge_o.shape[0] if merge_o is not None else 0  # (states, batch, hq, D)
+    # (states, batch, hq, D): the FG_MERGE_N variant's key splits, passed as one more argument
+    merge_n = (jit.i32(merge_o.shape[0]),) if merge_o is not None and merge_o.dim() == 4 else ()
     f32_out = out.dtype == torch.float32
     jit.launch(kern, (num_splits, pairs // batch, batch), (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
@@ -488,5 +494,5 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         jit.ptr(part_lse), jit.ptr(counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
         jit.f32(scale_log2), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms), jit.f32(v_scale),
         jit.ptr(q_rows), jit.i32(q_group), jit.ptr(bt_offset),
-        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse), jit.i32(merge_n), jit.i32(window),
+        jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse), *merge_n, jit.i32(window),
         *((jit.ptr(kv_scales[0]), jit.ptr(kv_scales[1])) if kv_scales is not None else ())), dev)

@@ -68,7 +68,7 @@ def detok_us(tokenizer_dir: str, seqs: int = 256, tokens: int = 100, vocab: int 
 
 def pack_us(reps: int = 300) -> tuple[float, float]:
     """(without groups, with shared-prefix groups) microseconds per pack_step of a 256-sequence decode step."""
-    from flashgen.engine.step_packing import pack_step
+    from flashgen.engine.step_packing import SHARED_GROUP, pack_step
 
     bs, rng, prefix, nxt, seqs = 64, random.Random(0), list(range(1000, 1016)), 2000, []
     for _ in range(256):
@@ -81,7 +81,7 @@ def pack_us(reps: int = 300) -> tuple[float, float]:
     for grouped in (False, True):
         t0 = time.perf_counter()
         for _ in range(reps):
-            pack_step(seqs, False, bs, decode_ids=ids, shared_prefix=grouped)
+            pack_step(seqs, False, bs, decode_ids=ids, shared_prefix=SHARED_GROUP if grouped else 0)
         out.append((time.perf_counter() - t0) / reps * 1e6)
     return out[0], out[1]
 
