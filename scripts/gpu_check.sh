@@ -29,6 +29,9 @@
 #   families-speed nanovllm's request mix on the Qwen3-30B-A3B (MoE) and Gemma-3-4B (sliding windows, head_dim 256)
 #                  shapes, each next to its floor
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
+#   shared         shared-prefix decode's two kernels for the shared part: their GPU tests, then the sharedprefix
+#                  workload and the extract job (scale JOBS_SCALE, default 0.2) with FLASHGEN_SHARED_KERNEL=decode
+#                  (the default) and =prefill (the PF_SHARED kernel, opt-in), alternated in one call
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
 # Logs go to $OUT when it is set, else out/gpu_check/. Each section's status is printed at the end, then
@@ -176,6 +179,22 @@ multi() {
         > "$LOG/engine-table.txt" || true
 }
 
+shared() {
+    step shared-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/test_shared_prefix_gpu.py
+    local k
+    for k in decode prefill; do
+        mkdir -p "$LOG/$k"
+        step "tp-sharedprefix-$k" env FLASHGEN_SHARED_KERNEL=$k "$PY" -m flashgen.bench.throughput \
+            --workload sharedprefix --out-dir "$LOG/$k"
+        step "jobs-extract-$k" env FLASHGEN_SHARED_KERNEL=$k "$PY" -m flashgen.bench.jobs --workload extract \
+            --scale "${JOBS_SCALE:-0.2}" ${TOKENIZER:+--tokenizer "$TOKENIZER"} --out-dir "$LOG/$k"
+    done
+    for k in decode prefill; do
+        { echo "FLASHGEN_SHARED_KERNEL=$k"; grep -h -A3 "^workload" "$LOG/tp-sharedprefix-$k.log" \
+            "$LOG/jobs-extract-$k.log"; } >> "$LOG/engine-table.txt" || true
+    done
+}
+
 ab() {
     local base="${BASE:?ab needs BASE=DIR, a copy of the tree to compare with}" i
     for i in 1 2; do
@@ -198,6 +217,7 @@ for section in "$@"; do
         engine) engine_tests; throughput ;;
         all) kernel_tests; sanitize; kernel_bench; engine_tests; throughput ;;
         structured) structured ;;
+        shared) shared ;;
         sampling) sampling ;;
         fp8) fp8 ;;
         trtllm) trtllm ;;
@@ -206,7 +226,7 @@ for section in "$@"; do
         families-speed) families_speed ;;
         multi) multi ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, sampling, fp8, trtllm, jobs, multi, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, ab)" >&2; exit 2 ;;
     esac
 done
 
