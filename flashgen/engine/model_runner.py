@@ -27,7 +27,7 @@ from flashgen.models.decoder import DecoderLM
 from flashgen.models.spec import DTYPES, ModelSpec, kv_dtype_of
 from flashgen.models.tensor_parallel import TPInfo
 from flashgen.ops import CUDA_FIX, cuda_backend_available, get_ops
-from flashgen.ops.cuda_attention import ATTN_HEAD_DIMS, shared_kernel
+from flashgen.ops.cuda_attention import ATTN_HEAD_DIMS, shared_on_prefill
 from flashgen.ops.cuda_moe import grouped_unsupported, moe_impl
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class ModelRunner:
         # measurements); wider groups for the PF_SHARED kernel (FLASHGEN_SHARED_KERNEL=prefill, model-dtype cache)
         on = (not any(spec.layer_window(i) for i in range(spec.num_layers))
               and os.environ.get("FLASHGEN_SHARED_PREFIX", "1") != "0")
-        wide = self.backend == "cuda" and self.kv_dtype == self.dtype and shared_kernel() == "prefill"
+        wide = self.backend == "cuda" and shared_on_prefill(self.kv_dtype, self.dtype)
         self.shared_prefix = 0 if not on else SHARED_GROUP_WIDE if wide else SHARED_GROUP
         self.masks: TokenMasks | None = None  # grammar bitmasks, made on the first constrained step
         self._mask_thread: concurrent.futures.ThreadPoolExecutor | None = None  # fills them (start_masks)

@@ -366,7 +366,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                        lse=lse, num_splits=num_splits, plan=plan, window=window)
         return (out, lse) if return_lse else out
     ng, g = _check_shared(shared, B, dev)
-    on_prefill = k_cache.dtype == q.dtype and shared_kernel() == "prefill"
+    on_prefill = shared_on_prefill(k_cache.dtype, q.dtype)
     splits = shared_splits(shared.tables.shape[1] * bs, d) if on_prefill else 1
     o_sh = torch.empty((splits, *q.shape), dtype=torch.float32, device=dev)
     lse_sh = torch.full((splits, B, hq), float("-inf"), dtype=torch.float32, device=dev)
@@ -389,6 +389,12 @@ def shared_kernel() -> str:
     """The kernel of a shared-prefix step's shared part on a cache in the model's dtype: $FLASHGEN_SHARED_KERNEL
     (decode, the default, or prefill); checked."""
     return choose("FLASHGEN_SHARED_KERNEL", os.environ.get("FLASHGEN_SHARED_KERNEL", "decode"), SHARED_KERNELS)
+
+
+def shared_on_prefill(kv_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether a shared-prefix step's shared part runs on the PF_SHARED kernel (with its wide groups): a cache in
+    the model's dtype and $FLASHGEN_SHARED_KERNEL=prefill."""
+    return kv_dtype == dtype and shared_kernel() == "prefill"
 
 
 def shared_splits(max_shared: int, head_dim: int) -> int:
