@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from flashgen.config import EngineConfig
-from flashgen.llm import LLM
 from flashgen.ops import torch_ops
 from test_cli_support import check_engine_choice
-from test_kv_fp8 import _paged, check_reads_as_dequantized
+from test_kv_fp8 import _llm, _paged, check_reads_as_dequantized
 
 FP8 = torch.float8_e4m3fn
 
@@ -93,10 +91,6 @@ def test_mismatched_cache_and_scales_are_refused(k_dtype, v_dtype, scales, needl
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("int8k") / "m", num_layers=2, head_dim=32)
-
-
-def _llm(model, kv: str, **kw) -> LLM:
-    return LLM(config=EngineConfig(model=str(model), device="cpu", kv_cache_dtype=kv, kv_cache_gb=0.01, **kw))
 
 
 def test_engine_int8k_fits_its_bytes_and_is_closer_than_fp8(model):
