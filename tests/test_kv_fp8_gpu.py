@@ -148,23 +148,32 @@ def test_prefill_attention_fp8(dtype, d, group, bs, seqs, impl):
     _assert_close(f"prefill fp8 {impl}", got, base, ref, seed)
 
 
-def test_prefill_fp8_in_groups(monkeypatch):
-    """More sequences than one scratch holds: they run in groups, with the same result as in one launch."""
+GROUPED_SEQS = [(n, n + 5) for n in (3, 70, 1, 130, 64, 9, 200)]  # (query rows, context): the groups cases
+
+
+def check_groups_equal_one_launch(monkeypatch, q, k8, v8, bt, k_scale, v_scale, seed):
+    """Prefill of GROUPED_SEQS (2 kv heads, head_dim 128, bf16 pages of 16) over an 8-bit cache in one launch,
+    then with a scratch that holds two sequences (they run in groups): the two results are equal."""
     from flashgen.ops import cuda_attention
 
-    seed = _seed()
-    g = _gen(seed)
-    seqs = [(n, n + 5) for n in (3, 70, 1, 130, 64, 9, 200)]
-    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
-    k8, v8, _, _, bt = _quantized_cache(lens, 2, 128, 16, torch.bfloat16, g)
-    q = _randn((sum(qlens), 8, 128), g, torch.bfloat16)
+    qlens, lens = [m for m, _ in GROUPED_SEQS], [n for _, n in GROUPED_SEQS]
     cu = torch.tensor([0, *itertools.accumulate(qlens)], dtype=torch.int32, device=DEV)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    whole = cuda_ops.prefill_attention(q, k8, v8, cu, ctx, bt, max(qlens), 0.09, K_SCALE, V_SCALE)
+    whole = cuda_ops.prefill_attention(q, k8, v8, cu, ctx, bt, max(qlens), 0.09, k_scale, v_scale)
     page = 16 * 2 * 128 * 2 * 2  # K + V bytes of one page in bf16
     monkeypatch.setattr(cuda_attention, "FP8_SCRATCH_BYTES", 2 * page * bt.shape[1])  # two sequences a group
-    grouped = cuda_ops.prefill_attention(q, k8, v8, cu, ctx, bt, max(qlens), 0.09, K_SCALE, V_SCALE)
+    grouped = cuda_ops.prefill_attention(q, k8, v8, cu, ctx, bt, max(qlens), 0.09, k_scale, v_scale)
     assert torch.equal(whole, grouped), f"seed {seed}"
+
+
+def test_prefill_fp8_in_groups(monkeypatch):
+    """More sequences than one scratch holds: they run in groups, with the same result as in one launch."""
+    seed = _seed()
+    g = _gen(seed)
+    qlens, lens = [m for m, _ in GROUPED_SEQS], [n for _, n in GROUPED_SEQS]
+    k8, v8, _, _, bt = _quantized_cache(lens, 2, 128, 16, torch.bfloat16, g)
+    q = _randn((sum(qlens), 8, 128), g, torch.bfloat16)
+    check_groups_equal_one_launch(monkeypatch, q, k8, v8, bt, K_SCALE, V_SCALE, seed)
 
 
 def test_engine_fp8_kv_cache_generates_like_the_torch_reference(tmp_path):

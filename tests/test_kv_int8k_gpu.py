@@ -21,8 +21,8 @@ import torch
 
 from flashgen.ops import cuda_ops, torch_ops
 from test_kernels_gpu import DEV, DTYPES, _assert_close, _cos_sin, _gen, _paged_cache, _randn, _refs, _seed
+from test_kv_fp8_gpu import GROUPED_SEQS, PREFILL_QLENS, check_groups_equal_one_launch
 from test_kv_fp8_gpu import PREFILL_CASES as FP8_PREFILL_CASES
-from test_kv_fp8_gpu import PREFILL_QLENS
 from test_window_gpu import FP8_CASES, _poison_below
 
 pytestmark = pytest.mark.gpu
@@ -299,21 +299,12 @@ def test_prefill_attention_int8k(dtype, d, group, bs, seqs, impl):
 def test_prefill_int8k_in_groups(monkeypatch):
     """More sequences than one scratch holds: they run in groups (the scales indexed by block id, as in one
     launch), with the same result as in one launch."""
-    from flashgen.ops import cuda_attention
-
     seed = _seed()
     g = _gen(seed)
-    seqs = [(n, n + 5) for n in (3, 70, 1, 130, 64, 9, 200)]
-    qlens, lens = [m for m, _ in seqs], [n for _, n in seqs]
+    qlens, lens = [m for m, _ in GROUPED_SEQS], [n for _, n in GROUPED_SEQS]
     k8, v8, ks, vs, _, _, bt = _int8k_cache(lens, 2, 128, 16, torch.bfloat16, g)
     q = _randn((sum(qlens), 8, 128), g, torch.bfloat16, Q_SCALE)
-    cu = torch.tensor([0, *itertools.accumulate(qlens)], dtype=torch.int32, device=DEV)
-    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    whole = cuda_ops.prefill_attention(q, k8, v8, cu, ctx, bt, max(qlens), 0.09, ks, vs)
-    page = 16 * 2 * 128 * 2 * 2  # K + V bytes of one page in bf16
-    monkeypatch.setattr(cuda_attention, "FP8_SCRATCH_BYTES", 2 * page * bt.shape[1])  # two sequences a group
-    grouped = cuda_ops.prefill_attention(q, k8, v8, cu, ctx, bt, max(qlens), 0.09, ks, vs)
-    assert torch.equal(whole, grouped), f"seed {seed}"
+    check_groups_equal_one_launch(monkeypatch, q, k8, v8, bt, ks, vs, seed)
 
 
 # ---------------------------------------------------------------- sliding window
