@@ -195,6 +195,9 @@ def test_bad_requests_say_what_to_fix(llm):
         llm.add_request("a", "", SamplingParams())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.add_request("b", [1, 10**6], SamplingParams())
+    for not_id in (2.5, 3.0, True, "7"):  # refused, never truncated or coerced into another token
+        with pytest.raises(ValueError, match=f"token id {not_id!r} is not an integer"):
+            llm.add_request("b2", [1, not_id], SamplingParams())
     with pytest.raises(ValueError, match="context"):
         llm.add_request("c", [5] * llm.max_model_len, SamplingParams())
     with pytest.raises(ValueError, match="top_p"):
@@ -209,3 +212,25 @@ def test_incremental_api_returns_each_request_once(llm):
     while llm.has_unfinished_requests():
         got += [o.request_id for o in llm.step()]
     assert sorted(got) == ["r0", "r1", "r2"] and got[0] == "r0"
+
+
+def test_prompt_ids_take_integer_types_and_name_the_first_bad_id():
+    import numpy as np
+    import torch
+
+    from flashgen.engine.engine import prompt_ids
+
+    plain = [5, 0, 9]
+    got = prompt_ids(plain, 10)
+    assert got == plain and got is not plain  # a copy: the caller's list is not the sequence's
+    assert prompt_ids(np.array([1, 2, 3]), 10) == [1, 2, 3]
+    assert prompt_ids(torch.tensor([4, 5]), 10) == [4, 5]
+    assert all(type(t) is int for t in prompt_ids(np.array([7]), 10))
+    with pytest.raises(ValueError, match=r"token id 10 is outside the vocabulary \[0, 10\)"):
+        prompt_ids([1, 10, -1], 10)  # the first bad one in order, not the extreme
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        prompt_ids([1, -1, 10], 10)
+    with pytest.raises(ValueError, match="outside"):
+        prompt_ids([2**70], 10)
+    with pytest.raises(ValueError, match="not an integer"):
+        prompt_ids([1, np.float32(2)], 10)
