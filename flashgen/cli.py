@@ -380,11 +380,13 @@ def bench_jobs(
     shape: str = typer.Option("qwen3-0.6b", help="Model shape (random weights): qwen3-0.6b or llama-3.1-8b."),
     out_dir: str | None = typer.Option(None, help="Write jobs_WORKLOAD.json here."),
     enforce_eager: bool = typer.Option(False, help="No CUDA graphs."),
+    lengths: str = typer.Option("fixed", help="fixed: every line generates the workload's max_tokens; spread: each "
+                                "line its own, from an eighth of it to all of it (as EOS would end them)."),
 ) -> None:
     """A realistic JSONL job through `flashgen generate`'s path, start-up included, next to its floor on this GPU."""
     from flashgen.bench.jobs import main as run
 
-    run(workload, scale, tokenizer, out_dir, shape, enforce_eager=enforce_eager)
+    run(workload, scale, tokenizer, out_dir, shape, lengths, enforce_eager=enforce_eager)
 
 
 def _quiet(config: str | None, flags: dict) -> bool:

@@ -25,7 +25,8 @@
 #                  to its floor; TRTLLM="trtllm128 trtllm1000 trtllm5000" (the default) picks them: one or two fit a call
 #   jobs           flashgen/bench/jobs.py: the extract, synth and summarize JSONL jobs through `flashgen generate`'s
 #                  path, start-up included, next to their floor (a small job first fills the kernel cache;
-#                  TOKENIZER=DIR as for structured, JOBS_SCALE=F shrinks the jobs)
+#                  TOKENIZER=DIR as for structured, JOBS_SCALE=F shrinks the jobs, JOBS_LENGTHS=spread gives each
+#                  line its own max_tokens as EOS would)
 #   families-speed nanovllm's request mix on the Qwen3-30B-A3B (MoE) and Gemma-3-4B (sliding windows, head_dim 256)
 #                  shapes, each next to its floor
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
@@ -163,7 +164,7 @@ bench_jobs() {
         ${TOKENIZER:+--tokenizer "$TOKENIZER"}
     for w in extract synth summarize; do
         step "jobs-$w" "$PY" -m flashgen.bench.jobs --workload "$w" --scale "$scale" \
-            ${TOKENIZER:+--tokenizer "$TOKENIZER"} --out-dir "$LOG"
+            ${TOKENIZER:+--tokenizer "$TOKENIZER"} ${JOBS_LENGTHS:+--lengths "$JOBS_LENGTHS"} --out-dir "$LOG"
         grep -h -A5 "^workload $w" "$LOG/jobs-$w.log" >> "$LOG/engine-table.txt" || true
     done
 }

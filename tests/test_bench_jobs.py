@@ -66,6 +66,26 @@ def test_workload_runs_through_the_job_path(name, tokenizer, tmp_path):
             assert abs(res["instruction_tokens"] - w.instruction_tokens) <= w.instruction_tokens * 0.05
 
 
+@pytest.mark.parametrize("name", ["extract", "synth"])  # an OpenAI batch job and a native messages job
+def test_spread_lengths_give_each_line_its_own_max_tokens(name, tokenizer, tmp_path):
+    tok_dir, _ = tokenizer
+    w = jobs.WORKLOADS[name]
+    scale = 20 / w.lines
+    n = jobs.scaled_lines(w, scale)
+    outs = jobs.output_lengths(w, n, "spread")
+    assert outs == jobs.output_lengths(w, n, "spread")  # seeded
+    assert all(w.max_tokens // 8 <= m <= w.max_tokens for m in outs) and len(set(outs)) > n // 2
+    assert jobs.output_lengths(w, n) == [w.max_tokens] * n
+    res = jobs.main(name, scale, tok_dir, str(tmp_path), lengths="spread", **CPU)
+    # each line generated exactly its own limit, read from the line (the job's default is the workload's)
+    assert res["records"] == res["result_records"] == res["exact_length_records"] == n
+    assert res["output_tokens"] == sum(outs) and res["lengths"] == "spread"
+    assert res["line_max_tokens"]["total"] == sum(outs)
+    assert "exactly its own max_tokens" in jobs.report(res)
+    with pytest.raises(ValueError, match="lengths 'eos' is unknown"):
+        jobs.output_lengths(w, n, "eos")
+
+
 def test_texts_are_seeded_and_in_range():
     enc = [0]
 
@@ -109,6 +129,10 @@ def test_floor_counts_a_shared_prefix_once(tmp_path):
     shared = jobs.job_floor(spec, lens, jobs.distinct_tokens([array("i", p) for p in prompts]), 64, ceil)
     unshared = jobs.job_floor(spec, lens, sum(lens), 64, ceil)
     assert 0 < shared < unshared
+    # each line's own max_tokens: the same as one for all when they are equal, less when some are shorter
+    d = jobs.distinct_tokens([array("i", p) for p in prompts])
+    assert jobs.job_floor(spec, lens, d, [64] * 20, ceil) == shared
+    assert jobs.job_floor(spec, lens, d, [8] * 10 + [64] * 10, ceil) < shared
 
 
 def test_floor_of_a_mixture_of_experts_and_of_sliding_windows(tmp_path):

@@ -25,6 +25,12 @@ counts of each line's own text are printed and stored, and must lie in the workl
 line at a random place, so every line runs with `ignore_eos` (`--ignore-eos`) and generates exactly its max_tokens:
 the work is the same from run to run and the floor knows it.
 
+`--lengths spread` gives each line its own max_tokens instead (seeded, uniform from an eighth of the workload's
+max_tokens to all of it), as EOS would end real lines at different places: lines then finish and are admitted a few
+at a time nearly every step, where `fixed` (the default) finishes and admits them in waves of max_num_seqs. The
+targets are measured with `fixed`; `spread` shows what a job with real stopping points pays for its many small
+prefill steps.
+
 The whole job's wall time (from run_generate's start, model load included) is split into: start-up (job start to
 the first engine step, less the input taken meanwhile), input (what input work is left on the job's thread: taking
 each prepared line, and waiting for the preparation thread while the engine has nothing to do), admit (the
@@ -246,19 +252,37 @@ def make_texts(w: JobWorkload, n: int, encode: Callable[[str], list[int]],
     raise AssertionError(f"{len(bad)} texts of {w.name} stay outside [{lo}, {hi}] tokens with this tokenizer")
 
 
-def line_of(w: JobWorkload, i: int, instruction: str, text: str) -> dict:
+LENGTHS = ("fixed", "spread")
+
+
+def output_lengths(w: JobWorkload, n: int, lengths: str = "fixed", seed: int = 1) -> list[int]:
+    """Each line's max_tokens: the workload's (`fixed`), or seeded and uniform in [max_tokens / 8, max_tokens]
+    (`spread`: where EOS would end real lines, every line still generating exactly its own max_tokens)."""
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths {lengths!r} is unknown; use one of {', '.join(LENGTHS)}")
+    if lengths == "fixed":
+        return [w.max_tokens] * n
+    rng = random.Random(seed)
+    return [rng.randint(max(1, w.max_tokens // 8), w.max_tokens) for _ in range(n)]
+
+
+def line_of(w: JobWorkload, i: int, instruction: str, text: str, max_tokens: int | None = None) -> dict:
+    """Line i of the job; `max_tokens` other than the workload's goes into the line (its own limit)."""
+    own = {} if max_tokens is None or max_tokens == w.max_tokens else {"max_tokens": max_tokens}
     if w.batch_format:
         messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
         return {"custom_id": f"{w.name}-{i:06d}", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": "bench", "messages": messages, "max_tokens": w.max_tokens}}
-    return {"id": f"{w.name}-{i:06d}", "messages": [{"role": "user", "content": w.task + text}]}
+                "body": {"model": "bench", "messages": messages, "max_tokens": max_tokens or w.max_tokens}}
+    return {"id": f"{w.name}-{i:06d}", "messages": [{"role": "user", "content": w.task + text}], **own}
 
 
-def write_input(path: Path, w: JobWorkload, instruction: str, texts: list[str]) -> int:
-    """The JSONL file; returns its size in bytes."""
+def write_input(path: Path, w: JobWorkload, instruction: str, texts: list[str],
+                max_tokens: list[int] | None = None) -> int:
+    """The JSONL file (line i limited to max_tokens[i] when given); returns its size in bytes."""
     with open(path, "w", encoding="utf-8") as f:
         for i, text in enumerate(texts):
-            f.write(json.dumps(line_of(w, i, instruction, text), ensure_ascii=False) + "\n")
+            line = line_of(w, i, instruction, text, max_tokens[i] if max_tokens is not None else None)
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return path.stat().st_size
 
 
@@ -381,15 +405,17 @@ def breakdown(wall: float, clock: JobClock, prefill_s: float, decode_s: float) -
     return parts
 
 
-def job_floor(spec, prompt_lens: list[int], distinct: int, max_tokens: int, ceil: dict, max_seqs: int | None = None,
-              kv_capacity: int | None = None, **engine_kw) -> float:
+def job_floor(spec, prompt_lens: list[int], distinct: int, max_tokens: int | list[int], ceil: dict,
+              max_seqs: int | None = None, kv_capacity: int | None = None, **engine_kw) -> float:
     """throughput.floor_seconds of the job's prompts as the engine got them (template included), each generating
-    exactly max_tokens, with the engine's weight and KV-cache dtypes, at its limits (sequence slots, KV tokens)."""
+    exactly max_tokens (one for all, or each line's), with the engine's weight and KV-cache dtypes, at its limits
+    (sequence slots, KV tokens)."""
     from flashgen.bench.throughput import floor_from_lengths, weight_bytes_of
     from flashgen.models.spec import kv_dtype_of
 
     kv_dtype = kv_dtype_of(engine_kw.get("kv_cache_dtype"), torch.bfloat16)
-    return floor_from_lengths(prompt_lens, [max_tokens] * len(prompt_lens), distinct, spec,
+    outs = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompt_lens)
+    return floor_from_lengths(prompt_lens, outs, distinct, spec,
                               weight_bytes_of(spec, engine_kw.get("quantization") == "fp8"), ceil, kv_dtype,
                               max_seqs, kv_capacity)
 
@@ -398,8 +424,9 @@ def _stats(xs: list[int]) -> dict:
     return {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs), "total": sum(xs)}
 
 
-def check_records(path: Path, w: JobWorkload, n: int) -> dict:
-    """Every line's record: how many, how many are results, how many generated exactly max_tokens."""
+def check_records(path: Path, w: JobWorkload, n: int, max_tokens: list[int] | None = None) -> dict:
+    """Every line's record: how many, how many are results, how many generated exactly their max_tokens (the
+    workload's, or max_tokens[i] for line i)."""
     recs = [json.loads(s) for s in path.read_text(encoding="utf-8").splitlines()]
     key = "custom_id" if w.batch_format else "id"
     want = {f"{w.name}-{i:06d}" for i in range(n)}
@@ -409,7 +436,8 @@ def check_records(path: Path, w: JobWorkload, n: int) -> dict:
             continue
         ok += 1
         usage = r["response"]["body"]["usage"] if w.batch_format else r["usage"]
-        exact += usage["completion_tokens"] == w.max_tokens
+        i = int(r[key].rsplit("-", 1)[1])
+        exact += usage["completion_tokens"] == (max_tokens[i] if max_tokens is not None else w.max_tokens)
     return {"records": len(recs), "result_records": ok, "exact_length_records": exact,
             "distinct_ids": len({r.get(key) for r in recs} & want)}
 
@@ -427,9 +455,10 @@ def _model_dir(d: str, tokenizer_dir: Path, shape: str) -> Path:
 
 
 def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = None, out_dir: str | None = None,
-         shape: str = "qwen3-0.6b", **engine_kw) -> dict:
-    """Run one workload, print its report and return it; `engine_kw`: EngineConfig's options (device="cpu" runs
-    it on the CPU, without a floor: smoke runs)."""
+         shape: str = "qwen3-0.6b", lengths: str = "fixed", **engine_kw) -> dict:
+    """Run one workload, print its report and return it; `lengths`: every line's max_tokens the workload's, or
+    spread (output_lengths); `engine_kw`: EngineConfig's options (device="cpu" runs it on the CPU, without a
+    floor: smoke runs)."""
     from tokenizers import Tokenizer as HFTokenizer
 
     from flashgen.bench.throughput import measure_ceilings
@@ -450,13 +479,15 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
     engine_kw.setdefault("dtype", "float32" if on_cpu else "bfloat16")
     w = WORKLOADS[workload]
     n = scaled_lines(w, scale)
+    outs = output_lengths(w, n, lengths)
     device = "cpu" if on_cpu else torch.cuda.get_device_name()
     ceil = None if on_cpu else measure_ceilings()
     if not on_cpu:
         torch.cuda.empty_cache()
     res: dict[str, Any] = {"workload": workload, "device": device, "shape": shape, "scale": scale, "lines": n,
                            "format": "openai_batch" if w.batch_format else "messages", "max_tokens": w.max_tokens,
-                           "temperature": w.temperature, "ignore_eos": True}
+                           "temperature": w.temperature, "ignore_eos": True, "lengths": lengths,
+                           "line_max_tokens": _stats(outs)}
     with tempfile.TemporaryDirectory() as d:
         mdir = _model_dir(str(Path(d) / "model"), Path(tokenizer), shape)
         hf = HFTokenizer.from_file(str(mdir / "tokenizer.json"))
@@ -471,7 +502,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
         t = time.perf_counter()
         instruction, texts, text_tokens = make_texts(w, n, encode, measure)
         src, out, stats_path = Path(d) / "in.jsonl", Path(d) / "out.jsonl", Path(d) / "stats.json"
-        res["input_bytes"] = write_input(src, w, instruction, texts)
+        res["input_bytes"] = write_input(src, w, instruction, texts, outs)
         res["make_input_s"] = time.perf_counter() - t
         res["instruction_tokens"] = len(encode(instruction)) if instruction else 0
         res["text_tokens"] = {**_stats(text_tokens), "range": list(w.text_tokens)}
@@ -494,7 +525,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
             raise RuntimeError(f"the job exited with {code}: {job}")
         llm, clock.llm = clock.llm, None
         engine = llm.stats
-        res.update(check_records(out, w, n))
+        res.update(check_records(out, w, n, outs))
         prompt_lens = [len(p) for p in clock.prompts]
         res["prompt_tokens"] = _stats(prompt_lens)
         res["distinct_prompt_tokens"] = distinct_tokens(clock.prompts)
@@ -511,7 +542,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
             runner = getattr(getattr(llm, "engine", None), "runner", None)  # one engine (not data parallel)
             limits = {"max_seqs": llm.config.max_num_seqs,
                       "kv_capacity": runner.num_blocks * runner.block_size if runner is not None else None}
-            floor = job_floor(load_spec(mdir), prompt_lens, res["distinct_prompt_tokens"], w.max_tokens, ceil,
+            floor = job_floor(load_spec(mdir), prompt_lens, res["distinct_prompt_tokens"], outs, ceil,
                               **limits, **engine_kw)
             res.update(ceil, floor_s=floor, pct_of_floor=100 * floor / wall, floor_limits=limits)
         llm.close()
@@ -531,12 +562,14 @@ LABELS = {"startup_s": "start-up", "input_s": "input (left on the job's thread)"
 def report(res: dict) -> str:
     b, tt, pt = res["breakdown"], res["text_tokens"], res["prompt_tokens"]
     wall = res["wall_s"]
+    lt = res.get("line_max_tokens")
+    gen = (f"exactly {res['max_tokens']} tokens" if res.get("lengths", "fixed") == "fixed" or lt is None else
+           f"exactly its own max_tokens, {lt['min']}-{lt['max']} (mean {lt['mean']:.0f})")
     what = "OpenAI batch chat lines" if res["format"] == "openai_batch" else "native messages lines"
     instr = f"a shared {res['instruction_tokens']:,}-token instruction + " if res["instruction_tokens"] else ""
     lines = [
         f"workload {res['workload']} on {res['device']} ({res['shape']} shape, random weights, vocab "
-        f"{res['vocab_size']:,}; {res['lines']:,} {what}; ignore_eos: every line generates exactly "
-        f"{res['max_tokens']} tokens)",
+        f"{res['vocab_size']:,}; {res['lines']:,} {what}; ignore_eos: every line generates {gen})",
         f"  tokens per line: {instr}text min {tt['min']:,} / mean {tt['mean']:,.0f} / max {tt['max']:,} "
         f"(range {tt['range'][0]:,}-{tt['range'][1]:,}); prompt as tokenized (template included) min {pt['min']:,} "
         f"/ mean {pt['mean']:,.0f} / max {pt['max']:,}; {res['detail']['cached_tokens']:,} prompt tokens from the "
@@ -573,7 +606,9 @@ if __name__ == "__main__":
     ap.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     ap.add_argument("--device", default=None, help="cpu: a smoke run on the CPU (with --shape tiny), no floor")
+    ap.add_argument("--lengths", default="fixed", choices=LENGTHS,
+                    help="fixed: every line generates max_tokens; spread: each its own, 1/8 to all of it")
     a = ap.parse_args()
-    main(a.workload, a.scale, a.tokenizer, a.out_dir, a.shape, enforce_eager=a.enforce_eager,
+    main(a.workload, a.scale, a.tokenizer, a.out_dir, a.shape, a.lengths, enforce_eager=a.enforce_eager,
          max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_dtype=a.kv_cache_dtype,
          **({"device": a.device} if a.device else {}))
