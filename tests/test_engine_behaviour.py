@@ -85,6 +85,46 @@ def test_admission_reserves_what_running_sequences_will_grow_by(model_dir, llm):
     assert runs[None] == 0 and runs[0.0] > 0, runs
 
 
+def test_admission_held_for_free_slots_batches_prompts_and_keeps_tokens(model_dir, llm, monkeypatch):
+    """FLASHGEN_ADMIT_MIN_FREE=N: beside running sequences, waiting prompts start only once N slots are free (or as
+    many as are waiting): fewer, larger prefill steps, the same tokens; 0 admits into every free slot."""
+    from flashgen.engine.scheduler import admit_min_free
+
+    rng = random.Random(21)
+    prompts = rand_prompts([rng.randint(5, 40) for _ in range(24)], seed=22)
+    sps = [SamplingParams(temperature=0, max_tokens=rng.randint(2, 12), ignore_eos=True) for _ in prompts]
+    ref = llm.generate(prompts, sps)
+    sizes = {}
+    for n in ("0", "4"):
+        monkeypatch.setenv("FLASHGEN_ADMIT_MIN_FREE", n)
+        eng = LLM(model=model_dir, device="cpu", dtype="float32", max_num_seqs=8)
+        sched = eng.engine.scheduler
+        assert sched.admit_min_free == int(n)
+        seen, launch = [], sched.schedule
+
+        def schedule(launch=launch, seen=seen, sched=sched):
+            batch = launch()
+            if batch is not None and batch.is_prefill:
+                free = sched.max_num_seqs - len(sched.running) + len(batch.seqs)  # before this batch started
+                seen.append((len(batch.seqs), free, len(sched.waiting) + len(batch.seqs)))
+            return batch
+
+        sched.schedule = schedule
+        outs = eng.generate(prompts, sps)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
+        sizes[n] = seen
+    first = sizes["4"][0]
+    assert first[0] == 8  # nothing running: the first step fills every slot
+    # held back: each later prefill step starts with at least 4 free slots, or every waiting prompt fitting
+    assert all(free >= min(4, waiting) for _, free, waiting in sizes["4"][1:])
+    assert len(sizes["4"]) < len(sizes["0"])  # fewer prefill steps than admitting into every free slot
+    assert any(k < 4 for k, _, _ in sizes["0"][1:])  # where admitting at once starts steps of 1-3 prompts
+    for bad in ("-1", "few"):
+        monkeypatch.setenv("FLASHGEN_ADMIT_MIN_FREE", bad)
+        with pytest.raises(ValueError, match="FLASHGEN_ADMIT_MIN_FREE must be a whole number"):
+            admit_min_free()
+
+
 def test_chunked_prefill_matches_whole_prefill(model_dir, llm):
     prompts = rand_prompts([300, 5, 129], seed=12)
     chunked = LLM(model=model_dir, device="cpu", dtype="float32", max_num_batched_tokens=64)

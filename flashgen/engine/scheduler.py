@@ -11,10 +11,18 @@ Admitting by prompt blocks alone filled the cache with more sequences than it ca
 them over and over (8B shape, 1000/1000, max_num_seqs 1024: 400 preemptions, 10% slower than 256). The ratio is
 what finished sequences actually used of their limit (a moving average from 1: exact for ignore_eos jobs, lower
 where EOS comes early), and a preemption raises it again; preemption stays the safety net.
+
+Admission may also be held back until enough sequence slots are free (`admit_min_free`, $FLASHGEN_ADMIT_MIN_FREE;
+0, the default, admits as soon as one is): a job whose lines stop at different places frees a few slots nearly every
+step, and admitting into each makes a small prefill step per decode step, each launched op by op (a scheduler-only
+count on the extract job's shape: 523 prefill steps of ~1,600 tokens beside 588 decode steps;
+tools/probes/admission_steps_probe.py). Waiting for N free slots makes about N / 8 times fewer, larger prefill steps
+at the price of decode batches up to N - 1 short. Not measured on a GPU yet, hence off by default.
 """
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,6 +62,7 @@ class Scheduler:
         self.reserve_ratio = 1.0  # expected share of a sequence's remaining limit it will use (see the docstring)
         self.on_preempt = lambda seq: None  # the runner frees the sequence's device-side token slot
         self.on_copy = lambda pairs: None   # the runner copies KV blocks (src, dst) for forked samples
+        self.admit_min_free = admit_min_free()  # free slots before prompts are admitted beside running ones
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -67,7 +76,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
         reserve: float | None = None  # blocks the running sequences are expected to grow by
-        while self.waiting and budget > 0:
+        while self.waiting and budget > 0 and (batch or self._admit_now()):
             seq = self.waiting[0]
             if not seq.block_table:
                 if self.running and reserve is None:
@@ -146,7 +155,15 @@ class Scheduler:
         seq = self.waiting[0]
         if seq.block_table:
             return True
-        return self._admission(seq, self._running_reserve() if self.running else None) is not None
+        return self._admit_now() and self._admission(seq, self._running_reserve() if self.running else None) is not None
+
+    def _admit_now(self) -> bool:
+        """Whether waiting prompts may start this step: always with nothing running or a partly prefilled head of
+        `waiting`; else once admit_min_free slots are free, or as many as there are prompts waiting (the job's
+        tail)."""
+        if not self.running or self.admit_min_free <= 1 or self.waiting[0].block_table:
+            return True
+        return self.max_num_seqs - len(self.running) >= min(self.admit_min_free, len(self.waiting))
 
     def _running_reserve(self) -> float:
         """Blocks the running sequences are expected to grow by (their growth times the reserve ratio)."""
@@ -239,3 +256,17 @@ class Scheduler:
         seq.status = Status.FINISHED
         self.block_manager.free(seq)
         self.running.remove(seq)
+
+
+def admit_min_free() -> int:
+    """$FLASHGEN_ADMIT_MIN_FREE: sequence slots that must be free before waiting prompts are admitted beside running
+    sequences (0 or 1: as soon as one is; the module's docstring); checked."""
+    raw = os.environ.get("FLASHGEN_ADMIT_MIN_FREE", "0")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"FLASHGEN_ADMIT_MIN_FREE must be a whole number >= 0 (0: admit as soon as a slot is free), "
+                         f"got {raw!r}")
+    return n

@@ -2,10 +2,12 @@
 no GPU) runs the extract job's shape, 4,000 lines of a shared 1,000-token instruction plus a 50-300-token document,
 once with every line generating the workload's 64 tokens (`flashgen bench jobs`' default, --lengths fixed) and once
 with each line its own max_tokens (--lengths spread: 8 to 64, as EOS would end them), and counts its decode and
-prefill steps and the prefill steps' sizes. Each step that finishes a line frees its slot and blocks; a prompt is
-admitted when the scheduler would admit it, as in Engine.step (run-ahead and sampling are not modelled).
+prefill steps and the prefill steps' sizes; then, with spread limits, with admission held back until N sequence
+slots are free (Scheduler.admit_min_free, $FLASHGEN_ADMIT_MIN_FREE), for each N given. Each step that finishes a
+line frees its slot and blocks; a prompt is admitted when the scheduler would admit it, as in Engine.step (run-ahead
+and sampling are not modelled).
 
-    PYTHONPATH=. python3 tools/probes/admission_steps_probe.py [LINES]
+    PYTHONPATH=. python3 tools/probes/admission_steps_probe.py [LINES [N ...]]
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ from flashgen.engine.sequence import Sequence
 from flashgen.sampling_params import SamplingParams
 
 
-def steps(lines: int, lengths: str, num_blocks: int = 60_000) -> dict:
+def steps(lines: int, lengths: str, min_free: int = 0, num_blocks: int = 60_000) -> dict:
     w = WORKLOADS["extract"]
     cfg = EngineConfig(model="unused")
     sched = Scheduler(cfg, num_blocks, max_model_len=8192)
+    sched.admit_min_free = min_free
     rng = random.Random(0)
     shared = [rng.randrange(3, 40_000) for _ in range(w.instruction_tokens)]
     limit = {}
@@ -55,11 +58,13 @@ def steps(lines: int, lengths: str, num_blocks: int = 60_000) -> dict:
 
 def main() -> None:
     lines = int(sys.argv[1]) if len(sys.argv) > 1 else 4000
+    min_free = [int(a) for a in sys.argv[2:]] or [16, 32, 64]
     print(f"extract's shape, {lines:,} lines, max_num_seqs {EngineConfig.max_num_seqs}, "
           f"max_num_batched_tokens {EngineConfig.max_num_batched_tokens:,}")
-    for lengths in ("fixed", "spread"):
-        r = steps(lines, lengths)
-        print(f"  --lengths {lengths:<6}: {r['decode_steps']:,} decode steps "
+    for lengths, n in [("fixed", 0), ("spread", 0)] + [("spread", n) for n in min_free]:
+        r = steps(lines, lengths, n)
+        held = f", admitted at {n} free slots" if n else ""
+        print(f"  --lengths {lengths:<6}{held}: {r['decode_steps']:,} decode steps "
               f"(mean batch {r['mean_decode_batch']:.0f}), "
               f"{r['prefill_steps']:,} prefill steps of {r['mean_prefill_tokens']:,.0f} tokens on average, "
               f"{r['small_prefill_steps']:,} of them under 2,048 tokens")
