@@ -16,8 +16,8 @@ Admission may also be held back until enough sequence slots are free (`admit_min
 0, the default, admits as soon as one is): a job whose lines stop at different places frees a few slots nearly every
 step, and admitting into each makes a small prefill step per decode step, each launched op by op (a scheduler-only
 count on the extract job's shape: 523 prefill steps of ~1,600 tokens beside 588 decode steps;
-tools/probes/admission_steps_probe.py). Waiting for N free slots makes about N / 8 times fewer, larger prefill steps
-at the price of decode batches up to N - 1 short. Not measured on a GPU yet, hence off by default.
+tools/probes/admission_steps_probe.py). Waiting for N free slots makes fewer, larger prefill steps (N = 32: 110 of
+~7,800 tokens) at the price of decode batches up to N - 1 short. Not measured on a GPU yet, hence off by default.
 """
 from __future__ import annotations
 
