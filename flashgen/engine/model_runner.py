@@ -168,7 +168,7 @@ class ModelRunner:
         self.slots, self.graphs = TokenSlots(), None
         # shared-prefix decode (step_packing.shared_prefix_groups): members per group, 0 = off. Not with sliding
         # windows (a window may end inside the shared blocks). FLASHGEN_SHARED_PREFIX=0 turns it off (A/B
-        # measurements); wider groups for the PF_SHARED kernel (FLASHGEN_SHARED_KERNEL=prefill, model-dtype cache)
+        # measurements); wider groups for the PF_SHARED kernel (the default on a model-dtype cache)
         on = (not any(spec.layer_window(i) for i in range(spec.num_layers))
               and os.environ.get("FLASHGEN_SHARED_PREFIX", "1") != "0")
         wide = self.backend == "cuda" and shared_on_prefill(self.kv_dtype, self.dtype)

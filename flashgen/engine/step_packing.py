@@ -20,11 +20,11 @@ from flashgen.ops.backend import SharedPrefix
 HEADER = 8
 # Shared-prefix decode (docs/design.md, "Shared-prefix decode"): members per group. SHARED_GROUP with the decode
 # kernel for the shared part (a group's query heads are 8 x the model's query heads per kv head: the kernel reads
-# the shared blocks once per 8 of them); SHARED_GROUP_WIDE with prefill_attention.cu's PF_SHARED kernel
-# ($FLASHGEN_SHARED_KERNEL=prefill), which takes a group's (member, query head) rows of one kv head 64 at a time:
-# 32 members fill that at 2 query heads per kv head. SHARED_MIN_SAVING: the least share of a step's context tokens
-# that grouping must save to be used (below it, the second launch and the merge cost more than the blocks they
-# save).
+# the shared blocks once per 8 of them; FP8 and int8k caches, or $FLASHGEN_SHARED_KERNEL=decode);
+# SHARED_GROUP_WIDE with prefill_attention.cu's PF_SHARED kernel (the default on model-dtype caches), which takes
+# a group's (member, query head) rows of one kv head 64 at a time: 32 members fill that at 2 query heads per kv head.
+# SHARED_MIN_SAVING: the least share of a step's context tokens that grouping must save to be used (below it, the
+# second launch and the merge cost more than the blocks they save).
 SHARED_GROUP = 8
 SHARED_GROUP_WIDE = 32
 SHARED_MIN_SAVING = 0.25

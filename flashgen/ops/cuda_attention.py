@@ -50,10 +50,10 @@ WGMMA_ARCH = "sm_90"  # the architecture with wgmma (built for its arch-specific
 PREFILL_SM90_HEAD_DIMS = (64, 128)
 PREFILL_SM90_SMEM = {d: 128 * d * 2 * 6 + 1024 for d in PREFILL_SM90_HEAD_DIMS}  # 2 Q + 2 K + 2 V slots + alignment
 DECODE_MAX_SPLITS = 256
-# the shared part of a shared-prefix decode step: "decode" (the default: the decode kernel with the members as
-# query heads, what FP8 and int8k caches always take) or, on a cache in the model's dtype, "prefill":
+# the shared part of a shared-prefix decode step: on a cache in the model's dtype "prefill" (the default):
 # prefill_attention.cu built with PF_SHARED=1 and these tiles (64 query rows per CTA: a K/V tile serves 64 query
-# heads, where the decode kernel's serves 8). FLASHGEN_SHARED_KERNEL=prefill opts in: it has not run on a GPU yet
+# heads, where the decode kernel's serves 8); or "decode": the decode kernel with the members as query heads, what
+# FP8 and int8k caches always take. FLASHGEN_SHARED_KERNEL=decode picks the latter (A/B; BENCHMARKS.md, 7th session)
 SHARED_TILES = {64: (1, 64), 128: (1, 64), 256: (1, 32)}
 SHARED_KERNELS = ("decode", "prefill")
 # its key splits: one per 512 shared tokens (8 key tiles), at most 8 (shared_splits)
@@ -387,13 +387,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def shared_kernel() -> str:
     """The kernel of a shared-prefix step's shared part on a cache in the model's dtype: $FLASHGEN_SHARED_KERNEL
-    (decode, the default, or prefill); checked."""
-    return choose("FLASHGEN_SHARED_KERNEL", os.environ.get("FLASHGEN_SHARED_KERNEL", "decode"), SHARED_KERNELS)
+    (prefill, the default, or decode); checked."""
+    return choose("FLASHGEN_SHARED_KERNEL", os.environ.get("FLASHGEN_SHARED_KERNEL", "prefill"), SHARED_KERNELS)
 
 
 def shared_on_prefill(kv_dtype: torch.dtype, dtype: torch.dtype) -> bool:
     """Whether a shared-prefix step's shared part runs on the PF_SHARED kernel (with its wide groups): a cache in
-    the model's dtype and $FLASHGEN_SHARED_KERNEL=prefill."""
+    the model's dtype and $FLASHGEN_SHARED_KERNEL=prefill (the default)."""
     return kv_dtype == dtype and shared_kernel() == "prefill"
 
 
