@@ -85,9 +85,28 @@ def test_admission_reserves_what_running_sequences_will_grow_by(model_dir, llm):
     assert runs[None] == 0 and runs[0.0] > 0, runs
 
 
+def _prefill_starts(eng) -> list[tuple[int, int, int, int]]:
+    """Record each prefill step the scheduler of LLM `eng` starts: (prompts in it, free slots before it, prompts
+    waiting before it, how many steps were scheduled before it)."""
+    sched, seen, calls = eng.engine.scheduler, [], [0]
+    launch = sched.schedule
+
+    def schedule():
+        free, waiting = sched.max_num_seqs - len(sched.running), len(sched.waiting)
+        batch = launch()
+        if batch is not None and batch.is_prefill:
+            seen.append((len(batch.seqs), free, waiting, calls[0]))
+        calls[0] += batch is not None
+        return batch
+
+    sched.schedule = schedule
+    return seen
+
+
 def test_admission_held_for_free_slots_batches_prompts_and_keeps_tokens(model_dir, llm, monkeypatch):
-    """FLASHGEN_ADMIT_MIN_FREE=N: beside running sequences, waiting prompts start only once N slots are free (or as
-    many as are waiting): fewer, larger prefill steps, the same tokens; 0 admits into every free slot."""
+    """Beside running sequences, waiting prompts start only once N slots are free (or as many as are waiting): fewer,
+    larger prefill steps, the same tokens. N is a quarter of max_num_seqs unless FLASHGEN_ADMIT_MIN_FREE says
+    otherwise; 0 admits into every free slot (the old policy)."""
     from flashgen.engine.scheduler import admit_min_free
 
     rng = random.Random(21)
@@ -95,34 +114,60 @@ def test_admission_held_for_free_slots_batches_prompts_and_keeps_tokens(model_di
     sps = [SamplingParams(temperature=0, max_tokens=rng.randint(2, 12), ignore_eos=True) for _ in prompts]
     ref = llm.generate(prompts, sps)
     sizes = {}
-    for n in ("0", "4"):
-        monkeypatch.setenv("FLASHGEN_ADMIT_MIN_FREE", n)
+    for n in ("0", "4", None):
+        if n is None:
+            monkeypatch.delenv("FLASHGEN_ADMIT_MIN_FREE", raising=False)
+        else:
+            monkeypatch.setenv("FLASHGEN_ADMIT_MIN_FREE", n)
         eng = LLM(model=model_dir, device="cpu", dtype="float32", max_num_seqs=8)
-        sched = eng.engine.scheduler
-        assert sched.admit_min_free == int(n)
-        seen, launch = [], sched.schedule
-
-        def schedule(launch=launch, seen=seen, sched=sched):
-            batch = launch()
-            if batch is not None and batch.is_prefill:
-                free = sched.max_num_seqs - len(sched.running) + len(batch.seqs)  # before this batch started
-                seen.append((len(batch.seqs), free, len(sched.waiting) + len(batch.seqs)))
-            return batch
-
-        sched.schedule = schedule
+        assert eng.engine.scheduler.admit_min_free == (2 if n is None else int(n))  # default: 8 // 4
+        seen = _prefill_starts(eng)
         outs = eng.generate(prompts, sps)
         assert [o.token_ids for o in outs] == [o.token_ids for o in ref]
         sizes[n] = seen
-    first = sizes["4"][0]
-    assert first[0] == 8  # nothing running: the first step fills every slot
-    # held back: each later prefill step starts with at least 4 free slots, or every waiting prompt fitting
-    assert all(free >= min(4, waiting) for _, free, waiting in sizes["4"][1:])
-    assert len(sizes["4"]) < len(sizes["0"])  # fewer prefill steps than admitting into every free slot
-    assert any(k < 4 for k, _, _ in sizes["0"][1:])  # where admitting at once starts steps of 1-3 prompts
+    for n, need in (("4", 4), (None, 2)):
+        assert sizes[n][0][0] == 8  # nothing running: the first step fills every slot
+        # held back: each later prefill step starts with at least N free slots, or every waiting prompt fitting
+        assert all(free >= min(need, waiting) for _, free, waiting, _ in sizes[n][1:]), sizes[n]
+        assert len(sizes[n]) < len(sizes["0"])  # fewer prefill steps than admitting into every free slot
+    assert any(k < 2 for k, _, _, _ in sizes["0"][1:])  # where admitting at once starts steps of a single prompt
     for bad in ("-1", "few"):
         monkeypatch.setenv("FLASHGEN_ADMIT_MIN_FREE", bad)
         with pytest.raises(ValueError, match="FLASHGEN_ADMIT_MIN_FREE must be a whole number"):
-            admit_min_free()
+            admit_min_free(8)
+
+
+def test_admission_not_held_while_filling_or_for_long(model_dir, monkeypatch):
+    """The hold-back never slows a batch that is filling (each prefill step spends its whole token budget: long
+    prompts), and slots left free long enough (HOLD_STEPS * N slot-steps) admit anyway: lines that finish rarely."""
+    from flashgen.engine.scheduler import HOLD_STEPS
+
+    monkeypatch.setenv("FLASHGEN_ADMIT_MIN_FREE", "4")
+    long_prompts = rand_prompts([64] * 12, seed=23)
+    eng = LLM(model=model_dir, device="cpu", dtype="float32", max_num_seqs=8, max_num_batched_tokens=128)
+    seen = _prefill_starts(eng)
+    eng.generate(long_prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    # the first 8 prompts fill the batch two to a full step of 128 tokens, in the first four steps, although only 2
+    # slots are free before the fourth
+    assert [(k, free, before) for k, free, _, before in seen[:4]] == [(2, 8, 0), (2, 6, 1), (2, 4, 2), (2, 2, 3)]
+    # one slow line among quick ones: a freed slot does not wait for 4 to free up for more than the bound
+    sched = eng.engine.scheduler
+    steps = []
+    launch = sched.schedule
+
+    def schedule():
+        batch = launch()
+        steps.append((batch is not None and batch.is_prefill, sched.held_slot_steps))
+        return batch
+
+    sched.schedule = schedule
+    sps = [SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)] * 7 + [
+        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)] + [
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)] * 4
+    eng.generate(rand_prompts([10] * 12, seed=24), sps)
+    held = [h for is_prefill, h in steps if not is_prefill]
+    assert max(held) >= HOLD_STEPS * 4 - 3  # it waited up to the bound (slot-steps grow by at most 3 a step) ...
+    assert max(held) < HOLD_STEPS * 4 + 8   # ... and no longer
 
 
 def test_chunked_prefill_matches_whole_prefill(model_dir, llm):

@@ -12,12 +12,20 @@ them over and over (8B shape, 1000/1000, max_num_seqs 1024: 400 preemptions, 10%
 what finished sequences actually used of their limit (a moving average from 1: exact for ignore_eos jobs, lower
 where EOS comes early), and a preemption raises it again; preemption stays the safety net.
 
-Admission may also be held back until enough sequence slots are free (`admit_min_free`, $FLASHGEN_ADMIT_MIN_FREE;
-0, the default, admits as soon as one is): a job whose lines stop at different places frees a few slots nearly every
-step, and admitting into each makes a small prefill step per decode step, each launched op by op (a scheduler-only
-count on the extract job's shape: 523 prefill steps of ~1,600 tokens beside 588 decode steps;
-tools/probes/admission_steps_probe.py). Waiting for N free slots makes fewer, larger prefill steps (N = 32: 110 of
-~7,800 tokens) at the price of decode batches up to N - 1 short. Not measured on a GPU yet, hence off by default.
+Beside running sequences, admission is held back until a quarter of the sequence slots are free (`admit_min_free`,
+N; $FLASHGEN_ADMIT_MIN_FREE overrides, 0 admits as soon as one is), or as many as there are prompts waiting, or
+until the free slots have waited HOLD_STEPS * N slot-steps since the last admission. It is not held while the batch
+is filling: when the last prefill step was full (its token budget spent), the next one admits at once, so long
+prompts that fill a step each (summarize) or a wave of lines that finished together start as before.
+
+Why: a job whose lines stop at different places (EOS) frees a few slots nearly every step, and admitting into each
+made a small prefill step per decode step, each launched op by op: ~15 ms for ~1,600 tokens of a 0.6B model on an
+H100, where their FLOPs need ~3 ms (a scheduler-only count on the extract job's shape: 523 prefill steps beside 588
+decode steps; tools/probes/admission_steps_probe.py). Measured on the extract job with 8-64 tokens per line
+(`flashgen bench jobs --lengths spread`, BENCHMARKS.md): 13.0 and 14.3 s admitting at once, 10.3 s at N = 16, 10.0
+and 10.0 s at 32, 9.35 s at 64. An idle slot costs a decode step 1 / max_num_seqs of its work, a small prefill step
+several decode steps' time, so waiting is cheap; the slot-step bound keeps a job whose lines finish rarely from
+leaving slots empty for long.
 """
 from __future__ import annotations
 
@@ -50,6 +58,9 @@ class StepTokens(Protocol):
     def read(self) -> list[tuple[Sequence, int, int, list[float] | None]]: ...
 
 
+HOLD_STEPS = 8  # free slots admit anyway once they have waited this many steps times admit_min_free, in slot-steps
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int):
         self.max_num_seqs = config.max_num_seqs
@@ -62,7 +73,10 @@ class Scheduler:
         self.reserve_ratio = 1.0  # expected share of a sequence's remaining limit it will use (see the docstring)
         self.on_preempt = lambda seq: None  # the runner frees the sequence's device-side token slot
         self.on_copy = lambda pairs: None   # the runner copies KV blocks (src, dst) for forked samples
-        self.admit_min_free = admit_min_free()  # free slots before prompts are admitted beside running ones
+        # free slots before prompts are admitted beside running ones, and the slot-steps they have waited
+        self.admit_min_free = admit_min_free(self.max_num_seqs)
+        self.held_slot_steps = 0
+        self.filling = False  # the last prefill step spent its whole token budget: the next admits at once
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -98,6 +112,8 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
         if batch:
+            self.held_slot_steps = 0
+            self.filling = budget <= 0
             return Batch(batch, True)
 
         held: list[Sequence] = []  # at max_tokens / context with a token still on the GPU: nothing to compute
@@ -121,6 +137,8 @@ class Scheduler:
                 seq.num_scheduled_tokens = 1
                 batch.append(seq)
         self.running.extendleft(reversed(batch + held))
+        if self.waiting:  # slots left free this step while prompts wait (held back, or no room in the cache)
+            self.held_slot_steps += self.max_num_seqs - len(self.running)
         return Batch(batch, False) if batch else None
 
     def _end(self, seq: Sequence) -> int:
@@ -158,12 +176,15 @@ class Scheduler:
         return self._admit_now() and self._admission(seq, self._running_reserve() if self.running else None) is not None
 
     def _admit_now(self) -> bool:
-        """Whether waiting prompts may start this step: always with nothing running or a partly prefilled head of
-        `waiting`; else once admit_min_free slots are free, or as many as there are prompts waiting (the job's
-        tail)."""
-        if not self.running or self.admit_min_free <= 1 or self.waiting[0].block_table:
+        """Whether waiting prompts may start this step: always with nothing running, with a partly prefilled head of
+        `waiting`, or while the batch is filling (the last prefill step was full); else once admit_min_free slots
+        are free, or as many as there are prompts waiting (the job's tail), or once free slots have waited
+        HOLD_STEPS * admit_min_free slot-steps (lines that finish rarely)."""
+        n = self.admit_min_free
+        if not self.running or n <= 1 or self.filling or self.waiting[0].block_table:
             return True
-        return self.max_num_seqs - len(self.running) >= min(self.admit_min_free, len(self.waiting))
+        free = self.max_num_seqs - len(self.running)
+        return free >= min(n, len(self.waiting)) or (free > 0 and self.held_slot_steps >= HOLD_STEPS * n)
 
     def _running_reserve(self) -> float:
         """Blocks the running sequences are expected to grow by (their growth times the reserve ratio)."""
@@ -258,10 +279,12 @@ class Scheduler:
         self.running.remove(seq)
 
 
-def admit_min_free() -> int:
-    """$FLASHGEN_ADMIT_MIN_FREE: sequence slots that must be free before waiting prompts are admitted beside running
-    sequences (0 or 1: as soon as one is; the module's docstring); checked."""
-    raw = os.environ.get("FLASHGEN_ADMIT_MIN_FREE", "0")
+def admit_min_free(max_num_seqs: int) -> int:
+    """Sequence slots that must be free before waiting prompts are admitted beside running sequences (the module's
+    docstring): a quarter of max_num_seqs, or $FLASHGEN_ADMIT_MIN_FREE (0 or 1: as soon as one is); checked."""
+    raw = os.environ.get("FLASHGEN_ADMIT_MIN_FREE")
+    if raw is None:
+        return max(1, max_num_seqs // 4)
     try:
         n = int(raw)
     except ValueError:

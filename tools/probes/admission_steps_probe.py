@@ -1,18 +1,19 @@
 """How a job's steps are shaped when its lines stop at different places: the engine's Scheduler alone (no model,
-no GPU) runs the extract job's shape, 4,000 lines of a shared 1,000-token instruction plus a 50-300-token document,
-once with every line generating the workload's 64 tokens (`flashgen bench jobs`' default, --lengths fixed) and once
-with each line its own max_tokens (--lengths spread: 8 to 64, as EOS would end them), and counts its decode and
-prefill steps and the prefill steps' sizes; then, with spread limits, with admission held back until N sequence
-slots are free (Scheduler.admit_min_free, $FLASHGEN_ADMIT_MIN_FREE), for each N given. Each step that finishes a
-line frees its slot and blocks; a prompt is admitted when the scheduler would admit it, as in Engine.step (run-ahead
-and sampling are not modelled).
+no GPU) runs a `flashgen bench jobs` workload's shape (extract: 4,000 lines of a shared 1,000-token instruction plus
+a 50-300-token document; synth and summarize: their prompt lengths, no shared part) with every line generating the
+workload's max_tokens (--lengths fixed) and with each line its own (--lengths spread, an eighth of it to all of it,
+as EOS would end them), each admitting as soon as a slot is free (admit_min_free 0, the old policy) and with the
+scheduler's default hold-back (Scheduler.admit_min_free, $FLASHGEN_ADMIT_MIN_FREE), then with spread limits at each
+N given. It counts decode and prefill steps and the prefill steps' sizes. Each step that finishes a line frees its
+slot and blocks; a prompt is admitted when the scheduler would admit it, as in Engine.step (run-ahead and sampling
+are not modelled; prompt tokens are random ids, the chat template left out).
 
-    PYTHONPATH=. python3 tools/probes/admission_steps_probe.py [LINES [N ...]]
+    PYTHONPATH=. python3 tools/probes/admission_steps_probe.py [--workload W] [--lines N] [--min-free N ...]
 """
 from __future__ import annotations
 
+import argparse
 import random
-import sys
 
 from flashgen.bench.jobs import WORKLOADS, output_lengths
 from flashgen.config import EngineConfig
@@ -21,11 +22,13 @@ from flashgen.engine.sequence import Sequence
 from flashgen.sampling_params import SamplingParams
 
 
-def steps(lines: int, lengths: str, min_free: int = 0, num_blocks: int = 60_000) -> dict:
-    w = WORKLOADS["extract"]
+def steps(workload: str, lines: int, lengths: str, min_free: int | None = None, num_blocks: int = 60_000) -> dict:
+    """The step counts of one run; `min_free` None keeps the scheduler's default."""
+    w = WORKLOADS[workload]
     cfg = EngineConfig(model="unused")
     sched = Scheduler(cfg, num_blocks, max_model_len=8192)
-    sched.admit_min_free = min_free
+    if min_free is not None:
+        sched.admit_min_free = min_free
     rng = random.Random(0)
     shared = [rng.randrange(3, 40_000) for _ in range(w.instruction_tokens)]
     limit = {}
@@ -53,21 +56,25 @@ def steps(lines: int, lengths: str, min_free: int = 0, num_blocks: int = 60_000)
                 sched.finish(seq, seq.num_tokens)
     return {"decode_steps": len(decode_rows), "mean_decode_batch": sum(decode_rows) / len(decode_rows),
             "prefill_steps": len(prefill), "small_prefill_steps": sum(t < 2048 for t in prefill),
-            "mean_prefill_tokens": sum(prefill) / len(prefill)}
+            "mean_prefill_tokens": sum(prefill) / len(prefill), "min_free": sched.admit_min_free}
 
 
 def main() -> None:
-    lines = int(sys.argv[1]) if len(sys.argv) > 1 else 4000
-    min_free = [int(a) for a in sys.argv[2:]] or [16, 32, 64]
-    print(f"extract's shape, {lines:,} lines, max_num_seqs {EngineConfig.max_num_seqs}, "
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", default="extract", choices=tuple(WORKLOADS))
+    ap.add_argument("--lines", type=int, default=4000)
+    ap.add_argument("--min-free", type=int, nargs="*", default=[16, 32])
+    a = ap.parse_args()
+    print(f"{a.workload}'s shape, {a.lines:,} lines, max_num_seqs {EngineConfig.max_num_seqs}, "
           f"max_num_batched_tokens {EngineConfig.max_num_batched_tokens:,}")
-    for lengths, n in [("fixed", 0), ("spread", 0)] + [("spread", n) for n in min_free]:
-        r = steps(lines, lengths, n)
-        held = f", admitted at {n} free slots" if n else ""
-        print(f"  --lengths {lengths:<6}{held}: {r['decode_steps']:,} decode steps "
-              f"(mean batch {r['mean_decode_batch']:.0f}), "
-              f"{r['prefill_steps']:,} prefill steps of {r['mean_prefill_tokens']:,.0f} tokens on average, "
-              f"{r['small_prefill_steps']:,} of them under 2,048 tokens")
+    runs = [(lengths, n) for lengths in ("fixed", "spread") for n in (0, None)]
+    for lengths, n in runs + [("spread", n) for n in a.min_free]:
+        r = steps(a.workload, a.lines, lengths, n)
+        held = "admitting at once" if n == 0 else f"admitted at {r['min_free']} free slots" + (
+            " (the default)" if n is None else "")
+        print(f"  --lengths {lengths:<6} {held}: {r['decode_steps']:,} decode steps "
+              f"(mean batch {r['mean_decode_batch']:.0f}), {r['prefill_steps']:,} prefill steps of "
+              f"{r['mean_prefill_tokens']:,.0f} tokens on average, {r['small_prefill_steps']:,} under 2,048 tokens")
 
 
 if __name__ == "__main__":
