@@ -32,7 +32,10 @@
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
 #   shared         shared-prefix decode's two kernels for the shared part: their GPU tests, then the sharedprefix
 #                  workload and the extract job (scale JOBS_SCALE, default 0.2) with FLASHGEN_SHARED_KERNEL=decode
-#                  (the default) and =prefill (the PF_SHARED kernel, opt-in), alternated in one call
+#                  and =prefill (the PF_SHARED kernel, the default), alternated in one call
+#   admit          admission held for free slots (the default) against admitting at once (FLASHGEN_ADMIT_MIN_FREE=0),
+#                  alternated, on the extract and synth jobs with lines of their own lengths (--lengths spread;
+#                  JOBS_SCALE, default 0.2; TOKENIZER=DIR as for jobs)
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
 # Logs go to $OUT when it is set, else out/gpu_check/. Each section's status is printed at the end, then
@@ -196,6 +199,20 @@ shared() {
     done
 }
 
+admit() {
+    local w n
+    for w in extract synth; do
+        for n in default 0; do
+            local set=()
+            [ "$n" = 0 ] && set=(FLASHGEN_ADMIT_MIN_FREE=0)
+            step "admit-$w-$n" env ${set[@]+"${set[@]}"} "$PY" -m flashgen.bench.jobs --workload "$w" \
+                --scale "${JOBS_SCALE:-0.2}" --lengths spread ${TOKENIZER:+--tokenizer "$TOKENIZER"}
+            { echo "admission $n:"; grep -h -A4 "^workload" "$LOG/admit-$w-$n.log" | grep "whole job\|start-up"; } \
+                >> "$LOG/engine-table.txt" || true
+        done
+    done
+}
+
 ab() {
     local base="${BASE:?ab needs BASE=DIR, a copy of the tree to compare with}" i
     for i in 1 2; do
@@ -226,8 +243,9 @@ for section in "$@"; do
         families) families_tests ;;
         families-speed) families_speed ;;
         multi) multi ;;
+        admit) admit ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, admit, ab)" >&2; exit 2 ;;
     esac
 done
 
