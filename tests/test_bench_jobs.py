@@ -200,7 +200,7 @@ def test_instrumentation_leaves_the_job_code_as_it_was():
 
 def test_cli_and_bad_arguments(tmp_path):
     r = cli(["bench", "jobs", "--help"], cwd=tmp_path)
-    assert r.exit_code == 0 and "--workload" in r.stdout and "--scale" in r.stdout
+    assert r.exit_code == 0 and "--workload" in r.stdout and "--scale" in r.stdout and "--lengths" in r.stdout
     with pytest.raises(ValueError, match="unknown"):
         jobs.main("translate", device="cpu")
     with pytest.raises(ValueError, match="scale"):
