@@ -170,6 +170,27 @@ def test_admission_not_held_while_filling_or_for_long(model_dir, monkeypatch):
     assert max(held) < HOLD_STEPS * 4 + 8   # ... and no longer
 
 
+def test_admission_not_held_where_the_cache_binds(model_dir, monkeypatch):
+    """A cache too small for N more prompts like the head: the slots are not what limits admission, so it is not
+    held (waiting for slots would leave freed blocks idle): the same prefill steps as admitting at once."""
+    rng = random.Random(25)
+    prompts = rand_prompts([rng.randint(20, 40) for _ in range(16)], seed=26)
+    sps = [SamplingParams(temperature=0, max_tokens=rng.randint(5, 40), ignore_eos=True) for _ in prompts]
+    block_bytes = 2 * 2 * 1 * 32 * 4 * 16  # k+v, 2 layers, 1 kv head, d=32, fp32, 16 tokens
+    starts, tokens = {}, {}
+    for n in ("0", "6"):
+        monkeypatch.setenv("FLASHGEN_ADMIT_MIN_FREE", n)
+        eng = LLM(model=model_dir, device="cpu", dtype="float32", block_size=16, max_num_seqs=8,
+                  kv_cache_gb=16 * block_bytes / 2**30)  # ~4 sequences' worth of blocks for 8 slots
+        seen = _prefill_starts(eng)
+        tokens[n] = [o.token_ids for o in eng.generate(prompts, sps)]
+        starts[n] = seen
+    assert tokens["6"] == tokens["0"]
+    assert starts["6"] == starts["0"]
+    # prompts started beside running ones with fewer than 6 slots free: a hold for slots alone would have waited
+    assert any(free < 6 for _, free, waiting, _ in starts["0"][1:] if waiting >= 6), starts["0"]
+
+
 def test_chunked_prefill_matches_whole_prefill(model_dir, llm):
     prompts = rand_prompts([300, 5, 129], seed=12)
     chunked = LLM(model=model_dir, device="cpu", dtype="float32", max_num_batched_tokens=64)

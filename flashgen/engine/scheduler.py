@@ -16,7 +16,9 @@ Beside running sequences, admission is held back until a quarter of the sequence
 N; $FLASHGEN_ADMIT_MIN_FREE overrides, 0 admits as soon as one is), or as many as there are prompts waiting, or
 until the free slots have waited HOLD_STEPS * N slot-steps since the last admission. It is not held while the batch
 is filling: when the last prefill step was full (its token budget spent), the next one admits at once, so long
-prompts that fill a step each (summarize) or a wave of lines that finished together start as before.
+prompts that fill a step each (summarize) or a wave of lines that finished together start as before. Nor where the
+KV cache, not the slots, limits admission (it could not take N prompts like the head of `waiting` beside what the
+running sequences will grow by): there waiting for slots would only leave freed blocks idle.
 
 Why: a job whose lines stop at different places (EOS) frees a few slots nearly every step, and admitting into each
 made a small prefill step per decode step, each launched op by op: ~15 ms for ~1,600 tokens of a 0.6B model on an
@@ -179,12 +181,19 @@ class Scheduler:
         """Whether waiting prompts may start this step: always with nothing running, with a partly prefilled head of
         `waiting`, or while the batch is filling (the last prefill step was full); else once admit_min_free slots
         are free, or as many as there are prompts waiting (the job's tail), or once free slots have waited
-        HOLD_STEPS * admit_min_free slot-steps (lines that finish rarely)."""
+        HOLD_STEPS * admit_min_free slot-steps (lines that finish rarely), or when the cache, not the slots, is what
+        limits admission (it could not take admit_min_free prompts like the head)."""
         n = self.admit_min_free
-        if not self.running or n <= 1 or self.filling or self.waiting[0].block_table:
+        head = self.waiting[0]
+        if not self.running or n <= 1 or self.filling or head.block_table:
             return True
         free = self.max_num_seqs - len(self.running)
-        return free >= min(n, len(self.waiting)) or (free > 0 and self.held_slot_steps >= HOLD_STEPS * n)
+        if free >= min(n, len(self.waiting)) or (free > 0 and self.held_slot_steps >= HOLD_STEPS * n):
+            return True
+        # held only where slots bind: when the cache could not take n prompts like the head anyway (a KV-bound
+        # batch of long sequences), waiting for slots would leave its freed blocks idle instead
+        need = n * (head.num_blocks + self.reserve_ratio * self._growth(head))
+        return self.block_manager.num_free_blocks - self._running_reserve() < need
 
     def _running_reserve(self) -> float:
         """Blocks the running sequences are expected to grow by (their growth times the reserve ratio)."""
