@@ -26,10 +26,10 @@ line at a random place, so every line runs with `ignore_eos` (`--ignore-eos`) an
 the work is the same from run to run and the floor knows it.
 
 `--lengths spread` gives each line its own max_tokens instead (seeded, uniform from an eighth of the workload's
-max_tokens to all of it), as EOS would end real lines at different places: lines then finish and are admitted a few
-at a time nearly every step, where `fixed` (the default) finishes and admits them in waves of max_num_seqs. The
-targets are measured with `fixed`; `spread` shows what a job with real stopping points pays for its many small
-prefill steps.
+max_tokens to all of it), as EOS would end real lines at different places: lines then finish a few at a time nearly
+every step, where `fixed` (the default) finishes them in waves of max_num_seqs. The targets are measured with
+`fixed`; `spread` shows what a job with real stopping points pays for admitting new lines as old ones finish (the
+scheduler's admission; docs/design.md, "Continuous batching").
 
 The whole job's wall time (from run_generate's start, model load included) is split into: start-up (job start to
 the first engine step, less the input taken meanwhile), input (what input work is left on the job's thread: taking
