@@ -9,10 +9,16 @@ slot and blocks; a prompt is admitted when the scheduler would admit it, as in E
 are not modelled; prompt tokens are random ids, the chat template left out).
 
     PYTHONPATH=. python3 tools/probes/admission_steps_probe.py [--workload W] [--lines N] [--min-free N ...]
+        [--prompt-tokens P --max-tokens M] [--kv-blocks K]
+
+--prompt-tokens and --max-tokens replace the workload's lines by P-token prompts generating M tokens (spread: M / 8
+to M), e.g. TensorRT-LLM's 1000/1000 rows; --kv-blocks sets the cache (64-token blocks; default 60,000, more than
+these jobs need), e.g. 6,693 for the 8B shape's cache on an H100: a KV-bound batch.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 
 from flashgen.bench.jobs import WORKLOADS, output_lengths
@@ -22,9 +28,14 @@ from flashgen.engine.sequence import Sequence
 from flashgen.sampling_params import SamplingParams
 
 
-def steps(workload: str, lines: int, lengths: str, min_free: int | None = None, num_blocks: int = 60_000) -> dict:
-    """The step counts of one run; `min_free` None keeps the scheduler's default."""
+def steps(workload: str, lines: int, lengths: str, min_free: int | None = None, num_blocks: int = 60_000,
+          prompt_tokens: int | None = None, max_tokens: int | None = None) -> dict:
+    """The step counts of one run; `min_free` None keeps the scheduler's default; `prompt_tokens` and
+    `max_tokens` replace the workload's line shape."""
     w = WORKLOADS[workload]
+    if prompt_tokens is not None:
+        w = dataclasses.replace(w, instruction_tokens=0, text_tokens=(prompt_tokens, prompt_tokens),
+                                max_tokens=max_tokens or w.max_tokens)
     cfg = EngineConfig(model="unused")
     sched = Scheduler(cfg, num_blocks, max_model_len=8192)
     if min_free is not None:
@@ -56,7 +67,8 @@ def steps(workload: str, lines: int, lengths: str, min_free: int | None = None, 
                 sched.finish(seq, seq.num_tokens)
     return {"decode_steps": len(decode_rows), "mean_decode_batch": sum(decode_rows) / len(decode_rows),
             "prefill_steps": len(prefill), "small_prefill_steps": sum(t < 2048 for t in prefill),
-            "mean_prefill_tokens": sum(prefill) / len(prefill), "min_free": sched.admit_min_free}
+            "mean_prefill_tokens": sum(prefill) / len(prefill), "min_free": sched.admit_min_free,
+            "preemptions": sched.num_preemptions}
 
 
 def main() -> None:
@@ -64,17 +76,23 @@ def main() -> None:
     ap.add_argument("--workload", default="extract", choices=tuple(WORKLOADS))
     ap.add_argument("--lines", type=int, default=4000)
     ap.add_argument("--min-free", type=int, nargs="*", default=[16, 32])
+    ap.add_argument("--prompt-tokens", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--kv-blocks", type=int, default=60_000)
     a = ap.parse_args()
-    print(f"{a.workload}'s shape, {a.lines:,} lines, max_num_seqs {EngineConfig.max_num_seqs}, "
+    shape = (f"{a.prompt_tokens}/{a.max_tokens or WORKLOADS[a.workload].max_tokens} tokens" if a.prompt_tokens
+             else f"{a.workload}'s shape")
+    print(f"{shape}, {a.lines:,} lines, {a.kv_blocks:,} KV blocks, max_num_seqs {EngineConfig.max_num_seqs}, "
           f"max_num_batched_tokens {EngineConfig.max_num_batched_tokens:,}")
     runs = [(lengths, n) for lengths in ("fixed", "spread") for n in (0, None)]
     for lengths, n in runs + [("spread", n) for n in a.min_free]:
-        r = steps(a.workload, a.lines, lengths, n)
+        r = steps(a.workload, a.lines, lengths, n, a.kv_blocks, a.prompt_tokens, a.max_tokens)
         held = "admitting at once" if n == 0 else f"admitted at {r['min_free']} free slots" + (
             " (the default)" if n is None else "")
         print(f"  --lengths {lengths:<6} {held}: {r['decode_steps']:,} decode steps "
               f"(mean batch {r['mean_decode_batch']:.0f}), {r['prefill_steps']:,} prefill steps of "
-              f"{r['mean_prefill_tokens']:,.0f} tokens on average, {r['small_prefill_steps']:,} under 2,048 tokens")
+              f"{r['mean_prefill_tokens']:,.0f} tokens on average, {r['small_prefill_steps']:,} under 2,048 tokens, "
+              f"{r['preemptions']} preemptions")
 
 
 if __name__ == "__main__":
