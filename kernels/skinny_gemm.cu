@@ -17,12 +17,11 @@
 //   The NW partial 16 x 8 tiles are summed through shared memory; bias is added in fp32 and y rounded once.
 // Tiles: 16 columns x K per CTA; registers hold 2 x SG_U x 3 vectors per lane (this chunk and the next).
 // Memory traffic: W once (N K sizeof(dtype)), x once per CTA (L2-resident), y once.
-#include "common.cuh"
+#include "skinny_common.cuh"
 
 #ifndef SG_U
 #define SG_U 8           // 32-wide k steps whose loads are in flight together (host: 4 or 8)
 #endif
-#define SG_MAX_WARPS 8
 
 struct Chunk {
     uint4 w0[SG_U], w1[SG_U], x[SG_U];  // SG_U steps of 32 k: W rows g and g + 8, x row g
@@ -56,13 +55,10 @@ skinny_gemm_kernel(const scalar_t* __restrict__ x, i64 ldx,  // (M, K), row stri
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int nw = blockDim.x >> 5;
     const int n0 = blockIdx.x * 16;
-    // Rows past N are clamped to the last row (valid memory); their results are not stored.
-    const scalar_t* w0 = w + (i64)min(n0 + g, N - 1) * K;
-    const scalar_t* w1 = w + (i64)min(n0 + g + 8, N - 1) * K;
-    const bool has_x = g < M;
-    const scalar_t* xr = x + (i64)(has_x ? g : 0) * ldx;
-    const int kbeg = warp * k_per_warp;
-    const int kend = min(K, kbeg + k_per_warp);
+    const SkinnyLane<scalar_t> l = skinny_lane(x, ldx, w, M, N, K, k_per_warp, n0, g, warp);
+    const scalar_t *w0 = l.w0, *w1 = l.w1, *xr = l.xr;
+    const bool has_x = l.has_x;
+    const int kbeg = l.kbeg, kend = l.kend;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (kbeg < kend) {
         Chunk cur, nxt;
@@ -86,19 +82,8 @@ skinny_gemm_kernel(const scalar_t* __restrict__ x, i64 ldx,  // (M, K), row stri
             cur = nxt;
         }
     }
-    // acc: D[g][2c..2c+1] (column n0 + g, rows m = 2c, 2c + 1) and D[g + 8][2c..2c+1]
-    part[warp][g][2 * c] = acc[0];
-    part[warp][g][2 * c + 1] = acc[1];
-    part[warp][g + 8][2 * c] = acc[2];
-    part[warp][g + 8][2 * c + 1] = acc[3];
-    __syncthreads();
-    for (int p = threadIdx.x; p < 128; p += blockDim.x) {  // 16 columns x 8 rows; 2 warps take two passes
-        const int n = p & 15, m = p >> 4;
-        if (m < M && n0 + n < N) {
-            float s = 0.f;
-            for (int i = 0; i < nw; ++i) s += part[i][n][m];
-            if (bias != nullptr) s += to_float(bias[n0 + n]);
-            y[(i64)m * ldy + n0 + n] = from_float(s);
-        }
-    }
+    skinny_reduce(part, acc, warp, g, c, nw, M, N, n0, [&](int m, int n, float s) {
+        if (bias != nullptr) s += to_float(bias[n0 + n]);
+        y[(i64)m * ldy + n0 + n] = from_float(s);
+    });
 }

@@ -29,13 +29,12 @@
 // Shapes: K a multiple of 16 (a lane's 16-byte vector is never partial), any N (rows past N read row N - 1,
 // valid memory, and are not stored); xq rows ldx bytes apart, 16-byte aligned like W.
 // Memory traffic: W once (N K bytes), x once per CTA (L2-resident), y once.
-#include "common.cuh"
 #include "fp8.cuh"
+#include "skinny_common.cuh"
 
 #ifndef SG_U
 #define SG_U 8           // 64-wide k steps whose loads are in flight together (host: 4 or 8)
 #endif
-#define SG_MAX_WARPS 8
 #define SG_STEP 64       // k per warp step: 4 lanes x 16 e4m3
 
 // D = A * B + D, m16n8k32, e4m3 x e4m3 -> fp32 (layout above).
@@ -96,13 +95,10 @@ skinny_gemm_fp8_kernel(const fp8_t* __restrict__ xq, i64 ldx,  // (M, K) e4m3, r
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int nw = blockDim.x >> 5;
     const int n0 = blockIdx.x * 16;
-    // Rows past N are clamped to the last row (valid memory); their results are not stored.
-    const fp8_t* w0 = w + (i64)min(n0 + g, N - 1) * K;
-    const fp8_t* w1 = w + (i64)min(n0 + g + 8, N - 1) * K;
-    const bool has_x = g < M;
-    const fp8_t* xr = xq + (i64)(has_x ? g : 0) * ldx;
-    const int kbeg = warp * k_per_warp;
-    const int kend = min(K, kbeg + k_per_warp);
+    const SkinnyLane<fp8_t> l = skinny_lane(xq, ldx, w, M, N, K, k_per_warp, n0, g, warp);
+    const fp8_t *w0 = l.w0, *w1 = l.w1, *xr = l.xr;
+    const bool has_x = l.has_x;
+    const int kbeg = l.kbeg, kend = l.kend;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (kbeg < kend) {
         ChunkFp8 cur, nxt;
@@ -117,21 +113,10 @@ skinny_gemm_fp8_kernel(const fp8_t* __restrict__ xq, i64 ldx,  // (M, K) e4m3, r
         }
         chunk_products(acc, cur);  // the slice's last chunk: nothing left to load
     }
-    // acc: D[g][2c..2c+1] (column n0 + g, rows m = 2c, 2c + 1) and D[g + 8][2c..2c+1]
-    part[warp][g][2 * c] = acc[0];
-    part[warp][g][2 * c + 1] = acc[1];
-    part[warp][g + 8][2 * c] = acc[2];
-    part[warp][g + 8][2 * c + 1] = acc[3];
-    __syncthreads();
-    for (int p = threadIdx.x; p < 128; p += blockDim.x) {  // 16 columns x 8 rows; 2 warps take two passes
-        const int n = p & 15, m = p >> 4;
-        if (m < M && n0 + n < N) {
-            float s = 0.f;
-            for (int i = 0; i < nw; ++i) s += part[i][n][m];
-            // (acc * xs) * ws + bias, each rounded in fp32 as torch does it (no FMA contraction)
-            s = __fmul_rn(__fmul_rn(s, xs[m]), ws[n0 + n]);
-            if (bias != nullptr) s = __fadd_rn(s, to_float(bias[n0 + n]));
-            y[(i64)m * ldy + n0 + n] = from_float(s);
-        }
-    }
+    skinny_reduce(part, acc, warp, g, c, nw, M, N, n0, [&](int m, int n, float s) {
+        // (acc * xs) * ws + bias, each rounded in fp32 as torch does it (no FMA contraction)
+        s = __fmul_rn(__fmul_rn(s, xs[m]), ws[n0 + n]);
+        if (bias != nullptr) s = __fadd_rn(s, to_float(bias[n0 + n]));
+        y[(i64)m * ldy + n0 + n] = from_float(s);
+    });
 }
