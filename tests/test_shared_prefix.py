@@ -202,3 +202,23 @@ def test_grouped_graph_buckets_cover_every_group_count():
         for ng in range(1, bs // 2 + 1):
             b = next(x for x in gb if x >= ng)
             assert b < 2 * ng or b == gb[0], (bs, ng, b)
+
+
+def test_shared_splits_follow_the_prefix_and_refuse_bad_overrides(monkeypatch):
+    """The PF_SHARED kernel's key splits: one per SHARED_SPLIT_KEYS shared tokens, 1 to SHARED_MAX_SPLITS, one at
+    head_dim 256; FLASHGEN_SHARED_SPLITS overrides within that range, and a bad value is refused at every
+    head_dim."""
+    from flashgen.ops.cuda_attention import SHARED_MAX_SPLITS, SHARED_SPLIT_KEYS, shared_splits
+
+    monkeypatch.delenv("FLASHGEN_SHARED_SPLITS", raising=False)
+    assert shared_splits(100, 128) == 1
+    assert shared_splits(3 * SHARED_SPLIT_KEYS + 5, 128) == 3
+    assert shared_splits(10**6, 64) == SHARED_MAX_SPLITS
+    assert shared_splits(10**6, 256) == 1
+    monkeypatch.setenv("FLASHGEN_SHARED_SPLITS", "5")
+    assert shared_splits(100, 128) == 5 and shared_splits(100, 256) == 1
+    for bad in ("0", str(SHARED_MAX_SPLITS + 1), "two", "-1", "2.5"):
+        monkeypatch.setenv("FLASHGEN_SHARED_SPLITS", bad)
+        for d in (128, 256):
+            with pytest.raises(ValueError, match="FLASHGEN_SHARED_SPLITS must be a whole number in"):
+                shared_splits(1000, d)

@@ -402,13 +402,13 @@ def shared_splits(max_shared: int, head_dim: int) -> int:
     captured graph sees a fixed grid): one per SHARED_SPLIT_KEYS tokens, at most SHARED_MAX_SPLITS; one at
     head_dim 256 (the kernel's variant takes none). $FLASHGEN_SHARED_SPLITS overrides (A/B measurements)."""
     forced = os.environ.get("FLASHGEN_SHARED_SPLITS")
+    if forced:  # checked whatever the head_dim, so a bad value is never silently passed over
+        if not (forced.isdigit() and 1 <= int(forced) <= SHARED_MAX_SPLITS):
+            fail("FLASHGEN_SHARED_SPLITS", f"must be a whole number in [1, {SHARED_MAX_SPLITS}]", repr(forced))
     if head_dim == 256:
         return 1
     if forced:
-        n = int(forced)
-        if not 1 <= n <= SHARED_MAX_SPLITS:
-            fail("FLASHGEN_SHARED_SPLITS", f"must be in [1, {SHARED_MAX_SPLITS}]", forced)
-        return n
+        return int(forced)
     return max(1, min(SHARED_MAX_SPLITS, max_shared // SHARED_SPLIT_KEYS))
 
 
