@@ -4,7 +4,7 @@ name, the top ones printed with their share of the kernels' total and of the wal
 wall the GPU was busy at all (the rest: launch gaps and the host).
 
     PYTHONPATH=. python3 tools/probes/step_profile_probe.py WORKLOAD [--quantization fp8] [--kv-cache-dtype fp8]
-        [--requests N] [--top K]
+        [--requests N] [--max-num-seqs S] [--top K]
 
 --requests N keeps the workload's first N requests (a shorter profile of the same shape).
 
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--quantization", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="the engine's sequence slots (default: its own)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--cpu", action="store_true", help="--job: a smoke run of the probe on the CPU")
     a = ap.parse_args()
@@ -98,7 +99,8 @@ def main() -> None:
     prompts, params = w.prompts[:n], w.sampling_params()[:n]
     with tempfile.TemporaryDirectory() as d:
         llm = LLM(model=str(write_model_dir(w.shape, d)), load_format="dummy", dtype="bfloat16",
-                  quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
+                  quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
+                  **({"max_num_seqs": a.max_num_seqs} if a.max_num_seqs else {}))
         llm.generate([[(t + 1) % 10007 + 10001 for t in prompts[0]]], SamplingParams(max_tokens=4, ignore_eos=True))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
