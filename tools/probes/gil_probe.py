@@ -1,0 +1,105 @@
+"""Whether the job's preparation thread delays the engine's thread through the GIL (CPU only, no GPU needed).
+
+The engine's thread spends a step mostly waiting on the GPU (a wait that releases the GIL), then needs the GIL back
+to read the tokens and launch the next step. While the preparation thread parses, templates and tokenizes lines
+(flashgen/jobs/source.Prepared: its Python parts hold the GIL, the tokenizer's encode_batch does not), taking the
+GIL back can wait up to sys.getswitchinterval() (5 ms by default) each time. This probe runs the job's own
+preparation (LineParser.head / build / encode_pending on the extract job's lines, groups of PREPARE_GROUP) on a
+thread, and on the main thread a loop of 2 ms GIL-free waits (time.sleep, as the engine waits on the GPU), then
+prints how late the main thread gets going again after each wait: with no preparation running, and with it at
+switch intervals of 5, 1 and 0.5 ms, next to the preparation's rate.
+
+    PYTHONPATH=. python3 tools/probes/gil_probe.py TOKENIZER_DIR [--lines 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from flashgen.bench.jobs import WORKLOADS, _model_dir, line_of, make_texts
+from flashgen.jobs.inputs import LineParser
+from flashgen.jobs.params import defaults_from_settings
+from flashgen.jobs.runner import PREPARE_GROUP
+from flashgen.jobs.settings import load_settings
+from flashgen.tokenizer import Tokenizer
+
+
+def lateness(stop: threading.Event, wait_s: float = 0.002) -> list[float]:
+    """How late (s) the thread resumes after each of its GIL-free waits, until `stop`."""
+    late = []
+    while not stop.is_set():
+        t = time.perf_counter()
+        time.sleep(wait_s)
+        late.append(time.perf_counter() - t - wait_s)
+    return late
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tokenizer")
+    ap.add_argument("--lines", type=int, default=2000)
+    a = ap.parse_args()
+    w = WORKLOADS["extract"]
+    with tempfile.TemporaryDirectory() as d:
+        mdir = _model_dir(str(Path(d) / "model"), Path(a.tokenizer), "tiny")
+        tok = Tokenizer(mdir)
+
+        def encode(s: str) -> list[int]:
+            return tok.encode(s, add_special_tokens=False)
+
+        def measure(texts: list[str]) -> list[int]:
+            return [len(ids) for ids in tok.encode_batch(texts, add_special_tokens=False)]
+
+        instruction, texts, _ = make_texts(w, a.lines, encode, measure)
+        raws = [json.dumps(line_of(w, i, instruction, t), ensure_ascii=False).encode() for i, t in enumerate(texts)]
+        parser = LineParser(tok, 1 << 20, defaults_from_settings(load_settings(None, {}, "/").sampling))
+
+        def prepare_all() -> float:
+            t = time.perf_counter()
+            for g in range(0, len(raws), PREPARE_GROUP):
+                items = [parser.build(parser.head(g + i, r), defer=True)
+                         for i, r in enumerate(raws[g:g + PREPARE_GROUP])]
+                parser.encode_pending(items)
+            return time.perf_counter() - t
+
+        alone = prepare_all()
+        print(f"{len(raws)} extract lines prepared in {alone:.2f} s on one thread ({1e3 * alone / len(raws):.2f} ms "
+              "a line)")
+        stop = threading.Event()
+        idle = threading.Thread(target=lambda: (time.sleep(1.0), stop.set()))
+        idle.start()
+        base = lateness(stop)
+        idle.join()
+        print(f"{'switch interval':<18}{'mean late':>11}{'p90':>9}{'max':>9}{'waits':>7}{'prep s':>8}")
+
+        def row(name: str, late: list[float], prep_s: str) -> None:
+            p90 = sorted(late)[9 * len(late) // 10]
+            print(f"{name:<18}{1e3 * statistics.fmean(late):>9.3f}ms{1e3 * p90:>7.3f}ms{1e3 * max(late):>7.2f}ms"
+                  f"{len(late):>7}{prep_s:>8}")
+
+        row("(no preparation)", base, "")
+        for si in (0.005, 0.001, 0.0005):
+            sys.setswitchinterval(si)
+            done = threading.Event()
+            took: list[float] = []
+
+            def run(took=took, done=done) -> None:
+                took.append(prepare_all())
+                done.set()
+
+            prep = threading.Thread(target=run)
+            prep.start()
+            late = lateness(done)
+            prep.join()
+            row(f"{si * 1e3:g} ms", late, f"{took[0]:.2f}")
+        sys.setswitchinterval(0.005)
+
+
+if __name__ == "__main__":
+    main()
