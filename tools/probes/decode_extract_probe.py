@@ -8,7 +8,8 @@ each case on fresh random data:
   - shared, both kernels for the shared part (FLASHGEN_SHARED_KERNEL=decode|prefill): groups of up to 8 or 32
     members as the engine forms them, then the own parts merged in;
   - own parts alone (no shared part, no merge), with the plan and splits of the heuristic and forced;
-  - the shared part alone on the PF_SHARED kernel.
+  - the shared part alone on the PF_SHARED kernel;
+  - the PF_SHARED case again with block tables as wide as a captured graph's (its key splits follow the width).
 Each next to its bytes over the copy bandwidth measured in the same process.
 
     PYTHONPATH=. python3 tools/probes/decode_extract_probe.py [--seqs 256] [--shared 960] [--own 50 350]
@@ -109,6 +110,15 @@ def main() -> None:
         ng = sp.q_rows.shape[0]
         sec = timed(lambda sp=sp: cuda_attention.decode_attention(q, k, v, ctx, bt, scale, shared=sp))
         row(f"shared, {kern} kernel, {ng} groups of <= {group}", sec, own_bytes + sb * BS * tok_bytes)
+    # a captured decode graph's tables are max_blocks_per_seq wide (640 at a 40,960-token context, 64-token pages):
+    # the PF_SHARED kernel's key splits follow the width, not the prefix
+    wide = torch.zeros((B, 640), dtype=torch.int32, device="cuda")
+    wide[:, :W] = bt
+    sp = shared_prefix(B, sb, SHARED_GROUP_WIDE, ctx, wide[0].cpu())
+    os.environ["FLASHGEN_SHARED_KERNEL"] = "prefill"
+    row(f"shared, prefill kernel, tables 640 wide ({cuda_attention.shared_splits(640 * BS, D)} key splits)",
+        timed(lambda: cuda_attention.decode_attention(q, k, v, ctx, wide, scale, shared=sp)),
+        own_bytes + sb * BS * tok_bytes)
     os.environ.pop("FLASHGEN_SHARED_KERNEL", None)
     bt_own = bt[:, sb:].contiguous()
     own_ctx = (ctx - sb * BS).contiguous()
