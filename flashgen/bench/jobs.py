@@ -301,6 +301,7 @@ class JobClock:
         self.first_step_s = 0.0
         self.prompts: list[array] = []  # each request's prompt token ids, as the engine got them
         self.llm: Any = None
+        self.gpu_steps: GpuSteps | None = None
 
     def add(self, part: str, seconds: float) -> None:
         setattr(self, part, getattr(self, part) + seconds)
@@ -308,12 +309,52 @@ class JobClock:
             self.before_first_step += seconds
 
 
+class GpuSteps:
+    """CUDA events around each engine step's launch (what the step queues on the stream: graph inputs, kernels,
+    sampling), read once the job is done: per step kind, the GPU's span of the steps (from the stream reaching a
+    step to finishing it: an eagerly launched step's gaps between kernels included), and the GPU's idle time between
+    steps (a step finished before the host had queued the next one)."""
+
+    def __init__(self, runner, event: Callable[[], Any] = lambda: torch.cuda.Event(enable_timing=True),
+                 synchronize: Callable[[], None] = torch.cuda.synchronize):
+        self.steps: list[tuple[bool, int, Any, Any]] = []  # (prefill, rows, start event, end event)
+        self._sync = synchronize
+        launch = runner.launch
+
+        def timed_launch(batch):
+            a = event()
+            a.record()
+            out = launch(batch)
+            b = event()
+            b.record()
+            self.steps.append((batch.is_prefill, len(batch.seqs), a, b))
+            return out
+
+        runner.launch = timed_launch
+
+    def summary(self) -> dict:
+        self._sync()
+        out = {k: {"steps": 0, "gpu_s": 0.0, "rows": 0} for k in ("prefill", "decode")}
+        idle = 0.0
+        for i, (prefill, rows, a, b) in enumerate(self.steps):
+            o = out["prefill" if prefill else "decode"]
+            o["steps"] += 1
+            o["rows"] += rows
+            o["gpu_s"] += a.elapsed_time(b) / 1e3
+            if i:
+                idle += max(0.0, self.steps[i - 1][3].elapsed_time(a) / 1e3)
+        return {**out, "idle_between_steps_s": idle}
+
+
 class _TimedLLM:
-    """The job's LLM, unchanged, with a clock on add_request and step."""
+    """The job's LLM, unchanged, with a clock on add_request and step (and on a CUDA device, GpuSteps)."""
 
     def __init__(self, llm, clock: JobClock):
         self._llm, self._clock = llm, clock
         clock.llm = llm
+        runner = getattr(getattr(llm, "engine", None), "runner", None)  # one engine (not data parallel)
+        if runner is not None and getattr(runner, "device", torch.device("cpu")).type == "cuda":
+            clock.gpu_steps = GpuSteps(runner)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
@@ -525,6 +566,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
             raise RuntimeError(f"the job exited with {code}: {job}")
         llm, clock.llm = clock.llm, None
         engine = llm.stats
+        res["gpu_steps"] = clock.gpu_steps.summary() if clock.gpu_steps is not None else None
         res.update(check_records(out, w, n, outs))
         prompt_lens = [len(p) for p in clock.prompts]
         res["prompt_tokens"] = _stats(prompt_lens)
@@ -586,6 +628,13 @@ def report(res: dict) -> str:
         "  " + " | ".join(f"{LABELS[k]} {v:.2f} s ({100 * v / wall:.0f}%)" for k, v in b.items()),
         f"  input prepared on its own thread, overlapped: {res['detail'].get('prepare_thread_s', 0.0):.2f} s busy",
     ]
+    g = res.get("gpu_steps")
+    if g:
+        p, d = g["prefill"], g["decode"]
+        lines.append(f"  on the GPU: {p['steps']:,} prefill steps {p['gpu_s']:.2f} s, {d['steps']:,} decode steps "
+                     f"{d['gpu_s']:.2f} s (mean batch {d['rows'] / max(1, d['steps']):.0f}, "
+                     f"{1e3 * d['gpu_s'] / max(1, d['steps']):.2f} ms each); idle between steps "
+                     f"{g['idle_between_steps_s']:.2f} s")
     return "\n".join(lines)
 
 
