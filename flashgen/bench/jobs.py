@@ -44,6 +44,11 @@ both overlapped with the engine's steps: they are not parts; the preparation thr
 detail.prepare_thread_s (its tokenization runs outside the GIL; the rest of it shares the GIL with the job's
 thread).
 
+On a GPU the same steps are also timed on the stream (GpuSteps: CUDA events around each step's launch): the GPU's
+time in prefill and in decode steps, and its idle time between steps, when a step had finished before the host
+queued the next. Set against the steps' wall times above, they say whether a kind of step waits on the GPU or on
+the host.
+
 The floor is bench/throughput.py's (weights plus live distinct KV per decode step over the copy bandwidth, prefill
 FLOPs of the distinct prompt tokens over the matmul rate, a shared prefix counted once) on the prompts exactly as
 the job tokenized them, at the engine's limits (lines admitted in order into its max_num_seqs slots and its KV
