@@ -31,10 +31,12 @@ import torch
 from flashgen.ops.timing import bench, fixed, rotating
 
 L2_BYTES = 50 * 2**20
-DEC_SHAPES = [(64, 1024), (64, 4096), (16, 16384), (1, 32768)]  # (batch, context)
+# (batch, context); B256 L256: a full batch of short contexts, where a job's lines are early in their output (the
+# synth job's) or past a shared prefix (the extract job's own parts)
+DEC_SHAPES = [(64, 1024), (64, 4096), (16, 16384), (1, 32768), (256, 256)]
 # (batch, shortest, longest, spread): "random" draws the lengths between the two, seeded; "one long" is one
-# longest sequence among shortest ones (the end of a long-tailed job)
-DEC_RAGGED = [(64, 64, 8192, "random"), (16, 512, 32768, "one long")]
+# longest sequence among shortest ones (the end of a long-tailed job); B256 50-350: the extract job's own parts
+DEC_RAGGED = [(64, 64, 8192, "random"), (16, 512, 32768, "one long"), (256, 50, 350, "random")]
 PREFILL_LENS = [512, 2048, 8192]
 PREFILL_TOKENS = 16384
 MOE_SHAPE = (128, 8, 2048, 768)   # Qwen3-30B-A3B's MoE layer: experts, top_k, hidden, expert width
