@@ -30,7 +30,8 @@
 #   families-speed nanovllm's request mix on the Qwen3-30B-A3B (MoE) and Gemma-3-4B (sliding windows, head_dim 256)
 #                  shapes, each next to its floor
 #   multi          two GPUs: TP=2 parity with TP=1 (8B shape), latency8b at TP=1/2, nanovllm at DP=1/2
-#   shared         shared-prefix decode's two kernels for the shared part: their GPU tests, then the sharedprefix
+#   shared         shared-prefix decode's two kernels for the shared part: their GPU tests, the extract step's
+#                  attention launch by launch (tools/probes/decode_extract_probe.py), then the sharedprefix
 #                  workload and the extract job (scale JOBS_SCALE, default 0.2) with FLASHGEN_SHARED_KERNEL=decode
 #                  and =prefill (the PF_SHARED kernel, the default), alternated in one call
 #   admit          admission held for free slots (the default) against admitting at once (FLASHGEN_ADMIT_MIN_FREE=0),
@@ -185,6 +186,7 @@ multi() {
 
 shared() {
     step shared-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/test_shared_prefix_gpu.py
+    step shared-probe "$PY" tools/probes/decode_extract_probe.py  # the extract step's attention, launch by launch
     local k
     for k in decode prefill; do
         mkdir -p "$LOG/$k"
