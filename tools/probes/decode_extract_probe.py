@@ -19,12 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from flashgen.engine.step_packing import SHARED_GROUP, SHARED_GROUP_WIDE
-from flashgen.ops import cuda_attention
-from flashgen.ops.backend import SharedPrefix
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+
+from flashgen.engine.step_packing import SHARED_GROUP, SHARED_GROUP_WIDE  # noqa: E402
+from flashgen.ops import cuda_attention  # noqa: E402
+from flashgen.ops.backend import SharedPrefix  # noqa: E402
+from test_shared_prefix import shared_batch  # noqa: E402 - the tests' batch: groups cut as the engine cuts them
 
 HQ, HKV, D, BS = 16, 8, 128, 64
 
@@ -50,22 +56,6 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / timed(lambda: y.copy_(x), 20)
 
 
-def shared_prefix(B: int, shared_blocks: int, group: int, ctx: torch.Tensor, table0: torch.Tensor) -> SharedPrefix:
-    """Groups of nearly equal size, at most `group` members, over all B sequences (every one shares the prefix)."""
-    n = -(-B // group)
-    q_rows = torch.full((n, group), -1, dtype=torch.int32)
-    for j in range(n):
-        members = torch.arange(j * B // n, (j + 1) * B // n, dtype=torch.int32)
-        q_rows[j, :len(members)] = members
-    W = table0.numel()
-    tables = torch.zeros((n, W), dtype=torch.int32)
-    tables[:, :shared_blocks] = table0[:shared_blocks]
-    skip = torch.full((B,), shared_blocks, dtype=torch.int32)
-    dev = ctx.device
-    return SharedPrefix(q_rows.to(dev), torch.full((n,), shared_blocks * BS, dtype=torch.int32, device=dev),
-                        tables.to(dev), skip.to(dev), ctx - shared_blocks * BS)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, default=256)
@@ -76,20 +66,16 @@ def main() -> None:
     B, sb = a.seqs, a.shared // BS
     own = torch.randint(a.own[0], a.own[1] + 1, (B,))
     own = own.sort(descending=True).values  # the engine sorts decode batches longest first
-    ctx = (own + sb * BS).to(torch.int32)
-    own_blocks = (-(-own // BS)).tolist()
-    total_blocks = sb + sum(own_blocks) + 8
-    k = torch.randn((total_blocks, BS, HKV, D), dtype=torch.bfloat16, device="cuda")
-    v = torch.randn_like(k)
-    W = sb + max(own_blocks)
-    bt = torch.zeros((B, W), dtype=torch.int32)
-    perm = (torch.randperm(total_blocks - sb) + sb).tolist()  # own pages scattered, as a cache in use
-    nxt = 0
-    for b in range(B):
-        bt[b, :sb] = torch.arange(sb)
-        bt[b, sb:sb + own_blocks[b]] = torch.tensor(perm[nxt:nxt + own_blocks[b]])
-        nxt += own_blocks[b]
-    bt, ctx = bt.cuda(), ctx.cuda()
+
+    def batch(group: int):
+        """The cache, context lengths, block tables and groups of up to `group` members: the same cache and
+        tables for every group size (the same seed)."""
+        g = torch.Generator().manual_seed(1)
+        return shared_batch([(sb, own.tolist())], [], BS, HKV, D, torch.bfloat16, g, "cuda", pad_groups=0,
+                            group=group)
+
+    k, v, ctx, bt, sp8 = batch(SHARED_GROUP)
+    W = bt.shape[1]
     q = torch.randn((B, HQ, D), dtype=torch.bfloat16, device="cuda")
     scale = D ** -0.5
     tok_bytes = HKV * D * 2 * 2
@@ -104,17 +90,18 @@ def main() -> None:
 
     row("plain (shared pages read per sequence)",
         timed(lambda: cuda_attention.decode_attention(q, k, v, ctx, bt, scale)), float(ctx.sum().item()) * tok_bytes)
+    sps = {SHARED_GROUP: sp8, SHARED_GROUP_WIDE: batch(SHARED_GROUP_WIDE)[4]}
     for kern, group in (("decode", SHARED_GROUP), ("prefill", SHARED_GROUP_WIDE)):
         os.environ["FLASHGEN_SHARED_KERNEL"] = kern
-        sp = shared_prefix(B, sb, group, ctx, bt[0].cpu())
+        sp = sps[group]
         ng = sp.q_rows.shape[0]
         sec = timed(lambda sp=sp: cuda_attention.decode_attention(q, k, v, ctx, bt, scale, shared=sp))
         row(f"shared, {kern} kernel, {ng} groups of <= {group}", sec, own_bytes + sb * BS * tok_bytes)
     # a captured decode graph's tables are max_blocks_per_seq wide (640 at a 40,960-token context, 64-token pages):
     # the PF_SHARED kernel's key splits follow the width, not the prefix
-    wide = torch.zeros((B, 640), dtype=torch.int32, device="cuda")
-    wide[:, :W] = bt
-    sp = shared_prefix(B, sb, SHARED_GROUP_WIDE, ctx, wide[0].cpu())
+    wide = F.pad(bt, (0, 640 - W))
+    sp = sps[SHARED_GROUP_WIDE]
+    sp = SharedPrefix(sp.q_rows, sp.lens, F.pad(sp.tables, (0, 640 - W)), sp.skip, sp.suffix_lens)
     os.environ["FLASHGEN_SHARED_KERNEL"] = "prefill"
     row(f"shared, prefill kernel, tables 640 wide ({cuda_attention.shared_splits(640 * BS, D)} key splits)",
         timed(lambda: cuda_attention.decode_attention(q, k, v, ctx, wide, scale, shared=sp)),
@@ -129,7 +116,7 @@ def main() -> None:
             row(f"own parts alone, plan {plan}, {splits} splits",
                 timed(lambda p=plan, s=splits: cuda_attention.decode_attention(q, k, v, own_ctx, bt_own, scale,
                                                                                 num_splits=s, plan=p)), own_bytes)
-    sp = shared_prefix(B, sb, SHARED_GROUP_WIDE, ctx, bt[0].cpu())
+    sp = sps[SHARED_GROUP_WIDE]
     splits = cuda_attention.shared_splits(sp.tables.shape[1] * BS, D)
     o_sh = torch.empty((splits, B, HQ, D), dtype=torch.float32, device="cuda")
     lse_sh = torch.full((splits, B, HQ), float("-inf"), dtype=torch.float32, device="cuda")
