@@ -351,13 +351,18 @@ class GpuSteps:
         return {**out, "idle_between_steps_s": idle}
 
 
+def _runner(llm) -> Any:
+    """The LLM's model runner, or None where it has no single one (data parallel)."""
+    return getattr(getattr(llm, "engine", None), "runner", None)
+
+
 class _TimedLLM:
     """The job's LLM, unchanged, with a clock on add_request and step (and on a CUDA device, GpuSteps)."""
 
     def __init__(self, llm, clock: JobClock):
         self._llm, self._clock = llm, clock
         clock.llm = llm
-        runner = getattr(getattr(llm, "engine", None), "runner", None)  # one engine (not data parallel)
+        runner = _runner(llm)
         if runner is not None and getattr(runner, "device", torch.device("cpu")).type == "cuda":
             clock.gpu_steps = GpuSteps(runner)
 
@@ -586,7 +591,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
                    job=job)
         res["floor_s"] = res["pct_of_floor"] = None
         if ceil is not None:
-            runner = getattr(getattr(llm, "engine", None), "runner", None)  # one engine (not data parallel)
+            runner = _runner(llm)
             limits = {"max_seqs": llm.config.max_num_seqs,
                       "kv_capacity": runner.num_blocks * runner.block_size if runner is not None else None}
             floor = job_floor(load_spec(mdir), prompt_lens, res["distinct_prompt_tokens"], outs, ceil,
