@@ -6,7 +6,9 @@
   stop strings) against decoded once at the end (detokenizer.decode_output, every other request), microseconds per
   generated token, with a real BPE tokenizer;
 - packing a decode step (step_packing.pack_step) of 256 sequences behind one 1,024-token prefix (the extract
-  job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step.
+  job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step;
+- the engine thread's phases of a whole job of 256 lines (schedule, can_run_ahead, commit, pack_step, launch,
+  _process), milliseconds per call, with a tiny model on the CPU (launch includes the model's torch ops).
 
     PYTHONPATH=. python3 tools/probes/host_cost_probe.py TOKENIZER_DIR
 
@@ -86,9 +88,61 @@ def pack_us(reps: int = 300) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def step_phases_ms(n: int = 256, tokens: int = 64) -> dict[str, tuple[int, float]]:
+    """The engine thread's host phases of a job's steps, {phase: (calls, ms per call)}: n prompts behind a shared
+    200-token prefix, `tokens` each, all resident at once (max_num_seqs n), on the CPU with a tiny model, so that
+    `launch` (the model, here torch on the CPU) is not a GPU figure but the others are what a GPU step's host pays:
+    scheduling, packing the step's inputs (inside launch), and reading the previous step's tokens (_process)."""
+    import collections
+    import functools
+
+    from flashgen.engine import engine, model_runner, scheduler
+    from test_cli_support import tiny_model
+
+    llm = LLM(model=tiny_model(), device="cpu", kv_cache_gb=0.5, max_num_seqs=n)
+    spent: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    undo = []
+
+    def timed(owner, name: str) -> None:
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+                calls[name] += 1
+        setattr(owner, name, wrapper)
+        undo.append((owner, name, f))
+
+    for owner, name in ((scheduler.Scheduler, "schedule"), (scheduler.Scheduler, "can_run_ahead"),
+                        (scheduler.Scheduler, "commit"), (model_runner, "pack_step"),
+                        (type(llm.engine.runner), "launch"), (engine.Engine, "_process")):
+        timed(owner, name)
+    try:
+        rng = random.Random(0)
+        shared = [rng.randrange(3, 250) for _ in range(200)]
+        prompts = [shared + [rng.randrange(3, 250) for _ in range(rng.randrange(20, 60))] for _ in range(n)]
+        sp = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0)
+        llm.generate(prompts[:8], sp)  # warm-up
+        spent.clear()
+        calls.clear()
+        llm.generate(prompts, sp)
+    finally:
+        for owner, name, f in undo:
+            setattr(owner, name, f)
+    return {k: (calls[k], spent[k] / calls[k] * 1e3) for k in spent}
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
+    phases = step_phases_ms()
+    print("engine thread, per call (256 sequences, 64 tokens each, tiny model on the CPU; launch includes the "
+          "model): " + ", ".join(f"{k} {ms:.3f} ms x {c}" for k, (c, ms) in phases.items()))
     a = admission_us()
     plain, grouped = pack_us()
     print(f"pack_step, a decode step of 256 sequences: {plain:.0f} us without groups, {grouped:.0f} us with them")
