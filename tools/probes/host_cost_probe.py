@@ -7,8 +7,9 @@
   generated token, with a real BPE tokenizer;
 - packing a decode step (step_packing.pack_step) of 256 sequences behind one 1,024-token prefix (the extract
   job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step;
-- the engine thread's phases of a whole job of 256 lines (schedule, can_run_ahead, commit, pack_step, launch,
-  _process), milliseconds per call, with a tiny model on the CPU (launch includes the model's torch ops).
+- the engine thread's phases of a whole job of 256 lines (schedule, commit, pack_step, launch, _process),
+  milliseconds per call, with a tiny model on the CPU (launch includes the model's torch ops; on the CPU the engine
+  never runs a step ahead of its tokens, so Scheduler.can_run_ahead is not among them).
 
     PYTHONPATH=. python3 tools/probes/host_cost_probe.py TOKENIZER_DIR
 
@@ -118,8 +119,7 @@ def step_phases_ms(n: int = 256, tokens: int = 64) -> dict[str, tuple[int, float
         setattr(owner, name, wrapper)
         undo.append((owner, name, f))
 
-    for owner, name in ((scheduler.Scheduler, "schedule"), (scheduler.Scheduler, "can_run_ahead"),
-                        (scheduler.Scheduler, "commit"), (model_runner, "pack_step"),
+    for owner, name in ((scheduler.Scheduler, "schedule"), (scheduler.Scheduler, "commit"), (model_runner, "pack_step"),
                         (type(llm.engine.runner), "launch"), (engine.Engine, "_process")):
         timed(owner, name)
     try:
