@@ -113,6 +113,9 @@ FG_INLINE uint4 v_expand(const kvw_t& w) { return w; }
 #ifndef FG_MERGE_N
 #define FG_MERGE_N 0  // 1: the merged state has merge_n parts (see the shared-prefix notes above)
 #endif
+#ifndef FG_MERGE_MAX
+#define FG_MERGE_MAX 8  // FG_MERGE_N: the most parts (cuda_attention.SHARED_MAX_SPLITS)
+#endif
 #define D FG_HEAD_DIM
 #define DEC_WARPS 4
 #define DEC_HEADS 8                // query heads per CTA: the mma's n
@@ -177,13 +180,22 @@ struct OutArgs {
 // state of an earlier launch where there is one (merge LSE > -inf).
 FG_INLINE void store_out(const OutArgs& oa, i64 idx, int d0, float* acc, float lse) {
 #if FG_MERGE_N
-    for (int sp = 0; oa.merge_lse != nullptr && sp < oa.merge_n; ++sp) {
+    // The states' LSEs are loaded together first (FG_MERGE_MAX at most, the wrapper's SHARED_MAX_SPLITS), so that the
+    // empty ones (LSE -inf: key splits a short shared prefix leaves unused) cost no wait of their own; then the
+    // others are merged one after the other in split order.
+    float l2s[FG_MERGE_MAX];
+#pragma unroll
+    for (int sp = 0; sp < FG_MERGE_MAX; ++sp)
+        l2s[sp] = oa.merge_lse != nullptr && sp < oa.merge_n ? oa.merge_lse[idx + sp * oa.merge_stride] : FG_NEG_INF;
+#pragma unroll
+    for (int sp = 0; sp < FG_MERGE_MAX; ++sp) {
         const i64 e = idx + sp * oa.merge_stride;
+        const float l2 = l2s[sp];
 #else
     if (oa.merge_lse != nullptr) {
         const i64 e = idx;
-#endif
         const float l2 = oa.merge_lse[e];
+#endif
         if (l2 != FG_NEG_INF) {
             const float mx = fmaxf(lse, l2);
             const float w1 = __expf(lse - mx), w2 = __expf(l2 - mx), inv = 1.f / (w1 + w2);

@@ -378,7 +378,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                        out=o_sh[0], lse=lse_sh[0], num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
     if on_prefill:  # the variant that merges the key splits' states (FG_MERGE_N: one more argument)
         launch["kern"] = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, device_index(q),
-                                        defines=(*defines, ("FG_MERGE_N", 1)))
+                                        defines=(*defines, ("FG_MERGE_N", 1), ("FG_MERGE_MAX", SHARED_MAX_SPLITS)))
         merge = (o_sh, lse_sh)
     _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
                    lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=merge)
@@ -398,9 +398,11 @@ def shared_on_prefill(kv_dtype: torch.dtype, dtype: torch.dtype) -> bool:
 
 
 def shared_splits(max_shared: int, head_dim: int) -> int:
-    """Key splits of the PF_SHARED kernel for shared prefixes of up to `max_shared` tokens (shapes only, so a
-    captured graph sees a fixed grid): one per SHARED_SPLIT_KEYS tokens, at most SHARED_MAX_SPLITS; one at
-    head_dim 256 (the kernel's variant takes none). $FLASHGEN_SHARED_SPLITS overrides (A/B measurements)."""
+    """Key splits in the PF_SHARED kernel's grid for shared prefixes of up to `max_shared` tokens (shapes only, so
+    a captured graph sees a fixed grid): one per SHARED_SPLIT_KEYS tokens, at most SHARED_MAX_SPLITS; one at
+    head_dim 256 (the kernel's variant takes none). In the kernel each group takes one split per SHARED_SPLIT_KEYS
+    of its own shared tokens, at most these, so a short prefix in a graph's wide block tables does not run eight
+    splits of a tile or two each. $FLASHGEN_SHARED_SPLITS overrides the grid's (A/B measurements)."""
     forced = os.environ.get("FLASHGEN_SHARED_SPLITS")
     if forced:  # checked whatever the head_dim, so a bad value is never silently passed over
         if not (forced.isdigit() and 1 <= int(forced) <= SHARED_MAX_SPLITS):
@@ -424,7 +426,7 @@ def _shared_prefill_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     di = device_index(q)
     smem = prefill_smem_bytes(d, (mt, bn))
     k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
-                       (("PF_MT", mt), ("PF_BN", bn), ("PF_SHARED", 1)))
+                       (("PF_MT", mt), ("PF_BN", bn), ("PF_SHARED", 1), ("PF_SPLIT_KEYS", SHARED_SPLIT_KEYS)))
     mblocks = -(-(g * (hq // hkv)) // (64 * mt))
     jit.launch(k, (mblocks * splits, hkv, ng), (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(None), jit.ptr(shared.lens), jit.ptr(shared.tables),
@@ -491,8 +493,11 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
     counters = split_counters(dev, pairs)
     merge_o, merge_lse = merge if merge is not None else (None, None)
-    # (states, batch, hq, D): the FG_MERGE_N variant's key splits, passed as one more argument
+    # (states, batch, hq, D): the FG_MERGE_N variant's key splits, passed as one more argument (at most its
+    # FG_MERGE_MAX, SHARED_MAX_SPLITS)
     merge_n = (jit.i32(merge_o.shape[0]),) if merge_o is not None and merge_o.dim() == 4 else ()
+    if merge_o is not None and merge_o.dim() == 4 and not 1 <= merge_o.shape[0] <= SHARED_MAX_SPLITS:
+        fail("merge", f"must hold 1 to {SHARED_MAX_SPLITS} states", merge_o.shape[0])
     f32_out = out.dtype == torch.float32
     jit.launch(kern, (num_splits, pairs // batch, batch), (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
