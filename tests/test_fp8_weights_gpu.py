@@ -176,7 +176,7 @@ def test_act_mul_fp8_gives_the_bytes_of_the_activation_then_the_quantization(dty
 
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_fp8_rows_equals_linear_fp8_of_the_rows_they_came_from(M, N, K, bias, monkeypatch):
+def test_linear_fp8_rows_equals_linear_fp8_of_the_rows_they_came_from(M, N, K, bias):
     """Rows quantized by the op before (rms_norm_fp8, act_mul_fp8) through linear_fp8_rows: the same kernels and so
     the same output as linear_fp8 of the unquantized rows, on the skinny kernel's rows, cuBLASLt's and the
     reference's shapes; and on the torch reference, the reference's linear_fp8."""
