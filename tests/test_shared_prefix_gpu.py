@@ -83,7 +83,7 @@ def test_shared_prefix_decode_hd256(dtype, hkv, group, case, kernel, monkeypatch
 
 
 @pytest.mark.parametrize("d", [128, pytest.param(256, id="hd256")])
-@pytest.mark.parametrize("plan", ["split", "balanced"])
+@pytest.mark.parametrize("plan", ["split", "balanced", "warp"])
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
 def test_shared_prefix_decode_splits_and_plans(plan, num_splits, d):
     _errors(torch.bfloat16, d, 2, 4, 16, CASES[3][0], CASES[3][1], num_splits=num_splits, plan=plan)

@@ -59,7 +59,8 @@ SHARED_KERNELS = ("decode", "prefill")
 # its key splits: one per 512 shared tokens (8 key tiles), at most 8 (shared_splits)
 SHARED_SPLIT_KEYS = 512
 SHARED_MAX_SPLITS = 8
-DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
+DECODE_PLANS = ("auto", "split", "balanced", "warp")  # kernels/decode_attention.cu: plan 0, 1, 2, 3
+WARP_PLAN_MAX_D = 128  # the warp plan is compiled for head_dim 64 and 128 (FG_WARP_PLAN); larger ones take auto
 INT8K_V_MAX = 448.0  # the int8k cache's V: s = amax / 448; decode multiplies p by s * 448, the output by 1 / 448
 
 
@@ -477,7 +478,11 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if not 1 <= num_splits <= DECODE_MAX_SPLITS:
         fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
     code = DECODE_PLANS.index(decode_plan(plan))
+    if code == 3 and d > WARP_PLAN_MAX_D:
+        code = 0
     pairs = batch * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
+    if code == 3:  # one warp per pair, 4 pairs per CTA, each written whole: no splits, no partials
+        num_splits = 1
     if pairs * max(num_splits, -(-block_tables.shape[1] * bs // 16)) >= 1 << 30:  # 32-bit plan in the kernel
         fail("block_tables", "covers too many 16-token steps for one launch (batch x kv heads x "
              "ceil(query group / 8) x ceil(width x block_size / 16) must stay below 2^30); split the batch",
@@ -486,7 +491,7 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     sms = num_sms(di)
     if code == 0 and ncta > 4 * sms:  # > 2 waves: the hardware's CTA scheduling evens out a ragged
         code = 1                                # batch; the split plan needs no scan of context_lens
-    if code == 1 and num_splits == 1:  # every CTA covers a whole pair: no partials
+    if code in (1, 3) and num_splits == 1:  # every CTA (warp) covers a whole pair: no partials
         part_o = part_lse = None
     else:
         part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
@@ -499,7 +504,8 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if merge_o is not None and merge_o.dim() == 4 and not 1 <= merge_o.shape[0] <= SHARED_MAX_SPLITS:
         fail("merge", f"must hold 1 to {SHARED_MAX_SPLITS} states", merge_o.shape[0])
     f32_out = out.dtype == torch.float32
-    jit.launch(kern, (num_splits, pairs // batch, batch), (128,), (
+    grid = (-(-pairs // 4), 1, 1) if code == 3 else (num_splits, pairs // batch, batch)
+    jit.launch(kern, grid, (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
         jit.i32(block_tables.stride(0)), jit.ptr(None if f32_out else out), jit.ptr(lse), jit.ptr(part_o),
         jit.ptr(part_lse), jit.ptr(counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
