@@ -74,6 +74,7 @@ def main() -> int:
                                                      plan="split")[0]
     outs["decode_balanced"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, num_splits=3, return_lse=True,
                                                         plan="balanced")[0]
+    outs["decode_warp"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, return_lse=True, plan="warp")[0]
     qlens = [1, 17, 5, 130]  # prefix hits (context > q_len) and a full prefill
     cu = torch.tensor([0, 1, 18, 23, 153], dtype=torch.int32, device=dev)
     qp = rnd(153, hq, d)
