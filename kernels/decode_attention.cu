@@ -4,8 +4,8 @@
 // Algorithm (FlashDecoding with the GQA group on the tensor cores):
 //   The work is a set of pairs p = (sequence b, head group j): kv head j / ceil(G / 8) and up to 8 of the
 //   G = Hq / Hkv query heads that share it, over ceil(ctx_b / 16) 16-token steps (fewer with a sliding
-//   window, below). The grid is num_splits CTAs per pair (4 warps each), and one of two plans shares the
-//   steps out (identical in every CTA, no host sync, no planning launch; the result depends on the context
+//   window, below). The grid is num_splits CTAs per pair (4 warps each), and one of two plans (a third below)
+//   shares the steps out (identical in every CTA, no host sync, no planning launch; the result depends on the context
 //   lengths only, never on timing):
 //   - split: CTA i takes piece i % num_splits of pair i / num_splits, each pair cut in num_splits pieces of
 //     equal whole steps (multiples of 4). No CTA looks at another sequence's length. Chosen when the mean
@@ -17,6 +17,10 @@
 //     the same work, where the split plan leaves the long sequences' CTAs running alone at the end (figures
 //     in docs/benchmark-history.md, "Decode plans"). Every warp scans the context lengths itself, 32 at a
 //     time (warp reductions and a shuffle scan, no block barrier).
+//   - warp (plan 3, only when asked for; D = 64 and 128): the grid is ceil(pairs / 4) CTAs and warp w of CTA i
+//     takes pair 4 i + w whole, all its steps, and writes the output from its own registers (no merge of warps,
+//     no barrier, no partials): for a full batch of short contexts, where the split plan gives each warp three
+//     or four steps between the prologue's dependent loads and the merge.
 //   Every K/V element is read from HBM once per step, whatever G (G > 8 re-reads it once per 8 heads).
 //   Within a piece of a pair the warps take 16-token steps in turn (warp w: steps w, w + 4, ...; D = 256: warp
 //   pairs, below).

@@ -322,7 +322,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     equal slice per CTA, so a ragged batch no longer waits on its long sequences at the end; "auto" takes
     "split" when the grid is over two waves, when the mean length is within 5% of the longest, or when the
     batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
-    batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
+    batches so), else "balanced"; "warp" gives each warp one (sequence, kv head) pair whole (head_dim 64 and 128,
+    else auto; num_splits does not apply). None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
     context lengths only, never on timing. An FP8 cache is read as it is (k_scale folded into the softmax scale,
     v_scale into the output), and so is the int8k cache (int8 k_cache, float8_e4m3fn v_cache; k_scale and
     v_scale float32 tensors (num_blocks, block_size, Hkv), as rope_kv_append writes them: each token's K scale
