@@ -118,11 +118,12 @@ FG_INLINE void quantize_held_row(float (&y)[RMS_VPT][8], int nvec, float amax, f
     }
 }
 
-extern "C" __global__ void rms_norm_fp8_kernel(const scalar_t* __restrict__ x,
-                                               const scalar_t* residual,  // may alias residual_out
-                                               const scalar_t* __restrict__ weight, scalar_t* residual_out,
-                                               fp8_t* __restrict__ xq, float* __restrict__ scale, int hidden,
-                                               float eps) {
+extern "C" __global__ void __launch_bounds__(1024)
+rms_norm_fp8_kernel(const scalar_t* __restrict__ x,
+                    const scalar_t* residual,  // may alias residual_out
+                    const scalar_t* __restrict__ weight, scalar_t* residual_out,
+                    fp8_t* __restrict__ xq, float* __restrict__ scale, int hidden,
+                    float eps) {
     __shared__ float red[32];
     float y[RMS_VPT][8];
     float amax = 0.f;
@@ -159,12 +160,14 @@ FG_INLINE void act_mul_fp8_row(const scalar_t* __restrict__ x, fp8_t* __restrict
     quantize_held_row(y, nvec, amax, xq, scale, red);
 }
 
-extern "C" __global__ void silu_mul_fp8_kernel(const scalar_t* __restrict__ x, fp8_t* __restrict__ xq,
-                                               float* __restrict__ scale, int inter) {
+extern "C" __global__ void __launch_bounds__(1024)
+silu_mul_fp8_kernel(const scalar_t* __restrict__ x, fp8_t* __restrict__ xq,
+                    float* __restrict__ scale, int inter) {
     act_mul_fp8_row(x, xq, scale, inter, ActSilu());
 }
 
-extern "C" __global__ void gelu_tanh_mul_fp8_kernel(const scalar_t* __restrict__ x, fp8_t* __restrict__ xq,
-                                                    float* __restrict__ scale, int inter) {
+extern "C" __global__ void __launch_bounds__(1024)
+gelu_tanh_mul_fp8_kernel(const scalar_t* __restrict__ x, fp8_t* __restrict__ xq,
+                         float* __restrict__ scale, int inter) {
     act_mul_fp8_row(x, xq, scale, inter, ActGeluTanh());
 }
