@@ -4,8 +4,8 @@
 // Algorithm (FlashDecoding with the GQA group on the tensor cores):
 //   The work is a set of pairs p = (sequence b, head group j): kv head j / ceil(G / 8) and up to 8 of the
 //   G = Hq / Hkv query heads that share it, over ceil(ctx_b / 16) 16-token steps (fewer with a sliding
-//   window, below). The grid is num_splits CTAs per pair (4 warps each), and one of two plans shares the
-//   steps out (identical in every CTA, no host sync, no planning launch; the result depends on the context
+//   window, below). The grid is num_splits CTAs per pair (4 warps each), and one of two plans (a third below)
+//   shares the steps out (identical in every CTA, no host sync, no planning launch; the result depends on the context
 //   lengths only, never on timing):
 //   - split: CTA i takes piece i % num_splits of pair i / num_splits, each pair cut in num_splits pieces of
 //     equal whole steps (multiples of 4). No CTA looks at another sequence's length. Chosen when the mean
@@ -17,6 +17,10 @@
 //     the same work, where the split plan leaves the long sequences' CTAs running alone at the end (figures
 //     in docs/benchmark-history.md, "Decode plans"). Every warp scans the context lengths itself, 32 at a
 //     time (warp reductions and a shuffle scan, no block barrier).
+//   - warp (plan 3, only when asked for; D = 64 and 128): the grid is ceil(pairs / 4) CTAs and warp w of CTA i
+//     takes pair 4 i + w whole, all its steps, and writes the output from its own registers (no merge of warps,
+//     no barrier, no partials): for a full batch of short contexts, where the split plan gives each warp three
+//     or four steps between the prologue's dependent loads and the merge.
 //   Every K/V element is read from HBM once per step, whatever G (G > 8 re-reads it once per 8 heads).
 //   Within a piece of a pair the warps take 16-token steps in turn (warp w: steps w, w + 4, ...; D = 256: warp
 //   pairs, below).
@@ -113,6 +117,9 @@ FG_INLINE uint4 v_expand(const kvw_t& w) { return w; }
 #ifndef FG_MERGE_N
 #define FG_MERGE_N 0  // 1: the merged state has merge_n parts (see the shared-prefix notes above)
 #endif
+#ifndef FG_MERGE_MAX
+#define FG_MERGE_MAX 8  // FG_MERGE_N: the most parts (cuda_attention.SHARED_MAX_SPLITS)
+#endif
 #define D FG_HEAD_DIM
 #define DEC_WARPS 4
 #define DEC_HEADS 8                // query heads per CTA: the mma's n
@@ -121,6 +128,7 @@ FG_INLINE uint4 v_expand(const kvw_t& w) { return w; }
 #define DEC_SPLIT_D (D == 256 ? 2 : 1)  // warps sharing one step, each on DH of the head dims (see the top)
 #define DH (D / DEC_SPLIT_D)
 #define DEC_WALKERS (DEC_WARPS / DEC_SPLIT_D)  // warps (D = 256: warp pairs) taking steps in turn
+#define FG_WARP_PLAN (D <= 128)     // plan 3 (one warp per pair) is compiled for D = 64 and 128 (see the kernel)
 #define KCH (DH / 32)              // 16-byte K chunks per token per thread
 #define VCH (DH / 64)              // 16-byte V chunks per token per thread
 
@@ -177,13 +185,22 @@ struct OutArgs {
 // state of an earlier launch where there is one (merge LSE > -inf).
 FG_INLINE void store_out(const OutArgs& oa, i64 idx, int d0, float* acc, float lse) {
 #if FG_MERGE_N
-    for (int sp = 0; oa.merge_lse != nullptr && sp < oa.merge_n; ++sp) {
+    // The states' LSEs are loaded together first (FG_MERGE_MAX at most, the wrapper's SHARED_MAX_SPLITS), so that the
+    // empty ones (LSE -inf: key splits a short shared prefix leaves unused) cost no wait of their own; then the
+    // others are merged one after the other in split order.
+    float l2s[FG_MERGE_MAX];
+#pragma unroll
+    for (int sp = 0; sp < FG_MERGE_MAX; ++sp)
+        l2s[sp] = oa.merge_lse != nullptr && sp < oa.merge_n ? oa.merge_lse[idx + sp * oa.merge_stride] : FG_NEG_INF;
+#pragma unroll
+    for (int sp = 0; sp < FG_MERGE_MAX; ++sp) {
         const i64 e = idx + sp * oa.merge_stride;
+        const float l2 = l2s[sp];
 #else
     if (oa.merge_lse != nullptr) {
         const i64 e = idx;
-#endif
         const float l2 = oa.merge_lse[e];
+#endif
         if (l2 != FG_NEG_INF) {
             const float mx = fmaxf(lse, l2);
             const float w1 = __expf(lse - mx), w2 = __expf(l2 - mx), inv = 1.f / (w1 + w2);
@@ -240,19 +257,28 @@ FG_INLINE void load_step(KVStep& r, const kv_t* __restrict__ k_cache, const kv_t
     }
 }
 
+// A walker's attention state over its tokens: O^T's m-tiles (tile 4 j + i: dims dbase + 64 j + 8 g + 2 i and + 1
+// of heads 2 c, 2 c + 1, see the P.V product below), and the running max (log2 units) and row sum of heads 2 c
+// and 2 c + 1, the sums over the warp's lanes.
+struct AttnState {
+    float o[DH / 16][4];
+    float m0, m1, l0, l1;
+};
+
 // The warps' share of tokens [start, end) of sequence b for kv head kvh and query heads head0 .. head0 + nh - 1
-// (walker w takes the 16-token steps w, w + DEC_WALKERS, ...), the tokens below lo (a sliding window's first
-// token; 0 without one) masked; each walker leaves its (O, m, l) in shared memory. s_x: the D = 256 S^T
-// exchange, (DEC_WALKERS, 2 slots, DEC_SPLIT_D, 32 lanes) float4 (unused below).
+// (walker w takes the 16-token steps w, w + DEC_WALKERS, ...; SOLO: this warp alone takes them all), the tokens
+// below lo (a sliding window's first token; 0 without one) masked, into st. s_x: the D = 256 S^T exchange,
+// (DEC_WALKERS, 2 slots, DEC_SPLIT_D, 32 lanes) float4 (unused below).
+template <bool SOLO>
 FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restrict__ k_cache,
                              const kv_t* __restrict__ v_cache, const int* __restrict__ bt, int b, int kvh,
                              int head0, int nh, int start, int end, int lo, int hq, int hkv, int log2_bs,
-                             float scale_log2, const int* __restrict__ q_rows, int q_group,
-                             float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS], float (*s_l)[DEC_HEADS],
-                             float4* s_x, const float* __restrict__ k_scales, const float* __restrict__ v_scales) {
+                             float scale_log2, const int* __restrict__ q_rows, int q_group, float4* s_x,
+                             const float* __restrict__ k_scales, const float* __restrict__ v_scales, AttnState& st) {
+    static_assert(!SOLO || DEC_SPLIT_D == 1, "decode_attention: a warp alone covers all of a head's dims");
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     // D = 256: warps 2 w and 2 w + 1 share walker w's steps, on dims 0 .. 127 and 128 .. 255
-    const int walker = warp / DEC_SPLIT_D, half = warp % DEC_SPLIT_D, dbase = half * DH;
+    const int walker = SOLO ? 0 : warp / DEC_SPLIT_D, half = SOLO ? 0 : warp % DEC_SPLIT_D, dbase = half * DH;
     // Q^T as B fragments: head g, dims dbase + 32 j + 8 c .. + 7 (the permuted order K uses too).
     u32 qf[DH / 16][2];
     {
@@ -269,7 +295,7 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
         }
     }
 
-    float o[DH / 16][4];
+    float (&o)[DH / 16][4] = st.o;
 #pragma unroll
     for (int i = 0; i < DH / 16; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m0 = FG_NEG_INF, m1 = FG_NEG_INF, l0 = 0.f, l1 = 0.f;  // heads 2c and 2c + 1
@@ -278,7 +304,7 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
     const i64 head_off = (i64)kvh * D + dbase;
     const int bs_mask = (1 << log2_bs) - 1;
     const int last = end - 1;
-    const int stride = DEC_STEP * DEC_WALKERS;
+    const int stride = DEC_STEP * (SOLO ? 1 : DEC_WALKERS);
 #if FG_KV_INT8K
     const float* const k_sc = k_scales + kvh;  // the int8k cache's scales of this kv head
     const float* const v_sc = v_scales + kvh;
@@ -398,24 +424,60 @@ FG_INLINE void attend_tokens(const scalar_t* __restrict__ q, const kv_t* __restr
         l0 += __shfl_xor_sync(0xffffffffu, l0, off);
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }
+    st.m0 = m0;
+    st.m1 = m1;
+    st.l0 = l0;
+    st.l1 = l1;
+}
 
-    // Merge the warps through shared memory.
+// A walker leaves its state in shared memory for finish_piece's merge of the walkers.
+FG_INLINE void state_to_smem(const AttnState& st, float (*s_o)[DEC_HEADS][D], float (*s_m)[DEC_HEADS],
+                             float (*s_l)[DEC_HEADS]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int walker = warp / DEC_SPLIT_D, half = warp % DEC_SPLIT_D, dbase = half * DH;
 #pragma unroll
     for (int j = 0; j < VCH; ++j) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int d = dbase + 64 * j + 8 * g + 2 * i;
-            s_o[walker][2 * c][d] = o[4 * j + i][0];
-            s_o[walker][2 * c + 1][d] = o[4 * j + i][1];
-            s_o[walker][2 * c][d + 1] = o[4 * j + i][2];
-            s_o[walker][2 * c + 1][d + 1] = o[4 * j + i][3];
+            s_o[walker][2 * c][d] = st.o[4 * j + i][0];
+            s_o[walker][2 * c + 1][d] = st.o[4 * j + i][1];
+            s_o[walker][2 * c][d + 1] = st.o[4 * j + i][2];
+            s_o[walker][2 * c + 1][d + 1] = st.o[4 * j + i][3];
         }
     }
     if (g == 0 && half == 0) {  // D = 256: both warps of a walker hold the same (m, l)
-        s_m[walker][2 * c] = m0;
-        s_m[walker][2 * c + 1] = m1;
-        s_l[walker][2 * c] = l0;
-        s_l[walker][2 * c + 1] = l1;
+        s_m[walker][2 * c] = st.m0;
+        s_m[walker][2 * c + 1] = st.m1;
+        s_l[walker][2 * c] = st.l0;
+        s_l[walker][2 * c + 1] = st.l1;
+    }
+}
+
+// The warp plan's output: one warp covered the whole pair, so its state is the pair's. Lane (g, c) holds dims
+// 64 j + 8 g .. + 7 of heads 2 c and 2 c + 1 (tiles 4 j + i, entries 0 / 2 and 1 / 3) and writes them as they
+// are, normalized as finish_piece normalizes a whole pair.
+FG_INLINE void solo_store(const OutArgs& oa, const AttnState& st, int b, int hq, int head0, int nh, float v_scale,
+                          int hkv, const int* __restrict__ q_rows, int q_group) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const int h = 2 * c + k;
+        if (h >= nh) continue;
+        const QRow qr = q_row(q_rows, q_group, b, head0 + h, hq, hkv);
+        if (qr.row < 0) continue;
+        const float m = k ? st.m1 : st.m0, l = k ? st.l1 : st.l0;
+        const float inv = v_scale / l, lse = (m + __log2f(l)) * FG_LN2;
+#pragma unroll
+        for (int j = 0; j < VCH; ++j) {
+            float acc[8];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                acc[2 * i] = st.o[4 * j + i][k] * inv;
+                acc[2 * i + 1] = st.o[4 * j + i][k + 2] * inv;
+            }
+            store_out(oa, (i64)qr.row * qr.hq + qr.head, 64 * j + 8 * g, acc, lse);
+        }
     }
 }
 
@@ -516,7 +578,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         int* __restrict__ pair_counters,       // (B * Hkv * ceil(G / 8),) zeros
                         int batch, int hq, int hkv, int log2_bs, float scale_log2,
                         int num_splits,                        // grid (num_splits, Hkv * ceil(G / 8), B)
-                        int plan,                              // 0 auto, 1 split, 2 balanced
+                        int plan,                              // 0 auto, 1 split, 2 balanced, 3 warp
                         int slots,                             // CTAs resident at once (auto's estimate)
                         float v_scale,                         // multiplies the output (FP8 cache, int8k:
                                                                //   1 / 448; else 1)
@@ -560,6 +622,30 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
     const OutArgs oa{out, out_f32, lse_out, merge_o, merge_lse, merge_n, (i64)batch * hq};
 #else
     const OutArgs oa{out, out_f32, lse_out, merge_o, merge_lse};
+#endif
+
+#if FG_WARP_PLAN
+    // Warp plan (plan 3; the wrapper's grid (ceil(pairs / DEC_WARPS), 1, 1)): warp w of CTA i takes pair
+    // DEC_WARPS i + w whole and writes its output itself: no walkers to merge, no block barrier, no partials.
+    // Pairs run b-major, so a CTA's warps are the kv heads of one sequence (or two), of equal lengths.
+    if (plan == 3) {
+        const int p = blockIdx.x * DEC_WARPS + warp;
+        if (p >= batch * per_b) return;
+        const int b = p / per_b, j = p % per_b, ctx = context_lens[b];
+        if (ctx == 0) {  // zeros and LSE -inf for all of b's heads, from the warp of its first pair
+            if (j == 0) write_empty(oa, q_rows, b, hq, lane, 32);
+            return;
+        }
+        const int kvh = j / hgroups, hg = j % hgroups;
+        const int head0 = kvh * group + hg * DEC_HEADS, nh = min(DEC_HEADS, group - hg * DEC_HEADS);
+        const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
+        const int lo = win_lo(ctx, window);
+        AttnState st;
+        attend_tokens<true>(q, k_cache, v_cache, bt, b, kvh, head0, nh, lo / DEC_STEP * DEC_STEP, ctx, lo, hq, hkv,
+                            log2_bs, scale_log2, q_rows, q_group, s_x, k_scales, v_scales, st);
+        solo_store(oa, st, b, hq, head0, nh, v_scale, hkv, q_rows, q_group);
+        return;
+    }
 #endif
 
     // Split plan (plan 1, or plan 0 by the rule below): CTA i takes piece i % num_splits of pair
@@ -624,8 +710,13 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
         const int head0 = kvh * group + hg * DEC_HEADS, nh = min(DEC_HEADS, group - hg * DEC_HEADS);
         const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
         const int lo = win_lo(ctx, window), fs = lo / DEC_STEP;  // the first token and step (window; else 0)
-        attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP, min((fs + e) * DEC_STEP, ctx),
-                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l, s_x, k_scales, v_scales);
+        {
+            AttnState st;
+            attend_tokens<false>(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP,
+                                 min((fs + e) * DEC_STEP, ctx), lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_x,
+                                 k_scales, v_scales, st);
+            state_to_smem(st, s_o, s_m, s_l);
+        }
         __syncthreads();
         finish_piece(oa, part_o, part_lse, pair_counters + p, b, hq, head0, nh, a == 0 && e == nst,
                      2 * cta, p * num_splits, p * num_splits + ceil_div(nst, chunk) - 1, false, 0, 0, s_o, s_m, s_l,
@@ -677,8 +768,13 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
 
         const int* bt = block_tables + (i64)b * bt_stride + (bt_offset != nullptr ? bt_offset[b] : 0);
         const int lo = win_lo(ctx, window), fs = lo / DEC_STEP;  // the first token and step (window; else 0)
-        attend_tokens(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP, min((fs + e) * DEC_STEP, ctx),
-                      lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_o, s_m, s_l, s_x, k_scales, v_scales);
+        {
+            AttnState st;
+            attend_tokens<false>(q, k_cache, v_cache, bt, b, kvh, head0, nh, (fs + a) * DEC_STEP,
+                                 min((fs + e) * DEC_STEP, ctx), lo, hq, hkv, log2_bs, scale_log2, q_rows, q_group, s_x,
+                                 k_scales, v_scales, st);
+            state_to_smem(st, s_o, s_m, s_l);
+        }
         __syncthreads();
 
         finish_piece(oa, part_o, part_lse, pair_counters + (i64)b * per_b + j, b, hq, head0, nh,

@@ -1,6 +1,6 @@
 // norms.cu: RMSNorm (optionally fused with the residual add) and SiLU-and-multiply.
 //
-// rms_norm_kernel: one CTA per token row, blockDim.x = NT threads (a multiple of 32, chosen by the host
+// rms_norm_kernel (its row in norm_rows.cuh): one CTA per token row, blockDim.x = NT threads (a multiple of 32, chosen by the host
 //   so that each thread holds at most RMS_VPT vectors of 8 scalars; with fewer rows than SMs, one vector
 //   per thread, so a lone decode row is spread over the most threads). The row and the weight are read
 //   once into registers (x, plus residual when fused), the sum of squares is reduced (warp shuffles, then
@@ -15,9 +15,7 @@
 //   (gelu_tanh_mul_kernel: the same with GeLU-tanh, Gemma's MLP).
 //   Grid (T, ceil(I / 8 / 256)), 256 threads, one 16-byte vector of gate and of up per thread.
 //   Traffic: read 2 * I, write I scalars per row.
-#include "common.cuh"
-
-#define RMS_VPT 4  // vectors of 8 per thread held in registers: hidden <= 8 * 4 * 1024
+#include "norm_rows.cuh"
 
 extern "C" __global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
                                            const scalar_t* residual,  // may alias residual_out
@@ -26,59 +24,8 @@ extern "C" __global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
                                            scalar_t* residual_out,
                                            int hidden, float eps) {
     __shared__ float red[32];
-    const int row = blockIdx.x;
-    const int nvec = hidden / 8;
-    const int tid = threadIdx.x;
-    const i64 base = (i64)row * hidden;
-
-    uint4 v[RMS_VPT], wv[RMS_VPT];
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < RMS_VPT; ++j) {
-        const int i = tid + j * blockDim.x;
-        if (i < nvec) {
-            v[j] = ld_v4(x + base + 8 * i);
-            wv[j] = ld_v4(weight + 8 * i);  // issued with the row's loads: off the reduction's critical path
-            if (residual != nullptr) {
-                float a[8], r[8];
-                unpack8(v[j], a);
-                unpack8(ld_v4(residual + base + 8 * i), r);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) a[e] = a[e] + r[e];
-                v[j] = pack8(a);  // rounded sum: it is the new residual and the norm's input
-            }
-            float a[8];
-            unpack8(v[j], a);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) ss += a[e] * a[e];
-        }
-    }
-    // Block reduction of the sum of squares.
-    ss = warp_sum(ss);
-    const int warp = tid >> 5, lane = tid & 31, nwarps = blockDim.x >> 5;
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    if (warp == 0) {
-        float t = lane < nwarps ? red[lane] : 0.f;
-        t = warp_sum(t);
-        if (lane == 0) red[0] = t;
-    }
-    __syncthreads();
-    const float rinv = rsqrtf(red[0] / (float)hidden + eps);
-
-#pragma unroll
-    for (int j = 0; j < RMS_VPT; ++j) {
-        const int i = tid + j * blockDim.x;
-        if (i < nvec) {
-            if (residual != nullptr) st_v4(residual_out + base + 8 * i, v[j]);
-            float a[8], w[8];
-            unpack8(v[j], a);
-            unpack8(wv[j], w);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) a[e] = w[e] * round_to_dtype(a[e] * rinv);
-            st_v4(out + base + 8 * i, pack8(a));
-        }
-    }
+    rms_norm_row(x, residual, weight, residual_out, hidden, eps, red,
+                 [=](int, i64 at, const float* y) { st_v4(out + at, pack8(y)); });  // the product rounded once
 }
 
 // gate * up with the gate's activation, one 16-byte vector of each per thread (the kernels below).
@@ -98,15 +45,12 @@ FG_INLINE void act_mul_row(const scalar_t* __restrict__ x, scalar_t* __restrict_
 
 extern "C" __global__ void silu_mul_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                                            int inter) {
-    act_mul_row(x, out, inter, [](float g) { return g / (1.f + __expf(-g)); });
+    act_mul_row(x, out, inter, ActSilu());
 }
 
-// gelu_tanh_mul_kernel: out[t, i] = gelu_tanh(x[t, i]) * x[t, I + i] (Gemma's MLP), in float32, rounded once:
-//   gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3))), tanhf (not the approximate tanh.approx:
-//   its 2^-11 relative error would be above bf16's rounding near g = 0). Same grid and traffic as silu_mul.
+// gelu_tanh_mul_kernel: out[t, i] = gelu_tanh(x[t, i]) * x[t, I + i] (Gemma's MLP), in float32, rounded once
+//   (ActGeluTanh in norm_rows.cuh). Same grid and traffic as silu_mul.
 extern "C" __global__ void gelu_tanh_mul_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                                                 int inter) {
-    act_mul_row(x, out, inter, [](float g) {
-        return 0.5f * g * (1.f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    });
+    act_mul_row(x, out, inter, ActGeluTanh());
 }

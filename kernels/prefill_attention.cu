@@ -38,8 +38,9 @@
 //   q and the output addressed through q_rows (NG, q_group) (-1: padding). Grid (ceil(q_group r / BM) *
 //   splits, Hkv, NG): a CTA takes BM rows of one kv head over one of `splits` equal runs of the prefix's key
 //   tiles, so each K/V tile of the shared prefix is read once per BM query heads (the decode kernel reads it
-//   once per 8), and the splits give a few groups enough CTAs to fill the GPU. No causal mask: every row sits
-//   after the prefix (its new token is in the member's own blocks) and sees all context_lens[b] shared tokens
+//   once per 8), and the splits give a few groups enough CTAs to fill the GPU (a group takes one split per
+//   PF_SPLIT_KEYS of its shared tokens, at most `splits`: the other CTAs return at once). No causal mask: every
+//   row sits after the prefix (its new token is in the member's own blocks) and sees all context_lens[b] shared tokens
 //   (row 0's position is taken to be context_lens[b], so the mask above keeps only j < ctx). The output is
 //   float32, unrounded, with its natural-log LSE, (splits, B, Hq, D) and (splits, B, Hq) indexed by the split and
 //   the member's row: the decode kernel's second launch merges the splits' states into each sequence's own part
@@ -57,6 +58,9 @@
 #endif
 #ifndef PF_SHARED
 #define PF_SHARED 0
+#endif
+#ifndef PF_SPLIT_KEYS
+#define PF_SPLIT_KEYS 512             // PF_SHARED: shared tokens per key split (cuda_attention.SHARED_SPLIT_KEYS)
 #endif
 #define D FG_HEAD_DIM
 #define BN PF_BN
@@ -113,9 +117,13 @@ prefill_attention_kernel(const scalar_t* __restrict__ q,        // (T, Hq, D)
     const int t_lo = 0, n_tiles = ceil_div(ctx, BN);
     (void)splits;
 #else
-    const int t_run = ceil_div(ceil_div(ctx, BN), splits), t_lo = sp * t_run;
+    // the splits this group's prefix takes: one per PF_SPLIT_KEYS shared tokens, at most `splits` (the grid's,
+    // which follows the block tables' width so that a captured graph has a fixed grid): the CTAs of the splits a
+    // short prefix does not take return at once, and so does an empty run
+    const int used = min(splits, max(1, ctx / PF_SPLIT_KEYS));
+    const int t_run = ceil_div(ceil_div(ctx, BN), used), t_lo = sp * t_run;
     const int n_tiles = min(ceil_div(ctx, BN), t_lo + t_run);
-    if (t_lo >= n_tiles) return;
+    if (sp >= used || t_lo >= n_tiles) return;
 #endif
     out_f32 += (i64)sp * split_stride * D;
     lse_out += (i64)sp * split_stride;

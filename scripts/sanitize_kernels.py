@@ -54,6 +54,9 @@ def main() -> int:
             xq, xs = torch_ops.quantize_fp8_rows(rnd(3, 1040))
             wq, wsc = torch_ops.quantize_fp8_rows(rnd(37, 1040))
             outs["quantize_fp8_rows"] = cuda_linear.quantize_fp8_rows(rnd(3, 1040))[0].float()
+            outs["rms_norm_fp8"] = cuda_ops.rms_norm_fp8(x, w, 1e-6, r)[0].q.float()  # the fused quantizations
+            outs["silu_mul_fp8"] = cuda_ops.act_mul_fp8(rnd(5, 2 * 1032), "silu").q.float()
+            outs["gelu_tanh_mul_fp8"] = cuda_ops.act_mul_fp8(rnd(5, 2 * 1032), "gelu_tanh").q.float()
             for warps, unroll in cuda_ops.SKINNY_FP8_VARIANTS:
                 outs[f"skinny_gemm_fp8_{warps}x{unroll}"] = cuda_ops.skinny_gemm_fp8(
                     xq, xs, wq, wsc, rnd(37), bf, warps=warps, unroll=unroll)
@@ -71,6 +74,7 @@ def main() -> int:
                                                      plan="split")[0]
     outs["decode_balanced"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, num_splits=3, return_lse=True,
                                                         plan="balanced")[0]
+    outs["decode_warp"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, return_lse=True, plan="warp")[0]
     qlens = [1, 17, 5, 130]  # prefix hits (context > q_len) and a full prefill
     cu = torch.tensor([0, 1, 18, 23, 153], dtype=torch.int32, device=dev)
     qp = rnd(153, hq, d)

@@ -111,6 +111,84 @@ def test_quantize_fp8_rows_kernel_carries_nan_and_inf_as_torch_does():
     assert torch.equal(q[2].view(torch.uint8), rq[2].view(torch.uint8))
 
 
+def _rows(R: int, K: int, dtype, seed: int) -> torch.Tensor:
+    """Rows over five orders of magnitude, a row of zeros (R > 2) and one huge element."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn((R, K), generator=g, device=DEV) * torch.logspace(-3, 2, R, device=DEV)[:, None]
+    x[0, 5 % K] = 3e4 if dtype == torch.bfloat16 else 6e4
+    if R > 2:
+        x[1] = 0
+    return x.to(dtype)
+
+
+def _same_rows(got, q, s):
+    assert got.dtype in DTYPES and torch.equal(got.scale, s), (got.scale - s).abs().max()
+    assert torch.equal(got.q.view(torch.uint8), q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("R,hidden", [(1, 8), (1, 4096), (3, 1040), (97, 2048), (300, 5120), (2, 32768)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fp8_gives_the_bytes_of_the_norm_then_the_quantization(dtype, R, hidden, with_residual):
+    """One kernel makes exactly what rms_norm's kernel and then the quantization kernel make: the e4m3 bytes, the
+    scales and the new residual (one row; 300 rows, past the SM count, take 4 vectors per thread; the largest
+    hidden size takes 4 per thread at one row)."""
+    x = _rows(R, hidden, dtype, R * 31 + hidden)
+    w = (torch.randn(hidden, device=DEV) * 0.3 + 1).to(dtype)
+    # the residual's huge element one column over from x's: in fp16 the two would sum past its largest finite value
+    res = _rows(R, hidden, dtype, 7 + hidden).flip(0).roll(1, dims=1) if with_residual else None
+    if with_residual:
+        (got, got_res), (out, want_res) = (cuda_ops.rms_norm_fp8(x, w, 1e-6, res),
+                                           cuda_ops.rms_norm(x, w, 1e-6, res))
+        assert torch.equal(got_res, want_res)
+    else:
+        got, out = cuda_ops.rms_norm_fp8(x, w, 1e-6), cuda_ops.rms_norm(x, w, 1e-6)
+    _same_rows(got, *cuda_linear.quantize_fp8_rows(out))
+    assert got.dtype == dtype
+
+
+def test_rms_norm_fp8_updates_the_residual_in_place_and_carries_nan():
+    x, res = _rows(4, 1024, torch.bfloat16, 1), _rows(4, 1024, torch.bfloat16, 2)
+    x[2, 7] = float("nan")
+    out, want_res = cuda_ops.rms_norm(x, torch.ones(1024, device=DEV, dtype=torch.bfloat16), 1e-6, res)
+    r = res.clone()
+    got, got_res = cuda_ops.rms_norm_fp8(x, torch.ones(1024, device=DEV, dtype=torch.bfloat16), 1e-6, r,
+                                         residual_out=r)
+    assert got_res.data_ptr() == r.data_ptr() and torch.equal(r.nan_to_num(), want_res.nan_to_num())
+    assert int(r.isnan().sum()) == 1
+    q, s = cuda_linear.quantize_fp8_rows(out)
+    assert torch.equal(got.scale.isnan(), s.isnan()) and got.scale[2].isnan() and not got.scale[3].isnan()
+    assert torch.equal(got.q[3].view(torch.uint8), q[3].view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("R,inter", [(1, 8), (1, 14336), (5, 3072), (300, 1536), (2, 32768), (3, 32776)])
+def test_act_mul_fp8_gives_the_bytes_of_the_activation_then_the_quantization(dtype, act, R, inter):
+    """silu / gelu_tanh times up with the output quantized in one kernel: exactly the bytes of the activation
+    kernel and then the quantization kernel (inter 32,776 is past one CTA's row: the two kernels run)."""
+    x = _rows(R, 2 * inter, dtype, R + inter) * 0.05
+    got = cuda_ops.act_mul_fp8(x, act)
+    plain = cuda_ops.silu_mul(x) if act == "silu" else cuda_ops.gelu_tanh_mul(x)
+    _same_rows(got, *cuda_linear.quantize_fp8_rows(plain))
+    with pytest.raises(ValueError, match="act must be one of silu, gelu_tanh"):
+        cuda_ops.act_mul_fp8(x, "relu")
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_fp8_rows_equals_linear_fp8_of_the_rows_they_came_from(M, N, K, bias):
+    """Rows quantized by the op before (rms_norm_fp8, act_mul_fp8) through linear_fp8_rows: the same kernels and so
+    the same output as linear_fp8 of the unquantized rows, on the skinny kernel's rows, cuBLASLt's and the
+    reference's shapes; and on the torch reference, the reference's linear_fp8."""
+    from flashgen.ops.backend import Fp8Rows
+
+    x, wq, ws, b = _operands(M, N, K, torch.bfloat16, M + N, bias)
+    rows = Fp8Rows(*cuda_linear.quantize_fp8_rows(x), torch.bfloat16)
+    assert torch.equal(cuda_ops.linear_fp8_rows(rows, wq, ws, b), cuda_ops.linear_fp8(x, wq, ws, b))
+    assert torch.equal(torch_ops.linear_fp8_rows(rows, wq, ws, b), torch_ops.linear_fp8(x, wq, ws, b))
+
+
 def test_linear_fp8_takes_leading_dims_and_is_capturable():
     x, wq, ws, b = _operands(16, 512, 256, torch.bfloat16, 3, True)
     eager = cuda_ops.linear_fp8(x, wq, ws, b)

@@ -147,10 +147,12 @@ def test_decode_plan_choice(monkeypatch):
     monkeypatch.setenv("FLASHGEN_DECODE_PLAN", "split")
     assert cuda_ops.decode_plan() == "split"
     assert cuda_ops.decode_plan("balanced") == "balanced"
+    assert cuda_ops.decode_plan("warp") == "warp"
     monkeypatch.setenv("FLASHGEN_DECODE_PLAN", "even")
-    with pytest.raises(ValueError, match=r"FLASHGEN_DECODE_PLAN must be one of auto, split, balanced, got 'even'"):
+    with pytest.raises(ValueError,
+                       match=r"FLASHGEN_DECODE_PLAN must be one of auto, split, balanced, warp, got 'even'"):
         cuda_ops.decode_plan()
-    with pytest.raises(ValueError, match=r"plan must be one of auto, split, balanced, got 'fast'"):
+    with pytest.raises(ValueError, match=r"plan must be one of auto, split, balanced, warp, got 'fast'"):
         cuda_ops.decode_plan("fast")
 
 

@@ -277,6 +277,15 @@ def test_decode_attention(dtype, d, group, bs, lens):
     _check_decode(lens, hkv, hkv * group, d, bs, dtype, d**-0.5)
 
 
+@pytest.mark.parametrize("dtype,d,group,bs,lens", [c for c in DECODE_CASES if not hasattr(c, "id")])
+def test_decode_attention_warp_plan(dtype, d, group, bs, lens):
+    """The warp plan (one warp per sequence and kv head, head_dim 64 and 128) on the decode cases, then with a
+    group of 16 (two pairs of 8 query heads per kv head)."""
+    hkv = 2 if len(lens) < 64 else 1
+    _check_decode(lens, hkv, hkv * group, d, bs, dtype, d**-0.5, plan="warp")
+    _check_decode(lens, 2, 32, d, bs, dtype, 0.1, plan="warp")
+
+
 RAGGED = [1, 63, 64, 65, 700, 3000]
 
 
@@ -311,17 +320,19 @@ def test_decode_attention_splits_hd256(num_splits, lens, plan):
         assert state.count_nonzero() == 0
 
 
+@pytest.mark.parametrize("plan", [None, "warp"])
 @pytest.mark.parametrize("d", [128, pytest.param(256, id="hd256")])
 @pytest.mark.parametrize("lens,num_splits", [([0, 300, 0, 5], 3), ([0, 1000, 0, 1000], 4)])
-def test_decode_attention_empty_context(lens, num_splits, d):
-    """A sequence with no cached token gets zeros and LSE -inf; the others are unaffected."""
+def test_decode_attention_empty_context(lens, num_splits, d, plan):
+    """A sequence with no cached token gets zeros and LSE -inf; the others are unaffected (the warp plan too,
+    which head_dim 256 takes as auto)."""
     seed = _seed()
     g = _gen(seed)
     kc, vc, bt = _paged_cache(lens, 2, d, 16, torch.bfloat16, g)
     q = _randn((4, 8, d), g, torch.bfloat16)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out, lse = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, out=torch.full_like(q, float("nan")),
-                                         return_lse=True, num_splits=num_splits)
+                                         return_lse=True, num_splits=num_splits, plan=plan)
     assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]])), f"seed {seed}"
     assert torch.isneginf(lse[[0, 2]]).all(), f"seed {seed}"
     ref, base, lse64 = _refs(q[[1, 3]], kc, vc, bt[[1, 3]], lens[1::2], [1, 1], 0.1)

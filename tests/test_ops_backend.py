@@ -21,8 +21,8 @@ def _contract(op: str) -> list[inspect.Parameter]:
 
 
 def test_the_contract_lists_the_model_ops():
-    assert OPS == ["decode_attention", "gelu_tanh_mul", "linear", "linear_fp8", "moe", "prefill_attention",
-                   "rms_norm", "rope_kv_append", "silu_mul"]
+    assert OPS == ["act_mul_fp8", "decode_attention", "gelu_tanh_mul", "linear", "linear_fp8", "linear_fp8_rows",
+                   "moe", "prefill_attention", "rms_norm", "rms_norm_fp8", "rope_kv_append", "silu_mul"]
     for op in OPS:
         assert (getattr(OpsBackend, op).__doc__ or "").strip(), f"OpsBackend.{op} has no docstring"
 

@@ -83,20 +83,26 @@ def test_shared_prefix_decode_hd256(dtype, hkv, group, case, kernel, monkeypatch
 
 
 @pytest.mark.parametrize("d", [128, pytest.param(256, id="hd256")])
-@pytest.mark.parametrize("plan", ["split", "balanced"])
+@pytest.mark.parametrize("plan", ["split", "balanced", "warp"])
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
 def test_shared_prefix_decode_splits_and_plans(plan, num_splits, d):
     _errors(torch.bfloat16, d, 2, 4, 16, CASES[3][0], CASES[3][1], num_splits=num_splits, plan=plan)
 
 
+# the key-split cases: CASES' 3 to 5 (prefixes of 320 to 1,024 tokens: one or two splits), and groups whose prefixes
+# of 4,160 and 1,600 tokens take 8 and 3 splits in one launch
+SPLIT_CASES = [CASES[3], CASES[4], CASES[5], ([(260, [3, 9, 1]), (100, [2, 2, 40])], [5])]
+
+
 @pytest.mark.parametrize("splits", ["1", "3", "8"])
-@pytest.mark.parametrize("case", [3, 4, 5])
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
 def test_shared_prefix_kernel_key_splits(splits, case, monkeypatch):
-    """The PF_SHARED kernel's key splits (FLASHGEN_SHARED_SPLITS), empty ones included (short prefixes at 8), merged
-    by the decode kernel's FG_MERGE_N variant."""
+    """The PF_SHARED kernel's key splits (FLASHGEN_SHARED_SPLITS sets the grid's): each group takes one per 512 of its
+    shared tokens, at most the grid's, so groups of one launch take different counts and the grid's other splits
+    stay empty; the decode kernel's FG_MERGE_N variant merges them."""
     monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", "prefill")
     monkeypatch.setenv("FLASHGEN_SHARED_SPLITS", splits)
-    groups, singles = CASES[case]
+    groups, singles = SPLIT_CASES[case]
     _errors(torch.bfloat16, 128, 2, 4, 16, groups, singles)
 
 

@@ -113,6 +113,8 @@ def decode(dev, ops, results: dict) -> None:
                 "bytes_per_s": kv_bytes / t,
                 "num_splits": ops.decode_num_splits(B, hkv, hq // hkv, L, slots // 2),
                 "bytes_per_s_by_splits": splits,
+                "bytes_per_s_warp": kv_bytes / bench(  # one warp per (sequence, kv head)
+                    fixed(ops.decode_attention, q, kc, vc, ctx, bt, scale, plan="warp"), reps=20),
             }
             if bs == 16:  # same data, contiguous, for the peers and a sanity check of the output
                 ours = ops.decode_attention(q, kc, vc, ctx, bt, scale)
@@ -166,7 +168,7 @@ def decode_ragged(dev, ops, results: dict) -> None:
             bt = torch.randperm(nb, generator=g, device=dev).to(torch.int32).view(B, per)
             entry[f"bs{bs}"] = {
                 plan: kv_bytes / bench(fixed(ops.decode_attention, q, kc, vc, ctx, bt, d**-0.5, plan=plan), reps=30)
-                for plan in ("auto", "split")}
+                for plan in ("auto", "split", "warp")}
             del kc, vc
         results["decode_ragged"].append(entry)
         torch.cuda.empty_cache()
@@ -385,12 +387,18 @@ def table(r: dict) -> str:
         for bs in (16, 64):
             label = f"decode B{e['batch']} L{e['context']} bs{bs} TB/s"
             lines.append(row(label, e, bs, "bytes_per_s", ".2f", copy))
+            if "bytes_per_s_warp" in e[f"bs{bs}"]:
+                warp = e[f"bs{bs}"]["bytes_per_s_warp"]
+                lines.append(f"{'  (warp plan)':<34}{warp / 1e12:>12.2f}{'':>20}{100 * warp / copy:>9.0f}%")
     for e in r.get("decode_ragged", []):
         for bs in (16, 64):
             auto, split = e[f"bs{bs}"]["auto"], e[f"bs{bs}"]["split"]
             label = f"decode ragged B{e['batch']} L{min(e['lens'])}-{max(e['lens'])} bs{bs}"
             lines.append(f"{label:<34}{auto / 1e12:>12.2f}{'split plan':>14}{split / 1e12:>6.2f}"
                          f"{100 * auto / copy:>9.0f}%")
+            if "warp" in e[f"bs{bs}"]:
+                warp = e[f"bs{bs}"]["warp"]
+                lines.append(f"{'  (warp plan)':<34}{warp / 1e12:>12.2f}{'':>20}{100 * warp / copy:>9.0f}%")
     for e in r["prefill"]:
         for bs in (16, 64):
             label = f"prefill L{e['seqlen']} bs{bs} {e[f'bs{bs}'].get('impl', '')} TFLOP/s"

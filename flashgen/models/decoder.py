@@ -28,7 +28,7 @@ from flashgen.models.loader import (
 )
 from flashgen.models.spec import ModelSpec, rope_cos_sin
 from flashgen.models.tensor_parallel import TPInfo, all_reduce, gather_logits, shard_layer, shard_vocab
-from flashgen.ops.backend import SharedPrefix
+from flashgen.ops.backend import Fp8Rows, SharedPrefix
 
 
 @dataclass
@@ -155,9 +155,9 @@ class DecoderLM:
         residual = None
         for i, L in enumerate(self.layers):
             if residual is None:
-                x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps), h
+                x, residual = self._norm(h, L["input_norm"], None, L, "qkv"), h
             else:
-                x, residual = ops.rms_norm(h, L["input_norm"], spec.rms_norm_eps, residual)
+                x, residual = self._norm(h, L["input_norm"], residual, L, "qkv")
             qkv = self._linear(x, L, "qkv", L["qkv_bias"])  # (T, (Hq + 2 Hkv) * D)
             ks, vs = self.k_scales[i], self.v_scales[i]
             window = spec.layer_window(i)
@@ -177,18 +177,25 @@ class DecoderLM:
             h = self._linear(o.reshape(T, -1), L, "o")
             if self.tp:
                 h = all_reduce(h)
+            moe = L.get("router") is not None  # a MoE layer (flashgen/models/moe.py)
+            mlp_in = None if moe else "gate_up"
             if spec.sandwich_norm:  # Gemma 3: post-attention norm on the output, then the pre-feedforward norm
                 h = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps)
-                x, residual = ops.rms_norm(h, L["pre_ff_norm"], spec.rms_norm_eps, residual)
+                x, residual = self._norm(h, L["pre_ff_norm"], residual, L, mlp_in)
             else:
-                x, residual = ops.rms_norm(h, L["post_norm"], spec.rms_norm_eps, residual)
-            if L.get("router") is not None:  # a MoE layer (flashgen/models/moe.py)
+                x, residual = self._norm(h, L["post_norm"], residual, L, mlp_in)
+            if moe:
                 assert spec.moe is not None
                 h = ops.moe(x, L["router"], L["experts_gate_up"], L["experts_down"], spec.moe.top_k,
                             spec.moe.renormalize)
             else:
-                act = ops.gelu_tanh_mul if spec.hidden_act == "gelu_tanh" else ops.silu_mul
-                h = self._linear(act(self._linear(x, L, "gate_up")), L, "down")
+                act = "gelu_tanh" if spec.hidden_act == "gelu_tanh" else "silu"
+                gate_up = self._linear(x, L, "gate_up")
+                if L["down_scale"] is not None:  # FP8: the activation's output quantized in the same kernel
+                    h = self._linear(ops.act_mul_fp8(gate_up, act), L, "down")
+                else:
+                    h = self._linear(ops.gelu_tanh_mul(gate_up) if act == "gelu_tanh" else ops.silu_mul(gate_up),
+                                     L, "down")
             if self.tp:
                 h = all_reduce(h)
             if spec.sandwich_norm:
@@ -196,9 +203,24 @@ class DecoderLM:
         assert residual is not None, "a model has layers"
         return h, residual
 
-    def _linear(self, x: torch.Tensor, L: dict, name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Layer weight `name` applied to x: ops.linear, or ops.linear_fp8 where the weight is FP8."""
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, L: dict,
+              feeds: str | None):
+        """RMSNorm of the rows layer weight `feeds` takes next (None: no linear layer), fused with the residual add
+        when `residual` is given. Where that weight is FP8 the rows come quantized for it (Fp8Rows) from the same
+        kernel: the bytes linear_fp8 would make of the norm's output, which is never written in the model's dtype."""
+        assert weight is not None, "a norm has its weight"
+        eps = self.spec.rms_norm_eps
+        if feeds is not None and L[feeds + "_scale"] is not None:
+            return self.ops.rms_norm_fp8(h, weight, eps, residual)
+        return self.ops.rms_norm(h, weight, eps, residual)
+
+    def _linear(self, x: torch.Tensor | Fp8Rows, L: dict, name: str, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Layer weight `name` applied to x: ops.linear, or ops.linear_fp8 where the weight is FP8 (linear_fp8_rows
+        when the rows come quantized: _norm, act_mul_fp8)."""
         scale = L[name + "_scale"]
+        if isinstance(x, Fp8Rows):
+            return self.ops.linear_fp8_rows(x, L[name], scale, bias)
         if scale is None:
             return self.ops.linear(x, L[name], bias)
         return self.ops.linear_fp8(x, L[name], scale, bias)

@@ -22,6 +22,17 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class Fp8Rows:
+    """Activation rows quantized for an FP8-weight linear layer, as linear_fp8 quantizes its input: q (R, K)
+    float8_e4m3fn and scale (R,) float32 (row r ~ q[r] * scale[r]; scale = max(amax |row|, 1e-12) / 448), made
+    by the op that computes the rows (rms_norm_fp8, act_mul_fp8) in the same pass; dtype: the activations' dtype,
+    which the linear layer's output takes (docs/design.md, "FP8 weights")."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+@dataclass
 class SharedPrefix:
     """Shared-prefix (cascade) decode: the sequences of a decode batch that share leading KV blocks (the n
     samples of one prompt; prompts behind one cached system prompt) in groups of up to G, so that attention reads
@@ -52,6 +63,23 @@ class OpsBackend(Protocol):
         -> (..., N) in x's dtype. Each row of x is quantized to e4m3 first with its own scale
         (max(amax |row|, 1e-12) / 448, rounded to nearest, saturated); the FP8 product is scaled by both scales
         (docs/design.md, "FP8 weights")."""
+        ...
+
+    def linear_fp8_rows(self, rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+        """linear_fp8 of rows already quantized (rows.q (R, K), rows.scale (R,)) -> (R, N) in rows.dtype: the
+        same result as linear_fp8 of the rows they were quantized from."""
+        ...
+
+    def rms_norm_fp8(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                     ) -> Fp8Rows | tuple[Fp8Rows, torch.Tensor]:
+        """rms_norm of x (R, hidden) with its output quantized as linear_fp8 quantizes its input (the same bytes),
+        for an FP8-weight layer next: Fp8Rows, or (Fp8Rows, x + residual) with `residual`."""
+        ...
+
+    def act_mul_fp8(self, x: torch.Tensor, act: str) -> Fp8Rows:
+        """silu_mul (act "silu") or gelu_tanh_mul ("gelu_tanh") of x (R, 2 * inter), its output quantized as
+        linear_fp8 quantizes its input (the same bytes), for an FP8-weight layer next."""
         ...
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None

@@ -59,7 +59,8 @@ SHARED_KERNELS = ("decode", "prefill")
 # its key splits: one per 512 shared tokens (8 key tiles), at most 8 (shared_splits)
 SHARED_SPLIT_KEYS = 512
 SHARED_MAX_SPLITS = 8
-DECODE_PLANS = ("auto", "split", "balanced")  # kernels/decode_attention.cu: plan 0, 1, 2
+DECODE_PLANS = ("auto", "split", "balanced", "warp")  # kernels/decode_attention.cu: plan 0, 1, 2, 3
+WARP_PLAN_MAX_D = 128  # the warp plan is compiled for head_dim 64 and 128 (FG_WARP_PLAN); larger ones take auto
 INT8K_V_MAX = 448.0  # the int8k cache's V: s = amax / 448; decode multiplies p by s * 448, the output by 1 / 448
 
 
@@ -321,7 +322,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     equal slice per CTA, so a ragged batch no longer waits on its long sequences at the end; "auto" takes
     "split" when the grid is over two waves, when the mean length is within 5% of the longest, or when the
     batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
-    batches so), else "balanced". None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
+    batches so), else "balanced"; "warp" gives each warp one (sequence, kv head) pair whole (head_dim 64 and 128,
+    else auto; num_splits does not apply). None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
     context lengths only, never on timing. An FP8 cache is read as it is (k_scale folded into the softmax scale,
     v_scale into the output), and so is the int8k cache (int8 k_cache, float8_e4m3fn v_cache; k_scale and
     v_scale float32 tensors (num_blocks, block_size, Hkv), as rope_kv_append writes them: each token's K scale
@@ -378,7 +380,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                        out=o_sh[0], lse=lse_sh[0], num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
     if on_prefill:  # the variant that merges the key splits' states (FG_MERGE_N: one more argument)
         launch["kern"] = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, device_index(q),
-                                        defines=(*defines, ("FG_MERGE_N", 1)))
+                                        defines=(*defines, ("FG_MERGE_N", 1), ("FG_MERGE_MAX", SHARED_MAX_SPLITS)))
         merge = (o_sh, lse_sh)
     _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
                    lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=merge)
@@ -398,9 +400,11 @@ def shared_on_prefill(kv_dtype: torch.dtype, dtype: torch.dtype) -> bool:
 
 
 def shared_splits(max_shared: int, head_dim: int) -> int:
-    """Key splits of the PF_SHARED kernel for shared prefixes of up to `max_shared` tokens (shapes only, so a
-    captured graph sees a fixed grid): one per SHARED_SPLIT_KEYS tokens, at most SHARED_MAX_SPLITS; one at
-    head_dim 256 (the kernel's variant takes none). $FLASHGEN_SHARED_SPLITS overrides (A/B measurements)."""
+    """Key splits in the PF_SHARED kernel's grid for shared prefixes of up to `max_shared` tokens (shapes only, so
+    a captured graph sees a fixed grid): one per SHARED_SPLIT_KEYS tokens, at most SHARED_MAX_SPLITS; one at
+    head_dim 256 (the kernel's variant takes none). In the kernel each group takes one split per SHARED_SPLIT_KEYS
+    of its own shared tokens, at most these, so a short prefix in a graph's wide block tables does not run eight
+    splits of a tile or two each. $FLASHGEN_SHARED_SPLITS overrides the grid's (A/B measurements)."""
     forced = os.environ.get("FLASHGEN_SHARED_SPLITS")
     if forced:  # checked whatever the head_dim, so a bad value is never silently passed over
         if not (forced.isdigit() and 1 <= int(forced) <= SHARED_MAX_SPLITS):
@@ -424,7 +428,7 @@ def _shared_prefill_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     di = device_index(q)
     smem = prefill_smem_bytes(d, (mt, bn))
     k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
-                       (("PF_MT", mt), ("PF_BN", bn), ("PF_SHARED", 1)))
+                       (("PF_MT", mt), ("PF_BN", bn), ("PF_SHARED", 1), ("PF_SPLIT_KEYS", SHARED_SPLIT_KEYS)))
     mblocks = -(-(g * (hq // hkv)) // (64 * mt))
     jit.launch(k, (mblocks * splits, hkv, ng), (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(None), jit.ptr(shared.lens), jit.ptr(shared.tables),
@@ -475,7 +479,11 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if not 1 <= num_splits <= DECODE_MAX_SPLITS:
         fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
     code = DECODE_PLANS.index(decode_plan(plan))
+    if code == 3 and d > WARP_PLAN_MAX_D:
+        code = 0
     pairs = batch * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
+    if code == 3:  # one warp per pair, 4 pairs per CTA, each written whole: no splits, no partials
+        num_splits = 1
     if pairs * max(num_splits, -(-block_tables.shape[1] * bs // 16)) >= 1 << 30:  # 32-bit plan in the kernel
         fail("block_tables", "covers too many 16-token steps for one launch (batch x kv heads x "
              "ceil(query group / 8) x ceil(width x block_size / 16) must stay below 2^30); split the batch",
@@ -484,17 +492,21 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     sms = num_sms(di)
     if code == 0 and ncta > 4 * sms:  # > 2 waves: the hardware's CTA scheduling evens out a ragged
         code = 1                                # batch; the split plan needs no scan of context_lens
-    if code == 1 and num_splits == 1:  # every CTA covers a whole pair: no partials
+    if code in (1, 3) and num_splits == 1:  # every CTA (warp) covers a whole pair: no partials
         part_o = part_lse = None
     else:
         part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
         part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
     counters = split_counters(dev, pairs)
     merge_o, merge_lse = merge if merge is not None else (None, None)
-    # (states, batch, hq, D): the FG_MERGE_N variant's key splits, passed as one more argument
+    # (states, batch, hq, D): the FG_MERGE_N variant's key splits, passed as one more argument (at most its
+    # FG_MERGE_MAX, SHARED_MAX_SPLITS)
     merge_n = (jit.i32(merge_o.shape[0]),) if merge_o is not None and merge_o.dim() == 4 else ()
+    if merge_o is not None and merge_o.dim() == 4 and not 1 <= merge_o.shape[0] <= SHARED_MAX_SPLITS:
+        fail("merge", f"must hold 1 to {SHARED_MAX_SPLITS} states", merge_o.shape[0])
     f32_out = out.dtype == torch.float32
-    jit.launch(kern, (num_splits, pairs // batch, batch), (128,), (
+    grid = (-(-pairs // 4), 1, 1) if code == 3 else (num_splits, pairs // batch, batch)
+    jit.launch(kern, grid, (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
         jit.i32(block_tables.stride(0)), jit.ptr(None if f32_out else out), jit.ptr(lse), jit.ptr(part_o),
         jit.ptr(part_lse), jit.ptr(counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),

@@ -1,5 +1,6 @@
-"""CUDA backend, per-token ops: RMSNorm and SiLU-and-multiply (kernels/norms.cu), and the rotary embedding
-with the KV-cache append (kernels/rope_kv_append.cu).
+"""CUDA backend, per-token ops: RMSNorm and SiLU-and-multiply (kernels/norms.cu; for an FP8-weight layer next,
+the same with the output quantized in the same pass, kernels/fp8_quant.cu), and the rotary embedding with the
+KV-cache append (kernels/rope_kv_append.cu).
 
 Importing this module needs neither CuPy nor a GPU; calling an op does.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from flashgen.ops import jit
+from flashgen.ops.backend import Fp8Rows
 from flashgen.ops.cuda_checks import (
     KERNEL_DTYPES,
     check_cache,
@@ -20,8 +22,9 @@ from flashgen.ops.cuda_checks import (
     kv_kernel_variant,
     num_sms,
 )
+from flashgen.ops.cuda_linear import quantize_fp8_rows
 
-RMS_MAX_HIDDEN = 8 * 4 * 1024  # kernels/norms.cu: RMS_VPT vectors of 8 per thread, 1024 threads
+RMS_MAX_HIDDEN = 8 * 4 * 1024  # kernels/norm_rows.cuh: RMS_VPT vectors of 8 per thread, 1024 threads
 
 
 # ---------------------------------------------------------------- norms
@@ -29,6 +32,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
     """RMSNorm over the last dim of `x` (..., hidden). With `residual`: returns (norm(x + residual), x + residual);
     `residual_out` may be `residual` itself (in-place update, as vLLM's fused_add_rms_norm)."""
+    hidden, rows = _check_rms(x, weight, residual)
+    out = check_out(out, tuple(x.shape), x.dtype, x.device)
+    if out is None:
+        out = torch.empty_like(x)
+    residual_out = _residual_out(x, residual, residual_out)
+    if rows:
+        k = jit.get_kernel("norms.cu", "rms_norm_kernel", x.dtype, 0, device_index(x))
+        jit.launch(k, (rows,), (_row_threads(rows, hidden // 8, x),), (
+            jit.ptr(x), jit.ptr(residual), jit.ptr(weight), jit.ptr(out),
+            jit.ptr(residual_out if residual is not None else None), jit.i32(hidden), jit.f32(eps)), x.device)
+    return out if residual is None else (out, residual_out)
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+                 residual_out: torch.Tensor | None = None):
+    """rms_norm of x (R, hidden) with its output quantized per row for an FP8-weight layer next, in one kernel
+    (kernels/fp8_quant.cu): Fp8Rows, or (Fp8Rows, x + residual). The bytes (and the new residual) equal those of
+    this backend's rms_norm followed by linear_fp8's quantization (quantize_fp8_rows); the norm's output is never
+    written in x's dtype."""
+    hidden, rows = _check_rms(x, weight, residual)
+    if x.dim() != 2:
+        fail("x", "must be 2-D (rows, hidden)", f"shape {tuple(x.shape)}")
+    residual_out = _residual_out(x, residual, residual_out)
+    q = torch.empty((rows, hidden), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    if rows:
+        k = jit.get_kernel("fp8_quant.cu", "rms_norm_fp8_kernel", x.dtype, 0, device_index(x))
+        jit.launch(k, (rows,), (_row_threads(rows, hidden // 8, x),), (
+            jit.ptr(x), jit.ptr(residual), jit.ptr(weight), jit.ptr(residual_out if residual is not None else None),
+            jit.ptr(q), jit.ptr(scale), jit.i32(hidden), jit.f32(eps)), x.device)
+    got = Fp8Rows(q, scale, x.dtype)
+    return got if residual is None else (got, residual_out)
+
+
+def _check_rms(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> tuple[int, int]:
+    """rms_norm's arguments checked: (hidden, rows)."""
     check_tensor("x", x, KERNEL_DTYPES)
     dev = x.device
     hidden = x.shape[-1] if x.dim() else 0
@@ -39,23 +78,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if residual is not None:
         check_tensor("residual", residual, (x.dtype,), device=dev)
         check_shape("residual", residual, tuple(x.shape))
-    out = check_out(out, tuple(x.shape), x.dtype, dev)
-    if out is None:
-        out = torch.empty_like(x)
-    if residual is not None:
-        residual_out = check_out(residual_out, tuple(x.shape), x.dtype, dev, "residual_out")
-        if residual_out is None:
-            residual_out = torch.empty_like(x)
-    rows = x.numel() // hidden
-    if rows:
-        # RMS_VPT (4) vectors of 8 per thread at most; a few rows (decode at small batch) get one per thread
-        per_thread = -(-(hidden // 8) // (1 if rows < num_sms(device_index(x)) else 4))
-        threads = min(1024, max(32, -(-per_thread // 32) * 32))
-        k = jit.get_kernel("norms.cu", "rms_norm_kernel", x.dtype, 0, device_index(x))
-        jit.launch(k, (rows,), (threads,), (
-            jit.ptr(x), jit.ptr(residual), jit.ptr(weight), jit.ptr(out),
-            jit.ptr(residual_out if residual is not None else None), jit.i32(hidden), jit.f32(eps)), dev)
-    return out if residual is None else (out, residual_out)
+    return hidden, x.numel() // hidden
+
+
+def _residual_out(x: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None):
+    if residual is None:
+        return None
+    residual_out = check_out(residual_out, tuple(x.shape), x.dtype, x.device, "residual_out")
+    return torch.empty_like(x) if residual_out is None else residual_out
+
+
+def _row_threads(rows: int, nvec: int, x: torch.Tensor) -> int:
+    """Threads of a kernel that holds a row of `nvec` vectors of 8 in one CTA (kernels/norm_rows.cuh): RMS_VPT (4)
+    vectors per thread at most; a few rows (decode at small batch) get one per thread, so that a lone row is
+    spread over the most threads."""
+    per_thread = -(-nvec // (1 if rows < num_sms(device_index(x)) else 4))
+    return min(1024, max(32, -(-per_thread // 32) * 32))
 
 
 def gelu_tanh_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +125,33 @@ def _act_mul(kernel: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Te
         jit.launch(k, (rows, -(-nvec // threads)), (threads,), (jit.ptr(x), jit.ptr(out), jit.i32(inter)),
                    x.device)
     return out
+
+
+ACT_FP8_KERNELS = {"silu": "silu_mul_fp8_kernel", "gelu_tanh": "gelu_tanh_mul_fp8_kernel"}
+
+
+def act_mul_fp8(x: torch.Tensor, act: str) -> Fp8Rows:
+    """silu_mul (act "silu") or gelu_tanh_mul ("gelu_tanh") of x (R, 2 * inter) with the output quantized per row
+    for an FP8-weight layer next, in one kernel (kernels/fp8_quant.cu; one CTA holds a row, so inter is at most
+    RMS_MAX_HIDDEN: past that the two ops run one after the other). The bytes equal those of this backend's
+    silu_mul / gelu_tanh_mul followed by linear_fp8's quantization (quantize_fp8_rows)."""
+    if act not in ACT_FP8_KERNELS:
+        fail("act", f"must be one of {', '.join(ACT_FP8_KERNELS)}", repr(act))
+    check_tensor("x", x, KERNEL_DTYPES)
+    if x.dim() != 2 or x.shape[-1] % 16 or x.shape[-1] == 0:
+        fail("x", "must be 2-D (rows, 2 * inter) with 2 * inter a positive multiple of 16", f"shape {tuple(x.shape)}")
+    inter = x.shape[-1] // 2
+    if inter > RMS_MAX_HIDDEN:
+        xq, xs = quantize_fp8_rows(_act_mul(ACT_FP8_KERNELS[act].replace("_fp8", ""), x, None))
+        return Fp8Rows(xq, xs, x.dtype)
+    rows = x.shape[0]
+    q = torch.empty((rows, inter), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    if rows:
+        k = jit.get_kernel("fp8_quant.cu", ACT_FP8_KERNELS[act], x.dtype, 0, device_index(x))
+        jit.launch(k, (rows,), (_row_threads(rows, inter // 8, x),),
+                   (jit.ptr(x), jit.ptr(q), jit.ptr(scale), jit.i32(inter)), x.device)
+    return Fp8Rows(q, scale, x.dtype)
 
 
 # ---------------------------------------------------------------- rope + kv append

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from flashgen.ops import jit, torch_ops
+from flashgen.ops.backend import Fp8Rows
 from flashgen.ops.cuda_checks import KERNEL_DTYPES, check_out, check_shape, check_tensor, choose, device_index, fail
 from flashgen.ops.timing import bench, rotating
 
@@ -250,8 +251,35 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     FP8 GEMM cannot take (K or N not a multiple of 16, no rows) run the torch reference on the GPU: right, not
     fast. Capturable in a CUDA graph (no host sync)."""
     check_tensor("x", x, KERNEL_DTYPES, contiguous=False, align=1)
-    dev = x.device
     K = x.shape[-1] if x.dim() else 0
+    N = _check_fp8_weight(K, weight, weight_scale, bias, x.dtype, x.device)
+    rows = x.numel() // K if K else 0
+    if rows == 0 or K % FP8_GEMM_MULTIPLE or N % FP8_GEMM_MULTIPLE:
+        return torch_ops.linear_fp8(x, weight, weight_scale, bias)
+    xq, xs = quantize_fp8_rows(x.reshape(rows, K))
+    return _linear_fp8_quantized(xq, xs, weight, weight_scale, bias, x.dtype).reshape(*x.shape[:-1], N)
+
+
+def linear_fp8_rows(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_fp8 of rows already quantized (rms_norm_fp8, act_mul_fp8): rows.q (R, K) e4m3, rows.scale (R,)
+    float32 -> (R, N) in rows.dtype, through the same kernels (the FP8 skinny GEMM or cuBLASLt's)."""
+    check_tensor("rows.q", rows.q, (torch.float8_e4m3fn,), 2)
+    dev = rows.q.device
+    R, K = rows.q.shape
+    check_tensor("rows.scale", rows.scale, (torch.float32,), 1, dev, align=4)
+    check_shape("rows.scale", rows.scale, (R,))
+    if rows.dtype not in KERNEL_DTYPES:
+        fail("rows.dtype", f"must be one of {KERNEL_DTYPES}", rows.dtype)
+    N = _check_fp8_weight(K, weight, weight_scale, bias, rows.dtype, dev)
+    if R == 0 or K % FP8_GEMM_MULTIPLE or N % FP8_GEMM_MULTIPLE:
+        return torch_ops.linear_fp8_rows(rows, weight, weight_scale, bias)
+    return _linear_fp8_quantized(rows.q, rows.scale, weight, weight_scale, bias, rows.dtype)
+
+
+def _check_fp8_weight(K: int, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                      dtype: torch.dtype, dev: torch.device) -> int:
+    """An FP8 weight (N, K) with its scales (and bias) checked: N."""
     check_tensor("weight", weight, (torch.float8_e4m3fn,), 2, dev)
     N = weight.shape[0]
     if weight.shape[1] != K:
@@ -259,15 +287,17 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     check_tensor("weight_scale", weight_scale, (torch.float32,), 1, dev, align=4)
     check_shape("weight_scale", weight_scale, (N,))
     if bias is not None:
-        check_tensor("bias", bias, (x.dtype,), 1, dev, align=2)
+        check_tensor("bias", bias, (dtype,), 1, dev, align=2)
         check_shape("bias", bias, (N,))
-    rows = x.numel() // K if K else 0
-    if rows == 0 or K % FP8_GEMM_MULTIPLE or N % FP8_GEMM_MULTIPLE:
-        return torch_ops.linear_fp8(x, weight, weight_scale, bias)
-    xq, xs = quantize_fp8_rows(x.reshape(rows, K))
-    plan = linear_fp8_plan(rows, weight, weight_scale, bias, x.dtype) if rows <= SKINNY_MAX_ROWS else None
+    return N
+
+
+def _linear_fp8_quantized(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """(R, N) from quantized rows: the FP8 skinny kernel for up to 8 rows where it measured faster on the shape,
+    else cuBLASLt's FP8 GEMM."""
+    rows = xq.shape[0]
+    plan = linear_fp8_plan(rows, weight, weight_scale, bias, dtype) if rows <= SKINNY_MAX_ROWS else None
     if plan is not None:
-        y = skinny_gemm_fp8(xq, xs, weight, weight_scale, bias, x.dtype, warps=plan[0], unroll=plan[1])
-    else:
-        y = _fp8_gemm_bias(xq, xs, weight, weight_scale, bias, x.dtype)
-    return y.reshape(*x.shape[:-1], N)
+        return skinny_gemm_fp8(xq, xs, weight, weight_scale, bias, dtype, warps=plan[0], unroll=plan[1])
+    return _fp8_gemm_bias(xq, xs, weight, weight_scale, bias, dtype)

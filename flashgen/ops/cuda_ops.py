@@ -11,8 +11,9 @@ This module is the backend's public face (`get_ops("cuda")`); the code lives in 
   cuda_checks.py      argument checks and device queries shared by every wrapper
   cuda_linear.py      linear: cuBLAS or the skinny GEMM, the per-shape plan chosen by timing; linear_fp8:
                       FP8 weights through cuBLASLt's FP8 GEMM (torch._scaled_mm) or, up to 8 rows, the FP8
-                      skinny GEMM (the same kind of plan)
-  cuda_elementwise.py rms_norm, silu_mul, gelu_tanh_mul, rope_kv_append
+                      skinny GEMM (the same kind of plan); linear_fp8_rows: the same on rows already quantized
+  cuda_elementwise.py rms_norm, silu_mul, gelu_tanh_mul, rope_kv_append; rms_norm_fp8 and act_mul_fp8 (their
+                      output quantized in the same kernel for an FP8-weight layer next)
   cuda_attention.py   prefill_attention and decode_attention, their plans and merge counters
   cuda_sampling.py    gumbel_argmax
   cuda_moe.py         moe: the experts as two grouped GEMMs (torch._grouped_mm, no host sync, capturable) in
@@ -54,8 +55,10 @@ from flashgen.ops.cuda_attention import (  # noqa: F401
 from flashgen.ops.cuda_checks import KERNEL_DTYPES  # noqa: F401
 from flashgen.ops.cuda_elementwise import (  # noqa: F401
     RMS_MAX_HIDDEN,
+    act_mul_fp8,
     gelu_tanh_mul,
     rms_norm,
+    rms_norm_fp8,
     rope_kv_append,
     silu_mul,
 )
@@ -68,6 +71,7 @@ from flashgen.ops.cuda_linear import (  # noqa: F401
     linear,
     linear_fp8,
     linear_fp8_plan,
+    linear_fp8_rows,
     linear_plan,
     skinny_gemm,
     skinny_gemm_fp8,

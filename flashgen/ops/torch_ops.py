@@ -28,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from flashgen.ops.backend import SharedPrefix
+from flashgen.ops.backend import Fp8Rows, SharedPrefix
 from flashgen.ops.torch_moe import moe  # noqa: F401 - the MoE MLP, its own module (per-expert loop)
 
 
@@ -55,12 +55,38 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     in x's dtype. Each row of x is quantized to e4m3 with its own scale first (quantize_fp8_rows), as the FP8
     GEMM gets it; the product of the two FP8 operands is exact in float32, the scales multiply the result and
     the bias is added before the one rounding to x's dtype."""
-    K = x.shape[-1]
-    xq, xs = quantize_fp8_rows(x.reshape(-1, K))
-    y = (xq.float() @ weight.float().t()) * xs[:, None] * weight_scale.float()[None, :]
+    return linear_fp8_rows(fp8_rows(x.reshape(-1, x.shape[-1])), weight, weight_scale, bias).reshape(
+        *x.shape[:-1], weight.shape[0])
+
+
+def fp8_rows(x: torch.Tensor) -> Fp8Rows:
+    """x (R, K) quantized per row (quantize_fp8_rows) as the FP8 GEMM takes it."""
+    xq, xs = quantize_fp8_rows(x)
+    return Fp8Rows(xq, xs, x.dtype)
+
+
+def linear_fp8_rows(rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_fp8 of quantized rows (R, K) -> (R, N) in rows.dtype."""
+    y = (rows.q.float() @ weight.float().t()) * rows.scale[:, None] * weight_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return y.to(rows.dtype)
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                 ) -> Fp8Rows | tuple[Fp8Rows, torch.Tensor]:
+    """rms_norm of x (R, hidden), its output quantized per row for an FP8-weight layer (fp8_rows)."""
+    y = rms_norm(x, weight, eps, residual)
+    return (fp8_rows(y[0]), y[1]) if isinstance(y, tuple) else fp8_rows(y)
+
+
+def act_mul_fp8(x: torch.Tensor, act: str) -> Fp8Rows:
+    """silu_mul ("silu") or gelu_tanh_mul ("gelu_tanh") of x (R, 2 * inter), its output quantized per row for an
+    FP8-weight layer (fp8_rows)."""
+    if act not in ACT_MULS:
+        raise ValueError(f"act_mul_fp8: act must be one of {', '.join(ACT_MULS)}, got {act!r}")
+    return fp8_rows(ACT_MULS[act](x))
 
 
 def rms_norm(
@@ -86,6 +112,9 @@ def gelu_tanh_mul(x: torch.Tensor) -> torch.Tensor:
     first as in silu_mul."""
     gate, up = x.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
+
+
+ACT_MULS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}  # act_mul_fp8's activations
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -7,7 +7,8 @@ each case on fresh random data:
   - plain: every sequence over its whole context (the shared pages read once per sequence);
   - shared, both kernels for the shared part (FLASHGEN_SHARED_KERNEL=decode|prefill): groups of up to 8 or 32
     members as the engine forms them, then the own parts merged in;
-  - own parts alone (no shared part, no merge), with the plan and splits of the heuristic and forced;
+  - own parts alone (no shared part, no merge), with the plan and splits of the heuristic and forced, and on the
+    warp plan (one warp per sequence and kv head);
   - the shared part alone on the PF_SHARED kernel;
   - the PF_SHARED case again with block tables as wide as a captured graph's (its key splits follow the width).
 Each next to its bytes over the copy bandwidth measured in the same process.
@@ -90,6 +91,9 @@ def main() -> None:
 
     row("plain (shared pages read per sequence)",
         timed(lambda: cuda_attention.decode_attention(q, k, v, ctx, bt, scale)), float(ctx.sum().item()) * tok_bytes)
+    row("plain, plan warp",
+        timed(lambda: cuda_attention.decode_attention(q, k, v, ctx, bt, scale, plan="warp")),
+        float(ctx.sum().item()) * tok_bytes)
     sps = {SHARED_GROUP: sp8, SHARED_GROUP_WIDE: batch(SHARED_GROUP_WIDE)[4]}
     for kern, group in (("decode", SHARED_GROUP), ("prefill", SHARED_GROUP_WIDE)):
         os.environ["FLASHGEN_SHARED_KERNEL"] = kern
@@ -97,6 +101,8 @@ def main() -> None:
         ng = sp.q_rows.shape[0]
         sec = timed(lambda sp=sp: cuda_attention.decode_attention(q, k, v, ctx, bt, scale, shared=sp))
         row(f"shared, {kern} kernel, {ng} groups of <= {group}", sec, own_bytes + sb * BS * tok_bytes)
+        sec = timed(lambda sp=sp: cuda_attention.decode_attention(q, k, v, ctx, bt, scale, shared=sp, plan="warp"))
+        row("  the same, own parts on plan warp", sec, own_bytes + sb * BS * tok_bytes)
     # a captured decode graph's tables are max_blocks_per_seq wide (640 at a 40,960-token context, 64-token pages):
     # the PF_SHARED kernel's key splits follow the width, not the prefix
     wide = F.pad(bt, (0, 640 - W))
@@ -111,6 +117,8 @@ def main() -> None:
     own_ctx = (ctx - sb * BS).contiguous()
     row("own parts alone, heuristic",
         timed(lambda: cuda_attention.decode_attention(q, k, v, own_ctx, bt_own, scale)), own_bytes)
+    row("own parts alone, plan warp",
+        timed(lambda: cuda_attention.decode_attention(q, k, v, own_ctx, bt_own, scale, plan="warp")), own_bytes)
     for plan in ("split", "balanced"):
         for splits in (1, 2, 4):
             row(f"own parts alone, plan {plan}, {splits} splits",
