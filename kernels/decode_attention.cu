@@ -17,10 +17,11 @@
 //     the same work, where the split plan leaves the long sequences' CTAs running alone at the end (figures
 //     in docs/benchmark-history.md, "Decode plans"). Every warp scans the context lengths itself, 32 at a
 //     time (warp reductions and a shuffle scan, no block barrier).
-//   - warp (plan 3, only when asked for; D = 64 and 128): the grid is ceil(pairs / 4) CTAs and warp w of CTA i
-//     takes pair 4 i + w whole, all its steps, and writes the output from its own registers (no merge of warps,
-//     no barrier, no partials): for a full batch of short contexts, where the split plan gives each warp three
-//     or four steps between the prologue's dependent loads and the merge.
+//   - warp (plan 3; D = 64 and 128; its own variant, FG_WARP_PLAN=1): the grid is ceil(pairs / 4) CTAs and warp
+//     w of CTA i takes pair 4 i + w whole, all its steps, and writes the output from its own registers (no merge
+//     of warps, no barrier, no partials): for a full batch of short contexts, where the split plan gives each
+//     warp three or four steps between the prologue's dependent loads and the merge. The host's auto takes it
+//     there (cuda_attention.py, WARP_AUTO_*: the longest context and the pairs per SM).
 //   Every K/V element is read from HBM once per step, whatever G (G > 8 re-reads it once per 8 heads).
 //   Within a piece of a pair the warps take 16-token steps in turn (warp w: steps w, w + 4, ...; D = 256: warp
 //   pairs, below).
@@ -128,11 +129,14 @@ FG_INLINE uint4 v_expand(const kvw_t& w) { return w; }
 #define DEC_SPLIT_D (D == 256 ? 2 : 1)  // warps sharing one step, each on DH of the head dims (see the top)
 #define DH (D / DEC_SPLIT_D)
 #define DEC_WALKERS (DEC_WARPS / DEC_SPLIT_D)  // warps (D = 256: warp pairs) taking steps in turn
-#define FG_WARP_PLAN (D <= 128)     // plan 3 (one warp per pair) is compiled for D = 64 and 128 (see the kernel)
+#ifndef FG_WARP_PLAN
+#define FG_WARP_PLAN 0              // 1: plan 3 (one warp per pair), a variant of its own (D = 64 and 128), so that
+#endif                              //   the other plans' kernel carries none of its code (see the kernel)
 #define KCH (DH / 32)              // 16-byte K chunks per token per thread
 #define VCH (DH / 64)              // 16-byte V chunks per token per thread
 
 static_assert(D % 64 == 0 && D <= 256, "decode_attention: head_dim must be 64, 128, 192 or 256");
+static_assert(!FG_WARP_PLAN || D <= 128, "decode_attention: the warp plan is compiled for head_dim 64 and 128");
 static_assert(DH % 64 == 0 && DEC_WARPS % DEC_SPLIT_D == 0 && (DEC_SPLIT_D == 1 || DEC_WALKERS <= 2), "decode_attention: dims per warp");
 
 // A barrier of the DEC_SPLIT_D warps sharing a step: named barrier 1 + walker (0 is __syncthreads'), its id an
@@ -627,8 +631,9 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
 #if FG_WARP_PLAN
     // Warp plan (plan 3; the wrapper's grid (ceil(pairs / DEC_WARPS), 1, 1)): warp w of CTA i takes pair
     // DEC_WARPS i + w whole and writes its output itself: no walkers to merge, no block barrier, no partials.
-    // Pairs run b-major, so a CTA's warps are the kv heads of one sequence (or two), of equal lengths.
-    if (plan == 3) {
+    // Pairs run b-major, so a CTA's warps are the kv heads of one sequence (or two), of equal lengths. The variant
+    // is launched for plan 3 only, so the other plans below are dead code in it and compiled out.
+    {
         const int p = blockIdx.x * DEC_WARPS + warp;
         if (p >= batch * per_b) return;
         const int b = p / per_b, j = p % per_b, ctx = context_lens[b];

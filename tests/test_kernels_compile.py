@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashgen.ops import cuda_ops, jit
+from flashgen.ops import cuda_attention, cuda_ops, jit
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
@@ -35,7 +35,9 @@ SOURCES = {
     "skinny_gemm_fp8.cu": [(None, "SG_U=8"), (None, "SG_U=4")],
     "rope_kv_append.cu": [(d, kv) for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2") for d in (64, 128, 256)],
     "decode_attention.cu": [(d, kv) for d in cuda_ops.ATTN_HEAD_DIMS
-                            for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2", "FG_MERGE_N=1")],
+                            for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2", "FG_MERGE_N=1")]
+    + [(d, f"FG_WARP_PLAN=1,{kv}".rstrip(",")) for d in (64, 128)  # the warp plan's own variant
+       for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2", "FG_MERGE_N=1")],
     "kv_fp8.cu": [(None, "")],  # one variant holds both caches' kernels, KV_FP8_KERNELS
     "fp8_quant.cu": [(None, "")],
     "moe_route.cu": [(None, "")],
@@ -154,6 +156,24 @@ def test_decode_plan_choice(monkeypatch):
         cuda_ops.decode_plan()
     with pytest.raises(ValueError, match=r"plan must be one of auto, split, balanced, warp, got 'fast'"):
         cuda_ops.decode_plan("fast")
+
+
+@pytest.mark.parametrize("hkv,group,head_dim,sms,want", [
+    (8, 2, 128, 132, 198),   # Qwen3-0.6B's heads on an H100: 8 pairs a sequence, 12 x 132 pairs
+    (8, 4, 64, 132, 198),
+    (8, 16, 128, 132, 99),   # 16 query heads a kv head: two pairs of 8
+    (2, 1, 64, 132, 792),
+    (1, 8, 128, 1, 12),
+    (8, 2, 256, 132, None),  # no warp plan compiled at head_dim 256
+])
+def test_warp_min_batch_gives_every_sm_its_pairs(hkv, group, head_dim, sms, want):
+    """The least batch at which auto takes the warp plan on short contexts: WARP_AUTO_PAIRS_PER_SM (sequence, kv
+    head, 8 query heads) pairs for every SM, rounded up to whole sequences."""
+    got = cuda_ops.warp_min_batch(hkv, group, head_dim, sms)
+    assert got == want
+    if got is not None:
+        per_seq = hkv * -(-group // 8)
+        assert got * per_seq >= cuda_attention.WARP_AUTO_PAIRS_PER_SM * sms > (got - 1) * per_seq
 
 
 def test_nvrtc_target_swaps_and_restores_cupys_arch_helper(monkeypatch):

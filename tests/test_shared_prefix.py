@@ -151,6 +151,12 @@ def test_pack_and_unpack_carry_the_groups(group):
     assert sp.skip.tolist() == [2, 2, 0] and sp.suffix_lens.tolist() == [28, 8, 20]
     _, plain, _ = unpack_step(pack_step(seqs, False, 16, [1, 2, 3]), torch.device("cpu"))
     assert plain.shared is None and torch.equal(plain.block_tables, ctx.block_tables)
+    # the decode plan's bound: the most tokens one sequence attends to past its group's shared blocks
+    assert ctx.longest == 28 and plain.longest == 60
+    for s in seqs:
+        s.num_computed_tokens, s.num_scheduled_tokens = 0, len(s.token_ids)
+    _, pre, _ = unpack_step(pack_step(seqs, True, 16), torch.device("cpu"))
+    assert pre.is_prefill and pre.longest is None
 
 
 @pytest.fixture(scope="module")

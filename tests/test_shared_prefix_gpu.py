@@ -152,7 +152,7 @@ def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch, 
         runs[flag] = ({(i, c.index): c.token_ids for i, o in enumerate(outs) for c in o.outputs},
                       {(prompts.index(list(p)), j): rows for (p, j), rows in log.items()})
         if flag == "1":
-            assert runner.graphs is not None and any(shared for _, shared in runner.graphs.graphs)
+            assert runner.graphs is not None and any(ng for _, ng, _ in runner.graphs.graphs)
             assert sum(len(x) > 0 for x in grouped) >= 16
         del llm
     (tok1, log1), (tok0, log0) = runs["1"], runs["0"]

@@ -11,6 +11,12 @@ members), unused ones padded with empty prefixes. Batches without groups never p
 (the PF_SHARED kernel's wide groups) a graph is captured per (batch bucket, group bucket), group buckets powers of
 two up to bucket / 2, so a step with a few groups (hundreds of lines behind one system prompt) launches no
 attention CTAs for a hundred empty ones.
+
+Large buckets have a third kind of graph, for steps whose sequences all attend to few tokens (StepContext.longest
+at most the backend's WARP_AUTO_MAX_CONTEXT past their shared blocks): captured with that bound, so that the
+decode attention takes its warp plan (one warp per sequence and kv head); the plan a graph launches is fixed at
+capture, so a step with a longer context replays the graph captured without it. Captured the first time such a
+step comes, only for buckets of at least the backend's warp_min_batch rows, where the bound changes the plan.
 """
 from __future__ import annotations
 
@@ -36,6 +42,19 @@ def group_buckets(bs: int, fine: bool = True) -> list[int]:
     return sorted({1 << i for i in range(top.bit_length()) if fine and 1 << i < top} | {top})
 
 
+def warp_batch(model: DecoderLM) -> int | None:
+    """The least batch at which the model's decode attention takes the warp plan on short contexts (the CUDA
+    backend's auto rule, cuda_attention.warp_min_batch); None where no bound changes the plan: another backend, a
+    plan forced by $FLASHGEN_DECODE_PLAN, or a head_dim the warp plan is not compiled for."""
+    ops, spec = model.ops, model.spec
+    if not hasattr(ops, "warp_min_batch") or ops.decode_plan() != "auto":
+        return None
+    hq = model.tp.q_heads(spec)[1] if model.tp else spec.num_heads
+    hkv = model.num_kv_heads_local
+    sms = torch.cuda.get_device_properties(model.device).multi_processor_count
+    return ops.warp_min_batch(hkv, hq // hkv, spec.head_dim, sms)
+
+
 def buckets(max_bs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, max_bs + 1, 16))
     return sorted({b for b in sizes if b <= max_bs} | {max_bs})
@@ -59,33 +78,38 @@ class DecodeGraphs:
                                    tables=torch.zeros(ng, max_blocks_per_seq, dtype=i32, device=dev),
                                    skip=torch.zeros(max_bs, dtype=i32, device=dev),
                                    suffix_lens=torch.ones(max_bs, dtype=i32, device=dev))
-        # keyed by (batch bucket, group bucket): group bucket 0 is the plain graph, without groups
-        self.logits: dict[tuple[int, int], torch.Tensor] = {}
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # keyed by (batch bucket, group bucket, short): group bucket 0 is the plain graph, without groups; short:
+        # captured for steps of short contexts (the module's docstring)
+        self.logits: dict[tuple[int, int, bool], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.sizes = buckets(max_bs)
+        self.warp_batch = warp_batch(model)
+        self.short_bound = getattr(model.ops, "WARP_AUTO_MAX_CONTEXT", 0)
         self.pool: Any = None  # the graphs' shared memory pool, once the first is captured
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            self._capture(bs, 0)
+            self._capture(bs, 0, False)
         torch.cuda.synchronize()
 
-    def _capture(self, bs: int, ng: int) -> None:
-        ctx = self._ctx(bs, ng)
+    def _capture(self, bs: int, ng: int, short: bool) -> None:
+        ctx = self._ctx(bs, ng, short)
         self._forward(bs, ctx)  # warm-up outside capture: compiles kernels, sets up cuBLAS handles
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, self.pool):
-            self.logits[bs, ng] = self._forward(bs, ctx)
+            self.logits[bs, ng, short] = self._forward(bs, ctx)
         self.pool = g.pool()
-        self.graphs[bs, ng] = g
+        self.graphs[bs, ng, short] = g
 
-    def _ctx(self, bs: int, ng: int = 0) -> StepContext:
-        """The static buffers as the StepContext of batch bucket `bs` with `ng` shared-prefix groups (0: none)."""
+    def _ctx(self, bs: int, ng: int = 0, short: bool = False) -> StepContext:
+        """The static buffers as the StepContext of batch bucket `bs` with `ng` shared-prefix groups (0: none),
+        `short`: bounded by the backend's WARP_AUTO_MAX_CONTEXT (else by the tables' width)."""
         sp = None
         if ng:
             s = self.shared
             sp = SharedPrefix(s.q_rows[:ng], s.lens[:ng], s.tables[:ng], s.skip[:bs], s.suffix_lens[:bs])
         return StepContext(is_prefill=False, positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
-                           context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs], shared=sp)
+                           context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs], shared=sp,
+                           longest=self.short_bound if short else None)
 
     def _forward(self, bs: int, ctx: StepContext) -> torch.Tensor:
         hidden, residual = self.model.forward(self.input_ids[:bs], ctx)
@@ -123,10 +147,12 @@ class DecodeGraphs:
             sp.skip[n:bs] = 0
             sp.suffix_lens[:n] = ctx.shared.suffix_lens
             sp.suffix_lens[n:bs] = 1
-            if (bs, ngb) not in self.graphs:
-                self._capture(bs, ngb)  # the first step of this bucket and group bucket (the buffers hold it)
-        self.graphs[bs, ngb].replay()
-        return self.logits[bs, ngb][:n]
+        short = (self.warp_batch is not None and bs >= self.warp_batch and ctx.longest is not None
+                 and ctx.longest <= self.short_bound)
+        if (bs, ngb, short) not in self.graphs:
+            self._capture(bs, ngb, short)  # the first step of this kind (the buffers hold it)
+        self.graphs[bs, ngb, short].replay()
+        return self.logits[bs, ngb, short][:n]
 
 
 def run_step(model: DecoderLM, graphs: DecodeGraphs | None, input_ids: torch.Tensor, ctx: StepContext,

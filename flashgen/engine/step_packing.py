@@ -1,10 +1,11 @@
 """A scheduled step as one int64 tensor: built on the host, unpacked into the model's StepContext on the device.
 
 One flat tensor means one host-to-device copy per step and, with tensor parallelism, one broadcast to the other
-ranks. Layout: a header (is_prefill, T, B, width, max_seqlen_q, n_rows, NG, G), then input ids (T), positions
-(T), cache slots (T), context lengths (B), cu_seqlens (B + 1), block tables (B x width), the rows whose logits
-are wanted (n_rows) and, for a decode step with shared-prefix groups (NG > 0), the SharedPrefix fields: q_rows
-(NG x G), lens (NG), tables (NG x width), skip (B), suffix_lens (B).
+ranks. Layout: a header (is_prefill, T, B, width, max_seqlen_q, n_rows, NG, G, longest: a decode step's most
+tokens of one sequence past its group's shared blocks), then input ids (T), positions (T), cache slots (T),
+context lengths (B), cu_seqlens (B + 1), block tables (B x width), the rows whose logits are wanted (n_rows)
+and, for a decode step with shared-prefix groups (NG > 0), the SharedPrefix fields: q_rows (NG x G), lens (NG),
+tables (NG x width), skip (B), suffix_lens (B).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from flashgen.engine.sequence import Sequence
 from flashgen.models.decoder import StepContext
 from flashgen.ops.backend import SharedPrefix
 
-HEADER = 8
+HEADER = 9
 # Shared-prefix decode (docs/design.md, "Shared-prefix decode"): members per group. SHARED_GROUP with the decode
 # kernel for the shared part (a group's query heads are 8 x the model's query heads per kv head: the kernel reads
 # the shared blocks once per 8 of them; FP8 and int8k caches, or $FLASHGEN_SHARED_KERNEL=decode);
@@ -108,6 +109,7 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
         want = rows
     groups = shared_prefix_groups(seqs, bs, ctx_lens, shared_prefix) if shared_prefix and not is_prefill else []
     extra: list[np.ndarray] = []
+    own = np.asarray(ctx_lens, dtype=np.int64)  # decode: the tokens each sequence attends to past its group's blocks
     if groups:
         q_rows = np.full((len(groups), shared_prefix), -1, dtype=np.int64)
         skip = np.zeros(B, dtype=np.int64)
@@ -117,8 +119,11 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
         lens = np.asarray([run * bs for _, run in groups], dtype=np.int64)
         lead = tables[[members[0] for members, _ in groups]]
         lead[np.arange(width)[None, :] >= (lens // bs)[:, None]] = 0  # the shared blocks only
-        extra = [q_rows.ravel(), lens, lead.ravel(), skip, np.asarray(ctx_lens, dtype=np.int64) - skip * bs]
-    header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), shared_prefix if groups else 0]
+        own = own - skip * bs
+        extra = [q_rows.ravel(), lens, lead.ravel(), skip, own]
+    longest = 0 if is_prefill else int(own.max())  # the decode plan's bound (StepContext.longest)
+    header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), shared_prefix if groups else 0,
+              longest]
     return torch.from_numpy(np.concatenate([
         np.asarray(header + ids, dtype=np.int64), pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int64),
         tables.ravel(), np.asarray(want, dtype=np.int64), *extra]))
@@ -126,7 +131,7 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
 
 def unpack_step(buf: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
     """(input id column, StepContext, logits rows), all on `device`."""
-    is_prefill, T, B, W, max_q, n_rows, ng, g = buf[:HEADER].tolist()
+    is_prefill, T, B, W, max_q, n_rows, ng, g, longest = buf[:HEADER].tolist()
     buf = buf.to(device, non_blocking=True)
     sizes = [T, T, T, B, B + 1, B * W, n_rows] + ([ng * g, ng, ng * W, B, B] if ng else [])
     parts = buf[HEADER:].split(sizes)
@@ -136,5 +141,6 @@ def unpack_step(buf: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, 
         q_rows, lens, tables, skip, suffix = (p.to(torch.int32) for p in parts[7:])
         shared = SharedPrefix(q_rows.view(ng, g), lens, tables.view(ng, W), skip, suffix)
     ctx = StepContext(is_prefill=bool(is_prefill), positions=i32[0], slot_mapping=i32[1], context_lens=i32[2],
-                      cu_seqlens_q=i32[3], block_tables=i32[4].view(B, W), max_seqlen_q=max_q, shared=shared)
+                      cu_seqlens_q=i32[3], block_tables=i32[4].view(B, W), max_seqlen_q=max_q, shared=shared,
+                      longest=None if is_prefill else longest)
     return parts[0], ctx, parts[6]

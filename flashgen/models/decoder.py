@@ -42,6 +42,8 @@ class StepContext:
     cu_seqlens_q: torch.Tensor | None = None   # (B + 1,) int32, prefill only
     max_seqlen_q: int = 1
     shared: SharedPrefix | None = None  # decode only: groups of sequences sharing leading blocks
+    longest: int | None = None  # decode only: the most tokens one sequence attends to past its group's shared
+    #                             blocks (None: unknown); the CUDA backend picks its decode plan by it
 
 
 class DecoderLM:
@@ -173,7 +175,7 @@ class DecoderLM:
             else:
                 o = ops.decode_attention(q, self.k_caches[i], self.v_caches[i], ctx.context_lens,
                                          ctx.block_tables, self.scale, k_scale=ks, v_scale=vs,
-                                         shared=ctx.shared, **win)
+                                         shared=ctx.shared, longest=ctx.longest, **win)
             h = self._linear(o.reshape(T, -1), L, "o")
             if self.tp:
                 h = all_reduce(h)

@@ -134,10 +134,12 @@ class OpsBackend(Protocol):
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          context_lens: torch.Tensor, block_tables: torch.Tensor, softmax_scale: float,
                          k_scale: float | torch.Tensor = 1.0, v_scale: float | torch.Tensor = 1.0,
-                         window: int = 0,
-                         shared: SharedPrefix | None = None) -> torch.Tensor:
+                         window: int = 0, shared: SharedPrefix | None = None,
+                         longest: int | None = None) -> torch.Tensor:
         """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] (context_lens (B,)
         int32) cached tokens of sequence b, the new token's own k/v included; `window` > 0: the last `window`
         of them only. `shared`: the same attention computed in two parts, the groups' shared prefixes and then
-        each sequence's own blocks, merged (SharedPrefix; not with a window). Returns (B, Hq, D)."""
+        each sequence's own blocks, merged (SharedPrefix; not with a window). Returns (B, Hq, D). `longest`: the
+        caller's bound on the tokens one sequence attends to past its group's shared blocks (None: unknown); a
+        backend may pick its kernel plan by it, never changing what is computed."""
         ...

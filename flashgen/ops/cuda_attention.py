@@ -61,6 +61,12 @@ SHARED_SPLIT_KEYS = 512
 SHARED_MAX_SPLITS = 8
 DECODE_PLANS = ("auto", "split", "balanced", "warp")  # kernels/decode_attention.cu: plan 0, 1, 2, 3
 WARP_PLAN_MAX_D = 128  # the warp plan is compiled for head_dim 64 and 128 (FG_WARP_PLAN); larger ones take auto
+# auto takes the warp plan where it measured ahead (BENCHMARKS.md, "Where the warp plan wins"): no sequence attends
+# to more than WARP_AUTO_MAX_CONTEXT tokens (past its group's shared blocks) and the batch gives every SM at least
+# WARP_AUTO_PAIRS_PER_SM (sequence, kv head, 8 query heads) pairs, one warp each; longer contexts make one warp's
+# walk the launch's critical path, fewer pairs leave the SMs short of warps
+WARP_AUTO_MAX_CONTEXT = 512
+WARP_AUTO_PAIRS_PER_SM = 12
 INT8K_V_MAX = 448.0  # the int8k cache's V: s = amax / 448; decode multiplies p by s * 448, the output by 1 / 448
 
 
@@ -299,6 +305,14 @@ def decode_num_splits(batch: int, hkv: int, group: int, max_context: int, num_sm
     return best
 
 
+def warp_min_batch(hkv: int, group: int, head_dim: int, num_sms: int) -> int | None:
+    """The least batch at which auto takes the warp plan for contexts of at most WARP_AUTO_MAX_CONTEXT tokens
+    (WARP_AUTO_PAIRS_PER_SM pairs per SM); None at head dims the warp plan is not compiled for."""
+    if head_dim > WARP_PLAN_MAX_D:
+        return None
+    return -(-WARP_AUTO_PAIRS_PER_SM * num_sms // (hkv * -(-group // 8)))
+
+
 def decode_plan(plan: str | None = None) -> str:
     """decode_attention's plan: the argument, else $FLASHGEN_DECODE_PLAN, else auto; checked."""
     if plan is not None:
@@ -310,7 +324,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, softmax_scale: float, k_scale: float | torch.Tensor = 1.0,
                      v_scale: float | torch.Tensor = 1.0, window: int = 0, shared: SharedPrefix | None = None, *,
                      out: torch.Tensor | None = None, return_lse: bool = False, num_splits: int | None = None,
-                     plan: str | None = None):
+                     plan: str | None = None, longest: int | None = None):
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
     b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
     LSE of the scaled scores).
@@ -319,11 +333,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     heuristic, which depends on shapes only, never on the values of context_lens, so graph capture sees a
     fixed launch. The kernel plans from context_lens how the CTAs share the work: "split" cuts every sequence
     in num_splits pieces; "balanced" lays the steps of the whole batch end to end and cuts them into one
-    equal slice per CTA, so a ragged batch no longer waits on its long sequences at the end; "auto" takes
-    "split" when the grid is over two waves, when the mean length is within 5% of the longest, or when the
-    batch comes longest first and no piece exceeds 1.25x one resident CTA's share (the engine sorts decode
-    batches so), else "balanced"; "warp" gives each warp one (sequence, kv head) pair whole (head_dim 64 and 128,
-    else auto; num_splits does not apply). None reads $FLASHGEN_DECODE_PLAN (default auto). The result depends on the
+    equal slice per CTA, so a ragged batch no longer waits on its long sequences at the end; "warp" gives each
+    warp one (sequence, kv head) pair whole (head_dim 64 and 128, else auto; num_splits does not apply);
+    "auto" takes "warp" when no sequence attends past WARP_AUTO_MAX_CONTEXT tokens and the batch has
+    WARP_AUTO_PAIRS_PER_SM pairs per SM (warp_min_batch; num_splits not given), else "split" when the grid is
+    over two waves, when the mean length is within 5% of the longest, or when the batch comes longest first and
+    no piece exceeds 1.25x one resident CTA's share (the engine sorts decode batches so), else "balanced".
+    `longest` is the caller's bound on the tokens one sequence attends to past its group's shared blocks (the
+    engine knows each step's); without it the block tables' width is the bound (a captured graph's tables are
+    as wide as the longest context the engine takes, so there the caller must say). None reads
+    $FLASHGEN_DECODE_PLAN (default auto). The result depends on the shapes, `longest` and the
     context lengths only, never on timing. An FP8 cache is read as it is (k_scale folded into the softmax scale,
     v_scale into the output), and so is the int8k cache (int8 k_cache, float8_e4m3fn v_cache; k_scale and
     v_scale float32 tensors (num_blocks, block_size, Hkv), as rope_kv_append writes them: each token's K scale
@@ -359,13 +378,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     defines, ks, vs = kv_kernel_variant(k_cache, k_scale, v_scale, int8k)
     if int8k is not None:  # per-token scales in the kernel (FG_KV_FP8=2): p carries V's times 448, the output 1 / 448
         vs = 1.0 / INT8K_V_MAX
-    kern = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, device_index(q),
-                          defines=defines)
-    launch = dict(kern=kern, q=q, k_cache=k_cache, v_cache=v_cache, bs=bs, hkv=hkv,
+    launch = dict(defines=defines, q=q, k_cache=k_cache, v_cache=v_cache, bs=bs, hkv=hkv,
                   scale_log2=softmax_scale * ks * math.log2(math.e), v_scale=vs, kv_scales=int8k)
     if shared is None:
         _decode_launch(**launch, context_lens=context_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
-                       lse=lse, num_splits=num_splits, plan=plan, window=window)
+                       lse=lse, num_splits=num_splits, plan=plan, window=window, longest=longest)
         return (out, lse) if return_lse else out
     ng, g = _check_shared(shared, B, dev)
     on_prefill = shared_on_prefill(k_cache.dtype, q.dtype)
@@ -379,11 +396,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _decode_launch(**launch, context_lens=shared.lens, block_tables=shared.tables, batch=ng, hq=g * hq,
                        out=o_sh[0], lse=lse_sh[0], num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
     if on_prefill:  # the variant that merges the key splits' states (FG_MERGE_N: one more argument)
-        launch["kern"] = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, device_index(q),
-                                        defines=(*defines, ("FG_MERGE_N", 1), ("FG_MERGE_MAX", SHARED_MAX_SPLITS)))
+        launch["defines"] = (*defines, ("FG_MERGE_N", 1), ("FG_MERGE_MAX", SHARED_MAX_SPLITS))
         merge = (o_sh, lse_sh)
     _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
-                   lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=merge)
+                   lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=merge, longest=longest)
     return (out, lse) if return_lse else out
 
 
@@ -454,31 +470,39 @@ def _check_shared(shared: SharedPrefix, B: int, dev: torch.device) -> tuple[int,
     return ng, g
 
 
-def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bs: int, hkv: int,
+def _decode_launch(defines: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bs: int, hkv: int,
                    scale_log2: float, v_scale: float, context_lens: torch.Tensor, block_tables: torch.Tensor,
                    batch: int, hq: int, out: torch.Tensor, lse: torch.Tensor | None, num_splits: int | None,
                    plan: str | None, q_rows: torch.Tensor | None = None, q_group: int = 1,
                    bt_offset: torch.Tensor | None = None,
                    merge: tuple[torch.Tensor, torch.Tensor] | None = None, window: int = 0,
-                   kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                   kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None, longest: int | None = None) -> None:
     """One launch of decode_attention_kernel over `batch` rows of `hq` query heads each (a shared-prefix launch:
     groups of q_group members, hq = q_group x the model's heads, `out` float32); `window` > 0: a sliding window
     (never with a shared-prefix launch). `kv_scales`: the int8k cache's (k_scale, v_scale) tensors, the last two
-    arguments of its kernel (FG_KV_FP8=2; None for the others, whose arguments end at window)."""
+    arguments of its kernel (FG_KV_FP8=2; None for the others, whose arguments end at window). `defines`: the
+    kernel variant's (the cache's, FG_MERGE_N); the warp plan adds FG_WARP_PLAN."""
     dev, d = q.device, q.shape[2]
     di = device_index(q)
     group = hq // hkv
+    # the most tokens one sequence attends to: the block tables' width (or the caller's bound), or the window (+
+    # its first step's tokens below it); shapes, the window and `longest` only, never context_lens (a fixed
+    # launch for graph capture)
+    max_context = block_tables.shape[1] * bs
+    if longest is not None:
+        max_context = min(max_context, max(int(longest), 1))
+    if window:
+        max_context = min(max_context, window + 15)
+    code = DECODE_PLANS.index(decode_plan(plan))
+    if code == 0 and num_splits is None and max_context <= WARP_AUTO_MAX_CONTEXT:
+        wb = warp_min_batch(hkv, group, d, num_sms(di))
+        if wb is not None and batch >= wb:
+            code = 3
     if num_splits is None:
-        # the most tokens one sequence attends to: the block tables' width, or the window (+ its first step's
-        # tokens below it); shapes and the window only, never context_lens (a fixed launch for graph capture)
-        max_context = block_tables.shape[1] * bs
-        if window:
-            max_context = min(max_context, window + 15)
         num_splits = decode_num_splits(batch, hkv, group, max_context, num_sms(di))
     num_splits = int(num_splits)
     if not 1 <= num_splits <= DECODE_MAX_SPLITS:
         fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
-    code = DECODE_PLANS.index(decode_plan(plan))
     if code == 3 and d > WARP_PLAN_MAX_D:
         code = 0
     pairs = batch * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
@@ -506,6 +530,9 @@ def _decode_launch(kern, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         fail("merge", f"must hold 1 to {SHARED_MAX_SPLITS} states", merge_o.shape[0])
     f32_out = out.dtype == torch.float32
     grid = (-(-pairs // 4), 1, 1) if code == 3 else (num_splits, pairs // batch, batch)
+    if code == 3:  # the warp plan is its own variant: the others' kernel carries none of its code
+        defines = (*defines, ("FG_WARP_PLAN", 1))
+    kern = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di, defines=defines)
     jit.launch(kern, grid, (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
         jit.i32(block_tables.stride(0)), jit.ptr(None if f32_out else out), jit.ptr(lse), jit.ptr(part_o),

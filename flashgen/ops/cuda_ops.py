@@ -44,6 +44,7 @@ from flashgen.ops.cuda_attention import (  # noqa: F401
     PREFILL_TILES,
     SHARED_KERNELS,
     SHARED_TILES,
+    WARP_AUTO_MAX_CONTEXT,
     WGMMA_ARCH,
     decode_attention,
     decode_num_splits,
@@ -51,6 +52,7 @@ from flashgen.ops.cuda_attention import (  # noqa: F401
     prefill_attention,
     prefill_impl,
     prefill_smem_bytes,
+    warp_min_batch,
 )
 from flashgen.ops.cuda_checks import KERNEL_DTYPES  # noqa: F401
 from flashgen.ops.cuda_elementwise import (  # noqa: F401

@@ -323,12 +323,14 @@ def decode_attention(
     v_scale: float | torch.Tensor = 1.0,
     window: int = 0,
     shared: SharedPrefix | None = None,
+    longest: int | None = None,
 ) -> torch.Tensor:
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of
     sequence b (the new token's own k/v included); `window` > 0: the last `window` of them only (the new token
     at position p sees keys in (p - window, p]). `shared` (SharedPrefix): the program the CUDA backend runs,
     the groups' shared prefixes first (each group's members as one sequence's query heads; float32 output),
-    then each sequence's own blocks, merged by log-sum-exp. Returns (B, Hq, D)."""
+    then each sequence's own blocks, merged by log-sum-exp. Returns (B, Hq, D). `longest` (the caller's bound on
+    one sequence's own tokens) only steers the CUDA backend's choice of kernel plan; this reference has none."""
     token_scaled(k_cache, v_cache, k_scale, v_scale)  # refuses a mismatched cache and scales
     if shared is None:
         return _decode(q, k_cache, v_cache, context_lens, block_tables, softmax_scale, k_scale, v_scale,

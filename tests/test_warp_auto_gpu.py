@@ -1,0 +1,89 @@
+"""auto's choice of the decode warp plan on the GPU (cuda_attention.warp_min_batch, WARP_AUTO_MAX_CONTEXT): the op
+takes it when the batch is large and the bound on its contexts short (the tables' width, or the caller's
+`longest`), and the engine's captured graphs for steps of short contexts launch it, with the same logits as a run
+on the split plan."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from flashgen.ops import cuda_attention, cuda_ops
+from test_kernels_gpu import DEV, _gen, _paged_cache, _randn, _seed
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("d,group", [(64, 1), (128, 2), (128, 8)])
+def test_auto_takes_the_warp_plan_on_a_large_batch_of_short_contexts(d, group, monkeypatch):
+    """At warp_min_batch sequences of at most WARP_AUTO_MAX_CONTEXT tokens auto's output is the warp plan's, bit
+    for bit; with tables as wide as a graph's the caller's `longest` brings it back; with the width as the bound, or
+    a bound past WARP_AUTO_MAX_CONTEXT, it is the split plan's launch (over two waves of CTAs), bit for bit."""
+    monkeypatch.delenv("FLASHGEN_DECODE_PLAN", raising=False)
+    hkv, bs = 2, 16
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    B = cuda_ops.warp_min_batch(hkv, group, d, sms)
+    g = _gen(_seed() + d + group)
+    lens = torch.randint(1, cuda_attention.WARP_AUTO_MAX_CONTEXT + 1, (B,), generator=g, device=DEV)
+    lens[0] = cuda_attention.WARP_AUTO_MAX_CONTEXT
+    lens = lens.sort(descending=True).values
+    kc, vc, bt = _paged_cache(lens.tolist(), hkv, d, bs, torch.bfloat16, g)
+    bt = bt[:, :cuda_attention.WARP_AUTO_MAX_CONTEXT // bs]  # exactly WARP_AUTO_MAX_CONTEXT tokens wide
+    q = _randn((B, hkv * group, d), g, torch.bfloat16)
+    ctx = lens.to(torch.int32)
+
+    def run(n=B, tables=bt, **kw):
+        return cuda_ops.decode_attention(q[:n], kc, vc, ctx[:n], tables[:n], d**-0.5, **kw)
+
+    warp = run(plan="warp")
+    assert torch.equal(run(), warp)
+    wide = torch.nn.functional.pad(bt, (0, 64), value=0)  # 1,024 more tokens of table
+    assert torch.equal(run(tables=wide, longest=int(lens.max())), warp)
+    split = run(plan="split")
+    assert torch.equal(run(tables=wide), split)  # the width is the bound: over two waves of CTAs, the split plan
+    torch.testing.assert_close(split.float(), warp.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(run(tables=wide, longest=cuda_attention.WARP_AUTO_MAX_CONTEXT + 1), split)
+
+
+def test_engine_short_context_graphs_match_the_split_plan(tmp_path, monkeypatch):
+    """Greedy decode of 24 lines whose contexts cross WARP_AUTO_MAX_CONTEXT (every bucket takes the warp plan on
+    short contexts: WARP_AUTO_PAIRS_PER_SM patched to 0): graphs captured for short steps, the plain graphs replayed
+    past the bound, and every step's logits equal those of the same run on the split plan until the tokens first
+    differ (random weights have near-ties)."""
+    from checkpoints import make_checkpoint
+    from flashgen import LLM, SamplingParams
+
+    model = tmp_path / "m"
+    make_checkpoint(model, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64,
+                    intermediate_size=512, vocab_size=512, max_position_embeddings=2048)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(440, 500))] for _ in range(24)]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    monkeypatch.setattr(cuda_attention, "WARP_AUTO_PAIRS_PER_SM", 0)
+    monkeypatch.setenv("FLASHGEN_SHARED_PREFIX", "0")
+    runs = {}
+    for plan in ("auto", "split"):
+        monkeypatch.setenv("FLASHGEN_DECODE_PLAN", plan)
+        llm = LLM(model=str(model), device="cuda", dtype="bfloat16", kv_cache_gb=0.05, max_num_seqs=32)
+        runner = llm.engine.runner
+        log: dict = {}
+
+        def hook(seqs, logits, log=log):
+            for s, row in zip(seqs, logits.float().cpu(), strict=True):
+                log.setdefault(tuple(s.token_ids[:s.num_prompt_tokens]), []).append(row)
+
+        runner.on_logits = hook
+        outs = llm.generate(prompts, [params] * len(prompts))
+        shorts = [k for k in runner.graphs.graphs if k[2]]
+        assert bool(shorts) == (plan == "auto"), shorts
+        runs[plan] = ([o.outputs[0].token_ids for o in outs], [log[tuple(p)] for p in prompts])
+        del llm
+    (tok_a, log_a), (tok_s, log_s) = runs["auto"], runs["split"]
+    compared = 0
+    for ta, ts, la, ls in zip(tok_a, tok_s, log_a, log_s, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(ta, ts, strict=True)) if a != b), len(ta) - 1)
+        for t in range(same + 1):
+            assert (la[t] - ls[t]).abs().max().item() <= 2**-5 * ls[t].abs().max().item(), t
+            compared += 1
+    assert compared >= 24 * 16
