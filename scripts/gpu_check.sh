@@ -63,7 +63,8 @@ step() {  # step NAME CMD...: run, tee the log, record the status
 
 kernel_tests() {
     step kernel-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu.py \
-        tests/test_kv_fp8_gpu.py tests/test_kv_int8k_gpu.py tests/test_shared_prefix_gpu.py tests/test_window_gpu.py
+        tests/test_kv_fp8_gpu.py tests/test_kv_int8k_gpu.py tests/test_shared_prefix_gpu.py tests/test_window_gpu.py \
+        tests/test_warp_auto_gpu.py
 }
 
 sanitize() {
