@@ -228,3 +228,11 @@ def test_shared_splits_follow_the_prefix_and_refuse_bad_overrides(monkeypatch):
         for d in (128, 256):
             with pytest.raises(ValueError, match="FLASHGEN_SHARED_SPLITS must be a whole number in"):
                 shared_splits(1000, d)
+    monkeypatch.delenv("FLASHGEN_SHARED_SPLITS")
+    monkeypatch.setenv("FLASHGEN_SHARED_SPLIT_KEYS", "128")  # the tokens per split: the grid follows them
+    assert shared_splits(3 * 128 + 5, 128) == 3 and shared_splits(10**6, 64) == SHARED_MAX_SPLITS
+    for bad in ("0", "100", "8256", "x", "-64"):
+        monkeypatch.setenv("FLASHGEN_SHARED_SPLIT_KEYS", bad)
+        for d in (128, 256):
+            with pytest.raises(ValueError, match="FLASHGEN_SHARED_SPLIT_KEYS must be a multiple of 64 in"):
+                shared_splits(1000, d)

@@ -322,9 +322,9 @@ def decode_plan(plan: str | None = None) -> str:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: torch.Tensor,
                      block_tables: torch.Tensor, softmax_scale: float, k_scale: float | torch.Tensor = 1.0,
-                     v_scale: float | torch.Tensor = 1.0, window: int = 0, shared: SharedPrefix | None = None, *,
-                     out: torch.Tensor | None = None, return_lse: bool = False, num_splits: int | None = None,
-                     plan: str | None = None, longest: int | None = None):
+                     v_scale: float | torch.Tensor = 1.0, window: int = 0, shared: SharedPrefix | None = None,
+                     longest: int | None = None, *, out: torch.Tensor | None = None, return_lse: bool = False,
+                     num_splits: int | None = None, plan: str | None = None):
     """One new token per sequence: q (B, Hq, D) attends to the first context_lens[b] cached tokens of sequence
     b (none: zeros, LSE -inf). Returns (B, Hq, D), or with return_lse ((B, Hq, D), (B, Hq) float32 natural-log
     LSE of the scaled scores).
@@ -415,21 +415,33 @@ def shared_on_prefill(kv_dtype: torch.dtype, dtype: torch.dtype) -> bool:
     return kv_dtype == dtype and shared_kernel() == "prefill"
 
 
+def shared_split_keys() -> int:
+    """Shared tokens per PF_SHARED key split: SHARED_SPLIT_KEYS, or $FLASHGEN_SHARED_SPLIT_KEYS (A/B
+    measurements: a multiple of 64, the kernel's key tile, from 64 to 8,192)."""
+    forced = os.environ.get("FLASHGEN_SHARED_SPLIT_KEYS")
+    if not forced:
+        return SHARED_SPLIT_KEYS
+    if not (forced.isdigit() and 64 <= int(forced) <= 8192 and int(forced) % 64 == 0):
+        fail("FLASHGEN_SHARED_SPLIT_KEYS", "must be a multiple of 64 in [64, 8192]", repr(forced))
+    return int(forced)
+
+
 def shared_splits(max_shared: int, head_dim: int) -> int:
     """Key splits in the PF_SHARED kernel's grid for shared prefixes of up to `max_shared` tokens (shapes only, so
-    a captured graph sees a fixed grid): one per SHARED_SPLIT_KEYS tokens, at most SHARED_MAX_SPLITS; one at
-    head_dim 256 (the kernel's variant takes none). In the kernel each group takes one split per SHARED_SPLIT_KEYS
-    of its own shared tokens, at most these, so a short prefix in a graph's wide block tables does not run eight
+    a captured graph sees a fixed grid): one per shared_split_keys() tokens, at most SHARED_MAX_SPLITS; one at
+    head_dim 256 (the kernel's variant takes none). In the kernel each group takes one split per those tokens
+    of its own shared prefix, at most these, so a short prefix in a graph's wide block tables does not run eight
     splits of a tile or two each. $FLASHGEN_SHARED_SPLITS overrides the grid's (A/B measurements)."""
+    keys = shared_split_keys()  # both variables checked whatever the head_dim: no bad value passes unseen
     forced = os.environ.get("FLASHGEN_SHARED_SPLITS")
-    if forced:  # checked whatever the head_dim, so a bad value is never silently passed over
+    if forced:
         if not (forced.isdigit() and 1 <= int(forced) <= SHARED_MAX_SPLITS):
             fail("FLASHGEN_SHARED_SPLITS", f"must be a whole number in [1, {SHARED_MAX_SPLITS}]", repr(forced))
     if head_dim == 256:
         return 1
     if forced:
         return int(forced)
-    return max(1, min(SHARED_MAX_SPLITS, max_shared // SHARED_SPLIT_KEYS))
+    return max(1, min(SHARED_MAX_SPLITS, max_shared // keys))
 
 
 def _shared_prefill_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shared: SharedPrefix,
@@ -444,7 +456,7 @@ def _shared_prefill_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     di = device_index(q)
     smem = prefill_smem_bytes(d, (mt, bn))
     k = jit.get_kernel("prefill_attention.cu", "prefill_attention_kernel", q.dtype, d, di, smem,
-                       (("PF_MT", mt), ("PF_BN", bn), ("PF_SHARED", 1), ("PF_SPLIT_KEYS", SHARED_SPLIT_KEYS)))
+                       (("PF_MT", mt), ("PF_BN", bn), ("PF_SHARED", 1), ("PF_SPLIT_KEYS", shared_split_keys())))
     mblocks = -(-(g * (hq // hkv)) // (64 * mt))
     jit.launch(k, (mblocks * splits, hkv, ng), (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(None), jit.ptr(shared.lens), jit.ptr(shared.tables),
