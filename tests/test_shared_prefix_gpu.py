@@ -140,27 +140,40 @@ def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch, 
     for flag in ("1", "0"):
         monkeypatch.setenv("FLASHGEN_SHARED_PREFIX", flag)
         llm = LLM(model=str(model), device="cuda", dtype="bfloat16", kv_cache_gb=0.05, max_num_seqs=64)
+        runs[flag] = generate_logged(llm, prompts, params)
         runner = llm.engine.runner
-        log: dict = {}
-
-        def hook(seqs, logits, log=log):  # keyed by (prompt, sample): the prompts all differ
-            for s, row in zip(seqs, logits.float().cpu(), strict=True):
-                log.setdefault((tuple(s.token_ids[:s.num_prompt_tokens]), s.index), []).append(row)
-
-        runner.on_logits = hook
-        outs = llm.generate(prompts, params)
-        runs[flag] = ({(i, c.index): c.token_ids for i, o in enumerate(outs) for c in o.outputs},
-                      {(prompts.index(list(p)), j): rows for (p, j), rows in log.items()})
         if flag == "1":
             assert runner.graphs is not None and any(ng for _, ng, _ in runner.graphs.graphs)
             assert sum(len(x) > 0 for x in grouped) >= 16
         del llm
-    (tok1, log1), (tok0, log0) = runs["1"], runs["0"]
+    assert logits_match_until_tokens_differ(runs["1"], runs["0"]) >= len(runs["0"][0]) * 16
+
+
+def generate_logged(llm, prompts, params) -> tuple[dict, dict]:
+    """Generate, logging every sampled row's logits (the runner's on_logits hook): ({(prompt i, sample): token
+    ids}, {(prompt i, sample): [logits row per step]}). The prompts must all differ."""
+    log: dict = {}
+
+    def hook(seqs, logits):
+        for s, row in zip(seqs, logits.float().cpu(), strict=True):
+            log.setdefault((tuple(s.token_ids[:s.num_prompt_tokens]), s.index), []).append(row)
+
+    llm.engine.runner.on_logits = hook
+    outs = llm.generate(prompts, params)
+    return ({(i, c.index): c.token_ids for i, o in enumerate(outs) for c in o.outputs},
+            {(prompts.index(list(p)), j): rows for (p, j), rows in log.items()})
+
+
+def logits_match_until_tokens_differ(run, ref) -> int:
+    """Every step's logits of `run` within 2^-5 of `ref`'s (relative to ref's largest) up to and including the
+    first step whose token differs (random weights have near-ties: a token may flip, and the runs part there);
+    the number of steps compared."""
+    (tok_r, log_r), (tok_f, log_f) = run, ref
     compared = 0
-    for key, toks in tok0.items():
-        same = next((i for i, (a, b) in enumerate(zip(toks, tok1[key], strict=True)) if a != b), len(toks) - 1)
+    for key, toks in tok_f.items():
+        same = next((i for i, (a, b) in enumerate(zip(toks, tok_r[key], strict=True)) if a != b), len(toks) - 1)
         for t in range(same + 1):
-            a, b = log1[key][t], log0[key][t]
+            a, b = log_r[key][t], log_f[key][t]
             assert (a - b).abs().max().item() <= 2**-5 * b.abs().max().item(), (key, t)
             compared += 1
-    assert compared >= len(tok0) * 16
+    return compared

@@ -11,6 +11,7 @@ import torch
 
 from flashgen.ops import cuda_attention, cuda_ops
 from test_kernels_gpu import DEV, _gen, _paged_cache, _randn, _seed
+from test_shared_prefix_gpu import generate_logged, logits_match_until_tokens_differ
 
 pytestmark = pytest.mark.gpu
 
@@ -66,24 +67,8 @@ def test_engine_short_context_graphs_match_the_split_plan(tmp_path, monkeypatch)
     for plan in ("auto", "split"):
         monkeypatch.setenv("FLASHGEN_DECODE_PLAN", plan)
         llm = LLM(model=str(model), device="cuda", dtype="bfloat16", kv_cache_gb=0.05, max_num_seqs=32)
-        runner = llm.engine.runner
-        log: dict = {}
-
-        def hook(seqs, logits, log=log):
-            for s, row in zip(seqs, logits.float().cpu(), strict=True):
-                log.setdefault(tuple(s.token_ids[:s.num_prompt_tokens]), []).append(row)
-
-        runner.on_logits = hook
-        outs = llm.generate(prompts, [params] * len(prompts))
-        shorts = [k for k in runner.graphs.graphs if k[2]]
+        runs[plan] = generate_logged(llm, prompts, [params] * len(prompts))
+        shorts = [k for k in llm.engine.runner.graphs.graphs if k[2]]
         assert bool(shorts) == (plan == "auto"), shorts
-        runs[plan] = ([o.outputs[0].token_ids for o in outs], [log[tuple(p)] for p in prompts])
         del llm
-    (tok_a, log_a), (tok_s, log_s) = runs["auto"], runs["split"]
-    compared = 0
-    for ta, ts, la, ls in zip(tok_a, tok_s, log_a, log_s, strict=True):
-        same = next((i for i, (a, b) in enumerate(zip(ta, ts, strict=True)) if a != b), len(ta) - 1)
-        for t in range(same + 1):
-            assert (la[t] - ls[t]).abs().max().item() <= 2**-5 * ls[t].abs().max().item(), t
-            compared += 1
-    assert compared >= 24 * 16
+    assert logits_match_until_tokens_differ(runs["auto"], runs["split"]) >= 24 * 16
