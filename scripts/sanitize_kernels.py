@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from flashgen.ops import cuda_linear, cuda_ops, jit, torch_ops
+from flashgen.ops import cuda_attention, cuda_linear, cuda_ops, jit, torch_ops
 
 
 def main() -> int:
@@ -75,6 +75,14 @@ def main() -> int:
     outs["decode_balanced"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, num_splits=3, return_lse=True,
                                                         plan="balanced")[0]
     outs["decode_warp"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1, return_lse=True, plan="warp")[0]
+    if not attention_only:  # a shared-prefix step's two states merged (an empty split: LSE -inf, never read)
+        f32 = torch.float32
+        l_sh = rnd(3, len(lens), hq, dt=f32)
+        l_sh[1] = float("-inf")
+        outs["merge_states"] = torch.empty_like(q)
+        cuda_attention.merge_states(rnd(len(lens), hq, d, dt=f32), rnd(len(lens), hq, dt=f32),
+                                    rnd(3, len(lens), hq, d, dt=f32), l_sh, outs["merge_states"],
+                                    torch.empty(len(lens), hq, dtype=f32, device=dev))
     qlens = [1, 17, 5, 130]  # prefix hits (context > q_len) and a full prefill
     cu = torch.tensor([0, 1, 18, 23, 153], dtype=torch.int32, device=dev)
     qp = rnd(153, hq, d)

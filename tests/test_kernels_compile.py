@@ -40,6 +40,7 @@ SOURCES = {
        for kv in ("", "FG_KV_FP8=1", "FG_KV_FP8=2", "FG_MERGE_N=1")],
     "kv_fp8.cu": [(None, "")],  # one variant holds both caches' kernels, KV_FP8_KERNELS
     "fp8_quant.cu": [(None, "")],
+    "merge_states.cu": [(None, "")],
     "moe_route.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS

@@ -236,3 +236,17 @@ def test_shared_splits_follow_the_prefix_and_refuse_bad_overrides(monkeypatch):
         for d in (128, 256):
             with pytest.raises(ValueError, match="FLASHGEN_SHARED_SPLIT_KEYS must be a multiple of 64 in"):
                 shared_splits(1000, d)
+
+
+def test_shared_overlap_is_off_by_default_and_checked(monkeypatch):
+    """FLASHGEN_SHARED_OVERLAP: 0 (the default) runs a shared-prefix step's parts one after the other, 1 side by
+    side; any other value is refused with the variable, the value and the choices."""
+    from flashgen.ops.cuda_attention import shared_overlap
+
+    monkeypatch.delenv("FLASHGEN_SHARED_OVERLAP", raising=False)
+    assert shared_overlap() is False
+    monkeypatch.setenv("FLASHGEN_SHARED_OVERLAP", "1")
+    assert shared_overlap() is True
+    monkeypatch.setenv("FLASHGEN_SHARED_OVERLAP", "yes")
+    with pytest.raises(ValueError, match=r"FLASHGEN_SHARED_OVERLAP must be one of 0, 1, got 'yes'"):
+        shared_overlap()

@@ -115,12 +115,54 @@ def test_shared_prefix_decode_fp8_cache(d, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", cuda_attention.SHARED_KERNELS)
-def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch, kernel):
+@pytest.mark.parametrize("d", [64, 128, pytest.param(256, id="hd256")])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", range(len(SPLIT_CASES)))
+def test_shared_prefix_overlapped(kernel, d, fp8, case, monkeypatch):
+    """FLASHGEN_SHARED_OVERLAP=1: the shared part on a second stream beside the own parts, both states merged by
+    merge_states_kernel, against the oracle as the sequential path is (_errors), over both kernels, head dims, the
+    FP8 cache (the decode kernel for its shared part) and the key-split cases."""
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the FP8 KV cache needs compute capability 8.9 or later")
+    monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", kernel)
+    monkeypatch.setenv("FLASHGEN_SHARED_OVERLAP", "1")
+    groups, singles = SPLIT_CASES[case]
+    _errors(torch.bfloat16, d, 2, 4, 16, groups, singles, fp8=fp8)
+    shared_state = cuda_attention._COUNTERS.get((torch.device("cuda", torch.cuda.current_device()), "decode_shared"))
+    assert shared_state is None or shared_state.count_nonzero() == 0, "the shared launch's counters left set"
+
+
+@pytest.mark.parametrize("kernel", cuda_attention.SHARED_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_overlapped_equals_sequential(kernel, dtype, monkeypatch):
+    """The overlapped path's output and LSE are the sequential path's: the same merge steps in the same order
+    (own state, then the splits), the output rounded once, so at most a rounding apart."""
+    monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", kernel)
+    g = torch.Generator().manual_seed(_seed())
+    width = SHARED_GROUP_WIDE if kernel == "prefill" else SHARED_GROUP
+    groups, singles = SPLIT_CASES[3]
+    kc, vc, ctx, bt, sp = shared_batch(groups, singles, 16, 2, 128, torch.float32, g, DEV, group=width)
+    q = torch.randn((ctx.shape[0], 8, 128), generator=g).to(DEV, dtype)
+    kc, vc = kc.to(dtype), vc.to(dtype)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FLASHGEN_SHARED_OVERLAP", flag)
+        runs[flag] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 128**-0.5, shared=sp, return_lse=True)
+    (o0, l0), (o1, l1) = runs["0"], runs["1"]
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(o1.float(), o0.float(), rtol=ulp, atol=ulp * o0.float().abs().max().item())
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,overlap", [("decode", "0"), ("prefill", "0"), ("prefill", "1")])
+def test_engine_graphs_with_groups_match_the_run_without(tmp_path, monkeypatch, kernel, overlap):
     """n = 8 samples and prompts behind one system prompt, greedy, on the CUDA kernels with their captured graphs:
     the decode steps run grouped (a grouped graph is captured), and every step's logits equal the run without
     groups' until the two runs' tokens first differ (random weights have near-ties: a token may flip). With either
-    kernel for the shared part (the PF_SHARED one: wide groups, graphs per group bucket)."""
+    kernel for the shared part (the PF_SHARED one: wide groups, graphs per group bucket), and with the two parts
+    on two streams (FLASHGEN_SHARED_OVERLAP=1: the graphs capture both streams)."""
     monkeypatch.setenv("FLASHGEN_SHARED_KERNEL", kernel)
+    monkeypatch.setenv("FLASHGEN_SHARED_OVERLAP", overlap)
     from checkpoints import make_checkpoint
     from flashgen import LLM, SamplingParams
     from flashgen.engine import step_packing

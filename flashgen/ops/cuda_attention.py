@@ -390,17 +390,74 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o_sh = torch.empty((splits, *q.shape), dtype=torch.float32, device=dev)
     lse_sh = torch.full((splits, B, hq), float("-inf"), dtype=torch.float32, device=dev)
     merge = (o_sh[0], lse_sh[0])
-    if ng and on_prefill:
-        _shared_prefill_launch(q, k_cache, v_cache, shared, bs, hkv, softmax_scale, o_sh, lse_sh)
-    elif ng:
-        _decode_launch(**launch, context_lens=shared.lens, block_tables=shared.tables, batch=ng, hq=g * hq,
-                       out=o_sh[0], lse=lse_sh[0], num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g)
+
+    def shared_part() -> None:
+        if ng and on_prefill:
+            _shared_prefill_launch(q, k_cache, v_cache, shared, bs, hkv, softmax_scale, o_sh, lse_sh)
+        elif ng:
+            _decode_launch(**launch, context_lens=shared.lens, block_tables=shared.tables, batch=ng, hq=g * hq,
+                           out=o_sh[0], lse=lse_sh[0], num_splits=None, plan=None, q_rows=shared.q_rows, q_group=g,
+                           counters="decode_shared")  # its own: it may run beside the own parts' launch
+
+    if ng and shared_overlap():
+        # the shared part on a second stream while the own parts run on this one (each writing its float32 state),
+        # then merge_states_kernel; the second stream joins this one before the merge (graph capture follows both)
+        o_own = torch.empty(q.shape, dtype=torch.float32, device=dev)
+        lse_own = torch.empty((B, hq), dtype=torch.float32, device=dev)
+        here, side = torch.cuda.current_stream(dev), _side_stream(dev)
+        side.wait_stream(here)
+        with torch.cuda.stream(side):
+            shared_part()
+        _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq,
+                       out=o_own, lse=lse_own, num_splits=num_splits, plan=plan, bt_offset=shared.skip,
+                       longest=longest)
+        here.wait_stream(side)
+        merge_states(o_own, lse_own, o_sh, lse_sh, out, lse)
+        return (out, lse) if return_lse else out
+    shared_part()
     if on_prefill:  # the variant that merges the key splits' states (FG_MERGE_N: one more argument)
         launch["defines"] = (*defines, ("FG_MERGE_N", 1), ("FG_MERGE_MAX", SHARED_MAX_SPLITS))
         merge = (o_sh, lse_sh)
     _decode_launch(**launch, context_lens=shared.suffix_lens, block_tables=block_tables, batch=B, hq=hq, out=out,
                    lse=lse, num_splits=num_splits, plan=plan, bt_offset=shared.skip, merge=merge, longest=longest)
     return (out, lse) if return_lse else out
+
+
+def shared_overlap() -> bool:
+    """$FLASHGEN_SHARED_OVERLAP: 1 runs a shared-prefix step's two parts side by side (the shared part on a second
+    stream, the own parts on this one, then merge_states_kernel); 0 (the default) runs them one after the other,
+    the own-part launch merging the shared state as it writes its output. Checked."""
+    return choose("FLASHGEN_SHARED_OVERLAP", os.environ.get("FLASHGEN_SHARED_OVERLAP", "0"), ("0", "1")) == "1"
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    """The second stream of a device (one per device, made once)."""
+    di = dev.index if dev.index is not None else torch.cuda.current_device()
+    if di not in _SIDE_STREAMS:
+        _SIDE_STREAMS[di] = torch.cuda.Stream(device=di)
+    return _SIDE_STREAMS[di]
+
+
+def merge_states(o_own: torch.Tensor, lse_own: torch.Tensor, o_sh: torch.Tensor, lse_sh: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+    """kernels/merge_states.cu: the own parts' float32 state (o_own (B, Hq, D), lse_own (B, Hq) natural log) merged
+    with the shared part's key splits (o_sh (S, B, Hq, D), lse_sh (S, B, Hq); LSE -inf: nothing there) into `out`
+    (B, Hq, D, the activation dtype) and, when given, the merged LSE into `lse` (B, Hq)."""
+    B, hq, d = o_own.shape
+    entries = B * hq
+    if entries * d // 8 >= 1 << 31:
+        fail("o_own", "has too many entries for one merge launch (B x Hq x D / 8 must stay below 2^31)",
+             tuple(o_own.shape))
+    if not entries:
+        return
+    k = jit.get_kernel("merge_states.cu", "merge_states_kernel", out.dtype, 0, device_index(out))
+    n = entries * d // 8
+    jit.launch(k, (-(-n // 256),), (256,), (
+        jit.ptr(o_own), jit.ptr(lse_own), jit.ptr(o_sh), jit.ptr(lse_sh), jit.i32(o_sh.shape[0]), jit.i32(entries),
+        jit.i32(d), jit.ptr(out), jit.ptr(lse)), out.device)
 
 
 def shared_kernel() -> str:
@@ -488,12 +545,14 @@ def _decode_launch(defines: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cac
                    plan: str | None, q_rows: torch.Tensor | None = None, q_group: int = 1,
                    bt_offset: torch.Tensor | None = None,
                    merge: tuple[torch.Tensor, torch.Tensor] | None = None, window: int = 0,
-                   kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None, longest: int | None = None) -> None:
+                   kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None, longest: int | None = None,
+                   counters: str = "decode") -> None:
     """One launch of decode_attention_kernel over `batch` rows of `hq` query heads each (a shared-prefix launch:
     groups of q_group members, hq = q_group x the model's heads, `out` float32); `window` > 0: a sliding window
     (never with a shared-prefix launch). `kv_scales`: the int8k cache's (k_scale, v_scale) tensors, the last two
     arguments of its kernel (FG_KV_FP8=2; None for the others, whose arguments end at window). `defines`: the
-    kernel variant's (the cache's, FG_MERGE_N); the warp plan adds FG_WARP_PLAN."""
+    kernel variant's (the cache's, FG_MERGE_N); the warp plan adds FG_WARP_PLAN. `counters`: the split_counters
+    user (a launch that may run beside another on a second stream has its own)."""
     dev, d = q.device, q.shape[2]
     di = device_index(q)
     group = hq // hkv
@@ -533,7 +592,7 @@ def _decode_launch(defines: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     else:
         part_o = torch.empty((2 * ncta, 8, d), dtype=torch.float32, device=dev)
         part_lse = torch.empty((2 * ncta, 8), dtype=torch.float32, device=dev)
-    counters = split_counters(dev, pairs)
+    pair_counters = split_counters(dev, pairs, counters)
     merge_o, merge_lse = merge if merge is not None else (None, None)
     # (states, batch, hq, D): the FG_MERGE_N variant's key splits, passed as one more argument (at most its
     # FG_MERGE_MAX, SHARED_MAX_SPLITS)
@@ -548,8 +607,8 @@ def _decode_launch(defines: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     jit.launch(kern, grid, (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),
         jit.i32(block_tables.stride(0)), jit.ptr(None if f32_out else out), jit.ptr(lse), jit.ptr(part_o),
-        jit.ptr(part_lse), jit.ptr(counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv), jit.i32(bs.bit_length() - 1),
-        jit.f32(scale_log2), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms), jit.f32(v_scale),
-        jit.ptr(q_rows), jit.i32(q_group), jit.ptr(bt_offset),
+        jit.ptr(part_lse), jit.ptr(pair_counters), jit.i32(batch), jit.i32(hq), jit.i32(hkv),
+        jit.i32(bs.bit_length() - 1), jit.f32(scale_log2), jit.i32(num_splits), jit.i32(code), jit.i32(2 * sms),
+        jit.f32(v_scale), jit.ptr(q_rows), jit.i32(q_group), jit.ptr(bt_offset),
         jit.ptr(out if f32_out else None), jit.ptr(merge_o), jit.ptr(merge_lse), *merge_n, jit.i32(window),
         *((jit.ptr(kv_scales[0]), jit.ptr(kv_scales[1])) if kv_scales is not None else ())), dev)

@@ -6,11 +6,13 @@ prefix of 960 tokens (15 whole pages: the job's 1,022-token instruction), each w
 each case on fresh random data:
   - plain: every sequence over its whole context (the shared pages read once per sequence);
   - shared, both kernels for the shared part (FLASHGEN_SHARED_KERNEL=decode|prefill): groups of up to 8 or 32
-    members as the engine forms them, then the own parts merged in;
+    members as the engine forms them, then the own parts merged in; again with the own parts on the warp plan, and
+    with the two parts side by side on two streams (FLASHGEN_SHARED_OVERLAP=1, then merge_states);
   - own parts alone (no shared part, no merge), with the plan and splits of the heuristic and forced, and on the
     warp plan (one warp per sequence and kv head);
   - the shared part alone on the PF_SHARED kernel;
-  - the PF_SHARED case again with block tables as wide as a captured graph's (its key splits follow the width).
+  - the PF_SHARED case again with block tables as wide as a captured graph's (its key splits follow the width),
+    sequential and side by side.
 Each next to its bytes over the copy bandwidth measured in the same process.
 
     PYTHONPATH=. python3 tools/probes/decode_extract_probe.py [--seqs 256] [--shared 960] [--own 50 350]
@@ -103,6 +105,10 @@ def main() -> None:
         row(f"shared, {kern} kernel, {ng} groups of <= {group}", sec, own_bytes + sb * BS * tok_bytes)
         sec = timed(lambda sp=sp: cuda_attention.decode_attention(q, k, v, ctx, bt, scale, shared=sp, plan="warp"))
         row("  the same, own parts on plan warp", sec, own_bytes + sb * BS * tok_bytes)
+        os.environ["FLASHGEN_SHARED_OVERLAP"] = "1"  # the shared part on a second stream, then merge_states
+        sec = timed(lambda sp=sp: cuda_attention.decode_attention(q, k, v, ctx, bt, scale, shared=sp, plan="warp"))
+        row("  the same, the two parts side by side", sec, own_bytes + sb * BS * tok_bytes)
+        os.environ.pop("FLASHGEN_SHARED_OVERLAP")
     # a captured decode graph's tables are max_blocks_per_seq wide (640 at a 40,960-token context, 64-token pages):
     # the PF_SHARED kernel's key splits follow the width, not the prefix
     wide = F.pad(bt, (0, 640 - W))
@@ -112,6 +118,11 @@ def main() -> None:
     row(f"shared, prefill kernel, tables 640 wide ({cuda_attention.shared_splits(640 * BS, D)} key splits)",
         timed(lambda: cuda_attention.decode_attention(q, k, v, ctx, wide, scale, shared=sp)),
         own_bytes + sb * BS * tok_bytes)
+    os.environ["FLASHGEN_SHARED_OVERLAP"] = "1"
+    row("  the same, the two parts side by side",
+        timed(lambda: cuda_attention.decode_attention(q, k, v, ctx, wide, scale, shared=sp)),
+        own_bytes + sb * BS * tok_bytes)
+    os.environ.pop("FLASHGEN_SHARED_OVERLAP")
     os.environ.pop("FLASHGEN_SHARED_KERNEL", None)
     bt_own = bt[:, sb:].contiguous()
     own_ctx = (ctx - sb * BS).contiguous()
