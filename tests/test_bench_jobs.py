@@ -234,3 +234,36 @@ def test_gpu_steps_sum_each_kind_and_the_idle_time_between_steps():
     assert got["prefill"] == {"steps": 1, "gpu_s": pytest.approx(0.010), "rows": 4}
     assert got["decode"] == {"steps": 4, "gpu_s": pytest.approx(0.0085), "rows": 14}
     assert got["idle_between_steps_s"] == pytest.approx(0.003)
+    assert got["idle_by_transition"] == {"decode>decode": {"s": pytest.approx(0.003), "gaps": 1}}
+    assert got["longest_idle_s"] == pytest.approx(0.003)
+
+
+def test_gpu_steps_split_the_idle_time_by_transition_and_the_report_prints_it():
+    """Gaps after a prefill and after a decode step are counted apart, with the longest; the report prints them and
+    the decode graphs captured during the job."""
+    from types import SimpleNamespace
+
+    timeline = [(True, 4, 0.0, 10.0), (False, 4, 12.0, 14.0), (True, 2, 15.0, 20.0), (False, 6, 20.0, 22.0),
+                (False, 6, 22.5, 24.0)]
+    stamps = iter(t for *_, a, b in timeline for t in (a, b))
+
+    class Event:
+        def record(self):
+            self.t = next(stamps)
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    runner = SimpleNamespace(launch=lambda batch: None)
+    steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None)
+    for prefill, rows, *_ in timeline:
+        runner.launch(SimpleNamespace(is_prefill=prefill, seqs=[None] * rows))
+    got = steps.summary()
+    assert got["idle_by_transition"] == {"prefill>decode": {"s": pytest.approx(0.002), "gaps": 1},
+                                         "decode>prefill": {"s": pytest.approx(0.001), "gaps": 1},
+                                         "decode>decode": {"s": pytest.approx(0.0005), "gaps": 1}}
+    assert got["idle_between_steps_s"] == pytest.approx(0.0035) and got["longest_idle_s"] == pytest.approx(0.002)
+    lines = jobs.report_lines_gpu(got, {"count": 3, "s": 0.125})
+    assert lines[1] == ("  idle by transition: decode>decode 0.00 s over 1 gaps, decode>prefill 0.00 s over 1 gaps, "
+                        "prefill>decode 0.00 s over 1 gaps; the longest 2.0 ms")
+    assert lines[2] == "  decode graphs captured during the job (inside its steps): 3, 0.12 s"

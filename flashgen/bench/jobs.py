@@ -46,8 +46,10 @@ thread).
 
 On a GPU the same steps are also timed on the stream (GpuSteps: CUDA events around each step's launch): the GPU's
 time in prefill and in decode steps, and its idle time between steps, when a step had finished before the host
-queued the next. Set against the steps' wall times above, they say whether a kind of step waits on the GPU or on
-the host.
+queued the next (by transition: after a prefill or a decode step, before which kind; and the longest gap). Set
+against the steps' wall times above, they say whether a kind of step waits on the GPU or on the host. Decode graphs
+captured during the job (the first step of a group bucket or of short contexts) are counted with their host time,
+which falls inside that step's GPU span.
 
 The floor is bench/throughput.py's (weights plus live distinct KV per decode step over the copy bandwidth, prefill
 FLOPs of the distinct prompt tokens over the matmul rate, a shared prefix counted once) on the prompts exactly as
@@ -338,17 +340,27 @@ class GpuSteps:
         runner.launch = timed_launch
 
     def summary(self) -> dict:
+        """Per step kind: steps, GPU seconds, rows; the idle seconds between steps, in all and by transition
+        ("decode>prefill": a prefill step that found the GPU idle after a decode step; seconds and how many such
+        gaps), and the longest gap."""
         self._sync()
         out = {k: {"steps": 0, "gpu_s": 0.0, "rows": 0} for k in ("prefill", "decode")}
-        idle = 0.0
+        idle, longest = 0.0, 0.0
+        by: dict[str, dict[str, float]] = {}
         for i, (prefill, rows, a, b) in enumerate(self.steps):
             o = out["prefill" if prefill else "decode"]
             o["steps"] += 1
             o["rows"] += rows
             o["gpu_s"] += a.elapsed_time(b) / 1e3
-            if i:
-                idle += max(0.0, self.steps[i - 1][3].elapsed_time(a) / 1e3)
-        return {**out, "idle_between_steps_s": idle}
+            gap = max(0.0, self.steps[i - 1][3].elapsed_time(a) / 1e3) if i else 0.0
+            if gap > 0:
+                idle += gap
+                longest = max(longest, gap)
+                kind = f"{'prefill' if self.steps[i - 1][0] else 'decode'}>{'prefill' if prefill else 'decode'}"
+                t = by.setdefault(kind, {"s": 0.0, "gaps": 0})
+                t["s"] += gap
+                t["gaps"] += 1
+        return {**out, "idle_between_steps_s": idle, "idle_by_transition": by, "longest_idle_s": longest}
 
 
 def _runner(llm) -> Any:
@@ -577,6 +589,9 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
         llm, clock.llm = clock.llm, None
         engine = llm.stats
         res["gpu_steps"] = clock.gpu_steps.summary() if clock.gpu_steps is not None else None
+        graphs = getattr(_runner(llm), "graphs", None)
+        if graphs is not None:  # captured the first time a step needed them: their time is inside the steps'
+            res["graphs_captured_during_job"] = {"count": graphs.late_captures, "s": graphs.late_capture_s}
         res.update(check_records(out, w, n, outs))
         prompt_lens = [len(p) for p in clock.prompts]
         res["prompt_tokens"] = _stats(prompt_lens)
@@ -640,12 +655,27 @@ def report(res: dict) -> str:
     ]
     g = res.get("gpu_steps")
     if g:
-        p, d = g["prefill"], g["decode"]
-        lines.append(f"  on the GPU: {p['steps']:,} prefill steps {p['gpu_s']:.2f} s, {d['steps']:,} decode steps "
-                     f"{d['gpu_s']:.2f} s (mean batch {d['rows'] / max(1, d['steps']):.0f}, "
-                     f"{1e3 * d['gpu_s'] / max(1, d['steps']):.2f} ms each); idle between steps "
-                     f"{g['idle_between_steps_s']:.2f} s")
+        lines += report_lines_gpu(g, res.get("graphs_captured_during_job"))
     return "\n".join(lines)
+
+
+def report_lines_gpu(g: dict, late: dict | None) -> list[str]:
+    """The report's lines on the GPU's time (GpuSteps.summary): its steps, the idle time between them by
+    transition, and the decode graphs captured during the job (`late`: count and seconds, or None)."""
+    p, d = g["prefill"], g["decode"]
+    lines = [f"  on the GPU: {p['steps']:,} prefill steps {p['gpu_s']:.2f} s, {d['steps']:,} decode steps "
+             f"{d['gpu_s']:.2f} s (mean batch {d['rows'] / max(1, d['steps']):.0f}, "
+             f"{1e3 * d['gpu_s'] / max(1, d['steps']):.2f} ms each); idle between steps "
+             f"{g['idle_between_steps_s']:.2f} s"]
+    by = g.get("idle_by_transition") or {}
+    if by:
+        lines.append("  idle by transition: " + ", ".join(
+            f"{k} {v['s']:.2f} s over {int(v['gaps']):,} gaps" for k, v in sorted(by.items()))
+            + f"; the longest {1e3 * g['longest_idle_s']:.1f} ms")
+    if late:
+        lines.append(f"  decode graphs captured during the job (inside its steps): {late['count']:,}, "
+                     f"{late['s']:.2f} s")
+    return lines
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ step comes, only for buckets of at least the backend's warp_min_batch rows, wher
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -86,11 +87,16 @@ class DecodeGraphs:
         self.warp_batch = warp_batch(model)
         self.short_bound = getattr(model.ops, "WARP_AUTO_MAX_CONTEXT", 0)
         self.pool: Any = None  # the graphs' shared memory pool, once the first is captured
+        # graphs captured after start-up, the first time a step needs one (groups, short steps): how many, and
+        # their host seconds (inside that step's time)
+        self.late_captures, self.late_capture_s, self._started = 0, 0.0, False
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             self._capture(bs, 0, False)
         torch.cuda.synchronize()
+        self._started = True
 
     def _capture(self, bs: int, ng: int, short: bool) -> None:
+        t0 = time.perf_counter()
         ctx = self._ctx(bs, ng, short)
         self._forward(bs, ctx)  # warm-up outside capture: compiles kernels, sets up cuBLAS handles
         torch.cuda.synchronize()
@@ -99,6 +105,9 @@ class DecodeGraphs:
             self.logits[bs, ng, short] = self._forward(bs, ctx)
         self.pool = g.pool()
         self.graphs[bs, ng, short] = g
+        if self._started:
+            self.late_captures += 1
+            self.late_capture_s += time.perf_counter() - t0
 
     def _ctx(self, bs: int, ng: int = 0, short: bool = False) -> StepContext:
         """The static buffers as the StepContext of batch bucket `bs` with `ng` shared-prefix groups (0: none),
