@@ -207,16 +207,11 @@ def test_cli_and_bad_arguments(tmp_path):
         jobs.main("extract", 0.0, device="cpu")
 
 
-def test_gpu_steps_sum_each_kind_and_the_idle_time_between_steps():
-    """GpuSteps' accounting on a made-up stream timeline (its events are injected: no GPU here): each step's span
-    goes to its kind, and the time from one step's end to the next one's start is idle only when positive (the host
-    queued the next step after the GPU had finished the last)."""
+def _replayed(timeline) -> dict:
+    """GpuSteps' summary of a made-up stream timeline, [(prefill, rows, GPU start ms, GPU end ms)] (its events
+    are injected: no GPU here); every step goes through the wrapped launch."""
     from types import SimpleNamespace
 
-    # (prefill, rows, GPU start, GPU end) in ms: a prefill, two decode steps back to back, one that waited on
-    # the host for 3 ms, and a decode step queued while the last was still running (its start reads earlier)
-    timeline = [(True, 4, 0.0, 10.0), (False, 4, 10.0, 12.0), (False, 4, 12.0, 14.0), (False, 3, 17.0, 19.0),
-                (False, 3, 18.5, 21.0)]
     stamps = iter(t for *_, a, b in timeline for t in (a, b))
 
     class Event:
@@ -230,7 +225,16 @@ def test_gpu_steps_sum_each_kind_and_the_idle_time_between_steps():
     steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None)
     for prefill, rows, *_ in timeline:
         assert runner.launch(SimpleNamespace(is_prefill=prefill, seqs=[None] * rows)) == "launched"
-    got = steps.summary()
+    return steps.summary()
+
+
+def test_gpu_steps_sum_each_kind_and_the_idle_time_between_steps():
+    """GpuSteps' accounting: each step's span goes to its kind, and the time from one step's end to the next one's
+    start is idle only when positive (the host queued the next step after the GPU had finished the last)."""
+    # a prefill, two decode steps back to back, one that waited on the host for 3 ms, and a decode step queued
+    # while the last was still running (its start reads earlier)
+    got = _replayed([(True, 4, 0.0, 10.0), (False, 4, 10.0, 12.0), (False, 4, 12.0, 14.0), (False, 3, 17.0, 19.0),
+                     (False, 3, 18.5, 21.0)])
     assert got["prefill"] == {"steps": 1, "gpu_s": pytest.approx(0.010), "rows": 4}
     assert got["decode"] == {"steps": 4, "gpu_s": pytest.approx(0.0085), "rows": 14}
     assert got["idle_between_steps_s"] == pytest.approx(0.003)
@@ -241,24 +245,8 @@ def test_gpu_steps_sum_each_kind_and_the_idle_time_between_steps():
 def test_gpu_steps_split_the_idle_time_by_transition_and_the_report_prints_it():
     """Gaps after a prefill and after a decode step are counted apart, with the longest; the report prints them and
     the decode graphs captured during the job."""
-    from types import SimpleNamespace
-
-    timeline = [(True, 4, 0.0, 10.0), (False, 4, 12.0, 14.0), (True, 2, 15.0, 20.0), (False, 6, 20.0, 22.0),
-                (False, 6, 22.5, 24.0)]
-    stamps = iter(t for *_, a, b in timeline for t in (a, b))
-
-    class Event:
-        def record(self):
-            self.t = next(stamps)
-
-        def elapsed_time(self, other):
-            return other.t - self.t
-
-    runner = SimpleNamespace(launch=lambda batch: None)
-    steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None)
-    for prefill, rows, *_ in timeline:
-        runner.launch(SimpleNamespace(is_prefill=prefill, seqs=[None] * rows))
-    got = steps.summary()
+    got = _replayed([(True, 4, 0.0, 10.0), (False, 4, 12.0, 14.0), (True, 2, 15.0, 20.0), (False, 6, 20.0, 22.0),
+                     (False, 6, 22.5, 24.0)])
     assert got["idle_by_transition"] == {"prefill>decode": {"s": pytest.approx(0.002), "gaps": 1},
                                          "decode>prefill": {"s": pytest.approx(0.001), "gaps": 1},
                                          "decode>decode": {"s": pytest.approx(0.0005), "gaps": 1}}
