@@ -404,7 +404,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # then merge_states_kernel; the second stream joins this one before the merge (graph capture follows both)
         o_own = torch.empty(q.shape, dtype=torch.float32, device=dev)
         lse_own = torch.empty((B, hq), dtype=torch.float32, device=dev)
-        here, side = torch.cuda.current_stream(dev), _side_stream(dev)
+        here, side = torch.cuda.current_stream(dev), _side_stream(device_index(q))
         side.wait_stream(here)
         with torch.cuda.stream(side):
             shared_part()
@@ -433,9 +433,8 @@ def shared_overlap() -> bool:
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def _side_stream(dev: torch.device) -> torch.cuda.Stream:
-    """The second stream of a device (one per device, made once)."""
-    di = dev.index if dev.index is not None else torch.cuda.current_device()
+def _side_stream(di: int) -> torch.cuda.Stream:
+    """The second stream of device `di` (one per device, made once)."""
     if di not in _SIDE_STREAMS:
         _SIDE_STREAMS[di] = torch.cuda.Stream(device=di)
     return _SIDE_STREAMS[di]
@@ -448,13 +447,13 @@ def merge_states(o_own: torch.Tensor, lse_own: torch.Tensor, o_sh: torch.Tensor,
     (B, Hq, D, the activation dtype) and, when given, the merged LSE into `lse` (B, Hq)."""
     B, hq, d = o_own.shape
     entries = B * hq
-    if entries * d // 8 >= 1 << 31:
+    n = entries * d // 8  # threads: one per 8 dims of an entry
+    if n >= 1 << 31:
         fail("o_own", "has too many entries for one merge launch (B x Hq x D / 8 must stay below 2^31)",
              tuple(o_own.shape))
     if not entries:
         return
     k = jit.get_kernel("merge_states.cu", "merge_states_kernel", out.dtype, 0, device_index(out))
-    n = entries * d // 8
     jit.launch(k, (-(-n // 256),), (256,), (
         jit.ptr(o_own), jit.ptr(lse_own), jit.ptr(o_sh), jit.ptr(lse_sh), jit.i32(o_sh.shape[0]), jit.i32(entries),
         jit.i32(d), jit.ptr(out), jit.ptr(lse)), out.device)
@@ -565,6 +564,8 @@ def _decode_launch(defines: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     if window:
         max_context = min(max_context, window + 15)
     code = DECODE_PLANS.index(decode_plan(plan))
+    if code == 3 and d > WARP_PLAN_MAX_D:  # the warp plan is not compiled there: auto
+        code = 0
     if code == 0 and num_splits is None and max_context <= WARP_AUTO_MAX_CONTEXT:
         wb = warp_min_batch(hkv, group, d, num_sms(di))
         if wb is not None and batch >= wb:
@@ -574,8 +575,6 @@ def _decode_launch(defines: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     num_splits = int(num_splits)
     if not 1 <= num_splits <= DECODE_MAX_SPLITS:
         fail("num_splits", f"must be in [1, {DECODE_MAX_SPLITS}]", num_splits)
-    if code == 3 and d > WARP_PLAN_MAX_D:
-        code = 0
     pairs = batch * hkv * -(-group // 8)  # (sequence, kv head, group of 8 query heads)
     if code == 3:  # one warp per pair, 4 pairs per CTA, each written whole: no splits, no partials
         num_splits = 1
@@ -600,9 +599,11 @@ def _decode_launch(defines: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     if merge_o is not None and merge_o.dim() == 4 and not 1 <= merge_o.shape[0] <= SHARED_MAX_SPLITS:
         fail("merge", f"must hold 1 to {SHARED_MAX_SPLITS} states", merge_o.shape[0])
     f32_out = out.dtype == torch.float32
-    grid = (-(-pairs // 4), 1, 1) if code == 3 else (num_splits, pairs // batch, batch)
-    if code == 3:  # the warp plan is its own variant: the others' kernel carries none of its code
+    if code == 3:  # 4 pairs a CTA; the warp plan is its own variant: the others' kernel carries none of its code
+        grid = (-(-pairs // 4), 1, 1)
         defines = (*defines, ("FG_WARP_PLAN", 1))
+    else:
+        grid = (num_splits, pairs // batch, batch)
     kern = jit.get_kernel("decode_attention.cu", "decode_attention_kernel", q.dtype, d, di, defines=defines)
     jit.launch(kern, grid, (128,), (
         jit.ptr(q), jit.ptr(k_cache), jit.ptr(v_cache), jit.ptr(context_lens), jit.ptr(block_tables),

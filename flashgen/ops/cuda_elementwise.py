@@ -127,7 +127,9 @@ def _act_mul(kernel: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Te
     return out
 
 
-ACT_FP8_KERNELS = {"silu": "silu_mul_fp8_kernel", "gelu_tanh": "gelu_tanh_mul_fp8_kernel"}
+# act -> (the activation's kernel in norms.cu, the same with its output quantized in fp8_quant.cu)
+ACT_FP8_KERNELS = {"silu": ("silu_mul_kernel", "silu_mul_fp8_kernel"),
+                   "gelu_tanh": ("gelu_tanh_mul_kernel", "gelu_tanh_mul_fp8_kernel")}
 
 
 def act_mul_fp8(x: torch.Tensor, act: str) -> Fp8Rows:
@@ -142,13 +144,13 @@ def act_mul_fp8(x: torch.Tensor, act: str) -> Fp8Rows:
         fail("x", "must be 2-D (rows, 2 * inter) with 2 * inter a positive multiple of 16", f"shape {tuple(x.shape)}")
     inter = x.shape[-1] // 2
     if inter > RMS_MAX_HIDDEN:
-        xq, xs = quantize_fp8_rows(_act_mul(ACT_FP8_KERNELS[act].replace("_fp8", ""), x, None))
+        xq, xs = quantize_fp8_rows(_act_mul(ACT_FP8_KERNELS[act][0], x, None))
         return Fp8Rows(xq, xs, x.dtype)
     rows = x.shape[0]
     q = torch.empty((rows, inter), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows:
-        k = jit.get_kernel("fp8_quant.cu", ACT_FP8_KERNELS[act], x.dtype, 0, device_index(x))
+        k = jit.get_kernel("fp8_quant.cu", ACT_FP8_KERNELS[act][1], x.dtype, 0, device_index(x))
         jit.launch(k, (rows,), (_row_threads(rows, inter // 8, x),),
                    (jit.ptr(x), jit.ptr(q), jit.ptr(scale), jit.i32(inter)), x.device)
     return Fp8Rows(q, scale, x.dtype)
