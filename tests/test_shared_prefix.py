@@ -238,15 +238,21 @@ def test_shared_splits_follow_the_prefix_and_refuse_bad_overrides(monkeypatch):
                 shared_splits(1000, d)
 
 
-def test_shared_overlap_is_off_by_default_and_checked(monkeypatch):
-    """FLASHGEN_SHARED_OVERLAP: 0 (the default) runs a shared-prefix step's parts one after the other, 1 side by
-    side; any other value is refused with the variable, the value and the choices."""
-    from flashgen.ops.cuda_attention import shared_overlap
+def test_shared_overlap_follows_graph_capture_and_is_checked(monkeypatch):
+    """FLASHGEN_SHARED_OVERLAP: auto (the default) runs a shared-prefix step's parts side by side inside a CUDA-graph
+    capture only (an eager call here: one after the other), 1 always, 0 never; any other value is refused with the
+    variable, the value and the choices."""
+    from flashgen.ops import cuda_attention
 
     monkeypatch.delenv("FLASHGEN_SHARED_OVERLAP", raising=False)
-    assert shared_overlap() is False
+    assert cuda_attention.shared_overlap() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert cuda_attention.shared_overlap() is True
+    monkeypatch.setenv("FLASHGEN_SHARED_OVERLAP", "0")
+    assert cuda_attention.shared_overlap() is False
     monkeypatch.setenv("FLASHGEN_SHARED_OVERLAP", "1")
-    assert shared_overlap() is True
+    assert cuda_attention.shared_overlap() is True
     monkeypatch.setenv("FLASHGEN_SHARED_OVERLAP", "yes")
-    with pytest.raises(ValueError, match=r"FLASHGEN_SHARED_OVERLAP must be one of 0, 1, got 'yes'"):
-        shared_overlap()
+    with pytest.raises(ValueError, match=r"FLASHGEN_SHARED_OVERLAP must be one of auto, 0, 1, got 'yes'"):
+        cuda_attention.shared_overlap()

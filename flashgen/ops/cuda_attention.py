@@ -423,11 +423,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return (out, lse) if return_lse else out
 
 
+SHARED_OVERLAP = ("auto", "0", "1")
+
+
 def shared_overlap() -> bool:
     """$FLASHGEN_SHARED_OVERLAP: 1 runs a shared-prefix step's two parts side by side (the shared part on a second
-    stream, the own parts on this one, then merge_states_kernel); 0 (the default) runs them one after the other,
-    the own-part launch merging the shared state as it writes its output. Checked."""
-    return choose("FLASHGEN_SHARED_OVERLAP", os.environ.get("FLASHGEN_SHARED_OVERLAP", "0"), ("0", "1")) == "1"
+    stream, the own parts on this one, then merge_states_kernel); 0 runs them one after the other, the own-part
+    launch merging the shared state as it writes its output; auto (the default) side by side inside a CUDA-graph
+    capture (the engine's decode graphs, where it measured 5% ahead), one after the other in an eager call (where
+    the fork, the join and the third launch cost more host time than the overlap saves). Checked."""
+    v = choose("FLASHGEN_SHARED_OVERLAP", os.environ.get("FLASHGEN_SHARED_OVERLAP", "auto"), SHARED_OVERLAP)
+    if v == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return v == "1"
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
