@@ -127,3 +127,57 @@ def test_pipelined_n_samples_and_prefix_hits_with_prompts_queued(model_dir):
     assert [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in a] == \
            [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in b]
     assert sum(o.num_cached_tokens for o in b) >= 32 * 4  # later prompts hit the shared blocks
+
+
+def test_pipelined_reads_a_prefills_tokens_after_launching_the_next_step(model_dir):
+    """A prefill step's first tokens go to the device slots like a decode step's: the next step (a prefill of
+    more queued prompts, or the decode of the new sequences) is launched before they are read, and the outputs
+    are those of step-by-step decoding."""
+    plain, piped = _pair(model_dir, block_size=16, max_num_seqs=6, max_num_batched_tokens=64)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(20, 60))] for _ in range(10)]
+    sps = [SamplingParams(temperature=0.7, seed=i, max_tokens=1 + i % 7, ignore_eos=True) for i in range(10)]
+    engine = piped.engine
+    launch = engine.runner.launch
+    kinds: list[tuple[bool, bool]] = []  # (this launch is a prefill, the step launched before it was a prefill
+    last_prefill = [False]               # whose tokens are still unread)
+
+    def spy_launch(batch):
+        kinds.append((batch.is_prefill, last_prefill[0] and engine._last is not None))
+        last_prefill[0] = batch.is_prefill
+        return launch(batch)
+
+    engine.runner.launch = spy_launch
+    _same(plain.generate(prompts, sps), piped.generate(prompts, sps))
+    assert any(ahead and prefill for prefill, ahead in kinds), kinds  # a prefill behind an unread prefill
+    assert any(ahead and not prefill for prefill, ahead in kinds), kinds  # a decode behind an unread prefill
+
+
+def test_pipelined_wave_end_launches_the_next_prefill_before_returning(model_dir):
+    """When every running sequence is at its limit (a fixed-length job's wave ends) nothing can be scheduled ahead
+    of the unread tokens: step() reads them and launches the prefill of the prompts waiting for the slots they
+    free in the same call, before it hands the finished outputs back, so the GPU does not wait for the caller's
+    work on them."""
+    plain, piped = _pair(model_dir, block_size=16, max_num_seqs=4)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 30))] for _ in range(12)]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine = piped.engine
+    launch, step = engine.runner.launch, engine.step
+    calls: list[tuple[int, int]] = []  # (prefills launched in the call, outputs it returned)
+    launched: list[bool] = []
+
+    def spy_launch(batch):
+        launched.append(batch.is_prefill)
+        return launch(batch)
+
+    def spy_step():
+        launched.clear()
+        outs = step()
+        calls.append((sum(launched), len(outs)))
+        return outs
+
+    engine.runner.launch, engine.step = spy_launch, spy_step
+    _same(plain.generate(prompts, sp), piped.generate(prompts, sp))
+    # waves of 4: the two wave ends with prompts waiting each finish 4 lines and launch the next prefill at once
+    assert sum(1 for prefills, outs in calls if prefills and outs == 4) == 2, calls

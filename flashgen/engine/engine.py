@@ -194,6 +194,13 @@ class Engine:
             outputs += self._process(self._last, None)
             self._last = None
         batch = self.scheduler.schedule()
+        if batch is None and self._last is not None:
+            # nothing could run ahead of the unread tokens (every running sequence is at its limit, say, as a
+            # whole wave of a fixed-length job ends): read them now and schedule the slots they free, so the GPU
+            # has its next step before the finished outputs go back to the caller (records, new lines)
+            outputs += self._process(self._last, None)
+            self._last = None
+            batch = self.scheduler.schedule()
         launched = self.runner.launch(batch) if batch is not None else None
         if batch is not None:
             self.scheduler.commit(batch)

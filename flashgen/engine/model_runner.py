@@ -335,7 +335,7 @@ class ModelRunner:
         checked = torch.where((tokens >= 0) & torch.isfinite(logits.gather(1, safe[:, None])).squeeze(1), tokens, -1)
         lp_rows = [i for i, s in enumerate(done) if s.params.logprobs is not None]
         lp = self._logprobs(logits, sampling, safe, done, lp_rows) if lp_rows else None
-        step.tokens = self.slots.publish(done, safe, checked, step.is_prefill, lp, lp_rows, step.prompt_lp)
+        step.tokens = self.slots.publish(done, safe, checked, lp, lp_rows, step.prompt_lp)
         step.logits = None
         return step.tokens
 

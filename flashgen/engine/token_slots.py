@@ -25,8 +25,8 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 class SampledTokens:
     """The tokens of one launched step, read back without blocking the GPU: a pinned host copy and an event
     (CUDA), or the values themselves (CPU). `deferrable`: the engine may read them after launching the next
-    step (only decode steps with device slots). `logprobs`: for the rows in `lp_rows`, what
-    engine.logprobs.pack_logprobs computed (copied with the tokens)."""
+    step (with device slots; a prefill step's first tokens go to the slots as a decode step's do). `logprobs`:
+    for the rows in `lp_rows`, what engine.logprobs.pack_logprobs computed (copied with the tokens)."""
 
     def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None, deferrable: bool,
                  logprobs: torch.Tensor | None = None, lp_rows: list[int] | None = None,
@@ -91,7 +91,7 @@ class TokenSlots:
         """Turn a decode step's unpacked id column into token ids (on the device)."""
         return self.tokens[input_ids] if self.tokens is not None else input_ids
 
-    def publish(self, seqs: list[Sequence], tokens: torch.Tensor, checked: torch.Tensor, is_prefill: bool,
+    def publish(self, seqs: list[Sequence], tokens: torch.Tensor, checked: torch.Tensor,
                 logprobs: torch.Tensor | None = None, lp_rows: list[int] | None = None,
                 prompt_lp: list | None = None) -> SampledTokens:
         """Store a step's sampled `tokens` in the sequences' slots and return the future of the `checked` ones
@@ -105,7 +105,7 @@ class TokenSlots:
             scratch = self.tokens.shape[0] - 1
             slots = torch.tensor([self._slot.get(s.seq_id, scratch) for s in seqs], dtype=torch.int64)
             self.tokens[slots.to(self.tokens.device, non_blocking=True)] = tokens
-        return SampledTokens(seqs, checked, self.on and not is_prefill, logprobs, lp_rows, prompt_lp)
+        return SampledTokens(seqs, checked, self.on, logprobs, lp_rows, prompt_lp)
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished or was preempted: its slot is free again."""
