@@ -13,6 +13,7 @@ and written only once admitted: lines prepared but not admitted when the job sto
 from __future__ import annotations
 
 import signal
+import time
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -106,8 +107,16 @@ class Runner:
 
     def prepare(self, group: list[tuple[int, bytes | LongLine]]) -> list[object]:
         """classify() of each line of a group, in order, their prompts tokenized together (LineParser.build with
-        defer, then encode_pending): the same items. Runs on the preparation thread, ahead of the engine."""
-        items = [self._item(lineno, raw, defer=True) for lineno, raw in group]
+        defer, then encode_pending): the same items. Runs on the preparation thread, ahead of the engine.
+
+        Between lines it yields the GIL. Parsing and templating a line is pure Python (~0.1-0.5 ms), and the
+        engine's thread drops the GIL in torch calls: one that finds this thread holding it can wait up to the
+        interpreter's switch interval (5 ms) before its next launch. A yield per line bounds that to about one
+        line's work."""
+        items = []
+        for lineno, raw in group:
+            items.append(self._item(lineno, raw, defer=True))
+            time.sleep(0)  # hand the GIL to the engine's thread if it waits (below)
         try:
             return self.parser.encode_pending(items)
         except MemoryError:
