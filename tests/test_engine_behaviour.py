@@ -340,3 +340,25 @@ def test_prompt_ids_take_integer_types_and_name_the_first_bad_id():
         prompt_ids([2**70], 10)
     with pytest.raises(ValueError, match="not an integer"):
         prompt_ids([1, np.float32(2)], 10)
+
+
+def test_running_reserve_is_the_growth_of_the_running_sequences():
+    """The look-ahead admission's reserve (inlined for speed) is the reserve ratio times the sum of each running
+    sequence's _growth: max_tokens or the context, whichever ends first, placeholders counted, never below 0."""
+    from flashgen.config import EngineConfig
+    from flashgen.engine.scheduler import Scheduler
+    from flashgen.engine.sequence import PLACEHOLDER, Sequence
+
+    rng = random.Random(31)
+    sched = Scheduler(EngineConfig(model="unused", max_num_seqs=64, block_size=16), 10_000, 700)
+    sched.reserve_ratio = 0.7
+    for i in range(60):
+        mt = rng.choice([None, 1, 5, 16, 17, 100, 1000])
+        seq = Sequence(str(i), None, [3] * rng.randint(1, 690), SamplingParams(max_tokens=mt), 16, 0)
+        seq.token_ids += [PLACEHOLDER] * rng.randint(0, 3)
+        sched.running.append(seq)
+    want = 0.7 * sum(sched._growth(s) for s in sched.running)
+    assert want > 0
+    assert sched._running_reserve() == pytest.approx(want)
+    for seq in sched.running:  # the cached end is the uncached one
+        assert seq.end_blocks == -(-sched._end(seq) // 16)

@@ -37,6 +37,7 @@ class Sequence:
         self.num_cached_tokens = 0             # prompt tokens served by the prefix cache (last allocation)
         self.num_computed_tokens = 0           # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0          # tokens this step computes (prefill chunk or 1)
+        self.end_blocks: int | None = None     # blocks at the length it may reach (Scheduler._end_blocks' cache)
         self.output_counts: dict[int, int] = {}  # generated token -> occurrences, for penalties
         # a constrained request's llguidance matcher, while its grammar compiles a PendingMatcher (engine.grammar)
         self.matcher: Any = None
