@@ -207,12 +207,14 @@ def test_cli_and_bad_arguments(tmp_path):
         jobs.main("extract", 0.0, device="cpu")
 
 
-def _replayed(timeline) -> dict:
+def _replayed(timeline, host_ms=None) -> dict:
     """GpuSteps' summary of a made-up stream timeline, [(prefill, rows, GPU start ms, GPU end ms)] (its events
-    are injected: no GPU here); every step goes through the wrapped launch."""
+    are injected: no GPU here), each launch taking `host_ms[i]` of the host's clock (0 unless given); every step
+    goes through the wrapped launch."""
     from types import SimpleNamespace
 
     stamps = iter(t for *_, a, b in timeline for t in (a, b))
+    host = iter(t for ms in (host_ms or [0.0] * len(timeline)) for t in (0.0, ms / 1e3))
 
     class Event:
         def record(self):
@@ -222,7 +224,7 @@ def _replayed(timeline) -> dict:
             return other.t - self.t
 
     runner = SimpleNamespace(launch=lambda batch: "launched")
-    steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None)
+    steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None, clock=lambda: next(host))
     for prefill, rows, *_ in timeline:
         assert runner.launch(SimpleNamespace(is_prefill=prefill, seqs=[None] * rows)) == "launched"
     return steps.summary()
@@ -235,8 +237,8 @@ def test_gpu_steps_sum_each_kind_and_the_idle_time_between_steps():
     # while the last was still running (its start reads earlier)
     got = _replayed([(True, 4, 0.0, 10.0), (False, 4, 10.0, 12.0), (False, 4, 12.0, 14.0), (False, 3, 17.0, 19.0),
                      (False, 3, 18.5, 21.0)])
-    assert got["prefill"] == {"steps": 1, "gpu_s": pytest.approx(0.010), "rows": 4}
-    assert got["decode"] == {"steps": 4, "gpu_s": pytest.approx(0.0085), "rows": 14}
+    assert got["prefill"] == {"steps": 1, "gpu_s": pytest.approx(0.010), "rows": 4, "host_launch_s": 0.0}
+    assert got["decode"] == {"steps": 4, "gpu_s": pytest.approx(0.0085), "rows": 14, "host_launch_s": 0.0}
     assert got["idle_between_steps_s"] == pytest.approx(0.003)
     assert got["idle_by_transition"] == {"decode>decode": {"s": pytest.approx(0.003), "gaps": 1}}
     assert got["longest_idle_s"] == pytest.approx(0.003)
@@ -246,7 +248,7 @@ def test_gpu_steps_split_the_idle_time_by_transition_and_the_report_prints_it():
     """Gaps after a prefill and after a decode step are counted apart, with the longest; the report prints them and
     the decode graphs captured during the job."""
     got = _replayed([(True, 4, 0.0, 10.0), (False, 4, 12.0, 14.0), (True, 2, 15.0, 20.0), (False, 6, 20.0, 22.0),
-                     (False, 6, 22.5, 24.0)])
+                     (False, 6, 22.5, 24.0)], host_ms=[30.0, 1.5, 20.0, 2.0, 2.5])
     assert got["idle_by_transition"] == {"prefill>decode": {"s": pytest.approx(0.002), "gaps": 1},
                                          "decode>prefill": {"s": pytest.approx(0.001), "gaps": 1},
                                          "decode>decode": {"s": pytest.approx(0.0005), "gaps": 1}}
@@ -255,3 +257,6 @@ def test_gpu_steps_split_the_idle_time_by_transition_and_the_report_prints_it():
     assert lines[1] == ("  idle by transition: decode>decode 0.00 s over 1 gaps, decode>prefill 0.00 s over 1 gaps, "
                         "prefill>decode 0.00 s over 1 gaps; the longest 2.0 ms")
     assert lines[2] == "  decode graphs captured during the job (inside its steps): 3, 0.12 s"
+    assert got["prefill"]["host_launch_s"] == pytest.approx(0.050)
+    assert got["decode"]["host_launch_s"] == pytest.approx(0.006)
+    assert lines[3] == "  host time inside the launches: prefill 0.05 s, decode 0.01 s (2.00 ms a step)"

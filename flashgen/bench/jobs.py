@@ -46,8 +46,9 @@ thread).
 
 On a GPU the same steps are also timed on the stream (GpuSteps: CUDA events around each step's launch): the GPU's
 time in prefill and in decode steps, and its idle time between steps, when a step had finished before the host
-queued the next (by transition: after a prefill or a decode step, before which kind; and the longest gap). Set
-against the steps' wall times above, they say whether a kind of step waits on the GPU or on the host. Decode graphs
+queued the next (by transition: after a prefill or a decode step, before which kind; and the longest gap), and the
+host's own time inside those launches (packing, queuing kernels and sampling). Set against the steps' wall times
+above, they say whether a kind of step waits on the GPU or on the host. Decode graphs
 captured during the job (the first step of a group bucket or of short contexts) are counted with their host time,
 which falls inside that step's GPU span.
 
@@ -323,35 +324,40 @@ class GpuSteps:
     steps (a step finished before the host had queued the next one)."""
 
     def __init__(self, runner, event: Callable[[], Any] = lambda: torch.cuda.Event(enable_timing=True),
-                 synchronize: Callable[[], None] = torch.cuda.synchronize):
-        self.steps: list[tuple[bool, int, Any, Any]] = []  # (prefill, rows, start event, end event)
+                 synchronize: Callable[[], None] = torch.cuda.synchronize,
+                 clock: Callable[[], float] = time.perf_counter):
+        # (prefill, rows, start event, end event, host seconds in the launch)
+        self.steps: list[tuple[bool, int, Any, Any, float]] = []
         self._sync = synchronize
         launch = runner.launch
 
         def timed_launch(batch):
+            t = clock()
             a = event()
             a.record()
             out = launch(batch)
             b = event()
             b.record()
-            self.steps.append((batch.is_prefill, len(batch.seqs), a, b))
+            self.steps.append((batch.is_prefill, len(batch.seqs), a, b, clock() - t))
             return out
 
         runner.launch = timed_launch
 
     def summary(self) -> dict:
-        """Per step kind: steps, GPU seconds, rows; the idle seconds between steps, in all and by transition
-        ("decode>prefill": a prefill step that found the GPU idle after a decode step; seconds and how many such
-        gaps), and the longest gap."""
+        """Per step kind: steps, GPU seconds, rows, the host's seconds inside the launches (the engine's thread
+        packing the step, queuing its kernels and sampling: where it is near the GPU seconds, the steps wait on
+        the host); the idle seconds between steps, in all and by transition ("decode>prefill": a prefill step that
+        found the GPU idle after a decode step; seconds and how many such gaps), and the longest gap."""
         self._sync()
-        out = {k: {"steps": 0, "gpu_s": 0.0, "rows": 0} for k in ("prefill", "decode")}
+        out = {k: {"steps": 0, "gpu_s": 0.0, "rows": 0, "host_launch_s": 0.0} for k in ("prefill", "decode")}
         idle, longest = 0.0, 0.0
         by: dict[str, dict[str, float]] = {}
-        for i, (prefill, rows, a, b) in enumerate(self.steps):
+        for i, (prefill, rows, a, b, host) in enumerate(self.steps):
             o = out["prefill" if prefill else "decode"]
             o["steps"] += 1
             o["rows"] += rows
             o["gpu_s"] += a.elapsed_time(b) / 1e3
+            o["host_launch_s"] += host
             gap = max(0.0, self.steps[i - 1][3].elapsed_time(a) / 1e3) if i else 0.0
             if gap > 0:
                 idle += gap
@@ -675,6 +681,9 @@ def report_lines_gpu(g: dict, late: dict | None) -> list[str]:
     if late:
         lines.append(f"  decode graphs captured during the job (inside its steps): {late['count']:,}, "
                      f"{late['s']:.2f} s")
+    if "host_launch_s" in d:
+        lines.append(f"  host time inside the launches: prefill {p['host_launch_s']:.2f} s, decode "
+                     f"{d['host_launch_s']:.2f} s ({1e3 * d['host_launch_s'] / max(1, d['steps']):.2f} ms a step)")
     return lines
 
 
