@@ -116,7 +116,7 @@ class Runner:
         items = []
         for lineno, raw in group:
             items.append(self._item(lineno, raw, defer=True))
-            time.sleep(0)  # hand the GIL to the engine's thread if it waits (below)
+            time.sleep(0)  # hand the GIL to the engine's thread if it waits (the docstring)
         try:
             return self.parser.encode_pending(items)
         except MemoryError:
