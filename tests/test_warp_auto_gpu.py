@@ -72,3 +72,32 @@ def test_engine_short_context_graphs_match_the_split_plan(tmp_path, monkeypatch)
         assert bool(shorts) == (plan == "auto"), shorts
         del llm
     assert logits_match_until_tokens_differ(runs["auto"], runs["split"]) >= 24 * 16
+
+
+def test_engine_captures_the_large_buckets_on_first_use(tmp_path, monkeypatch):
+    """Buckets between EAGER_MAX_BATCH and the largest are not captured at start-up; the first decode step of one
+    captures it (counted as a late capture), and every step's logits equal an eager run's until the tokens first
+    differ."""
+    from checkpoints import make_checkpoint
+    from flashgen import LLM, SamplingParams
+    from flashgen.engine import cuda_graphs
+
+    model = tmp_path / "m"
+    make_checkpoint(model, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64,
+                    intermediate_size=512, vocab_size=512, max_position_embeddings=1024)
+    monkeypatch.setattr(cuda_graphs, "EAGER_MAX_BATCH", 16)
+    monkeypatch.setenv("FLASHGEN_SHARED_PREFIX", "0")
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 60))] for _ in range(60)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + i % 21, ignore_eos=True) for i in range(60)]
+    llm = LLM(model=str(model), device="cuda", dtype="bfloat16", kv_cache_gb=0.05, max_num_seqs=64)
+    graphs = llm.engine.runner.graphs
+    assert graphs.sizes == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert sorted(bs for bs, _, _ in graphs.graphs) == [1, 2, 4, 8, 16, 64]  # 32 and 48: not yet
+    run = generate_logged(llm, prompts, params)
+    assert {(32, 0, False), (48, 0, False)} <= set(graphs.graphs)  # the batch shrank through both
+    assert graphs.late_captures >= 2
+    del llm
+    eager = LLM(model=str(model), device="cuda", dtype="bfloat16", kv_cache_gb=0.05, max_num_seqs=64,
+                enforce_eager=True)
+    assert logits_match_until_tokens_differ(run, generate_logged(eager, prompts, params)) >= 60 * 4

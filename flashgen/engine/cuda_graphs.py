@@ -17,6 +17,15 @@ at most the backend's WARP_AUTO_MAX_CONTEXT past their shared blocks): captured 
 decode attention takes its warp plan (one warp per sequence and kv head); the plan a graph launches is fixed at
 capture, so a step with a longer context replays the graph captured without it. Captured the first time such a
 step comes, only for buckets of at least the backend's warp_min_batch rows, where the bound changes the plan.
+
+At start-up the plain graphs of the buckets up to EAGER_MAX_BATCH and of the largest one are captured (the
+largest first: its memory pool then holds every smaller graph's work space); the buckets between them are captured
+the first time a step needs one. A job's batches visit few of the large buckets (a full batch, and the tail's
+as lines finish), so with max_num_seqs 512 or 1,024 start-up does not capture 16 or 48 graphs that may never run
+(start-up grew by 0.77 s at 512 and 1.5-2.2 s at 1,024 over 256 in the extract and synth jobs on an H100,
+2026-12-07; how much of that was these captures was not measured apart), and no memory is held for their
+logits. A capture during a job (a warm-up forward and the capture, on the step's own inputs) is counted in
+late_captures.
 """
 from __future__ import annotations
 
@@ -56,6 +65,9 @@ def warp_batch(model: DecoderLM) -> int | None:
     return ops.warp_min_batch(hkv, hq // hkv, spec.head_dim, sms)
 
 
+EAGER_MAX_BATCH = 256  # buckets up to this batch are captured at start-up (the module's docstring)
+
+
 def buckets(max_bs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, max_bs + 1, 16))
     return sorted({b for b in sizes if b <= max_bs} | {max_bs})
@@ -87,11 +99,12 @@ class DecodeGraphs:
         self.warp_batch = warp_batch(model)
         self.short_bound = getattr(model.ops, "WARP_AUTO_MAX_CONTEXT", 0)
         self.pool: Any = None  # the graphs' shared memory pool, once the first is captured
-        # graphs captured after start-up, the first time a step needs one (groups, short steps): how many, and
-        # their host seconds (inside that step's time)
+        # graphs captured after start-up, the first time a step needs one (groups, short steps, the buckets
+        # between EAGER_MAX_BATCH and the largest): how many, and their host seconds (inside that step's time)
         self.late_captures, self.late_capture_s, self._started = 0, 0.0, False
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            self._capture(bs, 0, False)
+            if bs <= EAGER_MAX_BATCH or bs == self.sizes[-1]:
+                self._capture(bs, 0, False)
         torch.cuda.synchronize()
         self._started = True
 
