@@ -122,3 +122,36 @@ def test_many_lines_through_the_real_engine_with_a_small_window(tmp_path):
     assert [rec["id"] for rec in read_jsonl(out)] == list(range(n))
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["ok"] == n and stats["completion_tokens"] == n
+
+
+def test_admission_is_paced_while_a_batch_is_queued():
+    """Waves of lines finishing together (fixed lengths) open the window a wave at a time: while the engine holds
+    half a window of unfinished requests the loop admits at most ADMIT_PACE lines between two steps, below that as
+    many as fit; every line is still answered once, in order."""
+    from flashgen.jobs.runner import ADMIT_PACE
+
+    llm = FakeLLM(max_num_seqs=64, steps=lambda rid: 5)
+    per_step: list[tuple[int, int]] = []  # (lines admitted since the last step, unfinished before admitting them)
+    add, step = llm.add_request, llm.step
+    since = [0, 0]
+
+    def counted_add(*a):
+        if since[0] == 0:
+            since[1] = llm.num_unfinished_requests()
+        since[0] += 1
+        add(*a)
+
+    def counted_step():
+        per_step.append(tuple(since))
+        since[0] = 0
+        return step()
+
+    llm.add_request, llm.step = counted_add, counted_step
+    sink = io.BytesIO()
+    runner = make_runner(llm, sink, max_in_flight=256, prepare_ahead=False)  # every line ready when taken
+    assert runner.run(lines_of([{"id": i, "prompt": "p"} for i in range(1000)]), IdSet()) == "ok"
+    assert [json.loads(x)["id"] for x in sink.getvalue().splitlines()] == list(range(1000))
+    assert per_step[0] == (128, 0)  # nothing unfinished at first: half the window at once, then paced
+    paced = [n for n, before in per_step if 2 * before >= 256]
+    assert paced and max(paced) == ADMIT_PACE  # a wave's 64 free places refilled 32 at a time
+    assert all(n <= ADMIT_PACE for n in paced)

@@ -9,6 +9,14 @@ Lines are prepared (parsed, screened, checked, templated, tokenized) ahead of th
 admitted; the loop here only admits prepared lines and steps the engine. A line is counted, reserved in the output
 and written only once admitted: lines prepared but not admitted when the job stops are dropped, and run again with
 --resume.
+
+Admission is paced: while the engine holds at least half a window of unfinished requests (by default twice
+max_num_seqs: a batch's worth queued beyond those it runs), one pass of the loop admits at most ADMIT_PACE lines
+before stepping the engine. Each admission is host work on the engine's thread (~60-100 us), and when a wave of a
+fixed-length job ends a quarter of the window opens at once: admitting all of it between two steps (~250 lines,
+15-25 ms) can hold back the launch of the next prefill step past the end of the one the GPU is running (what the
+extract job's idle between prefill steps looks like; not measured apart). The lines admitted later are not needed
+sooner: a batch's worth is still queued.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from flashgen.jobs.writer import OrderedWriter
 
 SKIP = object()  # a line whose id already has a result in the output (--resume)
 PREPARE_GROUP = 32  # lines prepared together: their prompts are tokenized in one encode_batch call
+ADMIT_PACE = 32     # lines admitted per pass of the run loop while half the window is in flight (module docstring)
 
 
 class LineScreen:
@@ -148,8 +157,11 @@ class Runner:
                 stop = self._check_signal() or stop  # a signal outranks --max-errors: exit code 130
                 if stop == "interrupted" and not self.drain:
                     break  # lines in flight are dropped: --resume runs them again
-                while stop is None and not exhausted and self.writer.pending < self.max_in_flight:
+                admitted = 0
+                while stop is None and not exhausted and self.writer.pending < self.max_in_flight and (
+                        admitted < ADMIT_PACE or 2 * self.llm.num_unfinished_requests() < self.max_in_flight):
                     # Wait for input only when the engine has nothing to do.
+                    admitted += 1
                     got = self._take(wait=not self.llm.has_unfinished_requests())
                     if got is EMPTY:
                         break
