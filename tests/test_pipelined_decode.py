@@ -153,22 +153,22 @@ def test_pipelined_reads_a_prefills_tokens_after_launching_the_next_step(model_d
     assert any(ahead and not prefill for prefill, ahead in kinds), kinds  # a decode behind an unread prefill
 
 
-def test_pipelined_wave_end_launches_the_next_prefill_before_returning(model_dir):
-    """When every running sequence is at its limit (a fixed-length job's wave ends) nothing can be scheduled ahead
-    of the unread tokens: step() reads them and launches the prefill of the prompts waiting for the slots they
-    free in the same call, before it hands the finished outputs back, so the GPU does not wait for the caller's
-    work on them."""
+def test_pipelined_wave_end_launches_the_next_prefill_before_reading_the_wave(model_dir):
+    """When every running sequence is held at its limit (a fixed-length job's wave ends), their places go to the
+    prompts waiting for them at once: the next prefill is launched before the wave's last tokens are read (they
+    end those sequences whatever they are), in the step() that reads them and hands the finished outputs back.
+    Outputs are those of step-by-step decoding."""
     plain, piped = _pair(model_dir, block_size=16, max_num_seqs=4)
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 30))] for _ in range(12)]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     engine = piped.engine
     launch, step = engine.runner.launch, engine.step
-    calls: list[tuple[int, int]] = []  # (prefills launched in the call, outputs it returned)
+    calls: list[tuple[int, int]] = []  # (prefills launched in the call with a decode step's tokens unread, outputs)
     launched: list[bool] = []
 
     def spy_launch(batch):
-        launched.append(batch.is_prefill)
+        launched.append(batch.is_prefill and engine._last is not None)
         return launch(batch)
 
     def spy_step():
@@ -179,5 +179,7 @@ def test_pipelined_wave_end_launches_the_next_prefill_before_returning(model_dir
 
     engine.runner.launch, engine.step = spy_launch, spy_step
     _same(plain.generate(prompts, sp), piped.generate(prompts, sp))
-    # waves of 4: the two wave ends with prompts waiting each finish 4 lines and launch the next prefill at once
+    # waves of 4: the two wave ends with prompts waiting each launch the next prefill ahead of the unread tokens,
+    # then finish the wave's 4 lines
     assert sum(1 for prefills, outs in calls if prefills and outs == 4) == 2, calls
+    assert engine.scheduler.held == set()  # every held sequence was finished when its token was read

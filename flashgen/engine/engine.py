@@ -195,9 +195,10 @@ class Engine:
             self._last = None
         batch = self.scheduler.schedule()
         if batch is None and self._last is not None:
-            # nothing could run ahead of the unread tokens (every running sequence is at its limit, say, as a
-            # whole wave of a fixed-length job ends): read them now and schedule the slots they free, so the GPU
-            # has its next step before the finished outputs go back to the caller (records, new lines)
+            # nothing could run ahead of the unread tokens (every running sequence at its limit and no room in the
+            # cache for the prompts waiting: Scheduler.schedule gives their places to waiting prompts otherwise):
+            # read them now and schedule what they free, so the GPU has its next step before the finished
+            # outputs go back to the caller (records, new lines)
             outputs += self._process(self._last, None)
             self._last = None
             batch = self.scheduler.schedule()

@@ -78,6 +78,8 @@ class Scheduler:
         self.admit_min_free = admit_min_free(self.max_num_seqs)
         self.held_slot_steps = 0
         self.filling = False  # the last prefill step spent its whole token budget: the next admits at once
+        # running sequences held at their limit by the last decode schedule, their last token unread (schedule)
+        self.held: set[int] = set()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -86,7 +88,16 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Batch | None:
-        """The next step's batch: waiting prompts first (prefill), else one token for each running sequence."""
+        """The next step's batch: waiting prompts first (prefill), else one token for each running sequence. A
+        running sequence held at its limit (max_tokens or the context, its last token still on the GPU) ends when
+        that token is read, whatever it is: its place counts as free for waiting prompts (`held`), so when a wave
+        of a fixed-length job ends, the next prefill is scheduled before the wave's last tokens are read."""
+        batch = self._schedule_prefill()
+        if batch is not None:
+            return batch
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> Batch | None:
         batch: list[Sequence] = []
         budget = self.max_num_batched_tokens
         bm = self.block_manager
@@ -116,7 +127,11 @@ class Scheduler:
             self.held_slot_steps = 0
             self.filling = budget <= 0
             return Batch(batch, True)
+        return None
 
+    def _schedule_decode(self) -> Batch | None:
+        batch: list[Sequence] = []
+        bm = self.block_manager
         held: list[Sequence] = []  # at max_tokens / context with a token still on the GPU: nothing to compute
         while self.running and len(batch) < self.max_num_seqs:
             seq = self.running.popleft()
@@ -138,9 +153,16 @@ class Scheduler:
                 seq.num_scheduled_tokens = 1
                 batch.append(seq)
         self.running.extendleft(reversed(batch + held))
+        self.held = {seq.seq_id for seq in held}
         if self.waiting:  # slots left free this step while prompts wait (held back, or no room in the cache)
-            self.held_slot_steps += self.max_num_seqs - len(self.running)
-        return Batch(batch, False) if batch else None
+            self.held_slot_steps += self.max_num_seqs - self._busy()
+        if batch:
+            return Batch(batch, False)
+        return self._schedule_prefill() if held and self.waiting else None
+
+    def _busy(self) -> int:
+        """Sequence places taken: the running sequences less those held at their limit (schedule's docstring)."""
+        return len(self.running) - len(self.held)
 
     def _end(self, seq: Sequence) -> int:
         """The length `seq` may reach: its prompt plus max_tokens, or the context."""
@@ -190,9 +212,9 @@ class Scheduler:
         limits admission (it could not take admit_min_free prompts like the head)."""
         n = self.admit_min_free
         head = self.waiting[0]
-        if not self.running or n <= 1 or self.filling or head.block_table:
+        if not self._busy() or n <= 1 or self.filling or head.block_table:
             return True
-        free = self.max_num_seqs - len(self.running)
+        free = self.max_num_seqs - self._busy()
         if free >= min(n, len(self.waiting)) or (free > 0 and self.held_slot_steps >= HOLD_STEPS * n):
             return True
         # held only where slots bind: when the cache could not take n prompts like the head anyway (a KV-bound
@@ -219,7 +241,7 @@ class Scheduler:
         too few left after its prompt for that growth and its own); else its own expected growth, in blocks. An
         empty running set always admits a prompt that fits: progress first."""
         bm = self.block_manager
-        if len(self.running) >= self.max_num_seqs or not bm.can_allocate(seq):
+        if self._busy() >= self.max_num_seqs or not bm.can_allocate(seq):
             return None
         grow = self.reserve_ratio * self._growth(seq) * (1 + len(seq.followers))
         if reserve is not None and bm.num_free_blocks - seq.num_blocks < reserve + grow:
@@ -268,6 +290,7 @@ class Scheduler:
         return read
 
     def _preempt(self, seq: Sequence) -> None:
+        self.held.discard(seq.seq_id)
         self.num_preemptions += 1
         self.reserve_ratio = min(1.0, self.reserve_ratio + 0.1)  # admitted too much: reserve more again
         self.on_preempt(seq)
@@ -287,6 +310,7 @@ class Scheduler:
     def abort(self, seq: Sequence) -> None:
         """Drop a waiting or running sequence (a step in flight skips it: it is finished)."""
         (self.running if seq in self.running else self.waiting).remove(seq)
+        self.held.discard(seq.seq_id)
         seq.status = Status.FINISHED
         self.block_manager.free(seq)
 
@@ -300,6 +324,7 @@ class Scheduler:
         seq.status = Status.FINISHED
         self.block_manager.free(seq)
         self.running.remove(seq)
+        self.held.discard(seq.seq_id)
 
 
 def admit_min_free(max_num_seqs: int) -> int:
