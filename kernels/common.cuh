@@ -182,6 +182,21 @@ FG_INLINE float fast_exp2(float x) {
 // 4 lanes of g. Per row: running max m[r], per-lane partial sum l[r], r = 0 (row g), 1 (row g + 8).
 #define FG_NEG_INF (-__int_as_float(0x7f800000))
 
+// Eight dims of an attention state (acc, float32, its natural-log LSE lse) merged in place with another state's
+// (o: its eight float32 dims, l2: its LSE; an empty state, l2 = -inf, changes nothing): the pairwise step of
+// shared-prefix decode, one and the same in decode_attention.cu's store_out and merge_states.cu.
+FG_INLINE void merge_state8(float* acc, float& lse, const float* __restrict__ o, float l2) {
+    if (l2 == FG_NEG_INF) return;
+    const float mx = fmaxf(lse, l2);
+    const float w1 = __expf(lse - mx), w2 = __expf(l2 - mx), inv = 1.f / (w1 + w2);
+    const float4 a = *reinterpret_cast<const float4*>(o);
+    const float4 b = *reinterpret_cast<const float4*>(o + 4);
+    const float o2[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int x = 0; x < 8; ++x) acc[x] = (acc[x] * w1 + o2[x] * w2) * inv;
+    lse = mx + __logf(w1 + w2);
+}
+
 // One tile of unscaled scores s (masked ones -inf) into the running softmax: m and l move to the new max and s
 // becomes exp2(s * scale_log2 - max * scale_log2) in place (the scale folded into one FMA; max commutes with
 // a positive scale). al[r] is the factor that rescales row r's O and earlier sums (1 when its max stayed).

@@ -205,16 +205,7 @@ FG_INLINE void store_out(const OutArgs& oa, i64 idx, int d0, float* acc, float l
         const i64 e = idx;
         const float l2 = oa.merge_lse[e];
 #endif
-        if (l2 != FG_NEG_INF) {
-            const float mx = fmaxf(lse, l2);
-            const float w1 = __expf(lse - mx), w2 = __expf(l2 - mx), inv = 1.f / (w1 + w2);
-            const float4 a = *reinterpret_cast<const float4*>(oa.merge_o + e * D + d0);
-            const float4 b = *reinterpret_cast<const float4*>(oa.merge_o + e * D + d0 + 4);
-            const float o2[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-            for (int x = 0; x < 8; ++x) acc[x] = (acc[x] * w1 + o2[x] * w2) * inv;
-            lse = mx + __logf(w1 + w2);
-        }
+        merge_state8(acc, lse, oa.merge_o + e * D + d0, l2);
     }
     if (oa.out_f32 != nullptr) {
         float* dst = oa.out_f32 + idx * D + d0;

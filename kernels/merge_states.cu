@@ -4,8 +4,8 @@
 //   FLASHGEN_SHARED_OVERLAP): the own-part launch writes each (sequence, query head) entry's float32 output and
 //   natural-log LSE, the PF_SHARED launch its key splits' (n_sh states; an unused split or a row in no group has
 //   LSE -inf and an output never written, so it is skipped, never read). Here they are merged, own state first,
-//   then the splits in order, with the arithmetic of the decode kernel's FG_MERGE_N store_out (the same pairwise
-//   steps, __expf / __logf), and written in the activation dtype (+ the merged LSE when asked for).
+//   then the splits in order, by common.cuh's merge_state8 (the decode kernel's store_out merges with it too),
+//   and written in the activation dtype (+ the merged LSE when asked for).
 //   One thread per 8 dims of an entry: grid ceil(entries * D / 8 / 256), 256 threads. Traffic: read
 //   (1 + used splits) x entries x D floats, write entries x D scalars.
 #include "common.cuh"
@@ -32,17 +32,7 @@ merge_states_kernel(const float* __restrict__ o_own,   // (entries, D)
     float lse = lse_own[idx];
     for (int sp = 0; sp < n_sh; ++sp) {
         const i64 e = idx + (i64)sp * entries;
-        const float l2 = lse_sh[e];
-        if (l2 != FG_NEG_INF) {
-            const float mx = fmaxf(lse, l2);
-            const float w1 = __expf(lse - mx), w2 = __expf(l2 - mx), inv = 1.f / (w1 + w2);
-            const float4 a = *reinterpret_cast<const float4*>(o_sh + e * D + d0);
-            const float4 b = *reinterpret_cast<const float4*>(o_sh + e * D + d0 + 4);
-            const float o2[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-            for (int x = 0; x < 8; ++x) acc[x] = (acc[x] * w1 + o2[x] * w2) * inv;
-            lse = mx + __logf(w1 + w2);
-        }
+        merge_state8(acc, lse, o_sh + e * D + d0, lse_sh[e]);
     }
     st_v4(out + (i64)idx * D + d0, pack8(acc));
     if (lse_out != nullptr && d0 == 0) lse_out[idx] = lse;
