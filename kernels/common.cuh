@@ -32,6 +32,32 @@ typedef __half2 scalar2_t;
 
 #define FG_INLINE __device__ __forceinline__
 
+// ---------------------------------------------------------------- programmatic dependent launch (Hopper)
+// A kernel the host launches with programmatic stream serialization (flashgen/ops/jit.py, PDL_KERNELS) may
+// start while the kernel before it in the stream is still running. Such a kernel calls pdl_prologue() (or,
+// with something to do first that reads nothing an earlier kernel writes, pdl_allow_next() then pdl_wait())
+// before its first access to memory an earlier kernel writes or reads: griddepcontrol.wait returns once every
+// prerequisite grid has completed and its writes are visible, so from there on the kernel sees the stream in
+// order. pdl_allow_next() lets the next kernel's CTAs be scheduled once every CTA of this grid has started (they
+// take only what this grid leaves free, and wait in their own prologue). Without such a launch, or before
+// sm_90, both are no-ops.
+FG_INLINE void pdl_allow_next() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+FG_INLINE void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+FG_INLINE void pdl_prologue() {
+    pdl_allow_next();
+    pdl_wait();
+}
+
 // ---------------------------------------------------------------- conversions
 FG_INLINE float to_float(scalar_t x) {
 #if FG_DTYPE == 0

@@ -592,6 +592,7 @@ decode_attention_kernel(const scalar_t* __restrict__ q,        // (B, Hq, D)
                         const float* __restrict__ v_scales     //   float32, the scales of K and V per slot and head
 #endif
                         ) {
+    pdl_prologue();  // before any memory access (common.cuh)
 #if !FG_KV_INT8K
     const float* const k_scales = nullptr;
     const float* const v_scales = nullptr;

@@ -83,6 +83,7 @@ FG_INLINE float amax8(const float* a, float amax) {
 extern "C" __global__ void __launch_bounds__(256)
 quantize_fp8_rows_kernel(const scalar_t* __restrict__ x, i64 ldx, fp8_t* __restrict__ xq,
                          float* __restrict__ scale, int K) {
+    pdl_prologue();  // before any memory access (common.cuh)
     __shared__ float red[32];
     const i64 row = blockIdx.x;
     const scalar_t* xr = x + row * ldx;
@@ -124,6 +125,7 @@ rms_norm_fp8_kernel(const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ weight, scalar_t* residual_out,
                     fp8_t* __restrict__ xq, float* __restrict__ scale, int hidden,
                     float eps) {
+    pdl_prologue();  // before any memory access (common.cuh)
     __shared__ float red[32];
     float y[RMS_VPT][8];
     float amax = 0.f;
@@ -163,11 +165,13 @@ FG_INLINE void act_mul_fp8_row(const scalar_t* __restrict__ x, fp8_t* __restrict
 extern "C" __global__ void __launch_bounds__(1024)
 silu_mul_fp8_kernel(const scalar_t* __restrict__ x, fp8_t* __restrict__ xq,
                     float* __restrict__ scale, int inter) {
+    pdl_prologue();  // before any memory access (common.cuh)
     act_mul_fp8_row(x, xq, scale, inter, ActSilu());
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 gelu_tanh_mul_fp8_kernel(const scalar_t* __restrict__ x, fp8_t* __restrict__ xq,
                          float* __restrict__ scale, int inter) {
+    pdl_prologue();  // before any memory access (common.cuh)
     act_mul_fp8_row(x, xq, scale, inter, ActGeluTanh());
 }

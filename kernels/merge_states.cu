@@ -18,6 +18,7 @@ merge_states_kernel(const float* __restrict__ o_own,   // (entries, D)
                     int n_sh, int entries, int D,             // entries * D / 8 < 2^31 (the host checks)
                     scalar_t* __restrict__ out,        // (entries, D)
                     float* __restrict__ lse_out) {     // (entries,), or null
+    pdl_prologue();  // before any memory access (common.cuh)
     const int per = D / 8;
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= entries * per) return;

@@ -23,6 +23,7 @@ extern "C" __global__ void rms_norm_kernel(const scalar_t* __restrict__ x,
                                            scalar_t* __restrict__ out,
                                            scalar_t* residual_out,
                                            int hidden, float eps) {
+    pdl_prologue();  // before any memory access (common.cuh)
     __shared__ float red[32];
     rms_norm_row(x, residual, weight, residual_out, hidden, eps, red,
                  [=](int, i64 at, const float* y) { st_v4(out + at, pack8(y)); });  // the product rounded once
@@ -45,6 +46,7 @@ FG_INLINE void act_mul_row(const scalar_t* __restrict__ x, scalar_t* __restrict_
 
 extern "C" __global__ void silu_mul_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                                            int inter) {
+    pdl_prologue();  // before any memory access (common.cuh)
     act_mul_row(x, out, inter, ActSilu());
 }
 
@@ -52,5 +54,6 @@ extern "C" __global__ void silu_mul_kernel(const scalar_t* __restrict__ x, scala
 //   (ActGeluTanh in norm_rows.cuh). Same grid and traffic as silu_mul.
 extern "C" __global__ void gelu_tanh_mul_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                                                 int inter) {
+    pdl_prologue();  // before any memory access (common.cuh)
     act_mul_row(x, out, inter, ActGeluTanh());
 }

@@ -184,6 +184,7 @@ rope_kv_append_kernel(const scalar_t* __restrict__ qkv,
                       float* __restrict__ v_scales          //   written at the slots of k / v
 #endif
                       ) {
+    pdl_prologue();  // before any memory access (common.cuh)
 #if !FG_KV_INT8K
     float* const k_scales = nullptr;
     float* const v_scales = nullptr;

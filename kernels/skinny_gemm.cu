@@ -29,8 +29,9 @@ struct Chunk {
 
 // Loads of the chunk at kb. K and k_per_warp are multiples of 8, so k < kend => k + 8 <= kend. Steps past
 // the slice load its last vector instead (valid memory, just fetched: an L2 hit; no branch) and use zeros.
-FG_INLINE void load_chunk(Chunk& ch, const scalar_t* w0, const scalar_t* w1, const scalar_t* xr, bool has_x,
-                          int kb, int kbeg, int kend, int c) {
+// W's loads and x's are apart so that the first chunk's W can be in flight before pdl_wait (W is no earlier
+// kernel's output; x is).
+FG_INLINE void load_chunk_w(Chunk& ch, const scalar_t* w0, const scalar_t* w1, int kb, int kend, int c) {
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
     for (int u = 0; u < SG_U; ++u) {
@@ -39,10 +40,25 @@ FG_INLINE void load_chunk(Chunk& ch, const scalar_t* w0, const scalar_t* w1, con
         const int kk = ok ? k : kend - 8;
         ch.w0[u] = ld_v4_stream(w0 + kk);
         ch.w1[u] = ld_v4_stream(w1 + kk);
-        ch.x[u] = ld_v4(xr + kk);
         if (!ok) ch.w0[u] = ch.w1[u] = zero;
+    }
+}
+
+FG_INLINE void load_chunk_x(Chunk& ch, const scalar_t* xr, bool has_x, int kb, int kend, int c) {
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int u = 0; u < SG_U; ++u) {
+        const int k = kb + 32 * u + 8 * c;
+        const bool ok = k < kend;
+        ch.x[u] = ld_v4(xr + (ok ? k : kend - 8));
         if (!ok || !has_x) ch.x[u] = zero;
     }
+}
+
+FG_INLINE void load_chunk(Chunk& ch, const scalar_t* w0, const scalar_t* w1, const scalar_t* xr, bool has_x,
+                          int kb, int kend, int c) {
+    load_chunk_w(ch, w0, w1, kb, kend, c);
+    load_chunk_x(ch, xr, has_x, kb, kend, c);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * SG_MAX_WARPS)
@@ -60,13 +76,16 @@ skinny_gemm_kernel(const scalar_t* __restrict__ x, i64 ldx,  // (M, K), row stri
     const bool has_x = l.has_x;
     const int kbeg = l.kbeg, kend = l.kend;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    Chunk cur, nxt;
+    pdl_allow_next();
+    if (kbeg < kend) load_chunk_w(cur, w0, w1, kbeg, kend, c);  // the weights: before the wait (common.cuh)
+    pdl_wait();
     if (kbeg < kend) {
-        Chunk cur, nxt;
-        load_chunk(cur, w0, w1, xr, has_x, kbeg, kbeg, kend, c);
+        load_chunk_x(cur, xr, has_x, kbeg, kend, c);
         for (int kb = kbeg; kb < kend; kb += 32 * SG_U) {
             // the next chunk's loads go out before this chunk's products (loop-carried, so the compiler
             // cannot sink them to their use): SG_U steps of W stay in flight per lane
-            load_chunk(nxt, w0, w1, xr, has_x, kb + 32 * SG_U, kbeg, kend, c);
+            load_chunk(nxt, w0, w1, xr, has_x, kb + 32 * SG_U, kend, c);
 #pragma unroll
             for (int u = 0; u < SG_U; ++u) {
                 const u32 wa[4] = {cur.w0[u].x, cur.w0[u].y, cur.w0[u].z, cur.w0[u].w};

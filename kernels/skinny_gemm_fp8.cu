@@ -51,8 +51,9 @@ struct ChunkFp8 {
 
 // Loads of the chunk at kb. K and k_per_warp are multiples of 16, so k < kend => k + 16 <= kend. Steps past
 // the slice load its last vector instead (valid memory, just fetched: an L2 hit; no branch) and use zeros.
-FG_INLINE void load_chunk_fp8(ChunkFp8& ch, const fp8_t* w0, const fp8_t* w1, const fp8_t* xr, bool has_x,
-                              int kb, int kend, int c) {
+// W's loads and x's are apart so that the first chunk's W can be in flight before pdl_wait (W is no earlier
+// kernel's output; x is).
+FG_INLINE void load_chunk_fp8_w(ChunkFp8& ch, const fp8_t* w0, const fp8_t* w1, int kb, int kend, int c) {
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
     for (int u = 0; u < SG_U; ++u) {
@@ -61,10 +62,25 @@ FG_INLINE void load_chunk_fp8(ChunkFp8& ch, const fp8_t* w0, const fp8_t* w1, co
         const int kk = ok ? k : kend - 16;
         ch.w0[u] = ld_v4_stream(w0 + kk);
         ch.w1[u] = ld_v4_stream(w1 + kk);
-        ch.x[u] = ld_v4(xr + kk);
         if (!ok) ch.w0[u] = ch.w1[u] = zero;
+    }
+}
+
+FG_INLINE void load_chunk_fp8_x(ChunkFp8& ch, const fp8_t* xr, bool has_x, int kb, int kend, int c) {
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int u = 0; u < SG_U; ++u) {
+        const int k = kb + SG_STEP * u + 16 * c;
+        const bool ok = k < kend;
+        ch.x[u] = ld_v4(xr + (ok ? k : kend - 16));
         if (!ok || !has_x) ch.x[u] = zero;
     }
+}
+
+FG_INLINE void load_chunk_fp8(ChunkFp8& ch, const fp8_t* w0, const fp8_t* w1, const fp8_t* xr, bool has_x,
+                              int kb, int kend, int c) {
+    load_chunk_fp8_w(ch, w0, w1, kb, kend, c);
+    load_chunk_fp8_x(ch, xr, has_x, kb, kend, c);
 }
 
 // The 2 SG_U products of a chunk (operand words as in the header).
@@ -100,9 +116,12 @@ skinny_gemm_fp8_kernel(const fp8_t* __restrict__ xq, i64 ldx,  // (M, K) e4m3, r
     const bool has_x = l.has_x;
     const int kbeg = l.kbeg, kend = l.kend;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    ChunkFp8 cur, nxt;
+    pdl_allow_next();
+    if (kbeg < kend) load_chunk_fp8_w(cur, w0, w1, kbeg, kend, c);  // the weights: before the wait (common.cuh)
+    pdl_wait();
     if (kbeg < kend) {
-        ChunkFp8 cur, nxt;
-        load_chunk_fp8(cur, w0, w1, xr, has_x, kbeg, kend, c);
+        load_chunk_fp8_x(cur, xr, has_x, kbeg, kend, c);
         int kb = kbeg;
         for (; kb + SG_STEP * SG_U < kend; kb += SG_STEP * SG_U) {
             // the next chunk's loads go out before this chunk's products (loop-carried, so the compiler

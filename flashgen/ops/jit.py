@@ -11,6 +11,7 @@ compile or launch does, and says how to install it when it is missing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import re
@@ -161,6 +162,87 @@ def _external_stream(ptr: int, device_index: int) -> Any:
         return _cupy().cuda.ExternalStream(ptr, device_index)
 
 
+# Kernels that begin with common.cuh's PDL prologue (pdl_prologue, or pdl_allow_next ... pdl_wait before their
+# first access to memory an earlier kernel touches): launched with programmatic stream serialization on sm_90+,
+# so each may start while the kernel before it finishes (docs/design.md, "Programmatic dependent launch").
+# tests/test_pdl.py checks that each of these kernels' source has the prologue.
+PDL_KERNELS = frozenset({
+    "rms_norm_kernel", "silu_mul_kernel", "gelu_tanh_mul_kernel",
+    "quantize_fp8_rows_kernel", "rms_norm_fp8_kernel", "silu_mul_fp8_kernel", "gelu_tanh_mul_fp8_kernel",
+    "rope_kv_append_kernel", "decode_attention_kernel", "merge_states_kernel",
+    "skinny_gemm_kernel", "skinny_gemm_fp8_kernel",
+})
+
+
+def pdl_mode() -> str:
+    """$FLASHGEN_PDL: "auto" (the default: on where the GPU has it, sm_90 and later) or "0" (off)."""
+    mode = os.environ.get("FLASHGEN_PDL", "auto").strip().lower()
+    if mode not in ("auto", "0"):
+        raise ValueError(f"FLASHGEN_PDL={mode!r}: use auto (the default) or 0")
+    return mode
+
+
+@functools.cache
+def pdl_on(device_index: int) -> bool:
+    """Whether PDL_KERNELS launch with programmatic stream serialization on this device (pdl_mode, sm_90+)."""
+    if pdl_mode() != "auto" or torch.cuda.get_device_capability(device_index) < (9, 0):
+        return False
+    try:
+        _driver()
+    except (OSError, AttributeError):  # no libcuda.so.1 by that name, or a driver before CUDA 12.0
+        return False
+    return True
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_C_ARG = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c_int32, "float32": ctypes.c_float}
+
+
+@functools.cache
+def _driver() -> Any:
+    """libcuda's cuLaunchKernelEx (CUDA 12.0+) and cuGetErrorString, through ctypes."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    lib.cuLaunchKernelEx.restype = ctypes.c_int
+    lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return lib
+
+
+@functools.cache
+def _function(kernel: Any) -> int:
+    """The CUfunction handle of a CuPy kernel on the current device (get_kernel makes one per device)."""
+    return int(kernel.kernel.ptr)
+
+
+_PSS_ATTR = _LaunchAttr(_PROGRAMMATIC_STREAM_SERIALIZATION, b"", (ctypes.c_int * 16)(1))
+
+
+def _launch_pdl(kernel: Any, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], stream: int,
+                shared_mem: int) -> None:
+    """cuLaunchKernelEx of a CuPy kernel with programmatic stream serialization allowed; `args` as launch's."""
+    vals: list[Any] = [_C_ARG[a.dtype.name](a) for a in args]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
+                        ctypes.pointer(_PSS_ATTR), 1)
+    lib = _driver()
+    rc = lib.cuLaunchKernelEx(ctypes.byref(cfg), _function(kernel), params, None)
+    if rc:
+        msg = ctypes.c_char_p()
+        lib.cuGetErrorString(rc, ctypes.byref(msg))
+        raise RuntimeError(f"CUDA error {rc}: {(msg.value or b'?').decode()}")
+
+
 def launch(
     kernel: Any,
     grid: Sequence[int],
@@ -169,17 +251,22 @@ def launch(
     device: torch.device,
     shared_mem: int = 0,
 ) -> None:
-    """Launch on torch's current stream of `device` (so CUDA-graph capture records it).
+    """Launch on torch's current stream of `device` (so CUDA-graph capture records it); PDL_KERNELS with
+    programmatic stream serialization where pdl_on.
 
-    `args` are built with `ptr`, `i32` and `f32` so each one has the C type the kernel declares.
+    `args` are built with `ptr`, `i32`, `i64` and `f32` so each one has the C type the kernel declares.
     """
     cupy = _cupy()
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _external_stream(torch.cuda.current_stream(idx).cuda_stream, idx)
+    raw_stream = torch.cuda.current_stream(idx).cuda_stream
     try:
         with cupy.cuda.Device(idx):
-            kernel(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem, stream=stream)
-    except cupy.cuda.driver.CUDADriverError as e:
+            if getattr(kernel, "name", None) in PDL_KERNELS and pdl_on(idx):
+                _launch_pdl(kernel, grid, block, args, raw_stream, shared_mem)
+            else:
+                kernel(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem,
+                       stream=_external_stream(raw_stream, idx))
+    except (cupy.cuda.driver.CUDADriverError, RuntimeError) as e:
         raise RuntimeError(
             f"launch of CUDA kernel {getattr(kernel, 'name', kernel)} failed "
             f"(grid {tuple(grid)}, block {tuple(block)}, shared memory {shared_mem} B): {e}"
