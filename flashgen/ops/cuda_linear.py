@@ -32,7 +32,9 @@ LINEAR_TIMES: dict[tuple, dict] = {}  # the measurements behind each plan: {"cub
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 out: torch.Tensor | None = None, warps: int = 4, unroll: int = 8) -> torch.Tensor:
     """x (M, K) . weight (N, K)^T [+ bias (N,)] -> (M, N) for 1 <= M <= 8, fp32 accumulation, rounded once:
-    a streaming pass over the weight on the tensor cores (decode at small batch)."""
+    a streaming pass over the weight on the tensor cores (decode at small batch). The kernel's first weight loads
+    go out before it waits for the kernel queued before it (programmatic dependent launch, jit.PDL_KERNELS): the
+    weight must be no output of work still queued, as a model's weights never are."""
     check_tensor("x", x, KERNEL_DTYPES, 2)
     dev = x.device
     M, K = x.shape
@@ -165,7 +167,8 @@ def skinny_gemm_fp8(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, we
     """(xq (M, K) e4m3 * xs (M,)) . (weight (N, K) e4m3 * weight_scale (N,))^T [+ bias (N,)] -> (M, N) in
     out_dtype for 1 <= M <= 8: e4m3 products accumulated in float32 on the tensor cores, scaled (acc * xs * ws)
     and biased in float32, rounded once (torch_ops.linear_fp8's arithmetic up to the order of the sums); a
-    streaming pass over the weight (decode at small batch with FP8 weights). K a multiple of 16, any N."""
+    streaming pass over the weight (decode at small batch with FP8 weights). K a multiple of 16, any N. As with
+    skinny_gemm, the first weight loads go out before the kernel waits for the one queued before it."""
     check_tensor("xq", xq, (torch.float8_e4m3fn,), 2)
     dev = xq.device
     M, K = xq.shape
