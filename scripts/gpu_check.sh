@@ -2,7 +2,7 @@
 # All GPU checks in one call, from the repo root:  scripts/gpu_check.sh [SECTION ...]
 #
 # Sections (default: kernels):
-#   kernel-tests   pytest -m gpu on the kernel tests
+#   kernel-tests   pytest -m gpu on the kernel tests (programmatic dependent launch included)
 #   sanitize       compute-sanitizer memcheck of one small case of each kernel; racecheck of attention, skinny
 #                  GEMM and sampling
 #   kernel-bench   flashgen/bench/kernels.py (ceilings, peers, figures; kernels.json)
@@ -64,7 +64,7 @@ step() {  # step NAME CMD...: run, tee the log, record the status
 kernel_tests() {
     step kernel-tests "$PY" -m pytest -m gpu -x -q -p no:cacheprovider --durations=8 tests/test_kernels_gpu.py \
         tests/test_kv_fp8_gpu.py tests/test_kv_int8k_gpu.py tests/test_shared_prefix_gpu.py tests/test_window_gpu.py \
-        tests/test_warp_auto_gpu.py
+        tests/test_warp_auto_gpu.py tests/test_pdl.py
 }
 
 sanitize() {
