@@ -66,6 +66,15 @@ def diagnose() -> dict[str, Any]:
         sources = str(kernel_dir())
     except FileNotFoundError as e:
         sources = f"not found: {e}"
+    if backend != "cuda":
+        pdl = "n/a (the CUDA kernels do not run)"
+    else:
+        from flashgen.ops.jit import pdl_status
+
+        try:
+            pdl = pdl_status(0)
+        except ValueError as e:  # an unknown FLASHGEN_PDL value: what a run would refuse with
+            pdl = f"error: {e}"
     return {
         "gpus": gpus,
         "driver_version": driver,
@@ -80,6 +89,7 @@ def diagnose() -> dict[str, Any]:
         "backend_reason": reason,
         "kernel_cache_dir": kernel_cache_dir(),
         "kernel_sources": sources,
+        "programmatic_dependent_launch": pdl,
     }
 
 
@@ -95,6 +105,7 @@ def format_doctor(d: dict[str, Any]) -> str:
         ("backend (auto)", f"{d['backend']}: {d['backend_reason']}"),
         ("kernel cache", f"{d['kernel_cache_dir']} (CuPy's; set CUPY_CACHE_DIR to move it)"),
         ("kernel sources", d["kernel_sources"]),
+        ("dependent launch", d["programmatic_dependent_launch"]),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)

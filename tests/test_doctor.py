@@ -170,7 +170,7 @@ def test_a_cupy_whose_nvrtc_fails_is_not_a_working_backend(monkeypatch):
 # --- flashgen doctor -------------------------------------------------------------------------------------------------
 
 FIELDS = ["gpus", "driver_version", "driver_cuda_version", "torch_version", "torch_cuda", "cupy_version",
-          "nvrtc_version", "backend", "backend_reason", "kernel_cache_dir"]
+          "nvrtc_version", "backend", "backend_reason", "kernel_cache_dir", "programmatic_dependent_launch"]
 
 
 def test_doctor_prints_what_will_run(tmp_path, monkeypatch):
@@ -187,6 +187,7 @@ def test_doctor_prints_what_will_run(tmp_path, monkeypatch):
     assert d["kernel_cache_dir"] == str(tmp_path / "kcache")
     if not torch.cuda.is_available():
         assert d["gpus"] == [] and d["backend"] == "torch" and "no CUDA GPU visible" in d["backend_reason"]
+        assert d["programmatic_dependent_launch"] == "n/a (the CUDA kernels do not run)"
         text = cli(["doctor"], cwd=tmp_path).stdout
         assert "no CUDA GPU visible" in text
         assert [ln for ln in text.splitlines() if ln.startswith("backend")][0].split(":", 1)[1].strip() \

@@ -217,3 +217,19 @@ def test_decode_chain_is_bitwise_the_same_with_and_without_pdl(rows, monkeypatch
     for (a0, a1), (b0, b1) in zip(on_graph, off_graph, strict=True):
         assert torch.equal(a0, b0) and torch.equal(a1, b1)
     assert on_graph[0][0].abs().sum() > 0 and not torch.equal(on_graph[0][0], on_graph[1][0])
+
+
+def test_pdl_status_says_why_it_is_off(monkeypatch):
+    """`flashgen doctor`'s line: on, or off with the reason (the environment, the GPU's architecture, the driver)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setattr(jit, "pdl_on", lambda i: True)
+    monkeypatch.delenv("FLASHGEN_PDL", raising=False)
+    assert jit.pdl_status(0).startswith("on (")
+    monkeypatch.setenv("FLASHGEN_PDL", "0")
+    assert jit.pdl_status(0) == "off (FLASHGEN_PDL=0)"
+    monkeypatch.delenv("FLASHGEN_PDL")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 9))
+    assert jit.pdl_status(0) == "off (sm_89: it needs sm_90 or later)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setattr(jit, "pdl_on", lambda i: False)
+    assert "cuLaunchKernelEx" in jit.pdl_status(0)

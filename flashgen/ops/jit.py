@@ -182,6 +182,19 @@ def pdl_mode() -> str:
     return mode
 
 
+def pdl_status(device_index: int) -> str:
+    """`flashgen doctor`'s line: whether PDL_KERNELS launch with programmatic dependent launch on the device, and
+    if not, why."""
+    if pdl_mode() == "0":
+        return "off (FLASHGEN_PDL=0)"
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if (major, minor) < (9, 0):
+        return f"off (sm_{major}{minor}: it needs sm_90 or later)"
+    if not pdl_on(device_index):
+        return "off (the driver library has no cuLaunchKernelEx: CUDA 12.0 or later is needed)"
+    return "on (the decode step's kernels; FLASHGEN_PDL=0 turns it off)"
+
+
 @functools.cache
 def pdl_on(device_index: int) -> bool:
     """Whether PDL_KERNELS launch with programmatic stream serialization on this device (pdl_mode, sm_90+)."""
