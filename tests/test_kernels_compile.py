@@ -177,6 +177,16 @@ def test_warp_min_batch_gives_every_sm_its_pairs(hkv, group, head_dim, sms, want
         assert got * per_seq >= cuda_attention.WARP_AUTO_PAIRS_PER_SM * sms > (got - 1) * per_seq
 
 
+def test_warp_auto_takes_the_warp_plan_for_a_large_batch_of_short_contexts():
+    """auto's rule, which the decode launch and the engine's short-context graphs both apply: at least the least
+    batch and at most WARP_AUTO_MAX_CONTEXT tokens; never without a least batch (no warp plan compiled)."""
+    cap = cuda_attention.WARP_AUTO_MAX_CONTEXT
+    assert cuda_attention.warp_auto(198, cap, 198) and cuda_attention.warp_auto(256, 1, 198)
+    assert not cuda_attention.warp_auto(197, cap, 198)
+    assert not cuda_attention.warp_auto(256, cap + 1, 198)
+    assert not cuda_attention.warp_auto(10_000, 1, None)
+
+
 def test_nvrtc_target_swaps_and_restores_cupys_arch_helper(monkeypatch):
     """The sm_90a build goes through CuPy's own NVRTC path with its arch helper swapped for one compile; the
     original comes back even when the compile fails."""

@@ -38,6 +38,7 @@ import torch
 from flashgen.engine.step_packing import SHARED_GROUP
 from flashgen.models.decoder import DecoderLM, StepContext
 from flashgen.ops.backend import SharedPrefix
+from flashgen.ops.cuda_attention import WARP_AUTO_MAX_CONTEXT, warp_auto
 
 
 def _groups(bs: int) -> int:
@@ -97,7 +98,6 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.sizes = buckets(max_bs)
         self.warp_batch = warp_batch(model)
-        self.short_bound = getattr(model.ops, "WARP_AUTO_MAX_CONTEXT", 0)
         self.pool: Any = None  # the graphs' shared memory pool, once the first is captured
         # graphs captured after start-up, the first time a step needs one (groups, short steps, the buckets
         # between EAGER_MAX_BATCH and the largest): how many, and their host seconds (inside that step's time)
@@ -131,7 +131,7 @@ class DecodeGraphs:
             sp = SharedPrefix(s.q_rows[:ng], s.lens[:ng], s.tables[:ng], s.skip[:bs], s.suffix_lens[:bs])
         return StepContext(is_prefill=False, positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
                            context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs], shared=sp,
-                           longest=self.short_bound if short else None)
+                           longest=WARP_AUTO_MAX_CONTEXT if short else None)
 
     def _forward(self, bs: int, ctx: StepContext) -> torch.Tensor:
         hidden, residual = self.model.forward(self.input_ids[:bs], ctx)
@@ -169,8 +169,7 @@ class DecodeGraphs:
             sp.skip[n:bs] = 0
             sp.suffix_lens[:n] = ctx.shared.suffix_lens
             sp.suffix_lens[n:bs] = 1
-        short = (self.warp_batch is not None and bs >= self.warp_batch and ctx.longest is not None
-                 and ctx.longest <= self.short_bound)
+        short = ctx.longest is not None and warp_auto(bs, ctx.longest, self.warp_batch)
         if (bs, ngb, short) not in self.graphs:
             self._capture(bs, ngb, short)  # the first step of this kind (the buffers hold it)
         self.graphs[bs, ngb, short].replay()

@@ -313,6 +313,13 @@ def warp_min_batch(hkv: int, group: int, head_dim: int, num_sms: int) -> int | N
     return -(-WARP_AUTO_PAIRS_PER_SM * num_sms // (hkv * -(-group // 8)))
 
 
+def warp_auto(batch: int, max_context: int, min_batch: int | None) -> bool:
+    """auto's rule for the warp plan: a batch of at least `min_batch` (warp_min_batch; None: never) whose
+    sequences attend to at most WARP_AUTO_MAX_CONTEXT tokens each. The decode launch applies it, and the engine's
+    decode graphs key their short-context graphs by it (engine/cuda_graphs.py)."""
+    return min_batch is not None and batch >= min_batch and max_context <= WARP_AUTO_MAX_CONTEXT
+
+
 def decode_plan(plan: str | None = None) -> str:
     """decode_attention's plan: the argument, else $FLASHGEN_DECODE_PLAN, else auto; checked."""
     if plan is not None:
@@ -574,10 +581,8 @@ def _decode_launch(defines: tuple, q: torch.Tensor, k_cache: torch.Tensor, v_cac
     code = DECODE_PLANS.index(decode_plan(plan))
     if code == 3 and d > WARP_PLAN_MAX_D:  # the warp plan is not compiled there: auto
         code = 0
-    if code == 0 and num_splits is None and max_context <= WARP_AUTO_MAX_CONTEXT:
-        wb = warp_min_batch(hkv, group, d, num_sms(di))
-        if wb is not None and batch >= wb:
-            code = 3
+    if code == 0 and num_splits is None and warp_auto(batch, max_context, warp_min_batch(hkv, group, d, num_sms(di))):
+        code = 3
     if num_splits is None:
         num_splits = decode_num_splits(batch, hkv, group, max_context, num_sms(di))
     num_splits = int(num_splits)

@@ -238,6 +238,7 @@ def _function(kernel: Any) -> int:
 
 
 _PSS_ATTR = _LaunchAttr(_PROGRAMMATIC_STREAM_SERIALIZATION, b"", (ctypes.c_int * 16)(1))
+_PSS_ATTRS = ctypes.pointer(_PSS_ATTR)  # every PDL launch's attribute list: made once
 
 
 def _launch_pdl(kernel: Any, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], stream: int,
@@ -247,7 +248,7 @@ def _launch_pdl(kernel: Any, grid: Sequence[int], block: Sequence[int], args: Se
     params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
     g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
     cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
-                        ctypes.pointer(_PSS_ATTR), 1)
+                        _PSS_ATTRS, 1)
     lib = _driver()
     rc = lib.cuLaunchKernelEx(ctypes.byref(cfg), _function(kernel), params, None)
     if rc:
