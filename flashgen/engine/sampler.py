@@ -86,8 +86,10 @@ def _unpack_bitmask(words: torch.Tensor, V: int) -> torch.Tensor:
     layout). Bits past V are ignored; tokens at or past 32 W are not allowed."""
     R, W = words.shape
     dev = words.device
-    # bytes first, then bits: one byte per token at the widest instead of an int32
-    by = ((words[:, :, None] >> torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=dev)) & 0xFF).to(torch.uint8)
+    # bytes first, then bits: one byte per token at the widest instead of an int32; the shifts are made on the
+    # device (a host tensor's blocking copy up would wait for the stream)
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=dev)
+    by = ((words[:, :, None] >> shifts) & 0xFF).to(torch.uint8)
     bits = (by[..., None] >> torch.arange(8, dtype=torch.uint8, device=dev)) & 1  # (R, W, 4, 8)
     n = min(V, 32 * W)
     if n == V:
