@@ -93,7 +93,7 @@ EOF
 
 engine_tests() {
     step engine-tests "$PY" -m pytest -m gpu -x -q -s -p no:cacheprovider tests/test_engine_gpu.py \
-        tests/test_sampler.py tests/test_cli_gpu.py tests/test_job_faults.py
+        tests/test_engine_step_no_wait_gpu.py tests/test_sampler.py tests/test_cli_gpu.py tests/test_job_faults.py
     families_tests
     step startup-1 "$PY" scripts/startup_check.py  # CuPy's kernel cache cold (fresh machine) ...
     step startup-2 "$PY" scripts/startup_check.py  # ... and warm
