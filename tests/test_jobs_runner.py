@@ -124,14 +124,10 @@ def test_many_lines_through_the_real_engine_with_a_small_window(tmp_path):
     assert stats["ok"] == n and stats["completion_tokens"] == n
 
 
-def test_admission_is_paced_while_a_batch_is_queued():
-    """Waves of lines finishing together (fixed lengths) open the window a wave at a time: while the engine holds
-    half a window of unfinished requests the loop admits at most ADMIT_PACE lines between two steps, below that as
-    many as fit; every line is still answered once, in order."""
-    from flashgen.jobs.runner import ADMIT_PACE
-
-    llm = FakeLLM(max_num_seqs=64, steps=lambda rid: 5)
-    per_step: list[tuple[int, int]] = []  # (lines admitted since the last step, unfinished before admitting them)
+def _count_admissions(llm) -> list[tuple[int, int]]:
+    """Wrap a FakeLLM: the list it returns gets, at each step, (requests added since the step before, requests
+    unfinished before the first of them was added)."""
+    per_step: list[tuple[int, int]] = []
     add, step = llm.add_request, llm.step
     since = [0, 0]
 
@@ -142,11 +138,22 @@ def test_admission_is_paced_while_a_batch_is_queued():
         add(*a)
 
     def counted_step():
-        per_step.append(tuple(since))
+        per_step.append((since[0], since[1]))
         since[0] = 0
         return step()
 
     llm.add_request, llm.step = counted_add, counted_step
+    return per_step
+
+
+def test_admission_is_paced_while_a_batch_is_queued():
+    """Waves of lines finishing together (fixed lengths) open the window a wave at a time: while the engine holds
+    half a window of unfinished requests the loop admits at most ADMIT_PACE lines between two steps, below that as
+    many as fit; every line is still answered once, in order."""
+    from flashgen.jobs.runner import ADMIT_PACE
+
+    llm = FakeLLM(max_num_seqs=64, steps=lambda rid: 5)
+    per_step = _count_admissions(llm)
     sink = io.BytesIO()
     runner = make_runner(llm, sink, max_in_flight=256, prepare_ahead=False)  # every line ready when taken
     assert runner.run(lines_of([{"id": i, "prompt": "p"} for i in range(1000)]), IdSet()) == "ok"
@@ -154,4 +161,29 @@ def test_admission_is_paced_while_a_batch_is_queued():
     assert per_step[0] == (128, 0)  # nothing unfinished at first: half the window at once, then paced
     paced = [n for n, before in per_step if 2 * before >= 256]
     assert paced and max(paced) == ADMIT_PACE  # a wave's 64 free places refilled 32 at a time
+    assert all(n <= ADMIT_PACE for n in paced)
+
+
+def test_pacing_counts_requests_not_skipped_or_bad_lines():
+    """A resumed job whose done lines and bad lines lie between the lines still to run: the pace counts requests
+    added to the engine, so a paced pass still refills ADMIT_PACE places (the done lines pass, the bad lines get
+    their error records, neither uses up the pass); every line still gets exactly one answer, in order."""
+    from flashgen.jobs.runner import ADMIT_PACE
+
+    llm = FakeLLM(max_num_seqs=64, steps=lambda rid: 5)
+    per_step = _count_admissions(llm)
+    n = 4000  # every other line done, one in eight bad, the rest to run
+    objs = [{"id": i, "prompt": "p", "max_tokens": -1} if i % 8 == 3 else {"id": i, "prompt": "p"} for i in range(n)]
+    done = IdSet()
+    for i in range(0, n, 2):
+        done.add(json.dumps(i))
+    sink = io.BytesIO()
+    runner = make_runner(llm, sink, max_in_flight=256, prepare_ahead=False)
+    assert runner.run(lines_of(objs), done) == "line_errors"
+    recs = [json.loads(x) for x in sink.getvalue().splitlines()]
+    assert [r["id"] for r in recs] == list(range(1, n, 2))  # the done lines are not rerun
+    assert all((r.get("error") is None) == (r["id"] % 8 != 3) for r in recs)
+    assert runner.stats.skipped == n // 2 and runner.stats.errors == n // 8
+    paced = [n for n, before in per_step if 2 * before >= 256]
+    assert paced and max(paced) == ADMIT_PACE  # counting every line taken, a pass added at most 12
     assert all(n <= ADMIT_PACE for n in paced)

@@ -11,14 +11,16 @@ and written only once admitted: lines prepared but not admitted when the job sto
 --resume.
 
 Admission is paced: while the engine holds at least half a window of unfinished requests (by default twice
-max_num_seqs: a batch's worth queued beyond those it runs), one pass of the loop admits at most ADMIT_PACE lines
-before stepping the engine. Each admission is host work on the engine's thread (~60-100 us), and when a wave of a
-fixed-length job ends a quarter of the window opens at once: admitting all of it between two steps (~250 lines,
-15-25 ms) can hold back the launch of the next prefill step past the end of the one the GPU is running (what the
-extract job's idle between prefill steps looks like). Measured together with the scheduler's held places on an
-H100 (BENCHMARKS.md, twelfth session): at half the extract job's lines the idle at the waves' ends fell from
-1.10-1.28 s to 0.08-0.17 s, while the idle between decode steps rose by about as much (admissions paced between
-them); the whole job was level. The lines admitted later are not needed sooner: a batch's worth is still queued.
+max_num_seqs: a batch's worth queued beyond those it runs), one pass of the loop admits at most ADMIT_PACE lines as
+requests before stepping the engine (lines skipped on --resume and error records are not counted: they cost the
+engine's thread next to nothing, and a resumed job's done lines pass at once). Each admission is host work on the
+engine's thread (~60-100 us), and when a wave of a fixed-length job ends a quarter of the window opens at once:
+admitting all of it between two steps (~250 lines, 15-25 ms) can hold back the launch of the next prefill step past
+the end of the one the GPU is running (what the extract job's idle between prefill steps looks like). Measured
+together with the scheduler's held places on an H100 (BENCHMARKS.md, twelfth session): at half the extract job's
+lines the idle at the waves' ends fell from 1.10-1.28 s to 0.08-0.17 s, while the idle between decode steps rose by
+about as much (admissions paced between them); the whole job was level. The lines admitted later are not needed
+sooner: a batch's worth is still queued.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from flashgen.jobs.writer import OrderedWriter
 
 SKIP = object()  # a line whose id already has a result in the output (--resume)
 PREPARE_GROUP = 32  # lines prepared together: their prompts are tokenized in one encode_batch call
-ADMIT_PACE = 32     # lines admitted per pass of the run loop while half the window is in flight (module docstring)
+ADMIT_PACE = 32     # requests admitted per pass of the run loop while half the window is in flight (module docstring)
 
 
 class LineScreen:
@@ -163,10 +165,12 @@ class Runner:
                 while stop is None and not exhausted and self.writer.pending < self.max_in_flight and (
                         admitted < ADMIT_PACE or 2 * self.llm.num_unfinished_requests() < self.max_in_flight):
                     # Wait for input only when the engine has nothing to do.
-                    admitted += 1
                     got = self._take(wait=not self.llm.has_unfinished_requests())
                     if got is EMPTY:
                         break
+                    # only requests are paced: a line skipped on --resume or answered with an error record
+                    # costs the engine's thread next to nothing
+                    admitted += isinstance(got, LineRequest)
                     if got is EOF:
                         exhausted = True
                     elif self._admit(got) and self.max_errors and self.stats.errors >= self.max_errors:
