@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,58 @@ def test_pdl_launch_passes_each_argument_with_its_c_type(monkeypatch):
     p = np.uint64(0xDEADBEEF0)
     jit._launch_pdl(FakeKernel(), (1,), (32,), (p, jit.i32(0), jit.f32(0.0), jit.i64(0)), 0, 0)
     assert seen["args"][0] == 0xDEADBEEF0
+
+
+def test_pdl_launches_reuse_their_structures_and_each_gets_its_own_values(monkeypatch):
+    """The argument blocks and launch configurations are made once and reused: launches of different signatures
+    and shapes, one after another and from two threads at once, each hand the driver their own grid and values."""
+    seen: list = []
+
+    class FakeLib:
+        def cuLaunchKernelEx(self, cfg, fn, params, extra):
+            c = cfg._obj
+            vals = [ctypes.c_uint64.from_address(params[0]).value, ctypes.c_int32.from_address(params[1]).value]
+            if fn == 2:
+                vals.append(ctypes.c_float.from_address(params[2]).value)
+            seen.append((fn, c.grid[0], c.shared_mem, tuple(vals)))
+            return 0
+
+    class K1:
+        class kernel:
+            ptr = 1
+
+    class K2:
+        class kernel:
+            ptr = 2
+
+    monkeypatch.setattr(jit, "_driver", lambda: FakeLib())
+    for i in range(50):
+        jit._launch_pdl(K1, (i + 1,), (32,), (np.uint64(1000 + i), jit.i32(-i)), 0, 0)
+        jit._launch_pdl(K2, (2 * i + 1,), (64,), (np.uint64(7 * i), jit.i32(i), jit.f32(i / 4)), 0, 256 * i)
+    assert seen == [x for i in range(50) for x in ((1, i + 1, 0, (1000 + i, -i)),
+                                                     (2, 2 * i + 1, 256 * i, (7 * i, i, i / 4)))]
+    blocks, configs = jit._launch_cache()
+    assert len(blocks) >= 2 and len(configs) >= 100
+
+    seen.clear()
+    errors: list = []
+
+    def worker(t: int):
+        try:
+            for i in range(200):
+                jit._launch_pdl(K1, (t,), (32,), (np.uint64(t), jit.i32(i)), 0, 0)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in (1, 2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for t in (1, 2):  # every launch of a thread carries that thread's grid and value, in order
+        assert [v[1] for _, g, _, v in seen if g == t] == list(range(200))
+        assert all(v[0] == t for _, g, _, v in seen if g == t)
 
 
 def test_pdl_launch_raises_with_the_driver_message(monkeypatch):

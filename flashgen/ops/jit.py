@@ -15,6 +15,7 @@ import ctypes
 import functools
 import os
 import re
+import struct
 import threading
 import warnings
 from collections.abc import Sequence
@@ -217,7 +218,38 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_C_ARG = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c_int32, "float32": ctypes.c_float}
+# each argument in an 8-byte slot of its C type (what ptr, i64, i32 and f32 make), for struct.pack_into
+_SLOT = {"uint64": "Q", "int64": "q", "int32": "i4x", "float32": "f4x"}
+
+
+class _ArgBlock:
+    """One kernel's argument values for cuLaunchKernelEx, for one signature: 8-byte slots in a buffer, and the
+    array of pointers to them (made once). The driver copies the values when the launch (or the graph capture)
+    is made, so the buffer is refilled for the next launch; each thread has its own (_launch_cache)."""
+    __slots__ = ("buf", "params", "pack")
+
+    def __init__(self, types: tuple[type, ...]):
+        import numpy as np
+
+        n = max(1, len(types))
+        self.buf = ctypes.create_string_buffer(8 * n)
+        base = ctypes.addressof(self.buf)
+        self.params = (ctypes.c_void_p * n)(*[base + 8 * i for i in range(n)])
+        self.pack = struct.Struct("<" + "".join(_SLOT[np.dtype(t).name] for t in types)).pack_into
+
+
+_LAUNCH_TLS = threading.local()
+_MAX_CONFIGS = 4096  # launch configurations kept per thread (prefill grids follow the step's size)
+
+
+def _launch_cache() -> tuple[dict, dict]:
+    """This thread's argument blocks (by argument types) and launch configurations (by grid, block,
+    shared memory and stream)."""
+    try:
+        return _LAUNCH_TLS.blocks, _LAUNCH_TLS.configs
+    except AttributeError:
+        _LAUNCH_TLS.blocks, _LAUNCH_TLS.configs = {}, {}
+        return _LAUNCH_TLS.blocks, _LAUNCH_TLS.configs
 
 
 @functools.cache
@@ -243,14 +275,27 @@ _PSS_ATTRS = ctypes.pointer(_PSS_ATTR)  # every PDL launch's attribute list: mad
 
 def _launch_pdl(kernel: Any, grid: Sequence[int], block: Sequence[int], args: Sequence[Any], stream: int,
                 shared_mem: int) -> None:
-    """cuLaunchKernelEx of a CuPy kernel with programmatic stream serialization allowed; `args` as launch's."""
-    vals: list[Any] = [_C_ARG[a.dtype.name](a) for a in args]
-    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-    g, b = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
-                        _PSS_ATTRS, 1)
+    """cuLaunchKernelEx of a CuPy kernel with programmatic stream serialization allowed; `args` as launch's.
+
+    The ctypes structures are made once per argument signature and per launch shape, and reused: making them for
+    every launch cost ~42 us of host time a launch on a CPU core, against ~1.6 us reused (BENCHMARKS.md,
+    fourteenth session); an eager prefill step makes four such launches a layer."""
+    blocks, configs = _launch_cache()
+    types = tuple(map(type, args))
+    argblock = blocks.get(types)
+    if argblock is None:
+        argblock = blocks[types] = _ArgBlock(types)
+    argblock.pack(argblock.buf, 0, *args)
+    shape = (tuple(grid), tuple(block), shared_mem, stream)
+    cfg = configs.get(shape)
+    if cfg is None:
+        if len(configs) >= _MAX_CONFIGS:
+            configs.clear()
+        g, b = (shape[0] + (1, 1))[:3], (shape[1] + (1, 1))[:3]
+        cfg = configs[shape] = _LaunchConfig((ctypes.c_uint * 3)(*g), (ctypes.c_uint * 3)(*b), shared_mem, stream,
+                                             _PSS_ATTRS, 1)
     lib = _driver()
-    rc = lib.cuLaunchKernelEx(ctypes.byref(cfg), _function(kernel), params, None)
+    rc = lib.cuLaunchKernelEx(ctypes.byref(cfg), _function(kernel), argblock.params, None)
     if rc:
         msg = ctypes.c_char_p()
         lib.cuGetErrorString(rc, ctypes.byref(msg))
