@@ -7,6 +7,7 @@ Importing this module needs neither CuPy nor a GPU; calling an op does.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -130,15 +131,26 @@ _ROWWISE: dict[tuple, bool] = {}
 _ONES: dict[torch.device, torch.Tensor] = {}
 
 
+@functools.cache
+def fp8_fast_accum() -> bool:
+    """$FLASHGEN_FP8_FAST_ACCUM=1: the FP8 GEMM (torch._scaled_mm) accumulates in the tensor cores' own precision
+    all along K (use_fast_accum) instead of promoting its partial sums to float32 as it goes; 0 (the default)
+    keeps float32 accumulation. Faster on Hopper, at a numerical cost that grows with K (docs/design.md, "FP8
+    weights"). Read once per process."""
+    return choose("FLASHGEN_FP8_FAST_ACCUM", os.environ.get("FLASHGEN_FP8_FAST_ACCUM", "0"), ("0", "1")) == "1"
+
+
 def _fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
               out_dtype: torch.dtype) -> torch.Tensor:
     """(xq (M, K) e4m3 * xs (M,)) . (weight (N, K) e4m3 * weight_scale (N,))^T -> (M, N) in out_dtype, float32
-    accumulation. mat2 is weight.t(): column-major, as cuBLASLt's FP8 GEMM wants it, without a copy."""
+    accumulation (unless fp8_fast_accum). mat2 is weight.t(): column-major, as cuBLASLt's FP8 GEMM wants it,
+    without a copy."""
     key = (xq.device, out_dtype)
+    fast = fp8_fast_accum()
     if _ROWWISE.get(key, True):
         try:
             y = torch._scaled_mm(xq, weight.t(), scale_a=xs[:, None], scale_b=weight_scale[None, :],
-                                 out_dtype=out_dtype)
+                                 out_dtype=out_dtype, use_fast_accum=fast)
             _ROWWISE[key] = True
             return y
         except torch.OutOfMemoryError:
@@ -150,7 +162,7 @@ def _fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_s
     one = _ONES.get(xq.device)
     if one is None:
         one = _ONES[xq.device] = torch.ones((), dtype=torch.float32, device=xq.device)
-    y = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=fast)
     return (y * xs[:, None] * weight_scale[None, :]).to(out_dtype)
 
 
