@@ -85,9 +85,9 @@ def test_linear_fp8_matches_the_reference(M, N, K, dtype, bias, monkeypatch):
 
 @pytest.mark.parametrize("M,N,K", [(1025, 4096, 4096), (512, 1024, 14336)])
 def test_fp8_fast_accumulation_stays_within_a_percent(M, N, K, monkeypatch):
-    """FLASHGEN_FP8_FAST_ACCUM=1 (the tensor cores' own accumulation along K): the FP8 GEMM's RMS error against the
-    float64 oracle stays within 1% of the output's RMS at Llama-3.1-8B's K (4,096 and 14,336); the default, float32
-    accumulation, within bf16's rounding (0.5%)."""
+    """FLASHGEN_FP8_FAST_ACCUM=1 (the default: the tensor cores' own accumulation along K): the FP8 GEMM's RMS error
+    against the float64 oracle stays within 1% of the output's RMS at Llama-3.1-8B's K (4,096 and 14,336); with 0,
+    float32 accumulation, within bf16's rounding (0.5%)."""
     x, wq, ws, _ = _operands(M, N, K, torch.bfloat16, M + N + K, False)
     xq, xs = cuda_linear.quantize_fp8_rows(x)
     oracle = _oracle(x, wq, ws, None)
