@@ -207,14 +207,17 @@ def test_cli_and_bad_arguments(tmp_path):
         jobs.main("extract", 0.0, device="cpu")
 
 
-def _replayed(timeline, host_ms=None) -> dict:
+def _replayed(timeline, host_ms=None, host=None) -> dict:
     """GpuSteps' summary of a made-up stream timeline, [(prefill, rows, GPU start ms, GPU end ms)] (its events
-    are injected: no GPU here), each launch taking `host_ms[i]` of the host's clock (0 unless given); every step
-    goes through the wrapped launch."""
+    are injected: no GPU here; the clocks' origin event reads 0 ms at the host's 0 s), each launch running on the
+    host's clock from host[i][0] to host[i][1] ms (default: from 0 to host_ms[i], 0 unless given); every step goes
+    through the wrapped launch."""
     from types import SimpleNamespace
 
-    stamps = iter(t for *_, a, b in timeline for t in (a, b))
-    host = iter(t for ms in (host_ms or [0.0] * len(timeline)) for t in (0.0, ms / 1e3))
+    stamps = iter([0.0] + [t for *_, a, b in timeline for t in (a, b)])
+    if host is None:
+        host = [(0.0, ms) for ms in (host_ms or [0.0] * len(timeline))]
+    clock = iter([0.0] + [t / 1e3 for pair in host for t in pair])
 
     class Event:
         def record(self):
@@ -224,7 +227,7 @@ def _replayed(timeline, host_ms=None) -> dict:
             return other.t - self.t
 
     runner = SimpleNamespace(launch=lambda batch: "launched")
-    steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None, clock=lambda: next(host))
+    steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None, clock=lambda: next(clock))
     for prefill, rows, *_ in timeline:
         assert runner.launch(SimpleNamespace(is_prefill=prefill, seqs=[None] * rows)) == "launched"
     return steps.summary()
@@ -237,8 +240,10 @@ def test_gpu_steps_sum_each_kind_and_the_idle_time_between_steps():
     # while the last was still running (its start reads earlier)
     got = _replayed([(True, 4, 0.0, 10.0), (False, 4, 10.0, 12.0), (False, 4, 12.0, 14.0), (False, 3, 17.0, 19.0),
                      (False, 3, 18.5, 21.0)])
-    assert got["prefill"] == {"steps": 1, "gpu_s": pytest.approx(0.010), "rows": 4, "host_launch_s": 0.0}
-    assert got["decode"] == {"steps": 4, "gpu_s": pytest.approx(0.0085), "rows": 14, "host_launch_s": 0.0}
+    assert got["prefill"] == {"steps": 1, "gpu_s": pytest.approx(0.010), "rows": 4, "host_launch_s": 0.0,
+                              "late_launches": 0, "late_launch_s": 0.0}
+    assert got["decode"] == {"steps": 4, "gpu_s": pytest.approx(0.0085), "rows": 14, "host_launch_s": 0.0,
+                             "late_launches": 0, "late_launch_s": 0.0}
     assert got["idle_between_steps_s"] == pytest.approx(0.003)
     assert got["idle_by_transition"] == {"decode>decode": {"s": pytest.approx(0.003), "gaps": 1}}
     assert got["longest_idle_s"] == pytest.approx(0.003)
@@ -260,3 +265,25 @@ def test_gpu_steps_split_the_idle_time_by_transition_and_the_report_prints_it():
     assert got["prefill"]["host_launch_s"] == pytest.approx(0.050)
     assert got["decode"]["host_launch_s"] == pytest.approx(0.006)
     assert lines[3] == "  host time inside the launches: prefill 0.05 s, decode 0.01 s (2.00 ms a step)"
+
+
+def test_gpu_steps_count_the_launches_still_running_when_the_gpu_reached_their_step():
+    """The host's clock and the stream's on one timeline: a launch that ends before the GPU reaches its step
+    (queued ahead) is not late; one that the GPU reached while the host was still queuing it is, by the host's time
+    from that moment to the launch's end; the report prints both kinds."""
+    got = _replayed(
+        # prefill 0-40 ms on the GPU, launched 0-30 ms: the GPU reached it at 0 while the host queued for 30 ms
+        # decode 40-45, launched 31-33 (queued ahead of the GPU's 40 ms): not late
+        # prefill 45-85, launched 34-60: the GPU reached it at 45, the host queued until 60: 15 ms late
+        # decode 85-90, launched 61-62: not late
+        # decode 95-100, launched 95-98: the GPU found it at 95 (it had been idle 5 ms), 3 ms late
+        [(True, 4, 0.0, 40.0), (False, 4, 40.0, 45.0), (True, 2, 45.0, 85.0), (False, 6, 85.0, 90.0),
+         (False, 6, 95.0, 100.0)],
+        host=[(0.0, 30.0), (31.0, 33.0), (34.0, 60.0), (61.0, 62.0), (95.0, 98.0)])
+    assert got["prefill"]["late_launches"] == 2 and got["prefill"]["late_launch_s"] == pytest.approx(0.045)
+    assert got["decode"]["late_launches"] == 1 and got["decode"]["late_launch_s"] == pytest.approx(0.003)
+    assert got["prefill"]["host_launch_s"] == pytest.approx(0.056)
+    assert got["idle_by_transition"] == {"decode>decode": {"s": pytest.approx(0.005), "gaps": 1}}
+    line = jobs.report_lines_gpu(got, None)[-1]
+    assert line == ("  launches still running when the GPU reached their step: prefill 2 of 2 (0.04 s of host time "
+                    "after it), decode 1 of 3 (0.00 s)")

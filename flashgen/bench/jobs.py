@@ -47,8 +47,10 @@ thread).
 On a GPU the same steps are also timed on the stream (GpuSteps: CUDA events around each step's launch): the GPU's
 time in prefill and in decode steps, and its idle time between steps, when a step had finished before the host
 queued the next (by transition: after a prefill or a decode step, before which kind; and the longest gap), and the
-host's own time inside those launches (packing, queuing kernels and sampling). Set against the steps' wall times
-above, they say whether a kind of step waits on the GPU or on the host. Decode graphs
+host's own time inside those launches (packing, queuing kernels and sampling), and how many launches were still
+running when the GPU reached their step (the host's and the stream's clocks put on one timeline): there the GPU
+ran the step at the host's pace. Set against the steps' wall times above, they say whether a kind of step waits
+on the GPU or on the host. Decode graphs
 captured during the job (the first step of a group bucket or of short contexts) are counted with their host time,
 which falls inside that step's GPU span.
 
@@ -321,14 +323,23 @@ class GpuSteps:
     """CUDA events around each engine step's launch (what the step queues on the stream: graph inputs, kernels,
     sampling), read once the job is done: per step kind, the GPU's span of the steps (from the stream reaching a
     step to finishing it: an eagerly launched step's gaps between kernels included), and the GPU's idle time between
-    steps (a step finished before the host had queued the next one)."""
+    steps (a step finished before the host had queued the next one).
+
+    The host's clock and the stream's are put on one timeline by an event recorded on the idle stream when this is
+    made, next to the host's clock: so each launch can be set against the GPU's progress. A launch still running
+    when the GPU reached its step (the step's first event) means the GPU ran that step at the pace the host queued
+    its kernels, or waited for the launch to end: its span then measures the host as much as the GPU."""
 
     def __init__(self, runner, event: Callable[[], Any] = lambda: torch.cuda.Event(enable_timing=True),
                  synchronize: Callable[[], None] = torch.cuda.synchronize,
                  clock: Callable[[], float] = time.perf_counter):
-        # (prefill, rows, start event, end event, host seconds in the launch)
-        self.steps: list[tuple[bool, int, Any, Any, float]] = []
+        # (prefill, rows, start event, end event, host clock at the launch's start, and at its end)
+        self.steps: list[tuple[bool, int, Any, Any, float, float]] = []
         self._sync = synchronize
+        synchronize()
+        self._origin = event()
+        self._origin.record()
+        self._origin_host = clock()
         launch = runner.launch
 
         def timed_launch(batch):
@@ -338,7 +349,7 @@ class GpuSteps:
             out = launch(batch)
             b = event()
             b.record()
-            self.steps.append((batch.is_prefill, len(batch.seqs), a, b, clock() - t))
+            self.steps.append((batch.is_prefill, len(batch.seqs), a, b, t, clock()))
             return out
 
         runner.launch = timed_launch
@@ -346,18 +357,25 @@ class GpuSteps:
     def summary(self) -> dict:
         """Per step kind: steps, GPU seconds, rows, the host's seconds inside the launches (the engine's thread
         packing the step, queuing its kernels and sampling: where it is near the GPU seconds, the steps wait on
-        the host); the idle seconds between steps, in all and by transition ("decode>prefill": a prefill step that
-        found the GPU idle after a decode step; seconds and how many such gaps), and the longest gap."""
+        the host), and the launches still running when the GPU reached their step (how many, and the host's
+        seconds in them from that moment on); the idle seconds between steps, in all and by transition
+        ("decode>prefill": a prefill step that found the GPU idle after a decode step; seconds and how many such
+        gaps), and the longest gap."""
         self._sync()
-        out = {k: {"steps": 0, "gpu_s": 0.0, "rows": 0, "host_launch_s": 0.0} for k in ("prefill", "decode")}
+        out = {k: {"steps": 0, "gpu_s": 0.0, "rows": 0, "host_launch_s": 0.0, "late_launches": 0,
+                   "late_launch_s": 0.0} for k in ("prefill", "decode")}
         idle, longest = 0.0, 0.0
         by: dict[str, dict[str, float]] = {}
-        for i, (prefill, rows, a, b, host) in enumerate(self.steps):
+        for i, (prefill, rows, a, b, start, end) in enumerate(self.steps):
             o = out["prefill" if prefill else "decode"]
             o["steps"] += 1
             o["rows"] += rows
             o["gpu_s"] += a.elapsed_time(b) / 1e3
-            o["host_launch_s"] += host
+            o["host_launch_s"] += end - start
+            reached = self._origin_host + self._origin.elapsed_time(a) / 1e3  # on the host's clock
+            if end > reached:
+                o["late_launches"] += 1
+                o["late_launch_s"] += end - reached
             gap = max(0.0, self.steps[i - 1][3].elapsed_time(a) / 1e3) if i else 0.0
             if gap > 0:
                 idle += gap
@@ -684,6 +702,10 @@ def report_lines_gpu(g: dict, late: dict | None) -> list[str]:
     if "host_launch_s" in d:
         lines.append(f"  host time inside the launches: prefill {p['host_launch_s']:.2f} s, decode "
                      f"{d['host_launch_s']:.2f} s ({1e3 * d['host_launch_s'] / max(1, d['steps']):.2f} ms a step)")
+    if "late_launches" in d:
+        lines.append(f"  launches still running when the GPU reached their step: prefill {p['late_launches']:,} of "
+                     f"{p['steps']:,} ({p['late_launch_s']:.2f} s of host time after it), decode "
+                     f"{d['late_launches']:,} of {d['steps']:,} ({d['late_launch_s']:.2f} s)")
     return lines
 
 
