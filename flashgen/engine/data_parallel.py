@@ -26,6 +26,7 @@ import torch
 
 from flashgen.config import EngineConfig
 from flashgen.engine.engine import EngineStats, tokenize_prompt
+from flashgen.engine.gc_heap import freeze_startup_heap
 from flashgen.models.spec import load_spec
 from flashgen.outputs import RequestOutput
 from flashgen.sampling_params import SamplingParams
@@ -66,6 +67,7 @@ def _worker(config: EngineConfig, rank: int, n: int, inq, outq) -> None:
     except Exception as e:  # report start-up failures instead of hanging the parent
         outq.put((FAILED, rank, f"{type(e).__name__}: {e}"))
         return
+    freeze_startup_heap()  # as the job's process does (flashgen.engine.gc_heap)
     outq.put((READY, rank, llm.max_model_len))
     try:
         _serve(llm, inq, outq, rank)

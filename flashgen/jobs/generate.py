@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from flashgen.engine.gc_heap import freeze_startup_heap, thaw_heap
 from flashgen.jobs.compress import compression_of, open_read
 from flashgen.jobs.errors import ExitCode, FatalError, Interrupted
 from flashgen.jobs.fingerprint import job_fingerprint
@@ -108,7 +109,7 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
     fingerprint = setup.fingerprint
     plan = plan_output(output_path, input_path, overwrite=overwrite, resume=job["resume"],
                        fingerprint=fingerprint, shard=shard)
-    llm = None
+    llm, frozen = None, 0
     try:  # the output file stays locked until the job ends, however it ends
         if plan.resume:
             log(f"flashgen: resuming {plan.name}: {plan.n_done:,} lines already done"
@@ -126,6 +127,7 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
             stats.model = model or ""
             return run_on_ray(settings, setup, str(input_path), plan, results, stats, signals, console, log, total)
         llm = _load_model(model, engine, job["data_parallel"])
+        frozen = freeze_startup_heap()  # the job's thread is not paused by the collector walking start-up's objects
         if hasattr(llm, "describe"):
             log(f"flashgen: {llm.describe()}")
         stats.model = getattr(llm, "model_name", model or "")
@@ -154,6 +156,8 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
             if llm is not None:
                 llm.close()
         finally:
+            if frozen:
+                thaw_heap()
             plan.release()
 
 
