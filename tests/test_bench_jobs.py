@@ -207,7 +207,7 @@ def test_cli_and_bad_arguments(tmp_path):
         jobs.main("extract", 0.0, device="cpu")
 
 
-def _replayed(timeline, host_ms=None, host=None) -> dict:
+def _replayed(timeline, host_ms=None, host=None, allocator=None) -> dict:
     """GpuSteps' summary of a made-up stream timeline, [(prefill, rows, GPU start ms, GPU end ms)] (its events
     are injected: no GPU here; the clocks' origin event reads 0 ms at the host's 0 s), each launch running on the
     host's clock from host[i][0] to host[i][1] ms (default: from 0 to host_ms[i], 0 unless given); every step goes
@@ -227,7 +227,9 @@ def _replayed(timeline, host_ms=None, host=None) -> dict:
             return other.t - self.t
 
     runner = SimpleNamespace(launch=lambda batch: "launched")
-    steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None, clock=lambda: next(clock))
+    counters = iter(allocator or [{}, {}])
+    steps = jobs.GpuSteps(runner, event=Event, synchronize=lambda: None, clock=lambda: next(clock),
+                          memory_stats=lambda: next(counters))
     for prefill, rows, *_ in timeline:
         assert runner.launch(SimpleNamespace(is_prefill=prefill, seqs=[None] * rows)) == "launched"
     return steps.summary()
@@ -284,6 +286,21 @@ def test_gpu_steps_count_the_launches_still_running_when_the_gpu_reached_their_s
     assert got["decode"]["late_launches"] == 1 and got["decode"]["late_launch_s"] == pytest.approx(0.003)
     assert got["prefill"]["host_launch_s"] == pytest.approx(0.056)
     assert got["idle_by_transition"] == {"decode>decode": {"s": pytest.approx(0.005), "gaps": 1}}
-    line = jobs.report_lines_gpu(got, None)[-1]
+    line = jobs.report_lines_gpu(got, None)[-2]
     assert line == ("  launches still running when the GPU reached their step: prefill 2 of 2 (0.04 s of host time "
                     "after it), decode 1 of 3 (0.00 s)")
+
+
+def test_gpu_steps_count_the_allocators_calls_that_wait_for_the_gpu_during_the_job():
+    """The caching allocator's counters over the job: the difference of memory_stats from GpuSteps' start to its
+    summary, a key torch lacks counted as 0; the report prints them."""
+    before = {"num_device_alloc": 40, "num_device_free": 2, "num_alloc_retries": 0, "num_sync_all_streams": 1,
+              "allocated_bytes.all.current": 5}
+    after = {"num_device_alloc": 47, "num_device_free": 6, "num_alloc_retries": 3, "num_sync_all_streams": 4}
+    got = _replayed([(True, 4, 0.0, 10.0)], allocator=[before, after])
+    assert got["allocator"] == {"num_device_alloc": 7, "num_device_free": 4, "num_alloc_retries": 3,
+                                "num_sync_all_streams": 3}
+    assert jobs.report_lines_gpu(got, None)[-1] == (
+        "  the caching allocator during the job: 7 device allocations, 4 device frees, 3 retries, 3 syncs of all "
+        "streams (each waits for the GPU)")
+    assert _replayed([(True, 4, 0.0, 10.0)])["allocator"] == dict.fromkeys(jobs.ALLOCATOR_COUNTERS, 0)

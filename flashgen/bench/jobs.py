@@ -319,6 +319,11 @@ class JobClock:
             self.before_first_step += seconds
 
 
+# torch.cuda.memory_stats' counters of calls that wait for the GPU: device allocations (cudaMalloc), device frees,
+# retries after a failed allocation (every cached block freed), syncs of all streams (before freeing cached blocks)
+ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
 class GpuSteps:
     """CUDA events around each engine step's launch (what the step queues on the stream: graph inputs, kernels,
     sampling), read once the job is done: per step kind, the GPU's span of the steps (from the stream reaching a
@@ -328,15 +333,22 @@ class GpuSteps:
     The host's clock and the stream's are put on one timeline by an event recorded on the idle stream when this is
     made, next to the host's clock: so each launch can be set against the GPU's progress. A launch still running
     when the GPU reached its step (the step's first event) means the GPU ran that step at the pace the host queued
-    its kernels, or waited for the launch to end: its span then measures the host as much as the GPU."""
+    its kernels, or waited for the launch to end: its span then measures the host as much as the GPU.
+
+    The caching allocator's counters over the job (ALLOCATOR_COUNTERS, from `memory_stats`) say whether a step's
+    host time went to the device allocator: a cudaMalloc or cudaFree, or a retry (which frees the cached blocks
+    after synchronizing every stream), waits for the GPU's queued work."""
 
     def __init__(self, runner, event: Callable[[], Any] = lambda: torch.cuda.Event(enable_timing=True),
                  synchronize: Callable[[], None] = torch.cuda.synchronize,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter,
+                 memory_stats: Callable[[], dict] = torch.cuda.memory_stats):
         # (prefill, rows, start event, end event, host clock at the launch's start, and at its end)
         self.steps: list[tuple[bool, int, Any, Any, float, float]] = []
         self._sync = synchronize
+        self._memory_stats = memory_stats
         synchronize()
+        self._alloc0 = self._allocator()
         self._origin = event()
         self._origin.record()
         self._origin_host = clock()
@@ -353,6 +365,10 @@ class GpuSteps:
             return out
 
         runner.launch = timed_launch
+
+    def _allocator(self) -> dict[str, int]:
+        stats = self._memory_stats()
+        return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTERS}
 
     def summary(self) -> dict:
         """Per step kind: steps, GPU seconds, rows, the host's seconds inside the launches (the engine's thread
@@ -384,7 +400,9 @@ class GpuSteps:
                 t = by.setdefault(kind, {"s": 0.0, "gaps": 0})
                 t["s"] += gap
                 t["gaps"] += 1
-        return {**out, "idle_between_steps_s": idle, "idle_by_transition": by, "longest_idle_s": longest}
+        alloc = {k: v - self._alloc0[k] for k, v in self._allocator().items()}
+        return {**out, "idle_between_steps_s": idle, "idle_by_transition": by, "longest_idle_s": longest,
+                "allocator": alloc}
 
 
 def _runner(llm) -> Any:
@@ -706,6 +724,11 @@ def report_lines_gpu(g: dict, late: dict | None) -> list[str]:
         lines.append(f"  launches still running when the GPU reached their step: prefill {p['late_launches']:,} of "
                      f"{p['steps']:,} ({p['late_launch_s']:.2f} s of host time after it), decode "
                      f"{d['late_launches']:,} of {d['steps']:,} ({d['late_launch_s']:.2f} s)")
+    a = g.get("allocator")
+    if a is not None:
+        lines.append(f"  the caching allocator during the job: {a['num_device_alloc']:,} device allocations, "
+                     f"{a['num_device_free']:,} device frees, {a['num_alloc_retries']:,} retries, "
+                     f"{a['num_sync_all_streams']:,} syncs of all streams (each waits for the GPU)")
     return lines
 
 
