@@ -170,7 +170,7 @@ bench_jobs() {
     for w in extract synth summarize; do
         step "jobs-$w" "$PY" -m flashgen.bench.jobs --workload "$w" --scale "$scale" \
             ${TOKENIZER:+--tokenizer "$TOKENIZER"} ${JOBS_LENGTHS:+--lengths "$JOBS_LENGTHS"} --out-dir "$LOG"
-        grep -h -E "^workload $w|whole job|start-up [0-9]|on the GPU|idle by|host time|still running" \
+        grep -h -E "^workload $w|whole job|start-up [0-9]|on the GPU|idle by|host time|still running|caching allocator" \
             "$LOG/jobs-$w.log" >> "$LOG/engine-table.txt" || true
     done
 }
