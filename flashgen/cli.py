@@ -170,6 +170,10 @@ def generate(
                                       help="No summary or notes on stderr (errors still)."),
     data_parallel: str | None = typer.Option(None, help="Engine processes, one per GPU; auto = one per GPU.",
                                              rich_help_panel=JOB),
+    prepare_workers: str | None = typer.Option(None, metavar="N", rich_help_panel=JOB,
+                                               help="Processes that check, template and tokenize lines ahead of the "
+                                                    "engine (auto = 2 beside a GPU engine, 0 on the CPU; 0 = a "
+                                                    "thread of this process)."),
     ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", rich_help_panel=JOB,
                                    help="Run the job over a Ray cluster (pip install 'flashgen[ray]'): auto = the "
                                         "running cluster, local = start one here, or the cluster's address."),
@@ -200,7 +204,8 @@ def generate(
         "job": dict(resume=resume, order=order, template=template, field=field, chat=chat, system=system,
                     return_token_ids=return_token_ids, max_errors=max_errors, max_in_flight=max_in_flight, shard=shard,
                     progress=None if progress is None else ("on" if progress else "off"), stats_json=stats_json,
-                    quiet=quiet, data_parallel=data_parallel, max_line_bytes=max_line_bytes, drain=drain,
+                    quiet=quiet, data_parallel=data_parallel, prepare_workers=prepare_workers,
+                    max_line_bytes=max_line_bytes, drain=drain,
                     ray=ray, ray_actors=ray_actors),
     }
     if _quiet(config, flags):
@@ -382,11 +387,12 @@ def bench_jobs(
     enforce_eager: bool = typer.Option(False, help="No CUDA graphs."),
     lengths: str = typer.Option("fixed", help="fixed: every line generates the workload's max_tokens; spread: each "
                                 "line its own, from an eighth of it to all of it (as EOS would end them)."),
+    prepare_workers: str = typer.Option("auto", help="The job's --prepare-workers (0: a thread of its process)."),
 ) -> None:
     """A realistic JSONL job through `flashgen generate`'s path, start-up included, next to its floor on this GPU."""
     from flashgen.bench.jobs import main as run
 
-    run(workload, scale, tokenizer, out_dir, shape, lengths, enforce_eager=enforce_eager)
+    run(workload, scale, tokenizer, out_dir, shape, lengths, prepare_workers, enforce_eager=enforce_eager)
 
 
 def _quiet(config: str | None, flags: dict) -> bool:

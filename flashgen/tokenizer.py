@@ -75,6 +75,11 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._template: jinja2.Template | None = None  # compiled on first use
 
+    def __getstate__(self) -> dict:
+        """For a process of its own (flashgen.jobs.prepare_pool): the compiled chat template stays behind (its
+        environment holds lambdas) and is compiled again there on first use."""
+        return {**self.__dict__, "_template": None}
+
     def to_json(self) -> str:
         """tokenizer.json as the tokenizers library serialises it (llguidance builds its token trie from it)."""
         return self._tok.to_str()

@@ -6,6 +6,7 @@ import functools
 import gc
 import io
 import json
+import os
 import random
 import re
 import signal
@@ -18,6 +19,7 @@ from flashgen.jobs.errors import FatalError
 from flashgen.jobs.idset import IdSet
 from flashgen.jobs.inputs import LineParser, read_lines
 from flashgen.jobs.params import defaults_from_settings
+from flashgen.jobs.prepare_pool import PreparePool
 from flashgen.jobs.progress import JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import load_settings
@@ -285,3 +287,82 @@ def test_nothing_of_the_run_keeps_the_runner_or_its_engine_alive(how):
         if enabled:
             gc.enable()
     assert job_threads() == []
+
+
+# ---- lines built in worker processes (flashgen.jobs.prepare_pool) --------------------------------------------------
+def pool_first(monkeypatch) -> None:
+    """Every group goes to the workers: PreparePool.ready waits for one to be up (the pool starts beside the job,
+    and a small job's lines would otherwise all be built on its own thread before then)."""
+    real = PreparePool.ready
+
+    def ready(self):
+        self._up.result(120)
+        return real(self)
+
+    monkeypatch.setattr(PreparePool, "ready", ready)
+
+
+class DyingParser(LineParser):
+    """Builds like LineParser, except that in a process other than the test's a line whose text says "die" ends
+    that process at once, as a fault in the tokenizer's native code would."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.owner = os.getpid()  # pickled with the parser: the test's process
+
+    def build(self, line, defer=False):
+        if os.getpid() != self.owner and "die" in json.dumps(line.obj):
+            os._exit(3)
+        return super().build(line, defer)
+
+
+def test_worker_processes_give_the_threads_output_byte_for_byte_resume_included(monkeypatch):
+    """The same records as building on the preparation thread: errors of every kind, duplicates (screened in the
+    job's process, in order), lines skipped on --resume (never sent to a worker), chat and batch lines."""
+    pool_first(monkeypatch)
+    data = mixed_input()
+    done = IdSet()
+    for i in range(0, 300, 24):
+        done.add(json.dumps(i))
+    status_t, thread, _ = run_job(data, ahead=True, done=done)
+    status_w, workers, runner = run_job(data, ahead=True, done=done, prepare_workers=2)
+    assert status_t == status_w == "line_errors"
+    assert stable(workers.getvalue()) == stable(thread.getvalue())
+    assert runner.pool_groups >= 300 // 32 and runner.pool is None and runner.stats.skipped > 0
+    assert job_threads() == []
+
+
+def test_a_worker_that_dies_leaves_its_lines_to_the_jobs_process(monkeypatch):
+    """A worker process killed mid-group breaks the pool: the job says so once, builds that group and every later
+    one itself, and every line is still answered as it would have been."""
+    pool_first(monkeypatch)
+    data = b"".join(json.dumps({"id": i, "prompt": "die here" if i == 40 else f"p {i}"}).encode() + b"\n"
+                    for i in range(200))
+    llm = fake_llm(max_num_seqs=4, steps=lambda rid: 2)
+    sink, notes = io.BytesIO(), []
+    runner = Runner(llm, DyingParser(llm.tokenizer, llm.max_model_len, DEFAULTS), OrderedWriter(sink), JobStats(),
+                    max_in_flight=64, prepare_workers=1, log=notes.append)
+    assert runner.run(read_lines(io.BytesIO(data)), IdSet()) == "ok"
+    recs = [json.loads(x) for x in sink.getvalue().splitlines()]
+    assert [r["id"] for r in recs] == list(range(200)) and all("text" in r for r in recs)
+    assert len(notes) == 1 and "line preparation processes failed" in notes[0] and "BrokenProcessPool" in notes[0]
+    assert job_threads() == []
+
+
+def test_a_template_job_built_by_workers_writes_what_the_thread_writes(tmp_path, monkeypatch):
+    """--template is compiled again in each worker from its file (a compiled template does not pickle); a bad
+    --prepare-workers is refused before the model loads."""
+    from flashgen.jobs.errors import ExitCode
+    from test_cli_support import PROMPTS, gen
+
+    pool_first(monkeypatch)
+    docs = [json.loads(line) for line in (PROMPTS / "documents.jsonl").read_text().splitlines()]
+    lines = docs + [{"id": "no-question", "text": "some text"}]
+    r0, thread = gen(tmp_path, lines, "--template", PROMPTS / "qa.j2", "--prepare-workers", "0", "--seed", "1")
+    r2, workers = gen(tmp_path, lines, "--template", PROMPTS / "qa.j2", "--prepare-workers", "2", "--seed", "1")
+    assert r0.exit_code == r2.exit_code == ExitCode.LINE_ERRORS
+    assert workers == thread and workers[-1]["error"]["code"] == "template_missing_field"
+    assert "preparation processes failed" not in r2.stderr
+    assert sum("text" in rec for rec in workers) == len(docs) > 1
+    r, _ = gen(tmp_path, lines[:1], "--prepare-workers", "many")
+    assert r.exit_code == ExitCode.FATAL and "job.prepare_workers = 'many' is invalid" in r.stderr

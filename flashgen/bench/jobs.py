@@ -308,6 +308,7 @@ class JobClock:
         self.input = self.admit = self.steps = self.output = 0.0
         self.before_first_step = 0.0  # input + admit seconds spent before the first step
         self.prepare_thread_s = 0.0   # the preparation thread's busy seconds (not the job's thread: not a part)
+        self.worker_groups = (0, 0)   # (processes building lines for it, groups they built)
         self.first_step_s = 0.0
         self.prompts: list[array] = []  # each request's prompt token ids, as the engine got them
         self.llm: Any = None
@@ -470,6 +471,7 @@ def instrumented(clock: JobClock) -> Iterator[None]:
             finally:
                 if self.prepared is not None:
                     clock.prepare_thread_s = self.prepared.busy_s
+                    clock.worker_groups = (self.prepare_workers, self.pool_groups)
 
         def _finish(self, out) -> None:
             t = time.perf_counter()
@@ -560,10 +562,10 @@ def _model_dir(d: str, tokenizer_dir: Path, shape: str) -> Path:
 
 
 def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = None, out_dir: str | None = None,
-         shape: str = "qwen3-0.6b", lengths: str = "fixed", **engine_kw) -> dict:
+         shape: str = "qwen3-0.6b", lengths: str = "fixed", prepare_workers: str = "auto", **engine_kw) -> dict:
     """Run one workload, print its report and return it; `lengths`: every line's max_tokens the workload's, or
     spread (output_lengths); `engine_kw`: EngineConfig's options (device="cpu" runs it on the CPU, without a
-    floor: smoke runs)."""
+    floor: smoke runs); `prepare_workers`: the job's [job] prepare_workers."""
     from tokenizers import Tokenizer as HFTokenizer
 
     from flashgen.bench.throughput import measure_ceilings
@@ -614,7 +616,8 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
         del texts
         flags = {"engine": {"model": str(mdir), "load_format": "dummy", **engine_kw},
                  "sampling": {"max_tokens": w.max_tokens, "temperature": w.temperature, "ignore_eos": True},
-                 "job": {"quiet": True, "progress": "off", "stats_json": str(stats_path)}}
+                 "job": {"quiet": True, "progress": "off", "stats_json": str(stats_path),
+                         "prepare_workers": prepare_workers}}
         clock = JobClock()
         old_cwd = os.getcwd()
         os.chdir(d)  # the job's own directory: no ./flashgen.toml of the caller's applies
@@ -642,6 +645,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
         res.update(wall_s=wall, tok_per_s=job["completion_tokens"] / wall,
                    breakdown=breakdown(wall, clock, job["prefill_seconds"], job["decode_seconds"]),
                    detail={"model_load_s": clock.ready - clock.t0, "prepare_thread_s": clock.prepare_thread_s,
+                           "prepare_workers": clock.worker_groups[0], "worker_groups": clock.worker_groups[1],
                            "first_step_s": clock.first_step_s, "steps": engine.steps,
                            "prompt_tokens_computed": engine.prompt_tokens, "cached_tokens": engine.cached_tokens,
                            "preemptions": engine.preemptions},
@@ -693,7 +697,9 @@ def report(res: dict) -> str:
         f"  whole job {wall:.2f} s, start-up included: {res['output_tokens']:,} output tokens, "
         f"{res['tok_per_s']:,.0f} tok/s; {res['result_records']:,}/{res['lines']:,} result records; {floor}",
         "  " + " | ".join(f"{LABELS[k]} {v:.2f} s ({100 * v / wall:.0f}%)" for k, v in b.items()),
-        f"  input prepared on its own thread, overlapped: {res['detail'].get('prepare_thread_s', 0.0):.2f} s busy",
+        f"  input prepared on its own thread, overlapped: {res['detail'].get('prepare_thread_s', 0.0):.2f} s busy"
+        + (f"; {res['detail']['worker_groups']:,} groups of lines built by {res['detail']['prepare_workers']} worker "
+           "processes" if res["detail"].get("prepare_workers") else ""),
     ]
     g = res.get("gpu_steps")
     if g:
@@ -749,9 +755,11 @@ if __name__ == "__main__":
     ap.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     ap.add_argument("--device", default=None, help="cpu: a smoke run on the CPU (with --shape tiny), no floor")
+    ap.add_argument("--prepare-workers", default="auto", help="the job's prepare_workers (0: a thread)")
     ap.add_argument("--lengths", default="fixed", choices=LENGTHS,
                     help="fixed: every line generates max_tokens; spread: each its own, 1/8 to all of it")
     a = ap.parse_args()
-    main(a.workload, a.scale, a.tokenizer, a.out_dir, a.shape, a.lengths, enforce_eager=a.enforce_eager,
+    main(a.workload, a.scale, a.tokenizer, a.out_dir, a.shape, a.lengths, a.prepare_workers,
+         enforce_eager=a.enforce_eager,
          max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens, kv_cache_dtype=a.kv_cache_dtype,
          **({"device": a.device} if a.device else {}))

@@ -22,6 +22,7 @@ from flashgen.jobs.errors import ExitCode, FatalError, Interrupted
 from flashgen.jobs.fingerprint import job_fingerprint
 from flashgen.jobs.inputs import LineParser, read_lines
 from flashgen.jobs.params import defaults_from_settings
+from flashgen.jobs.prepare_pool import auto_workers
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.runner import Runner
 from flashgen.jobs.settings import Settings, load_settings, render_toml
@@ -132,13 +133,16 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
             log(f"flashgen: {llm.describe()}")
         stats.model = getattr(llm, "model_name", model or "")
         parser = make_parser(llm, setup, job)
+        workers = prepare_workers(job["prepare_workers"])
+        if workers is None:
+            workers = auto_workers(_engine_on_gpu(llm))
         writer = OrderedWriter(open_output(plan, results), job["order"], path=plan.path)
         show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
         progress = JobProgress(show and not job["quiet"], total, console)
         runner = Runner(llm, parser, writer, stats,
                         max_in_flight=job["max_in_flight"] or 4 * engine["max_num_seqs"],
                         max_errors=job["max_errors"], return_token_ids=job["return_token_ids"], progress=progress,
-                        signals=signals, drain=job["drain"], log=log)
+                        signals=signals, drain=job["drain"], log=log, prepare_workers=workers)
         stats.started = True
         lines = read_lines(in_stream, job["max_line_bytes"])
         if shard is not None:
@@ -175,6 +179,7 @@ class JobSetup:
 def prepare(settings: Settings) -> JobSetup:
     """Check the sampling defaults, engine options and template, and resolve them; FatalError naming the fix."""
     job, engine = settings.job, dict(settings.engine)
+    prepare_workers(job["prepare_workers"], settings.sources.get("job.prepare_workers", "settings"))  # checked now
     defaults = defaults_from_settings(settings.sampling, settings.sources)  # reads --json-schema / --grammar
     if defaults["seed"] is None:  # every line gets its own seed (see params.line_seed): none depends on batching
         defaults["seed"] = settings.engine["seed"]
@@ -190,6 +195,38 @@ def prepare(settings: Settings) -> JobSetup:
         template = load_template(job["template"])
     fingerprint = job_fingerprint(defaults, job["template"], job["field"], job["chat"], job["system"])
     return JobSetup(model, engine, defaults, template, fingerprint)
+
+
+MAX_PREPARE_WORKERS = 64
+
+
+def prepare_workers(value: Any, where: str = "settings") -> int | None:
+    """[job] prepare_workers as a count (None: auto); FatalError naming the option, value and fix."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_PREPARE_WORKERS:
+        raise FatalError(f"{where}: job.prepare_workers = {value!r} is invalid; use auto, 0 (a thread of the job's "
+                         f"process) or a number of processes up to {MAX_PREPARE_WORKERS}")
+    return n
+
+
+def _engine_on_gpu(llm) -> bool:
+    """Whether the job's engine runs on a GPU (its runner's device; a data-parallel front's configuration)."""
+    runner = getattr(getattr(llm, "engine", None), "runner", None)
+    if runner is not None:
+        return getattr(runner, "device", None) is not None and runner.device.type == "cuda"
+    config = getattr(llm, "config", None)
+    device = str(getattr(config, "device", "cpu"))
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def make_parser(llm, setup: JobSetup, job: dict[str, Any]) -> LineParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,6 +156,20 @@ class LineParser:
             raise FatalError(f"sampling.stop_token_ids has {bad[0]}, not a token id of this model (integers "
                              f"0..{self.vocab_size - 1}); use ids from the model's tokenizer")
         self.fingerprint = fingerprint  # the settings that change a line's result (flashgen.jobs.fingerprint)
+
+    def __getstate__(self) -> dict:
+        """For a process of its own (flashgen.jobs.prepare_pool): a --template is compiled again there from its
+        file (template_name, its path) rather than pickled."""
+        return {**self.__dict__, "template": None,
+                "_template_path": os.path.abspath(self.template_name) if self.template is not None else None}
+
+    def __setstate__(self, state: dict) -> None:
+        path = state.pop("_template_path", None)
+        self.__dict__.update(state)
+        if path is not None:
+            from flashgen.jobs.templates import load_template
+
+            self.template = load_template(path)
 
     # ---- phase 1: the id -------------------------------------------------------------------------------------
     def head(self, lineno: int, raw: bytes | LongLine) -> Line:

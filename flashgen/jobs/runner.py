@@ -34,6 +34,7 @@ from flashgen.jobs.fingerprint import KeyHashMap
 from flashgen.jobs.idset import IdSet
 from flashgen.jobs.inputs import Line, LineError, LineParser, LineRequest, LongLine, key_of
 from flashgen.jobs.openai_batch import completion_tokens
+from flashgen.jobs.prepare_pool import PreparePool, is_broken, result_or_none
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.records import error_record, result_record
 from flashgen.jobs.signals import SignalGuard
@@ -66,11 +67,82 @@ class LineScreen:
         return line
 
 
+def unexpected_error(parser: LineParser, lineno: int, line: Line | LineRequest | None, e: Exception) -> LineError:
+    """The error record of a line whose preparation raised what no check expects (a bug, or a tokenizer fault):
+    that line fails, the job goes on."""
+    message = (f"preparing this line failed: {type(e).__name__}: {e}; the job went on without it (this is a "
+               "bug: please report it with the line)")
+    if line is None:  # head() itself failed: the line is known by its number, like an unreadable line
+        return LineError(lineno, lineno, key_of(lineno), False, "internal_error", f"line {lineno}: {message}")
+    return parser.error(line, "internal_error", message)
+
+
+def build_lines(parser: LineParser, lines: list[tuple[int, Line]], yield_gil: bool = False) -> list[object]:
+    """Phase 2 of screened lines (LineParser.build with defer, then encode_pending: their prompts tokenized
+    together): each line's request or error record, an exception no check expects being that line's
+    internal_error record. Runs on the preparation thread, or in a PreparePool's worker.
+
+    `yield_gil`: yield the GIL between lines (on the preparation thread). Building a line is pure Python (~0.1-0.5
+    ms), and the engine's thread drops the GIL in torch calls: one that finds this thread holding it can wait up to
+    the interpreter's switch interval (5 ms) before its next launch. A yield per line bounds that to about one
+    line's work."""
+    items: list[object] = []
+    for lineno, line in lines:
+        try:
+            items.append(parser.build(line, defer=True))
+        except MemoryError:
+            raise
+        except Exception as e:
+            items.append(unexpected_error(parser, lineno, line, e))
+        if yield_gil:
+            time.sleep(0)  # hand the GIL to the engine's thread if it waits (the docstring)
+    try:
+        return parser.encode_pending(items)
+    except MemoryError:
+        raise
+    except Exception:  # one text the tokenizer cannot take: find it, the others still run
+        out: list[object] = []
+        for (lineno, _), item in zip(lines, items, strict=True):
+            try:
+                out += parser.encode_pending([item])
+            except MemoryError:
+                raise
+            except Exception as e:
+                assert isinstance(item, LineRequest), "only requests are encoded"
+                out.append(unexpected_error(parser, lineno, item, e))
+        return out
+
+
+class PendingGroup:
+    """A group of lines whose screened lines a PreparePool's worker builds: `result` gives the group's items in
+    order once it has (None while it has not, within `timeout`). If the pool broke, the lines are built here."""
+
+    def __init__(self, parser: LineParser, pool: PreparePool, items: list[object], todo: list[int],
+                 lines: list[tuple[int, Line]], fut):
+        self.parser, self.pool, self.items, self.todo, self.lines, self.fut = parser, pool, items, todo, lines, fut
+
+    def result(self, timeout: float | None) -> list[object] | None:
+        try:
+            built = result_or_none(self.fut, timeout)
+        except Exception as e:  # noqa: BLE001 - a worker died (BrokenProcessPool) or could not take the lines
+            if not is_broken(e):
+                raise
+            self.pool.fail(e)
+            built = build_lines(self.parser, self.lines, yield_gil=True)
+        if built is None:
+            return None
+        assert len(built) == len(self.todo), "one item per line"
+        for i, item in zip(self.todo, built, strict=True):
+            self.items[i] = item
+        return self.items
+
+
 class Runner:
     def __init__(self, llm, parser: LineParser, writer: OrderedWriter, stats: JobStats, *, max_in_flight: int,
                  max_errors: int = 0, return_token_ids: bool = False, progress: JobProgress | None = None,
                  signals: SignalGuard | None = None, drain: bool = False,
-                 log: Callable[[str], None] = lambda s: None, prepare_ahead: bool = True):
+                 log: Callable[[str], None] = lambda s: None, prepare_ahead: bool = True,
+                 prepare_workers: int = 0):
         self.llm, self.parser, self.writer, self.stats = llm, parser, writer, stats
         self.max_in_flight = max(1, max_in_flight)
         self.max_errors = max_errors
@@ -88,16 +160,14 @@ class Runner:
         self.prepare_ahead = prepare_ahead
         self.ahead = min(self.max_in_flight, 1024)                  # lines prepared and not yet admitted, at most
         self.prepared: Prepared | None = None                       # the preparation thread of the current run
+        # processes that build lines for the preparation thread (flashgen.jobs.prepare_pool); 0: that thread does
+        self.prepare_workers = prepare_workers if prepare_ahead else 0
+        self.pool: PreparePool | None = None                        # the current run's
+        self.pool_groups = 0                                        # groups its workers built (the last run)
         self._source: LineSource | None = None
 
     def _unexpected(self, lineno: int, line: Line | LineRequest | None, e: Exception) -> LineError:
-        """The error record of a line whose preparation raised what no check expects (a bug, or a tokenizer
-        fault): that line fails, the job goes on."""
-        message = (f"preparing this line failed: {type(e).__name__}: {e}; the job went on without it (this is a "
-                   "bug: please report it with the line)")
-        if line is None:  # head() itself failed: the line is known by its number, like an unreadable line
-            return LineError(lineno, lineno, key_of(lineno), False, "internal_error", f"line {lineno}: {message}")
-        return self.parser.error(line, "internal_error", message)
+        return unexpected_error(self.parser, lineno, line, e)
 
     def classify(self, lineno: int, raw: bytes | LongLine) -> object:
         """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
@@ -108,43 +178,46 @@ class Runner:
     def _item(self, lineno: int, raw: bytes | LongLine, defer: bool) -> object:
         """classify(), its prompt left to encode later when `defer` (LineParser.build): an exception no check
         expects is that line's internal_error record."""
+        item = self._screened(lineno, raw)
+        if not isinstance(item, Line):
+            return item
+        try:
+            return self.parser.build(item, defer=defer)
+        except MemoryError:
+            raise
+        except Exception as e:
+            return self._unexpected(lineno, item, e)
+
+    def _screened(self, lineno: int, raw: bytes | LongLine) -> object:
+        """Phase 1 of a line (LineParser.head, then LineScreen): its error record, SKIP, or the Line to build."""
         line = None
         try:
             line = self.parser.head(lineno, raw)
-            item = self._screen(line)
-            return self.parser.build(item, defer=defer) if isinstance(item, Line) else item
+            return self._screen(line)
         except MemoryError:
             raise
         except Exception as e:
             return self._unexpected(lineno, line, e)
 
-    def prepare(self, group: list[tuple[int, bytes | LongLine]]) -> list[object]:
-        """classify() of each line of a group, in order, their prompts tokenized together (LineParser.build with
-        defer, then encode_pending): the same items. Runs on the preparation thread, ahead of the engine.
-
-        Between lines it yields the GIL. Parsing and templating a line is pure Python (~0.1-0.5 ms), and the
-        engine's thread drops the GIL in torch calls: one that finds this thread holding it can wait up to the
-        interpreter's switch interval (5 ms) before its next launch. A yield per line bounds that to about one
-        line's work."""
-        items = []
-        for lineno, raw in group:
-            items.append(self._item(lineno, raw, defer=True))
-            time.sleep(0)  # hand the GIL to the engine's thread if it waits (the docstring)
-        try:
-            return self.parser.encode_pending(items)
-        except MemoryError:
-            raise
-        except Exception:  # one text the tokenizer cannot take: find it, the others still run
-            out: list[object] = []
-            for (lineno, _), item in zip(group, items, strict=True):
-                try:
-                    out += self.parser.encode_pending([item])
-                except MemoryError:
-                    raise
-                except Exception as e:
-                    assert isinstance(item, LineRequest), "only requests are encoded"
-                    out.append(self._unexpected(lineno, item, e))
-            return out
+    def prepare(self, group: list[tuple[int, bytes | LongLine]]) -> list[object] | PendingGroup:
+        """classify() of each line of a group, in order (the same items), for the preparation thread: each line
+        screened here; the lines to build, on this thread (build_lines), or where a PreparePool is up, in its
+        worker processes (a PendingGroup: its items once a worker has built them)."""
+        items = [self._screened(lineno, raw) for lineno, raw in group]
+        todo = [i for i, item in enumerate(items) if isinstance(item, Line)]
+        lines = [(group[i][0], item) for i in todo if isinstance(item := items[i], Line)]
+        pool = self.pool
+        if todo and pool is not None and pool.ready():
+            try:
+                fut = pool.submit([group[i] for i in todo])
+            except Exception as e:  # noqa: BLE001 - the pool broke since ready(): build here
+                pool.fail(e)
+            else:
+                return PendingGroup(self.parser, pool, items, todo, lines, fut)
+        built = build_lines(self.parser, lines, yield_gil=True)
+        for i, item in zip(todo, built, strict=True):
+            items[i] = item
+        return items
 
     def run(self, lines: Iterator[tuple[int, bytes | LongLine]], done: IdSet | KeyHashMap) -> str:
         """Run every line; return the status: ok | line_errors | max_errors | interrupted."""
@@ -152,6 +225,8 @@ class Runner:
         # the reader need not run far ahead of the preparation thread, which holds up to `ahead` lines itself
         source = self._source = LineSource(lines, maxsize=min(self.max_in_flight, 2 * PREPARE_GROUP
                                                               if self.prepare_ahead else 1024))
+        if self.prepare_workers > 0:
+            self.pool = PreparePool(self.parser, self.prepare_workers, self.log)
         feed = self.prepared = Prepared(source, self.prepare, self.ahead, PREPARE_GROUP) if self.prepare_ahead \
             else None
         exhausted, stop = False, None
@@ -216,6 +291,10 @@ class Runner:
                 feed.close()
             else:
                 source.close()
+            if self.pool is not None:
+                self.pool_groups = self.pool.groups
+                self.pool.close()
+                self.pool = None
             self.signals.graceful = False
             self._report()
         if stop == "interrupted" and exhausted and not self._meta and not self.writer.pending:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flashgen.jobs.inputs import LongLine
@@ -81,12 +81,14 @@ class LineSource:
 class Prepared:
     """`source`'s lines through `prepare` on a thread of their own, in input order: `get` gives each line's
     prepared item (a request, an error record or SKIP), EOF or EMPTY, as LineSource.get gives raw lines. `prepare`
-    takes a group of (lineno, raw) and returns one item for each; it handles each line's own faults itself (an
-    exception it raises stops the job: PrepareError). A group is what the reader has ready, at most `group` lines,
-    so a slow producer's lines are not held back to fill one; at most `ahead` items are prepared and not yet
-    taken."""
+    takes a group of (lineno, raw) and returns one item for each, or a handle whose `result(timeout)` gives them
+    once they are made elsewhere (None until then: flashgen.jobs.runner.PendingGroup, a worker process building
+    them); it handles each line's own faults itself (an exception it raises stops the job: PrepareError). A group
+    is what the reader has ready, at most `group` lines, so a slow producer's lines are not held back to fill one;
+    groups still being made count against `ahead`: at most that many lines are prepared, or being prepared, and not
+    yet taken."""
 
-    def __init__(self, source: LineSource, prepare: Callable[[list], list], ahead: int, group: int = 32):
+    def __init__(self, source: LineSource, prepare: Callable[[list], Any], ahead: int, group: int = 32):
         self._source, self._prepare = source, prepare
         self.ahead = max(1, ahead)
         self._group = max(1, min(group, self.ahead))
@@ -95,6 +97,10 @@ class Prepared:
         self._stop = False
         self.busy_s = 0.0  # seconds this thread spent preparing (overlapped with the engine's steps)
         self.max_ready = 0  # the most items prepared and not yet taken at any time (tests: the bound holds)
+        # groups handed to `prepare` and not yet pushed, in input order: (items or handle, lines, what ends the
+        # input after them or None)
+        self._pending: deque = deque()
+        self._in_flight = 0  # lines in those groups
         self._thread = threading.Thread(target=self._run, name="flashgen-prepare", daemon=True)
         self._thread.start()
 
@@ -104,21 +110,48 @@ class Prepared:
             self.max_ready = max(self.max_ready, len(self._ready))
             self._cv.notify_all()
 
+    def _flush(self, timeout: float) -> bool:
+        """Push the groups made so far, in input order, waiting at most `timeout` for the oldest one; True once the
+        input's end has been pushed."""
+        while self._pending:
+            handle, n, end = self._pending[0]
+            items = handle if isinstance(handle, list) else handle.result(timeout)
+            if items is None:
+                return False
+            timeout = 0
+            assert len(items) == n, "one item per line"
+            self._pending.popleft()
+            self._in_flight -= n
+            self._push(items if end is None else [*items, end])
+            if end is not None:
+                return True
+        return False
+
     def _run(self) -> None:
         try:
             while True:
+                if self._flush(0):
+                    return
                 with self._cv:
-                    while not self._stop and len(self._ready) + self._group > self.ahead and self._ready:
-                        self._cv.wait(0.1)  # room for a whole group (or the queue is empty: room for any)
                     if self._stop:
                         return
-                    room = min(self._group, self.ahead - len(self._ready))
-                got = self._source.get(wait=True)
+                    free = self.ahead - len(self._ready) - self._in_flight
+                    full = free < self._group and (self._ready or self._pending)
+                    if full and not self._pending:
+                        self._cv.wait(0.1)  # room for a whole group (or nothing held: room for any)
+                        continue
+                if full:
+                    self._flush(0.05)  # the oldest group in the making
+                    continue
+                got = self._source.get(wait=not self._pending)
                 if got is EMPTY:
+                    self._flush(0.01)
                     continue
                 if got is EOF:
-                    self._push([EOF])
+                    self._pending.append(([], 0, EOF))
+                    self._finish()
                     return
+                room = min(self._group, max(1, free))
                 raws, end = [got], None
                 while len(raws) < room:
                     try:
@@ -133,18 +166,25 @@ class Prepared:
                         break
                     raws.append(got)
                 t = time.perf_counter()
-                items = self._prepare(raws)
+                handle = self._prepare(raws)
                 self.busy_s += time.perf_counter() - t
-                assert len(items) == len(raws), "one item per line"
-                self._push(items if end is None else [*items, end])
+                self._pending.append((handle, len(raws), end))
+                self._in_flight += len(raws)
                 if end is not None:
+                    self._finish()
                     return
         except InputError as e:
+            self._finish()
             self._push([e])
         except BaseException as e:  # not one line's fault: the job's thread stops the job
             err = PrepareError(f"{type(e).__name__}: {e}")
             err.__cause__ = e
             self._push([err])
+
+    def _finish(self) -> None:
+        """Push every group still in the making, in order (the input has ended), unless stopped first."""
+        while self._pending and not self._stop:
+            self._flush(0.1)
 
     def get(self, wait: bool):
         """A prepared item, EOF, or EMPTY (nothing ready; waited at most 0.1 s when `wait`). Re-raises the reader's

@@ -1,0 +1,110 @@
+"""Lines built (checked, templated, tokenized) in worker processes, so the job's process keeps its GIL for the engine.
+
+The preparation thread (flashgen.jobs.source.Prepared) runs Python for every line: JSON, checks, the chat template,
+the tokenizer's wrapper. The engine's thread shares that process's GIL, and it gives the GIL up in every torch call
+of a step; each time the preparation thread holds it, the engine's next launch waits. `PreparePool` moves the costly
+part out of the process: the job's thread still reads each line's id and screens it (flashgen.jobs.runner.LineScreen:
+duplicates and --resume need the lines in order, and cost one JSON parse), and the lines to build go, a group at a
+time, to `workers` spawned processes that run the same LineParser (pickled: the tokenizer, the sampling defaults,
+the --template by its path) and return the same items, in order. Several workers also build groups side by side.
+
+Start-up costs nothing: the workers start while the job's thread prepares the first groups itself, and take over
+once one of them is up. A worker that dies (a fault in the tokenizer's native code) breaks the pool: the groups it
+had are built again on the job's thread, and so is every later one (`broken` says why).
+
+Importing this module needs neither torch nor a GPU; the workers import only the jobs' input code.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flashgen.jobs.inputs import LineParser, LongLine
+
+_PARSER: LineParser | None = None  # a worker's own parser (_init)
+
+
+def auto_workers(on_gpu: bool) -> int:
+    """[job] prepare_workers = auto: 2 processes beside a GPU engine where the machine has 4 cores or more (one
+    worker builds ~1,000 of the extract job's 1,200-token lines a second, more than the engine takes), none (the
+    job's thread) on the CPU, where the engine's own threads want the cores."""
+    return 2 if on_gpu and (os.cpu_count() or 1) >= 4 else 0
+
+
+def _init(parser: LineParser) -> None:
+    global _PARSER
+    # the job's process owns signals: it stops or drains the job, then ends the pool
+    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if s is not None:
+            signal.signal(s, signal.SIG_IGN)
+    _PARSER = parser
+
+
+def _ready() -> bool:
+    return _PARSER is not None
+
+
+def _build(lines: list[tuple[int, bytes | LongLine]]) -> list:
+    from flashgen.jobs.runner import build_lines
+
+    assert _PARSER is not None, "the worker's initializer ran"
+    parser = _PARSER
+    return build_lines(parser, [(lineno, parser.head(lineno, raw)) for lineno, raw in lines])
+
+
+class PreparePool:
+    """`workers` processes that build screened lines (`submit`), each with its own copy of `parser`."""
+
+    def __init__(self, parser: LineParser, workers: int, log: Callable[[str], None] = lambda s: None):
+        self.broken: str | None = None
+        self.groups = 0  # groups handed to the workers
+        self._log = log
+        self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                                       initargs=(parser,))
+        self._up: Future = self._ex.submit(_ready)  # done once a worker has its parser
+
+    def ready(self) -> bool:
+        """Whether a worker is up to take groups (until then, and once broken, the caller builds them itself)."""
+        if self.broken is not None or not self._up.done():
+            return False
+        e = self._up.exception()
+        if e is not None:
+            self.fail(e)
+            return False
+        return True
+
+    def submit(self, lines: list[tuple[int, bytes | LongLine]]) -> Future:
+        """A future of the lines' items, as build_lines gives them; raises BrokenProcessPool once broken."""
+        fut = self._ex.submit(_build, lines)
+        self.groups += 1
+        return fut
+
+    def fail(self, e: BaseException) -> None:
+        """The pool is broken (a worker died, or could not start): say so once; the caller builds from now on."""
+        if self.broken is None:
+            self.broken = f"{type(e).__name__}: {e}"
+            self._log(f"flashgen: the line preparation processes failed ({self.broken}); preparing lines in the "
+                      "job's own process from here on")
+
+    def close(self) -> None:
+        """End the workers without waiting for groups still queued (their lines were never admitted)."""
+        self._ex.shutdown(wait=False, cancel_futures=True)
+
+
+def is_broken(e: BaseException) -> bool:
+    return isinstance(e, BrokenProcessPool)
+
+
+def result_or_none(fut: Future, timeout: float | None) -> Any:
+    """fut's result, or None when it is not done within `timeout` (it raises what the work raised)."""
+    try:
+        return fut.result(timeout)
+    except FutureTimeout:
+        return None
