@@ -7,9 +7,11 @@ GIL back can wait up to sys.getswitchinterval() (5 ms by default) each time. Thi
 preparation (LineParser.head / build / encode_pending on the extract job's lines, groups of PREPARE_GROUP) on a
 thread, and on the main thread a loop of 2 ms GIL-free waits (time.sleep, as the engine waits on the GPU), then
 prints how late the main thread gets going again after each wait: with no preparation running, and with it at
-switch intervals of 5, 1 and 0.5 ms, next to the preparation's rate.
+switch intervals of 5, 1 and 0.5 ms, next to the preparation's rate; then with the lines built in worker processes
+(flashgen.jobs.prepare_pool, `--workers N`, 2 by default): the thread only reads each line's id (head) and hands the
+groups to the workers, four groups in flight, as the job's preparation thread does with --prepare-workers N.
 
-    PYTHONPATH=. python3 tools/probes/gil_probe.py TOKENIZER_DIR [--lines 2000]
+    PYTHONPATH=. python3 tools/probes/gil_probe.py TOKENIZER_DIR [--lines 2000] [--workers 2]
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from flashgen.bench.jobs import WORKLOADS, _model_dir, line_of, make_texts
 from flashgen.jobs.inputs import LineParser
 from flashgen.jobs.params import defaults_from_settings
+from flashgen.jobs.prepare_pool import PreparePool
 from flashgen.jobs.runner import PREPARE_GROUP
 from flashgen.jobs.settings import load_settings
 from flashgen.tokenizer import Tokenizer
@@ -44,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("tokenizer")
     ap.add_argument("--lines", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
     w = WORKLOADS["extract"]
     with tempfile.TemporaryDirectory() as d:
@@ -99,6 +104,38 @@ def main() -> None:
             prep.join()
             row(f"{si * 1e3:g} ms", late, f"{took[0]:.2f}")
         sys.setswitchinterval(0.005)
+        if a.workers:
+            pool = PreparePool(parser, a.workers)
+            pool._up.result(120)
+
+            def pooled() -> float:
+                t = time.perf_counter()
+                flight: deque = deque()
+                for g in range(0, len(raws), PREPARE_GROUP):
+                    group = list(enumerate(raws[g:g + PREPARE_GROUP], g))
+                    for lineno, raw in group:
+                        parser.head(lineno, raw)
+                    flight.append(pool.submit(group))
+                    if len(flight) == 4:
+                        flight.popleft().result()
+                for f in flight:
+                    f.result()
+                return time.perf_counter() - t
+
+            pooled()  # the workers warm
+            done = threading.Event()
+            took = []
+
+            def run_pooled(took=took, done=done) -> None:
+                took.append(pooled())
+                done.set()
+
+            prep = threading.Thread(target=run_pooled)
+            prep.start()
+            late = lateness(done)
+            prep.join()
+            row(f"{a.workers} workers, 5 ms", late, f"{took[0]:.2f}")
+            pool.close()
 
 
 if __name__ == "__main__":
