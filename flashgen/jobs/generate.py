@@ -179,7 +179,8 @@ class JobSetup:
 def prepare(settings: Settings) -> JobSetup:
     """Check the sampling defaults, engine options and template, and resolve them; FatalError naming the fix."""
     job, engine = settings.job, dict(settings.engine)
-    prepare_workers(job["prepare_workers"], settings.sources.get("job.prepare_workers", "settings"))  # checked now
+    where = settings.sources.get("job.prepare_workers", "settings")
+    prepare_workers(job["prepare_workers"], "command line" if where == "flag" else where)  # checked now
     defaults = defaults_from_settings(settings.sampling, settings.sources)  # reads --json-schema / --grammar
     if defaults["seed"] is None:  # every line gets its own seed (see params.line_seed): none depends on batching
         defaults["seed"] = settings.engine["seed"]
