@@ -34,7 +34,7 @@ from flashgen.jobs.fingerprint import KeyHashMap
 from flashgen.jobs.idset import IdSet
 from flashgen.jobs.inputs import Line, LineError, LineParser, LineRequest, LongLine, key_of
 from flashgen.jobs.openai_batch import completion_tokens
-from flashgen.jobs.prepare_pool import PreparePool, is_broken, result_or_none
+from flashgen.jobs.prepare_pool import PreparePool, is_broken, result_or_none, unpack_ids
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.records import error_record, result_record
 from flashgen.jobs.signals import SignalGuard
@@ -131,6 +131,7 @@ class PendingGroup:
             built = build_lines(self.parser, self.lines, yield_gil=True)
         if built is None:
             return None
+        unpack_ids(built)
         assert len(built) == len(self.todo), "one item per line"
         for i, item in zip(self.todo, built, strict=True):
             self.items[i] = item
@@ -203,7 +204,10 @@ class Runner:
         """classify() of each line of a group, in order (the same items), for the preparation thread: each line
         screened here; the lines to build, on this thread (build_lines), or where a PreparePool is up, in its
         worker processes (a PendingGroup: its items once a worker has built them)."""
-        items = [self._screened(lineno, raw) for lineno, raw in group]
+        items = []
+        for lineno, raw in group:
+            items.append(self._screened(lineno, raw))
+            time.sleep(0)  # a line's JSON holds the GIL: hand it to the engine's thread if it waits (build_lines)
         todo = [i for i, item in enumerate(items) if isinstance(item, Line)]
         lines = [(group[i][0], item) for i in todo if isinstance(item := items[i], Line)]
         pool = self.pool
