@@ -2,6 +2,7 @@
 job's thread, bounded, stopped and resumed cleanly, one line's fault only that line's, no thread left behind."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import io
@@ -366,3 +367,50 @@ def test_a_template_job_built_by_workers_writes_what_the_thread_writes(tmp_path,
     assert sum("text" in rec for rec in workers) == len(docs) > 1
     r, _ = gen(tmp_path, lines[:1], "--prepare-workers", "many")
     assert r.exit_code == ExitCode.FATAL and "job.prepare_workers = 'many' is invalid" in r.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="lists processes through /proc")
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_the_worker_processes_end_with_the_job_however_it_ends(tmp_path, how):
+    """`flashgen generate --prepare-workers 2` as a process of its own: on SIGTERM mid-job it exits 130 with its
+    workers ended; killed with SIGKILL (nothing runs to end them), its workers see it gone and end within seconds
+    instead of staying behind on the node."""
+    import subprocess
+    import sys
+    import time
+
+    from flashgen.jobs.errors import ExitCode
+    from test_cli_support import proc_env, tiny_model, wait_for_lines
+    from test_data_parallel import ends_with_nothing_left, group_processes
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": f"request number {i}"}) + "\n" for i in range(3000)))
+    cmd = [sys.executable, "-m", "flashgen", "generate", str(src), "-o", str(out), "--model", tiny_model(),
+           "--device", "cpu", "--temperature", "0", "--max-tokens", "8", "--ignore-eos", "--max-num-seqs", "4",
+           "--prepare-workers", "2"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=proc_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        wait_for_lines(p, out, 3)
+        end = time.monotonic() + 60  # the workers are up (the job's process and its two workers at least)
+        while len(group_processes(p.pid)) < 3 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert len(group_processes(p.pid)) >= 3, group_processes(p.pid)
+    except BaseException:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    if how == "sigterm":
+        p.send_signal(signal.SIGTERM)
+        code, err = ends_with_nothing_left(p)
+        assert code == ExitCode.INTERRUPTED, err
+        return
+    p.kill()  # the job's process alone
+    p.wait()
+    end = time.monotonic() + 15
+    while (left := group_processes(p.pid)) and time.monotonic() < end:
+        time.sleep(0.1)
+    try:
+        assert left == [], f"processes left behind: {[open(f'/proc/{x}/cmdline').read() for x in left]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)

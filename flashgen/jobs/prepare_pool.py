@@ -19,6 +19,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
+import time
 from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -39,13 +41,24 @@ def auto_workers(on_gpu: bool) -> int:
     return 2 if on_gpu and (os.cpu_count() or 1) >= 4 else 0
 
 
-def _init(parser: LineParser) -> None:
+def _init(parser: LineParser, parent: int) -> None:
     global _PARSER
     # the job's process owns signals: it stops or drains the job, then ends the pool
     for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if s is not None:
             signal.signal(s, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="flashgen-orphan-watch",
+                     daemon=True).start()
     _PARSER = parser
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """End this worker once the job's process (`parent`, its pid given by the job: a worker still starting when
+    the job was killed has been handed to another parent already) is gone (killed with SIGKILL: nothing ended the
+    pool), instead of staying behind, blocked on its queue, on the scheduler's node."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 def _ready() -> bool:
@@ -85,7 +98,7 @@ class PreparePool:
         self.groups = 0  # groups handed to the workers
         self._log = log
         self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                                       initargs=(parser,))
+                                       initargs=(parser, os.getpid()))
         self._up: Future = self._ex.submit(_ready)  # done once a worker has its parser
 
     def ready(self) -> bool:
