@@ -9,7 +9,9 @@ thread, and on the main thread a loop of 2 ms GIL-free waits (time.sleep, as the
 prints how late the main thread gets going again after each wait: with no preparation running, and with it at
 switch intervals of 5, 1 and 0.5 ms, next to the preparation's rate; then with the lines built in worker processes
 (flashgen.jobs.prepare_pool, `--workers N`, 2 by default): the thread only reads each line's id (head) and hands the
-groups to the workers, four groups in flight, as the job's preparation thread does with --prepare-workers N.
+groups to the workers, four groups in flight, as the job's preparation thread does with --prepare-workers N. The last
+column is the preparing thread's own CPU time a line (time.thread_time): its Python work, which holds the GIL (the
+tokenizer's encode_batch runs on its own threads, outside the GIL).
 
     PYTHONPATH=. python3 tools/probes/gil_probe.py TOKENIZER_DIR [--lines 2000] [--workers 2]
 """
@@ -67,12 +69,15 @@ def main() -> None:
 
         def prepare_all() -> float:
             t = time.perf_counter()
+            cpu = time.thread_time()
             for g in range(0, len(raws), PREPARE_GROUP):
                 items = [parser.build(parser.head(g + i, r), defer=True)
                          for i, r in enumerate(raws[g:g + PREPARE_GROUP])]
                 parser.encode_pending(items)
+            cpu_ms[0] = 1e3 * (time.thread_time() - cpu) / len(raws)
             return time.perf_counter() - t
 
+        cpu_ms = [0.0]  # the preparing thread's CPU time a line in the last run (GIL held, less the tokenizer's)
         alone = prepare_all()
         print(f"{len(raws)} extract lines prepared in {alone:.2f} s on one thread ({1e3 * alone / len(raws):.2f} ms "
               "a line)")
@@ -81,12 +86,13 @@ def main() -> None:
         idle.start()
         base = lateness(stop)
         idle.join()
-        print(f"{'switch interval':<18}{'mean late':>11}{'p90':>9}{'max':>9}{'waits':>7}{'prep s':>8}")
+        print(f"{'switch interval':<18}{'mean late':>11}{'p90':>9}{'max':>9}{'waits':>7}{'prep s':>8}"
+              f"{'thread CPU/line':>17}")
 
         def row(name: str, late: list[float], prep_s: str) -> None:
             p90 = sorted(late)[9 * len(late) // 10]
             print(f"{name:<18}{1e3 * statistics.fmean(late):>9.3f}ms{1e3 * p90:>7.3f}ms{1e3 * max(late):>7.2f}ms"
-                  f"{len(late):>7}{prep_s:>8}")
+                  f"{len(late):>7}{prep_s}")
 
         row("(no preparation)", base, "")
         for si in (0.005, 0.001, 0.0005):
@@ -102,7 +108,7 @@ def main() -> None:
             prep.start()
             late = lateness(done)
             prep.join()
-            row(f"{si * 1e3:g} ms", late, f"{took[0]:.2f}")
+            row(f"{si * 1e3:g} ms", late, f"{took[0]:>8.2f}{cpu_ms[0]:>14.3f} ms")
         sys.setswitchinterval(0.005)
         if a.workers:
             pool = PreparePool(parser, a.workers)
@@ -110,6 +116,7 @@ def main() -> None:
 
             def pooled() -> float:
                 t = time.perf_counter()
+                cpu = time.thread_time()
                 flight: deque = deque()
                 for g in range(0, len(raws), PREPARE_GROUP):
                     group = list(enumerate(raws[g:g + PREPARE_GROUP], g))
@@ -120,6 +127,7 @@ def main() -> None:
                         flight.popleft().result()
                 for f in flight:
                     f.result()
+                cpu_ms[0] = 1e3 * (time.thread_time() - cpu) / len(raws)
                 return time.perf_counter() - t
 
             pooled()  # the workers warm
@@ -134,7 +142,7 @@ def main() -> None:
             prep.start()
             late = lateness(done)
             prep.join()
-            row(f"{a.workers} workers, 5 ms", late, f"{took[0]:.2f}")
+            row(f"{a.workers} workers, 5 ms", late, f"{took[0]:>8.2f}{cpu_ms[0]:>14.3f} ms")
             pool.close()
 
 
