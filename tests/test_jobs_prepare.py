@@ -414,3 +414,24 @@ def test_the_worker_processes_end_with_the_job_however_it_ends(tmp_path, how):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_a_parser_the_workers_cannot_take_leaves_the_lines_to_the_thread():
+    """A parser that does not pickle (a caller's own tokenizer object, say) cannot go to worker processes: the job
+    says so once and builds its lines on the preparation thread, with the same output."""
+    class Unpicklable(LineParser):
+        def __reduce__(self):
+            raise TypeError("this tokenizer stays in its process")
+
+    data = b"".join(json.dumps({"id": i, "prompt": f"p {i}"}).encode() + b"\n" for i in range(50))
+    outs, notes = [], []
+    for parser_type, workers in ((LineParser, 0), (Unpicklable, 2)):
+        llm = fake_llm(max_num_seqs=4, steps=lambda rid: 1 + int(rid) % 6)
+        sink = io.BytesIO()
+        runner = Runner(llm, parser_type(llm.tokenizer, llm.max_model_len, DEFAULTS), OrderedWriter(sink),
+                        JobStats(), max_in_flight=16, prepare_workers=workers, log=notes.append)
+        assert runner.run(read_lines(io.BytesIO(data)), IdSet()) == "ok"
+        outs.append(sink.getvalue())
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 50 and runner.pool_groups == 0
+    assert len(notes) == 1 and "could not start" in notes[0] and "stays in its process" in notes[0]
+    assert job_threads() == []
