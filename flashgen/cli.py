@@ -172,8 +172,7 @@ def generate(
                                              rich_help_panel=JOB),
     prepare_workers: str | None = typer.Option(None, metavar="N", rich_help_panel=JOB,
                                                help="Processes that check, template and tokenize lines ahead of the "
-                                                    "engine (auto = 2 beside a GPU engine, 0 on the CPU; 0 = a "
-                                                    "thread of this process)."),
+                                                    "engine (0 = a thread of this process; auto = 0 for now)."),
     ray: str | None = typer.Option(None, "--ray", metavar="ADDRESS", rich_help_panel=JOB,
                                    help="Run the job over a Ray cluster (pip install 'flashgen[ray]'): auto = the "
                                         "running cluster, local = start one here, or the cluster's address."),

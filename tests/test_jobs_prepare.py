@@ -297,7 +297,10 @@ def pool_first(monkeypatch) -> None:
     real = PreparePool.ready
 
     def ready(self):
-        self._up.result(120)
+        try:
+            self._up.result(120)
+        except Exception:  # noqa: BLE001 - a pool that could not start: ready() says so
+            pass
         return real(self)
 
     monkeypatch.setattr(PreparePool, "ready", ready)
@@ -433,5 +436,5 @@ def test_a_parser_the_workers_cannot_take_leaves_the_lines_to_the_thread():
         assert runner.run(read_lines(io.BytesIO(data)), IdSet()) == "ok"
         outs.append(sink.getvalue())
     assert outs[0] == outs[1] and len(outs[0].splitlines()) == 50 and runner.pool_groups == 0
-    assert len(notes) == 1 and "could not start" in notes[0] and "stays in its process" in notes[0]
+    assert len(notes) == 1 and "processes failed" in notes[0] and "stays in its process" in notes[0]
     assert job_threads() == []

@@ -135,7 +135,7 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
         parser = make_parser(llm, setup, job)
         workers = prepare_workers(job["prepare_workers"])
         if workers is None:
-            workers = auto_workers(_engine_on_gpu(llm))
+            workers = auto_workers()
         writer = OrderedWriter(open_output(plan, results), job["order"], path=plan.path)
         show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
         progress = JobProgress(show and not job["quiet"], total, console)
@@ -214,20 +214,6 @@ def prepare_workers(value: Any, where: str = "settings") -> int | None:
         raise FatalError(f"{where}: job.prepare_workers = {value!r} is invalid; use auto, 0 (a thread of the job's "
                          f"process) or a number of processes up to {MAX_PREPARE_WORKERS}")
     return n
-
-
-def _engine_on_gpu(llm) -> bool:
-    """Whether the job's engine runs on a GPU (its runner's device; a data-parallel front's configuration)."""
-    runner = getattr(getattr(llm, "engine", None), "runner", None)
-    if runner is not None:
-        return getattr(runner, "device", None) is not None and runner.device.type == "cuda"
-    config = getattr(llm, "config", None)
-    device = str(getattr(config, "device", "cpu"))
-    if device == "auto":
-        import torch
-
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
 
 
 def make_parser(llm, setup: JobSetup, job: dict[str, Any]) -> LineParser:

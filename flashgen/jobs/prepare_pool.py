@@ -2,17 +2,20 @@
 
 The preparation thread (flashgen.jobs.source.Prepared) runs Python for every line: JSON, checks, the chat template,
 the tokenizer's wrapper. The engine's thread shares that process's GIL, and it gives the GIL up in every torch call
-of a step; each time the preparation thread holds it, the engine's next launch waits. `PreparePool` moves the costly
-part out of the process: the job's thread still reads each line's id and screens it (flashgen.jobs.runner.LineScreen:
-duplicates and --resume need the lines in order, and cost one JSON parse), and the lines to build go, a group at a
-time, to `workers` spawned processes that run the same LineParser (pickled: the tokenizer, the sampling defaults,
-the --template by its path) and return the same items, in order. Several workers also build groups side by side.
+of a step; each time the preparation thread holds it, the engine's next launch waits. `PreparePool` (`--prepare-
+workers N`) moves the costly part out of the process: the job's thread still reads each line's id and screens it
+(flashgen.jobs.runner.LineScreen: duplicates and --resume need the lines in order, and cost one JSON parse), and the
+lines to build go, a group at a time, to `workers` spawned processes that run the same LineParser (pickled: the
+tokenizer, the sampling defaults, the --template by its path) and return the same items, in order. Several workers
+also build groups side by side.
 
-Start-up costs nothing: the workers start while the job's thread prepares the first groups itself, and take over
-once one of them is up. A worker that dies (a fault in the tokenizer's native code) breaks the pool: the groups it
-had are built again on the job's thread, and so is every later one (`broken` says why).
+Start-up costs nothing: the workers start on a thread of their own while the job's preparation thread builds the
+first groups itself, and take over once one of them is up. A worker that dies (a fault in the tokenizer's native
+code) breaks the pool: the groups it had are built again on the job's thread, and so is every later one (`broken`
+says why). A worker ends itself once the job's process is gone.
 
-Importing this module needs neither torch nor a GPU; the workers import only the jobs' input code.
+Importing this module needs neither torch nor a GPU; the workers import only the jobs' input code (and the job's
+main module, as every spawned process does, unless it is a package's __main__, as `python -m flashgen` is).
 """
 from __future__ import annotations
 
@@ -34,11 +37,13 @@ if TYPE_CHECKING:
 _PARSER: LineParser | None = None  # a worker's own parser (_init)
 
 
-def auto_workers(on_gpu: bool) -> int:
-    """[job] prepare_workers = auto: 2 processes beside a GPU engine where the machine has 4 cores or more (one
-    worker builds ~1,000 of the extract job's 1,200-token lines a second, more than the engine takes), none (the
-    job's thread) on the CPU, where the engine's own threads want the cores."""
-    return 2 if on_gpu and (os.cpu_count() or 1) >= 4 else 0
+def auto_workers() -> int:
+    """[job] prepare_workers = auto: 0, the preparation thread, for now. On an H100 machine (16 cores) the workers
+    halved how late a thread waiting like the engine's got the GIL back (1.44 -> 0.69 ms on average) and cut the
+    engine's host time inside its launches, but the extract job at 0.3 of its lines took longer as a whole with
+    them (19.78 s against 15.03 s, one pair; an input stall of 2.6 s in it, and start-up waited for the workers
+    to boot, since fixed): BENCHMARKS.md, fifteenth session."""
+    return 0
 
 
 def _init(parser: LineParser, parent: int) -> None:
@@ -91,15 +96,45 @@ def unpack_ids(items: list) -> None:
 
 
 class PreparePool:
-    """`workers` processes that build screened lines (`submit`), each with its own copy of `parser`."""
+    """`workers` processes that build screened lines (`submit`), each with its own copy of `parser`.
+
+    The processes are started on a thread of their own: starting one writes the pickled parser to it, which waits
+    until its interpreter is up and reading (~0.5 s a worker on a 2-core CPU, more where the job's main module
+    imports torch), and the job's thread must not wait for that. Until a worker is up, `ready` is False."""
 
     def __init__(self, parser: LineParser, workers: int, log: Callable[[str], None] = lambda s: None):
         self.broken: str | None = None
         self.groups = 0  # groups handed to the workers
         self._log = log
-        self._ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                                       initargs=(parser, os.getpid()))
-        self._up: Future = self._ex.submit(_ready)  # done once a worker has its parser
+        self._ex: ProcessPoolExecutor | None = None
+        self._up: Future = Future()  # done once a worker has its parser (or the start failed)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._starter = threading.Thread(target=self._start, args=(parser, workers, os.getpid()),
+                                         name="flashgen-prepare-start", daemon=True)
+        self._starter.start()
+
+    def _start(self, parser: LineParser, workers: int, parent: int) -> None:
+        try:
+            ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                                     initargs=(parser, parent))
+            first = ex.submit(_ready)
+        except BaseException as e:  # noqa: BLE001 - e.g. a parser that does not pickle: the thread builds
+            self._up.set_exception(e)
+            return
+        with self._lock:
+            self._ex = ex
+            closed = self._closed
+        if closed:  # the job ended while the workers started
+            ex.shutdown(wait=False, cancel_futures=True)
+        first.add_done_callback(self._started)
+
+    def _started(self, first: Future) -> None:
+        e = first.exception()
+        if e is not None:
+            self._up.set_exception(e)
+        else:
+            self._up.set_result(True)
 
     def ready(self) -> bool:
         """Whether a worker is up to take groups (until then, and once broken, the caller builds them itself)."""
@@ -112,7 +147,8 @@ class PreparePool:
         return True
 
     def submit(self, lines: list[tuple[int, bytes | LongLine]]) -> Future:
-        """A future of the lines' items, as build_lines gives them; raises BrokenProcessPool once broken."""
+        """A future of the lines' items, as _build gives them; raises BrokenProcessPool once broken."""
+        assert self._ex is not None, "only once ready()"
         fut = self._ex.submit(_build, lines)
         self.groups += 1
         return fut
@@ -125,8 +161,13 @@ class PreparePool:
                       "job's own process from here on")
 
     def close(self) -> None:
-        """End the workers without waiting for groups still queued (their lines were never admitted)."""
-        self._ex.shutdown(wait=False, cancel_futures=True)
+        """End the workers without waiting for groups still queued (their lines were never admitted); workers
+        still starting are ended once started."""
+        with self._lock:
+            self._closed = True
+            ex = self._ex
+        if ex is not None:
+            ex.shutdown(wait=False, cancel_futures=True)
 
 
 def is_broken(e: BaseException) -> bool:

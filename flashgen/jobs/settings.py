@@ -97,9 +97,8 @@ JOB = {
     "drain": Option(False, "on SIGINT/SIGTERM/SIGHUP finish the lines in flight first; false = drop them at "
                     "once (--resume reruns them)"),
     "data_parallel": Option("1", "engine processes fed by this job, one per GPU (auto = one per visible GPU)"),
-    "prepare_workers": Option("auto", "processes that check, template and tokenize lines ahead of the engine; auto = 2 "
-                              "beside a GPU engine (4 cores or more), 0 on the CPU; 0 = a thread of the job's "
-                              "process"),
+    "prepare_workers": Option("auto", "processes that check, template and tokenize lines ahead of the engine; 0 = a "
+                              "thread of the job's process; auto = 0 for now (measured: BENCHMARKS.md)"),
     "ray": Option("", "run the job over a Ray cluster with Ray Data: auto = the running cluster, local = start one "
                   "here, or the cluster's address; \"\" = no Ray (needs flashgen[ray])"),
     "ray_actors": Option(0, "engines (Ray actors) of a --ray job; 0 = one per GPU of the cluster (tensor_parallel_size "
