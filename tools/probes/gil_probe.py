@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from flashgen.bench.jobs import WORKLOADS, _model_dir, line_of, make_texts
@@ -94,21 +95,25 @@ def main() -> None:
             print(f"{name:<18}{1e3 * statistics.fmean(late):>9.3f}ms{1e3 * p90:>7.3f}ms{1e3 * max(late):>7.2f}ms"
                   f"{len(late):>7}{prep_s}")
 
-        row("(no preparation)", base, "")
-        for si in (0.005, 0.001, 0.0005):
-            sys.setswitchinterval(si)
+        def beside(name: str, prepare: Callable[[], float]) -> None:
+            """`prepare` on a thread, the lateness measured meanwhile: one row."""
             done = threading.Event()
             took: list[float] = []
 
-            def run(took=took, done=done) -> None:
-                took.append(prepare_all())
+            def run() -> None:
+                took.append(prepare())
                 done.set()
 
             prep = threading.Thread(target=run)
             prep.start()
             late = lateness(done)
             prep.join()
-            row(f"{si * 1e3:g} ms", late, f"{took[0]:>8.2f}{cpu_ms[0]:>14.3f} ms")
+            row(name, late, f"{took[0]:>8.2f}{cpu_ms[0]:>14.3f} ms")
+
+        row("(no preparation)", base, "")
+        for si in (0.005, 0.001, 0.0005):
+            sys.setswitchinterval(si)
+            beside(f"{si * 1e3:g} ms", prepare_all)
         sys.setswitchinterval(0.005)
         if a.workers:
             pool = PreparePool(parser, a.workers)
@@ -131,18 +136,7 @@ def main() -> None:
                 return time.perf_counter() - t
 
             pooled()  # the workers warm
-            done = threading.Event()
-            took = []
-
-            def run_pooled(took=took, done=done) -> None:
-                took.append(pooled())
-                done.set()
-
-            prep = threading.Thread(target=run_pooled)
-            prep.start()
-            late = lateness(done)
-            prep.join()
-            row(f"{a.workers} workers, 5 ms", late, f"{took[0]:>8.2f}{cpu_ms[0]:>14.3f} ms")
+            beside(f"{a.workers} workers, 5 ms", pooled)
             pool.close()
 
 
