@@ -98,9 +98,10 @@ def unpack_ids(items: list) -> None:
 class PreparePool:
     """`workers` processes that build screened lines (`submit`), each with its own copy of `parser`.
 
-    The processes are started on a thread of their own: starting one writes the pickled parser to it, which waits
-    until its interpreter is up and reading (~0.5 s a worker on a 2-core CPU, more where the job's main module
-    imports torch), and the job's thread must not wait for that. Until a worker is up, `ready` is False."""
+    The processes are started on a thread of their own, all of them at once: starting one writes the pickled parser
+    to it, which waits until its interpreter is up and reading (~0.5 s a worker on a 2-core CPU, more where the
+    job's main module imports torch), and neither the job's thread nor the preparation thread may wait for that.
+    Until a worker is up, `ready` is False."""
 
     def __init__(self, parser: LineParser, workers: int, log: Callable[[str], None] = lambda s: None):
         self.broken: str | None = None
@@ -118,7 +119,10 @@ class PreparePool:
         try:
             ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
                                      initargs=(parser, parent))
-            first = ex.submit(_ready)
+            # A spawning executor starts a process inside submit() while none is idle, up to `workers`: one task
+            # each now starts them all here. Left to the groups' submits, the second worker's start held the
+            # preparation thread ~2.6 s on the H100 machine (BENCHMARKS.md, fifteenth session).
+            first = [ex.submit(_ready) for _ in range(workers)]
         except BaseException as e:  # noqa: BLE001 - e.g. a parser that does not pickle: the thread builds
             self._up.set_exception(e)
             return
@@ -127,7 +131,7 @@ class PreparePool:
             closed = self._closed
         if closed:  # the job ended while the workers started
             ex.shutdown(wait=False, cancel_futures=True)
-        first.add_done_callback(self._started)
+        first[0].add_done_callback(self._started)
 
     def _started(self, first: Future) -> None:
         e = first.exception()
