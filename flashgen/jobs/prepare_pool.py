@@ -41,8 +41,9 @@ def auto_workers() -> int:
     """[job] prepare_workers = auto: 0, the preparation thread, for now. On an H100 machine (16 cores) the workers
     halved how late a thread waiting like the engine's got the GIL back (1.44 -> 0.69 ms on average) and cut the
     engine's host time inside its launches, but the extract job at 0.3 of its lines took longer as a whole with
-    them (19.78 s against 15.03 s, one pair; an input stall of 2.6 s in it, and start-up waited for the workers
-    to boot, since fixed): BENCHMARKS.md, fifteenth session."""
+    them (19.78 s against 15.03 s, one pair): start-up waited for the workers to boot, and the preparation thread
+    for the second one's (a 2.6 s stall), both fixed since and not yet measured on a GPU: BENCHMARKS.md, fifteenth
+    session."""
     return 0
 
 
