@@ -155,3 +155,15 @@ def test_an_engine_never_closed_still_lets_the_process_exit(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     rc, err = ends_with_nothing_left(p)
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("value", ["x", "0", "-2"])
+def test_a_bad_data_parallel_value_is_one_plain_error(tmp_path, value):
+    """Not a model-load failure wrapping a FatalError: the option, its value and what to give instead."""
+    from flashgen.jobs.errors import ExitCode
+    from test_cli_support import gen
+
+    r, recs = gen(tmp_path, [{"id": 1, "prompt": "hi"}], "--data-parallel", value)
+    assert r.exit_code == ExitCode.FATAL and recs == []
+    assert f"job.data_parallel = '{value}' is invalid; use a positive integer" in r.stderr
+    assert "cannot load model" not in r.stderr

@@ -41,9 +41,13 @@ def resolve_data_parallel(value: str | int, config: EngineConfig) -> int:
     if str(value) == "auto":
         on_cpu = config.device == "cpu" or not torch.cuda.is_available()
         return 1 if on_cpu else torch.cuda.device_count()
-    n = int(value)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
     if n < 1:
-        raise ValueError(f"data_parallel={value!r} is invalid; use a positive integer or auto")
+        raise ValueError(f"data_parallel = {value!r} is invalid; use a positive integer (engine processes), or auto "
+                         "(one per visible GPU)")
     return n
 
 

@@ -304,11 +304,11 @@ def _load_model(model: str | None, engine: dict, data_parallel: str = "1"):
         try:
             n = resolve_data_parallel(data_parallel, config)
         except ValueError as e:
-            raise FatalError(f"data_parallel: {e}") from None
+            raise FatalError(f"job.{e}") from None
         if n > 1:
             return DataParallelLLM(config, n)
         return LLM(config=config)
-    except Interrupted:
+    except (Interrupted, FatalError):
         raise
     except Exception as e:
         from flashgen.models.errors import ModelLoadError
