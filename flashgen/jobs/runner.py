@@ -167,27 +167,13 @@ class Runner:
         self.pool_groups = 0                                        # groups its workers built (the last run)
         self._source: LineSource | None = None
 
-    def _unexpected(self, lineno: int, line: Line | LineRequest | None, e: Exception) -> LineError:
-        return unexpected_error(self.parser, lineno, line, e)
-
     def classify(self, lineno: int, raw: bytes | LongLine) -> object:
         """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
         gets a duplicate_id error record (carrying that id) and does not run. An unreadable line's stand-in id
-        (its line number) claims nothing, so it cannot make a good line with that id a duplicate."""
-        return self._item(lineno, raw, defer=False)
-
-    def _item(self, lineno: int, raw: bytes | LongLine, defer: bool) -> object:
-        """classify(), its prompt left to encode later when `defer` (LineParser.build): an exception no check
-        expects is that line's internal_error record."""
+        (its line number) claims nothing, so it cannot make a good line with that id a duplicate. An exception no
+        check expects is that line's internal_error record (build_lines)."""
         item = self._screened(lineno, raw)
-        if not isinstance(item, Line):
-            return item
-        try:
-            return self.parser.build(item, defer=defer)
-        except MemoryError:
-            raise
-        except Exception as e:
-            return self._unexpected(lineno, item, e)
+        return build_lines(self.parser, [(lineno, item)])[0] if isinstance(item, Line) else item
 
     def _screened(self, lineno: int, raw: bytes | LongLine) -> object:
         """Phase 1 of a line (LineParser.head, then LineScreen): its error record, SKIP, or the Line to build."""
@@ -198,7 +184,7 @@ class Runner:
         except MemoryError:
             raise
         except Exception as e:
-            return self._unexpected(lineno, line, e)
+            return unexpected_error(self.parser, lineno, line, e)
 
     def prepare(self, group: list[tuple[int, bytes | LongLine]]) -> list[object] | PendingGroup:
         """classify() of each line of a group, in order (the same items), for the preparation thread: each line
