@@ -215,12 +215,8 @@ class Runner:
         # the reader need not run far ahead of the preparation thread, which holds up to `ahead` lines itself
         source = self._source = LineSource(lines, maxsize=min(self.max_in_flight, 2 * PREPARE_GROUP
                                                               if self.prepare_ahead else 1024))
-        if self.prepare_workers > 0:
-            try:
-                self.pool = PreparePool(self.parser, self.prepare_workers, self.log)
-            except Exception as e:  # noqa: BLE001 - e.g. a parser that cannot be pickled: the thread builds
-                self.log(f"flashgen: the line preparation processes could not start ({type(e).__name__}: {e}); "
-                         "preparing lines in the job's own process")
+        if self.prepare_workers > 0:  # started in the background; a start that fails leaves the lines to the thread
+            self.pool = PreparePool(self.parser, self.prepare_workers, self.log)
         feed = self.prepared = Prepared(source, self.prepare, self.ahead, PREPARE_GROUP) if self.prepare_ahead \
             else None
         exhausted, stop = False, None
