@@ -133,16 +133,13 @@ def _run(settings: Settings, input_path, output_path, overwrite, stats: JobStats
             log(f"flashgen: {llm.describe()}")
         stats.model = getattr(llm, "model_name", model or "")
         parser = make_parser(llm, setup, job)
-        workers = prepare_workers(job["prepare_workers"])
-        if workers is None:
-            workers = auto_workers()
         writer = OrderedWriter(open_output(plan, results), job["order"], path=plan.path)
         show = job["progress"] == "on" or (job["progress"] == "auto" and sys.stderr.isatty())
         progress = JobProgress(show and not job["quiet"], total, console)
         runner = Runner(llm, parser, writer, stats,
                         max_in_flight=job["max_in_flight"] or 4 * engine["max_num_seqs"],
                         max_errors=job["max_errors"], return_token_ids=job["return_token_ids"], progress=progress,
-                        signals=signals, drain=job["drain"], log=log, prepare_workers=workers)
+                        signals=signals, drain=job["drain"], log=log, prepare_workers=setup.prepare_workers)
         stats.started = True
         lines = read_lines(in_stream, job["max_line_bytes"])
         if shard is not None:
@@ -174,13 +171,14 @@ class JobSetup:
     defaults: dict[str, Any]  # SamplingParams keyword arguments: the sampling defaults every line starts from
     template: Any             # the compiled --template, or None
     fingerprint: str          # what changes a line's result besides the line (flashgen.jobs.fingerprint)
+    prepare_workers: int = 0  # processes building lines for the preparation thread (auto resolved)
 
 
 def prepare(settings: Settings) -> JobSetup:
     """Check the sampling defaults, engine options and template, and resolve them; FatalError naming the fix."""
     job, engine = settings.job, dict(settings.engine)
     where = settings.sources.get("job.prepare_workers", "settings")
-    prepare_workers(job["prepare_workers"], "command line" if where == "flag" else where)  # checked now
+    workers = prepare_workers(job["prepare_workers"], "command line" if where == "flag" else where)
     defaults = defaults_from_settings(settings.sampling, settings.sources)  # reads --json-schema / --grammar
     if defaults["seed"] is None:  # every line gets its own seed (see params.line_seed): none depends on batching
         defaults["seed"] = settings.engine["seed"]
@@ -195,7 +193,7 @@ def prepare(settings: Settings) -> JobSetup:
 
         template = load_template(job["template"])
     fingerprint = job_fingerprint(defaults, job["template"], job["field"], job["chat"], job["system"])
-    return JobSetup(model, engine, defaults, template, fingerprint)
+    return JobSetup(model, engine, defaults, template, fingerprint, auto_workers() if workers is None else workers)
 
 
 MAX_PREPARE_WORKERS = 64
