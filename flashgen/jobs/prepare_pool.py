@@ -72,7 +72,7 @@ def _ready() -> bool:
 
 
 def _build(lines: list[tuple[int, bytes | LongLine]]) -> list:
-    """The lines' items (build_lines), each request's prompt ids as an array of int32 (`packed_ids`)."""
+    """The lines' items (build_lines), each request's prompt ids as an array of int32 (unpack_ids undoes it)."""
     from flashgen.jobs.inputs import LineRequest
     from flashgen.jobs.runner import build_lines
 
