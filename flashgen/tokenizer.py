@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,10 +50,161 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+class PieceCache:
+    """Token ids of long pieces of text that recur across prompts (a job's shared system message), so that each is
+    tokenized once instead of once a line.
+
+    The tokenizers library first cuts a text at its added tokens (the special tokens a chat template writes: those
+    not normalized), then runs the normalizer, the pre-tokenizer and the model on each piece by itself. A text's ids
+    are therefore its pieces' ids and its added tokens', in order, and any run of whole pieces can be tokenized on
+    its own. A piece of at least MIN_CHARS characters seen a second time is tokenized by itself and its ids kept
+    (least recently used out past MAX_CHARS characters in all); a text is then tokenized as the runs between its
+    kept pieces, all of a batch's runs and new pieces in one encode_batch call.
+
+    Only where a piece's ids cannot depend on what stands around it (`of` checks): not when an added token strips
+    whitespace beside it or must stand as a word (lstrip, rstrip, single_word), when the pre-tokenizer prepends only
+    to the text's first piece (Metaspace with prepend_scheme "first"), when special tokens are tokenized as text, or
+    when the model drops merges at random (BPE dropout); and only without add_special_tokens (the post-processor's
+    tokens go around the whole text). `of` also tokenizes a few texts both ways and gives up on any difference."""
+
+    MIN_CHARS = 256
+    MAX_CHARS = 1 << 23
+    SEEN = 4096  # hashes of long pieces seen once, remembered (oldest forgotten first)
+    PROBES = ("  lead and trail  ", "\n\ndigits 0123 and 4567\n", "naïve café 東京 🎉 ", " x", "\t", "end.  ")
+
+    def __init__(self, split: re.Pattern):
+        self._split = split
+        self._ids: dict[str, list[int]] = {}
+        self._chars = 0
+        self._seen: dict[int, None] = {}
+        self._lock = threading.Lock()
+        self.hits = 0        # pieces served from the cache
+        self.hit_chars = 0   # their characters
+
+    def __getstate__(self) -> dict:
+        """Pickled (a preparation worker, flashgen.jobs.prepare_pool) without its cache or its lock."""
+        return {"_split": self._split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["_split"])  # type: ignore[misc]
+
+    @classmethod
+    def of(cls, hf: HFTokenizer) -> PieceCache | None:
+        """A cache for `hf`, or None where a piece's ids may depend on its place (see the class)."""
+        if getattr(hf, "encode_special_tokens", False) or getattr(hf.model, "dropout", None):
+            return None
+        pre = hf.pre_tokenizer
+        if pre is not None:
+            def first_only(node) -> bool:
+                if isinstance(node, dict):
+                    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                        return True
+                    return any(first_only(v) for v in node.values())
+                return isinstance(node, list) and any(first_only(v) for v in node)
+            if first_only(json.loads(pre.__getstate__())):
+                return None
+        added = [t for t in hf.get_added_tokens_decoder().values() if t.content and not t.normalized]
+        if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
+            return None
+        # leftmost-longest, as the library matches them: at each place the longest token first
+        contents = sorted({t.content for t in added}, key=len, reverse=True)
+        cache = cls(re.compile("|".join(re.escape(c) for c in contents)))
+        sep = contents[-1]
+        probes = [(sep if i % 3 == 0 else "") + sep.join(cls.PROBES[i:] + cls.PROBES[:i]) + (sep if i % 2 else "")
+                  for i in range(len(cls.PROBES))]
+        whole = [e.ids for e in hf.encode_batch(probes, add_special_tokens=False)]
+        if cache._by_pieces(hf, probes, min_chars=1, keep=False) != whole:
+            return None
+        return cache
+
+    def encode_batch(self, hf: HFTokenizer, texts: list[str]) -> list[list[int]]:
+        """hf.encode_batch(texts, add_special_tokens=False)'s ids, the kept pieces not tokenized again."""
+        return self._by_pieces(hf, texts, self.MIN_CHARS, keep=True)
+
+    def _by_pieces(self, hf: HFTokenizer, texts: list[str], min_chars: int, keep: bool) -> list[list[int]]:
+        """Each text's ids from its runs and its long pieces; with keep=False every long piece is tokenized by
+        itself and nothing is kept (`of`'s check)."""
+        runs: list[str] = []
+        fresh: dict[str, int] = {}   # long pieces tokenized by themselves in this call: their index in `runs`
+        plans: list[list[int | list[int]]] = []  # each text's parts: an index in `runs`, or a kept piece's ids
+        with self._lock:
+            for text in texts:
+                plan: list[int | list[int]] = []
+                start = pos = 0  # start of the current run; start of the current piece
+                for m in [*self._split.finditer(text), None]:
+                    end = m.start() if m is not None else len(text)
+                    if end - pos >= min_chars:
+                        piece = text[pos:end]
+                        part = self._part(piece, fresh, runs) if keep else fresh.setdefault(piece, -1)
+                        if part is not None:
+                            if start < pos:
+                                plan.append(len(runs))
+                                runs.append(text[start:pos])
+                            if isinstance(part, int) and part < 0:  # keep=False: tokenized by itself
+                                part = fresh[piece] = len(runs)
+                                runs.append(piece)
+                            plan.append(part)
+                            start = end
+                    pos = m.end() if m is not None else end
+                if start < len(text) or not plan:
+                    plan.append(len(runs))
+                    runs.append(text[start:])
+                plans.append(plan)
+        ids = [e.ids for e in hf.encode_batch(runs, add_special_tokens=False)] if runs else []
+        if keep and fresh:
+            with self._lock:
+                for piece, i in fresh.items():
+                    self._keep(piece, ids[i])
+        out = []
+        for plan in plans:
+            row: list[int] = []
+            for part in plan:
+                row.extend(ids[part] if isinstance(part, int) else part)
+            out.append(row)
+        return out
+
+    def _part(self, piece: str, fresh: dict[str, int], runs: list[str]) -> int | list[int] | None:
+        """A long piece's part of its text: its kept ids, its index in `runs` (tokenized by itself now: the
+        second time it is seen), or None (seen once so far: it stays in its run)."""
+        ids = self._ids.get(piece)
+        if ids is not None:
+            self._ids[piece] = self._ids.pop(piece)  # most recently used
+            self.hits += 1
+            self.hit_chars += len(piece)
+            return ids
+        i = fresh.get(piece)
+        if i is not None:
+            return i
+        h = hash(piece)
+        if h not in self._seen:
+            self._seen[h] = None
+            if len(self._seen) > self.SEEN:
+                del self._seen[next(iter(self._seen))]
+            return None
+        fresh[piece] = len(runs)
+        runs.append(piece)
+        return fresh[piece]
+
+    def _keep(self, piece: str, ids: list[int]) -> None:
+        if piece in self._ids or len(piece) > self.MAX_CHARS:
+            return
+        self._ids[piece] = ids
+        self._chars += len(piece)
+        while self._chars > self.MAX_CHARS:
+            old = next(iter(self._ids))
+            self._chars -= len(old)
+            del self._ids[old]
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
         self._tok = _read_tokenizer(model_dir / "tokenizer.json")
+        # A truncation or padding that tokenizer.json asks for would cut or pad prompts silently: the engine checks
+        # lengths itself (as transformers does, which sets them per call)
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._pieces = PieceCache.of(self._tok)
         cfg = _read_config(model_dir / "tokenizer_config.json")
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
@@ -85,6 +238,8 @@ class Tokenizer:
         return self._tok.to_str()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not add_special_tokens and self._pieces is not None:
+            return self._pieces.encode_batch(self._tok, [text])[0]
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
         if add_special_tokens and self._prepend_bos and bos is not None and ids[:1] != [bos]:
@@ -92,7 +247,10 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """encode() of each text, in one call: the tokenizers library runs it outside the GIL, on all cores."""
+        """encode() of each text, in one call: the tokenizers library runs it outside the GIL, on all cores; a long
+        piece of text that recurs (a shared system message) is tokenized once (PieceCache)."""
+        if not add_special_tokens and self._pieces is not None:
+            return self._pieces.encode_batch(self._tok, texts)
         encs = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
         bos = self.bos_token_id
         if not (add_special_tokens and self._prepend_bos and bos is not None):
