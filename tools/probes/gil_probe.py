@@ -11,9 +11,17 @@ switch intervals of 5, 1 and 0.5 ms, next to the preparation's rate; then with t
 (flashgen.jobs.prepare_pool, `--workers N`, 2 by default): the thread only reads each line's id (head) and hands the
 groups to the workers, four groups in flight, as the job's preparation thread does with --prepare-workers N. The last
 column is the preparing thread's own CPU time a line (time.thread_time): its Python work, which holds the GIL (the
-tokenizer's encode_batch runs on its own threads, outside the GIL).
+tokenizer's encode_batch runs on its own threads, outside the GIL). The thread yields the GIL after each line, as the
+job's does. `late/s` is the lateness summed over the row's run, in ms a second: the engine's time lost.
 
-    PYTHONPATH=. python3 tools/probes/gil_probe.py TOKENIZER_DIR [--lines 2000] [--workers 2]
+With `--rate R` the preparation is paced as in a job whose engine takes R lines a second (a group starts no earlier
+than its lines are due), instead of running flat out: a job prepares only what its bounded window lets it.
+
+`--no-piece-cache` tokenizes every line's whole prompt (flashgen.tokenizer.PieceCache off: the shared system message
+tokenized again each line), as before the cache.
+
+    PYTHONPATH=. python3 tools/probes/gil_probe.py TOKENIZER_DIR [--lines 2000] [--workers 2] [--rate R]
+        [--no-piece-cache]
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from flashgen.jobs.params import defaults_from_settings
 from flashgen.jobs.prepare_pool import PreparePool
 from flashgen.jobs.runner import PREPARE_GROUP
 from flashgen.jobs.settings import load_settings
-from flashgen.tokenizer import Tokenizer
+from flashgen.tokenizer import PieceCache, Tokenizer
 
 
 def lateness(stop: threading.Event, wait_s: float = 0.002) -> list[float]:
@@ -52,8 +60,12 @@ def main() -> None:
     ap.add_argument("tokenizer")
     ap.add_argument("--lines", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-piece-cache", action="store_true")
+    ap.add_argument("--rate", type=float, default=0.0, help="lines a second the preparation is paced to (0: flat out)")
     a = ap.parse_args()
     w = WORKLOADS["extract"]
+    if a.no_piece_cache:
+        PieceCache.MIN_CHARS = sys.maxsize  # no piece is long enough to keep
     with tempfile.TemporaryDirectory() as d:
         mdir = _model_dir(str(Path(d) / "model"), Path(a.tokenizer), "tiny")
         tok = Tokenizer(mdir)
@@ -68,18 +80,26 @@ def main() -> None:
         raws = [json.dumps(line_of(w, i, instruction, t), ensure_ascii=False).encode() for i, t in enumerate(texts)]
         parser = LineParser(tok, 1 << 20, defaults_from_settings(load_settings(None, {}, "/").sampling))
 
-        def prepare_all() -> float:
+        def pace(t: float, g: int) -> None:
+            if a.rate:
+                time.sleep(max(0.0, t + g / a.rate - time.perf_counter()))
+
+        def prepare_all(paced: bool = True) -> float:
             t = time.perf_counter()
             cpu = time.thread_time()
             for g in range(0, len(raws), PREPARE_GROUP):
-                items = [parser.build(parser.head(g + i, r), defer=True)
-                         for i, r in enumerate(raws[g:g + PREPARE_GROUP])]
+                if paced:
+                    pace(t, g)
+                items = []
+                for i, r in enumerate(raws[g:g + PREPARE_GROUP]):
+                    items.append(parser.build(parser.head(g + i, r), defer=True))
+                    time.sleep(0)  # the GIL offered after each line, as flashgen.jobs.source.Prepared does
                 parser.encode_pending(items)
             cpu_ms[0] = 1e3 * (time.thread_time() - cpu) / len(raws)
             return time.perf_counter() - t
 
         cpu_ms = [0.0]  # the preparing thread's CPU time a line in the last run (GIL held, less the tokenizer's)
-        alone = prepare_all()
+        alone = prepare_all(paced=False)
         print(f"{len(raws)} extract lines prepared in {alone:.2f} s on one thread ({1e3 * alone / len(raws):.2f} ms "
               "a line)")
         stop = threading.Event()
@@ -87,13 +107,13 @@ def main() -> None:
         idle.start()
         base = lateness(stop)
         idle.join()
-        print(f"{'switch interval':<18}{'mean late':>11}{'p90':>9}{'max':>9}{'waits':>7}{'prep s':>8}"
+        print(f"{'switch interval':<18}{'mean late':>11}{'p90':>9}{'max':>9}{'waits':>7}{'late/s':>8}{'prep s':>8}"
               f"{'thread CPU/line':>17}")
 
-        def row(name: str, late: list[float], prep_s: str) -> None:
+        def row(name: str, late: list[float], prep_s: str, span: float = 1.0) -> None:
             p90 = sorted(late)[9 * len(late) // 10]
             print(f"{name:<18}{1e3 * statistics.fmean(late):>9.3f}ms{1e3 * p90:>7.3f}ms{1e3 * max(late):>7.2f}ms"
-                  f"{len(late):>7}{prep_s}")
+                  f"{len(late):>7}{1e3 * sum(late) / span:>8.1f}{prep_s}")
 
         def beside(name: str, prepare: Callable[[], float]) -> None:
             """`prepare` on a thread, the lateness measured meanwhile: one row."""
@@ -108,7 +128,7 @@ def main() -> None:
             prep.start()
             late = lateness(done)
             prep.join()
-            row(name, late, f"{took[0]:>8.2f}{cpu_ms[0]:>14.3f} ms")
+            row(name, late, f"{took[0]:>8.2f}{cpu_ms[0]:>14.3f} ms", took[0])
 
         row("(no preparation)", base, "")
         for si in (0.005, 0.001, 0.0005):
@@ -124,6 +144,7 @@ def main() -> None:
                 cpu = time.thread_time()
                 flight: deque = deque()
                 for g in range(0, len(raws), PREPARE_GROUP):
+                    pace(t, g)
                     group = list(enumerate(raws[g:g + PREPARE_GROUP], g))
                     for lineno, raw in group:
                         parser.head(lineno, raw)
