@@ -8,10 +8,12 @@ with the job's own LineParser, as flashgen.jobs.source.Prepared does, over and o
 flashgen.bench.jobs.GpuSteps: prefill steps, new tokens a step, the host's milliseconds inside each launch, the
 GPU's milliseconds a step, the launches the GPU reached before the host had finished queuing them, and the caching
 allocator's calls that wait for the GPU. With --profile, the host's functions inside the launches of the first
-quiet round (cProfile, by own time).
+quiet round (cProfile, by own time). With --kernels, one more quiet round under torch.profiler: the prefill
+steps' GPU time kernel by kernel (tools/probes/step_profile_probe.report), and the step's linear-layer FLOPs set
+against the kernels' time.
 
     PYTHONPATH=. python3 tools/probes/prefill_host_probe.py --tokenizer DIR [--shape qwen3-0.6b] [--rounds 4]
-        [--requests 480] [--profile] [--cpu]
+        [--requests 480] [--profile] [--kernels] [--cpu]
 """
 from __future__ import annotations
 
@@ -59,6 +61,28 @@ def preparer(mdir: Path, lines: int = 2000):
     return run
 
 
+def kernel_round(llm, shared: list[int], prompts: list[list[int]], sp) -> None:
+    """One quiet round under torch.profiler: the prefill steps' kernels by name, and the new tokens' linear-layer
+    FLOPs (2 x the layers' parameters a token) over the kernels' whole time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tools.probes.step_profile_probe import report
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, sp)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    new = sum(len(p) for p in prompts) - len(shared) * len(prompts)
+    spec = llm.engine.spec
+    per_layer = spec.hidden_size * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim \
+        + spec.num_heads * spec.head_dim * spec.hidden_size + 3 * spec.hidden_size * spec.intermediate_size
+    print(f"kernels round: {len(prompts)} requests, {new:,} new tokens, linear layers "
+          f"{2 * per_layer * spec.num_layers * new / 1e12:.2f} TFLOP, wall {wall:.3f} s")
+    report(prof, wall, 25)
+
+
 class _HostEvent:
     """A CUDA event's stand-in for --cpu: the host's clock."""
 
@@ -76,6 +100,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=480)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="a smoke run on the CPU (tiny shape, host clocks)")
     a = ap.parse_args()
     if a.cpu:
@@ -133,6 +158,9 @@ def main() -> None:
                 out = io.StringIO()
                 pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
                 print(out.getvalue())
+        if a.kernels:
+            kernel_round(llm, shared, [shared + [rng.randrange(3, vocab) for _ in range(rng.randrange(50, 301))]
+                                       for _ in range(a.requests)], sp)
         llm.close()
 
 
