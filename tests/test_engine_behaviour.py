@@ -340,6 +340,22 @@ def test_prompt_ids_take_integer_types_and_name_the_first_bad_id():
         prompt_ids([2**70], 10)
     with pytest.raises(ValueError, match="not an integer"):
         prompt_ids([1, np.float32(2)], 10)
+    # an int32 array (a job's prepared prompt) is checked without int objects and passed on as it is; the
+    # Sequence copies it, so the caller's array is not the sequence's
+    from array import array
+
+    from flashgen.engine.sequence import Sequence
+
+    arr = array("i", [5, 0, 9])
+    assert prompt_ids(arr, 10) is arr
+    seq = Sequence("s", None, arr, SamplingParams(), 16, 0)
+    seq.token_ids.append(3)
+    assert list(arr) == [5, 0, 9] and seq.token_ids.tolist() == [5, 0, 9, 3] and seq.output_token_ids == [3]
+    with pytest.raises(ValueError, match=r"token id 10 is outside the vocabulary \[0, 10\)"):
+        prompt_ids(array("i", [1, 10, -1]), 10)
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        prompt_ids(array("i", [1, -1, 10]), 10)
+    assert prompt_ids(array("q", [1, 2]), 10) == [1, 2]  # other integer arrays take the list path
 
 
 def test_running_reserve_is_the_growth_of_the_running_sequences():
@@ -355,7 +371,7 @@ def test_running_reserve_is_the_growth_of_the_running_sequences():
     for i in range(60):
         mt = rng.choice([None, 1, 5, 16, 17, 100, 1000])
         seq = Sequence(str(i), None, [3] * rng.randint(1, 690), SamplingParams(max_tokens=mt), 16, 0)
-        seq.token_ids += [PLACEHOLDER] * rng.randint(0, 3)
+        seq.token_ids.extend([PLACEHOLDER] * rng.randint(0, 3))
         sched.running.append(seq)
     want = 0.7 * sum(sched._growth(s) for s in sched.running)
     assert want > 0

@@ -157,7 +157,7 @@ def check_non_finite_logits_fail_only_their_line(llm):
 
     def hook(seqs, logits):
         for i, s in enumerate(seqs):
-            if s.token_ids[:len(poison)] == poison and s.num_output_tokens >= 2:
+            if s.token_ids[:len(poison)].tolist() == poison and s.num_output_tokens >= 2:
                 logits[i] = float("nan")
 
     llm.engine.runner.on_logits = hook
@@ -186,7 +186,7 @@ def test_an_exception_serving_one_request_fails_only_its_line(llm, monkeypatch, 
 
     def flaky(real):
         def call(tok, seq, *args):
-            if seq.token_ids[:len(target)] == target:
+            if seq.token_ids[:len(target)].tolist() == target:
                 raise RuntimeError("detokenizer fault")
             return real(tok, seq, *args)
         return call

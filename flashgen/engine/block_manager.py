@@ -18,11 +18,13 @@ class Block:
         self.block_id = block_id
         self.ref_count = 0
         self.hash = -1
-        self.token_ids: tuple[int, ...] = ()
+        self.token_ids = b""  # the block's token ids as int32 bytes (Sequence.token_ids' layout), when it is full
 
 
-def block_hash(token_ids: list[int], prev: int) -> int:
-    return hash((prev, tuple(token_ids)))
+def block_hash(token_ids: bytes, prev: int) -> int:
+    """A full block's identity: its token ids (int32 bytes: hashed in one pass, no int object a token) and the
+    identity of the block before it."""
+    return hash((prev, token_ids))
 
 
 class BlockManager:
@@ -43,7 +45,7 @@ class BlockManager:
         assert block.ref_count == 0
         if block.hash != -1 and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]
-        block.hash, block.token_ids, block.ref_count = -1, (), 1
+        block.hash, block.token_ids, block.ref_count = -1, b"", 1
         self.free_set.discard(block_id)
         return block
 
@@ -61,10 +63,11 @@ class BlockManager:
         assert not seq.block_table
         prev, miss, cached = -1, not (self.prefix_caching and seq.prefix_cache_ok), 0
         for i in range(seq.num_blocks):
-            tokens = seq.block_tokens(i)
-            h = block_hash(tokens, prev) if len(tokens) == self.block_size else -1
+            ids = seq.block_tokens(i)
+            tokens = ids.tobytes()
+            h = block_hash(tokens, prev) if len(ids) == self.block_size else -1
             hit = self.hash_to_block.get(h, -1) if not miss else -1
-            if hit == -1 or self.blocks[hit].token_ids != tuple(tokens):
+            if hit == -1 or self.blocks[hit].token_ids != tokens:
                 miss = True
             if miss:
                 block = self._take_free()
@@ -75,7 +78,7 @@ class BlockManager:
                     self.free_set.discard(hit)
                 block.ref_count += 1
             if h != -1:
-                block.hash, block.token_ids = h, tuple(tokens)
+                block.hash, block.token_ids = h, tokens
                 self.hash_to_block[h] = block.block_id
             prev = h
             seq.block_table.append(block.block_id)
@@ -112,7 +115,7 @@ class BlockManager:
             assert block.ref_count == 0, "only free blocks can be rewritten"
             if block.hash != -1 and self.hash_to_block.get(block.hash) == i:
                 del self.hash_to_block[block.hash]
-            block.hash, block.token_ids = -1, ()
+            block.hash, block.token_ids = -1, b""
 
     def can_append(self, seq: Sequence) -> bool:
         # the token to compute sits at position len-1; it opens a new block when (len-1) % block_size == 0
@@ -130,7 +133,7 @@ class BlockManager:
             return
         prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
         if prev != -1 or i == 0:
-            tokens = seq.block_tokens(i)
+            tokens = seq.block_tokens(i).tobytes()
             block = self.blocks[seq.block_table[i]]
-            block.hash, block.token_ids = block_hash(tokens, prev), tuple(tokens)
+            block.hash, block.token_ids = block_hash(tokens, prev), tokens
             self.hash_to_block[block.hash] = block.block_id

@@ -47,7 +47,7 @@ def decode_output(tok: Tokenizer, seq: Sequence, n_tokens: int) -> str:
     skip = seq.params.skip_special_tokens
     window = seq.detok_ids[seq.prefix_offset:]
     prefix = tok.decode(window, skip)
-    full = tok.decode(window + seq.token_ids[seq.num_prompt_tokens:n_tokens], skip)
+    full = tok.decode(window + seq.token_ids[seq.num_prompt_tokens:n_tokens].tolist(), skip)
     return full[len(prefix):] if len(full) > len(prefix) else ""
 
 

@@ -6,9 +6,12 @@ import dataclasses
 import operator
 import random
 import time
+from array import array
+from collections.abc import Sequence as Ids
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flashgen.config import EngineConfig
@@ -66,6 +69,7 @@ def _eos_ids(model_dir: Path, tok: Tokenizer) -> set[int]:
 
 def tokenize_prompt(tok: Tokenizer, prompt: str | list[int], vocab_size: int, max_model_len: int):
     """(text or None, token ids) of a prompt; ValueError saying what to fix when it cannot run."""
+    ids: Ids[int]
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty; give at least one character")
@@ -80,11 +84,19 @@ def tokenize_prompt(tok: Tokenizer, prompt: str | list[int], vocab_size: int, ma
     return text, ids
 
 
-def prompt_ids(prompt, vocab_size: int) -> list[int]:
-    """A prompt's token ids as a new list of ints; ValueError naming the first that is not an integer (a float
-    such as 3.7, or a bool, is refused rather than truncated) or not inside the vocabulary. Plain int lists, what
-    tokenizers and the job's lines give, are checked with C-level passes (their types, min, max): about half the
-    time of a Python loop over the ids, on the engine's thread that admits every line of a job."""
+def prompt_ids(prompt, vocab_size: int) -> Ids[int]:
+    """A prompt's token ids; ValueError naming the first that is not an integer (a float such as 3.7, or a bool, is
+    refused rather than truncated) or not inside the vocabulary. An int32 array (array("i"), what a job's prepared
+    lines hold) is checked by NumPy without an int object made per id, and returned as it is (the Sequence copies
+    it); anything else becomes a new list of ints, plain int lists checked with C-level passes (their types, min,
+    max): about half the time of a Python loop over the ids, on the engine's thread that admits every line of a
+    job."""
+    if isinstance(prompt, array) and prompt.typecode == "i":
+        a = np.frombuffer(prompt, dtype=np.int32) if len(prompt) else np.zeros(0, dtype=np.int32)
+        if len(a) and (a.min() < 0 or a.max() >= vocab_size):
+            bad = int(a[(a < 0) | (a >= vocab_size)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        return prompt
     ids = list(prompt)
     if ids and set(map(type, ids)) != {int}:  # NumPy or torch integers, or something that is not a token id
         ids = [_token_id(t) for t in ids]
@@ -329,7 +341,7 @@ class Engine:
         c0 = done[0]
         return RequestOutput(
             request_id=first.request_id, prompt=first.prompt,
-            prompt_token_ids=first.token_ids[:first.num_prompt_tokens], text=c0.text, token_ids=c0.token_ids,
+            prompt_token_ids=first.token_ids[:first.num_prompt_tokens].tolist(), text=c0.text, token_ids=c0.token_ids,
             finish_reason="error" if failed else c0.finish_reason, stop_reason=c0.stop_reason,
             num_cached_tokens=first_cached, error_code=failed.error_code if failed else None,
             error=failed.error if failed else None, logprobs=c0.logprobs,

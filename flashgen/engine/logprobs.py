@@ -74,7 +74,7 @@ class LogprobsList(abc.Sequence):
         self._tokens.append(token)
         self._k, self._text = k, text
 
-    def extend_packed(self, rows: torch.Tensor | np.ndarray, tokens: list[int], k: int, text) -> None:
+    def extend_packed(self, rows: torch.Tensor | np.ndarray, tokens: abc.Sequence[int], k: int, text) -> None:
         """Positions len(self) on at once: (n, 2 + 2k') float32 packed rows (pack_logprobs, k' >= k), their n
         tokens, the request's k and a token-text function. A prompt chunk brings up to 16k positions: the rows stay
         one array (a copy, so a pinned host buffer of the caller's is not held) and each position costs only a

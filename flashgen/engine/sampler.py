@@ -324,7 +324,7 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> Sampling
         b.rep_penalty = torch.tensor([p.repetition_penalty for p in ps], dtype=f32)
         b.seen_prompt = torch.zeros(len(seqs), V, dtype=torch.bool)
         for i, s in enumerate(seqs):
-            b.seen_prompt[i, torch.tensor(s.token_ids, dtype=torch.int64)] = True
+            b.seen_prompt[i, torch.from_numpy(np.array(s.token_ids, dtype=np.int64))] = True
     if any(p.presence_penalty or p.frequency_penalty for p in ps):
         b.presence = torch.tensor([p.presence_penalty for p in ps], dtype=f32)
         b.frequency = torch.tensor([p.frequency_penalty for p in ps], dtype=f32)

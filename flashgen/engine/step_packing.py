@@ -10,6 +10,7 @@ tables (NG x width), skip (B), suffix_lens (B).
 from __future__ import annotations
 
 import itertools
+from array import array
 
 import numpy as np
 import torch
@@ -84,8 +85,10 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
     tables = np.zeros((B, width), dtype=np.int64)
     tables[np.arange(width)[None, :] < np.asarray(nblocks)[:, None]] = np.fromiter(
         itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=sum(nblocks))
+    ids: array | list[int]
     if is_prefill:
-        ids, pos, slots, cu, want = [], [], [], [0], []
+        ids = array("i")  # the chunks' token ids: copied array to array, no int object made a token
+        pos, slots, cu, want = [], [], [0], []
         for s in seqs:
             start, n = s.num_computed_tokens, s.num_scheduled_tokens
             ids += s.token_ids[start:start + n]
@@ -124,8 +127,10 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
     longest = 0 if is_prefill else int(own.max())  # the decode plan's bound (StepContext.longest)
     header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), shared_prefix if groups else 0,
               longest]
+    head = [np.asarray(header, dtype=np.int64), np.frombuffer(ids, dtype=np.int32)] if isinstance(ids, array) \
+        else [np.asarray(header + ids, dtype=np.int64)]
     return torch.from_numpy(np.concatenate([
-        np.asarray(header + ids, dtype=np.int64), pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int64),
+        *head, pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int64),
         tables.ravel(), np.asarray(want, dtype=np.int64), *extra]))
 
 

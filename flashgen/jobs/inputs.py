@@ -12,7 +12,8 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -55,7 +56,9 @@ class LineRequest:
     id: Any
     key: str
     kind: str | None          # None: a plain line; else the OpenAI object ("chat.completion" / "text_completion")
-    prompt_ids: list[int] | None
+    # int32 ids (a PendingIds until encode_pending): an array holds no int object a token, pickles as one block of
+    # bytes to and from a preparation worker, and gives the collector nothing to walk while the line waits
+    prompt_ids: Sequence[int] | None
     params: Any               # SamplingParams
     request_hash: str = ""    # the line and the job's settings, hashed (flashgen.jobs.fingerprint): --resume checks it
 
@@ -350,7 +353,7 @@ class LineParser:
                                   f"(integers 0..{self.vocab_size - 1}); use ids from the model's tokenizer", name)
 
 
-    def _plain_ids(self, obj: dict, source: str | None) -> list[int]:
+    def _plain_ids(self, obj: dict, source: str | None) -> Sequence[int]:
         if source is None:
             return self.text_ids(render(self.template, self.template_name, obj), f"(template {self.template_name})")
         if source == "messages":
@@ -359,21 +362,21 @@ class LineParser:
             return self.token_ids(obj["prompt_token_ids"], "prompt_token_ids")
         return self._text_field(obj, source)
 
-    def _text_field(self, obj: dict, field: str) -> list[int]:
+    def _text_field(self, obj: dict, field: str) -> Sequence[int]:
         v = obj[field]
         if not isinstance(v, str):
             hint = ' (token ids go in "prompt_token_ids")' if isinstance(v, list) else ""
             raise BadLine("invalid_field", f'field "{field}" is {show(v)}; use a string{hint}', field)
         return self.text_ids(v, field)
 
-    def text_ids(self, text: str, field: str, chat: bool | None = None) -> list[int]:
+    def text_ids(self, text: str, field: str, chat: bool | None = None) -> Sequence[int]:
         if not text:
             raise BadLine("empty_prompt", f'field "{field}" is an empty string ""; give the prompt text', field)
         if self.chat if chat is None else chat:
             return self.chat_ids([{"role": "user", "content": text}], field)
         return self._encode(text, field, add_special_tokens=True)
 
-    def chat_ids(self, messages: Any, field: str) -> list[int]:
+    def chat_ids(self, messages: Any, field: str) -> Sequence[int]:
         if not isinstance(messages, list) or not messages:
             raise BadLine("empty_prompt" if messages == [] else "invalid_field",
                           f'field "{field}" is {show(messages)}; use a non-empty list of '
@@ -408,7 +411,7 @@ class LineParser:
                           f"{where}.content")
         return {**m, "content": content}
 
-    def token_ids(self, ids: Any, field: str) -> list[int]:
+    def token_ids(self, ids: Any, field: str) -> array:
         if not isinstance(ids, list) or not ids:
             code = "empty_prompt" if ids == [] else "invalid_field"
             raise BadLine(code, f'field "{field}" is {show(ids)}; use a non-empty list of token ids', field)
@@ -421,7 +424,7 @@ class LineParser:
                               field)
         return self._check_len(list(ids), field)
 
-    def _encode(self, text: str, field: str, add_special_tokens: bool) -> list[int]:
+    def _encode(self, text: str, field: str, add_special_tokens: bool) -> Sequence[int]:
         """Tokenize `text`, unless its size alone proves it longer than the context: a text of B UTF-8 bytes has at
         least B / (L * 3) tokens, L being the longest token in bytes (3: a normalizer such as NFC can merge up to
         three code points into one), so a 50 MB prompt is refused at once instead of after a minute of work."""
@@ -457,7 +460,7 @@ class LineParser:
                     break
         return self._token_bytes
 
-    def _check_len(self, ids: list[int], field: str) -> list[int]:
+    def _check_len(self, ids: Sequence[int], field: str) -> array:
         if not ids:
             raise BadLine("empty_prompt", f'field "{field}" tokenizes to no tokens; give the prompt text', field)
         if len(ids) >= self.max_model_len:
@@ -467,7 +470,7 @@ class LineParser:
                 f"{self.max_model_len} tokens, prompt and output together; shorten the prompt or raise "
                 "--max-model-len if the model allows it", field,
             )
-        return ids
+        return ids if isinstance(ids, array) and ids.typecode == "i" else array("i", ids)
 
 
 def _loads_or_none(text: str) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from flashgen.jobs.params import (
@@ -49,18 +50,18 @@ class Parser(Protocol):
 
     def check_token_ids(self, overrides: dict[str, Any], fields: dict[str, str]) -> None: ...
 
-    def chat_ids(self, messages: Any, field: str) -> list[int]: ...
+    def chat_ids(self, messages: Any, field: str) -> Sequence[int]: ...
 
-    def text_ids(self, text: str, field: str, chat: bool | None = None) -> list[int]: ...
+    def text_ids(self, text: str, field: str, chat: bool | None = None) -> Sequence[int]: ...
 
-    def token_ids(self, ids: Any, field: str) -> list[int]: ...
+    def token_ids(self, ids: Any, field: str) -> Sequence[int]: ...
 
 
 def is_batch_line(obj: dict) -> bool:
     return "custom_id" in obj or "body" in obj
 
 
-def parse(obj: dict, parser: Parser, key: str) -> tuple[str, list[int], Any]:
+def parse(obj: dict, parser: Parser, key: str) -> tuple[str, Sequence[int], Any]:
     """(object kind, prompt token ids, SamplingParams) for one batch line, or BadLine. Every field is checked before
     the prompt is tokenized."""
     for k, v in obj.items():

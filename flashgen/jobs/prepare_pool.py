@@ -24,7 +24,6 @@ import os
 import signal
 import threading
 import time
-from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -72,28 +71,14 @@ def _ready() -> bool:
 
 
 def _build(lines: list[tuple[int, bytes | LongLine]]) -> list:
-    """The lines' items (build_lines), each request's prompt ids as an array of int32 (unpack_ids undoes it)."""
-    from flashgen.jobs.inputs import LineRequest
+    """The lines' items (build_lines). Each request's prompt ids are an int32 array (LineParser._check_len), which
+    pickles as one block of bytes: as a list, unpickling a group's ~40,000 ints held the GIL ~1 ms at a time on the
+    pool's result thread, the stall this module exists to avoid; the engine takes the array as it is."""
     from flashgen.jobs.runner import build_lines
 
     assert _PARSER is not None, "the worker's initializer ran"
     parser = _PARSER
-    items = build_lines(parser, [(lineno, parser.head(lineno, raw)) for lineno, raw in lines])
-    for item in items:
-        if isinstance(item, LineRequest) and item.prompt_ids is not None:
-            item.prompt_ids = array("i", item.prompt_ids)  # type: ignore[assignment]
-    return items
-
-
-def unpack_ids(items: list) -> None:
-    """The job's side of _build: each request's prompt ids back to a list. The ids travel as int32 arrays, which
-    pickle as one block of bytes: as a list, unpickling a group's ~40,000 ints held the GIL ~1 ms at a time on the
-    pool's result thread, the stall this module exists to avoid (array.tolist makes the list in one C loop)."""
-    from flashgen.jobs.inputs import LineRequest
-
-    for item in items:
-        if isinstance(item, LineRequest) and isinstance(item.prompt_ids, array):
-            item.prompt_ids = item.prompt_ids.tolist()
+    return build_lines(parser, [(lineno, parser.head(lineno, raw)) for lineno, raw in lines])
 
 
 class PreparePool:

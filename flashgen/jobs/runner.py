@@ -34,7 +34,7 @@ from flashgen.jobs.fingerprint import KeyHashMap
 from flashgen.jobs.idset import IdSet
 from flashgen.jobs.inputs import Line, LineError, LineParser, LineRequest, LongLine, key_of
 from flashgen.jobs.openai_batch import completion_tokens
-from flashgen.jobs.prepare_pool import PreparePool, is_broken, result_or_none, unpack_ids
+from flashgen.jobs.prepare_pool import PreparePool, is_broken, result_or_none
 from flashgen.jobs.progress import JobProgress, JobStats
 from flashgen.jobs.records import error_record, result_record
 from flashgen.jobs.signals import SignalGuard
@@ -131,7 +131,6 @@ class PendingGroup:
             built = build_lines(self.parser, self.lines, yield_gil=True)
         if built is None:
             return None
-        unpack_ids(built)
         assert len(built) == len(self.todo), "one item per line"
         for i, item in zip(self.todo, built, strict=True):
             self.items[i] = item
