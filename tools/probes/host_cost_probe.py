@@ -1,12 +1,14 @@
 """Host time of two per-request costs on the engine's thread, on the CPU (no GPU needed):
 
 - admission: Engine.add_request of token-id prompts shaped like the extract job's (a shared 1,000-token
-  instruction plus 50-300 tokens), microseconds per request;
+  instruction plus 50-300 tokens), microseconds per request, as lists of ints (the LLM API) and as int32 arrays
+  (what a job's prepared lines hold);
 - detokenization: a sequence's text built token by token (detokenizer.detokenize_step, the path of requests with
   stop strings) against decoded once at the end (detokenizer.decode_output, every other request), microseconds per
   generated token, with a real BPE tokenizer;
 - packing a decode step (step_packing.pack_step) of 256 sequences behind one 1,024-token prefix (the extract
-  job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step;
+  job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step; and a prefill step
+  of 48 such prompts with their 1,022-token prefix cached (about 10,000 new tokens, ids of a 49,152 vocabulary);
 - the engine thread's phases of a whole job of 256 lines (schedule, commit, pack_step, launch, _process),
   milliseconds per call, with a tiny model on the CPU (launch includes the model's torch ops; on the CPU the engine
   never runs a step ahead of its tokens, so Scheduler.can_run_ahead is not among them).
@@ -30,7 +32,7 @@ from flashgen.engine.sequence import Sequence  # noqa: E402
 from flashgen.tokenizer import Tokenizer  # noqa: E402
 
 
-def admission_us(n: int = 400) -> float:
+def admission_us(n: int = 400, as_array: bool = False) -> float:
     from test_cli_support import tiny_model
 
     llm = LLM(model=tiny_model(), device="cpu", kv_cache_gb=0.5, max_num_seqs=256)
@@ -38,6 +40,10 @@ def admission_us(n: int = 400) -> float:
     shared = [rng.randrange(3, 250) for _ in range(1000)]
     prompts = [shared + [rng.randrange(3, 250) for _ in range(rng.randrange(50, 300))] for _ in range(n)]
     sp = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0)
+    if as_array:
+        from array import array
+
+        prompts = [array("i", p) for p in prompts]  # type: ignore[misc]
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         llm.add_request(f"r{i}", p, sp)
@@ -87,6 +93,29 @@ def pack_us(reps: int = 300) -> tuple[float, float]:
             pack_step(seqs, False, bs, decode_ids=ids, shared_prefix=SHARED_GROUP if grouped else 0)
         out.append((time.perf_counter() - t0) / reps * 1e6)
     return out[0], out[1]
+
+
+def prefill_pack_us(reps: int = 200) -> tuple[int, float]:
+    """(new tokens, median microseconds) of pack_step for a prefill step of 48 extract-shaped prompts whose
+    1,022-token prefix is cached, each computing the rest."""
+    import statistics
+
+    from flashgen.engine.step_packing import pack_step
+
+    bs, rng, seqs, nb = 64, random.Random(0), [], 0
+    for i in range(48):
+        n = rng.randrange(1089, 1336)
+        s = Sequence(str(i), None, [rng.randrange(300, 49152) for _ in range(n)], SamplingParams(), bs, 0)
+        s.block_table = list(range(nb, nb + -(-n // bs)))
+        nb += len(s.block_table)
+        s.num_computed_tokens, s.num_scheduled_tokens = 1022, n - 1022
+        seqs.append(s)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        pack_step(seqs, True, bs)
+        times.append(time.perf_counter() - t0)
+    return sum(s.num_scheduled_tokens for s in seqs), statistics.median(times) * 1e6
 
 
 def step_phases_ms(n: int = 256, tokens: int = 64) -> dict[str, tuple[int, float]]:
@@ -144,10 +173,14 @@ def main() -> None:
     print("engine thread, per call (256 sequences, 64 tokens each, tiny model on the CPU; launch includes the "
           "model): " + ", ".join(f"{k} {ms:.3f} ms x {c}" for k, (c, ms) in phases.items()))
     a = admission_us()
+    a_arr = admission_us(as_array=True)
     plain, grouped = pack_us()
     print(f"pack_step, a decode step of 256 sequences: {plain:.0f} us without groups, {grouped:.0f} us with them")
+    new, pf = prefill_pack_us()
+    print(f"pack_step, a prefill step of 48 sequences ({new:,} new tokens): {pf:.0f} us (median)")
     inc, once = detok_us(sys.argv[1])
-    print(f"add_request, 1,050-1,300-token id prompts: {a:.0f} us per request")
+    print(f"add_request, 1,050-1,300-token id prompts: {a:.0f} us per request as lists, {a_arr:.0f} us as int32 "
+          "arrays")
     print(f"detokenization: token by token {inc:.2f} us per token; decoded once at the end "
           + (f"{once:.2f} us per token" if once is not None else "n/a (not in this tree)"))
 
