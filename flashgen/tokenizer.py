@@ -68,7 +68,7 @@ class PieceCache:
     tokens go around the whole text). `of` also tokenizes a few texts both ways and gives up on any difference."""
 
     MIN_CHARS = 256
-    MAX_CHARS = 1 << 23
+    MAX_CHARS = 1 << 21  # ~2 M characters of kept pieces: ~0.5 M ids, a few tens of MB as Python lists at most
     SEEN = 4096  # hashes of long pieces seen once, remembered (oldest forgotten first)
     PROBES = ("  lead and trail  ", "\n\ndigits 0123 and 4567\n", "naïve café 東京 🎉 ", " x", "\t", "end.  ")
 
