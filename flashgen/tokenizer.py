@@ -78,7 +78,7 @@ class PieceCache:
         self._chars = 0
         self._seen: dict[int, None] = {}
         self._lock = threading.Lock()
-        self.hits = 0        # pieces served from the cache
+        self.hits = 0        # long pieces not tokenized again (kept, or tokenized by themselves earlier in the call)
         self.hit_chars = 0   # their characters
 
     def __getstate__(self) -> dict:
@@ -173,7 +173,9 @@ class PieceCache:
             self.hit_chars += len(piece)
             return ids
         i = fresh.get(piece)
-        if i is not None:
+        if i is not None:  # tokenized by itself earlier in this call
+            self.hits += 1
+            self.hit_chars += len(piece)
             return i
         h = hash(piece)
         if h not in self._seen:
@@ -232,6 +234,11 @@ class Tokenizer:
         """For a process of its own (flashgen.jobs.prepare_pool): the compiled chat template stays behind (its
         environment holds lambdas) and is compiled again there on first use."""
         return {**self.__dict__, "_template": None}
+
+    @property
+    def piece_cache(self) -> PieceCache | None:
+        """The cache of recurring prompt pieces (its hits), or None where this tokenizer does not take one."""
+        return self._pieces
 
     def to_json(self) -> str:
         """tokenizer.json as the tokenizers library serialises it (llguidance builds its token trie from it)."""

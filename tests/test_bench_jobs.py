@@ -56,6 +56,8 @@ def test_workload_runs_through_the_job_path(name, tokenizer, tmp_path):
     if w.instruction_tokens and n > 1:  # the shared instruction is computed once: the rest come from the cache
         assert res["distinct_prompt_tokens"] < pt["total"] - (n - 1) * res["instruction_tokens"] + n
         assert res["detail"]["cached_tokens"] > 0
+        if "piece_hits" in res["detail"]:  # and tokenized once: every line after the first two reuses its ids
+            assert res["detail"]["piece_hits"] == n - 2 and "tokenized once and reused" in jobs.report(res)
     gpu = jobs.report({**res, "floor_s": 1.0, "pct_of_floor": 50.0, "copy_bytes_per_s": 3e12,
                        "matmul_flop_per_s": 7e14})  # the lines a GPU run prints
     assert "50% of floor" in gpu and "3.00 TB/s" in gpu and "start-up" in gpu

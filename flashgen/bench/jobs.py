@@ -527,6 +527,13 @@ def job_floor(spec, prompt_lens: list[int], distinct: int, max_tokens: int | lis
                               max_seqs, kv_capacity)
 
 
+def _piece_hits(llm) -> dict[str, int]:
+    """The job's tokenizer's piece-cache hits (flashgen.tokenizer.PieceCache), where it has one: on the job's own
+    preparation thread (each preparation worker keeps its own cache, not counted here)."""
+    cache = getattr(getattr(llm, "tokenizer", None), "piece_cache", None)
+    return {"piece_hits": cache.hits, "piece_chars": cache.hit_chars} if cache is not None else {}
+
+
 def _stats(xs: list[int]) -> dict:
     return {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs), "total": sum(xs)}
 
@@ -648,7 +655,7 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
                            "prepare_workers": clock.worker_groups[0], "worker_groups": clock.worker_groups[1],
                            "first_step_s": clock.first_step_s, "steps": engine.steps,
                            "prompt_tokens_computed": engine.prompt_tokens, "cached_tokens": engine.cached_tokens,
-                           "preemptions": engine.preemptions},
+                           "preemptions": engine.preemptions, **_piece_hits(llm)},
                    job=job)
         res["floor_s"] = res["pct_of_floor"] = None
         if ceil is not None:
@@ -699,7 +706,9 @@ def report(res: dict) -> str:
         "  " + " | ".join(f"{LABELS[k]} {v:.2f} s ({100 * v / wall:.0f}%)" for k, v in b.items()),
         f"  input prepared on its own thread, overlapped: {res['detail'].get('prepare_thread_s', 0.0):.2f} s busy"
         + (f"; {res['detail']['worker_groups']:,} groups of lines built by {res['detail']['prepare_workers']} worker "
-           "processes" if res["detail"].get("prepare_workers") else ""),
+           "processes" if res["detail"].get("prepare_workers") else "")
+        + (f"; {res['detail']['piece_hits']:,} prompt pieces ({res['detail']['piece_chars']:,} characters) "
+           "tokenized once and reused" if res["detail"].get("piece_hits") else ""),
     ]
     g = res.get("gpu_steps")
     if g:
