@@ -328,10 +328,12 @@ def test_prompt_ids_take_integer_types_and_name_the_first_bad_id():
 
     plain = [5, 0, 9]
     got = prompt_ids(plain, 10)
-    assert got == plain and got is not plain  # a copy: the caller's list is not the sequence's
-    assert prompt_ids(np.array([1, 2, 3]), 10) == [1, 2, 3]
-    assert prompt_ids(torch.tensor([4, 5]), 10) == [4, 5]
-    assert all(type(t) is int for t in prompt_ids(np.array([7]), 10))
+    assert got.tolist() == plain and got.typecode == "i"  # a copy: the caller's list is not the sequence's
+    got.append(1)
+    assert plain == [5, 0, 9]
+    assert prompt_ids(np.array([1, 2, 3]), 10).tolist() == [1, 2, 3]
+    assert prompt_ids(torch.tensor([4, 5]), 10).tolist() == [4, 5]
+    assert prompt_ids((6, 7), 10).tolist() == [6, 7] and len(prompt_ids([], 10)) == 0
     with pytest.raises(ValueError, match=r"token id 10 is outside the vocabulary \[0, 10\)"):
         prompt_ids([1, 10, -1], 10)  # the first bad one in order, not the extreme
     with pytest.raises(ValueError, match="token id -1 is outside"):
@@ -355,7 +357,11 @@ def test_prompt_ids_take_integer_types_and_name_the_first_bad_id():
         prompt_ids(array("i", [1, 10, -1]), 10)
     with pytest.raises(ValueError, match="token id -1 is outside"):
         prompt_ids(array("i", [1, -1, 10]), 10)
-    assert prompt_ids(array("q", [1, 2]), 10) == [1, 2]  # other integer arrays take the list path
+    assert prompt_ids(array("q", [1, 2]), 10).tolist() == [1, 2]  # other integer arrays: as a list would
+    with pytest.raises(ValueError, match=r"token id 4294967296 is outside"):
+        prompt_ids(array("q", [1, 2**32]), 10)
+    with pytest.raises(ValueError, match="not an integer"):
+        prompt_ids([1, True], 10)
 
 
 def test_running_reserve_is_the_growth_of_the_running_sequences():

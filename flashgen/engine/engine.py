@@ -10,6 +10,7 @@ from array import array
 from collections.abc import Sequence as Ids
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -84,26 +85,31 @@ def tokenize_prompt(tok: Tokenizer, prompt: str | list[int], vocab_size: int, ma
     return text, ids
 
 
-def prompt_ids(prompt, vocab_size: int) -> Ids[int]:
-    """A prompt's token ids; ValueError naming the first that is not an integer (a float such as 3.7, or a bool, is
-    refused rather than truncated) or not inside the vocabulary. An int32 array (array("i"), what a job's prepared
-    lines hold) is checked by NumPy without an int object made per id, and returned as it is (the Sequence copies
-    it); anything else becomes a new list of ints, plain int lists checked with C-level passes (their types, min,
-    max): about half the time of a Python loop over the ids, on the engine's thread that admits every line of a
-    job."""
-    if isinstance(prompt, array) and prompt.typecode == "i":
-        a = np.frombuffer(prompt, dtype=np.int32) if len(prompt) else np.zeros(0, dtype=np.int32)
-        if len(a) and (a.min() < 0 or a.max() >= vocab_size):
-            bad = int(a[(a < 0) | (a >= vocab_size)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-        return prompt
-    ids = list(prompt)
-    if ids and set(map(type, ids)) != {int}:  # NumPy or torch integers, or something that is not a token id
-        ids = [_token_id(t) for t in ids]
-    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-        bad = next(t for t in ids if not 0 <= t < vocab_size)
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return ids
+def prompt_ids(prompt, vocab_size: int) -> array:
+    """A prompt's token ids as an int32 array (what Sequence keeps); ValueError naming the first that is not an
+    integer (a float such as 3.7, or a bool, is refused rather than truncated) or not inside the vocabulary. An int32
+    array (what a job's prepared lines hold) is checked by NumPy without an int object made per id and returned as
+    it is (the Sequence copies it). Plain int lists, what tokenizers and the LLM API give, have their types checked
+    by one C-level pass and are copied into the array by another; NumPy then checks the range: on the engine's
+    thread, which admits every line of a job."""
+    if not (isinstance(prompt, array) and prompt.typecode == "i"):
+        ids = prompt if isinstance(prompt, list) else list(prompt)
+        if ids and set(map(type, ids)) != {int}:  # NumPy or torch integers, or something that is not a token id
+            ids = [_token_id(t) for t in ids]
+        try:
+            prompt = array("i", ids)
+        except OverflowError:  # past int32: outside any vocabulary
+            _raise_outside(ids, vocab_size)
+    if len(prompt):
+        a = np.frombuffer(prompt, dtype=np.int32)
+        if a.min() < 0 or a.max() >= vocab_size:
+            _raise_outside(prompt, vocab_size)
+    return prompt
+
+
+def _raise_outside(ids, vocab_size: int) -> NoReturn:
+    bad = next(t for t in ids if not 0 <= t < vocab_size)
+    raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 def _token_id(t) -> int:
