@@ -50,6 +50,28 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
+def added_token_pattern(tokens: list[str]) -> str:
+    """A regular expression that finds `tokens` in a text as the tokenizers library does: leftmost, and at each
+    place the longest. Built as a trie (one branch per next character, a shorter token's end an optional longer
+    continuation, tried first), so a scan does one test per character however many tokens there are: an alternation
+    of Gemma's ~6,000 added tokens took ~20 ms on a 5 KB text, the trie ~0.1 ms."""
+    trie: dict[str, dict] = {}
+    for t in tokens:
+        node = trie
+        for ch in t:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a token ends here
+
+    def emit(node: dict[str, dict]) -> str:
+        alts = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return emit(trie)
+
+
 class PieceCache:
     """Token ids of long pieces of text that recur across prompts (a job's shared system message), so that each is
     tokenized once instead of once a line.
@@ -104,11 +126,10 @@ class PieceCache:
             if first_only(json.loads(pre.__getstate__())):
                 return None
         added = [t for t in hf.get_added_tokens_decoder().values() if t.content and not t.normalized]
-        if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
-            return None
-        # leftmost-longest, as the library matches them: at each place the longest token first
+        if not added or any(t.lstrip or t.rstrip or t.single_word or len(t.content) > 100 for t in added):
+            return None  # (a token of over 100 characters: the trie's regular expression would nest too deep)
         contents = sorted({t.content for t in added}, key=len, reverse=True)
-        cache = cls(re.compile("|".join(re.escape(c) for c in contents)))
+        cache = cls(re.compile(added_token_pattern(contents)))
         sep = contents[-1]
         probes = [(sep if i % 3 == 0 else "") + sep.join(cls.PROBES[i:] + cls.PROBES[:i]) + (sep if i % 2 else "")
                   for i in range(len(cls.PROBES))]

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HF
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from checkpoints import CHAT_TEMPLATE, CORPUS, SPECIAL, _tokenizer_json
-from flashgen.tokenizer import PieceCache, Tokenizer
+from flashgen.tokenizer import PieceCache, Tokenizer, added_token_pattern
 
 WORDS = ["alpha", "Beta", " gamma", "  delta", "\n", "\n\n", "\t", "0123", "42", "naïve", "東京", "🎉", ".", ",",
          "don't", "    ", "x", "<", "|", ">", "im", "_start", "end"]
@@ -201,3 +201,38 @@ def test_truncation_and_padding_in_the_file_never_cut_or_pad_a_prompt(tmp_path):
     assert tok.encode(text) == want
     assert tok.encode_batch([text, "Hi"]) == [want, plain.encode("Hi").ids]
     assert tok.encode(text, add_special_tokens=False) == plain.encode(text, add_special_tokens=False).ids
+
+
+def test_the_trie_pattern_finds_tokens_leftmost_longest():
+    """As an alternation longest-first does (the library's leftmost-longest match), on random texts of the tokens'
+    characters, with tokens that are prefixes and suffixes of each other."""
+    import re
+
+    tokens = ["ab", "abc", "b", "bc", "c", "<|im_start|>", "<|im_end|>", "<|im", "  ", "   ", "\n\n", "x<", "<x"]
+    trie = re.compile(added_token_pattern(tokens))
+    naive = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+    rng = random.Random(5)
+    chars = list("abcx<|>_imstrend \n")
+    for _ in range(3000):
+        text = "".join(rng.choice(chars) for _ in range(rng.randrange(0, 40)))
+        assert [m.span() for m in trie.finditer(text)] == [m.span() for m in naive.finditer(text)], text
+
+
+def test_a_tokenizer_with_thousands_of_added_tokens(tmp_path):
+    """Gemma-like: thousands of reserved tokens and whitespace runs as added tokens: the cache is taken (its
+    pattern is a trie, one test a character) and the ids stay the library's."""
+    doc = json.loads(_tokenizer_json(400))
+    next_id = max(t["id"] for t in doc["added_tokens"]) + 1
+    extra = [f"<unused{i}>" for i in range(3000)] + [" " * k for k in range(2, 20)] + ["\n" * k for k in range(2, 20)]
+    for i, content in enumerate(extra):
+        doc["added_tokens"].append({"id": next_id + i, "content": content, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": content.startswith("<")})
+    tok = _write(tmp_path, json.dumps(doc))
+    assert tok._pieces is not None
+    rng = random.Random(6)
+    prose = [" ".join(rng.choice(["alpha", "Beta", "gamma", "0123", "naïve", "東京", "x."]) for _ in range(80))
+             for _ in range(2)]  # no whitespace run: those are added tokens here, and cut a text into short pieces
+    texts = [t + "<unused17>  x   \n\n\n<unused2999>" for t in _texts(rng, prose, 120)]
+    got = [ids for g in range(0, len(texts), 32) for ids in tok.encode_batch(texts[g:g + 32], add_special_tokens=False)]
+    assert got == _whole(tok, texts)
+    assert tok._pieces.hits > 50
