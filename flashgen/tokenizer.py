@@ -113,7 +113,15 @@ class PieceCache:
 
     @classmethod
     def of(cls, hf: HFTokenizer) -> PieceCache | None:
-        """A cache for `hf`, or None where a piece's ids may depend on its place (see the class)."""
+        """A cache for `hf`, or None where a piece's ids may depend on its place (see the class), or where this
+        version of the tokenizers library does not show what the check needs: the cache only ever saves time."""
+        try:
+            return cls._of(hf)
+        except Exception:  # noqa: BLE001 - e.g. a component that does not serialize: tokenize whole prompts
+            return None
+
+    @classmethod
+    def _of(cls, hf: HFTokenizer) -> PieceCache | None:
         if getattr(hf, "encode_special_tokens", False) or getattr(hf.model, "dropout", None):
             return None
         pre = hf.pre_tokenizer

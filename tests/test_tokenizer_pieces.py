@@ -236,3 +236,14 @@ def test_a_tokenizer_with_thousands_of_added_tokens(tmp_path):
     got = [ids for g in range(0, len(texts), 32) for ids in tok.encode_batch(texts[g:g + 32], add_special_tokens=False)]
     assert got == _whole(tok, texts)
     assert tok._pieces.hits > 50
+
+
+def test_a_check_that_fails_leaves_the_cache_off(tmp_path, monkeypatch):
+    def broken(hf):
+        raise RuntimeError("a component that does not serialize")
+
+    monkeypatch.setattr(PieceCache, "_of", classmethod(lambda cls, hf: broken(hf)))
+    tok = _write(tmp_path, _tokenizer_json(400))
+    assert tok._pieces is None
+    text = "<|im_start|>system\n" + "words " * 100 + "<|im_end|>\n"
+    assert tok.encode_batch([text, text, text], add_special_tokens=False) == _whole(tok, [text] * 3)
