@@ -68,11 +68,13 @@ def kernel_round(llm, shared: list[int], prompts: list[list[int]], sp) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from tools.probes.step_profile_probe import report
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         llm.generate(prompts, sp)
-        torch.cuda.synchronize()
+        sync()
     wall = time.perf_counter() - t0
     new = sum(len(p) for p in prompts) - len(shared) * len(prompts)
     spec = llm.engine.spec
