@@ -87,8 +87,9 @@ class PieceCache:
     Only where a piece's ids cannot depend on what stands around it (`of` checks): not when an added token strips
     whitespace beside it or must stand as a word (lstrip, rstrip, single_word), when the pre-tokenizer prepends only
     to the text's first piece (Metaspace with prepend_scheme "first"), when special tokens are tokenized as text, or
-    when the model drops merges at random (BPE dropout); and only without add_special_tokens (the post-processor's
-    tokens go around the whole text). `of` also tokenizes a few texts both ways and gives up on any difference."""
+    when the model drops merges at random (BPE dropout); with add_special_tokens only where the post-processor adds no
+    token (ByteLevel's, or none: `special_ok`), since its tokens go around the whole text. `of` also tokenizes a few
+    texts both ways and gives up on any difference."""
 
     MIN_CHARS = 256
     MAX_CHARS = 1 << 21  # ~2 M characters of kept pieces: ~0.5 M ids, a few tens of MB as Python lists at most
@@ -101,15 +102,18 @@ class PieceCache:
         self._chars = 0
         self._seen: dict[int, None] = {}
         self._lock = threading.Lock()
+        # whether add_special_tokens changes no ids (the post-processor adds none): then such texts use the cache too
+        self.special_ok = False
         self.hits = 0        # long pieces not tokenized again (kept, or tokenized by themselves earlier in the call)
         self.hit_chars = 0   # their characters
 
     def __getstate__(self) -> dict:
         """Pickled (a preparation worker, flashgen.jobs.prepare_pool) without its cache or its lock."""
-        return {"_split": self._split}
+        return {"_split": self._split, "special_ok": self.special_ok}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["_split"])  # type: ignore[misc]
+        self.special_ok = state["special_ok"]
 
     @classmethod
     def of(cls, hf: HFTokenizer) -> PieceCache | None:
@@ -145,6 +149,7 @@ class PieceCache:
         whole = [e.ids for e in hf.encode_batch(probes, add_special_tokens=False)]
         if cache._by_pieces(hf, probes, min_chars=1, keep=False) != whole:
             return None
+        cache.special_ok = [e.ids for e in hf.encode_batch(probes, add_special_tokens=True)] == whole
         return cache
 
     def encode_batch(self, hf: HFTokenizer, texts: list[str]) -> list[list[int]]:
@@ -275,24 +280,31 @@ class Tokenizer:
         return self._tok.to_str()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if not add_special_tokens and self._pieces is not None:
-            return self._pieces.encode_batch(self._tok, [text])[0]
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        bos = self.bos_token_id
-        if add_special_tokens and self._prepend_bos and bos is not None and ids[:1] != [bos]:
-            ids = [bos] + ids
-        return ids
+        if self._by_pieces(add_special_tokens):
+            assert self._pieces is not None
+            return self._with_bos(self._pieces.encode_batch(self._tok, [text])[0], add_special_tokens)
+        return self._with_bos(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, add_special_tokens)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """encode() of each text, in one call: the tokenizers library runs it outside the GIL, on all cores; a long
         piece of text that recurs (a shared system message) is tokenized once (PieceCache)."""
-        if not add_special_tokens and self._pieces is not None:
-            return self._pieces.encode_batch(self._tok, texts)
-        encs = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        if self._by_pieces(add_special_tokens):
+            assert self._pieces is not None
+            return [self._with_bos(ids, add_special_tokens) for ids in self._pieces.encode_batch(self._tok, texts)]
+        return [self._with_bos(e.ids, add_special_tokens)
+                for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def _by_pieces(self, add_special_tokens: bool) -> bool:
+        """Whether the piece cache tokenizes: always without special tokens; with them only where the
+        post-processor adds none (PieceCache.special_ok), as ByteLevel's and a missing one do."""
+        return self._pieces is not None and (not add_special_tokens or self._pieces.special_ok)
+
+    def _with_bos(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        """BOS in front where the config asks for it and the post-processor did not add it."""
         bos = self.bos_token_id
-        if not (add_special_tokens and self._prepend_bos and bos is not None):
-            return [e.ids for e in encs]
-        return [ids if ids[:1] == [bos] else [bos] + ids for ids in (e.ids for e in encs)]
+        if add_special_tokens and self._prepend_bos and bos is not None and ids[:1] != [bos]:
+            return [bos] + ids
+        return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -86,8 +86,37 @@ def test_pieces_give_the_whole_texts_ids(tok):
     assert got_one == _whole(tok, texts[:50])
     # the long system messages were served from the cache, not tokenized each time
     assert tok._pieces.hits > 300
-    # with add_special_tokens the whole text goes to the library as before (the post-processor's tokens)
-    assert tok.encode_batch(texts[:8]) == [e.ids for e in tok._tok.encode_batch(texts[:8])]
+    # with add_special_tokens too, where the post-processor adds no token (ByteLevel's here, or none)
+    assert tok._pieces.special_ok
+    hits = tok._pieces.hits
+    assert tok.encode_batch(texts[:40]) == [e.ids for e in tok._tok.encode_batch(texts[:40])]
+    assert tok._pieces.hits > hits + 30
+
+
+def test_a_post_processor_that_adds_tokens_keeps_them(tmp_path):
+    """A BOS-adding post-processor (TemplateProcessing, as Llama 3's): texts with add_special_tokens go to the
+    library whole, with their BOS; without, the cache serves them. A config that asks for BOS (add_bos_token) gets it
+    in front of the cache's ids too."""
+    from tokenizers import processors
+
+    hf = HF.from_str(_tokenizer_json(400))
+    bos = hf.token_to_id("<|endoftext|>")
+    hf.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                      special_tokens=[("<|endoftext|>", bos)])
+    (tmp_path / "a").mkdir()
+    tok = _write(tmp_path / "a", hf.to_str())
+    assert tok._pieces is not None and not tok._pieces.special_ok
+    rng = random.Random(7)
+    texts = _texts(rng, _systems(rng), 60)
+    want = [e.ids for e in tok._tok.encode_batch(texts)]
+    assert all(ids[0] == bos for ids in want)
+    assert tok.encode_batch(texts) == want and [tok.encode(t) for t in texts[:5]] == want[:5]
+    assert tok.encode_batch(texts, add_special_tokens=False) == _whole(tok, texts) and tok._pieces.hits > 40
+    (tmp_path / "b").mkdir()
+    plain = _write(tmp_path / "b", _tokenizer_json(400), bos_token="<|endoftext|>", add_bos_token=True)
+    assert plain._pieces is not None and plain._pieces.special_ok and plain._prepend_bos
+    assert plain.encode_batch(texts) == [[bos] + ids for ids in _whole(plain, texts)]
+    assert plain.encode_batch(texts, add_special_tokens=False) == _whole(plain, texts)
 
 
 def test_the_embedded_models_tokenizer(tmp_path):
