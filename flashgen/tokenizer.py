@@ -170,14 +170,11 @@ class PieceCache:
                     end = m.start() if m is not None else len(text)
                     if end - pos >= min_chars:
                         piece = text[pos:end]
-                        part = self._part(piece, fresh, runs) if keep else fresh.setdefault(piece, -1)
+                        part = self._part(piece, fresh, runs) if keep else self._alone(piece, fresh, runs)
                         if part is not None:
                             if start < pos:
                                 plan.append(len(runs))
                                 runs.append(text[start:pos])
-                            if isinstance(part, int) and part < 0:  # keep=False: tokenized by itself
-                                part = fresh[piece] = len(runs)
-                                runs.append(piece)
                             plan.append(part)
                             start = end
                     pos = m.end() if m is not None else end
@@ -202,25 +199,29 @@ class PieceCache:
         """A long piece's part of its text: its kept ids, its index in `runs` (tokenized by itself now: the
         second time it is seen), or None (seen once so far: it stays in its run)."""
         ids = self._ids.get(piece)
-        if ids is not None:
-            self._ids[piece] = self._ids.pop(piece)  # most recently used
-            self.hits += 1
-            self.hit_chars += len(piece)
-            return ids
+        if ids is None and piece not in fresh:
+            h = hash(piece)
+            if h not in self._seen:
+                self._seen[h] = None
+                if len(self._seen) > self.SEEN:
+                    del self._seen[next(iter(self._seen))]
+                return None
+            return self._alone(piece, fresh, runs)
+        self.hits += 1  # kept, or tokenized by itself earlier in this call
+        self.hit_chars += len(piece)
+        if ids is None:
+            return fresh[piece]
+        self._ids[piece] = self._ids.pop(piece)  # most recently used
+        return ids
+
+    @staticmethod
+    def _alone(piece: str, fresh: dict[str, int], runs: list[str]) -> int:
+        """The piece's index in `runs`, where it is tokenized by itself in this call (added the first time)."""
         i = fresh.get(piece)
-        if i is not None:  # tokenized by itself earlier in this call
-            self.hits += 1
-            self.hit_chars += len(piece)
-            return i
-        h = hash(piece)
-        if h not in self._seen:
-            self._seen[h] = None
-            if len(self._seen) > self.SEEN:
-                del self._seen[next(iter(self._seen))]
-            return None
-        fresh[piece] = len(runs)
-        runs.append(piece)
-        return fresh[piece]
+        if i is None:
+            i = fresh[piece] = len(runs)
+            runs.append(piece)
+        return i
 
     def _keep(self, piece: str, ids: list[int]) -> None:
         if piece in self._ids or len(piece) > self.MAX_CHARS:
@@ -280,7 +281,7 @@ class Tokenizer:
         return self._tok.to_str()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if self._by_pieces(add_special_tokens):
+        if self._use_pieces(add_special_tokens):
             assert self._pieces is not None
             return self._with_bos(self._pieces.encode_batch(self._tok, [text])[0], add_special_tokens)
         return self._with_bos(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, add_special_tokens)
@@ -288,13 +289,13 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """encode() of each text, in one call: the tokenizers library runs it outside the GIL, on all cores; a long
         piece of text that recurs (a shared system message) is tokenized once (PieceCache)."""
-        if self._by_pieces(add_special_tokens):
+        if self._use_pieces(add_special_tokens):
             assert self._pieces is not None
             return [self._with_bos(ids, add_special_tokens) for ids in self._pieces.encode_batch(self._tok, texts)]
         return [self._with_bos(e.ids, add_special_tokens)
                 for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
-    def _by_pieces(self, add_special_tokens: bool) -> bool:
+    def _use_pieces(self, add_special_tokens: bool) -> bool:
         """Whether the piece cache tokenizes: always without special tokens; with them only where the
         post-processor adds none (PieceCache.special_ok), as ByteLevel's and a missing one do."""
         return self._pieces is not None and (not add_special_tokens or self._pieces.special_ok)

@@ -422,7 +422,7 @@ class LineParser:
                 raise BadLine("invalid_token_id", f'field "{field}" has {show(t)} at index {i}, not a token id of '
                               f"this model (integers 0..{self.vocab_size - 1}); use ids from the model's tokenizer",
                               field)
-        return self._check_len(list(ids), field)
+        return self._check_len(ids, field)  # a copy: an int32 array
 
     def _encode(self, text: str, field: str, add_special_tokens: bool) -> Sequence[int]:
         """Tokenize `text`, unless its size alone proves it longer than the context: a text of B UTF-8 bytes has at
