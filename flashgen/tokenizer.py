@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from array import array
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,13 +93,13 @@ class PieceCache:
     texts both ways and gives up on any difference."""
 
     MIN_CHARS = 256
-    MAX_CHARS = 1 << 21  # ~2 M characters of kept pieces: ~0.5 M ids, a few tens of MB as Python lists at most
+    MAX_CHARS = 1 << 21  # ~2 M characters of kept pieces: ~0.5 M ids, kept as int32 arrays (~2 MB)
     SEEN = 4096  # hashes of long pieces seen once, remembered (oldest forgotten first)
     PROBES = ("  lead and trail  ", "\n\ndigits 0123 and 4567\n", "naïve café 東京 🎉 ", " x", "\t", "end.  ")
 
     def __init__(self, split: re.Pattern):
         self._split = split
-        self._ids: dict[str, list[int]] = {}
+        self._ids: dict[str, array] = {}  # a kept piece's ids, int32
         self._chars = 0
         self._seen: dict[int, None] = {}
         self._lock = threading.Lock()
@@ -147,21 +148,22 @@ class PieceCache:
         probes = [(sep if i % 3 == 0 else "") + sep.join(cls.PROBES[i:] + cls.PROBES[:i]) + (sep if i % 2 else "")
                   for i in range(len(cls.PROBES))]
         whole = [e.ids for e in hf.encode_batch(probes, add_special_tokens=False)]
-        if cache._by_pieces(hf, probes, min_chars=1, keep=False) != whole:
+        if [a.tolist() for a in cache._by_pieces(hf, probes, min_chars=1, keep=False)] != whole:
             return None
         cache.special_ok = [e.ids for e in hf.encode_batch(probes, add_special_tokens=True)] == whole
         return cache
 
-    def encode_batch(self, hf: HFTokenizer, texts: list[str]) -> list[list[int]]:
-        """hf.encode_batch(texts, add_special_tokens=False)'s ids, the kept pieces not tokenized again."""
+    def encode_batch(self, hf: HFTokenizer, texts: list[str]) -> list[array]:
+        """hf.encode_batch(texts, add_special_tokens=False)'s ids as int32 arrays, the kept pieces not tokenized
+        again (a kept piece's ids join a text's by one copy of its array, not an int object a token)."""
         return self._by_pieces(hf, texts, self.MIN_CHARS, keep=True)
 
-    def _by_pieces(self, hf: HFTokenizer, texts: list[str], min_chars: int, keep: bool) -> list[list[int]]:
+    def _by_pieces(self, hf: HFTokenizer, texts: list[str], min_chars: int, keep: bool) -> list[array]:
         """Each text's ids from its runs and its long pieces; with keep=False every long piece is tokenized by
         itself and nothing is kept (`of`'s check)."""
         runs: list[str] = []
         fresh: dict[str, int] = {}   # long pieces tokenized by themselves in this call: their index in `runs`
-        plans: list[list[int | list[int]]] = []  # each text's parts: an index in `runs`, or a kept piece's ids
+        plans: list[list[int | array]] = []  # each text's parts: an index in `runs`, or a kept piece's ids
         with self._lock:
             for text in texts:
                 plan: list[int | list[int]] = []
@@ -186,16 +188,19 @@ class PieceCache:
         if keep and fresh:
             with self._lock:
                 for piece, i in fresh.items():
-                    self._keep(piece, ids[i])
+                    self._keep(piece, array("i", ids[i]))
         out = []
         for plan in plans:
-            row: list[int] = []
+            row = array("i")
             for part in plan:
-                row.extend(ids[part] if isinstance(part, int) else part)
+                if isinstance(part, int):
+                    row.fromlist(ids[part])
+                else:
+                    row.extend(part)  # int32 into int32: a copy of the bytes
             out.append(row)
         return out
 
-    def _part(self, piece: str, fresh: dict[str, int], runs: list[str]) -> int | list[int] | None:
+    def _part(self, piece: str, fresh: dict[str, int], runs: list[str]) -> int | array | None:
         """A long piece's part of its text: its kept ids, its index in `runs` (tokenized by itself now: the
         second time it is seen), or None (seen once so far: it stays in its run)."""
         ids = self._ids.get(piece)
@@ -223,7 +228,7 @@ class PieceCache:
             runs.append(piece)
         return i
 
-    def _keep(self, piece: str, ids: list[int]) -> None:
+    def _keep(self, piece: str, ids: array) -> None:
         if piece in self._ids or len(piece) > self.MAX_CHARS:
             return
         self._ids[piece] = ids
@@ -283,28 +288,36 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._use_pieces(add_special_tokens):
             assert self._pieces is not None
-            return self._with_bos(self._pieces.encode_batch(self._tok, [text])[0], add_special_tokens)
+            return self._with_bos(self._pieces.encode_batch(self._tok, [text])[0], add_special_tokens).tolist()
         return self._with_bos(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, add_special_tokens)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """encode() of each text, in one call: the tokenizers library runs it outside the GIL, on all cores; a long
         piece of text that recurs (a shared system message) is tokenized once (PieceCache)."""
         if self._use_pieces(add_special_tokens):
-            assert self._pieces is not None
-            return [self._with_bos(ids, add_special_tokens) for ids in self._pieces.encode_batch(self._tok, texts)]
+            return [a.tolist() for a in self.encode_batch_ids(texts, add_special_tokens)]
         return [self._with_bos(e.ids, add_special_tokens)
                 for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def encode_batch_ids(self, texts: list[str], add_special_tokens: bool = True) -> list[array]:
+        """encode_batch's ids as int32 arrays, what a job's prepared lines and the engine hold: from the piece
+        cache without a Python int a token in between."""
+        if self._use_pieces(add_special_tokens):
+            assert self._pieces is not None
+            return [self._with_bos(a, add_special_tokens) for a in self._pieces.encode_batch(self._tok, texts)]
+        return [array("i", ids) for ids in self.encode_batch(texts, add_special_tokens)]
 
     def _use_pieces(self, add_special_tokens: bool) -> bool:
         """Whether the piece cache tokenizes: always without special tokens; with them only where the
         post-processor adds none (PieceCache.special_ok), as ByteLevel's and a missing one do."""
         return self._pieces is not None and (not add_special_tokens or self._pieces.special_ok)
 
-    def _with_bos(self, ids: list[int], add_special_tokens: bool) -> list[int]:
-        """BOS in front where the config asks for it and the post-processor did not add it."""
+    def _with_bos(self, ids, add_special_tokens: bool):
+        """BOS in front (of a list or an int32 array) where the config asks for it and the post-processor did not
+        add it."""
         bos = self.bos_token_id
-        if add_special_tokens and self._prepend_bos and bos is not None and ids[:1] != [bos]:
-            return [bos] + ids
+        if add_special_tokens and self._prepend_bos and bos is not None and (not ids or ids[0] != bos):
+            return (array("i", [bos]) if isinstance(ids, array) else [bos]) + ids
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -218,6 +218,7 @@ def test_a_tokenizer_fault_on_one_text_of_a_group_fails_only_its_line(monkeypatc
 
     monkeypatch.setattr(type(tok), "encode", encode)
     monkeypatch.setattr(type(tok), "encode_batch", encode_batch)
+    monkeypatch.setattr(type(tok), "encode_batch_ids", encode_batch)  # what the job's parser calls
     data = b"".join(json.dumps({"id": i, "prompt": "poison" if i == 4 else f"p {i}"}).encode() + b"\n"
                     for i in range(20))
     status, sink, _ = run_job(data, ahead=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+from array import array
 
 import pytest
 from tokenizers import Tokenizer as HF
@@ -91,6 +92,12 @@ def test_pieces_give_the_whole_texts_ids(tok):
     hits = tok._pieces.hits
     assert tok.encode_batch(texts[:40]) == [e.ids for e in tok._tok.encode_batch(texts[:40])]
     assert tok._pieces.hits > hits + 30
+    # the int32 arrays a job's lines take: the same ids, and a kept piece's array is copied, never shared
+    arrays = tok.encode_batch_ids(texts[:40], add_special_tokens=False)
+    assert all(isinstance(a, array) and a.typecode == "i" for a in arrays)
+    assert [a.tolist() for a in arrays] == _whole(tok, texts[:40])
+    arrays[0][0] = -7
+    assert tok.encode_batch_ids(texts[:1], add_special_tokens=False)[0].tolist() == _whole(tok, texts[:1])[0]
 
 
 def test_a_post_processor_that_adds_tokens_keeps_them(tmp_path):
@@ -116,6 +123,8 @@ def test_a_post_processor_that_adds_tokens_keeps_them(tmp_path):
     plain = _write(tmp_path / "b", _tokenizer_json(400), bos_token="<|endoftext|>", add_bos_token=True)
     assert plain._pieces is not None and plain._pieces.special_ok and plain._prepend_bos
     assert plain.encode_batch(texts) == [[bos] + ids for ids in _whole(plain, texts)]
+    assert [a.tolist() for a in plain.encode_batch_ids(texts)] == [[bos] + ids for ids in _whole(plain, texts)]
+    assert [a.tolist() for a in tok.encode_batch_ids(texts)] == want  # the library's own BOS, not a second one
     assert plain.encode_batch(texts, add_special_tokens=False) == _whole(plain, texts)
 
 

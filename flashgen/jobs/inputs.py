@@ -274,13 +274,14 @@ class LineParser:
         out = list(items)
         pending = [(i, r.prompt_ids) for i, r in enumerate(items)
                    if isinstance(r, LineRequest) and isinstance(r.prompt_ids, PendingIds)]
-        encoded: dict[int, list[int]] = {}
+        encoded: dict[int, Sequence[int]] = {}
         for special in (True, False):
             group = [(i, p) for i, p in pending if p.special is special]
             if not group:
                 continue
             texts = [p.text for _, p in group]
-            batch = getattr(self.tok, "encode_batch", None)
+            # int32 arrays where the tokenizer gives them (flashgen's own): what _check_len keeps, not copied again
+            batch = getattr(self.tok, "encode_batch_ids", None) or getattr(self.tok, "encode_batch", None)
             if batch is not None:
                 ids_list = batch(texts, add_special_tokens=special)
             else:
