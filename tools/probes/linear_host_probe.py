@@ -76,6 +76,40 @@ def main() -> None:
     res = [group(m) for m in ms]
     print(f"{'varying 2nd':<12}{len(set(ms)):>11}{statistics.median(r[0] for r in res):>14.1f}")
 
+    # Decode-sized M: the GPU time of a step's GEMMs (all layers, weights past L2 from layer to layer) against
+    # reading the weights once at the copy bandwidth and against the bf16 matmul rate measured here.
+    nbytes = sum(n * k for n, k in shapes) * 2 * a.layers
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    big = torch.randn(8192, 8192, generator=g, device=dev).to(bf)
+
+    def timed(fn, reps: int = 20) -> float:
+        fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            torch.cuda.synchronize()
+            out.append(e0.elapsed_time(e1))
+        return statistics.median(out)
+
+    copy = 2 * src.numel() / (timed(lambda: dst.copy_(src)) / 1e3)
+    mm = 2 * 8192 ** 3 / (timed(lambda: big @ big) / 1e3)
+    print(f"copy {copy / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s; the step's weights {nbytes / 1e6:.0f} MB")
+    print(f"{'M':>6}{'GEMMs ms':>10}{'floor ms':>10}{'of floor':>9}   per shape (N x K): us a call")
+    for m in (64, 128, 256, 384, 512, 1024):
+        per = []
+        for j in range(len(shapes)):
+            x = xs[shapes[j][1]][:m]
+            per.append(timed(lambda x=x, j=j: [F.linear(x, layer[j]) for layer in weights]) / a.layers * 1e3)
+        tot = sum(per) * a.layers / 1e3
+        floor = max(nbytes / copy, 2 * m * nbytes / 2 / mm) * 1e3
+        print(f"{m:>6}{tot:>10.3f}{floor:>10.3f}{100 * floor / tot:>8.0f}%   "
+              + "  ".join(f"{n}x{k}: {us:.1f}" for (n, k), us in zip(shapes, per, strict=True)))
+
 
 if __name__ == "__main__":
     main()
