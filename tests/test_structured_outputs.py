@@ -609,3 +609,27 @@ def test_grammar_takes_reports_each_outcome_without_raising():
     assert "token 7" in refused.message and "expected a digit" in refused.message
     boom = RuntimeError("matcher state poisoned")
     assert grammar_takes(Matcher(boom=boom), 7) is boom
+
+
+def test_an_llguidance_older_than_1_7_is_named_with_its_fix(model_dir, monkeypatch):
+    """llguidance before 1.7 takes a single eos_token id, not the model's list (a TypeError deep in its binding):
+    the first constrained request says which version is needed and how to get it; the engine stays usable."""
+    from flashgen.engine import grammar
+
+    class OldTokenizer:
+        def __init__(self, tokenizer_json, n_vocab=None, eos_token=None):
+            if not isinstance(eos_token, int):
+                raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
+
+    class OldLlg:
+        __version__ = "1.6.1"
+        LLTokenizer = OldTokenizer
+
+    monkeypatch.setattr(grammar, "_llg", lambda: OldLlg)
+    llm = _llm(model_dir)
+    so = SamplingParams(max_tokens=4, structured_outputs=SO(choice=["yes", "no"]))
+    with pytest.raises(RuntimeError, match=r"llguidance >= 1\.7 \(installed: 1\.6\.1.*pip install -U"):
+        llm.generate(["Q:"], so)
+    assert not llm.has_unfinished_requests()
+    [out] = llm.generate(["Q:"], SamplingParams(max_tokens=4))
+    assert out.finish_reason in ("stop", "length")

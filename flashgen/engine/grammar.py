@@ -122,7 +122,12 @@ class Grammars:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: set[int]):
         llg = _llg()
         self.vocab_size = vocab_size
-        self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_ids) or None)
+        try:
+            self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_ids) or None)
+        except TypeError as e:  # llguidance before 1.7 takes one EOS id, not the model's list of them
+            version = getattr(llg, "__version__", "unknown")
+            raise RuntimeError(f"structured outputs need llguidance >= 1.7 (installed: {version}; {e}); "
+                               "upgrade it: pip install -U 'llguidance>=1.7'") from None
         self._compiled: OrderedDict[str, concurrent.futures.Future] = OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="flashgen-grammar")
         self.compile_seconds = 0.0  # summed over the pool's threads
