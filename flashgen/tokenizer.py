@@ -166,7 +166,7 @@ class PieceCache:
         plans: list[list[int | array]] = []  # each text's parts: an index in `runs`, or a kept piece's ids
         with self._lock:
             for text in texts:
-                plan: list[int | list[int]] = []
+                plan: list[int | array] = []
                 start = pos = 0  # start of the current run; start of the current piece
                 for m in [*self._split.finditer(text), None]:
                     end = m.start() if m is not None else len(text)
@@ -192,11 +192,11 @@ class PieceCache:
         out = []
         for plan in plans:
             row = array("i")
-            for part in plan:
-                if isinstance(part, int):
-                    row.fromlist(ids[part])
+            for step in plan:
+                if isinstance(step, int):
+                    row.fromlist(ids[step])
                 else:
-                    row.extend(part)  # int32 into int32: a copy of the bytes
+                    row.extend(step)  # int32 into int32: a copy of the bytes
             out.append(row)
         return out
 
