@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from array import array
@@ -72,6 +73,18 @@ def added_token_pattern(tokens: list[str]) -> str:
         return f"(?:{body})?" if "" in node else body
 
     return emit(trie)
+
+
+JOB_TOKENIZER_THREADS = 2
+
+
+def job_tokenizer_threads() -> str:
+    """A job's tokenizers thread pool: JOB_TOKENIZER_THREADS threads unless RAYON_NUM_THREADS says otherwise (set
+    before the library's first batch in the process, which builds the pool for good). With the piece cache a job's
+    line needs little of the pool, and one thread a core took the cores from the engine's thread: on a 16-core GPU
+    host the preparation delayed it 0.53 ms a wait with 16 threads, 0.27 ms with 2 (BENCHMARKS.md, seventeenth
+    session). Returns the setting in force."""
+    return os.environ.setdefault("RAYON_NUM_THREADS", str(JOB_TOKENIZER_THREADS))
 
 
 class PieceCache:

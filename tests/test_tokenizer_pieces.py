@@ -5,6 +5,7 @@ cuts or pads a prompt."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 from array import array
@@ -285,3 +286,17 @@ def test_a_check_that_fails_leaves_the_cache_off(tmp_path, monkeypatch):
     assert tok._pieces is None
     text = "<|im_start|>system\n" + "words " * 100 + "<|im_end|>\n"
     assert tok.encode_batch([text, text, text], add_special_tokens=False) == _whole(tok, [text] * 3)
+
+
+def test_a_job_tokenizes_on_two_threads_unless_told(monkeypatch, tmp_path):
+    """flashgen generate sets the tokenizers library's pool (RAYON_NUM_THREADS) to JOB_TOKENIZER_THREADS before
+    anything tokenizes, and leaves a value the user set alone."""
+    from flashgen.jobs.generate import run_generate
+    from flashgen.tokenizer import JOB_TOKENIZER_THREADS, job_tokenizer_threads
+
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    missing = str(tmp_path / "no-such-input.jsonl")
+    assert run_generate(missing, str(tmp_path / "out.jsonl"), None, {}) != 0  # refused: no input, no model
+    assert os.environ["RAYON_NUM_THREADS"] == str(JOB_TOKENIZER_THREADS) == "2"
+    monkeypatch.setenv("RAYON_NUM_THREADS", "8")
+    assert job_tokenizer_threads() == "8" and os.environ["RAYON_NUM_THREADS"] == "8"

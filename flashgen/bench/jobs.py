@@ -578,6 +578,9 @@ def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = 
     from flashgen.bench.throughput import measure_ceilings
     from flashgen.jobs.generate import run_generate
     from flashgen.models.spec import load_spec
+    from flashgen.tokenizer import job_tokenizer_threads
+
+    job_tokenizer_threads()  # the job's pool, as flashgen generate has it: before the texts are made
 
     if workload not in WORKLOADS:
         raise ValueError(f"workload {workload!r} is unknown; use one of {', '.join(WORKLOADS)}")

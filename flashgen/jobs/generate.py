@@ -29,6 +29,7 @@ from flashgen.jobs.settings import Settings, load_settings, render_toml
 from flashgen.jobs.shard import Shard, count_lines, expand, parse_shard
 from flashgen.jobs.signals import SignalGuard
 from flashgen.jobs.writer import OrderedWriter, check_writable, open_output, plan_output
+from flashgen.tokenizer import job_tokenizer_threads
 
 STATUS_CODES = {"ok": ExitCode.OK, "line_errors": ExitCode.LINE_ERRORS, "max_errors": ExitCode.MAX_ERRORS,
                 "interrupted": ExitCode.INTERRUPTED, "fatal": ExitCode.FATAL, "pipe_closed": ExitCode.PIPE_CLOSED}
@@ -37,6 +38,7 @@ STATUS_CODES = {"ok": ExitCode.OK, "line_errors": ExitCode.LINE_ERRORS, "max_err
 def run_generate(input_path: str | None, output_path: str | None, config_file: str | None,
                  flags: dict[str, dict[str, Any]], *, overwrite: bool = False, show_config: bool = False) -> int:
     """Run one job; return its exit code (see flashgen.jobs.errors.ExitCode)."""
+    job_tokenizer_threads()  # before anything in this process tokenizes a batch
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     stats = JobStats(input=input_path or "stdin", output=output_path or "stdout")
     results = sys.stdout.buffer  # taken before stdout is redirected to stderr below
