@@ -31,7 +31,7 @@ class EngineConfig:
     backend: str = _opt("auto", "ops backend: auto = CUDA kernels on a GPU, torch reference elsewhere")
     # 64: +2.5% nanovllm over 16 (BENCHMARKS.md)
     block_size: int = _opt(64, "tokens per KV-cache page (power of two, 16..256)")
-    max_num_seqs: int = _opt(256, "sequences in one decode batch")
+    max_num_seqs: int = _opt(512, "sequences in one decode batch")
     max_num_batched_tokens: int = _opt(16384, "tokens in one prefill batch (longer prompts are chunked)")
     max_model_len: int = _opt(0, "0 = the model's max_position_embeddings, capped by the KV cache")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + activations + KV cache")

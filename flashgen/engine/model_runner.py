@@ -32,7 +32,7 @@ from flashgen.ops.cuda_moe import grouped_unsupported, moe_impl
 
 log = logging.getLogger(__name__)
 # prompt positions whose logits are computed at once for prompt logprobs: (512, vocab) in the model's dtype is no
-# more than the (max_num_seqs, vocab) float32 logits plan_kv_blocks measured room for at the default 256
+# more than the (max_num_seqs, vocab) float32 logits plan_kv_blocks measures room for at 256 sequences or more
 PROMPT_LP_ROWS = 512
 
 
