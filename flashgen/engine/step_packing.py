@@ -1,8 +1,12 @@
-"""A scheduled step as one int64 tensor: built on the host, unpacked into the model's StepContext on the device.
+"""A scheduled step as one int32 tensor: built on the host, unpacked into the model's StepContext on the device.
 
 One flat tensor means one host-to-device copy per step and, with tensor parallelism, one broadcast to the other
-ranks. Layout: a header (is_prefill, T, B, width, max_seqlen_q, n_rows, NG, G, longest: a decode step's most
-tokens of one sequence past its group's shared blocks), then input ids (T), positions (T), cache slots (T),
+ranks; int32, the type every kernel and index takes, so that unpacking is views of that copy, with no conversion
+launched on the device (an id, a position, a cache slot and a block id all stay below 2^31: a cache of 2^31 token
+slots would need terabytes).
+
+Layout: a header (is_prefill, T, B, width, max_seqlen_q, n_rows, NG, G, longest: a decode step's most tokens of
+one sequence past its group's shared blocks), then input ids (T), positions (T), cache slots (T),
 context lengths (B), cu_seqlens (B + 1), block tables (B x width), the rows whose logits are wanted (n_rows)
 and, for a decode step with shared-prefix groups (NG > 0), the SharedPrefix fields: q_rows (NG x G), lens (NG),
 tables (NG x width), skip (B), suffix_lens (B).
@@ -20,6 +24,7 @@ from flashgen.models.decoder import StepContext
 from flashgen.ops.backend import SharedPrefix
 
 HEADER = 9
+STEP_DTYPE = torch.int32  # of the packed step (and of what tensor parallelism broadcasts)
 # Shared-prefix decode (docs/design.md, "Shared-prefix decode"): members per group. SHARED_GROUP with the decode
 # kernel for the shared part (a group's query heads are 8 x the model's query heads per kv head: the kernel reads
 # the shared blocks once per 8 of them; FP8 and int8k caches, or $FLASHGEN_SHARED_KERNEL=decode);
@@ -82,9 +87,9 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
     nblocks = [len(s.block_table) for s in seqs]
     width = max(nblocks)
     # one copy of all block ids into the padded rows (a row assignment per sequence costs twice as much at 256)
-    tables = np.zeros((B, width), dtype=np.int64)
+    tables = np.zeros((B, width), dtype=np.int32)
     tables[np.arange(width)[None, :] < np.asarray(nblocks)[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int64, count=sum(nblocks))
+        itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int32, count=sum(nblocks))
     ids: array | list[int]
     if is_prefill:
         ids = array("i")  # the chunks' token ids: copied array to array, no int object made a token
@@ -92,7 +97,7 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
         for s in seqs:
             start, n = s.num_computed_tokens, s.num_scheduled_tokens
             ids += s.token_ids[start:start + n]
-            p = np.arange(start, start + n)
+            p = np.arange(start, start + n, dtype=np.int32)
             pos.append(p)
             slots.append(np.asarray(s.block_table)[p // bs] * bs + p % bs)
             cu.append(cu[-1] + n)
@@ -105,21 +110,21 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
         assert decode_ids is not None and len(decode_ids) == B
         ids = decode_ids
         ctx_lens = [len(s.token_ids) for s in seqs]
-        pos_a = np.asarray(ctx_lens, dtype=np.int64) - 1
+        pos_a = np.asarray(ctx_lens, dtype=np.int32) - 1
         slot_a = tables[np.arange(B), pos_a // bs] * bs + pos_a % bs
         cu, want, max_q = list(range(B + 1)), list(range(B)), 1
     if rows is not None:
         want = rows
     groups = shared_prefix_groups(seqs, bs, ctx_lens, shared_prefix) if shared_prefix and not is_prefill else []
     extra: list[np.ndarray] = []
-    own = np.asarray(ctx_lens, dtype=np.int64)  # decode: the tokens each sequence attends to past its group's blocks
+    own = np.asarray(ctx_lens, dtype=np.int32)  # decode: the tokens each sequence attends to past its group's blocks
     if groups:
-        q_rows = np.full((len(groups), shared_prefix), -1, dtype=np.int64)
-        skip = np.zeros(B, dtype=np.int64)
+        q_rows = np.full((len(groups), shared_prefix), -1, dtype=np.int32)
+        skip = np.zeros(B, dtype=np.int32)
         for j, (members, run) in enumerate(groups):
             q_rows[j, :len(members)] = members
             skip[members] = run
-        lens = np.asarray([run * bs for _, run in groups], dtype=np.int64)
+        lens = np.asarray([run * bs for _, run in groups], dtype=np.int32)
         lead = tables[[members[0] for members, _ in groups]]
         lead[np.arange(width)[None, :] >= (lens // bs)[:, None]] = 0  # the shared blocks only
         own = own - skip * bs
@@ -127,11 +132,11 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
     longest = 0 if is_prefill else int(own.max())  # the decode plan's bound (StepContext.longest)
     header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), shared_prefix if groups else 0,
               longest]
-    head = [np.asarray(header, dtype=np.int64), np.frombuffer(ids, dtype=np.int32)] if isinstance(ids, array) \
-        else [np.asarray(header + ids, dtype=np.int64)]
+    head = [np.asarray(header, dtype=np.int32), np.frombuffer(ids, dtype=np.int32)] if isinstance(ids, array) \
+        else [np.asarray(header + ids, dtype=np.int32)]
     return torch.from_numpy(np.concatenate([
-        *head, pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int64),
-        tables.ravel(), np.asarray(want, dtype=np.int64), *extra]))
+        *head, pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int32),
+        tables.ravel(), np.asarray(want, dtype=np.int32), *extra], dtype=np.int32))
 
 
 def unpack_step(buf: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
@@ -139,11 +144,11 @@ def unpack_step(buf: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, 
     is_prefill, T, B, W, max_q, n_rows, ng, g, longest = buf[:HEADER].tolist()
     buf = buf.to(device, non_blocking=True)
     sizes = [T, T, T, B, B + 1, B * W, n_rows] + ([ng * g, ng, ng * W, B, B] if ng else [])
-    parts = buf[HEADER:].split(sizes)
-    i32 = [p.to(torch.int32) for p in parts[1:6]]
+    parts = buf[HEADER:].split(sizes)  # views of the one copy: every field is int32 already
+    i32 = parts[1:6]
     shared = None
     if ng:
-        q_rows, lens, tables, skip, suffix = (p.to(torch.int32) for p in parts[7:])
+        q_rows, lens, tables, skip, suffix = parts[7:]
         shared = SharedPrefix(q_rows.view(ng, g), lens, tables.view(ng, W), skip, suffix)
     ctx = StepContext(is_prefill=bool(is_prefill), positions=i32[0], slot_mapping=i32[1], context_lens=i32[2],
                       cu_seqlens_q=i32[3], block_tables=i32[4].view(B, W), max_seqlen_q=max_q, shared=shared,

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from flashgen.engine.step_packing import STEP_DTYPE
+
 STOP, STEP = 0, 1
 
 
@@ -74,7 +76,7 @@ def receive_steps(device) -> Iterator[torch.Tensor]:
         cmd, n = meta.tolist()
         if cmd == STOP:
             return
-        buf = torch.empty(n, dtype=torch.int64, device=dev)
+        buf = torch.empty(n, dtype=STEP_DTYPE, device=dev)
         dist.broadcast(buf, 0)
         yield buf
 
