@@ -15,6 +15,7 @@ from flashgen.engine.sequence import Sequence
 from flashgen.engine.step_packing import (
     SHARED_GROUP,
     SHARED_GROUP_WIDE,
+    STEP_DTYPE,
     pack_step,
     shared_prefix_groups,
     unpack_step,
@@ -157,6 +158,26 @@ def test_pack_and_unpack_carry_the_groups(group):
         s.num_computed_tokens, s.num_scheduled_tokens = 0, len(s.token_ids)
     _, pre, _ = unpack_step(pack_step(seqs, True, 16), torch.device("cpu"))
     assert pre.is_prefill and pre.longest is None
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+def test_a_packed_step_unpacks_into_views_of_its_one_int32_copy(prefill):
+    """Every field the kernels read is int32 already: unpacking makes views of the step's one copy to the device,
+    no conversion (here on the CPU, where that copy is the buffer itself)."""
+    seqs = [seq([10, 11, 12, 13], 60), seq([10, 11, 20], 40), seq([30, 31], 20)]
+    if prefill:
+        for s in seqs:
+            s.num_computed_tokens, s.num_scheduled_tokens = 0, len(s.token_ids)
+    buf = pack_step(seqs, prefill, 16, None if prefill else [1, 2, 3], shared_prefix=0 if prefill else SHARED_GROUP)
+    assert buf.dtype == STEP_DTYPE == torch.int32
+    ids, ctx, rows = unpack_step(buf, torch.device("cpu"))
+    fields = [ids, rows, ctx.positions, ctx.slot_mapping, ctx.context_lens, ctx.cu_seqlens_q, ctx.block_tables]
+    if not prefill:
+        assert ctx.shared is not None
+        fields += [ctx.shared.q_rows, ctx.shared.lens, ctx.shared.tables, ctx.shared.skip, ctx.shared.suffix_lens]
+    base = buf.untyped_storage().data_ptr()
+    assert all(t.dtype == torch.int32 and t.untyped_storage().data_ptr() == base for t in fields)
+    assert ctx.context_lens.tolist() == [60, 40, 20] and ctx.block_tables[0, :2].tolist() == [10, 11]
 
 
 @pytest.fixture(scope="module")
