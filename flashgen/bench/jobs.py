@@ -568,6 +568,16 @@ def _model_dir(d: str, tokenizer_dir: Path, shape: str) -> Path:
     return mdir
 
 
+def random_llm(d: str, tokenizer_dir: str | Path, shape: str, cpu: bool = False, **engine_kw):
+    """(model directory, LLM) of `shape` with random weights and `tokenizer_dir`'s tokenizer, written under `d`: the
+    probes' model (bfloat16 on the GPU; cpu: float32 on the CPU, for smoke runs of a probe)."""
+    from flashgen import LLM
+
+    mdir = _model_dir(str(Path(d) / "model"), Path(tokenizer_dir), shape)
+    kw = {"device": "cpu", **engine_kw} if cpu else engine_kw
+    return mdir, LLM(model=str(mdir), load_format="dummy", dtype="float32" if cpu else "bfloat16", **kw)
+
+
 def main(workload: str = "extract", scale: float = 1.0, tokenizer: str | None = None, out_dir: str | None = None,
          shape: str = "qwen3-0.6b", lengths: str = "fixed", prepare_workers: str = "auto", **engine_kw) -> dict:
     """Run one workload, print its report and return it; `lengths`: every line's max_tokens the workload's, or

@@ -23,12 +23,11 @@ import functools
 import random
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from flashgen import LLM, SamplingParams
-from flashgen.bench.jobs import _model_dir
+from flashgen import SamplingParams
+from flashgen.bench.jobs import random_llm
 from flashgen.engine import cuda_graphs, engine, model_runner, scheduler, token_slots
 
 # (owner, attribute, label): what is timed. Module functions are patched where the caller looks them up.
@@ -40,7 +39,7 @@ PIECES = [
     (scheduler.Scheduler, "postprocess", "  Scheduler.postprocess (inside _process)"),
     (model_runner.ModelRunner, "launch", "ModelRunner.launch"),
     (model_runner, "pack_step", "  pack_step"),
-    (model_runner, "unpack_step", "  unpack_step (the copy to the device, the conversions)"),
+    (model_runner, "unpack_step", "  unpack_step (the copy to the device)"),
     (cuda_graphs.DecodeGraphs, "run", "  DecodeGraphs.run (input copies + replay)"),
     (torch.cuda.CUDAGraph, "replay", "    CUDAGraph.replay"),
     (model_runner.ModelRunner, "_sample", "  ModelRunner._sample"),
@@ -80,9 +79,7 @@ def main() -> None:
     if a.cpu:
         a.shape = "tiny"
     with tempfile.TemporaryDirectory() as d:
-        mdir = _model_dir(str(Path(d) / "model"), Path(a.tokenizer), a.shape)
-        llm = LLM(model=str(mdir), load_format="dummy", dtype="float32" if a.cpu else "bfloat16",
-                  max_num_seqs=a.seqs, **({"device": "cpu"} if a.cpu else {}))
+        _, llm = random_llm(d, a.tokenizer, a.shape, a.cpu, max_num_seqs=a.seqs)
         vocab = llm.engine.spec.vocab_size
         rng = random.Random(0)
         shared = [] if a.no_shared else [rng.randrange(3, vocab) for _ in range(1022)]

@@ -24,6 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from flashgen.ops.timing import bench, fixed, rotating
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -83,38 +85,15 @@ def main() -> None:
     dst = torch.empty_like(src)
     big = torch.randn(8192, 8192, generator=g, device=dev).to(bf)
 
-    def timed(fn, reps: int = 20) -> float:
-        fn()
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            torch.cuda.synchronize()
-            out.append(e0.elapsed_time(e1))
-        return statistics.median(out)
-
-    copy = 2 * src.numel() / (timed(lambda: dst.copy_(src)) / 1e3)
-    mm = 2 * 8192 ** 3 / (timed(lambda: big @ big) / 1e3)
+    copy = 2 * src.numel() / bench(fixed(dst.copy_, src), graph=False)
+    mm = 2 * 8192 ** 3 / bench(fixed(torch.matmul, big, big), inner=2)
     print(f"copy {copy / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s; the step's weights {nbytes / 1e6:.0f} MB")
     print(f"{'M':>6}{'GEMMs ms':>10}{'floor ms':>10}{'of floor':>9}   per shape (N x K): us a call")
     for m in (64, 128, 256, 384, 512, 1024):
-        per = []
-        for j in range(len(shapes)):
-            # captured in a CUDA graph, as the engine's decode steps run them: eager calls from Python would time
-            # their issue rate (~30 us a call), not the GPU
-            x = xs[shapes[j][1]][:m]
-            for layer in weights[:2]:
-                F.linear(x, layer[j])  # cuBLAS picks its kernel (and its workspace) outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for layer in weights:
-                    F.linear(x, layer[j])
-            per.append(timed(graph.replay) / a.layers * 1e3)
-            del graph
+        # each layer's weight in turn (past L2 from one to the next), the calls captured in a CUDA graph as the
+        # engine's decode steps run them: eager calls from Python would time their issue rate (~30 us a call)
+        per = [1e6 * bench(rotating(F.linear, [(xs[k][:m], layer[j]) for layer in weights]), inner=a.layers)
+               for j, (_, k) in enumerate(shapes)]
         tot = sum(per) * a.layers / 1e3
         floor = max(nbytes / copy, 2 * m * nbytes / 2 / mm) * 1e3
         print(f"{m:>6}{tot:>10.3f}{floor:>10.3f}{100 * floor / tot:>8.0f}%   "

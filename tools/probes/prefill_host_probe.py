@@ -28,8 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from flashgen import LLM, SamplingParams
-from flashgen.bench.jobs import WORKLOADS, GpuSteps, _model_dir, line_of, make_texts
+from flashgen import SamplingParams
+from flashgen.bench.jobs import WORKLOADS, GpuSteps, line_of, make_texts, random_llm
 from flashgen.jobs.inputs import LineParser
 from flashgen.jobs.params import defaults_from_settings
 from flashgen.jobs.runner import PREPARE_GROUP
@@ -108,9 +108,7 @@ def main() -> None:
     if a.cpu:
         a.shape = "tiny"
     with tempfile.TemporaryDirectory() as d:
-        mdir = _model_dir(str(Path(d) / "model"), Path(a.tokenizer), a.shape)
-        llm = LLM(model=str(mdir), load_format="dummy", dtype="float32" if a.cpu else "bfloat16",
-                  **({"device": "cpu", "max_num_batched_tokens": 2048} if a.cpu else {}))
+        mdir, llm = random_llm(d, a.tokenizer, a.shape, a.cpu, **({"max_num_batched_tokens": 2048} if a.cpu else {}))
         runner = llm.engine.runner
         launch = runner.launch
         vocab = llm.engine.spec.vocab_size
