@@ -282,6 +282,16 @@ def _as_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
+def _seeds(seqs: list) -> torch.Tensor:
+    """The rows' seeds as int64 with the same 64 bits (_as_int64), converted by NumPy where they are in [0, 2**64),
+    as SamplingParams and sample_seed make them; one by one otherwise."""
+    seeds = [s.seed for s in seqs]
+    try:
+        return torch.from_numpy(np.array(seeds, dtype=np.uint64).view(np.int64))
+    except (OverflowError, TypeError, ValueError):
+        return torch.tensor([_as_int64(v) for v in seeds], dtype=torch.int64)
+
+
 def _allowed_bitmask(ps: list, V: int) -> tuple[torch.Tensor, torch.Tensor]:
     """allowed_token_ids as (M2, ceil(V / 32)) int32 words in llguidance's layout (ids outside [0, V) dropped:
     they never occur) and (B,) int32 rows (-1: any token), on the host. Rows whose params carry the same list
@@ -316,8 +326,9 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> Sampling
         if any(0 < p.top_k < V for p in ps) else None,
         top_p=torch.tensor([p.top_p for p in ps], dtype=f32) if any(p.top_p < 1 for p in ps) else None,
         min_p=torch.tensor([p.min_p for p in ps], dtype=f32) if any(p.min_p > 0 for p in ps) else None,
-        seeds=torch.tensor([_as_int64(s.seed) for s in seqs], dtype=torch.int64),
-        steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
+        seeds=_seeds(seqs),
+        # each row's output tokens so far (Sequence.num_output_tokens, without a property call a row)
+        steps=torch.tensor([len(s.token_ids) - s.num_prompt_tokens for s in seqs], dtype=torch.int64),
         all_greedy=all(p.temperature == 0 for p in ps),
     )
     if any(p.repetition_penalty != 1 for p in ps):
@@ -333,7 +344,8 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> Sampling
             if s.output_counts:
                 b.out_counts[i, torch.tensor(list(s.output_counts))] = torch.tensor(
                     list(s.output_counts.values()), dtype=f32)
-    banned = [(i, s) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+    banned = [(i, s) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens] \
+        if any(p.min_tokens for p in ps) else []
     if banned:
         b.banned = torch.zeros(len(seqs), V, dtype=torch.bool)
         for i, s in banned:
