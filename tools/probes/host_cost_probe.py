@@ -6,6 +6,7 @@
 - detokenization: a sequence's text built token by token (detokenizer.detokenize_step, the path of requests with
   stop strings) against decoded once at the end (detokenizer.decode_output, every other request), microseconds per
   generated token, with a real BPE tokenizer;
+- the sampling batch of a decode step (sampler.build_sampling_batch: 256 rows' settings as tensors);
 - packing a decode step (step_packing.pack_step) of 256 sequences behind one 1,024-token prefix (the extract
   job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step; and a prefill step
   of 48 such prompts with their 1,022-token prefix cached (about 10,000 new tokens, ids of a 49,152 vocabulary);
@@ -166,6 +167,25 @@ def step_phases_ms(n: int = 256, tokens: int = 64) -> dict[str, tuple[int, float
     return {k: (calls[k], spent[k] / calls[k] * 1e3) for k in spent}
 
 
+def sampling_batch_us(n: int = 256, reps: int = 2000) -> float:
+    """model_runner's build_sampling_batch for a decode step of `n` sampling rows (temperature 1, a seed each, 20
+    tokens generated), on the CPU: microseconds a step (the host part: the lists, the flags, the tensors)."""
+    import torch
+
+    from flashgen.engine.sampler import build_sampling_batch
+
+    sp = SamplingParams(max_tokens=64, ignore_eos=True, temperature=1.0, seed=3)
+    seqs = [Sequence(str(i), None, list(range(1200)), sp, 64, seed=i) for i in range(n)]
+    for s in seqs:
+        s.token_ids.extend([5] * 20)
+    cpu = torch.device("cpu")
+    build_sampling_batch(seqs, 49152, {0}, cpu)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        build_sampling_batch(seqs, 49152, {0}, cpu)
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
@@ -176,6 +196,7 @@ def main() -> None:
     a_arr = admission_us(as_array=True)
     plain, grouped = pack_us()
     print(f"pack_step, a decode step of 256 sequences: {plain:.0f} us without groups, {grouped:.0f} us with them")
+    print(f"build_sampling_batch, a decode step of 256 sampling rows: {sampling_batch_us():.0f} us")
     new, pf = prefill_pack_us()
     print(f"pack_step, a prefill step of 48 sequences ({new:,} new tokens): {pf:.0f} us (median)")
     inc, once = detok_us(sys.argv[1])
