@@ -37,6 +37,10 @@
 #   admit          admission held for free slots (the default) against admitting at once (FLASHGEN_ADMIT_MIN_FREE=0),
 #                  alternated, on the extract and synth jobs with lines of their own lengths (--lengths spread;
 #                  JOBS_SCALE, default 0.2; TOKENIZER=DIR as for jobs)
+#   host           the engine thread's host time: a decode step piece by piece on the extract shape and without
+#                  the shared prefix (tools/probes/decode_launch_probe.py), a prefill step's GEMMs by row count and
+#                  decode-sized GEMMs against their floor (tools/probes/linear_host_probe.py); TOKENIZER=DIR as for
+#                  jobs (default the embedded model's)
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
 # Logs go to $OUT when it is set, else out/gpu_check/. Each section's status is printed at the end, then
@@ -219,6 +223,16 @@ admit() {
     done
 }
 
+host() {
+    local tok="${TOKENIZER:-$("$PY" -c 'from flashgen.models.default_model import DEFAULT_MODEL, resolve_model
+print(resolve_model(DEFAULT_MODEL))')}"
+    step host-decode "$PY" tools/probes/decode_launch_probe.py --tokenizer "$tok"
+    step host-decode-plain "$PY" tools/probes/decode_launch_probe.py --tokenizer "$tok" --no-shared
+    step host-linear "$PY" tools/probes/linear_host_probe.py
+    { grep -h -A20 "^piece" "$LOG/host-decode.log" "$LOG/host-decode-plain.log"; grep -h -A8 "^     M" \
+        "$LOG/host-linear.log"; } >> "$LOG/engine-table.txt" || true
+}
+
 ab() {
     local base="${BASE:?ab needs BASE=DIR, a copy of the tree to compare with}" i
     for i in 1 2; do
@@ -250,8 +264,9 @@ for section in "$@"; do
         families-speed) families_speed ;;
         multi) multi ;;
         admit) admit ;;
+        host) host ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, admit, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, admit, host, ab)" >&2; exit 2 ;;
     esac
 done
 
