@@ -305,8 +305,9 @@ class Tokenizer:
         return self._with_bos(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, add_special_tokens)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """encode() of each text, in one call: the tokenizers library runs it outside the GIL, on all cores; a long
-        piece of text that recurs (a shared system message) is tokenized once (PieceCache)."""
+        """encode() of each text, in one call: the tokenizers library runs it outside the GIL, on its thread pool (one
+        thread a core, or job_tokenizer_threads' in a job); a long piece of text that recurs (a shared system
+        message) is tokenized once (PieceCache)."""
         if self._use_pieces(add_special_tokens):
             return [a.tolist() for a in self.encode_batch_ids(texts, add_special_tokens)]
         return [self._with_bos(e.ids, add_special_tokens)
