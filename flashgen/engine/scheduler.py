@@ -133,10 +133,15 @@ class Scheduler:
         batch: list[Sequence] = []
         bm = self.block_manager
         held: list[Sequence] = []  # at max_tokens / context with a token still on the GPU: nothing to compute
+        bs = bm.block_size
         while self.running and len(batch) < self.max_num_seqs:
             seq = self.running.popleft()
             if seq.at_limit(self.max_model_len):
                 held.append(seq)
+                continue
+            if len(seq.token_ids) % bs > 1:  # most steps: the token neither opens a block nor fills one
+                seq.num_scheduled_tokens = 1
+                batch.append(seq)
                 continue
             while not bm.can_append(seq):
                 if self.running:
