@@ -300,8 +300,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._use_pieces(add_special_tokens):
-            assert self._pieces is not None
-            return self._with_bos(self._pieces.encode_batch(self._tok, [text])[0], add_special_tokens).tolist()
+            return self._piece_ids([text], add_special_tokens)[0].tolist()
         return self._with_bos(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, add_special_tokens)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
@@ -309,7 +308,7 @@ class Tokenizer:
         thread a core, or job_tokenizer_threads' in a job); a long piece of text that recurs (a shared system
         message) is tokenized once (PieceCache)."""
         if self._use_pieces(add_special_tokens):
-            return [a.tolist() for a in self.encode_batch_ids(texts, add_special_tokens)]
+            return [a.tolist() for a in self._piece_ids(texts, add_special_tokens)]
         return [self._with_bos(e.ids, add_special_tokens)
                 for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
@@ -317,9 +316,13 @@ class Tokenizer:
         """encode_batch's ids as int32 arrays, what a job's prepared lines and the engine hold: from the piece
         cache without a Python int a token in between."""
         if self._use_pieces(add_special_tokens):
-            assert self._pieces is not None
-            return [self._with_bos(a, add_special_tokens) for a in self._pieces.encode_batch(self._tok, texts)]
+            return self._piece_ids(texts, add_special_tokens)
         return [array("i", ids) for ids in self.encode_batch(texts, add_special_tokens)]
+
+    def _piece_ids(self, texts: list[str], add_special_tokens: bool) -> list[array]:
+        """The texts' int32 ids through the piece cache (where _use_pieces), BOS added as the config asks."""
+        assert self._pieces is not None
+        return [self._with_bos(a, add_special_tokens) for a in self._pieces.encode_batch(self._tok, texts)]
 
     def _use_pieces(self, add_special_tokens: bool) -> bool:
         """Whether the piece cache tokenizes: always without special tokens; with them only where the
