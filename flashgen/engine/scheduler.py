@@ -139,7 +139,9 @@ class Scheduler:
             if seq.at_limit(self.max_model_len):
                 held.append(seq)
                 continue
-            if len(seq.token_ids) % bs > 1:  # most steps: the token neither opens a block nor fills one
+            # most steps: the token neither opens a block (BlockManager.can_append / may_append: len % bs == 1)
+            # nor fills one (register_full_block below: len % bs == 0), so the block manager has nothing to do
+            if len(seq.token_ids) % bs > 1:
                 seq.num_scheduled_tokens = 1
                 batch.append(seq)
                 continue
