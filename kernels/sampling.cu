@@ -16,6 +16,11 @@
 //   rule) could be a disallowed token whose logit is finite, which the runner's isfinite check would let
 //   through. The mask costs one 32-bit load per vector of logits (a vector never straddles a word: 1 bit per
 //   logit); unconstrained batches launch gumbel_argmax_kernel, which reads no mask.
+//   The step's epilogue (checked != nullptr): out[row] gets a token a device slot can hold (the -1 of a row with
+//   nothing allowed becomes 0), checked[row] the token the host is told: -1 where the row had nothing allowed or
+//   where the logit of the token picked is not finite (a NaN or inf row: the engine fails that request alone),
+//   and slot_tokens[slot_ids[row]] (slot_ids != nullptr) the token too: the input of the sequence's next decode
+//   step. These are what the runner did with ~10 torch ops after the launch.
 //   Traffic: the (B, V) logits are read once, 16-byte vectors, in the model's dtype (or float32 after
 //   penalties / filters); the torch version makes ~30 passes over a (B, V) int64 tensor for the noise alone.
 #include "common.cuh"
@@ -144,6 +149,22 @@ FG_INLINE i64 row_token(float bv, int bi, bool constrained) {
     return bi == 0x7FFFFFFF ? 0 : bi;
 }
 
+// Thread 0's write of the row's result (the top comment: out alone, or the step's epilogue).
+FG_INLINE void finish_row(const logit_t* __restrict__ x, int row, float bv, int bi, bool constrained,
+                          i64* __restrict__ out, i64* __restrict__ checked, const int* __restrict__ slot_ids,
+                          i64* __restrict__ slot_tokens) {
+    const i64 tok = row_token(bv, bi, constrained);
+    if (checked == nullptr) {
+        out[row] = tok;
+        return;
+    }
+    const i64 safe = tok < 0 ? 0 : tok;
+    const float chosen = logit_to_float(x[safe]);
+    out[row] = safe;
+    checked[row] = (tok >= 0 && fabsf(chosen) < __int_as_float(0x7f800000)) ? tok : -1;  // NaN fails both
+    if (slot_ids != nullptr) slot_tokens[slot_ids[row]] = safe;
+}
+
 // grid (B, S): CTA (row, s) scans chunk s of the row (chunk = a multiple of LOGIT_VEC, or the whole row
 // when S == 1). With S > 1 each CTA writes its best to part_v / part_i, counts itself done on the row's
 // counter, and the row's last CTA to finish reduces the S partials (rows of a small batch are spread over
@@ -153,7 +174,8 @@ FG_INLINE void gumbel_argmax_row(const logit_t* __restrict__ logits, int vocab, 
                                  const float* __restrict__ temperature, const i64* __restrict__ seeds,
                                  const i64* __restrict__ steps, i64* __restrict__ out, float* __restrict__ part_v,
                                  int* __restrict__ part_i, int* __restrict__ counters, const int* __restrict__ mask,
-                                 const int* __restrict__ mask_rows, int mask_words) {
+                                 const int* __restrict__ mask_rows, int mask_words, i64* __restrict__ checked,
+                                 const int* __restrict__ slot_ids, i64* __restrict__ slot_tokens) {
     const int row = blockIdx.x, S = gridDim.y, sp = blockIdx.y;
     const float t = temperature[row];
     const unsigned long long seed = (unsigned long long)seeds[row];
@@ -172,7 +194,7 @@ FG_INLINE void gumbel_argmax_row(const logit_t* __restrict__ logits, int vocab, 
     }
     block_argmax(bv, bi);
     if (S == 1) {
-        if (threadIdx.x == 0) out[row] = row_token(bv, bi, mrow >= 0);
+        if (threadIdx.x == 0) finish_row(x, row, bv, bi, mrow >= 0, out, checked, slot_ids, slot_tokens);
         return;
     }
     if (threadIdx.x == 0) {
@@ -186,16 +208,17 @@ FG_INLINE void gumbel_argmax_row(const logit_t* __restrict__ logits, int vocab, 
         take_max(__ldcg(part_v + (i64)row * S + j), __ldcg(part_i + (i64)row * S + j), bv, bi);
     }
     block_argmax(bv, bi);
-    if (threadIdx.x == 0) out[row] = row_token(bv, bi, mrow >= 0);
+    if (threadIdx.x == 0) finish_row(x, row, bv, bi, mrow >= 0, out, checked, slot_ids, slot_tokens);
 }
 
 extern "C" __global__ void __launch_bounds__(512)
 gumbel_argmax_kernel(const logit_t* __restrict__ logits, int vocab, int chunk,
                      const float* __restrict__ temperature, const i64* __restrict__ seeds,
                      const i64* __restrict__ steps, i64* __restrict__ out,
-                     float* __restrict__ part_v, int* __restrict__ part_i, int* __restrict__ counters) {
+                     float* __restrict__ part_v, int* __restrict__ part_i, int* __restrict__ counters,
+                     i64* __restrict__ checked, const int* __restrict__ slot_ids, i64* __restrict__ slot_tokens) {
     gumbel_argmax_row<false>(logits, vocab, chunk, temperature, seeds, steps, out, part_v, part_i, counters,
-                             nullptr, nullptr, 0);
+                             nullptr, nullptr, 0, checked, slot_ids, slot_tokens);
 }
 
 // A separate entry point rather than a null-mask branch: the masked loop's registers would lower the
@@ -205,7 +228,9 @@ gumbel_argmax_masked_kernel(const logit_t* __restrict__ logits, int vocab, int c
                             const float* __restrict__ temperature, const i64* __restrict__ seeds,
                             const i64* __restrict__ steps, i64* __restrict__ out,
                             float* __restrict__ part_v, int* __restrict__ part_i, int* __restrict__ counters,
-                            const int* __restrict__ mask, const int* __restrict__ mask_rows, int mask_words) {
+                            const int* __restrict__ mask, const int* __restrict__ mask_rows, int mask_words,
+                            i64* __restrict__ checked, const int* __restrict__ slot_ids,
+                            i64* __restrict__ slot_tokens) {
     gumbel_argmax_row<true>(logits, vocab, chunk, temperature, seeds, steps, out, part_v, part_i, counters,
-                            mask, mask_rows, mask_words);
+                            mask, mask_rows, mask_words, checked, slot_ids, slot_tokens);
 }

@@ -138,7 +138,9 @@ def test_fused_path_gets_the_biased_float32_logits_and_the_merged_mask(monkeypat
 
     calls = []
 
-    def fake_kernel(logits, temperature, seeds, steps, *, bitmask=None, mask_rows=None):
+    def fake_kernel(logits, temperature, seeds, steps, *, bitmask=None, mask_rows=None, checked=None,
+                    slot_ids=None, slot_tokens=None):
+        assert checked is None and slot_ids is None and slot_tokens is None  # sample() asks for no epilogue
         calls.append((logits, bitmask, mask_rows))
         b = sampler.SamplingBatch(temperature=temperature, top_k=None, top_p=None, min_p=None, seeds=seeds,
                                   steps=steps, all_greedy=False, bitmask=bitmask, mask_rows=mask_rows)

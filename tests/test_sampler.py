@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashgen.engine.sampler import SamplingBatch, gumbel_noise, sample
+from flashgen.engine.sampler import SamplingBatch, gumbel_noise, sample, sample_checked
 
 
 def batch(B, temperature=1.0, top_k=None, top_p=None, min_p=None, seeds=None, steps=None):
@@ -273,6 +273,76 @@ def test_a_row_with_no_allowed_token_left_gets_minus_one(temperature):
     b.banned = torch.zeros(5, V, dtype=torch.bool)
     b.banned[2, 40] = True  # min_tokens bans the one allowed token (an end of grammar at EOS)
     assert sample(logits.clone(), b).tolist()[2] == -1
+
+
+def _checked_case(V: int, dev: str, dtype=torch.float32, seed: int = 11):
+    """Rows: 0 normal, 1 greedy, 2 a NaN at its best logit, 3 +inf there, 4 all NaN, 5 constrained with nothing
+    allowed, 6 constrained to two tokens, 7 all -inf; slots 3, 9, 1, 0, 4, 8, 2, 6 of ten."""
+    rng = np.random.default_rng(seed)
+    B = 8
+    logits = torch.from_numpy(rng.standard_normal((B, V)).astype(np.float32) * 2)
+    logits[2, int(logits[2].argmax())] = float("nan")
+    logits[3, 7] = float("inf")
+    logits[4] = float("nan")
+    logits[7] = float("-inf")
+    allowed = np.zeros((2, V), dtype=bool)
+    allowed[1, [3, V - 1]] = True
+    b = batch(B, temperature=0.9)
+    b.temperature[1] = 0.0
+    b.all_greedy = False
+    b.bitmask = pack_bitmask(allowed, rng)
+    b.mask_rows = torch.tensor([-1, -1, -1, -1, -1, 0, 1, -1], dtype=torch.int32)
+    b.slots = torch.tensor([3, 9, 1, 0, 4, 8, 2, 6], dtype=torch.int32)
+    b.slot_tokens = torch.full((10,), -5, dtype=torch.int64)
+    for f in ("temperature", "seeds", "steps", "bitmask", "mask_rows", "slots", "slot_tokens"):
+        setattr(b, f, getattr(b, f).to(dev))
+    return logits.to(dev, dtype), b
+
+
+def test_sample_checked_reports_what_the_engine_must_fail_and_fills_the_slots():
+    """The step's epilogue on the torch path: tokens are valid ids, checked is -1 for a NaN or inf pick and for
+    a constrained row with nothing allowed, the rest as sample() draws them; every row's slot gets its token and
+    no other slot is written."""
+    V = 97
+    logits, b = _checked_case(V, "cpu")
+    want = sample(logits.clone(), b)
+    tokens, checked = sample_checked(logits.clone(), b)
+    assert bool((tokens >= 0).all()) and bool((tokens < V).all())
+    ok = [0, 1, 6]
+    assert checked[ok].tolist() == want[ok].tolist() == tokens[ok].tolist()
+    assert int(want[6]) in (3, V - 1)
+    assert checked[[2, 3, 4, 5]].tolist() == [-1] * 4
+    assert int(tokens[3]) == 7  # +inf wins the draw; reported, not hidden
+    assert int(checked[7]) == -1  # every logit -inf: the pick is not finite
+    slots = b.slot_tokens.tolist()
+    for row, slot in enumerate(b.slots.tolist()):
+        assert slots[slot] == int(tokens[row])
+    assert slots[5] == slots[7] == -5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [97, 32000, 151936])
+def test_fused_epilogue_matches_the_torch_epilogue(dtype, V):
+    """gumbel_argmax's epilogue (one kernel: valid tokens, checked, the slots) against sample_checked's torch
+    path on the same rows, with one CTA or several per row (small batch, wide rows) and scalar loads (V 97)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    logits, b = _checked_case(V, "cuda", dtype)
+    ref_tokens, ref_checked = sample_checked(logits.float(), b, fused=False)
+    ref_slots = b.slot_tokens.clone()
+    b.slot_tokens.fill_(-5)
+    tokens, checked = sample_checked(logits.clone(), b, fused=True)
+    torch.cuda.synchronize()
+    rows = [0, 1, 3, 4, 5, 6, 7]  # row 2: torch's argmax picks its NaN; the kernel never draws a NaN
+    assert torch.equal(checked[rows] == -1, ref_checked[rows] == -1), (checked, ref_checked)
+    assert torch.equal(checked[[1, 5, 6]], ref_checked[[1, 5, 6]])  # greedy and constrained rows: no near ties
+    row2 = logits[2].float()
+    assert int(checked[2]) == int(tokens[2]) and bool(torch.isfinite(row2[int(tokens[2])]))
+    assert bool((tokens >= 0).all()) and bool((tokens < V).all())
+    assert torch.equal(b.slot_tokens[b.slots.long()], tokens)
+    assert torch.equal(b.slot_tokens == -5, ref_slots == -5)
+    assert int(tokens[3]) == int(ref_tokens[3]) == 7
 
 
 def test_logits_wider_than_the_bitmask_forbid_the_extra_columns():

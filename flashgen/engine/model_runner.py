@@ -18,7 +18,7 @@ from flashgen.engine.cuda_graphs import DecodeGraphs, run_step
 from flashgen.engine.grammar import TokenMasks
 from flashgen.engine.kv_plan import alloc_kv_cache, calibrate_kv_scales, plan_kv_blocks
 from flashgen.engine.logprobs import pack_logprobs
-from flashgen.engine.sampler import SamplingBatch, build_sampling_batch, processed_logits, sample
+from flashgen.engine.sampler import SamplingBatch, build_sampling_batch, processed_logits, sample_checked
 from flashgen.engine.scheduler import Batch
 from flashgen.engine.sequence import Sequence
 from flashgen.engine.step_packing import SHARED_GROUP, SHARED_GROUP_WIDE, pack_step, unpack_step
@@ -321,21 +321,20 @@ class ModelRunner:
             return step.tokens
         if self.on_logits is not None:
             self.on_logits(done, logits)
-        sampling = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device)
+        sampling = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device,
+                                        self.slots.assign(done), self.slots.tokens)
         if step.masks is not None:
             sampling.bitmask, sampling.mask_rows = step.masks.result()
             step.masks = None
         elif any(s.matcher is not None for s in done):
             sampling.bitmask, sampling.mask_rows = self._token_masks().fill(done)
-        tokens = sample(logits, sampling, fused=self.backend == "cuda")
         # NOTE: a row whose chosen logit is NaN or inf (a NaN row makes both samplers pick a NaN or index 0), or a
-        # constrained row with no allowed token (the sampler's -1), is reported as token -1, so the engine can
-        # fail that request alone. O(B): no second pass over the logits. The device slot gets a valid id.
-        safe = tokens.clamp(min=0)
-        checked = torch.where((tokens >= 0) & torch.isfinite(logits.gather(1, safe[:, None])).squeeze(1), tokens, -1)
+        # constrained row with no allowed token (the sampler's -1), is reported as token -1 in `checked`, so the
+        # engine can fail that request alone; `safe` (and the device slot) gets a valid id
+        safe, checked = sample_checked(logits, sampling, fused=self.backend == "cuda")
         lp_rows = [i for i, s in enumerate(done) if s.params.logprobs is not None]
         lp = self._logprobs(logits, sampling, safe, done, lp_rows) if lp_rows else None
-        step.tokens = self.slots.publish(done, safe, checked, lp, lp_rows, step.prompt_lp)
+        step.tokens = self.slots.publish(done, checked, lp, lp_rows, step.prompt_lp)
         step.logits = None
         return step.tokens
 

@@ -65,6 +65,10 @@ class SamplingBatch:
     # grammar after build_sampling_batch; merge_masks ANDs the two): both None unless some row has the list
     allowed_bitmask: torch.Tensor | None = None  # (M2, W) int32, W = ceil(V / 32): bit t & 31 of word t >> 5
     allowed_rows: torch.Tensor | None = None     # (B,) int32: each row's allowed_bitmask row, -1 = any token
+    # pipelined decode (TokenSlots): the device slot each row's token is written to as well (sample_checked), and
+    # the slots' tensor; both None when slots are off
+    slots: torch.Tensor | None = None            # (B,) int32
+    slot_tokens: torch.Tensor | None = None      # (max slots,) int64
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -247,14 +251,10 @@ def processed_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return _scaled(_pre_temperature(logits, b, bitmask, mask_rows, mask=True, filters=_has_filters(b)), b)
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch.Tensor:
-    """logits (B, V), any float dtype -> (B,) int64 tokens. `fused`: one CUDA kernel for noise + argmax, reading
-    the logits in their own dtype when nothing has to change them first (a float32 copy otherwise: logit_bias,
-    penalties, bans or filters).
-    Rows constrained by b.bitmask (the grammar's) or b.allowed_bitmask (allowed_token_ids; both: their
-    intersection, see merge_masks) draw only allowed tokens, and get -1 when no allowed token is left with a
-    logit above -inf (after bias, penalties, bans and filters), on both paths. The non-fused path draws from
-    processed_logits' distribution (the same code)."""
+def _draw(logits: torch.Tensor, b: SamplingBatch, fused: bool, checked: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, the logits they were drawn from): sample()'s work. With `checked` (fused only) the kernel runs the
+    step's epilogue (sample_checked) and fills it, with b.slots' writes."""
     bitmask, mask_rows = merge_masks(b)
     filtered = not b.all_greedy and _has_filters(b)
     if fused:  # greedy rows too: torch's argmax took 27 us per 128,256-wide row in a batch-1 profile
@@ -265,15 +265,51 @@ def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch
             # penalties or bans alone the kernel applies the mask (it reads the bitmask itself either way) and
             # the temperature
             logits = _pre_temperature(logits, b, bitmask, mask_rows, mask=filtered, filters=filtered)
-        return gumbel_argmax(logits.contiguous(), b.temperature, b.seeds, b.steps, bitmask=bitmask,
-                             mask_rows=mask_rows)
+        slots = b.slots if checked is not None else None
+        logits = logits.contiguous()
+        return gumbel_argmax(logits, b.temperature, b.seeds, b.steps, bitmask=bitmask, mask_rows=mask_rows,
+                             checked=checked, slot_ids=slots,
+                             slot_tokens=b.slot_tokens if slots is not None else None), logits
     pre = _pre_temperature(logits, b, bitmask, mask_rows, mask=True, filters=filtered)
     x = _scaled(pre, b)  # processed_logits(logits, b), less the filters when every row is greedy
     greedy = x.argmax(-1)
     if b.all_greedy:
-        return _no_allowed_token(pre, greedy, bitmask, mask_rows)
+        return _no_allowed_token(pre, greedy, bitmask, mask_rows), pre
     sampled = (x + gumbel_noise(b.seeds, b.steps, x.shape[-1])).argmax(-1)
-    return _no_allowed_token(pre, torch.where(b.temperature > 0, sampled, greedy), bitmask, mask_rows)
+    return _no_allowed_token(pre, torch.where(b.temperature > 0, sampled, greedy), bitmask, mask_rows), pre
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch, fused: bool = False) -> torch.Tensor:
+    """logits (B, V), any float dtype -> (B,) int64 tokens. `fused`: one CUDA kernel for noise + argmax, reading
+    the logits in their own dtype when nothing has to change them first (a float32 copy otherwise: logit_bias,
+    penalties, bans or filters).
+    Rows constrained by b.bitmask (the grammar's) or b.allowed_bitmask (allowed_token_ids; both: their
+    intersection, see merge_masks) draw only allowed tokens, and get -1 when no allowed token is left with a
+    logit above -inf (after bias, penalties, bans and filters), on both paths. The non-fused path draws from
+    processed_logits' distribution (the same code)."""
+    return _draw(logits, b, fused)[0]
+
+
+def sample_checked(logits: torch.Tensor, b: SamplingBatch, fused: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's draw as the runner hands it on: (tokens, checked), both (B,) int64. tokens are valid ids (0 where
+    sample() gives -1): what a device slot may hold and logprobs may index. checked is sample()'s token, or -1
+    where the logit it was drawn from is not finite: a NaN or inf row, which the engine fails alone (the logits
+    drawn from: the model's, or their float32 copy after bias, penalties, bans and filters, where a token is
+    -inf only if every token of its row was). With b.slots, b.slot_tokens[b.slots[i]] = tokens[i] too. On the
+    fused path this is one kernel with the draw (kernels/sampling.cu's epilogue), not ten tensor ops after it."""
+    if fused:
+        checked = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        tokens, _ = _draw(logits, b, True, checked)
+        return tokens, checked
+    tokens, drawn = _draw(logits, b, False)
+    safe = tokens.clamp(min=0)
+    finite = torch.isfinite(drawn.gather(1, safe[:, None])).squeeze(1)
+    checked = torch.where((tokens >= 0) & finite, tokens, -1)
+    if b.slots is not None:
+        assert b.slot_tokens is not None, "slots come with slot_tokens"
+        b.slot_tokens[b.slots.long()] = safe
+    return safe, checked
 
 
 def _as_int64(seed: int) -> int:
@@ -315,21 +351,46 @@ def _allowed_bitmask(ps: list, V: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(words.view(np.int32)), torch.from_numpy(rows)
 
 
-def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> SamplingBatch:
-    """Per-row settings of the sequences about to sample (V: the vocabulary size), as tensors on `dev`."""
+def _rows_to_device(temperature: list[float], seeds: torch.Tensor, steps: list[int], slots: np.ndarray | None,
+                    dev) -> tuple[torch.Tensor, ...]:
+    """The per-row arrays every step has (temperature, seeds, steps and the token slots, if any) in one copy to
+    `dev`: one byte buffer, seeds and steps first (8-byte aligned), then temperature and slots; views of it on
+    the device. One copy, not four, each of which costs its launch on the engine's thread."""
+    B = len(temperature)
+    parts = [seeds.numpy().view(np.uint8), np.asarray(steps, dtype=np.int64).view(np.uint8),
+             np.asarray(temperature, dtype=np.float32).view(np.uint8)]
+    if slots is not None:
+        parts.append(np.asarray(slots, dtype=np.int32).view(np.uint8))
+    buf = torch.from_numpy(np.concatenate(parts)).to(dev, non_blocking=True)
+    out = [buf[:8 * B].view(torch.int64), buf[8 * B:16 * B].view(torch.int64),
+           buf[16 * B:20 * B].view(torch.float32)]
+    if slots is not None:
+        out.append(buf[20 * B:24 * B].view(torch.int32))
+    return tuple(out)
+
+
+def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev, slots: np.ndarray | None = None,
+                         slot_tokens: torch.Tensor | None = None) -> SamplingBatch:
+    """Per-row settings of the sequences about to sample (V: the vocabulary size), as tensors on `dev`. `slots`:
+    each row's device token slot (TokenSlots.assign), into `slot_tokens` (sample_checked writes them)."""
     ps = [s.params for s in seqs]
     f32 = torch.float32
+    seeds, steps, temperature, *slot = _rows_to_device(
+        [p.temperature for p in ps], _seeds(seqs),
+        # each row's output tokens so far (Sequence.num_output_tokens, without a property call a row)
+        [len(s.token_ids) - s.num_prompt_tokens for s in seqs], slots, dev)
     b = SamplingBatch(
-        temperature=torch.tensor([p.temperature for p in ps], dtype=f32),
+        temperature=temperature,
         # top_k above the vocabulary means all tokens: clamp, so no value can index past the logits
         top_k=torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in ps])
         if any(0 < p.top_k < V for p in ps) else None,
         top_p=torch.tensor([p.top_p for p in ps], dtype=f32) if any(p.top_p < 1 for p in ps) else None,
         min_p=torch.tensor([p.min_p for p in ps], dtype=f32) if any(p.min_p > 0 for p in ps) else None,
-        seeds=_seeds(seqs),
-        # each row's output tokens so far (Sequence.num_output_tokens, without a property call a row)
-        steps=torch.tensor([len(s.token_ids) - s.num_prompt_tokens for s in seqs], dtype=torch.int64),
+        seeds=seeds,
+        steps=steps,
         all_greedy=all(p.temperature == 0 for p in ps),
+        slots=slot[0] if slot else None,
+        slot_tokens=slot_tokens if slot else None,
     )
     if any(p.repetition_penalty != 1 for p in ps):
         b.rep_penalty = torch.tensor([p.repetition_penalty for p in ps], dtype=f32)
@@ -358,7 +419,7 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev) -> Sampling
         b.bias_values = torch.tensor([v for _, _, v in biases], dtype=f32)
     if any(p.allowed_token_ids is not None for p in ps):
         b.allowed_bitmask, b.allowed_rows = _allowed_bitmask(ps, V)
-    for f in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps", "rep_penalty", "presence",
+    for f in ("top_k", "top_p", "min_p", "rep_penalty", "presence",
               "frequency", "seen_prompt", "out_counts", "banned", "bias_index", "bias_values", "allowed_bitmask",
               "allowed_rows"):
         v = getattr(b, f)

@@ -8,6 +8,7 @@ TokenSlots; nothing else touches placeholders or slots.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from flashgen.engine.sequence import Sequence
@@ -91,20 +92,23 @@ class TokenSlots:
         """Turn a decode step's unpacked id column into token ids (on the device)."""
         return self.tokens[input_ids] if self.tokens is not None else input_ids
 
-    def publish(self, seqs: list[Sequence], tokens: torch.Tensor, checked: torch.Tensor,
-                logprobs: torch.Tensor | None = None, lp_rows: list[int] | None = None,
-                prompt_lp: list | None = None) -> SampledTokens:
-        """Store a step's sampled `tokens` in the sequences' slots and return the future of the `checked` ones
-        (-1 where the logit was not finite; the slot keeps the sampled id, a valid embedding index)."""
-        if self.tokens is not None:
-            for s in seqs:
-                if s.seq_id not in self._slot and not s.is_finished:
-                    self._slot[s.seq_id] = self._free.pop()
-            # a sequence that finished after the step was launched has given its slot back: its token goes to
-            # the scratch slot
-            scratch = self.tokens.shape[0] - 1
-            slots = torch.tensor([self._slot.get(s.seq_id, scratch) for s in seqs], dtype=torch.int64)
-            self.tokens[slots.to(self.tokens.device, non_blocking=True)] = tokens
+    def assign(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """Each row's device slot for the token the step is about to sample (the sampler writes it there:
+        sampler.sample_checked), or None when slots are off. A sequence that finished after the step was
+        launched has given its slot back: its token goes to the scratch slot."""
+        if self.tokens is None:
+            return None
+        slot, free = self._slot, self._free
+        for s in seqs:
+            if s.seq_id not in slot and not s.is_finished:
+                slot[s.seq_id] = free.pop()
+        scratch = self.tokens.shape[0] - 1
+        return np.fromiter((slot.get(s.seq_id, scratch) for s in seqs), dtype=np.int32, count=len(seqs))
+
+    def publish(self, seqs: list[Sequence], checked: torch.Tensor, logprobs: torch.Tensor | None = None,
+                lp_rows: list[int] | None = None, prompt_lp: list | None = None) -> SampledTokens:
+        """The future of a step's `checked` tokens (-1 where the logit was not finite; the sampler has put the
+        sampled ids, valid embedding indices, in the slots of assign)."""
         return SampledTokens(seqs, checked, self.on, logprobs, lp_rows, prompt_lp)
 
     def release(self, seq: Sequence) -> None:

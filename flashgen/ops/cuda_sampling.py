@@ -15,7 +15,8 @@ from flashgen.ops.cuda_checks import KERNEL_DTYPES, check_out, check_tensor, dev
 
 def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                   *, out: torch.Tensor | None = None, bitmask: torch.Tensor | None = None,
-                  mask_rows: torch.Tensor | None = None) -> torch.Tensor:
+                  mask_rows: torch.Tensor | None = None, checked: torch.Tensor | None = None,
+                  slot_ids: torch.Tensor | None = None, slot_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits (float32, bfloat16 or float16) -> (B,) int64 tokens: argmax(logits / T + Gumbel(seed, step,
     token)), plain argmax where T == 0. The noise is flashgen.engine.sampler.gumbel_noise's up to the rounding
     of fast logarithms; -inf logits never win.
@@ -23,7 +24,13 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     bitmask (M, W) int32 and mask_rows (B,) int32, both or neither: row i draws only among the tokens that
     bitmask row mask_rows[i] allows (-1: all; token t allowed iff bit t & 31 of word t >> 5; tokens >= 32 W
     never), and gets -1 when none of them has a logit above -inf. mask_rows entries must be < M (not checked:
-    that would need the values on the host)."""
+    that would need the values on the host).
+
+    checked (B,) int64: the step's epilogue in the same launch (kernels/sampling.cu's top comment). The returned
+    tokens are then all valid ids (0 where a row got -1), checked[i] is row i's token or -1 where the row had no
+    allowed token or the logit picked (of `logits`) is not finite; and with slot_ids (B,) int32, slot_tokens
+    (1-D int64) gets the tokens at those indices (not checked against its length: the values are on the
+    device)."""
     check_tensor("logits", logits, (torch.float32, *KERNEL_DTYPES), 2, align=logits.element_size())
     dev = logits.device
     B, V = logits.shape
@@ -43,6 +50,19 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
             fail("bitmask", "must have at least one word per row", f"shape {tuple(bitmask.shape)}")
         if mask_rows.shape[0] != B:
             fail("mask_rows", f"must have one entry per logits row ({B})", f"shape {tuple(mask_rows.shape)}")
+    if checked is not None:
+        checked = check_out(checked, (B,), torch.int64, dev, "checked")
+    if slot_ids is not None or slot_tokens is not None:
+        if checked is None:
+            fail("slot_ids", "needs checked (the epilogue writes the slots)", "checked=None")
+        if slot_ids is None or slot_tokens is None:
+            fail("slot_tokens", "must be given with slot_ids (both or neither)",
+                 f"slot_ids {'None' if slot_ids is None else 'set'}, "
+                 f"slot_tokens {'None' if slot_tokens is None else 'set'}")
+        check_tensor("slot_ids", slot_ids, (torch.int32,), 1, dev, align=4)
+        check_tensor("slot_tokens", slot_tokens, (torch.int64,), 1, dev, align=8)
+        if slot_ids.shape[0] != B:
+            fail("slot_ids", f"must have one entry per logits row ({B})", f"shape {tuple(slot_ids.shape)}")
     out = check_out(out, (B,), torch.int64, dev)
     if out is None:
         out = torch.empty(B, dtype=torch.int64, device=dev)
@@ -63,6 +83,7 @@ def gumbel_argmax(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
                                  jit.ptr(steps), jit.ptr(out), jit.ptr(part_v), jit.ptr(part_i), jit.ptr(counters))
         if bitmask is not None:
             args += (jit.ptr(bitmask), jit.ptr(mask_rows), jit.i32(bitmask.shape[1]))
+        args += (jit.ptr(checked), jit.ptr(slot_ids), jit.ptr(slot_tokens))
         jit.launch(k, (B, S), (512,), args, dev)
     return out
 

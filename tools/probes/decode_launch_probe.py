@@ -44,7 +44,7 @@ PIECES = [
     (torch.cuda.CUDAGraph, "replay", "    CUDAGraph.replay"),
     (model_runner.ModelRunner, "_sample", "  ModelRunner._sample"),
     (model_runner, "build_sampling_batch", "    build_sampling_batch"),
-    (model_runner, "sample", "    sample (the sampler's launch)"),
+    (model_runner, "sample_checked", "    sample_checked (the draw and its epilogue)"),
     (token_slots.TokenSlots, "publish", "    TokenSlots.publish (+ SampledTokens)"),
 ]
 
