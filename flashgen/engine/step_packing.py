@@ -60,11 +60,13 @@ def shared_prefix_groups(seqs: list[Sequence], block_size: int, lens: list[int] 
         p = (min(lens[i] for i in rows) - 1) // block_size
         for i in rows[1:]:
             table = seqs[i].block_table
-            if table[:p] != lead[:p]:  # the longest equal run: binary search (equal runs are prefixes)
+            # the same id at a position means the same ids before it (a leading run, above): one comparison tells
+            # whether the first p are equal, and the longest equal run is a binary search on single positions
+            if table[p - 1] != lead[p - 1]:
                 lo, hi = 1, p - 1
                 while lo < hi:
                     mid = (lo + hi + 1) // 2
-                    lo, hi = (mid, hi) if table[:mid] == lead[:mid] else (lo, mid - 1)
+                    lo, hi = (mid, hi) if table[mid - 1] == lead[mid - 1] else (lo, mid - 1)
                 p = lo
         n = -(-len(rows) // group)  # chunks of nearly equal size, each of 2 or more
         for j in range(n):
