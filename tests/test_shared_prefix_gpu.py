@@ -219,3 +219,70 @@ def logits_match_until_tokens_differ(run, ref) -> int:
             assert (a - b).abs().max().item() <= 2**-5 * b.abs().max().item(), (key, t)
             compared += 1
     return compared
+
+
+@pytest.mark.parametrize("n,groups", [(5, 0), (16, 0), (1, 0), (7, 2), (16, 3)])
+def test_graph_inputs_kernel_fills_the_static_buffers_as_the_packed_step_says(tmp_path, n, groups):
+    """kernels/step_inputs.cu (a decode graph's first node) against unpack_step of the same packed step: the rows
+    below n take the step's ids through the token slots, positions, cache slots, context lengths and table rows;
+    the padding rows up to the bucket write no KV and attend to one token; the groups below NG take their members,
+    lengths and shared tables, the padding groups up to the group bucket none; a wider table of the step before
+    leaves only columns past this step's width."""
+    from checkpoints import make_checkpoint
+    from flashgen import LLM
+    from flashgen.engine.cuda_graphs import group_buckets
+    from flashgen.engine.step_packing import pack_step, unpack_step
+    from test_shared_prefix import seq
+
+    model = tmp_path / "m"
+    make_checkpoint(model, hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64,
+                    intermediate_size=256, vocab_size=300, max_position_embeddings=4096)
+    llm = LLM(model=str(model), device="cuda", dtype="bfloat16", kv_cache_gb=0.05, max_num_seqs=32)
+    runner = llm.engine.runner
+    graphs, slots = runner.graphs, runner.slots.tokens
+    assert graphs is not None and slots is not None and graphs.slot_tokens is slots
+    rng = random.Random(n * 31 + groups)
+    bs_tok = 16
+    seqs, nxt = [], 100
+    for g in range(groups):  # members of group g share its first 8 + g blocks
+        lead = list(range(nxt, nxt + 8 + g))
+        nxt += 8 + g
+        for _ in range(2 + g):
+            own = rng.randint(1, 3)
+            seqs.append(seq(lead + list(range(nxt, nxt + own)), bs_tok * (len(lead) + own - 1) + rng.randint(1, 16)))
+            nxt += own
+    while len(seqs) < n:  # sequences of their own (first blocks no other holds)
+        own = rng.randint(1, 3)
+        seqs.append(seq(list(range(nxt, nxt + own)), bs_tok * (own - 1) + rng.randint(1, 16)))
+        nxt += own
+    seqs = seqs[:n]
+    ids = [rng.randrange(slots.shape[0]) for _ in seqs]
+    slots.copy_(torch.randint(0, 300, slots.shape, device=DEV))
+    buf = pack_step(seqs, False, bs_tok, ids, shared_prefix=graphs.group if groups else 0)
+    input_ids, ctx, _ = unpack_step(buf, DEV)
+    ng = ctx.shared.lens.shape[0] if ctx.shared is not None else 0
+    assert (ng > 0) == (groups > 0 and n > 2), "the case should group exactly when it has groups"
+    bs = graphs.bucket(n)
+    ngb = next(b for b in group_buckets(bs, graphs.fine_groups) if b >= ng) if ng else 0
+    w = ctx.block_tables.shape[1]
+    graphs.block_tables.fill_(-9)  # a wider step before: its columns past w stay
+    graphs.packed.zero_()
+    graphs.packed[:buf.shape[0]].copy_(buf)
+    graphs._inputs(bs, ngb)
+    torch.cuda.synchronize()
+    assert torch.equal(graphs.input_ids[:n], slots[input_ids.long()])
+    assert torch.equal(graphs.positions[:n], ctx.positions)
+    assert torch.equal(graphs.slot_mapping[:n], ctx.slot_mapping)
+    assert torch.equal(graphs.context_lens[:n], ctx.context_lens)
+    assert torch.equal(graphs.block_tables[:n, :w], ctx.block_tables)
+    assert bool((graphs.block_tables[:, w:] == -9).all())
+    assert bool((graphs.slot_mapping[n:bs] == -1).all()) and bool((graphs.context_lens[n:bs] == 1).all())
+    assert bool((graphs.block_tables[n:bs, 0] == 0).all()) and bool((graphs.input_ids[n:bs] == 0).all())
+    if ngb:
+        sp, want = graphs.shared, ctx.shared
+        assert torch.equal(sp.q_rows[:ng], want.q_rows) and torch.equal(sp.lens[:ng], want.lens)
+        assert torch.equal(sp.tables[:ng, :w], want.tables)
+        assert bool((sp.q_rows[ng:ngb] == -1).all()) and bool((sp.lens[ng:ngb] == 0).all())
+        assert torch.equal(sp.skip[:n], want.skip) and torch.equal(sp.suffix_lens[:n], want.suffix_lens)
+        assert bool((sp.skip[n:bs] == 0).all()) and bool((sp.suffix_lens[n:bs] == 1).all())
+    del llm
