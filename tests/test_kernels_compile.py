@@ -42,7 +42,6 @@ SOURCES = {
     "fp8_quant.cu": [(None, "")],
     "merge_states.cu": [(None, "")],
     "moe_route.cu": [(None, "")],
-    "step_inputs.cu": [(None, "")],
     "logprobs.cu": [(None, f"LP_F32={f},LP_K={k}") for f in (0, 1) for k in (5, 20)],
     "prefill_attention.cu": [(d, f"PF_MT={mt},PF_BN={bn}") for d in cuda_ops.ATTN_HEAD_DIMS
                              for mt, bn in cuda_ops.PREFILL_TILE_CHOICES_BY_DIM[d]]

@@ -26,11 +26,6 @@ as lines finish), so with max_num_seqs 512 or 1,024 start-up does not capture 16
 2026-12-07; how much of that was these captures was not measured apart), and no memory is held for their
 logits. A capture during a job (a warm-up forward and the capture, on the step's own inputs) is counted in
 late_captures.
-
-A graph reads its step from one fixed device buffer: the packed step (step_packing's int32 layout) is copied there
-and the graph's first node, kernels/step_inputs.cu, writes the static buffers from it (the ids through the token
-slots), reading the step's sizes from its header on the device. So a decode step costs the engine's thread one copy
-and one replay, not ~20 tensor ops (docs/design.md, "CUDA graphs").
 """
 from __future__ import annotations
 
@@ -40,9 +35,8 @@ from typing import Any
 
 import torch
 
-from flashgen.engine.step_packing import HEADER, SHARED_GROUP, STEP_DTYPE
+from flashgen.engine.step_packing import SHARED_GROUP
 from flashgen.models.decoder import DecoderLM, StepContext
-from flashgen.ops import jit
 from flashgen.ops.backend import SharedPrefix
 from flashgen.ops.cuda_attention import WARP_AUTO_MAX_CONTEXT, warp_auto
 
@@ -80,28 +74,12 @@ def buckets(max_bs: int) -> list[int]:
     return sorted({b for b in sizes if b <= max_bs} | {max_bs})
 
 
-def packed_capacity(max_bs: int, max_blocks_per_seq: int, group: int) -> int:
-    """The most int32 values a packed decode step of at most `max_bs` rows takes (step_packing's layout: header,
-    ids, positions, slots, context lengths, cu_seqlens, tables, logits rows, then the groups' fields)."""
-    ng = _groups(max_bs)
-    return (HEADER + 3 * max_bs + 2 * max_bs + 1 + max_bs * max_blocks_per_seq + max_bs
-            + ng * group + ng + ng * max_blocks_per_seq + 2 * max_bs)
-
-
 class DecodeGraphs:
     def __init__(self, model: DecoderLM, max_bs: int, max_blocks_per_seq: int, group: int = SHARED_GROUP,
-                 fine_groups: bool = False, slot_tokens: torch.Tensor | None = None):
-        """`slot_tokens`: the token slots a packed step's id column indexes (pipelined decode), None when the
-        column holds the token ids themselves."""
+                 fine_groups: bool = False):
         dev = model.device
         i32 = torch.int32
         self.model = model
-        self.group = group
-        self.slot_tokens = slot_tokens
-        # the packed step a graph reads (its first node, kernels/step_inputs.cu): zeros are a step of no rows
-        self.packed = torch.zeros(packed_capacity(max_bs, max_blocks_per_seq, group), dtype=STEP_DTYPE, device=dev)
-        self._inputs_kernel = jit.get_kernel("step_inputs.cu", "decode_graph_inputs_kernel", torch.bfloat16, 0,
-                                             dev.index if dev.index is not None else torch.cuda.current_device())
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=i32, device=dev)
         self.slot_mapping = torch.full((max_bs,), -1, dtype=i32, device=dev)
@@ -133,12 +111,10 @@ class DecodeGraphs:
     def _capture(self, bs: int, ng: int, short: bool) -> None:
         t0 = time.perf_counter()
         ctx = self._ctx(bs, ng, short)
-        self._inputs(bs, ng)
         self._forward(bs, ctx)  # warm-up outside capture: compiles kernels, sets up cuBLAS handles
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, self.pool):
-            self._inputs(bs, ng)
             self.logits[bs, ng, short] = self._forward(bs, ctx)
         self.pool = g.pool()
         self.graphs[bs, ng, short] = g
@@ -157,17 +133,6 @@ class DecodeGraphs:
                            context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs], shared=sp,
                            longest=WARP_AUTO_MAX_CONTEXT if short else None)
 
-    def _inputs(self, bs: int, ng: int) -> None:
-        """The static buffers of batch bucket `bs` and group bucket `ng` from the packed step (the graph's first
-        node): kernels/step_inputs.cu."""
-        sp = self.shared
-        jit.launch(self._inputs_kernel, (bs + ng,), (128,), (
-            jit.ptr(self.packed), jit.i32(bs), jit.i32(ng), jit.ptr(self.slot_tokens), jit.ptr(self.input_ids),
-            jit.ptr(self.positions), jit.ptr(self.slot_mapping), jit.ptr(self.context_lens),
-            jit.ptr(self.block_tables), jit.i32(self.block_tables.shape[1]), jit.ptr(sp.q_rows),
-            jit.i32(self.group), jit.ptr(sp.lens), jit.ptr(sp.tables), jit.ptr(sp.skip), jit.ptr(sp.suffix_lens)),
-            self.model.device)
-
     def _forward(self, bs: int, ctx: StepContext) -> torch.Tensor:
         hidden, residual = self.model.forward(self.input_ids[:bs], ctx)
         return self.model.logits(hidden, residual)
@@ -175,31 +140,50 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
-    def run(self, buf: torch.Tensor) -> torch.Tensor | None:
-        """A packed step (step_packing.pack_step: a host tensor, or a device one as tensor parallelism's ranks
-        receive it) -> (n, vocab) logits (model dtype; valid until the next replay) when it is a decode step that
-        fits a bucket; None otherwise (the caller runs it eagerly)."""
-        head = (buf[:HEADER] if buf.is_cuda else buf.numpy()[:HEADER]).tolist()
-        is_prefill, n, ng, longest = head[0], head[2], head[6], head[8]
-        bs = None if is_prefill else self.bucket(n)
+    def run(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Inputs of n sequences (already on the device) -> (n, vocab) logits (model dtype; valid until the
+        next replay)."""
+        n = input_ids.shape[0]
+        bs = self.bucket(n)
         if bs is None:
-            return None
-        if ng and head[7] != self.group:
-            raise ValueError(f"a packed step's shared-prefix groups have {head[7]} members; the graphs were "
-                             f"captured for {self.group}")
-        self.packed[:buf.shape[0]].copy_(buf, non_blocking=True)
-        ngb = next(b for b in group_buckets(bs, self.fine_groups) if b >= ng) if ng else 0  # the group bucket
-        short = warp_auto(bs, longest, self.warp_batch)
+            raise ValueError(f"decode batch of {n} is larger than the largest captured graph ({self.sizes[-1]})")
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = ctx.positions
+        self.slot_mapping[:n] = ctx.slot_mapping
+        self.slot_mapping[n:bs] = -1
+        self.context_lens[:n] = ctx.context_lens
+        self.context_lens[n:bs] = 1
+        w = ctx.block_tables.shape[1]
+        self.block_tables[:n, :w] = ctx.block_tables
+        self.block_tables[n:bs, 0] = 0
+        ngb = 0  # the group bucket
+        if ctx.shared is not None:
+            sp, ng = self.shared, ctx.shared.lens.shape[0]
+            ngb = next(b for b in group_buckets(bs, self.fine_groups) if b >= ng)
+            sp.q_rows[:ng] = ctx.shared.q_rows
+            sp.q_rows[ng:ngb] = -1
+            sp.lens[:ng] = ctx.shared.lens
+            sp.lens[ng:ngb] = 0
+            sp.tables[:ng, :w] = ctx.shared.tables
+            sp.skip[:n] = ctx.shared.skip
+            sp.skip[n:bs] = 0
+            sp.suffix_lens[:n] = ctx.shared.suffix_lens
+            sp.suffix_lens[n:bs] = 1
+        short = ctx.longest is not None and warp_auto(bs, ctx.longest, self.warp_batch)
         if (bs, ngb, short) not in self.graphs:
-            self._capture(bs, ngb, short)  # the first step of this kind (the packed buffer holds it)
+            self._capture(bs, ngb, short)  # the first step of this kind (the buffers hold it)
         self.graphs[bs, ngb, short].replay()
         return self.logits[bs, ngb, short][:n]
 
 
-def run_step(model: DecoderLM, input_ids: torch.Tensor, ctx: StepContext, rows: torch.Tensor,
-             on_hidden: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor | None:
-    """An eager step: logits (model dtype) of the `rows` to sample, or None when there are none.
-    `on_hidden(hidden, residual)` sees every token's hidden state first (prompt logprobs)."""
+def run_step(model: DecoderLM, graphs: DecodeGraphs | None, input_ids: torch.Tensor, ctx: StepContext,
+             rows: torch.Tensor, on_hidden: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+             ) -> torch.Tensor | None:
+    """Logits (model dtype) of the `rows` to sample, or None when there are none: a decode batch that fits a
+    captured bucket replays its graph (all its rows), anything else runs eagerly. `on_hidden(hidden, residual)`
+    (eager steps) sees every token's hidden state first (prompt logprobs)."""
+    if not ctx.is_prefill and graphs is not None and graphs.bucket(input_ids.shape[0]) is not None:
+        return graphs.run(input_ids, ctx)
     hidden, residual = model.forward(input_ids, ctx)
     if on_hidden is not None:
         on_hidden(hidden, residual)

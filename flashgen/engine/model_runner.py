@@ -194,8 +194,7 @@ class ModelRunner:
                 and self._moe_capturable()):
             max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
             self.graphs = DecodeGraphs(self.model, config.max_num_seqs, max_blocks, max(1, self.shared_prefix),
-                                       fine_groups=self.shared_prefix == SHARED_GROUP_WIDE,
-                                       slot_tokens=self.slots.tokens)
+                                       fine_groups=self.shared_prefix == SHARED_GROUP_WIDE)
 
     def _moe_capturable(self) -> bool:
         """Whether every MoE layer's ops.moe runs without a host sync (the CUDA backend's grouped GEMMs)."""
@@ -220,16 +219,11 @@ class ModelRunner:
         return self.slots.on
 
     def execute(self, buf: torch.Tensor, on_hidden=None) -> torch.Tensor | None:
-        """Run one packed step (see step_packing) on this rank: (rows, vocab) logits, model dtype, or None. A
-        decode step that fits a captured bucket replays its graph, which reads the packed step itself."""
-        if self.graphs is not None and on_hidden is None:
-            logits = self.graphs.run(buf)
-            if logits is not None:
-                return logits
+        """Run one packed step (see step_packing) on this rank: (rows, vocab) logits, model dtype, or None."""
         input_ids, ctx, rows = unpack_step(buf, self.device)
         if not ctx.is_prefill:
             input_ids = self.slots.gather(input_ids)
-        return run_step(self.model, input_ids, ctx, rows, on_hidden)
+        return run_step(self.model, self.graphs, input_ids, ctx, rows, on_hidden)
 
     def _step(self, buf: torch.Tensor, on_hidden=None) -> torch.Tensor | None:
         if self.workers:

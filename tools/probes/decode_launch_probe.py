@@ -40,7 +40,7 @@ PIECES = [
     (model_runner.ModelRunner, "launch", "ModelRunner.launch"),
     (model_runner, "pack_step", "  pack_step"),
     (model_runner, "unpack_step", "  unpack_step (the copy to the device)"),
-    (cuda_graphs.DecodeGraphs, "run", "  DecodeGraphs.run (the step's copy + replay)"),
+    (cuda_graphs.DecodeGraphs, "run", "  DecodeGraphs.run (input copies + replay)"),
     (torch.cuda.CUDAGraph, "replay", "    CUDAGraph.replay"),
     (model_runner.ModelRunner, "_sample", "  ModelRunner._sample"),
     (model_runner, "build_sampling_batch", "    build_sampling_batch"),
