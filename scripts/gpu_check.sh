@@ -37,6 +37,8 @@
 #   admit          admission held for free slots (the default) against admitting at once (FLASHGEN_ADMIT_MIN_FREE=0),
 #                  alternated, on the extract and synth jobs with lines of their own lengths (--lengths spread;
 #                  JOBS_SCALE, default 0.2; TOKENIZER=DIR as for jobs)
+#   gate           the launch gate on and off (FLASHGEN_LAUNCH_GATE=1|0), alternated twice on the extract job
+#                  (JOBS_SCALE, default 0.3; TOKENIZER=DIR as for jobs)
 #   host           the engine thread's host time: a decode step piece by piece on the extract shape and without
 #                  the shared prefix (tools/probes/decode_launch_probe.py), a prefill step's GEMMs by row count and
 #                  decode-sized GEMMs against their floor (tools/probes/linear_host_probe.py); TOKENIZER=DIR as for
@@ -223,6 +225,20 @@ admit() {
     done
 }
 
+gate() {
+    # the launch gate (flashgen/engine/launch_gate.py) on and off, alternated, after a warm-up job
+    step gate-warm "$PY" -m flashgen.bench.jobs --workload extract --scale 0.03 ${TOKENIZER:+--tokenizer "$TOKENIZER"}
+    local i g
+    for i in 1 2; do
+        for g in 1 0; do
+            step "gate-extract-$g-$i" env FLASHGEN_LAUNCH_GATE=$g "$PY" -m flashgen.bench.jobs --workload extract \
+                --scale "${JOBS_SCALE:-0.3}" ${TOKENIZER:+--tokenizer "$TOKENIZER"}
+            { echo "launch gate $g, run $i:"; grep -h "whole job\|host time inside\|on the GPU" \
+                "$LOG/gate-extract-$g-$i.log"; } >> "$LOG/engine-table.txt" || true
+        done
+    done
+}
+
 host() {
     local tok="${TOKENIZER:-$("$PY" -c 'from flashgen.models.default_model import DEFAULT_MODEL, resolve_model
 print(resolve_model(DEFAULT_MODEL))')}"
@@ -264,9 +280,10 @@ for section in "$@"; do
         families-speed) families_speed ;;
         multi) multi ;;
         admit) admit ;;
+        gate) gate ;;
         host) host ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, admit, host, ab)" >&2; exit 2 ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, admit, gate, host, ab)" >&2; exit 2 ;;
     esac
 done
 

@@ -18,6 +18,7 @@ import torch
 from flashgen.config import EngineConfig
 from flashgen.engine import detokenizer
 from flashgen.engine.grammar import GrammarFailure, Grammars
+from flashgen.engine.launch_gate import LaunchGate, gate_wanted
 from flashgen.engine.model_runner import ModelRunner
 from flashgen.engine.scheduler import Batch, Scheduler
 from flashgen.engine.sequence import Sequence
@@ -140,6 +141,8 @@ class Engine:
         self.scheduler.on_preempt = self.runner.release
         self.scheduler.on_copy = self.runner.copy_blocks
         self.stats = EngineStats()
+        # threads beside the engine (a job's input preparation) pause at their yield points while a step launches
+        self.launch_gate = LaunchGate(gate_wanted(self.runner.device.type))
         self._last: SampledTokens | None = None  # a launched decode step whose tokens are not read yet
         self._seed_rng = random.Random(config.seed)
         self._ids: set[str] = set()
@@ -220,7 +223,8 @@ class Engine:
             outputs += self._process(self._last, None)
             self._last = None
             batch = self.scheduler.schedule()
-        launched = self.runner.launch(batch) if batch is not None else None
+        with self.launch_gate.launching():
+            launched = self.runner.launch(batch) if batch is not None else None
         if batch is not None:
             self.scheduler.commit(batch)
         if self._last is not None:  # the host's share of the last step overlaps the GPU's of this one; the

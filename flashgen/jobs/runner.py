@@ -29,6 +29,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 
+from flashgen.engine.launch_gate import LaunchGate
 from flashgen.jobs.errors import FatalError, Interrupted
 from flashgen.jobs.fingerprint import KeyHashMap
 from flashgen.jobs.idset import IdSet
@@ -77,15 +78,21 @@ def unexpected_error(parser: LineParser, lineno: int, line: Line | LineRequest |
     return parser.error(line, "internal_error", message)
 
 
-def build_lines(parser: LineParser, lines: list[tuple[int, Line]], yield_gil: bool = False) -> list[object]:
+def _yield_gil() -> None:
+    time.sleep(0)  # hand the GIL to the engine's thread if it waits (build_lines)
+
+
+def build_lines(parser: LineParser, lines: list[tuple[int, Line]], pause: Callable[[], None] | None = None
+                ) -> list[object]:
     """Phase 2 of screened lines (LineParser.build with defer, then encode_pending: their prompts tokenized
     together): each line's request or error record, an exception no check expects being that line's
     internal_error record. Runs on the preparation thread, or in a PreparePool's worker.
 
-    `yield_gil`: yield the GIL between lines (on the preparation thread). Building a line is pure Python (~0.1-0.5
-    ms), and the engine's thread drops the GIL in torch calls: one that finds this thread holding it can wait up to
-    the interpreter's switch interval (5 ms) before its next launch. A yield per line bounds that to about one
-    line's work."""
+    `pause`: called between lines (on the preparation thread: the engine's LaunchGate.pause, or a plain yield of
+    the GIL). Building a line is pure Python (~0.1-0.5 ms), and the engine's thread drops the GIL in torch calls:
+    one that finds this thread holding it can wait up to the interpreter's switch interval (5 ms) before its next
+    launch. A yield per line bounds that to about one line's work, and the gate keeps this thread off the GIL for
+    the rest of a launch (flashgen.engine.launch_gate)."""
     items: list[object] = []
     for lineno, line in lines:
         try:
@@ -94,8 +101,8 @@ def build_lines(parser: LineParser, lines: list[tuple[int, Line]], yield_gil: bo
             raise
         except Exception as e:
             items.append(unexpected_error(parser, lineno, line, e))
-        if yield_gil:
-            time.sleep(0)  # hand the GIL to the engine's thread if it waits (the docstring)
+        if pause is not None:
+            pause()  # the docstring
     try:
         return parser.encode_pending(items)
     except MemoryError:
@@ -118,8 +125,9 @@ class PendingGroup:
     order once it has (None while it has not, within `timeout`). If the pool broke, the lines are built here."""
 
     def __init__(self, parser: LineParser, pool: PreparePool, items: list[object], todo: list[int],
-                 lines: list[tuple[int, Line]], fut):
+                 lines: list[tuple[int, Line]], fut, pause: Callable[[], None]):
         self.parser, self.pool, self.items, self.todo, self.lines, self.fut = parser, pool, items, todo, lines, fut
+        self.pause = pause
 
     def result(self, timeout: float | None) -> list[object] | None:
         try:
@@ -128,7 +136,7 @@ class PendingGroup:
             if not is_broken(e):
                 raise
             self.pool.fail(e)
-            built = build_lines(self.parser, self.lines, yield_gil=True)
+            built = build_lines(self.parser, self.lines, pause=self.pause)
         if built is None:
             return None
         assert len(built) == len(self.todo), "one item per line"
@@ -165,6 +173,10 @@ class Runner:
         self.pool: PreparePool | None = None                        # the current run's
         self.pool_groups = 0                                        # groups its workers built (the last run)
         self._source: LineSource | None = None
+        # the preparation thread's yield point between lines: the engine's launch gate where it has one (an engine
+        # in this process), else a plain yield of the GIL
+        gate = getattr(getattr(llm, "engine", None), "launch_gate", None)
+        self.pause: Callable[[], None] = gate.pause if isinstance(gate, LaunchGate) else _yield_gil
 
     def classify(self, lineno: int, raw: bytes | LongLine) -> object:
         """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
@@ -192,7 +204,7 @@ class Runner:
         items = []
         for lineno, raw in group:
             items.append(self._screened(lineno, raw))
-            time.sleep(0)  # a line's JSON holds the GIL: hand it to the engine's thread if it waits (build_lines)
+            self.pause()  # a line's JSON holds the GIL (build_lines)
         todo = [i for i, item in enumerate(items) if isinstance(item, Line)]
         lines = [(group[i][0], item) for i in todo if isinstance(item := items[i], Line)]
         pool = self.pool
@@ -202,8 +214,8 @@ class Runner:
             except Exception as e:  # noqa: BLE001 - the pool broke since ready(): build here
                 pool.fail(e)
             else:
-                return PendingGroup(self.parser, pool, items, todo, lines, fut)
-        built = build_lines(self.parser, lines, yield_gil=True)
+                return PendingGroup(self.parser, pool, items, todo, lines, fut, self.pause)
+        built = build_lines(self.parser, lines, pause=self.pause)
         for i, item in zip(todo, built, strict=True):
             items[i] = item
         return items
