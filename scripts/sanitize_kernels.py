@@ -67,6 +67,14 @@ def main() -> int:
         outs["gumbel_argmax_vec"] = cuda_ops.gumbel_argmax(
             rnd(2, 4096), torch.tensor([0.5, 0.0], device=dev), torch.tensor([4, 5], device=dev),
             torch.tensor([1, 1], device=dev)).float()
+        checked, slot_tokens = torch.empty(3, dtype=torch.int64, device=dev), torch.zeros(7, dtype=torch.int64,
+                                                                                          device=dev)
+        outs["gumbel_argmax_epilogue"] = cuda_ops.gumbel_argmax(  # the step's epilogue: checked and the slots
+            logits, torch.tensor([0.0, 0.7, 1.3], device=dev), torch.tensor([1, 2, 3], device=dev),
+            torch.tensor([0, 5, 9], device=dev), checked=checked,
+            slot_ids=torch.tensor([6, 0, 3], dtype=torch.int32, device=dev), slot_tokens=slot_tokens).float()
+        outs["gumbel_argmax_checked"] = checked.float()
+        outs["gumbel_argmax_slots"] = slot_tokens.float()
 
     q = rnd(len(lens), hq, d)
     outs["decode"] = cuda_ops.decode_attention(q, kc, vc, ctx, bt, 0.1)
