@@ -374,3 +374,28 @@ def test_bitmask_unpacking_agrees_on_both_row_strategies(V):
     ok = allowed_of(allowed, mask_rows, V)
     assert np.array_equal(np.isfinite(c.numpy()), ok)
     assert np.array_equal(sampler._unpack_bitmask(bitmask, V).numpy(), allowed)
+
+
+@pytest.mark.parametrize("feature,field", [
+    (dict(top_k=5), "top_k"), (dict(top_p=0.9), "top_p"), (dict(min_p=0.1), "min_p"),
+    (dict(repetition_penalty=1.2), "rep_penalty"), (dict(presence_penalty=0.5), "presence"),
+    (dict(frequency_penalty=0.5), "frequency"), (dict(min_tokens=3), "banned"),
+    (dict(logit_bias={7: 2.0}), "bias_index"), (dict(allowed_token_ids=[1, 2]), "allowed_bitmask")])
+def test_one_row_with_a_feature_turns_it_on_for_the_batch(feature, field):
+    """build_sampling_batch looks for a feature only where a row's flags (sampler.sampling_flags, made with its
+    sequence) say it is used: one row of 64 that uses it gives the batch its tensor, none gives None; greedy only
+    when no row samples."""
+    from flashgen import SamplingParams
+    from flashgen.engine.sampler import build_sampling_batch
+    from flashgen.engine.sequence import Sequence
+
+    def seqs(params):
+        return [Sequence(str(i), None, [3, 4, 5], p, 16, seed=i) for i, p in enumerate(params)]
+
+    plain = [SamplingParams(temperature=0.0, max_tokens=8) for _ in range(64)]
+    one = plain[:40] + [SamplingParams(temperature=0.0, max_tokens=8, **feature)] + plain[41:]
+    cpu = torch.device("cpu")
+    b0, b1 = build_sampling_batch(seqs(plain), 100, {0}, cpu), build_sampling_batch(seqs(one), 100, {0}, cpu)
+    assert getattr(b0, field) is None and getattr(b1, field) is not None
+    assert b0.all_greedy and b1.all_greedy
+    assert not build_sampling_batch(seqs(plain[:63] + [SamplingParams(temperature=0.5)]), 100, {0}, cpu).all_greedy

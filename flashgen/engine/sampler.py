@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flashgen.sampling_params import SamplingParams
+
 M32 = 0xFFFFFFFF
 
 
@@ -312,6 +314,24 @@ def sample_checked(logits: torch.Tensor, b: SamplingBatch, fused: bool = False
     return safe, checked
 
 
+# What a row's SamplingParams asks of build_sampling_batch beyond temperature and seed, as bits (sampling_flags):
+# computed once a sequence, so that a step of rows that ask for none of it makes one pass over them, not one a
+# feature
+SAMPLED, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE_FREQUENCY, MIN_TOKENS, LOGIT_BIAS, ALLOWED = (1 << i
+                                                                                                 for i in range(9))
+
+
+def sampling_flags(p: SamplingParams | None) -> int:
+    """The bits of the features `p` uses (0 for None: the engine's own scoring passes)."""
+    if p is None:
+        return 0
+    return ((SAMPLED if p.temperature != 0 else 0) | (TOP_K if p.top_k > 0 else 0) | (TOP_P if p.top_p < 1 else 0)
+            | (MIN_P if p.min_p > 0 else 0) | (REPETITION if p.repetition_penalty != 1 else 0)
+            | (PRESENCE_FREQUENCY if p.presence_penalty or p.frequency_penalty else 0)
+            | (MIN_TOKENS if p.min_tokens else 0) | (LOGIT_BIAS if p.logit_bias else 0)
+            | (ALLOWED if p.allowed_token_ids is not None else 0))
+
+
 def _as_int64(seed: int) -> int:
     """A seed in [0, 2**64) as the int64 with the same 64 bits (the hash reads the bits, so no two seeds collide)."""
     seed &= (1 << 64) - 1
@@ -375,6 +395,9 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev, slots: np.n
     each row's device token slot (TokenSlots.assign), into `slot_tokens` (sample_checked writes them)."""
     ps = [s.params for s in seqs]
     f32 = torch.float32
+    flags = 0
+    for s in seqs:
+        flags |= s.sampling_flags
     seeds, steps, temperature, *slot = _rows_to_device(
         [p.temperature for p in ps], _seeds(seqs),
         # each row's output tokens so far (Sequence.num_output_tokens, without a property call a row)
@@ -383,21 +406,21 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev, slots: np.n
         temperature=temperature,
         # top_k above the vocabulary means all tokens: clamp, so no value can index past the logits
         top_k=torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in ps])
-        if any(0 < p.top_k < V for p in ps) else None,
-        top_p=torch.tensor([p.top_p for p in ps], dtype=f32) if any(p.top_p < 1 for p in ps) else None,
-        min_p=torch.tensor([p.min_p for p in ps], dtype=f32) if any(p.min_p > 0 for p in ps) else None,
+        if flags & TOP_K and any(0 < p.top_k < V for p in ps) else None,
+        top_p=torch.tensor([p.top_p for p in ps], dtype=f32) if flags & TOP_P else None,
+        min_p=torch.tensor([p.min_p for p in ps], dtype=f32) if flags & MIN_P else None,
         seeds=seeds,
         steps=steps,
-        all_greedy=all(p.temperature == 0 for p in ps),
+        all_greedy=not flags & SAMPLED,
         slots=slot[0] if slot else None,
         slot_tokens=slot_tokens if slot else None,
     )
-    if any(p.repetition_penalty != 1 for p in ps):
+    if flags & REPETITION:
         b.rep_penalty = torch.tensor([p.repetition_penalty for p in ps], dtype=f32)
         b.seen_prompt = torch.zeros(len(seqs), V, dtype=torch.bool)
         for i, s in enumerate(seqs):
             b.seen_prompt[i, torch.from_numpy(np.array(s.token_ids, dtype=np.int64))] = True
-    if any(p.presence_penalty or p.frequency_penalty for p in ps):
+    if flags & PRESENCE_FREQUENCY:
         b.presence = torch.tensor([p.presence_penalty for p in ps], dtype=f32)
         b.frequency = torch.tensor([p.frequency_penalty for p in ps], dtype=f32)
         b.out_counts = torch.zeros(len(seqs), V, dtype=f32)
@@ -406,18 +429,19 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev, slots: np.n
                 b.out_counts[i, torch.tensor(list(s.output_counts))] = torch.tensor(
                     list(s.output_counts.values()), dtype=f32)
     banned = [(i, s) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens] \
-        if any(p.min_tokens for p in ps) else []
+        if flags & MIN_TOKENS else []
     if banned:
         b.banned = torch.zeros(len(seqs), V, dtype=torch.bool)
         for i, s in banned:
             stop = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else eos_ids)
             b.banned[i, [t for t in stop if 0 <= t < V]] = True  # ids outside the vocabulary never occur
     biases = [(i, t, v) for i, p in enumerate(ps) if p.logit_bias for t, v in p.logit_bias.items()
-              if v and 0 <= t < V]  # a zero bias changes nothing; ids outside the vocabulary never occur
+              if v and 0 <= t < V] if flags & LOGIT_BIAS else []  # a zero bias changes nothing; ids outside
+    # the vocabulary never occur
     if biases:
         b.bias_index = torch.tensor([[i for i, _, _ in biases], [t for _, t, _ in biases]], dtype=torch.int64)
         b.bias_values = torch.tensor([v for _, _, v in biases], dtype=f32)
-    if any(p.allowed_token_ids is not None for p in ps):
+    if flags & ALLOWED:
         b.allowed_bitmask, b.allowed_rows = _allowed_bitmask(ps, V)
     for f in ("top_k", "top_p", "min_p", "rep_penalty", "presence",
               "frequency", "seen_prompt", "out_counts", "banned", "bias_index", "bias_values", "allowed_bitmask",

@@ -8,6 +8,7 @@ from collections.abc import Sequence as Ids
 from typing import Any
 
 from flashgen.engine.logprobs import LogprobsList
+from flashgen.engine.sampler import sampling_flags
 from flashgen.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (pipelined decode); replaced when it is read
@@ -34,6 +35,9 @@ class Sequence:
         self.token_ids = array("i", token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.params = params
+        # what build_sampling_batch needs to look for in params (sampler.sampling_flags): params are the engine's
+        # once the request is added, and a sample's own params are made with it
+        self.sampling_flags = sampling_flags(params)
         self.block_size = block_size
         self.seed = seed
         self.status = Status.WAITING
