@@ -3,16 +3,17 @@ job's preparation thread: parsing, templating, tokenizing lines) stretches it th
 
 The extract job's shape on random weights: rounds of requests behind one cached 1,022-token prefix, each with
 50-300 tokens of its own and max_tokens 1, so every step is a prefill of about max_num_batched_tokens new tokens.
-Rounds alternate `quiet` (nothing else runs in the process) and `busy` (a thread prepares the extract job's lines
-with the job's own LineParser, as flashgen.jobs.source.Prepared does, over and over). Per round, from
-flashgen.bench.jobs.GpuSteps: prefill steps, new tokens a step, the host's milliseconds inside each launch, the
-GPU's milliseconds a step, the launches the GPU reached before the host had finished queuing them, and the caching
-allocator's calls that wait for the GPU. With --profile, the host's functions inside the launches of the first
-quiet round (cProfile, by own time). With --kernels, one more quiet round under torch.profiler: the prefill
-steps' GPU time kernel by kernel (tools/probes/step_profile_probe.report), and the step's linear-layer FLOPs set
-against the kernels' time.
+Rounds cycle `quiet` (nothing else runs in the process), `busy` (a thread prepares the extract job's lines with the
+job's own LineParser, as flashgen.jobs.source.Prepared does, over and over, yielding the GIL a line) and `gated`
+(the same thread pausing at the engine's launch gate instead, as a job's does: flashgen.engine.launch_gate). Per
+round, from flashgen.bench.jobs.GpuSteps: prefill steps, new tokens a step, the host's milliseconds inside each
+launch, the GPU's milliseconds a step, the launches the GPU reached before the host had finished queuing them, and
+the caching allocator's calls that wait for the GPU. With --profile, the host's functions inside the launches of
+the first quiet round (cProfile, by own time). With --kernels, one more quiet round under torch.profiler: the
+prefill steps' GPU time kernel by kernel (tools/probes/step_profile_probe.report), and the step's linear-layer
+FLOPs set against the kernels' time.
 
-    PYTHONPATH=. python3 tools/probes/prefill_host_probe.py --tokenizer DIR [--shape qwen3-0.6b] [--rounds 4]
+    PYTHONPATH=. python3 tools/probes/prefill_host_probe.py --tokenizer DIR [--shape qwen3-0.6b] [--rounds 6]
         [--requests 480] [--profile] [--kernels] [--cpu]
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import random
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flashgen import SamplingParams
@@ -37,9 +39,10 @@ from flashgen.jobs.settings import load_settings
 from flashgen.tokenizer import Tokenizer
 
 
-def preparer(mdir: Path, lines: int = 2000):
-    """A function that prepares the extract job's lines (head, build, encode_pending in groups, a GIL yield a
-    line, as the job's preparation thread) until its event is set."""
+def preparer(mdir: Path, lines: int = 2000, pause: Callable[[], None] = lambda: time.sleep(0)):
+    """A function that prepares the extract job's lines (head, build, encode_pending in groups, `pause()` a line:
+    a yield of the GIL, or the engine's LaunchGate.pause, as the job's preparation thread) until its event is
+    set."""
     tok = Tokenizer(mdir)
     w = WORKLOADS["extract"]
     instruction, texts, _ = make_texts(w, lines, lambda s: tok.encode(s, add_special_tokens=False),
@@ -55,7 +58,7 @@ def preparer(mdir: Path, lines: int = 2000):
                 items = []
                 for i, r in enumerate(raws[g:g + PREPARE_GROUP]):
                     items.append(parser.build(parser.head(g + i, r), defer=True))
-                    time.sleep(0)
+                    pause()
                 parser.encode_pending(items)
                 done[0] += len(items)
     return run
@@ -99,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--shape", default="qwen3-0.6b")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--requests", type=int, default=480)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--kernels", action="store_true")
@@ -116,15 +119,17 @@ def main() -> None:
         shared = [rng.randrange(3, vocab) for _ in range(1022)]
         sp = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
         llm.generate([shared + [5]], sp)  # the prefix cached
-        prep = preparer(mdir)
+        preps = {"busy": preparer(mdir), "gated": preparer(mdir, pause=llm.engine.launch_gate.pause)}
+        if not llm.engine.launch_gate.on:
+            print("the engine's launch gate is off here (FLASHGEN_LAUNCH_GATE, or the CPU): gated = busy")
         print(f"{'round':<8}{'steps':>6}{'tok/step':>9}{'host ms':>9}{'GPU ms':>8}{'late':>6}{'late s':>8}"
               f"{'lines/s':>9}  allocator (alloc/free/retry/sync)")
         for r in range(a.rounds):
-            mode = "busy" if r % 2 else "quiet"
+            mode = ("quiet", "busy", "gated")[r % 3]
             prompts = [shared + [rng.randrange(3, vocab) for _ in range(rng.randrange(50, 301))]
                        for _ in range(a.requests)]
             stop, done = threading.Event(), [0]
-            worker = threading.Thread(target=prep, args=(stop, done), daemon=True) if mode == "busy" else None
+            worker = threading.Thread(target=preps[mode], args=(stop, done), daemon=True) if mode != "quiet" else None
             if worker is not None:
                 worker.start()
                 time.sleep(0.5)  # its first groups under way
