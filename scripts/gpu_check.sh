@@ -40,9 +40,10 @@
 #   gate           the launch gate on and off (FLASHGEN_LAUNCH_GATE=1|0), alternated twice on the extract job
 #                  (JOBS_SCALE, default 0.3; TOKENIZER=DIR as for jobs)
 #   host           the engine thread's host time: a decode step piece by piece on the extract shape and without
-#                  the shared prefix (tools/probes/decode_launch_probe.py), a prefill step's GEMMs by row count and
-#                  decode-sized GEMMs against their floor (tools/probes/linear_host_probe.py); TOKENIZER=DIR as for
-#                  jobs (default the embedded model's)
+#                  the shared prefix (tools/probes/decode_launch_probe.py), and at 512 sequences with a preparation
+#                  thread beside the engine, yielding the GIL or pausing at the launch gate; a prefill step's GEMMs
+#                  by row count and decode-sized GEMMs against their floor (tools/probes/linear_host_probe.py);
+#                  TOKENIZER=DIR as for jobs (default the embedded model's)
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
 # Logs go to $OUT when it is set, else out/gpu_check/. Each section's status is printed at the end, then
@@ -244,8 +245,13 @@ host() {
 print(resolve_model(DEFAULT_MODEL))')}"
     step host-decode "$PY" tools/probes/decode_launch_probe.py --tokenizer "$tok"
     step host-decode-plain "$PY" tools/probes/decode_launch_probe.py --tokenizer "$tok" --no-shared
+    local b
+    for b in busy gated; do  # 512 sequences (the default slots) with a preparation thread beside the engine
+        step "host-decode-512-$b" "$PY" tools/probes/decode_launch_probe.py --tokenizer "$tok" --seqs 512 --beside "$b"
+    done
     step host-linear "$PY" tools/probes/linear_host_probe.py
-    { grep -h -A20 "^piece" "$LOG/host-decode.log" "$LOG/host-decode-plain.log"; grep -h -A8 "^     M" \
+    { grep -h -A20 "^piece" "$LOG/host-decode.log" "$LOG/host-decode-plain.log" "$LOG"/host-decode-512-*.log
+      grep -h -A8 "^     M" \
         "$LOG/host-linear.log"; } >> "$LOG/engine-table.txt" || true
 }
 

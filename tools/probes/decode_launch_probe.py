@@ -11,7 +11,11 @@ first wave's prefill; printed in microseconds a decode step and a sequence, larg
 holds the others): their sum is not the step.
 
     PYTHONPATH=. python3 tools/probes/decode_launch_probe.py --tokenizer DIR [--shape qwen3-0.6b] [--seqs 256]
-        [--no-shared] [--cpu]
+        [--no-shared] [--beside none|busy|gated] [--cpu]
+
+--beside busy|gated: a thread prepares the extract job's lines beside the engine during the measured run, as a
+job's preparation thread does (tools/probes/prefill_host_probe.preparer), yielding the GIL a line (busy) or pausing
+at the engine's launch gate (gated: flashgen.engine.launch_gate); none (the default): nothing beside it.
 
 --cpu: a smoke run of the probe itself (tiny shape, the torch backend: no graphs, no fused sampler).
 """
@@ -22,7 +26,9 @@ import collections
 import functools
 import random
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -74,12 +80,13 @@ def main() -> None:
     ap.add_argument("--shape", default="qwen3-0.6b")
     ap.add_argument("--seqs", type=int, default=256)
     ap.add_argument("--no-shared", action="store_true")
+    ap.add_argument("--beside", choices=("none", "busy", "gated"), default="none")
     ap.add_argument("--cpu", action="store_true")
     a = ap.parse_args()
     if a.cpu:
         a.shape = "tiny"
     with tempfile.TemporaryDirectory() as d:
-        _, llm = random_llm(d, a.tokenizer, a.shape, a.cpu, max_num_seqs=a.seqs)
+        mdir, llm = random_llm(d, a.tokenizer, a.shape, a.cpu, max_num_seqs=a.seqs)
         vocab = llm.engine.spec.vocab_size
         rng = random.Random(0)
         shared = [] if a.no_shared else [rng.randrange(3, vocab) for _ in range(1022)]
@@ -103,6 +110,18 @@ def main() -> None:
                 decode_steps[0] += 1
             return launch(self, batch)
         model_runner.ModelRunner.launch = counting
+        stop, done = threading.Event(), [0]
+        worker = None
+        if a.beside != "none":
+            from prefill_host_probe import preparer  # this script's own directory is on sys.path
+
+            gate = llm.engine.launch_gate
+            if a.beside == "gated" and not gate.on:
+                print("the engine's launch gate is off here (FLASHGEN_LAUNCH_GATE, or the CPU): gated = busy")
+            worker = threading.Thread(target=preparer(Path(mdir), pause=gate.pause if a.beside == "gated"
+                                                      else lambda: time.sleep(0)), args=(stop, done), daemon=True)
+            worker.start()
+            time.sleep(0.5)  # its first groups under way
         try:
             active[0] = True
             if torch.cuda.is_available() and not a.cpu:
@@ -112,7 +131,11 @@ def main() -> None:
             if torch.cuda.is_available() and not a.cpu:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
+            prepared = done[0]
         finally:
+            stop.set()
+            if worker is not None:
+                worker.join()
             active[0] = False
             model_runner.ModelRunner.launch = launch
             for owner, name, f in reversed(undo):
@@ -120,7 +143,8 @@ def main() -> None:
         n = max(1, decode_steps[0])
         print(f"{a.seqs} sequences{'' if a.no_shared else ' behind a 1,022-token shared prefix'}, 64 tokens each, "
               f"{a.shape} on {'the CPU' if a.cpu else torch.cuda.get_device_name()}: {n} decode steps, "
-              f"{wall:.2f} s in all (prefill steps included)")
+              f"{wall:.2f} s in all (prefill steps included)"
+              + (f"; beside it, {a.beside}: {prepared / wall:.0f} lines prepared a second" if worker else ""))
         print("host time summed over the whole run (prefill steps too), per decode step and per sequence of one:")
         print(f"{'piece':<58}{'calls':>7}{'us / decode step':>18}{'us / seq':>10}")
         for _, _, label in PIECES:
