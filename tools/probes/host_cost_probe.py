@@ -125,33 +125,17 @@ def step_phases_ms(n: int = 256, tokens: int = 64) -> dict[str, tuple[int, float
     `launch` (the model, here torch on the CPU) is not a GPU figure but the others are what a GPU step's host pays:
     scheduling, packing the step's inputs (inside launch), and reading the previous step's tokens (_process)."""
     import collections
-    import functools
 
+    from decode_launch_probe import instrument  # this script's own directory is on sys.path
     from flashgen.engine import engine, model_runner, scheduler
     from test_cli_support import tiny_model
 
     llm = LLM(model=tiny_model(), device="cpu", kv_cache_gb=0.5, max_num_seqs=n)
     spent: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
-    undo = []
-
-    def timed(owner, name: str) -> None:
-        f = getattr(owner, name)
-
-        @functools.wraps(f)
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return f(*a, **k)
-            finally:
-                spent[name] += time.perf_counter() - t0
-                calls[name] += 1
-        setattr(owner, name, wrapper)
-        undo.append((owner, name, f))
-
-    for owner, name in ((scheduler.Scheduler, "schedule"), (scheduler.Scheduler, "commit"), (model_runner, "pack_step"),
-                        (type(llm.engine.runner), "launch"), (engine.Engine, "_process")):
-        timed(owner, name)
+    undo = instrument([(owner, name, name) for owner, name in (
+        (scheduler.Scheduler, "schedule"), (scheduler.Scheduler, "commit"), (model_runner, "pack_step"),
+        (type(llm.engine.runner), "launch"), (engine.Engine, "_process"))], spent, calls)
     try:
         rng = random.Random(0)
         shared = [rng.randrange(3, 250) for _ in range(200)]
