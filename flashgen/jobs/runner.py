@@ -25,7 +25,6 @@ sooner: a batch's worth is still queued.
 from __future__ import annotations
 
 import signal
-import time
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -76,10 +75,6 @@ def unexpected_error(parser: LineParser, lineno: int, line: Line | LineRequest |
     if line is None:  # head() itself failed: the line is known by its number, like an unreadable line
         return LineError(lineno, lineno, key_of(lineno), False, "internal_error", f"line {lineno}: {message}")
     return parser.error(line, "internal_error", message)
-
-
-def _yield_gil() -> None:
-    time.sleep(0)  # hand the GIL to the engine's thread if it waits (build_lines)
 
 
 def build_lines(parser: LineParser, lines: list[tuple[int, Line]], pause: Callable[[], None] | None = None
@@ -174,9 +169,9 @@ class Runner:
         self.pool_groups = 0                                        # groups its workers built (the last run)
         self._source: LineSource | None = None
         # the preparation thread's yield point between lines: the engine's launch gate where it has one (an engine
-        # in this process), else a plain yield of the GIL
+        # in this process), else one that is never closed (a plain yield of the GIL)
         gate = getattr(getattr(llm, "engine", None), "launch_gate", None)
-        self.pause: Callable[[], None] = gate.pause if isinstance(gate, LaunchGate) else _yield_gil
+        self.pause: Callable[[], None] = (gate if isinstance(gate, LaunchGate) else LaunchGate(False)).pause
 
     def classify(self, lineno: int, raw: bytes | LongLine) -> object:
         """A request, an error record, or SKIP. The first line with an id owns it; a later line with the same id
