@@ -435,9 +435,9 @@ def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev, slots: np.n
         for i, s in banned:
             stop = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else eos_ids)
             b.banned[i, [t for t in stop if 0 <= t < V]] = True  # ids outside the vocabulary never occur
+    # a zero bias changes nothing; ids outside the vocabulary never occur
     biases = [(i, t, v) for i, p in enumerate(ps) if p.logit_bias for t, v in p.logit_bias.items()
-              if v and 0 <= t < V] if flags & LOGIT_BIAS else []  # a zero bias changes nothing; ids outside
-    # the vocabulary never occur
+              if v and 0 <= t < V] if flags & LOGIT_BIAS else []
     if biases:
         b.bias_index = torch.tensor([[i for i, _, _ in biases], [t for _, t, _ in biases]], dtype=torch.int64)
         b.bias_values = torch.tensor([v for _, _, v in biases], dtype=f32)
