@@ -4,6 +4,7 @@ system prompts through the engine with grouping on and off."""
 from __future__ import annotations
 
 import random
+from array import array
 
 import pytest
 import torch
@@ -106,7 +107,7 @@ def test_shared_prefix_with_a_window_is_refused():
 
 def seq(table: list[int], length: int, bs: int = 16) -> Sequence:
     s = Sequence("r", None, [1] * length, None, bs, 0)  # type: ignore[arg-type]
-    s.block_table = list(table)
+    s.block_table = array("i", table)
     return s
 
 
@@ -114,20 +115,20 @@ def test_groups_take_the_blocks_all_members_share():
     # a: 4 blocks, b shares its first 3, c its first 2 (a prefix-cache hit of another depth), d shares nothing
     seqs = [seq([10, 11, 12, 13, 14], 70), seq([10, 11, 12, 20], 60), seq([10, 11, 30, 31], 64),
             seq([40, 41], 30)]
-    assert shared_prefix_groups(seqs, 16) == [([0, 1, 2], 2)]
+    assert shared_prefix_groups(seqs, 16).as_list() == [([0, 1, 2], 2)]
 
 
 def test_a_group_never_takes_the_block_a_member_writes():
     # b's new token (position 32) is in block 12, which it shares: never possible after copy-on-write, but the
     # group must still stop before the block holding any member's new token
     seqs = [seq([10, 11, 12, 13], 60), seq([10, 11, 12], 33)]
-    assert shared_prefix_groups(seqs, 16) == [([0, 1], 2)]
+    assert shared_prefix_groups(seqs, 16).as_list() == [([0, 1], 2)]
 
 
 @pytest.mark.parametrize("group", [SHARED_GROUP, SHARED_GROUP_WIDE])
 def test_large_groups_are_cut_into_chunks_of_at_most_the_group_size(group):
     seqs = [seq([7, 8, 100 + i], 40) for i in range(2 * group + 1)]
-    groups = shared_prefix_groups(seqs, 16, group=group)
+    groups = shared_prefix_groups(seqs, 16, group=group).as_list()
     sizes = [len(rows) for rows, _ in groups]
     assert len(groups) == 3 and sum(sizes) == len(seqs) and max(sizes) <= group and min(sizes) >= 2
     assert sorted(r for rows, _ in groups for r in rows) == list(range(len(seqs)))
@@ -137,7 +138,77 @@ def test_large_groups_are_cut_into_chunks_of_at_most_the_group_size(group):
 def test_grouping_is_skipped_when_it_saves_little():
     # 1 shared block of 16 tokens out of 2 x 1000: not worth a second launch
     seqs = [seq([5] + list(range(100, 163)), 1000), seq([5] + list(range(200, 263)), 1000)]
-    assert shared_prefix_groups(seqs, 16) == []
+    assert shared_prefix_groups(seqs, 16).as_list() == []
+
+
+def plain_groups(seqs: list[Sequence], bs: int, group: int) -> list[tuple[list[int], int]]:
+    """The grouping rule read plainly: rows with more than a block, by first block id; a set's shared run is the
+    longest run of ids every member has in common with the first, at most its shortest member's blocks before
+    the one holding its new token; sets cut into ceil(m / group) near-equal groups; none if it saves under
+    SHARED_MIN_SAVING of the tokens read."""
+    sets: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        if len(s.token_ids) > bs:
+            sets.setdefault(s.block_table[0], []).append(i)
+    out, saved = [], 0
+    for rows in sets.values():
+        if len(rows) < 2:
+            continue
+        p = min((len(seqs[i].token_ids) - 1) // bs for i in rows)
+        for i in rows:
+            k = 0
+            while k < p and seqs[i].block_table[k] == seqs[rows[0]].block_table[k]:
+                k += 1
+            p = k
+        n = -(-len(rows) // group)
+        for j in range(n):
+            chunk = rows[j * len(rows) // n:(j + 1) * len(rows) // n]
+            out.append((chunk, p))
+            saved += (len(chunk) - 1) * p * bs
+    return out if saved >= step_packing.SHARED_MIN_SAVING * sum(len(s.token_ids) for s in seqs) else []
+
+
+@pytest.mark.parametrize("group", [SHARED_GROUP, SHARED_GROUP_WIDE])
+def test_grouping_and_its_packing_match_the_plain_rule_on_random_batches(group):
+    """Random decode batches: prompts behind a few prefixes cached to different depths, forks of n samples,
+    sequences of their own, lengths at and around block boundaries; the array grouping equals the plain reading
+    of the rule, and the packed SharedPrefix fields say the same."""
+    rng, bs, grouped = random.Random(group), 16, 0
+    for trial in range(80):
+        prefixes = [[1000 * (k + 1) + j for j in range(rng.randint(2, 16))] for k in range(rng.randint(1, 3))]
+        seqs, nxt = [], 10**6
+        for _ in range(rng.choice([2, 5, 40, 70])):
+            prefix = rng.choice(prefixes)
+            # past its prefix by a token, a block, a block and a token, 97 tokens..., or a length of its own
+            length = len(prefix) * bs + rng.choice([1, bs, bs + 1, 97, rng.randint(1, 64)])
+            length = length if rng.random() < 0.9 else rng.choice([1, bs, bs + 1, 2 * bs])
+            nblk = -(-length // bs)
+            # the whole prefix (a hit, or a fork's blocks), part of it (a hit cached to another depth) or none
+            head = prefix[:len(prefix) if rng.random() < 0.97 else rng.randint(0, len(prefix))][:nblk]
+            table = head + list(range(nxt, nxt + nblk - len(head)))
+            nxt += nblk
+            seqs.append(seq(table, length, bs))
+        want = plain_groups(seqs, bs, group)
+        grouped += bool(want)
+        got = shared_prefix_groups(seqs, bs, group=group).as_list()
+        assert sorted(got) == sorted(want), trial
+        _, ctx, _ = unpack_step(pack_step(seqs, False, bs, list(range(len(seqs))), shared_prefix=group),
+                                torch.device("cpu"))
+        sp = ctx.shared
+        if not want:
+            assert sp is None
+            continue
+        assert sp is not None
+        shared = list(zip(sp.q_rows.tolist(), sp.lens.tolist(), sp.tables.tolist(), strict=True))
+        packed = sorted(([r for r in q if r >= 0], n // bs) for q, n, _ in shared)
+        assert packed == sorted(want)
+        skip = {r: p for rows, p in want for r in rows}
+        assert sp.skip.tolist() == [skip.get(i, 0) for i in range(len(seqs))]
+        assert sp.suffix_lens.tolist() == [len(s.token_ids) - bs * skip.get(i, 0) for i, s in enumerate(seqs)]
+        for q, n, table in shared:
+            lead = list(seqs[q[0]].block_table)
+            assert table[:n // bs] == lead[:n // bs] and not any(table[n // bs:])
+    assert grouped >= 30  # 30 or more of the 80 batches group (the others check that none is packed)
 
 
 @pytest.mark.parametrize("group", [SHARED_GROUP, SHARED_GROUP_WIDE])

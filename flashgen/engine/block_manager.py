@@ -6,6 +6,7 @@ can still hit; freeing in reverse order makes a sequence's tail leave the cache 
 """
 from __future__ import annotations
 
+from array import array
 from collections import deque
 
 from flashgen.engine.sequence import Sequence
@@ -92,7 +93,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_ids.append(block_id)
                 self.free_set.add(block_id)
-        seq.block_table = []
+        seq.block_table = array("i")
         seq.num_cached_tokens = seq.num_computed_tokens = 0
 
     def fork(self, src: Sequence, dst: Sequence, copies: list[tuple[int, int]]) -> bool:
@@ -104,7 +105,8 @@ class BlockManager:
         for block_id in src.block_table[:n - 1]:
             self.blocks[block_id].ref_count += 1
         last = self._take_free()
-        dst.block_table = src.block_table[:n - 1] + [last.block_id]
+        dst.block_table = src.block_table[:n - 1]
+        dst.block_table.append(last.block_id)
         copies.append((src.block_table[n - 1], last.block_id))
         return True
 

@@ -7,6 +7,7 @@ gpu_memory_utilization goes to the cache. With tensor parallelism every rank hol
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Callable
 
 import torch
@@ -79,7 +80,7 @@ def profile_activations(config: EngineConfig, model: DecoderLM, max_len: int, ex
     for i in range(nseq):
         n = min(seq_len, T - i * seq_len)
         s = Sequence(f"_profile{i}", None, [0] * n, None, bs, 0)  # type: ignore[arg-type]
-        s.block_table, s.num_scheduled_tokens = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), n
+        s.block_table, s.num_scheduled_tokens = array("i", range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), n
         seqs.append(s)
     # NOTE: no broadcast here: every rank profiles its own copy of the same step
     execute(pack_step(seqs, True, bs, rows=[]))
@@ -113,7 +114,7 @@ def calibrate_kv_scales(config: EngineConfig, model: DecoderLM, max_len: int, ex
     nblk = (n + bs - 1) // bs
     scratch, _ = alloc_kv_cache(model, nblk, bs, model.dtype)
     s = Sequence("_calibrate", None, ids, None, bs, 0)  # type: ignore[arg-type]
-    s.block_table, s.num_scheduled_tokens = list(range(nblk)), n
+    s.block_table, s.num_scheduled_tokens = array("i", range(nblk)), n
     execute(pack_step([s], True, bs, rows=[]))
     amax = scratch.flatten(2).abs().amax(-1).float()  # (2, layers)
     if config.tensor_parallel_size > 1:  # every rank holds other heads: one scale per layer for all of them

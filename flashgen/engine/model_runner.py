@@ -8,8 +8,10 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+from array import array
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from flashgen.config import EngineConfig
@@ -271,16 +273,19 @@ class ModelRunner:
     def launch(self, batch: Batch) -> Launched:
         """Queue one step's forward on the device, and its sampling unless a row needs a grammar mask (which
         needs the tokens of the step before: see complete)."""
-        seqs = batch.seqs
+        seqs, lens = batch.seqs, None
         if not batch.is_prefill:
             # Longest context first: the attention kernel's CTAs are dispatched in batch order, so the long
-            # sequences start in the first wave and the short ones fill the tail.
-            seqs = sorted(seqs, key=len, reverse=True)
+            # sequences start in the first wave and the short ones fill the tail. The lengths are read once, for
+            # the order and the packing (a key function a sequence costs more than the packing's table)
+            lens = [len(s.token_ids) for s in seqs]
+            order = np.argsort(-np.asarray(lens), kind="stable").tolist()
+            seqs, lens = [seqs[i] for i in order], [lens[i] for i in order]
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         ids = None if batch.is_prefill else self.slots.decode_inputs(seqs)
         prompt_lp: list = []
         hook = self._prompt_logprobs(seqs, prompt_lp) if batch.is_prefill else None
-        buf = pack_step(seqs, batch.is_prefill, self.block_size, ids, shared_prefix=self.shared_prefix)
+        buf = pack_step(seqs, batch.is_prefill, self.block_size, ids, shared_prefix=self.shared_prefix, lens=lens)
         step = Launched(done, self._step(buf, hook), batch.is_prefill)
         step.prompt_lp = prompt_lp
         if not any(s.matcher is not None for s in done):
@@ -370,7 +375,8 @@ class ModelRunner:
         """(len, vocab) float32 logits of every position of one prompt, through the paged path (uses block 0..)."""
         n = len(token_ids)
         seq = Sequence("_score", None, token_ids, None, self.block_size, 0)  # type: ignore[arg-type]
-        seq.block_table, seq.num_scheduled_tokens = list(range((n + self.block_size - 1) // self.block_size)), n
+        seq.block_table = array("i", range((n + self.block_size - 1) // self.block_size))
+        seq.num_scheduled_tokens = n
         logits = self._step(pack_step([seq], True, self.block_size, rows=list(range(n))))
         assert logits is not None  # every row was asked for
         return logits.float()

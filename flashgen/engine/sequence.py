@@ -41,7 +41,8 @@ class Sequence:
         self.block_size = block_size
         self.seed = seed
         self.status = Status.WAITING
-        self.block_table: list[int] = []
+        # its KV block ids, int32 like the packed step: pack_step joins the tables' bytes, no int object a block
+        self.block_table = array("i")
         self.num_cached_tokens = 0             # prompt tokens served by the prefix cache (last allocation)
         self.num_computed_tokens = 0           # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0          # tokens this step computes (prefill chunk or 1)

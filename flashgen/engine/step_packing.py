@@ -13,7 +13,6 @@ tables (NG x width), skip (B), suffix_lens (B).
 """
 from __future__ import annotations
 
-import itertools
 from array import array
 
 import numpy as np
@@ -37,71 +36,105 @@ SHARED_GROUP_WIDE = 32
 SHARED_MIN_SAVING = 0.25
 
 
+def block_tables(seqs: list[Sequence]) -> np.ndarray:
+    """The sequences' block ids as one (B, longest table) int32 array, zero past each table's end."""
+    nblocks = [len(s.block_table) for s in seqs]
+    width = max(nblocks)
+    # every block id in one copy: the int32 tables' bytes joined, then placed into the padded rows (a row
+    # assignment per sequence costs twice as much at 256, an int object per block ten times as much at 512)
+    tables = np.zeros((len(seqs), width), dtype=np.int32)
+    tables[np.arange(width)[None, :] < np.asarray(nblocks)[:, None]] = np.frombuffer(
+        b"".join([s.block_table for s in seqs]), dtype=np.int32)
+    return tables
+
+
+class SharedGroups:
+    """A decode step's shared-prefix groups as arrays: `rows` the members, group after group; `sizes` each group's
+    member count; `blocks` each group's shared leading blocks. len() is the number of groups."""
+
+    def __init__(self, rows: np.ndarray, sizes: np.ndarray, blocks: np.ndarray):
+        self.rows, self.sizes, self.blocks = rows, sizes, blocks
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def as_list(self) -> list[tuple[list[int], int]]:
+        """(member rows, shared blocks) a group."""
+        ends = np.cumsum(self.sizes).tolist()
+        rows = self.rows.tolist()
+        return [(rows[e - n:e], p) for e, n, p in zip(ends, self.sizes.tolist(), self.blocks.tolist(), strict=True)]
+
+
+NO_GROUPS = SharedGroups(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+
 def shared_prefix_groups(seqs: list[Sequence], block_size: int, lens: list[int] | None = None,
-                         group: int = SHARED_GROUP) -> list[tuple[list[int], int]]:
-    """Decode batch rows that share leading KV blocks, as (rows, shared blocks) groups of 2 to `group` rows; []
-    when grouping would save less than SHARED_MIN_SAVING of the context tokens the step reads. `lens`: the
-    sequences' lengths, when the caller has them.
+                         group: int = SHARED_GROUP, tables: np.ndarray | None = None) -> SharedGroups:
+    """Decode batch rows that share leading KV blocks, in groups of 2 to `group` rows; none when grouping would
+    save less than SHARED_MIN_SAVING of the context tokens the step reads. `lens` and `tables` (block_tables): the
+    sequences' lengths and block ids, when the caller has them.
 
     Sequences share a block only by holding the same block id (a prefix-cache hit or a fork of the n samples),
     and a hit or a fork always covers a whole leading run of blocks, so sequences with the same first block share
-    a common run of ids; a group takes the run all its members share, never the block a member writes into."""
+    a common run of ids; a group takes the run all its members share, never the block a member writes into.
+    Whole-batch array operations, so that the host's cost barely grows with the batch: the rows sorted by their
+    first block, each compared with the first row of those with its first block."""
     if lens is None:
         lens = [len(s.token_ids) for s in seqs]
-    by_first: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        if lens[i] > block_size:  # a whole block before the one holding the new token
-            by_first.setdefault(s.block_table[0], []).append(i)
-    groups, saved = [], 0
-    for rows in by_first.values():
-        if len(rows) < 2:
-            continue
-        lead = seqs[rows[0]].block_table
-        p = (min(lens[i] for i in rows) - 1) // block_size
-        for i in rows[1:]:
-            table = seqs[i].block_table
-            # the same id at a position means the same ids before it (a leading run, above): one comparison tells
-            # whether the first p are equal, and the longest equal run is a binary search on single positions
-            if table[p - 1] != lead[p - 1]:
-                lo, hi = 1, p - 1
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    lo, hi = (mid, hi) if table[mid - 1] == lead[mid - 1] else (lo, mid - 1)
-                p = lo
-        n = -(-len(rows) // group)  # chunks of nearly equal size, each of 2 or more
-        for j in range(n):
-            chunk = rows[j * len(rows) // n:(j + 1) * len(rows) // n]
-            groups.append((chunk, p))
-            saved += (len(chunk) - 1) * p * block_size
-    if saved < SHARED_MIN_SAVING * sum(lens):
-        return []
-    return groups
+    if tables is None:
+        tables = block_tables(seqs)
+    length = np.asarray(lens)
+    rows = np.flatnonzero(length > block_size)  # a whole block before the one holding the new token
+    rows = rows[np.argsort(tables[rows, 0], kind="stable")]
+    first = tables[rows, 0]
+    start = np.flatnonzero(np.r_[True, first[1:] != first[:-1]]) if len(rows) else rows
+    size = np.diff(np.r_[start, len(rows)])
+    keep = size >= 2
+    if not keep.any():
+        return NO_GROUPS
+    # the blocks before each set's shortest member's new token, cut to the run its members all share (the same id
+    # at a position means the same ids before it: a row's run ends at its first difference with the set's lead)
+    most = (np.minimum.reduceat(length[rows], start) - 1) // block_size
+    width = int(most.max())
+    same = tables[rows, :width] == tables[np.repeat(rows[start], size), :width]
+    run = np.where(same.all(1), width, same.argmin(1))
+    shared = np.minimum(most, np.minimum.reduceat(run, start))
+    rows = rows[np.repeat(keep, size)]
+    size, shared = size[keep], shared[keep]
+    # a set of m rows as ceil(m / group) groups of nearly equal size (each of 2 or more): group j of n ends at
+    # row (j + 1) * m // n of its set
+    n = -(-size // group)
+    j = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + 1
+    ends = np.repeat(np.cumsum(size) - size, n) + j * np.repeat(size, n) // np.repeat(n, n)
+    sizes = np.diff(np.r_[0, ends])
+    blocks = np.repeat(shared, n)
+    if ((sizes - 1) * blocks).sum() * block_size < SHARED_MIN_SAVING * sum(lens):
+        return NO_GROUPS
+    return SharedGroups(rows, sizes, blocks)
 
 
 def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_ids: list[int] | None = None,
-              rows: list[int] | None = None, shared_prefix: int = 0) -> torch.Tensor:
+              rows: list[int] | None = None, shared_prefix: int = 0, lens: list[int] | None = None
+              ) -> torch.Tensor:
     """Pack one step. Prefill computes each sequence's scheduled chunk and wants the logits of the chunks that
     end their prompt; decode computes one token per sequence at position len - 1, its id column `decode_ids`
     (token ids, or device slot numbers: see TokenSlots). `rows` overrides which logits rows are wanted.
     `shared_prefix` > 0: a decode step groups the sequences that share leading blocks, at most that many to a
-    group (shared_prefix_groups; 0: no groups)."""
+    group (shared_prefix_groups; 0: no groups). `lens`: a decode step's sequence lengths, when the caller has
+    them."""
     bs, B = block_size, len(seqs)
-    nblocks = [len(s.block_table) for s in seqs]
-    width = max(nblocks)
-    # one copy of all block ids into the padded rows (a row assignment per sequence costs twice as much at 256)
-    tables = np.zeros((B, width), dtype=np.int32)
-    tables[np.arange(width)[None, :] < np.asarray(nblocks)[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int32, count=sum(nblocks))
+    tables = block_tables(seqs)
+    width = tables.shape[1]
     ids: array | list[int]
     if is_prefill:
         ids = array("i")  # the chunks' token ids: copied array to array, no int object made a token
         pos, slots, cu, want = [], [], [0], []
-        for s in seqs:
+        for i, s in enumerate(seqs):
             start, n = s.num_computed_tokens, s.num_scheduled_tokens
             ids += s.token_ids[start:start + n]
             p = np.arange(start, start + n, dtype=np.int32)
             pos.append(p)
-            slots.append(np.asarray(s.block_table)[p // bs] * bs + p % bs)
+            slots.append(tables[i, p // bs] * bs + p % bs)
             cu.append(cu[-1] + n)
             if start + n == s.num_tokens:
                 want.append(cu[-1] - 1)
@@ -111,26 +144,28 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
     else:
         assert decode_ids is not None and len(decode_ids) == B
         ids = decode_ids
-        ctx_lens = [len(s.token_ids) for s in seqs]
+        ctx_lens = lens if lens is not None else [len(s.token_ids) for s in seqs]
         pos_a = np.asarray(ctx_lens, dtype=np.int32) - 1
         slot_a = tables[np.arange(B), pos_a // bs] * bs + pos_a % bs
         cu, want, max_q = list(range(B + 1)), list(range(B)), 1
     if rows is not None:
         want = rows
-    groups = shared_prefix_groups(seqs, bs, ctx_lens, shared_prefix) if shared_prefix and not is_prefill else []
+    groups = (shared_prefix_groups(seqs, bs, ctx_lens, shared_prefix, tables) if shared_prefix and not is_prefill
+              else NO_GROUPS)
     extra: list[np.ndarray] = []
     own = np.asarray(ctx_lens, dtype=np.int32)  # decode: the tokens each sequence attends to past its group's blocks
-    if groups:
-        q_rows = np.full((len(groups), shared_prefix), -1, dtype=np.int32)
+    if len(groups):
+        ng, members, blocks = len(groups), groups.rows, groups.blocks
+        starts = np.cumsum(groups.sizes) - groups.sizes
+        q_rows = np.full((ng, shared_prefix), -1, dtype=np.int32)
+        q_rows[np.repeat(np.arange(ng), groups.sizes), np.arange(len(members)) - np.repeat(starts, groups.sizes)] = \
+            members
         skip = np.zeros(B, dtype=np.int32)
-        for j, (members, run) in enumerate(groups):
-            q_rows[j, :len(members)] = members
-            skip[members] = run
-        lens = np.asarray([run * bs for _, run in groups], dtype=np.int32)
-        lead = tables[[members[0] for members, _ in groups]]
-        lead[np.arange(width)[None, :] >= (lens // bs)[:, None]] = 0  # the shared blocks only
+        skip[members] = np.repeat(blocks, groups.sizes)
+        lead = tables[members[starts]]
+        lead[np.arange(width)[None, :] >= blocks[:, None]] = 0  # the shared blocks only
         own = own - skip * bs
-        extra = [q_rows.ravel(), lens, lead.ravel(), skip, own]
+        extra = [q_rows.ravel(), blocks * bs, lead.ravel(), skip, own]
     longest = 0 if is_prefill else int(own.max())  # the decode plan's bound (StepContext.longest)
     header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), shared_prefix if groups else 0,
               longest]

@@ -7,7 +7,7 @@
   stop strings) against decoded once at the end (detokenizer.decode_output, every other request), microseconds per
   generated token, with a real BPE tokenizer;
 - the sampling batch of a decode step (sampler.build_sampling_batch: 256 rows' settings as tensors);
-- packing a decode step (step_packing.pack_step) of 256 sequences behind one 1,024-token prefix (the extract
+- packing a decode step (step_packing.pack_step) of 256 and 512 sequences behind one 1,024-token prefix (the extract
   job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step; and a prefill step
   of 48 such prompts with their 1,022-token prefix cached (about 10,000 new tokens, ids of a 49,152 vocabulary);
 - the engine thread's phases of a whole job of 256 lines (schedule, commit, pack_step, launch, _process),
@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from array import array
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
@@ -76,22 +77,25 @@ def detok_us(tokenizer_dir: str, seqs: int = 256, tokens: int = 100, vocab: int 
     return inc, (time.perf_counter() - t0) / (seqs * tokens) * 1e6
 
 
-def pack_us(reps: int = 300) -> tuple[float, float]:
-    """(without groups, with shared-prefix groups) microseconds per pack_step of a 256-sequence decode step."""
+def pack_us(reps: int = 300, n: int = 256, group: int | None = None) -> tuple[float, float]:
+    """(without groups, with shared-prefix groups of at most `group` members: SHARED_GROUP by default)
+    microseconds per pack_step of an n-sequence decode step."""
     from flashgen.engine.step_packing import SHARED_GROUP, pack_step
 
     bs, rng, prefix, nxt, seqs = 64, random.Random(0), list(range(1000, 1016)), 2000, []
-    for _ in range(256):
-        n = 1024 + rng.randrange(50, 300) + rng.randrange(64)
-        s = Sequence("r", None, [1] * n, SamplingParams(), bs, 0)
-        own = -(-n // bs) - len(prefix)
-        s.block_table, nxt = prefix + list(range(nxt, nxt + own)), nxt + own
+    for _ in range(n):
+        length = 1024 + rng.randrange(50, 300) + rng.randrange(64)
+        s = Sequence("r", None, [1] * length, SamplingParams(), bs, 0)
+        own = -(-length // bs) - len(prefix)
+        table = prefix + list(range(nxt, nxt + own))
+        # the tree's own kind of table (int32 arrays since the nineteenth session; lists before)
+        s.block_table, nxt = array("i", table) if isinstance(s.block_table, array) else table, nxt + own
         seqs.append(s)
     ids, out = list(range(len(seqs))), []
     for grouped in (False, True):
         t0 = time.perf_counter()
         for _ in range(reps):
-            pack_step(seqs, False, bs, decode_ids=ids, shared_prefix=SHARED_GROUP if grouped else 0)
+            pack_step(seqs, False, bs, decode_ids=ids, shared_prefix=(group or SHARED_GROUP) if grouped else 0)
         out.append((time.perf_counter() - t0) / reps * 1e6)
     return out[0], out[1]
 
@@ -107,7 +111,8 @@ def prefill_pack_us(reps: int = 200) -> tuple[int, float]:
     for i in range(48):
         n = rng.randrange(1089, 1336)
         s = Sequence(str(i), None, [rng.randrange(300, 49152) for _ in range(n)], SamplingParams(), bs, 0)
-        s.block_table = list(range(nb, nb + -(-n // bs)))
+        table = list(range(nb, nb + -(-n // bs)))
+        s.block_table = array("i", table) if isinstance(s.block_table, array) else table
         nb += len(s.block_table)
         s.num_computed_tokens, s.num_scheduled_tokens = 1022, n - 1022
         seqs.append(s)
@@ -176,10 +181,15 @@ def main() -> None:
     phases = step_phases_ms()
     print("engine thread, per call (256 sequences, 64 tokens each, tiny model on the CPU; launch includes the "
           "model): " + ", ".join(f"{k} {ms:.3f} ms x {c}" for k, (c, ms) in phases.items()))
+    from flashgen.engine.step_packing import SHARED_GROUP_WIDE
+
     a = admission_us()
     a_arr = admission_us(as_array=True)
     plain, grouped = pack_us()
     print(f"pack_step, a decode step of 256 sequences: {plain:.0f} us without groups, {grouped:.0f} us with them")
+    plain, grouped = pack_us(n=512, group=SHARED_GROUP_WIDE)
+    print(f"pack_step, a decode step of 512 sequences: {plain:.0f} us without groups, {grouped:.0f} us with groups of "
+          f"up to {SHARED_GROUP_WIDE}")
     print(f"build_sampling_batch, a decode step of 256 sampling rows: {sampling_batch_us():.0f} us")
     new, pf = prefill_pack_us()
     print(f"pack_step, a prefill step of 48 sequences ({new:,} new tokens): {pf:.0f} us (median)")
