@@ -232,6 +232,43 @@ def test_max_tokens_and_min_tokens_and_eos(llm):
     assert stop_tok not in out.token_ids[:first_hit + 2]
 
 
+def test_tokens_that_skip_the_stop_check_end_requests_as_checked_ones_do(llm, monkeypatch):
+    """The engine skips check_stop and the detokenizer for a token that is no stop id, not the last and builds no
+    text (detokenizer.quick_stop); every request ends as it does with every token checked: stop ids before and
+    after min_tokens, EOS at temperature 3 with and without ignore_eos, max_tokens, the context's end, stop
+    strings, logprobs, n samples."""
+    from flashgen.engine import detokenizer
+
+    prompts = rand_prompts([12, 5, 30, 1, 17, 64], seed=22)
+    free = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    params = []
+    for i, o in enumerate(free):
+        stop_tok = o.token_ids[3 + i]
+        params += [SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok]),
+                   SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_tok], min_tokens=6 + i),
+                   SamplingParams(temperature=3.0, max_tokens=40 + i, seed=i, n=2),
+                   SamplingParams(temperature=3.0, max_tokens=40, seed=i, ignore_eos=True, logprobs=2 * (i % 2)),
+                   SamplingParams(temperature=0, max_tokens=None, stop=[o.text[4:7]] if len(o.text) > 7 else None)]
+    batch = [p for p in prompts for _ in range(5)]
+    real, quick = detokenizer.quick_stop, []
+
+    def counted(seq, eos_ids, max_model_len):
+        quick.append(real(seq, eos_ids, max_model_len))
+        return quick[-1]
+
+    monkeypatch.setattr(detokenizer, "quick_stop", counted)
+    fast = llm.generate(batch, params)
+    assert sum(end > 0 for _, end in quick) >= 25  # most sequences took the quick path
+    monkeypatch.setattr(detokenizer, "quick_stop", lambda *a: (frozenset(), 0))  # every token checked
+    checked = llm.generate(batch, params)
+    ends = [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs is not None and len(c.logprobs))
+            for o in fast for c in o.outputs]
+    assert ends == [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs is not None and len(c.logprobs))
+                    for o in checked for c in o.outputs]
+    reasons = {e[2] for e in ends}
+    assert reasons == {"stop", "length"}
+
+
 def test_eos_stops_unless_ignored(llm):
     ids = rand_prompts([20], seed=16)[0]
     eos = sorted(llm.engine.eos_ids)

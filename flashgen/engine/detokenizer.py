@@ -59,6 +59,19 @@ def flush(tok: Tokenizer, seq: Sequence) -> str:
     return full[len(prefix):] if len(full) > len(prefix) else ""
 
 
+def quick_stop(seq: Sequence, eos_ids: set[int], max_model_len: int) -> tuple[frozenset[int], int]:
+    """What check_stop needs to know of a token of `seq`: (the ids that may stop it, the length at which it
+    ends). A token not among those ids, at a length below that one, changes nothing: the engine skips
+    check_stop and the detokenizer for it. A sequence whose text is built token by token (incremental: its stop
+    strings are looked for in the text) gets end length 0: every one of its tokens is checked."""
+    p = seq.params
+    if incremental(p):
+        return frozenset(), 0
+    ids = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_ids))
+    end = max_model_len if p.max_tokens is None else min(seq.num_prompt_tokens + p.max_tokens, max_model_len)
+    return frozenset(ids), end
+
+
 def check_stop(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, delta: str,
                n_tokens: int) -> None:
     """Set seq.finish_reason (and stop_reason) if `token`, the sequence's n_tokens-th token, or the new text

@@ -21,7 +21,7 @@ from flashgen.engine.grammar import GrammarFailure, Grammars
 from flashgen.engine.launch_gate import LaunchGate, gate_wanted
 from flashgen.engine.model_runner import ModelRunner
 from flashgen.engine.scheduler import Batch, Scheduler
-from flashgen.engine.sequence import Sequence
+from flashgen.engine.sequence import Sequence, Status
 from flashgen.engine.token_slots import SampledTokens
 from flashgen.models.spec import load_spec
 from flashgen.outputs import CompletionOutput, RequestOutput
@@ -254,8 +254,16 @@ class Engine:
         complete = self._consume(read, done)
         if on_consumed is not None:
             on_consumed()
+        generated, eos_ids, max_len = 0, self.eos_ids, self.max_model_len
         for seq, idx, token, lp in read:
-            if seq.is_finished:  # failed by its grammar above
+            if seq.status is Status.FINISHED:  # failed by its grammar above
+                continue
+            quick = seq.quick_stop
+            if quick is None:
+                quick = seq.quick_stop = detokenizer.quick_stop(seq, eos_ids, max_len)
+            # most tokens of most requests: not a stop id, not the last, no text to build, no logprobs, no grammar
+            if 0 <= token and idx + 1 < quick[1] and token not in quick[0] and lp is None and seq.matcher is None:
+                generated += 1
                 continue
             try:
                 if token < 0 and isinstance(seq.matcher, GrammarFailure):
@@ -273,6 +281,7 @@ class Engine:
                 out = self._fail(seq, idx, e)
             if out is not None:
                 done.append(out)
+        self.stats.generated_tokens += generated
         return done
 
     def _consume(self, read: list, done: list[RequestOutput]) -> dict[int, bool]:

@@ -136,7 +136,8 @@ class Scheduler:
         bs = bm.block_size
         while self.running and len(batch) < self.max_num_seqs:
             seq = self.running.popleft()
-            if seq.at_limit(self.max_model_len):
+            # max_tokens or the context is reached (placeholders count): no further token may be scheduled
+            if len(seq.token_ids) >= (seq.end_len if seq.end_len is not None else self._end(seq)):
                 held.append(seq)
                 continue
             # most steps: the token neither opens a block (BlockManager.can_append / may_append: len % bs == 1)
@@ -172,9 +173,12 @@ class Scheduler:
         return len(self.running) - len(self.held)
 
     def _end(self, seq: Sequence) -> int:
-        """The length `seq` may reach: its prompt plus max_tokens, or the context."""
-        mt = seq.params.max_tokens if seq.params is not None else None
-        return self.max_model_len if mt is None else min(seq.num_prompt_tokens + mt, self.max_model_len)
+        """The length `seq` may reach: its prompt plus max_tokens, or the context (kept on the sequence: its
+        prompt, max_tokens and the context never change)."""
+        if seq.end_len is None:
+            mt = seq.params.max_tokens if seq.params is not None else None
+            seq.end_len = self.max_model_len if mt is None else min(seq.num_prompt_tokens + mt, self.max_model_len)
+        return seq.end_len
 
     def _end_blocks(self, seq: Sequence) -> int:
         """Blocks `seq` holds at the length it may reach (_end), kept on the sequence: its prompt, max_tokens and
@@ -287,7 +291,7 @@ class Scheduler:
         after = {s.seq_id for s in launched.seqs} if launched is not None else set()
         read = []
         for seq, idx, token, lp in tokens.read():
-            if seq.is_finished:  # ended by the step before; this token was computed speculatively
+            if seq.status is Status.FINISHED:  # ended by the step before; this token was computed speculatively
                 continue
             if token >= 0:
                 seq.set_token(idx, token)

@@ -8,7 +8,7 @@ from collections.abc import Sequence as Ids
 from typing import Any
 
 from flashgen.engine.logprobs import LogprobsList
-from flashgen.engine.sampler import sampling_flags
+from flashgen.engine.sampler import PRESENCE_FREQUENCY, sampling_flags
 from flashgen.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (pipelined decode); replaced when it is read
@@ -46,8 +46,9 @@ class Sequence:
         self.num_cached_tokens = 0             # prompt tokens served by the prefix cache (last allocation)
         self.num_computed_tokens = 0           # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0          # tokens this step computes (prefill chunk or 1)
-        self.end_blocks: int | None = None     # blocks at the length it may reach (Scheduler._end_blocks' cache)
-        self.output_counts: dict[int, int] = {}  # generated token -> occurrences, for penalties
+        self.end_len: int | None = None        # the length it may reach (Scheduler._end's cache)
+        self.end_blocks: int | None = None     # blocks at that length (Scheduler._end_blocks' cache)
+        self.output_counts: dict[int, int] = {}  # generated token -> occurrences, kept for presence/frequency
         # a constrained request's llguidance matcher, while its grammar compiles a PendingMatcher (engine.grammar)
         self.matcher: Any = None
         self.logprobs = LogprobsList()  # params.logprobs: one entry per generated token
@@ -60,6 +61,8 @@ class Sequence:
         self.prefix_offset, self.read_offset = 0, len(ctx)
         self.output_text = ""
         self.finish_reason: str | None = None
+        # detokenizer.quick_stop's (stop ids, end length), filled by the engine on the sequence's first token
+        self.quick_stop: tuple[frozenset[int], int] | None = None
         self.stop_reason: str | int | None = None
 
     def __len__(self) -> int:
@@ -103,7 +106,8 @@ class Sequence:
     def set_token(self, idx: int, token: int) -> None:
         """Put the sampled `token` at `idx` (where reserve_token held its place)."""
         self.token_ids[idx] = token
-        self.output_counts[token] = self.output_counts.get(token, 0) + 1
+        if self.sampling_flags & PRESENCE_FREQUENCY:  # the one reader of the counts (build_sampling_batch)
+            self.output_counts[token] = self.output_counts.get(token, 0) + 1
 
     @property
     def last_token_known(self) -> bool:
@@ -113,8 +117,3 @@ class Sequence:
     def truncate(self, n: int) -> None:
         """Keep the first `n` tokens: drops reserved places after the end of a finished request."""
         del self.token_ids[n:]
-
-    def at_limit(self, max_model_len: int) -> bool:
-        """No further token may be scheduled (placeholders count): max_tokens or the context is reached."""
-        mt = self.params.max_tokens
-        return (mt is not None and self.num_output_tokens >= mt) or len(self.token_ids) >= max_model_len

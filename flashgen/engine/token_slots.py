@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flashgen.engine.sequence import Sequence
+from flashgen.engine.sequence import Sequence, Status
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ class SampledTokens:
         self.seqs = seqs
         # where each sequence's token will go; none for one that finished after this step was launched (its
         # token is speculative and dropped)
-        self.idx = [None if seq.is_finished else seq.reserve_token() for seq in seqs]
+        self.idx = [None if seq.status is Status.FINISHED else seq.reserve_token() for seq in seqs]
         self.deferrable = deferrable
         self._event = None
         self._host = torch.empty(0, dtype=torch.int64) if tokens is None else _to_host(tokens)
