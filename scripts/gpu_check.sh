@@ -46,6 +46,9 @@
 #                  TOKENIZER=DIR as for jobs (default the embedded model's)
 #   ab             nanovllm in the tree at $BASE (e.g. `git archive BASE_COMMIT | tar -x -C .base`) and in this
 #                  one, alternated twice on the same GPU: a change's effect on speed, measured in one call
+#   ab-jobs        the extract job (JOBS_SCALE, default 0.3) in the tree at $BASE and in this one, alternated twice,
+#                  after a small job in each tree (its kernels compiled and a first job's graphs captured in both:
+#                  a first job in a tree pays seconds of captures that are no measure of a change)
 # Logs go to $OUT when it is set, else out/gpu_check/. Each section's status is printed at the end, then
 # the benchmark's short table last. Exit status: non-zero if any section failed.
 set -uo pipefail
@@ -265,6 +268,20 @@ ab() {
     grep -H "output tok/s" "$LOG"/ab-*.log > "$LOG/engine-table.txt" || true
 }
 
+ab_jobs() {
+    local base="${BASE:?ab-jobs needs BASE=DIR, a copy of the tree to compare with}" i
+    local tok="${TOKENIZER:+$(realpath "$TOKENIZER")}"  # the base runs from inside BASE
+    local job=(-m flashgen.bench.jobs --workload extract ${tok:+--tokenizer "$tok"})
+    step ab-jobs-warm-base env -C "$base" PYTHONPATH=. "$PY" "${job[@]}" --scale 0.03
+    step ab-jobs-warm-this "$PY" "${job[@]}" --scale 0.03
+    for i in 1 2; do
+        step "ab-jobs-base-$i" env -C "$base" PYTHONPATH=. "$PY" "${job[@]}" --scale "${JOBS_SCALE:-0.3}"
+        step "ab-jobs-this-$i" "$PY" "${job[@]}" --scale "${JOBS_SCALE:-0.3}"
+    done
+    grep -H "whole job\|host time inside\|on the GPU" "$LOG"/ab-jobs-base-*.log "$LOG"/ab-jobs-this-*.log \
+        >> "$LOG/engine-table.txt" || true
+}
+
 [ $# -eq 0 ] && set -- kernels
 for section in "$@"; do
     case "$section" in
@@ -289,7 +306,8 @@ for section in "$@"; do
         gate) gate ;;
         host) host ;;
         ab) ab ;;
-        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, admit, gate, host, ab)" >&2; exit 2 ;;
+        ab-jobs) ab_jobs ;;
+        *) echo "gpu_check.sh: unknown section '$section' (kernels, kernel-tests, sanitize, kernel-bench, engine-tests, throughput, engine, all, families, structured, shared, sampling, fp8, trtllm, jobs, multi, admit, gate, host, ab, ab-jobs)" >&2; exit 2 ;;
     esac
 done
 
