@@ -399,3 +399,22 @@ def test_one_row_with_a_feature_turns_it_on_for_the_batch(feature, field):
     assert getattr(b0, field) is None and getattr(b1, field) is not None
     assert b0.all_greedy and b1.all_greedy
     assert not build_sampling_batch(seqs(plain[:63] + [SamplingParams(temperature=0.5)]), 100, {0}, cpu).all_greedy
+
+
+@pytest.mark.parametrize("feature, bit", [(dict(logprobs=2), "LOGPROBS"), (dict(logprobs=0), "LOGPROBS"),
+                                          (dict(structured_outputs={"choice": ["a", "b"]}), "STRUCTURED")])
+def test_the_runners_features_are_flagged_where_a_row_uses_them(feature, bit):
+    """ModelRunner looks for logprobs rows and grammar matchers only where batch_flags says a row asks for them:
+    one row of 64 sets the bit for the batch, none leaves it clear (logprobs=0 asks for the chosen token's)."""
+    from flashgen import SamplingParams
+    from flashgen.engine import sampler
+    from flashgen.engine.sequence import Sequence
+    from flashgen.sampling_params import StructuredOutputsParams
+
+    if "structured_outputs" in feature:
+        feature = {"structured_outputs": StructuredOutputsParams(**feature["structured_outputs"])}
+    plain = [SamplingParams(temperature=0.0, max_tokens=8) for _ in range(64)]
+    one = plain[:40] + [SamplingParams(temperature=0.0, max_tokens=8, **feature)] + plain[41:]
+    flags = [sampler.batch_flags([Sequence(str(i), None, [3], p, 16, seed=i) for i, p in enumerate(ps)])
+             for ps in (plain, one)]
+    assert not flags[0] & getattr(sampler, bit) and flags[1] & getattr(sampler, bit)

@@ -20,7 +20,15 @@ from flashgen.engine.cuda_graphs import DecodeGraphs, run_step
 from flashgen.engine.grammar import TokenMasks
 from flashgen.engine.kv_plan import alloc_kv_cache, calibrate_kv_scales, plan_kv_blocks
 from flashgen.engine.logprobs import pack_logprobs
-from flashgen.engine.sampler import SamplingBatch, build_sampling_batch, processed_logits, sample_checked
+from flashgen.engine.sampler import (
+    LOGPROBS,
+    STRUCTURED,
+    SamplingBatch,
+    batch_flags,
+    build_sampling_batch,
+    processed_logits,
+    sample_checked,
+)
 from flashgen.engine.scheduler import Batch
 from flashgen.engine.sequence import Sequence
 from flashgen.engine.step_packing import SHARED_GROUP, SHARED_GROUP_WIDE, pack_step, unpack_step
@@ -130,6 +138,9 @@ class Launched:
 
     def __init__(self, done: list[Sequence], logits: torch.Tensor | None, is_prefill: bool):
         self.done, self.logits, self.is_prefill = done, logits, is_prefill
+        self.flags = batch_flags(done)  # the features its rows use (sampler.sampling_flags)
+        # a row with a grammar: its mask needs the previous step's tokens, so the step samples in complete()
+        self.constrained = bool(self.flags & STRUCTURED) and any(s.matcher is not None for s in done)
         self.tokens: SampledTokens | None = None
         self.masks: concurrent.futures.Future | None = None  # its grammar masks being filled (start_masks)
         self.prompt_lp: list = []  # (sequence, first position, packed prompt logprobs) of this step
@@ -288,7 +299,7 @@ class ModelRunner:
         buf = pack_step(seqs, batch.is_prefill, self.block_size, ids, shared_prefix=self.shared_prefix, lens=lens)
         step = Launched(done, self._step(buf, hook), batch.is_prefill)
         step.prompt_lp = prompt_lp
-        if not any(s.matcher is not None for s in done):
+        if not step.constrained:
             self._sample(step)
         return step
 
@@ -304,7 +315,7 @@ class ModelRunner:
         matcher take the previous step's token: its remaining work on those tokens (detokenizing, stop checks)
         then runs while llguidance fills them, and complete() only waits for what is left. The engine touches no
         matcher until complete()."""
-        if step.tokens is not None or step.masks is not None or not any(s.matcher is not None for s in step.done):
+        if step.tokens is not None or step.masks is not None or not step.constrained:
             return
         if self._mask_thread is None:
             # a thread's current CUDA device is its own: the masks' copy and its event go to the runner's device
@@ -327,17 +338,17 @@ class ModelRunner:
         if self.on_logits is not None:
             self.on_logits(done, logits)
         sampling = build_sampling_batch(done, self.spec.vocab_size, self.eos_ids, self.device,
-                                        self.slots.assign(done), self.slots.tokens)
+                                        self.slots.assign(done), self.slots.tokens, step.flags)
         if step.masks is not None:
             sampling.bitmask, sampling.mask_rows = step.masks.result()
             step.masks = None
-        elif any(s.matcher is not None for s in done):
+        elif step.constrained:
             sampling.bitmask, sampling.mask_rows = self._token_masks().fill(done)
         # NOTE: a row whose chosen logit is NaN or inf (a NaN row makes both samplers pick a NaN or index 0), or a
         # constrained row with no allowed token (the sampler's -1), is reported as token -1 in `checked`, so the
         # engine can fail that request alone; `safe` (and the device slot) gets a valid id
         safe, checked = sample_checked(logits, sampling, fused=self.backend == "cuda")
-        lp_rows = [i for i, s in enumerate(done) if s.params.logprobs is not None]
+        lp_rows = [i for i, s in enumerate(done) if s.params.logprobs is not None] if step.flags & LOGPROBS else []
         lp = self._logprobs(logits, sampling, safe, done, lp_rows) if lp_rows else None
         step.tokens = self.slots.publish(done, checked, lp, lp_rows, step.prompt_lp)
         step.logits = None

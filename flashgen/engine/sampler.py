@@ -314,11 +314,12 @@ def sample_checked(logits: torch.Tensor, b: SamplingBatch, fused: bool = False
     return safe, checked
 
 
-# What a row's SamplingParams asks of build_sampling_batch beyond temperature and seed, as bits (sampling_flags):
+# What a row's SamplingParams asks of a sampling step beyond temperature and seed, as bits (sampling_flags):
 # computed once a sequence, so that a step of rows that ask for none of it makes one pass over them, not one a
-# feature
-SAMPLED, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE_FREQUENCY, MIN_TOKENS, LOGIT_BIAS, ALLOWED = (1 << i
-                                                                                                 for i in range(9))
+# feature. LOGPROBS and STRUCTURED are the runner's (ModelRunner._sample: the logprobs rows; launch: whether a
+# grammar mask must wait for the previous step's tokens)
+(SAMPLED, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE_FREQUENCY, MIN_TOKENS, LOGIT_BIAS, ALLOWED, LOGPROBS,
+ STRUCTURED) = (1 << i for i in range(11))
 
 
 def sampling_flags(p: SamplingParams | None) -> int:
@@ -329,7 +330,16 @@ def sampling_flags(p: SamplingParams | None) -> int:
             | (MIN_P if p.min_p > 0 else 0) | (REPETITION if p.repetition_penalty != 1 else 0)
             | (PRESENCE_FREQUENCY if p.presence_penalty or p.frequency_penalty else 0)
             | (MIN_TOKENS if p.min_tokens else 0) | (LOGIT_BIAS if p.logit_bias else 0)
-            | (ALLOWED if p.allowed_token_ids is not None else 0))
+            | (ALLOWED if p.allowed_token_ids is not None else 0) | (LOGPROBS if p.logprobs is not None else 0)
+            | (STRUCTURED if p.structured_outputs is not None else 0))
+
+
+def batch_flags(seqs: list) -> int:
+    """The sequences' sampling_flags ORed: the features any of them uses."""
+    flags = 0
+    for s in seqs:
+        flags |= s.sampling_flags
+    return flags
 
 
 def _as_int64(seed: int) -> int:
@@ -390,14 +400,14 @@ def _rows_to_device(temperature: list[float], seeds: torch.Tensor, steps: list[i
 
 
 def build_sampling_batch(seqs: list, V: int, eos_ids: set[int], dev, slots: np.ndarray | None = None,
-                         slot_tokens: torch.Tensor | None = None) -> SamplingBatch:
+                         slot_tokens: torch.Tensor | None = None, flags: int | None = None) -> SamplingBatch:
     """Per-row settings of the sequences about to sample (V: the vocabulary size), as tensors on `dev`. `slots`:
-    each row's device token slot (TokenSlots.assign), into `slot_tokens` (sample_checked writes them)."""
+    each row's device token slot (TokenSlots.assign), into `slot_tokens` (sample_checked writes them). `flags`:
+    batch_flags(seqs), when the caller has it."""
     ps = [s.params for s in seqs]
     f32 = torch.float32
-    flags = 0
-    for s in seqs:
-        flags |= s.sampling_flags
+    if flags is None:
+        flags = batch_flags(seqs)
     seeds, steps, temperature, *slot = _rows_to_device(
         [p.temperature for p in ps], _seeds(seqs),
         # each row's output tokens so far (Sequence.num_output_tokens, without a property call a row)

@@ -6,7 +6,8 @@
 - detokenization: a sequence's text built token by token (detokenizer.detokenize_step, the path of requests with
   stop strings) against decoded once at the end (detokenizer.decode_output, every other request), microseconds per
   generated token, with a real BPE tokenizer;
-- the sampling batch of a decode step (sampler.build_sampling_batch: 256 rows' settings as tensors);
+- the sampling batch of a decode step (sampler.build_sampling_batch: 256 rows' settings as tensors), and the
+  runner's look for grammar matchers and logprobs rows (runner_flags_us);
 - packing a decode step (step_packing.pack_step) of 256 and 512 sequences behind one 1,024-token prefix (the extract
   job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step; and a prefill step
   of 48 such prompts with their 1,022-token prefix cached (about 10,000 new tokens, ids of a 49,152 vocabulary);
@@ -175,6 +176,39 @@ def sampling_batch_us(n: int = 256, reps: int = 2000) -> float:
     return (time.perf_counter() - t0) / reps * 1e6
 
 
+def runner_flags_us(n: int = 512, reps: int = 2000) -> tuple[float, float] | None:
+    """The runner's look for grammar matchers and logprobs rows in a decode step of n greedy rows using neither:
+    (as three passes over the rows, the way ModelRunner made them before the nineteenth session: a matcher check
+    in launch and in _sample, the logprobs rows, the sampling batch's flags ORed; as one batch_flags pass gating
+    the others), microseconds a step; None where this tree has no batch_flags."""
+    from flashgen.engine import sampler
+
+    if not hasattr(sampler, "batch_flags"):
+        return None
+    seqs = [Sequence(str(i), None, [1] * 100, SamplingParams(temperature=0), 64, 0) for i in range(n)]
+
+    def passes() -> None:
+        any(s.matcher is not None for s in seqs)
+        [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        flags = 0
+        for s in seqs:
+            flags |= s.sampling_flags
+        any(s.matcher is not None for s in seqs)
+
+    def flagged() -> None:
+        flags = sampler.batch_flags(seqs)
+        bool(flags & sampler.STRUCTURED) and any(s.matcher is not None for s in seqs)
+        [i for i, s in enumerate(seqs) if s.params.logprobs is not None] if flags & sampler.LOGPROBS else []
+
+    out = []
+    for f in (passes, flagged):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        out.append((time.perf_counter() - t0) / reps * 1e6)
+    return out[0], out[1]
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit(__doc__)
@@ -191,6 +225,10 @@ def main() -> None:
     print(f"pack_step, a decode step of 512 sequences: {plain:.0f} us without groups, {grouped:.0f} us with groups of "
           f"up to {SHARED_GROUP_WIDE}")
     print(f"build_sampling_batch, a decode step of 256 sampling rows: {sampling_batch_us():.0f} us")
+    flags = runner_flags_us()
+    if flags is not None:
+        print(f"the runner's matcher and logprobs look, 512 rows: {flags[0]:.1f} us as three passes, {flags[1]:.1f} us "
+              "flagged")
     new, pf = prefill_pack_us()
     print(f"pack_step, a prefill step of 48 sequences ({new:,} new tokens): {pf:.0f} us (median)")
     inc, once = detok_us(sys.argv[1])
