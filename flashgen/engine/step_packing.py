@@ -85,9 +85,11 @@ def shared_prefix_groups(seqs: list[Sequence], block_size: int, lens: list[int] 
         tables = block_tables(seqs)
     length = np.asarray(lens)
     rows = np.flatnonzero(length > block_size)  # a whole block before the one holding the new token
+    if len(rows) < 2:
+        return NO_GROUPS
     rows = rows[np.argsort(tables[rows, 0], kind="stable")]
     first = tables[rows, 0]
-    start = np.flatnonzero(np.r_[True, first[1:] != first[:-1]]) if len(rows) else rows
+    start = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])
     size = np.diff(np.r_[start, len(rows)])
     keep = size >= 2
     if not keep.any():
