@@ -68,7 +68,7 @@ class SharedGroups:
 NO_GROUPS = SharedGroups(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
-def shared_prefix_groups(seqs: list[Sequence], block_size: int, lens: list[int] | None = None,
+def shared_prefix_groups(seqs: list[Sequence], block_size: int, lens: list[int] | np.ndarray | None = None,
                          group: int = SHARED_GROUP, tables: np.ndarray | None = None) -> SharedGroups:
     """Decode batch rows that share leading KV blocks, in groups of 2 to `group` rows; none when grouping would
     save less than SHARED_MIN_SAVING of the context tokens the step reads. `lens` and `tables` (block_tables): the
@@ -110,7 +110,7 @@ def shared_prefix_groups(seqs: list[Sequence], block_size: int, lens: list[int] 
     ends = np.repeat(np.cumsum(size) - size, n) + j * np.repeat(size, n) // np.repeat(n, n)
     sizes = np.diff(np.r_[0, ends])
     blocks = np.repeat(shared, n)
-    if ((sizes - 1) * blocks).sum() * block_size < SHARED_MIN_SAVING * sum(lens):
+    if ((sizes - 1) * blocks).sum() * block_size < SHARED_MIN_SAVING * length.sum():
         return NO_GROUPS
     return SharedGroups(rows, sizes, blocks)
 
@@ -140,22 +140,24 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
             cu.append(cu[-1] + n)
             if start + n == s.num_tokens:
                 want.append(cu[-1] - 1)
-        ctx_lens = [s.num_computed_tokens + s.num_scheduled_tokens for s in seqs]
-        pos_a, slot_a = np.concatenate(pos), np.concatenate(slots)
+        ctx = np.asarray([s.num_computed_tokens + s.num_scheduled_tokens for s in seqs], dtype=np.int32)
+        pos_a, slot_a, cu_a = np.concatenate(pos), np.concatenate(slots), np.asarray(cu, dtype=np.int32)
+        want_a = np.asarray(want, dtype=np.int32)
         max_q = max(s.num_scheduled_tokens for s in seqs)
     else:
         assert decode_ids is not None and len(decode_ids) == B
         ids = decode_ids
-        ctx_lens = lens if lens is not None else [len(s.token_ids) for s in seqs]
-        pos_a = np.asarray(ctx_lens, dtype=np.int32) - 1
+        ctx = np.asarray(lens if lens is not None else [len(s.token_ids) for s in seqs], dtype=np.int32)
+        pos_a = ctx - 1
         slot_a = tables[np.arange(B), pos_a // bs] * bs + pos_a % bs
-        cu, want, max_q = list(range(B + 1)), list(range(B)), 1
+        cu_a = np.arange(B + 1, dtype=np.int32)
+        want_a, max_q = cu_a[:B], 1
     if rows is not None:
-        want = rows
-    groups = (shared_prefix_groups(seqs, bs, ctx_lens, shared_prefix, tables) if shared_prefix and not is_prefill
+        want_a = np.asarray(rows, dtype=np.int32)
+    groups = (shared_prefix_groups(seqs, bs, ctx, shared_prefix, tables) if shared_prefix and not is_prefill
               else NO_GROUPS)
     extra: list[np.ndarray] = []
-    own = np.asarray(ctx_lens, dtype=np.int32)  # decode: the tokens each sequence attends to past its group's blocks
+    own = ctx  # decode: the tokens each sequence attends to past its group's blocks
     if len(groups):
         ng, members, blocks = len(groups), groups.rows, groups.blocks
         starts = np.cumsum(groups.sizes) - groups.sizes
@@ -166,16 +168,15 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
         skip[members] = np.repeat(blocks, groups.sizes)
         lead = tables[members[starts]]
         lead[np.arange(width)[None, :] >= blocks[:, None]] = 0  # the shared blocks only
-        own = own - skip * bs
+        own = ctx - skip * bs
         extra = [q_rows.ravel(), blocks * bs, lead.ravel(), skip, own]
     longest = 0 if is_prefill else int(own.max())  # the decode plan's bound (StepContext.longest)
-    header = [int(is_prefill), len(ids), B, width, max_q, len(want), len(groups), shared_prefix if groups else 0,
+    header = [int(is_prefill), len(ids), B, width, max_q, len(want_a), len(groups), shared_prefix if groups else 0,
               longest]
     head = [np.asarray(header, dtype=np.int32), np.frombuffer(ids, dtype=np.int32)] if isinstance(ids, array) \
         else [np.asarray(header + ids, dtype=np.int32)]
-    return torch.from_numpy(np.concatenate([
-        *head, pos_a, slot_a, np.asarray(ctx_lens + cu, dtype=np.int32),
-        tables.ravel(), np.asarray(want, dtype=np.int32), *extra], dtype=np.int32))
+    return torch.from_numpy(np.concatenate([*head, pos_a, slot_a, ctx, cu_a, tables.ravel(), want_a, *extra],
+                                           dtype=np.int32))
 
 
 def unpack_step(buf: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, StepContext, torch.Tensor]:
