@@ -211,6 +211,39 @@ def test_grouping_and_its_packing_match_the_plain_rule_on_random_batches(group):
     assert grouped >= 30  # 30 or more of the 80 batches group (the others check that none is packed)
 
 
+def test_a_prefill_step_packs_as_a_plain_reading_of_its_chunks():
+    """Random prefill steps (chunks from position 0 or after a prefix-cache hit, chunks that end their prompt and
+    chunks that do not, lengths 1, 97, at and around block boundaries): ids, positions, cache slots, context
+    lengths, offsets and the wanted rows equal each chunk's plain reading."""
+    rng, bs = random.Random(5), 16
+    for _ in range(40):
+        seqs, nxt = [], 0
+        for _ in range(rng.choice([1, 3, 48])):
+            length = rng.choice([1, 2, 15, 16, 17, 97, 1025, rng.randint(1, 300)])
+            nblk = -(-length // bs)
+            s = seq(list(range(nxt + nblk - 1, nxt - 1, -1)), length, bs)  # block ids out of order
+            nxt += nblk
+            s.token_ids = array("i", [rng.randrange(3, 500) for _ in range(length)])
+            s.num_computed_tokens = rng.choice([0, 0, (length - 1) // bs * bs, rng.randrange(length)])
+            s.num_scheduled_tokens = rng.choice([length - s.num_computed_tokens, rng.randint(1, length -
+                                                                                            s.num_computed_tokens)])
+            seqs.append(s)
+        ids, ctx, rows = unpack_step(pack_step(seqs, True, bs), torch.device("cpu"))
+        want_ids, want_pos, want_slots, want_cu, want_rows = [], [], [], [0], []
+        for s in seqs:
+            a, n = s.num_computed_tokens, s.num_scheduled_tokens
+            want_ids += list(s.token_ids[a:a + n])
+            want_pos += list(range(a, a + n))
+            want_slots += [s.block_table[p // bs] * bs + p % bs for p in range(a, a + n)]
+            want_cu.append(want_cu[-1] + n)
+            if a + n == len(s.token_ids):
+                want_rows.append(want_cu[-1] - 1)
+        assert ids.tolist() == want_ids and ctx.positions.tolist() == want_pos
+        assert ctx.slot_mapping.tolist() == want_slots and ctx.cu_seqlens_q.tolist() == want_cu
+        assert ctx.context_lens.tolist() == [s.num_computed_tokens + s.num_scheduled_tokens for s in seqs]
+        assert rows.tolist() == want_rows and ctx.max_seqlen_q == max(s.num_scheduled_tokens for s in seqs)
+
+
 @pytest.mark.parametrize("group", [SHARED_GROUP, SHARED_GROUP_WIDE])
 def test_pack_and_unpack_carry_the_groups(group):
     seqs = [seq([10, 11, 12, 13], 60), seq([10, 11, 20], 40), seq([30, 31], 20)]

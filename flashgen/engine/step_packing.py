@@ -130,20 +130,22 @@ def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_id
     ids: array | list[int]
     if is_prefill:
         ids = array("i")  # the chunks' token ids: copied array to array, no int object made a token
-        pos, slots, cu, want = [], [], [0], []
-        for i, s in enumerate(seqs):
+        starts, counts, ends = [], [], []
+        for s in seqs:
             start, n = s.num_computed_tokens, s.num_scheduled_tokens
             ids += s.token_ids[start:start + n]
-            p = np.arange(start, start + n, dtype=np.int32)
-            pos.append(p)
-            slots.append(tables[i, p // bs] * bs + p % bs)
-            cu.append(cu[-1] + n)
-            if start + n == s.num_tokens:
-                want.append(cu[-1] - 1)
-        ctx = np.asarray([s.num_computed_tokens + s.num_scheduled_tokens for s in seqs], dtype=np.int32)
-        pos_a, slot_a, cu_a = np.concatenate(pos), np.concatenate(slots), np.asarray(cu, dtype=np.int32)
-        want_a = np.asarray(want, dtype=np.int32)
-        max_q = max(s.num_scheduled_tokens for s in seqs)
+            starts.append(start)
+            counts.append(n)
+            ends.append(len(s.token_ids))
+        # the rest as whole-step arrays (a few NumPy calls a sequence cost ~5 us each, 2.5 ms at 512 prompts)
+        start_a, n_a = np.asarray(starts, dtype=np.int32), np.asarray(counts, dtype=np.int32)
+        cu_a = np.zeros(B + 1, dtype=np.int32)
+        np.cumsum(n_a, out=cu_a[1:])
+        pos_a = (np.arange(cu_a[-1], dtype=np.int32) + np.repeat(start_a - cu_a[:-1], n_a)).astype(np.int32)
+        slot_a = tables[np.repeat(np.arange(B), n_a), pos_a // bs] * bs + pos_a % bs
+        ctx = start_a + n_a
+        want_a = cu_a[1:][ctx == np.asarray(ends)] - 1  # the chunks that end their prompt: their last row
+        max_q = int(n_a.max())
     else:
         assert decode_ids is not None and len(decode_ids) == B
         ids = decode_ids

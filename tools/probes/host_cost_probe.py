@@ -10,7 +10,8 @@
   runner's look for grammar matchers and logprobs rows (runner_flags_us);
 - packing a decode step (step_packing.pack_step) of 256 and 512 sequences behind one 1,024-token prefix (the extract
   job's shape, 64-token blocks), with and without shared-prefix groups, microseconds per step; and a prefill step
-  of 48 such prompts with their 1,022-token prefix cached (about 10,000 new tokens, ids of a 49,152 vocabulary);
+  of 48 such prompts with their 1,022-token prefix cached (about 10,000 new tokens, ids of a 49,152 vocabulary),
+  and one of 512 short prompts (a synth-like first wave);
 - the engine thread's phases of a whole job of 256 lines (schedule, commit, pack_step, launch, _process),
   milliseconds per call, with a tiny model on the CPU (launch includes the model's torch ops; on the CPU the engine
   never runs a step ahead of its tokens, so Scheduler.can_run_ahead is not among them).
@@ -116,6 +117,30 @@ def prefill_pack_us(reps: int = 200) -> tuple[int, float]:
         s.block_table = array("i", table) if isinstance(s.block_table, array) else table
         nb += len(s.block_table)
         s.num_computed_tokens, s.num_scheduled_tokens = 1022, n - 1022
+        seqs.append(s)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        pack_step(seqs, True, bs)
+        times.append(time.perf_counter() - t0)
+    return sum(s.num_scheduled_tokens for s in seqs), statistics.median(times) * 1e6
+
+
+def prefill_short_pack_us(reps: int = 100, n: int = 512) -> tuple[int, float]:
+    """(new tokens, median microseconds) of pack_step for a prefill step of n short prompts (20-60 tokens, none
+    cached: a synth-like first wave)."""
+    import statistics
+
+    from flashgen.engine.step_packing import pack_step
+
+    bs, rng, seqs, nb = 64, random.Random(0), [], 0
+    for i in range(n):
+        length = rng.randrange(20, 60)
+        s = Sequence(str(i), None, [rng.randrange(300, 49152) for _ in range(length)], SamplingParams(), bs, 0)
+        table = list(range(nb, nb + -(-length // bs)))
+        s.block_table = array("i", table) if isinstance(s.block_table, array) else table
+        nb += len(table)
+        s.num_computed_tokens, s.num_scheduled_tokens = 0, length
         seqs.append(s)
     times = []
     for _ in range(reps):
@@ -231,6 +256,8 @@ def main() -> None:
               "flagged")
     new, pf = prefill_pack_us()
     print(f"pack_step, a prefill step of 48 sequences ({new:,} new tokens): {pf:.0f} us (median)")
+    new, pf = prefill_short_pack_us()
+    print(f"pack_step, a prefill step of 512 short prompts ({new:,} new tokens): {pf:.0f} us (median)")
     inc, once = detok_us(sys.argv[1])
     print(f"add_request, 1,050-1,300-token id prompts: {a:.0f} us per request as lists, {a_arr:.0f} us as int32 "
           "arrays")
