@@ -79,6 +79,11 @@ def detok_us(tokenizer_dir: str, seqs: int = 256, tokens: int = 100, vocab: int 
     return inc, (time.perf_counter() - t0) / (seqs * tokens) * 1e6
 
 
+def _table(s: Sequence, ids: list[int]) -> list[int] | array:
+    """Block ids as the tree's own kind of table (int32 arrays since the nineteenth session; lists before)."""
+    return array("i", ids) if isinstance(s.block_table, array) else ids
+
+
 def pack_us(reps: int = 300, n: int = 256, group: int | None = None) -> tuple[float, float]:
     """(without groups, with shared-prefix groups of at most `group` members: SHARED_GROUP by default)
     microseconds per pack_step of an n-sequence decode step."""
@@ -89,9 +94,7 @@ def pack_us(reps: int = 300, n: int = 256, group: int | None = None) -> tuple[fl
         length = 1024 + rng.randrange(50, 300) + rng.randrange(64)
         s = Sequence("r", None, [1] * length, SamplingParams(), bs, 0)
         own = -(-length // bs) - len(prefix)
-        table = prefix + list(range(nxt, nxt + own))
-        # the tree's own kind of table (int32 arrays since the nineteenth session; lists before)
-        s.block_table, nxt = array("i", table) if isinstance(s.block_table, array) else table, nxt + own
+        s.block_table, nxt = _table(s, prefix + list(range(nxt, nxt + own))), nxt + own
         seqs.append(s)
     ids, out = list(range(len(seqs))), []
     for grouped in (False, True):
@@ -102,45 +105,20 @@ def pack_us(reps: int = 300, n: int = 256, group: int | None = None) -> tuple[fl
     return out[0], out[1]
 
 
-def prefill_pack_us(reps: int = 200) -> tuple[int, float]:
-    """(new tokens, median microseconds) of pack_step for a prefill step of 48 extract-shaped prompts whose
-    1,022-token prefix is cached, each computing the rest."""
-    import statistics
-
-    from flashgen.engine.step_packing import pack_step
-
-    bs, rng, seqs, nb = 64, random.Random(0), [], 0
-    for i in range(48):
-        n = rng.randrange(1089, 1336)
-        s = Sequence(str(i), None, [rng.randrange(300, 49152) for _ in range(n)], SamplingParams(), bs, 0)
-        table = list(range(nb, nb + -(-n // bs)))
-        s.block_table = array("i", table) if isinstance(s.block_table, array) else table
-        nb += len(s.block_table)
-        s.num_computed_tokens, s.num_scheduled_tokens = 1022, n - 1022
-        seqs.append(s)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        pack_step(seqs, True, bs)
-        times.append(time.perf_counter() - t0)
-    return sum(s.num_scheduled_tokens for s in seqs), statistics.median(times) * 1e6
-
-
-def prefill_short_pack_us(reps: int = 100, n: int = 512) -> tuple[int, float]:
-    """(new tokens, median microseconds) of pack_step for a prefill step of n short prompts (20-60 tokens, none
-    cached: a synth-like first wave)."""
+def _prefill_us(n: int, lengths: tuple[int, int], cached: int, reps: int) -> tuple[int, float]:
+    """(new tokens, median microseconds) of pack_step for a prefill step of n prompts of lengths in
+    [lengths[0], lengths[1]) whose first `cached` tokens are in the cache, each computing the rest."""
     import statistics
 
     from flashgen.engine.step_packing import pack_step
 
     bs, rng, seqs, nb = 64, random.Random(0), [], 0
     for i in range(n):
-        length = rng.randrange(20, 60)
+        length = rng.randrange(*lengths)
         s = Sequence(str(i), None, [rng.randrange(300, 49152) for _ in range(length)], SamplingParams(), bs, 0)
-        table = list(range(nb, nb + -(-length // bs)))
-        s.block_table = array("i", table) if isinstance(s.block_table, array) else table
-        nb += len(table)
-        s.num_computed_tokens, s.num_scheduled_tokens = 0, length
+        s.block_table = _table(s, list(range(nb, nb + -(-length // bs))))
+        nb += len(s.block_table)
+        s.num_computed_tokens, s.num_scheduled_tokens = cached, length - cached
         seqs.append(s)
     times = []
     for _ in range(reps):
@@ -148,6 +126,16 @@ def prefill_short_pack_us(reps: int = 100, n: int = 512) -> tuple[int, float]:
         pack_step(seqs, True, bs)
         times.append(time.perf_counter() - t0)
     return sum(s.num_scheduled_tokens for s in seqs), statistics.median(times) * 1e6
+
+
+def prefill_pack_us(reps: int = 200) -> tuple[int, float]:
+    """_prefill_us of 48 extract-shaped prompts whose 1,022-token prefix is cached."""
+    return _prefill_us(48, (1089, 1336), 1022, reps)
+
+
+def prefill_short_pack_us(reps: int = 100, n: int = 512) -> tuple[int, float]:
+    """_prefill_us of n short prompts (20-60 tokens, none cached: a synth-like first wave)."""
+    return _prefill_us(n, (20, 60), 0, reps)
 
 
 def step_phases_ms(n: int = 256, tokens: int = 64) -> dict[str, tuple[int, float]]:
