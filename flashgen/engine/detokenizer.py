@@ -68,8 +68,7 @@ def quick_stop(seq: Sequence, eos_ids: set[int], max_model_len: int) -> tuple[fr
     if incremental(p):
         return frozenset(), 0
     ids = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos_ids))
-    end = max_model_len if p.max_tokens is None else min(seq.num_prompt_tokens + p.max_tokens, max_model_len)
-    return frozenset(ids), end
+    return frozenset(ids), seq.end_length(max_model_len)
 
 
 def check_stop(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int, delta: str,

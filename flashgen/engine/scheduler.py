@@ -137,7 +137,7 @@ class Scheduler:
         while self.running and len(batch) < self.max_num_seqs:
             seq = self.running.popleft()
             # max_tokens or the context is reached (placeholders count): no further token may be scheduled
-            if len(seq.token_ids) >= (seq.end_len if seq.end_len is not None else self._end(seq)):
+            if len(seq.token_ids) >= (seq.end_len if seq.end_len is not None else seq.end_length(self.max_model_len)):
                 held.append(seq)
                 continue
             # most steps: the token neither opens a block (BlockManager.can_append / may_append: len % bs == 1)
@@ -173,12 +173,8 @@ class Scheduler:
         return len(self.running) - len(self.held)
 
     def _end(self, seq: Sequence) -> int:
-        """The length `seq` may reach: its prompt plus max_tokens, or the context (kept on the sequence: its
-        prompt, max_tokens and the context never change)."""
-        if seq.end_len is None:
-            mt = seq.params.max_tokens if seq.params is not None else None
-            seq.end_len = self.max_model_len if mt is None else min(seq.num_prompt_tokens + mt, self.max_model_len)
-        return seq.end_len
+        """The length `seq` may reach (Sequence.end_length)."""
+        return seq.end_length(self.max_model_len)
 
     def _end_blocks(self, seq: Sequence) -> int:
         """Blocks `seq` holds at the length it may reach (_end), kept on the sequence: its prompt, max_tokens and

@@ -46,7 +46,7 @@ class Sequence:
         self.num_cached_tokens = 0             # prompt tokens served by the prefix cache (last allocation)
         self.num_computed_tokens = 0           # tokens whose K/V are in the cache
         self.num_scheduled_tokens = 0          # tokens this step computes (prefill chunk or 1)
-        self.end_len: int | None = None        # the length it may reach (Scheduler._end's cache)
+        self.end_len: int | None = None        # the length it may reach (end_length's cache)
         self.end_blocks: int | None = None     # blocks at that length (Scheduler._end_blocks' cache)
         self.output_counts: dict[int, int] = {}  # generated token -> occurrences, kept for presence/frequency
         # a constrained request's llguidance matcher, while its grammar compiles a PendingMatcher (engine.grammar)
@@ -79,6 +79,14 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def end_length(self, max_model_len: int) -> int:
+        """The length this sequence may reach: its prompt plus max_tokens, or the context (kept: its prompt,
+        max_tokens and the context never change). The scheduler holds it there; the engine ends it there."""
+        if self.end_len is None:
+            mt = self.params.max_tokens if self.params is not None else None
+            self.end_len = max_model_len if mt is None else min(self.num_prompt_tokens + mt, max_model_len)
+        return self.end_len
 
     @property
     def num_blocks(self) -> int:
