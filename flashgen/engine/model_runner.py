@@ -289,9 +289,9 @@ class ModelRunner:
             # Longest context first: the attention kernel's CTAs are dispatched in batch order, so the long
             # sequences start in the first wave and the short ones fill the tail. The lengths are read once, for
             # the order and the packing (a key function a sequence costs more than the packing's table)
-            lens = [len(s.token_ids) for s in seqs]
-            order = np.argsort(-np.asarray(lens), kind="stable").tolist()
-            seqs, lens = [seqs[i] for i in order], [lens[i] for i in order]
+            length = np.asarray([len(s.token_ids) for s in seqs], dtype=np.int32)
+            order = np.argsort(-length, kind="stable")
+            seqs, lens = [seqs[i] for i in order.tolist()], length[order]
         done = [s for s in seqs if s.num_computed_tokens + s.num_scheduled_tokens == s.num_tokens]
         ids = None if batch.is_prefill else self.slots.decode_inputs(seqs)
         prompt_lp: list = []

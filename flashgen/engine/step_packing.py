@@ -116,7 +116,7 @@ def shared_prefix_groups(seqs: list[Sequence], block_size: int, lens: list[int] 
 
 
 def pack_step(seqs: list[Sequence], is_prefill: bool, block_size: int, decode_ids: list[int] | None = None,
-              rows: list[int] | None = None, shared_prefix: int = 0, lens: list[int] | None = None
+              rows: list[int] | None = None, shared_prefix: int = 0, lens: np.ndarray | None = None
               ) -> torch.Tensor:
     """Pack one step. Prefill computes each sequence's scheduled chunk and wants the logits of the chunks that
     end their prompt; decode computes one token per sequence at position len - 1, its id column `decode_ids`
